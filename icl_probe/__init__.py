@@ -1,0 +1,16 @@
+"""icl-probe: the implicit weight updates of in-context learning, measured exactly.
+
+import icl_probe
+model, tokenizer = icl_probe.load_model("smollm2-135m")
+result = icl_probe.analyze(model, tokenizer, context="hot -> cold\\n", query="big ->")
+"""
+
+from .analysis import Analysis, analyze
+from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
+from .models import load_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "Analysis", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError", "UsageError",
+    "analyze", "load_model", "__version__",
+]  # fmt: skip

@@ -1,0 +1,338 @@
+"""`analyze`: the per-layer context→weight updates of a model, computed layer by layer, and their proof.
+
+Run 1 feeds prefix + context + query and records, at the query's last token, each block's MLP
+input z_ctx, attention branch and output. Run 2 feeds prefix + query once, with hooks that, at
+each block in turn, read z0 (the layers below already patched), build ΔW = u vᵀ for every first
+linear, apply it at every position, then add the residual term Δb: what remains of the difference
+to the with-context block output. Run 3 feeds prefix + query unpatched, for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import arch
+from .arch import Block
+from .errors import InputError, ModelError
+from .hooks import hidden, hooked, with_hidden
+from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, parse_layers, tokenize
+from .lowrank import MATH_DTYPE, LowRank, add_rounded, alignment, kl_divergence, rank_one_map, rank_one_update
+from .patching import Patch
+
+SCHEMA = "icl-probe.analysis/1"
+RESIDUAL_MODES = ("bias", "fold")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    z0_norm: float
+    dz_norm: float
+    z_cosine: float
+    attention_delta_norm: float
+    mlp_branch_delta_norm: float
+    residual_delta_norm: float
+    block_error: float
+    modules: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    """What `analyze` found; `.to_dict()` is the `icl-probe.analysis/1` JSON document."""
+
+    model: str
+    model_type: str
+    num_layers: int
+    dtype: str
+    residual: str
+    prompt: Prompt
+    layers: list[LayerReport]
+    logits: dict
+    patch: Patch
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "dtype": self.dtype,
+            "residual": self.residual,
+            "prefix_tokens": self.prompt.prefix,
+            "context_tokens": self.prompt.context,
+            "query_tokens": self.prompt.query,
+            "layers": [asdict(r) for r in self.layers],
+            "logits": self.logits,
+        }
+
+
+@dataclass
+class Target:
+    """With-context activations of one block at the query's last token (float64)."""
+
+    z_ctx: torch.Tensor
+    attn: torch.Tensor
+    out: torch.Tensor
+
+
+def analyze(
+    model: nn.Module,
+    tokenizer,
+    context: str | None = None,
+    query: str | None = None,
+    layers: str | list[int] | None = None,
+    residual: str = "bias",
+    top_k: int = 5,
+) -> Analysis:
+    """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
+
+    With neither context nor query, runs the built-in antonym demo. `layers` takes a spec such as
+    "all", "3,7", "-4:" or a list of indices. The model is left unchanged.
+    """
+    if context is None and query is None:
+        context, query = DEMO_CONTEXT, DEMO_QUERY
+    prompt = tokenize(tokenizer, context, query)
+    check_length(model, prompt)
+    chosen = select_blocks(model, layers)
+    check_residual(chosen, residual)
+    with torch.no_grad():
+        targets, logits_ctx = capture_targets(model, chosen, prompt.full)
+        logits_0 = last_logits(model, prompt.query_only)
+        run = SequentialRun(chosen, targets, residual)
+        with hooked(run.hooks()):
+            logits_patched = last_logits(model, prompt.query_only)
+    reports = [run.report(b) for b in chosen]
+    add_alignments(chosen, run.patch, reports)
+    return Analysis(
+        model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
+        model_type=model.config.model_type,
+        num_layers=model.config.num_hidden_layers,
+        dtype=str(model.dtype).removeprefix("torch."),
+        residual=residual,
+        prompt=prompt,
+        layers=reports,
+        logits=compare_logits(tokenizer, logits_ctx, logits_0, logits_patched, top_k),
+        patch=run.patch,
+    )
+
+
+def select_blocks(model: nn.Module, layers) -> list[Block]:
+    all_blocks = arch.blocks(model)
+    return [all_blocks[i] for i in parse_layers(layers, len(all_blocks))]
+
+
+def check_length(model: nn.Module, prompt: Prompt) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and len(prompt.full) > limit:
+        raise InputError(
+            f"the prompt is {len(prompt.full)} tokens but the model takes at most {limit}; shorten the context"
+        )
+
+
+def check_residual(chosen: list[Block], residual: str) -> None:
+    if residual not in RESIDUAL_MODES:
+        raise ModelError(f"unknown residual mode '{residual}'; use bias or fold")
+    family = chosen[0].family if chosen else None
+    if residual == "fold" and family is not None and family.fold is None:
+        raise ModelError(
+            f"--residual fold is not available for {family.name}: its MLP output is normalised "
+            f"({family.post_mlp_norm}) before the residual add, so Δb cannot be folded into "
+            f"{family.down}; use --residual bias"
+        )
+
+
+def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The next-token logits after `ids`, shape (vocab,)."""
+    input_ids = torch.tensor([ids], device=model.device)
+    return model(input_ids=input_ids, use_cache=False).logits[0, -1]
+
+
+def last(x: torch.Tensor) -> torch.Tensor:
+    """The last position of a (batch=1, T, d) activation, in float64."""
+    return x[0, -1].to(MATH_DTYPE)
+
+
+def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]):
+    """Run 1: z_ctx, attention branch and block output at the last token of every chosen block."""
+    seen: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in chosen}
+
+    def record(block: Block, key: str, from_input: bool):
+        def hook(module, args, output):
+            seen[block.index][key] = last(args[0] if from_input else hidden(output))
+
+        return hook
+
+    hooks = []
+    for b in chosen:
+        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
+        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
+        hooks.append((b.module, record(b, "out", False)))
+    with hooked(hooks):
+        logits = last_logits(model, ids)
+    return {i: Target(**d) for i, d in seen.items()}, logits
+
+
+class SequentialRun:
+    """Run 2's hooks: at each chosen block, in forward order, build and apply that block's updates.
+
+    When a block's hooks fire, the blocks below are already patched, so z0 is read from the
+    patched no-context run, as the exactness argument needs.
+    """
+
+    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str):
+        self.chosen, self.targets, self.residual = chosen, targets, residual
+        self.patch = Patch()
+        self.seen: dict[int, dict] = {b.index: {} for b in chosen}
+        self.suspended = False  # set while re-running the MLP unpatched
+
+    def hooks(self) -> list:
+        hooks = []
+        for b in self.chosen:
+            hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
+            hooks.append((b.part(b.family.attn), self.attn_hook(b)))
+            hooks.append((b.mlp_branch, self.branch_hook(b)))
+            if self.residual == "fold":
+                hooks.append((b.down, self.down_hook(b)))
+            hooks.append((b.module, self.block_hook(b)))
+        return hooks
+
+    def first_hook(self, b: Block, path: str):
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            z = args[0]
+            z0 = self.seen[b.index]["z0"] = last(z)
+            weight = arch.weight_out_in(module, b.family)
+            delta = self.patch.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, z0, path)
+            return add_rounded(output, delta.apply(z))
+
+        return hook
+
+    def attn_hook(self, b: Block):
+        def hook(module, args, output):
+            if not self.suspended:
+                self.seen[b.index]["attn"] = last(hidden(output))
+
+        return hook
+
+    def branch_hook(self, b: Block):
+        """Record the MLP branch's output with ΔW, and re-run it without ΔW on the last token."""
+
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            seen = self.seen[b.index]
+            seen["branch"] = last(hidden(output))
+            self.suspended = True
+            try:
+                x = seen["z0"].to(hidden(output).dtype)[None, None]
+                y = b.part(b.family.mlp)(x)
+                if b.family.post_mlp_norm:
+                    y = b.part(b.family.post_mlp_norm)(y)
+            finally:
+                self.suspended = False
+            seen["branch0"] = last(hidden(y))
+
+        return hook
+
+    def down_hook(self, b: Block):
+        def hook(module, args, output):
+            if not self.suspended:
+                self.seen[b.index]["p"] = args[0][0]  # (T, intermediate): the output projection's input
+
+        return hook
+
+    def block_hook(self, b: Block):
+        """Δb = what remains of h_ctx − h at the last token; realise it as a bias or a fold."""
+
+        def hook(module, args, output):
+            h = hidden(output)  # (1, T, hidden)
+            target = self.targets[b.index]
+            delta_b = target.out - last(h)  # (hidden,)
+            seen = self.seen[b.index]
+            seen["delta_b"] = delta_b
+            if self.residual == "bias":
+                self.patch.residual[b.path] = delta_b
+                new = add_rounded(h, delta_b)
+            else:
+                p = seen["p"]
+                fold = rank_one_map(delta_b, last(p[None]), b.full(b.family.down))
+                self.patch.low_rank[b.full(b.family.down)] = fold
+                new = add_rounded(h, fold.apply(p)[None])
+            seen["block_error"] = float((last(new) - target.out).norm() / target.out.norm())
+            return with_hidden(output, new)
+
+        return hook
+
+    def report(self, b: Block) -> LayerReport:
+        seen, target = self.seen[b.index], self.targets[b.index]
+        z0, z_ctx = seen["z0"], target.z_ctx
+        return LayerReport(
+            layer=b.index,
+            z0_norm=float(z0.norm()),
+            dz_norm=float((z_ctx - z0).norm()),
+            z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
+            attention_delta_norm=float((target.attn - seen["attn"]).norm()),
+            mlp_branch_delta_norm=float((seen["branch"] - seen["branch0"]).norm()),
+            residual_delta_norm=float(seen["delta_b"].norm()),
+            block_error=seen["block_error"],
+            modules={path: module_report(self.patch.low_rank[path], b, path) for path in self.module_paths(b)},
+        )
+
+    def module_paths(self, b: Block) -> list[str]:
+        paths = list(b.first)
+        if self.residual == "fold":
+            paths.append(b.full(b.family.down))
+        return paths
+
+
+def module_report(delta: LowRank, b: Block, path: str) -> dict:
+    weight = b.module.get_submodule(path.removeprefix(b.path + ".")).weight
+    delta_norm = delta.frobenius_norm()
+    weight_norm = float(weight.detach().to(MATH_DTYPE).norm())
+    return {
+        "delta_w_norm": delta_norm,
+        "weight_norm": weight_norm,
+        "relative_norm": delta_norm / weight_norm if weight_norm else None,
+        "rank": delta.rank(),
+        "alignment_prev_layer": None,
+    }
+
+
+def add_alignments(chosen: list[Block], patch: Patch, reports: list[LayerReport]) -> None:
+    """Fill alignment_prev_layer: the normalised ⟨ΔW_ℓ, ΔW_ℓ₋₁⟩_F of the same module, if ℓ−1 was patched."""
+    by_index = {b.index: b for b in chosen}
+    for b, report in zip(chosen, reports):
+        prev = by_index.get(b.index - 1)
+        if prev is None:
+            continue
+        for path, entry in report.modules.items():
+            prev_path = prev.full(path.removeprefix(b.path + "."))
+            if prev_path in patch.low_rank:
+                entry["alignment_prev_layer"] = alignment(patch.low_rank[path], patch.low_rank[prev_path])
+
+
+def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
+    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists."""
+    return {
+        "kl_patched": kl_divergence(ctx, patched),
+        "kl_no_context": kl_divergence(ctx, no_ctx),
+        "top1_match": bool(ctx.argmax() == patched.argmax()),
+        "max_logit_error": float((ctx.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
+        "top_k": {
+            "context": top_tokens(tokenizer, ctx, k),
+            "no_context": top_tokens(tokenizer, no_ctx, k),
+            "patched": top_tokens(tokenizer, patched, k),
+        },
+    }
+
+
+def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
+    probs = torch.softmax(logits.to(MATH_DTYPE), dim=-1)
+    top = torch.topk(probs, k)
+    return [
+        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices)
+    ]

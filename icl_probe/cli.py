@@ -1,0 +1,145 @@
+"""The `icl-probe` command line: parse options, call the library, print. Errors become one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .analysis import analyze as run_analysis
+from .errors import IclProbeError, UsageError
+from .fileio import atomic_write_text
+from .inputs import read_text
+from .models import DEFAULT_MODEL, load_model
+from .report import print_analysis
+
+app = typer.Typer(
+    help="Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="smollm2-135m, gemma3-270m, a save_pretrained folder, a .gguf file or a hub id."
+    ),
+]
+DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+ContextOpt = Annotated[str | None, typer.Option("--context", help="The in-context examples, as text.")]
+ContextFileOpt = Annotated[str | None, typer.Option("--context-file", help="Read the context from a UTF-8 file.")]
+QueryOpt = Annotated[str | None, typer.Option("--query", help="The query whose next token is predicted.")]
+QueryFileOpt = Annotated[str | None, typer.Option("--query-file", help="Read the query from a UTF-8 file.")]
+LayersOpt = Annotated[str, typer.Option(help="Layers to patch: all, 5, 3,7, 10:20, -1, -4: (Python index and slice).")]
+ResidualOpt = Annotated[
+    str, typer.Option(help="bias: add Δb to the block output; fold: fold it into the MLP output projection.")
+]
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON document to PATH, or to stdout with '-'.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many top tokens to list.")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a model's own code to run (off by default).")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
+
+
+@app.callback()
+def root() -> None:
+    """Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025)."""
+
+
+def consoles(json_path: str | None) -> tuple[Console, Console]:
+    """(output, status) consoles; with `--json -` everything but the JSON goes to stderr."""
+    err = Console(stderr=True)
+    return (err if json_path == "-" else Console()), err
+
+
+@contextmanager
+def one_line_errors(debug: bool) -> Iterator[None]:
+    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except IclProbeError as e:
+        fail(str(e), e.exit_code, debug)
+    except KeyboardInterrupt:
+        fail("interrupted", 130, debug)
+    except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become a line
+        fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 1, debug)
+
+
+def fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"icl-probe: error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def pick_text(text: str | None, path: str | None, what: str) -> str | None:
+    if text is not None and path is not None:
+        raise UsageError(f"give --{what} or --{what}-file, not both")
+    return read_text(path, what) if path is not None else text
+
+
+def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool):
+    with status.status(f"Loading {model} ({dtype}, {device})…"):
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def emit_json(doc: dict, json_path: str | None) -> None:
+    if json_path is None:
+        return
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if json_path == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(json_path, text)
+
+
+@app.command()
+def analyze(
+    model: ModelOpt = DEFAULT_MODEL,
+    context: ContextOpt = None,
+    context_file: ContextFileOpt = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    layers: LayersOpt = "all",
+    residual: ResidualOpt = "bias",
+    top_k: TopKOpt = 5,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compute each layer's context→weight update ΔW (and residual term Δb), and prove it exact.
+
+    Runs the prompt with its context, then the query alone with each layer's update applied in
+    turn, and compares the next-token distributions. With no --context and --query, runs a
+    built-in antonym demo.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        context = pick_text(context, context_file, "context")
+        query = pick_text(query, query_file, "query")
+        if (context is None) != (query is None):
+            raise UsageError("give both a context and a query, or neither for the built-in demo")
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        with status.status("Analyzing…"):
+            result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k)
+        doc = result.to_dict()
+        if json_path != "-":
+            print_analysis(out, doc)
+        emit_json(doc, json_path)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,43 @@
+"""Forward hooks that live inside context managers, so they are always removed.
+
+    with hooked([(model.model.layers[3], record)]):
+        model(input_ids)
+
+A hook is `fn(module, args, output) -> new output or None`, as in torch. Decoder blocks return
+a tensor in transformers v5 and a tuple in v4; `hidden` and `with_hidden` hide the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Hook = Callable[[nn.Module, tuple, object], object]
+
+
+@contextmanager
+def hooked(hooks: Iterable[tuple[nn.Module, Hook]]) -> Iterator[None]:
+    """Register forward hooks for the duration of the block, then remove them all."""
+    handles = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a module output that may be a tensor or a tuple."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def with_hidden(output: object, new: torch.Tensor) -> object:
+    """`output` with its hidden-state tensor replaced by `new`, keeping its type."""
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new, *output[1:])

@@ -1,0 +1,104 @@
+"""Low-rank update math on plain tensors: build ΔW = u vᵀ, apply it, and score it from its factors.
+
+Nothing here knows nn.Module or Hugging Face. ΔW is never formed densely: norms, ranks and
+inner products all come from the factors u (out, r) and v (in, r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MathError
+
+MATH_DTYPE = torch.float64  # the update math always runs in float64, whatever the model's dtype
+MIN_Z0_NORM = 1e-6  # below this ‖z0‖, dividing by ‖z0‖² amplifies noise past any use
+
+
+@dataclass
+class LowRank:
+    """ΔW = u @ vᵀ in the math's (out, in) orientation; u is (out, r), v is (in, r)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.v.shape[0])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW x for x of shape (..., in), returned as (..., out) in float64."""
+        coef = x.to(MATH_DTYPE) @ self.v.to(MATH_DTYPE)  # (..., r)
+        return coef @ self.u.to(MATH_DTYPE).T
+
+    def frobenius_norm(self) -> float:
+        return frobenius_inner(self, self) ** 0.5
+
+    def rank(self, rtol: float = 1e-10) -> int:
+        """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions."""
+        r_u = torch.linalg.qr(self.u.to(MATH_DTYPE)).R
+        r_v = torch.linalg.qr(self.v.to(MATH_DTYPE)).R
+        sigma = torch.linalg.svdvals(r_u @ r_v.T)
+        if sigma.numel() == 0 or sigma[0] == 0:
+            return 0
+        return int((sigma > rtol * sigma[0]).sum())
+
+
+def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> LowRank:
+    """The rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0.
+
+    weight is (out, in) in any dtype; z_ctx and z0 are (in,). The result is float64.
+    """
+    z0 = z0.to(MATH_DTYPE)
+    dz = z_ctx.to(MATH_DTYPE) - z0  # (in,)
+    z0_sq = torch.dot(z0, z0)
+    check_norm(z0_sq.sqrt(), where)
+    u = (weight.to(MATH_DTYPE) @ dz) / z0_sq  # (out,)
+    return LowRank(u[:, None], z0[:, None].clone())
+
+
+def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
+    """The rank-1 ΔW with ΔW p = target: u = target / ‖p‖², v = p."""
+    p = p.to(MATH_DTYPE)
+    p_sq = torch.dot(p, p)
+    check_norm(p_sq.sqrt(), where)
+    return LowRank((target.to(MATH_DTYPE) / p_sq)[:, None], p[:, None].clone())
+
+
+def check_norm(norm: torch.Tensor, where: str) -> None:
+    """Refuse to divide by a vanishing or non-finite norm."""
+    if not torch.isfinite(norm):
+        raise MathError(f"non-finite activations at {where}; run with --dtype float32 or float64")
+    if norm < MIN_Z0_NORM:
+        raise MathError(
+            f"the input at {where} has norm {float(norm):.3g} (< {MIN_Z0_NORM:g}): the update would divide by ~0; "
+            "leave this layer out with --layers"
+        )
+
+
+def frobenius_inner(a: LowRank, b: LowRank) -> float:
+    """⟨a, b⟩_F = trace((a.uᵀ b.u)(b.vᵀ a.v)), without forming either matrix."""
+    uu = a.u.to(MATH_DTYPE).T @ b.u.to(MATH_DTYPE)  # (ra, rb)
+    vv = b.v.to(MATH_DTYPE).T @ a.v.to(MATH_DTYPE)  # (rb, ra)
+    return float(torch.trace(uu @ vv))
+
+
+def alignment(a: LowRank, b: LowRank) -> float | None:
+    """Normalised Frobenius inner product ⟨a, b⟩ / (‖a‖ ‖b‖); None when either is zero."""
+    na, nb = a.frobenius_norm(), b.frobenius_norm()
+    if na == 0 or nb == 0:
+        return None
+    return frobenius_inner(a, b) / (na * nb)
+
+
+def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """y + delta summed in float64 and rounded once to y's dtype."""
+    return (y.to(MATH_DTYPE) + delta).to(y.dtype)
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
+    """KL(P ‖ Q) in nats between the softmax distributions of two logit vectors, in float64."""
+    log_p = torch.log_softmax(logits_p.to(MATH_DTYPE), dim=-1)
+    log_q = torch.log_softmax(logits_q.to(MATH_DTYPE), dim=-1)
+    return max(0.0, float((log_p.exp() * (log_p - log_q)).sum()))  # clamp roundoff below 0

@@ -1,0 +1,44 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny import char_tokenizer, save_tiny, tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return char_tokenizer(bos=False)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    return char_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    """A tiny llama saved in save_pretrained layout, for the CLI."""
+    return save_tiny(tiny_model("llama", torch.float32), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """The real SmolLM2-135M and Gemma 3 270M, each loaded once per session on first use."""
+    import icl_probe
+
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            loaded[name] = icl_probe.load_model(name)
+        return loaded[name]
+
+    return get

@@ -1,0 +1,67 @@
+"""The update math on plain tensors, checked against dense matrices formed here on purpose."""
+
+import pytest
+import torch
+
+from icl_probe.errors import MathError
+from icl_probe.lowrank import LowRank, alignment, frobenius_inner, kl_divergence, rank_one_map, rank_one_update
+
+
+def random_case(out=7, inp=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen, dtype=torch.float64)
+    return w, torch.randn(inp, generator=gen, dtype=torch.float64), torch.randn(inp, generator=gen, dtype=torch.float64)
+
+
+def test_update_maps_z0_to_w_dz():
+    w, z_ctx, z0 = random_case()
+    delta = rank_one_update(w, z_ctx, z0, "here")
+    dense = delta.u @ delta.v.T
+    torch.testing.assert_close(dense @ z0, w @ (z_ctx - z0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((w + dense) @ z0, w @ z_ctx, rtol=1e-12, atol=1e-12)
+    assert delta.rank() == 1 == torch.linalg.matrix_rank(dense)
+
+
+def test_update_matches_paper_formula():
+    w, z_ctx, z0 = random_case(seed=1)
+    delta = rank_one_update(w, z_ctx, z0, "here")
+    expected = torch.outer(w @ (z_ctx - z0), z0) / z0.dot(z0)  # Dherin et al., Theorem 2.2
+    torch.testing.assert_close(delta.u @ delta.v.T, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_norms_and_inner_products_match_dense():
+    w, z_ctx, z0 = random_case(seed=2)
+    a = rank_one_update(w, z_ctx, z0, "a")
+    b = LowRank(torch.randn(7, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64))
+    da, db = a.u @ a.v.T, b.u @ b.v.T
+    assert a.frobenius_norm() == pytest.approx(float(torch.linalg.norm(da)), rel=1e-12)
+    assert frobenius_inner(a, b) == pytest.approx(float((da * db).sum()), rel=1e-12)
+    assert alignment(a, b) == pytest.approx(float((da * db).sum() / da.norm() / db.norm()), rel=1e-12)
+    assert b.rank() == 3
+
+
+def test_apply_matches_dense_at_every_position():
+    w, z_ctx, z0 = random_case(seed=3)
+    delta = rank_one_update(w, z_ctx, z0, "a")
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(delta.apply(x), x @ (delta.u @ delta.v.T).T)
+
+
+def test_rank_one_map_hits_target():
+    p, target = torch.randn(9, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    fold = rank_one_map(target, p, "down")
+    torch.testing.assert_close(fold.apply(p), target)
+
+
+def test_tiny_z0_is_refused_with_its_place():
+    w, z_ctx, _ = random_case()
+    with pytest.raises(MathError, match="model.layers.3.mlp.gate_proj"):
+        rank_one_update(w, z_ctx, torch.zeros(5, dtype=torch.float64), "model.layers.3.mlp.gate_proj")
+    with pytest.raises(MathError, match="non-finite"):
+        rank_one_update(w, z_ctx, torch.full((5,), float("nan")), "layer 1")
+
+
+def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
+    logits = torch.randn(50)
+    assert kl_divergence(logits, logits) == 0.0
+    assert kl_divergence(logits, logits.flip(0)) > 0.0
