@@ -105,10 +105,8 @@ class NoDenseUpdate(TorchDispatchMode):
 
 def test_delta_w_is_never_formed_densely():
     model = tiny_model("llama")
-    shapes = {
-        tuple(model.model.layers[0].mlp.gate_proj.weight.shape),
-        tuple(model.model.layers[0].mlp.down_proj.weight.shape),
-    }
+    mlp = model.model.layers[0].mlp
+    shapes = {tuple(mlp.gate_proj.weight.shape), tuple(mlp.down_proj.weight.shape)}
     with NoDenseUpdate(shapes):  # a prompt of 23 tokens, so no activation is shaped like a weight
         analyze(model, tokenizer_for("llama"), "ab -> ba\ncd -> dc\n", QUERY, residual="fold")
     with pytest.raises(AssertionError, match="dense"), NoDenseUpdate(shapes):
