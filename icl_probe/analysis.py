@@ -34,6 +34,7 @@ class LayerReport:
     z_cosine: float
     attention_delta_norm: float
     mlp_branch_delta_norm: float
+    mlp_branch_error: float
     residual_delta_norm: float
     block_error: float
     modules: dict[str, dict] = field(default_factory=dict)
@@ -75,6 +76,7 @@ class Target:
 
     z_ctx: torch.Tensor
     attn: torch.Tensor
+    branch: torch.Tensor
     out: torch.Tensor
 
 
@@ -169,6 +171,7 @@ def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]):
     for b in chosen:
         hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
         hooks.append((b.part(b.family.attn), record(b, "attn", False)))
+        hooks.append((b.mlp_branch, record(b, "branch", False)))
         hooks.append((b.module, record(b, "out", False)))
     with hooked(hooks):
         logits = last_logits(model, ids)
@@ -277,6 +280,7 @@ class SequentialRun:
             z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
             attention_delta_norm=float((target.attn - seen["attn"]).norm()),
             mlp_branch_delta_norm=float((seen["branch"] - seen["branch0"]).norm()),
+            mlp_branch_error=float((seen["branch"] - target.branch).norm() / target.branch.norm()),
             residual_delta_norm=float(seen["delta_b"].norm()),
             block_error=seen["block_error"],
             modules={path: module_report(self.patch.low_rank[path], b, path) for path in self.module_paths(b)},

@@ -129,15 +129,15 @@ def convert_gguf(path: Path, out: Path) -> None:
 
     kwargs = {"gguf_file": path.name, "dtype": torch.float32}
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # GGUF loading draws its own tqdm bars
+        with contextlib.redirect_stderr(io.StringIO()), no_progress_bars():  # GGUF loading draws its own tqdm bars
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            del model.config.quantization_config  # the weights are plain float32 now
+            model.hf_quantizer = None
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"cannot load GGUF file {path}: {one_line(e)}") from e
-    del model.config.quantization_config  # the weights are plain float32 now
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 @contextlib.contextmanager
