@@ -24,6 +24,7 @@ def test_float64_replay_is_exact(model_type):
     assert doc["logits"]["kl_patched"] < 1e-12
     assert doc["logits"]["top1_match"]
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-10
+    assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-10  # Theorem 2.2 at every layer
     assert all(m["rank"] == 1 for layer in doc["layers"] for m in layer["modules"].values())
 
 
