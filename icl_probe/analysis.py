@@ -16,7 +16,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .errors import InputError, ModelError
+from .errors import InputError, MathError, ModelError
 from .hooks import hidden, hooked, with_hidden
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, parse_layers, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, alignment, kl_divergence, rank_one_map, rank_one_update
@@ -24,6 +24,10 @@ from .patching import Patch
 
 SCHEMA = "icl-probe.analysis/1"
 RESIDUAL_MODES = ("bias", "fold")
+# The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
+# becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
+# grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴.
+MIN_FOLD_NORMALISED = 1e-4
 
 
 @dataclass
@@ -38,6 +42,7 @@ class LayerReport:
     residual_delta_norm: float
     block_error: float
     modules: dict[str, dict] = field(default_factory=dict)
+    fold_min_abs_normalised: float | None = None  # norm-scale fold only: min_k |n_last,k|
 
 
 @dataclass
@@ -139,11 +144,7 @@ def check_residual(chosen: list[Block], residual: str) -> None:
         raise ModelError(f"unknown residual mode '{residual}'; use bias or fold")
     family = chosen[0].family if chosen else None
     if residual == "fold" and family is not None and family.fold is None:
-        raise ModelError(
-            f"--residual fold is not available for {family.name}: its MLP output is normalised "
-            f"({family.post_mlp_norm}) before the residual add, so Δb cannot be folded into "
-            f"{family.down}; use --residual bias"
-        )
+        raise ModelError(f"--residual fold is not available for {family.name}: {family.fold_note}; use --residual bias")
 
 
 def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
@@ -153,8 +154,11 @@ def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def last(x: torch.Tensor) -> torch.Tensor:
-    """The last position of a (batch=1, T, d) activation, in float64."""
-    return x[0, -1].to(MATH_DTYPE)
+    """The last position of a (1, T, d) or (OPT's MLP) (T, d) activation, as a float64 copy.
+
+    A copy, because some blocks (Falcon) add to their MLP output in place after our hook has read it.
+    """
+    return x.reshape(-1, x.shape[-1])[-1].to(MATH_DTYPE, copy=True)
 
 
 def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]):
@@ -198,7 +202,7 @@ class SequentialRun:
             hooks.append((b.part(b.family.attn), self.attn_hook(b)))
             hooks.append((b.mlp_branch, self.branch_hook(b)))
             if self.residual == "fold":
-                hooks.append((b.down, self.down_hook(b)))
+                hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
             hooks.append((b.module, self.block_hook(b)))
         return hooks
 
@@ -231,20 +235,17 @@ class SequentialRun:
             seen["branch"] = last(hidden(output))
             self.suspended = True
             try:
-                x = seen["z0"].to(hidden(output).dtype)[None, None]
-                y = b.part(b.family.mlp)(x)
-                if b.family.post_mlp_norm:
-                    y = b.part(b.family.post_mlp_norm)(y)
+                y = b.run_mlp(seen["z0"].to(hidden(output).dtype)[None, None])
             finally:
                 self.suspended = False
             seen["branch0"] = last(hidden(y))
 
         return hook
 
-    def down_hook(self, b: Block):
+    def fold_input_hook(self, b: Block):
         def hook(module, args, output):
-            if not self.suspended:
-                self.seen[b.index]["p"] = args[0][0]  # (T, intermediate): the output projection's input
+            if not self.suspended:  # (T, in): the input of the fold's target module at every position
+                self.seen[b.index]["p"] = args[0].reshape(-1, args[0].shape[-1])
 
         return hook
 
@@ -261,14 +262,30 @@ class SequentialRun:
                 self.patch.residual[b.path] = delta_b
                 new = add_rounded(h, delta_b)
             else:
-                p = seen["p"]
-                fold = rank_one_map(delta_b, last(p[None]), b.full(b.family.down))
-                self.patch.low_rank[b.full(b.family.down)] = fold
-                new = add_rounded(h, fold.apply(p)[None])
+                new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
             seen["block_error"] = float((last(new) - target.out).norm() / target.out.norm())
             return with_hidden(output, new)
 
         return hook
+
+    def fold(self, b: Block, delta_b: torch.Tensor) -> torch.Tensor:
+        """Realise Δb as a fold applied at every position; returns its effect on the block output, (T, hidden).
+
+        "linear": a rank-1 ΔW on the output projection with scale·ΔW p_last = Δb. "norm-scale": a dense
+        δ on the post-MLP norm's weight with n_last ⊙ δ = Δb, n the normalised MLP output before its scale
+        (whether the norm scales by w or by 1 + w, the effect of w → w + δ is n ⊙ δ).
+        """
+        seen = self.seen[b.index]
+        p = seen["p"]  # (T, in)
+        if b.family.fold == "norm-scale":
+            n = arch.rms_normalised(b.part(b.fold_target), p)  # (T, hidden), float64
+            path = b.full(f"{b.fold_target}.weight")
+            seen["fold_min_abs_normalised"] = float(n[-1].abs().min())
+            delta = self.patch.dense[path] = norm_scale_fold(delta_b, n[-1], path)
+            return n * delta
+        path = b.full(b.family.down)
+        fold = self.patch.low_rank[path] = rank_one_map(delta_b / b.scale, last(p), path)
+        return b.scale * fold.apply(p)
 
     def report(self, b: Block) -> LayerReport:
         seen, target = self.seen[b.index], self.targets[b.index]
@@ -284,19 +301,33 @@ class SequentialRun:
             residual_delta_norm=float(seen["delta_b"].norm()),
             block_error=seen["block_error"],
             modules={path: module_report(self.patch.low_rank[path], b, path) for path in self.module_paths(b)},
+            fold_min_abs_normalised=seen.get("fold_min_abs_normalised"),
         )
 
     def module_paths(self, b: Block) -> list[str]:
         paths = list(b.first)
-        if self.residual == "fold":
+        if self.residual == "fold" and b.family.fold == "linear":
             paths.append(b.full(b.family.down))
         return paths
+
+
+def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
+    """δ = Δb / n_last, refused when some |n_last,k| < MIN_FOLD_NORMALISED (the fold would divide by ~0)."""
+    smallest = float(n_last.abs().min())
+    if not smallest >= MIN_FOLD_NORMALISED:
+        k = int(n_last.abs().argmin())
+        raise MathError(
+            f"cannot fold Δb into {where}: coordinate {k} of the normalised MLP output is {smallest:.3g} "
+            f"(< {MIN_FOLD_NORMALISED:g}), so the fold would divide by ~0; use --residual bias, or leave this "
+            "layer out with --layers"
+        )
+    return delta_b / n_last
 
 
 def module_report(delta: LowRank, b: Block, path: str) -> dict:
     weight = b.module.get_submodule(path.removeprefix(b.path + ".")).weight
     delta_norm = delta.frobenius_norm()
-    weight_norm = float(weight.detach().to(MATH_DTYPE).norm())
+    weight_norm = float(torch.linalg.vector_norm(weight.detach(), dtype=MATH_DTYPE))
     return {
         "delta_w_norm": delta_norm,
         "weight_norm": weight_norm,

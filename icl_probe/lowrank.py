@@ -54,8 +54,18 @@ def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor,
     dz = z_ctx.to(MATH_DTYPE) - z0  # (in,)
     z0_sq = torch.dot(z0, z0)
     check_norm(z0_sq.sqrt(), where)
-    u = (weight.to(MATH_DTYPE) @ dz) / z0_sq  # (out,)
+    u = matvec(weight, dz) / z0_sq  # (out,)
     return LowRank(u[:, None], z0[:, None].clone())
+
+
+def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W x as float64, multiplied in float64 for float64 weights and in float32 otherwise.
+
+    Casting every weight to float64 would copy it at twice its size; float32 keeps the product
+    as accurate as the float32 model's own first linear layer, and lifts bf16/fp16 weights.
+    """
+    work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
+    return (weight.to(work) @ x.to(work)).to(MATH_DTYPE)
 
 
 def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
