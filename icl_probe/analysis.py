@@ -16,7 +16,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .errors import InputError, MathError, ModelError
+from .errors import InputError, MathError, ModelError, UsageError
 from .hooks import hidden, hooked, with_hidden
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, parse_layers, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, alignment, kl_divergence, rank_one_map, rank_one_update
@@ -108,9 +108,12 @@ def analyze(
     with torch.no_grad():
         targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         logits_0 = last_logits(model, prompt.query_only)
+        check_finite(model, prompt, targets, logits_ctx, logits_0)
         run = SequentialRun(chosen, targets, residual)
         with hooked(run.hooks()):
             logits_patched = last_logits(model, prompt.query_only)
+            if not torch.isfinite(logits_patched).all():
+                raise non_finite(model, prompt.query_only, "the query alone with the update applied")
     reports = [run.report(b) for b in chosen]
     add_alignments(chosen, run.patch, reports)
     return Analysis(
@@ -141,10 +144,51 @@ def check_length(model: nn.Module, prompt: Prompt) -> None:
 
 def check_residual(chosen: list[Block], residual: str) -> None:
     if residual not in RESIDUAL_MODES:
-        raise ModelError(f"unknown residual mode '{residual}'; use bias or fold")
+        raise UsageError(f"unknown residual mode '{residual}'; use bias or fold")
     family = chosen[0].family if chosen else None
     if residual == "fold" and family is not None and family.fold is None:
         raise ModelError(f"--residual fold is not available for {family.name}: {family.fold_note}; use --residual bias")
+
+
+def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0) -> None:
+    """Refuse non-finite activations (e.g. a float16 overflow) in runs 1 and 3, naming where they appear."""
+    captured = [logits_ctx, *(x for target in targets.values() for x in vars(target).values())]
+    if not all(torch.isfinite(x).all() for x in captured):
+        raise non_finite(model, prompt.full, "the full prompt")
+    if not torch.isfinite(logits_0).all():
+        raise non_finite(model, prompt.query_only, "the query alone")
+
+
+def non_finite(model: nn.Module, ids: list[int], which: str) -> MathError:
+    """The MathError for a forward pass of `ids` that gave inf or NaN, found again by a diagnostic run."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    fix = {"float32": "run with --dtype float64, or check the checkpoint's weights", "float64": "check the "
+           "checkpoint's weights"}.get(dtype, "run with --dtype float32")  # fmt: skip
+    return MathError(
+        f"non-finite activations (inf or NaN) with {which} in {dtype}: they first appear in "
+        f"{first_non_finite(model, ids)}; {fix}"
+    )
+
+
+def first_non_finite(model: nn.Module, ids: list[int]) -> str:
+    """The path of the first attention branch, MLP or block whose output has an inf or NaN at any position."""
+    found: list[str] = []
+
+    def check(path: str):
+        def hook(module, args, output):
+            if not found and not torch.isfinite(hidden(output)).all():
+                found.append(path)
+
+        return hook
+
+    hooks = []
+    for b in arch.blocks(model):
+        parts = [rel for rel in (b.family.attn, b.family.mlp) if rel]  # OPT has no MLP module
+        hooks += [(b.part(rel), check(f"{b.full(rel)} (layer {b.index})")) for rel in parts]
+        hooks.append((b.module, check(f"{b.path} (layer {b.index})")))
+    with hooked(hooks):
+        last_logits(model, ids)
+    return found[0] if found else "the final norm or output layer"
 
 
 def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:

@@ -1,42 +1,51 @@
-"""Atomic file writes: everything goes to a temporary name in the target's folder, then is renamed."""
+"""Atomic file writes: everything goes to a temporary name in the target's folder, then is renamed.
+
+An interrupted write leaves the old file or nothing. Ctrl-C, SIGTERM and exceptions remove the
+temporary at once; a writer killed outright (SIGKILL) leaves it, and the next write to the same
+target removes it: temporaries are named `.{name}.{pid}.{random}.tmp`, and those whose process
+no longer runs are stale.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
 
 
 def check_writable(path: str | Path, force: bool) -> Path:
-    """Refuse an existing output without `force`, or a folder that does not exist."""
+    """Refuse an existing output without `force`, or a folder that does not exist or cannot be written to."""
     path = Path(path)
     if path.exists() and not force:
         raise InputError(f"{path} already exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist")
+    folder = path.parent
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"cannot write {path}: {folder} {state}; choose an output in an existing folder")
+    with temporary(path, directory=False):  # a real write is the only reliable test (root, read-only mounts)
+        pass
     return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`."""
+    """Call write(tmp) on a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror}") from e
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    remove_stale(path)
+    with terminate_cleanly(), temporary(path, directory=False) as tmp:
+        try:
+            write(tmp)
+            fsync(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -44,20 +53,93 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_dir) on a temporary folder beside `path`, then move it into place."""
+    """Call write(tmp_dir) on a temporary folder beside `path`, then swap it into place.
+
+    An existing `path` is first renamed aside (to another temporary name) and deleted last, so an
+    interruption leaves the old folder, the new one, or (between two renames) nothing.
+    """
     path = Path(path)
+    remove_stale(path)
+    with terminate_cleanly(), temporary(path, directory=True) as tmp, temporary(path, directory=True) as aside:
+        try:
+            write(tmp)
+            if path.is_dir():
+                os.replace(path, aside)  # renaming a folder over an empty folder is allowed
+            elif path.exists():
+                os.replace(path, aside / path.name)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+@contextmanager
+def temporary(path: Path, directory: bool) -> Iterator[Path]:
+    """A fresh temporary file or folder named `.{name}.{pid}.{random}.tmp` beside `path`, always removed."""
+    prefix = f".{path.name}.{os.getpid()}."
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
     except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror}") from e
+        raise InputError(f"cannot write {path}: {e.strerror or e}; choose another output path") from e
     try:
-        write(tmp)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+        yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
+
+
+def remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif os.path.lexists(p):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def fsync(p: Path) -> None:
+    """Flush a written file to disk, so that the rename never exposes a file whose data is not there yet."""
+    with open(p, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def remove_stale(path: Path) -> None:
+    """Delete temporaries beside `path` left by writers of `path` that were killed (their pid is gone)."""
+    if os.name != "posix" or not path.parent.is_dir():
+        return
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[a-z0-9_]+\.tmp")
+    for p in path.parent.iterdir():
+        match = pattern.fullmatch(p.name)
+        if match and not running(int(match.group(1))):
+            remove(p)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only checks that the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """While a temporary exists, make SIGTERM raise SystemExit(143) so that `finally` removes it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -69,11 +69,13 @@ def resolve_folder(name: str) -> str:
             raise ModelError(f"GGUF file not found: {path}")
         return cached_gguf(path)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {name} has no config.json; give a folder written by save_pretrained")
         return str(path)
     if path.exists():
-        raise ModelError(f"model path {path} is a file; give a save_pretrained folder, a .gguf file or a hub id")
+        raise ModelError(f"model path {name} is a file; give a save_pretrained folder, a .gguf file or a hub id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or name.count("/") > 1:
-        raise ModelError(f"model path does not exist: {path}")
+        raise ModelError(f"model path does not exist: {name}; give a save_pretrained folder, a .gguf file or a hub id")
     return name  # a hub id
 
 
@@ -142,37 +144,74 @@ def convert_gguf(path: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def no_progress_bars():
-    """Silence transformers' own progress bars; the CLI shows a spinner instead."""
+    """Silence transformers' progress bars and warnings; the CLI shows a spinner, and problems become errors."""
     from transformers.utils import logging
 
-    was_enabled = logging.is_progress_bar_enabled()
+    was_enabled, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if was_enabled:
             logging.enable_progress_bar()
 
 
 def load_folder(folder: str, name: str, dtype: torch.dtype, trust_remote_code: bool):
+    """(model, tokenizer) from a folder or hub id; every failure becomes a ModelError that says how to fix it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        with no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    with no_progress_bars():
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
+        except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for bad files
+            raise model_load_error(e, folder, name) from e
+        check_complete(info, name)
+        try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise ModelError(f"{name} is not a causal language model; give a decoder-only LM") from e
-        raise ModelError(f"cannot load model {name}: {one_line(e)}") from e
-    except OSError as e:
-        raise ModelError(
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(
+                f"cannot load the tokenizer of {name}: {one_line(e)}; "
+                "the folder needs the files tokenizer.save_pretrained writes (e.g. tokenizer.json)"
+            ) from e
+    return model, tokenizer
+
+
+def model_load_error(e: Exception, folder: str, name: str) -> ModelError:
+    """The one-line ModelError for an exception transformers raised while loading `name`."""
+    text = str(e)
+    if "Unrecognized configuration class" in text:
+        return ModelError(f"{name} is not a causal language model; give a decoder-only LM")
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return ModelError(
+            f"{name} needs its own Python code to load (auto_map in config.json), which icl-probe does not run "
+            "by default; read that code and pass --trust-remote-code only if you trust it"
+        )
+    if "ignore_mismatched_sizes" in text:
+        return ModelError(f"the checkpoint of {name} has weights whose shapes differ from its config.json")
+    if isinstance(e, OSError) and not Path(folder).is_dir():
+        return ModelError(
             f"cannot load model {name}: not a local folder or .gguf file, and not reachable on the hub "
             f"or in its cache ({one_line(e)})"
-        ) from e
-    return model, tokenizer
+        )
+    kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+    return ModelError(f"cannot load model {name}: {kind}{one_line(e)}; check that the folder is complete")
+
+
+def check_complete(info: dict, name: str) -> None:
+    """Refuse a checkpoint whose weights are missing or misshapen: transformers would fill them at random."""
+    missing = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelError(
+            f"the checkpoint of {name} lacks {len(missing)} weight(s) of its architecture ({shown}), which would be "
+            "random; the folder is incomplete, or is not a causal LM checkpoint"
+        )
 
 
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return text[0].rstrip(" .") if text else type(e).__name__
