@@ -14,12 +14,36 @@ VOCAB = {tok: i for i, tok in enumerate(SPECIALS + list(string.printable))}
 # Every family: 2 layers, hidden size 32; extra keys per model_type.
 COMMON = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+# A key that is not a model_type names a variant and gives its model_type in the dict.
 CONFIGS: dict[str, dict] = {
     "llama": {},
     "mistral": {"sliding_window": None},
     "qwen2": {},
     "qwen3": {"head_dim": 8},
-    "gemma3_text": {"head_dim": 8, "sliding_window": 4},
+    "gemma": {"head_dim": 8},
+    "gemma2": {"head_dim": 8, "sliding_window": 8},  # wider than the query, so every layer sees the context
+    "gemma3_text": {"head_dim": 8, "sliding_window": 8},
+    "gpt2": {"n_inner": 64},
+    "gpt_neox": {"use_parallel_residual": True},
+    "gpt_neox-sequential": {"model_type": "gpt_neox", "use_parallel_residual": False},
+    "gptj": {"n_inner": 64, "rotary_dim": 4},
+    "phi": {},
+    "phi3": {"pad_token_id": 0},
+    "olmo2": {},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32},
+    "falcon": {"ffn_hidden_size": 64},
+    "falcon-sequential": {"model_type": "falcon", "ffn_hidden_size": 64, "parallel_attn": False},
+    "bloom": {},
+    "stablelm": {},
+    "stablelm-parallel": {"model_type": "stablelm", "use_parallel_residual": True},
+    "granite": {"residual_multiplier": 0.5},
+    # not in the table: handled by the generic Llama-layout rule
+    "olmo": {},
+    "helium": {"head_dim": 8},
+    "cohere": {"logit_scale": 1.0},
+    "glm": {"head_dim": 8, "pad_token_id": 0},
+    "exaone4": {"head_dim": 8, "sliding_window": 64, "sliding_window_pattern": 2},
+    "smollm3": {"pad_token_id": 0},
 }
 
 
@@ -31,10 +55,11 @@ def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
 
 
-def tiny_model(model_type: str, dtype: torch.dtype = torch.float64, seed: int = 0):
-    """A seeded random CausalLM of the family, in eval mode."""
+def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A seeded random CausalLM of the family (a CONFIGS key), in eval mode."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**COMMON, **CONFIGS[model_type]})
+    extra = dict(CONFIGS[name])
+    config = AutoConfig.for_model(extra.pop("model_type", name), **{**COMMON, **extra})
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _spread_weights(model, seed)
     return model.eval()
@@ -44,10 +69,12 @@ def _spread_weights(model, seed: int) -> None:
     """Re-draw weights at std 0.2 (and norm scales near 1) so that the context really changes the output."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+        norm_weights = {id(m.weight) for m in norms if getattr(m, "weight", None) is not None}
+        for p in model.parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
             if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and not _plus_one_norm(model) else 0.0) + 0.1 * noise)
+                p.copy_((1.0 if id(p) in norm_weights and not _plus_one_norm(model) else 0.0) + 0.1 * noise)
             else:
                 p.copy_(0.2 * noise)
 
