@@ -7,10 +7,13 @@ result = icl_probe.analyze(model, tokenizer, context="hot -> cold\\n", query="bi
 
 from .analysis import Analysis, analyze
 from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
+from .export import Export, export_patch
 from .models import load_model
+from .patchfile import load_patch
+from .replay import Replay, replay
 
 __version__ = "0.1.0"
 __all__ = [
-    "Analysis", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError", "UsageError",
-    "analyze", "load_model", "__version__",
+    "Analysis", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError", "Replay",
+    "UsageError", "analyze", "export_patch", "load_model", "load_patch", "replay", "__version__",
 ]  # fmt: skip

@@ -14,10 +14,14 @@ from rich.console import Console
 
 from .analysis import analyze as run_analysis
 from .errors import IclProbeError, UsageError
+from .export import FORMATS
+from .export import export_patch as run_export
 from .fileio import atomic_write_text
 from .inputs import read_text
 from .models import DEFAULT_MODEL, load_model
-from .report import print_analysis
+from .patchfile import load_patch
+from .replay import replay as run_replay
+from .report import print_analysis, print_export, print_replay
 
 app = typer.Typer(
     help="Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025).",
@@ -138,6 +142,120 @@ def analyze(
         doc = result.to_dict()
         if json_path != "-":
             print_analysis(out, doc)
+        emit_json(doc, json_path)
+
+
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="native: one .safetensors file; peft: a LoRA adapter folder; merged: a save_pretrained folder "
+        "whose weights include the update.",
+    ),
+]
+ExportResidualOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="bias: add Δb to each block's output (native only); fold: fold it into the weights. "
+        "Default: bias for native, fold for peft and merged."
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
+@app.command("export-patch")
+def export_patch(
+    output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    context: ContextOpt = None,
+    context_file: ContextFileOpt = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    layers: LayersOpt = "all",
+    format: FormatOpt = "native",
+    residual: ExportResidualOpt = None,
+    store_context: Annotated[
+        bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
+    ] = False,
+    force: ForceOpt = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compute the context's update as in `analyze` and save it, to run the query later without the prompt.
+
+    --format native writes one float32 .safetensors file (see docs/patch-format.md) for `icl-probe
+    replay`; peft writes a LoRA adapter (r=1) for peft or transformers' load_adapter; merged writes a
+    complete checkpoint with the update added to its weights. An existing output is kept unless --force.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        if format not in FORMATS:
+            raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
+        context = pick_text(context, context_file, "context")
+        query = pick_text(query, query_file, "query")
+        if (context is None) != (query is None):
+            raise UsageError("give both a context and a query, or neither for the built-in demo")
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        with status.status(f"Exporting a {format} patch…"):
+            result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
+                                layers=layers, store_context=store_context, force=force)  # fmt: skip
+        doc = result.to_dict()
+        if json_path != "-":
+            print_export(out, doc)
+        emit_json(doc, json_path)
+
+
+@app.command()
+def replay(
+    patch: Annotated[str, typer.Argument(help="A native .safetensors patch written by export-patch.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The model to patch (default: the one named in the patch).")
+    ] = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="Also run the full prompt with this context, to compare.")
+    ] = None,
+    context_file: ContextFileOpt = None,
+    generate: Annotated[
+        int, typer.Option("--generate", min=0, help="Continue greedily for N tokens with the patch held fixed.")
+    ] = 0,
+    top_k: TopKOpt = 5,
+    json_path: JsonOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Skip the fingerprint check (names and shapes are still checked).")
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, float64, bfloat16 or float16 (default: the patch's).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a query with a saved patch applied and no context, beside the query alone.
+
+    Checks that the patch fits the model (names, shapes, finite values, and the weights' fingerprint)
+    before applying it with hooks; the model is left unchanged. With --context, also runs the full
+    prompt and reports the KL between the two. --query defaults to the patch's own query.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        context = pick_text(context, context_file, "context")
+        query = pick_text(query, query_file, "query")
+        loaded = load_patch(patch)
+        model = model or loaded.metadata["model"]
+        if not model:
+            raise UsageError(f"patch {patch} does not name its model; pass --model")
+        m, tokenizer = load(status, model, dtype or loaded.metadata["dtype"], device, trust_remote_code)
+        with status.status("Replaying…"):
+            result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
+                                force=force)  # fmt: skip
+        doc = result.to_dict()
+        if json_path != "-":
+            print_replay(out, doc)
         emit_json(doc, json_path)
 
 

@@ -64,3 +64,92 @@ def summary(logits: dict) -> Group:
 def print_analysis(console: Console, doc: dict) -> None:
     console.print(layer_table(doc))
     console.print(summary(doc["logits"]))
+
+
+def span_list(layers: list[int]) -> str:
+    """[0, 1, 2, 5] → '0–2, 5'."""
+    spans: list[list[int]] = []
+    for i in layers:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def kl_text(kl: float | None) -> tuple[str, str]:
+    if kl is None:
+        return "—", ""
+    return f"{kl:.3e}", "bold green" if kl < 1e-6 else "bold red"
+
+
+def print_export(console: Console, doc: dict) -> None:
+    """The export-patch summary: what was written, its size against dense ΔW, and the KL reached."""
+    console.print(f"Wrote a [bold]{doc['format']}[/] patch to {doc['output']} ({size(doc['file_bytes'])})")
+    console.print(
+        f"Layers patched: {span_list(doc['layers'])} ({len(doc['layers'])} layers, {doc['modules']} modules), "
+        f"residual={doc['residual']}"
+    )
+    ratio = doc["dense_bytes"] / doc["patch_bytes"] if doc["patch_bytes"] else float("nan")
+    console.print(
+        f"Update size (float32): {size(doc['patch_bytes'])} as factors, {size(doc['dense_bytes'])} as dense ΔW "
+        f"({ratio:.0f}× smaller)"
+    )
+    console.print(
+        Text.assemble(
+            "KL(context ‖ patched) = ",
+            kl_text(doc["kl_patched"]),
+            " in memory, ",
+            kl_text(doc["kl_stored"]),
+            f" as written;   KL(context ‖ no context) = {doc['kl_no_context']:.3e};   "
+            f"top-1 kept: {'yes' if doc['top1_match'] else 'NO'}",
+        )
+    )
+
+
+def print_replay(console: Console, doc: dict) -> None:
+    """The replay summary: the patched top-k beside the unpatched query (and the full prompt), then generations."""
+    patch = doc["patch"]
+    checked = "checked" if patch["fingerprint_checked"] else "NOT checked"
+    console.print(
+        f"Patch for {patch['model']} (layers {span_list(patch['layers'] or [])}, residual={patch['residual']}) "
+        f"on {doc['model']} ({doc['dtype']}); fingerprint {checked}"
+    )
+    top = doc["top_k"]
+    tables = [top_k_table("query alone, patched", top["patched"]), top_k_table("query alone", top["no_context"])]
+    if top["context"] is not None:
+        tables.append(top_k_table("with context", top["context"]))
+    console.print(Columns(tables))
+    if doc["kl_patched"] is not None:
+        console.print(
+            Text.assemble(
+                ("KL(context ‖ patched) = ", "bold"),
+                kl_text(doc["kl_patched"]),
+                f"   KL(context ‖ no context) = {doc['kl_no_context']:.3e}",
+                f"   top-1 kept: {'yes' if doc['top1_match'] else 'NO'}",
+                f"   max |Δlogit| = {doc['max_logit_error']:.2e}",
+            )
+        )
+    if doc["generated"]["patched"] is not None:
+        console.print(generation_table(doc["generated"]))
+
+
+def generation_table(gen: dict) -> Table:
+    table = Table(title="greedy continuations")
+    table.add_column("run")
+    table.add_column("text")
+    for key, label in (("patched", "query alone, patched"), ("no_context", "query alone"), ("context", "with context")):
+        if gen[key] is not None:
+            table.add_row(label, repr(gen[key]["text"]))
+    if gen["agree_tokens"] is not None:
+        n = len(gen["patched"]["token_ids"])
+        table.caption = f"patched and with-context agree on the first {gen['agree_tokens']} of {n} tokens"
+    return table

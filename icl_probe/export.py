@@ -1,0 +1,297 @@
+"""`export_patch`: analyze a prompt, then write its update as a native patch, a LoRA adapter or a merged model.
+
+native: one float32 .safetensors file (patchfile.py). peft: a LoRA folder (r=1, lora_alpha=1) that
+peft and transformers' `load_adapter` load. merged: a save_pretrained folder whose weights include
+the update. Every output is written under a temporary name and renamed into place; afterwards the
+update is read back from what was written and scored again (`kl_stored`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .analysis import Analysis, analyze
+from .errors import PatchError, UsageError
+from .fileio import atomic_write_dir, check_writable
+from .inputs import DEMO_CONTEXT, DEMO_QUERY
+from .lowrank import MATH_DTYPE, LowRank
+from .models import no_progress_bars
+from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
+from .patching import Patch, applied, dense_added
+from .replay import Apply, measure
+
+FORMATS = ("native", "peft", "merged")
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # how peft names an adapter's tensors in adapter_model.safetensors
+PROVENANCE = "icl-probe.json"  # the patch metadata, beside a peft or merged folder's own files
+FLOAT32_BYTES = 4
+
+
+@dataclass
+class Export:
+    """What `export_patch` wrote and measured; sizes are bytes, KLs are KL(context ‖ patched) in nats."""
+
+    output: str
+    format: str
+    model: str
+    layers: list[int]
+    residual: str
+    modules: int
+    patch_bytes: int  # the update's tensors at float32
+    dense_bytes: int  # the same updates as dense float32 matrices
+    file_bytes: int  # what was written to disk
+    kl_patched: float  # in memory, float64 factors
+    kl_stored: float  # re-measured with the update read back from what was written
+    kl_no_context: float
+    top1_match: bool
+    analysis: Analysis
+
+    def to_dict(self) -> dict:
+        doc = {k: v for k, v in self.__dict__.items() if k != "analysis"}
+        return {"schema": "icl-probe.export/1", **doc}
+
+
+def export_patch(
+    model: nn.Module,
+    tokenizer,
+    context: str | None = None,
+    query: str | None = None,
+    output: str | Path | None = None,
+    format: str = "native",
+    residual: str | None = None,
+    layers: str | list[int] | None = None,
+    store_context: bool = False,
+    force: bool = False,
+) -> Export:
+    """Analyze `context` + `query` (the antonym demo if both are None) and write the update to `output`.
+
+    `residual` defaults to bias for native and fold for peft and merged (which need it). An existing
+    output is refused unless `force`. The model is left unchanged.
+    """
+    residual = resolve_residual(format, residual)
+    if output is None:
+        raise UsageError("give an output path with --output")
+    output = check_writable(output, force)
+    check_foldable(model, format)
+    if context is None and query is None:
+        context, query = DEMO_CONTEXT, DEMO_QUERY
+    result = analyze(model, tokenizer, context, query, layers=layers, residual=residual)
+    patch = result.patch
+    patch.metadata = patch_metadata(model, result, context, query, store_context)
+    file_bytes, apply = WRITERS[format](model, tokenizer, patch, output, force)
+    with torch.no_grad():
+        stored = measure(model, tokenizer, result.prompt, apply, with_context=True, top_k=1)
+    patch_bytes, dense_bytes = sizes(patch)
+    return Export(
+        output=str(output),
+        format=format,
+        model=result.model,
+        layers=[r.layer for r in result.layers],
+        residual=residual,
+        modules=len(patch.low_rank),
+        patch_bytes=patch_bytes,
+        dense_bytes=dense_bytes,
+        file_bytes=file_bytes,
+        kl_patched=result.logits["kl_patched"],
+        kl_stored=stored["kl_patched"],
+        kl_no_context=result.logits["kl_no_context"],
+        top1_match=stored["top1_match"],
+        analysis=result,
+    )
+
+
+def resolve_residual(format: str, residual: str | None) -> str:
+    if format not in FORMATS:
+        raise UsageError(f"unknown format '{format}'; use native, peft or merged")
+    if residual is None:
+        return "bias" if format == "native" else "fold"
+    if format != "native" and residual != "fold":
+        raise UsageError(
+            f"--format {format} needs --residual fold: weights alone cannot add a bias to a block's output; "
+            f"drop --residual {residual}"
+        )
+    return residual
+
+
+def check_foldable(model: nn.Module, format: str) -> None:
+    family = model_family(model)
+    if format != "native" and family.fold is None:
+        raise PatchError(
+            f"--format {format} needs the residual term folded into the weights, and --residual fold is not "
+            f"available for {family.name}; use --format native (see `icl-probe modules` for what is hooked)"
+        )
+
+
+def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str, store_context: bool) -> dict:
+    """The native format's string metadata; no timestamps, so the same inputs give the same file."""
+    from . import __version__
+
+    meta = {
+        "format": FORMAT,
+        "model": result.model,
+        "model_type": result.model_type,
+        "model_fingerprint": fingerprint(model, result.patch),
+        "layers": json.dumps([r.layer for r in result.layers]),
+        "residual": result.residual,
+        "positions": "last",
+        "dtype": result.dtype,
+        "query": query,
+        "query_token_ids": json.dumps(result.prompt.query),
+        "prefix_token_ids": json.dumps(result.prompt.prefix),
+        "context_sha256": hashlib.sha256(context.encode("utf-8")).hexdigest(),
+        "icl_probe_version": __version__,
+    }
+    if store_context:
+        meta["context"] = context
+    return meta
+
+
+def sizes(patch: Patch) -> tuple[int, int]:
+    """(bytes of the update as stored, bytes of the same updates as dense ΔW), both at float32."""
+    extra = sum(b.numel() for b in patch.residual.values()) + sum(d.numel() for d in patch.dense.values())
+    factors = sum(d.u.numel() + d.v.numel() for d in patch.low_rank.values())
+    dense = sum(d.shape[0] * d.shape[1] for d in patch.low_rank.values())
+    return FLOAT32_BYTES * (factors + extra), FLOAT32_BYTES * (dense + extra)
+
+
+# ---- native ----------------------------------------------------------------------------------
+
+
+def write_native(model: nn.Module, tokenizer, patch: Patch, output: Path, force: bool) -> tuple[int, Apply]:
+    size = save_patch(patch, output, force)
+    stored = load_patch(output)
+    return size, lambda: applied(model, stored)
+
+
+# ---- peft ------------------------------------------------------------------------------------
+
+
+def write_peft(model: nn.Module, tokenizer, patch: Patch, output: Path, force: bool) -> tuple[int, Apply]:
+    check_linear_only(patch)
+    conv1d = model_family(model).conv1d
+    atomic_write_dir(output, lambda tmp: write_adapter(patch, tmp, conv1d))
+    stored = read_adapter(output, patch.metadata)
+    return folder_size(output), lambda: applied(model, stored)
+
+
+def check_linear_only(patch: Patch) -> None:
+    """A LoRA adapter changes linear weights only: no residual bias, no dense (e.g. norm-scale) delta."""
+    for path in sorted(patch.dense):
+        raise PatchError(
+            f"--format peft cannot express the update to {path}: a LoRA adapter only changes linear layers, and "
+            "this residual fold is a dense change to a norm's scale; use --format merged or --format native"
+        )
+    if patch.residual:
+        raise PatchError("--format peft cannot carry a residual bias; use --residual fold")
+    for path, delta in patch.low_rank.items():
+        if delta.u.shape[1] != 1:
+            raise PatchError(
+                f"--format peft writes rank-1 adapters, but the update to {path} has rank {delta.u.shape[1]}"
+            )
+
+
+def write_adapter(patch: Patch, folder: Path, conv1d: bool) -> None:
+    """adapter_config.json (written by peft's LoraConfig) and adapter_model.safetensors, r=1 and scaling 1."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=1,
+        lora_alpha=1,  # scaling = lora_alpha / r = 1: B A is exactly ΔW
+        target_modules=sorted(patch.low_rank),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=conv1d,  # Conv1D stores its weight as (in, out)
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+        base_model_name_or_path=patch.metadata.get("model"),
+    )
+    config.save_pretrained(str(folder))
+    save_file(adapter_tensors(patch), folder / PEFT_WEIGHTS, metadata={"format": "pt"})
+    write_provenance(patch, folder)
+
+
+def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    """lora_A (r, in) and lora_B (out, r) per module, with B A = u vᵀ and ‖A‖ = ‖B‖ for each rank."""
+    tensors = {}
+    for path, delta in sorted(patch.low_rank.items()):
+        a, b = split_scale(delta)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.T.to(torch.float32).contiguous()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.to(torch.float32).contiguous()
+    return tensors
+
+
+def split_scale(delta: LowRank) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v', u') with u' v'ᵀ = u vᵀ and each column of u' and v' of equal norm √(‖u‖‖v‖), in float64.
+
+    The even split keeps both factors near the same magnitude, so rounding them to bf16 costs little.
+    """
+    u, v = delta.u.to(MATH_DTYPE), delta.v.to(MATH_DTYPE)
+    nu, nv = u.norm(dim=0), v.norm(dim=0)  # (r,)
+    nonzero = (nu > 0) & (nv > 0)
+    scale_u = torch.where(nonzero, (nv / torch.where(nonzero, nu, 1)).sqrt(), 0)  # (r,)
+    scale_v = torch.where(nonzero, (nu / torch.where(nonzero, nv, 1)).sqrt(), 0)
+    return v * scale_v, u * scale_u
+
+
+def read_adapter(folder: Path, metadata: dict[str, str]) -> Patch:
+    """The adapter's tensors read back as a Patch: ΔW = lora_B @ lora_A."""
+    tensors = load_file(folder / PEFT_WEIGHTS)
+    suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
+    low_rank = {}
+    for name, a in tensors.items():
+        if name.endswith(suffix_a):
+            path = name.removeprefix(PEFT_PREFIX).removesuffix(suffix_a)
+            b = tensors[name.removesuffix(suffix_a) + suffix_b]
+            low_rank[path] = LowRank(b.to(MATH_DTYPE), a.T.to(MATH_DTYPE))
+    return Patch(low_rank=low_rank, metadata=dict(metadata))
+
+
+# ---- merged ----------------------------------------------------------------------------------
+
+
+def write_merged(model: nn.Module, tokenizer, patch: Patch, output: Path, force: bool) -> tuple[int, Apply]:
+    deltas = merged_deltas(model, patch)
+
+    def write(folder: Path) -> None:
+        with torch.no_grad(), dense_added(model, deltas), no_progress_bars():
+            model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_provenance(patch, folder)
+
+    atomic_write_dir(output, write)
+    return folder_size(output), lambda: dense_added(model, deltas)
+
+
+def merged_deltas(model: nn.Module, patch: Patch) -> dict[str, torch.Tensor]:
+    """Each touched parameter's dense delta in its stored layout and dtype (merging needs ΔW densely)."""
+    if patch.residual:
+        raise PatchError("--format merged cannot carry a residual bias; use --residual fold")
+    conv1d = model_family(model).conv1d
+    deltas = {name: d.to(MATH_DTYPE) for name, d in patch.dense.items()}
+    for path, delta in patch.low_rank.items():
+        delta_w = delta.u.to(MATH_DTYPE) @ delta.v.to(MATH_DTYPE).T  # (out, in)
+        name = f"{path}.weight"
+        deltas[name] = deltas.get(name, 0) + (delta_w.T if conv1d else delta_w)  # Conv1D stores (in, out)
+    return {name: d.to(model.get_parameter(name).dtype) for name, d in deltas.items()}
+
+
+# ---- shared ----------------------------------------------------------------------------------
+
+
+def write_provenance(patch: Patch, folder: Path) -> None:
+    text = json.dumps(patch.metadata, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (folder / PROVENANCE).write_text(text, encoding="utf-8")
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+WRITERS = {"native": write_native, "peft": write_peft, "merged": write_merged}

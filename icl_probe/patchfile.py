@@ -1,0 +1,296 @@
+"""The native patch format, version 1: one float32 `.safetensors` file with string metadata.
+
+`save_patch` writes a Patch, `load_patch` reads one back and checks everything the file alone can
+tell (format version, metadata keys, tensor names, dtypes, shapes, finiteness); `check_fits` then
+checks it against a model (names, shapes and the fingerprint of the weights it touches).
+docs/patch-format.md is the specification. Files are read only through safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import nn
+
+from . import arch
+from .errors import PatchError
+from .fileio import atomic_write, check_writable
+from .lowrank import MATH_DTYPE, LowRank
+from .patching import Patch
+
+FORMAT = "icl-probe.patch/1"
+FORMAT_PREFIX = "icl-probe.patch/"
+REQUIRED_KEYS = (
+    "format", "model", "model_type", "model_fingerprint", "layers", "residual", "positions", "dtype",
+    "query", "query_token_ids", "prefix_token_ids", "context_sha256", "icl_probe_version",
+)  # fmt: skip
+JSON_INT_LISTS = ("layers", "query_token_ids", "prefix_token_ids")
+U, V, RESIDUAL, DENSE = "delta_u", "delta_v", "delta_residual", "delta"  # tensor name suffixes
+FILE_DTYPE = torch.float32
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
+    """Write `patch` as a native v1 file (atomically; refuses an existing file unless `force`); returns its size."""
+    path = check_writable(path, force)
+    data = serialize(patch)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return len(data)
+
+
+def serialize(patch: Patch) -> bytes:
+    """The file's bytes: the same patch always gives the same bytes."""
+    check_metadata(patch.metadata, "the patch to write")
+    return canonical_header(save(to_tensors(patch), metadata=dict(patch.metadata)))
+
+
+def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    """Every update as named float32 tensors: `{module}.delta_u` (out, r), `{module}.delta_v` (in, r), ..."""
+    tensors = {}
+    for path, delta in patch.low_rank.items():
+        tensors[f"{path}.{U}"] = as_file_tensor(delta.u)
+        tensors[f"{path}.{V}"] = as_file_tensor(delta.v)
+    tensors.update({f"{path}.{RESIDUAL}": as_file_tensor(b) for path, b in patch.residual.items()})
+    tensors.update({f"{path}.{DENSE}": as_file_tensor(d) for path, d in patch.dense.items()})
+    return tensors
+
+
+def as_file_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", FILE_DTYPE).contiguous()
+
+
+def canonical_header(data: bytes) -> bytes:
+    """Re-emit safetensors' JSON header with the metadata keys sorted.
+
+    safetensors writes `__metadata__` in a random order per process (safetensors issue #584), so the
+    same patch would give different bytes. Tensor entries and data offsets are kept as written.
+    """
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", {})
+    header = {"__metadata__": dict(sorted(meta.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def load_patch(path: str | Path) -> Patch:
+    """Read and check a native v1 patch file; the Patch holds float64 tensors and the file's metadata.
+
+    Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
+    """
+    path = Path(path)
+    check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            check_metadata(metadata, str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except PatchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever safetensors rejects is a broken file to us
+        raise PatchError(unreadable(path, e)) from e
+    return from_tensors(tensors, metadata, str(path))
+
+
+def check_file(path: Path) -> None:
+    if not path.exists():
+        raise PatchError(f"patch file not found: {path}")
+    if path.is_dir():
+        raise PatchError(
+            f"patch {path} is a folder; give a native .safetensors patch file "
+            "(a --format peft folder loads with peft, a merged one with --model)"
+        )
+
+
+def unreadable(path: Path, e: Exception) -> str:
+    """Say why safetensors rejected a file, recognising truncation and pickles (never unpickled)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+        what = "a pickle or torch.save file, which icl-probe never loads (it could run code)"
+    elif "not fully covered" in reason or "invalid header length" in reason or "too small" in reason:
+        what = "truncated or incomplete"
+    else:
+        what = "not a safetensors file"
+    return f"patch {path} is {what} ({reason}); export the patch again with icl-probe export-patch"
+
+
+def check_metadata(metadata: dict[str, str] | None, where: str) -> None:
+    """The format version first, then every required key, then the values that must parse."""
+    metadata = metadata or {}
+    fmt = metadata.get("format")
+    if fmt is None:
+        raise PatchError(f"{where} is not an icl-probe patch: it has no 'format' metadata")
+    if fmt != FORMAT:
+        if fmt.startswith(FORMAT_PREFIX):
+            raise PatchError(f"{where} has format '{fmt}', which this icl-probe cannot read (it reads {FORMAT}); "
+                             "upgrade icl-probe or export the patch again")  # fmt: skip
+        raise PatchError(f"{where} is not an icl-probe patch: its format is '{fmt}', not {FORMAT}")
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise PatchError(f"{where} lacks metadata key(s) {', '.join(missing)}; export the patch again")
+    for key in JSON_INT_LISTS:
+        int_list(metadata, key, where)
+    if metadata["residual"] not in ("bias", "fold"):
+        raise PatchError(f"{where}: metadata residual is '{metadata['residual']}', not bias or fold")
+    if metadata["positions"] != "last":
+        raise PatchError(f"{where}: metadata positions is '{metadata['positions']}'; this icl-probe knows 'last'")
+
+
+def int_list(metadata: dict[str, str], key: str, where: str) -> list[int]:
+    """A metadata value that must be a JSON list of integers."""
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise PatchError(f"{where}: metadata {key} must be a JSON list of integers, got {metadata[key][:40]!r}")
+    return value
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> Patch:
+    """A Patch from named file tensors, checking names, dtypes, shapes and finiteness."""
+    if not tensors:
+        raise PatchError(f"{where} holds no update tensors; export the patch again")
+    groups: dict[str, dict[str, torch.Tensor]] = {U: {}, V: {}, RESIDUAL: {}, DENSE: {}}
+    for name, t in sorted(tensors.items()):
+        base, _, kind = name.rpartition(".")
+        if not base or kind not in groups:
+            raise PatchError(
+                f"{where} holds an unknown tensor '{name}'; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE}"
+            )
+        check_tensor(name, t, where)
+        groups[kind][base] = t.to(MATH_DTYPE)
+    patch = Patch(metadata=dict(metadata))
+    patch.low_rank = pair_factors(groups[U], groups[V], where)
+    for base, b in groups[RESIDUAL].items():
+        if b.ndim != 1:
+            raise PatchError(f"{where}: {base}.{RESIDUAL} has shape {tuple(b.shape)}; a residual is 1-D (hidden_size,)")
+    patch.residual, patch.dense = groups[RESIDUAL], groups[DENSE]
+    return patch
+
+
+def check_tensor(name: str, t: torch.Tensor, where: str) -> None:
+    if t.dtype != FILE_DTYPE:
+        raise PatchError(
+            f"{where}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')}; every tensor must be float32"
+        )
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise PatchError(
+            f"{where}: tensor '{name}' holds {bad} NaN or inf value(s); the patch is corrupt, export it again"
+        )
+
+
+def pair_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where: str) -> dict[str, LowRank]:
+    """Match each `.delta_u` (out, r) with its `.delta_v` (in, r)."""
+    for base in sorted(set(us) ^ set(vs)):
+        have, lack = (U, V) if base in us else (V, U)
+        raise PatchError(f"{where}: {base}.{have} has no matching {base}.{lack}; export the patch again")
+    low_rank = {}
+    for base in sorted(us):
+        u, v = us[base], vs[base]
+        if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1] or u.shape[1] == 0:
+            raise PatchError(
+                f"{where}: {base} has delta_u {tuple(u.shape)} and delta_v {tuple(v.shape)}; "
+                "they must be (out, r) and (in, r) with the same r ≥ 1"
+            )
+        low_rank[base] = LowRank(u, v)
+    return low_rank
+
+
+# ---- checking against a model --------------------------------------------------------------------
+
+
+def touched_parameters(patch: Patch) -> list[str]:
+    """The parameters a patch changes: each patched module's weight and each dense-updated parameter."""
+    return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense))
+
+
+def fingerprint(model: nn.Module, patch: Patch) -> str:
+    """sha256 over the touched parameters, by name: the name, the shape, then the values as float32 LE bytes.
+
+    Values are compared as float32, so the same weights loaded in float32 or float64 give the same hash.
+    """
+    digest = hashlib.sha256()
+    for name in touched_parameters(patch):
+        param = model.get_parameter(name).detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}\0{list(param.shape)}\0".encode())
+        digest.update(param.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str = "the patch") -> bool:
+    """Check names and shapes against `model`, then the fingerprint unless `force`; True if it was checked.
+
+    A patch without a model_fingerprint (e.g. `Analysis.patch` in memory) is not fingerprint-checked.
+    """
+    made_for = describe_origin(patch)
+    family = model_family(model)
+    for path, delta in patch.low_rank.items():
+        module = find(model.get_submodule, path, where, made_for)
+        want = tuple(arch.weight_out_in(module, family).shape)
+        if delta.shape != want:
+            raise PatchError(
+                f"{where} does not fit this model: {path} is {want[0]}×{want[1]} (out×in) but the patch's "
+                f"update is {delta.shape[0]}×{delta.shape[1]}; {made_for}"
+            )
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    for path, delta_b in patch.residual.items():
+        find(model.get_submodule, path, where, made_for)
+        if delta_b.shape[0] != hidden_size:
+            raise PatchError(f"{where} does not fit this model: {path}.{RESIDUAL} has size {delta_b.shape[0]} "
+                             f"but hidden_size is {hidden_size}; {made_for}")  # fmt: skip
+    for path, delta in patch.dense.items():
+        param = find(model.get_parameter, path, where, made_for)
+        if delta.shape != param.shape:
+            raise PatchError(f"{where} does not fit this model: {path} has shape {tuple(param.shape)} but the "
+                             f"patch's delta is {tuple(delta.shape)}; {made_for}")  # fmt: skip
+    return check_fingerprint(model, patch, force, where, made_for)
+
+
+def model_family(model: nn.Module) -> arch.Family:
+    """The model's architecture-table row, resolved for its config."""
+    return arch.blocks(model)[0].family
+
+
+def find(get, path: str, where: str, made_for: str):
+    try:
+        return get(path)
+    except AttributeError:
+        raise PatchError(f"{where} changes {path}, which this model does not have; {made_for}") from None
+
+
+def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, made_for: str) -> bool:
+    expected = patch.metadata.get("model_fingerprint")
+    if force or expected is None:
+        return False
+    actual = fingerprint(model, patch)
+    if actual != expected:
+        dtype = str(model.dtype).removeprefix("torch.")
+        raise PatchError(
+            f"{where} was made for other weights: fingerprint {expected[:12]}… expected, this model "
+            f"({dtype}) gives {actual[:12]}…; {made_for}, or pass --force to apply it anyway"
+        )
+    return True
+
+
+def describe_origin(patch: Patch) -> str:
+    meta = patch.metadata
+    if "model" not in meta:
+        return "use the model it was computed on"
+    origin = f"{meta['model']} ({meta.get('model_type', '?')}, {meta.get('dtype', '?')})"
+    return f"it was made for {origin}: load that with --model"

@@ -1,0 +1,217 @@
+"""`replay`: run a query with a saved patch applied and no context, beside the unpatched query.
+
+Given the context too, it also runs the full prompt and scores the patch against it (KL, top-1,
+max |Δlogit|); with `generate`, it continues greedily with the patch held fixed at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .analysis import check_length, compare_logits, last_logits, top_tokens
+from .errors import InputError, UsageError
+from .inputs import Prompt, check_text, special_prefix, tokenize
+from .patchfile import check_fits, int_list, load_patch
+from .patching import Patch, applied
+
+SCHEMA = "icl-probe.replay/1"
+NO_GENERATION = {"patched": None, "context": None, "no_context": None, "agree_tokens": None}
+Apply = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class Replay:
+    """What `replay` found; `.to_dict()` is the `icl-probe.replay/1` JSON document (unknown values are None)."""
+
+    model: str
+    model_type: str
+    dtype: str
+    patch: dict
+    query: str | None
+    prompt: Prompt
+    context_given: bool
+    context_matches_patch: bool | None
+    logits: dict
+    generated: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "model": self.model,
+            "model_type": self.model_type,
+            "dtype": self.dtype,
+            "patch": self.patch,
+            "query": self.query,
+            "prefix_tokens": self.prompt.prefix,
+            "query_tokens": self.prompt.query,
+            "context_tokens": self.prompt.context if self.context_given else None,
+            "context_matches_patch": self.context_matches_patch,
+            **self.logits,
+            "generated": self.generated,
+        }
+
+
+def replay(
+    model: nn.Module,
+    tokenizer,
+    patch: Patch | str | Path,
+    query: str | None = None,
+    context: str | None = None,
+    generate: int = 0,
+    top_k: int = 5,
+    force: bool = False,
+) -> Replay:
+    """Run `query` (default: the patch's) with `patch` (a Patch or a native file) applied, without context.
+
+    Checks names and shapes, and the fingerprint unless `force`. The model is left bit-for-bit unchanged.
+    """
+    if not isinstance(patch, Patch):
+        patch = load_patch(patch)
+    checked = check_fits(model, patch, force=force)
+    prompt = replay_prompt(tokenizer, patch, query, context)
+    check_prompt(model, prompt, generate, context is not None)
+    meta = patch.metadata
+    with torch.no_grad():
+        logits = measure(model, tokenizer, prompt, lambda: applied(model, patch), context is not None, top_k)
+        generated = generations(model, tokenizer, prompt, lambda: applied(model, patch), generate, context is not None)
+    return Replay(
+        model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
+        model_type=model.config.model_type,
+        dtype=str(model.dtype).removeprefix("torch."),
+        patch=patch_summary(patch, checked),
+        query=query if query is not None else meta.get("query"),
+        prompt=prompt,
+        context_given=context is not None,
+        context_matches_patch=context_matches(meta, context),
+        logits=logits,
+        generated=generated,
+    )
+
+
+def replay_prompt(tokenizer, patch: Patch, query: str | None, context: str | None) -> Prompt:
+    """The patch's stored query ids (or `query` tokenized), with `context` tokenized as analyze does."""
+    if query is not None:
+        if context is not None:
+            return tokenize(tokenizer, context, query)
+        check_text(query, "query")
+        ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+        return Prompt(special_prefix(tokenizer, query, ids), [], list(ids))
+    if "query_token_ids" not in patch.metadata:
+        raise UsageError("this patch carries no query; pass --query")
+    where = "the patch"
+    prefix, ids = (
+        int_list(patch.metadata, "prefix_token_ids", where),
+        int_list(patch.metadata, "query_token_ids", where),
+    )
+    if context is None:
+        return Prompt(prefix, [], ids)
+    check_text(context, "context")
+    return Prompt(prefix, list(tokenizer(context, add_special_tokens=False)["input_ids"]), ids)
+
+
+def check_prompt(model: nn.Module, prompt: Prompt, generate: int, with_context: bool) -> None:
+    """Token ids inside the vocabulary, and prompt + generated tokens within the model's positions."""
+    if generate < 0:
+        raise UsageError(f"--generate must be 0 or more, not {generate}")
+    if not prompt.query:
+        raise InputError("the query has no tokens; give a longer --query")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    bad = [i for i in prompt.full if not 0 <= i < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1}); pass --query")
+    check_length(model, prompt)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = len(prompt.full if with_context else prompt.query_only) + generate
+    if generate and limit is not None and longest > limit:
+        raise InputError(
+            f"the prompt and {generate} generated tokens make {longest} tokens but the model takes at most "
+            f"{limit}; pass a smaller --generate"
+        )
+
+
+def measure(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, with_context: bool, top_k: int) -> dict:
+    """kl_patched, kl_no_context, top1_match, max_logit_error and top_k; the scores are None without context."""
+    logits_0 = last_logits(model, prompt.query_only)
+    with apply():
+        logits_patched = last_logits(model, prompt.query_only)
+    if with_context:
+        return compare_logits(tokenizer, last_logits(model, prompt.full), logits_0, logits_patched, top_k)
+    return {
+        "kl_patched": None,
+        "kl_no_context": None,
+        "top1_match": None,
+        "max_logit_error": None,
+        "top_k": {
+            "context": None,
+            "no_context": top_tokens(tokenizer, logits_0, top_k),
+            "patched": top_tokens(tokenizer, logits_patched, top_k),
+        },
+    }
+
+
+def generations(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int, with_context: bool) -> dict:
+    """Greedy continuations: patched (query alone), no_context, and context (full prompt) if given."""
+    if n <= 0:
+        return dict(NO_GENERATION)
+    eos = tokenizer.eos_token_id
+    with apply():
+        patched = greedy(model, prompt.query_only, n, eos)
+    no_context = greedy(model, prompt.query_only, n, eos)
+    context = greedy(model, prompt.full, n, eos) if with_context else None
+    return {
+        "patched": continuation(tokenizer, patched),
+        "context": continuation(tokenizer, context) if context is not None else None,
+        "no_context": continuation(tokenizer, no_context),
+        "agree_tokens": leading_agreement(patched, context) if context is not None else None,
+    }
+
+
+def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None) -> list[int]:
+    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position."""
+    out: list[int] = []
+    for _ in range(n):
+        token = int(last_logits(model, ids + out).argmax())
+        out.append(token)
+        if token == eos:
+            break
+    return out
+
+
+def continuation(tokenizer, ids: list[int]) -> dict:
+    return {"text": tokenizer.decode(ids), "token_ids": ids}
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def context_matches(meta: dict[str, str], context: str | None) -> bool | None:
+    """Whether `context` is the one the patch was made from (by its sha256), or None if unknown."""
+    if context is None or "context_sha256" not in meta:
+        return None
+    return hashlib.sha256(context.encode("utf-8")).hexdigest() == meta["context_sha256"]
+
+
+def patch_summary(patch: Patch, fingerprint_checked: bool) -> dict:
+    meta = patch.metadata
+    return {
+        "model": meta.get("model"),
+        "layers": json.loads(meta["layers"]) if "layers" in meta else None,
+        "residual": meta.get("residual"),
+        "modules": len(patch.low_rank),
+        "fingerprint_checked": fingerprint_checked,
+    }

@@ -1,0 +1,168 @@
+"""replay on tiny random models: it reproduces analyze, leaves the model unchanged, and generates greedily."""
+
+import json
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from icl_probe import analyze, export_patch, load_patch, replay
+from icl_probe.errors import InputError, PatchError
+from icl_probe.patching import applied
+
+CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
+CASES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias")]
+
+
+def tokenizer_for(model_type):
+    return char_tokenizer(bos=model_type.startswith("gemma"))
+
+
+def ids_probs(entries):
+    return [e["id"] for e in entries], torch.tensor([e["prob"] for e in entries], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("model_type", "residual"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_export_then_replay_gives_the_figures_of_analyze(tmp_path, model_type, residual, dtype):
+    model, tok = tiny_model(model_type, dtype), tokenizer_for(model_type)
+    path = tmp_path / "p.safetensors"
+    exported = export_patch(model, tok, CONTEXT, QUERY, output=path, residual=residual)
+    want = exported.analysis.to_dict()["logits"]
+    got = replay(model, tok, path, context=CONTEXT).to_dict()
+    assert got["top1_match"] is want["top1_match"] is True
+    assert got["kl_no_context"] == want["kl_no_context"]  # the same unpatched runs, bit for bit
+    # The file holds float32 factors, analyze used float64 ones: the figures agree to float32 rounding.
+    tol = 1e-12 if dtype == torch.float64 else 1e-9
+    assert got["kl_patched"] == pytest.approx(want["kl_patched"], abs=tol)
+    assert got["kl_patched"] < (1e-10 if dtype == torch.float64 else 1e-6)
+    for key in ("context", "no_context", "patched"):
+        got_ids, got_p = ids_probs(got["top_k"][key])
+        want_ids, want_p = ids_probs(want["top_k"][key])
+        assert got_ids == want_ids
+        torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("model_type", "residual"), CASES)
+def test_replaying_the_in_memory_patch_is_bit_exact(model_type, residual):
+    model, tok = tiny_model(model_type, torch.float64), tokenizer_for(model_type)
+    result = analyze(model, tok, CONTEXT, QUERY, residual=residual)
+    got = replay(model, tok, result.patch, query=QUERY, context=CONTEXT).to_dict()
+    assert got["kl_patched"] == result.logits["kl_patched"]
+    assert got["max_logit_error"] == result.logits["max_logit_error"]
+    assert got["patch"]["fingerprint_checked"] is False  # an in-memory patch has no fingerprint
+
+
+def test_model_is_unchanged_bit_for_bit_and_unhooked(tmp_path):
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    patch = load_patch(tmp_path / "p.safetensors")
+    patch.dense["model.layers.0.input_layernorm.weight"] = torch.full((32,), 0.1, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    replay(model, tok, patch, context=CONTEXT, generate=3, force=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_without_context_the_scores_are_null(tmp_path):
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    doc = replay(model, tok, tmp_path / "p.safetensors").to_dict()
+    assert doc["schema"] == "icl-probe.replay/1"
+    assert doc["query"] == QUERY and doc["query_tokens"] == tok(QUERY)["input_ids"]
+    assert doc["kl_patched"] is doc["kl_no_context"] is doc["top1_match"] is doc["max_logit_error"] is None
+    assert doc["top_k"]["context"] is None and len(doc["top_k"]["patched"]) == 5
+    assert doc["generated"] == {"patched": None, "context": None, "no_context": None, "agree_tokens": None}
+    assert doc["context_matches_patch"] is None
+    json.dumps(doc)
+
+
+def test_patched_top_k_without_context_matches_the_with_context_run(tmp_path):
+    model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    alone = replay(model, tok, tmp_path / "p.safetensors").to_dict()
+    full = replay(model, tok, tmp_path / "p.safetensors", context=CONTEXT).to_dict()
+    assert alone["top_k"]["patched"] == full["top_k"]["patched"]
+    assert [e["id"] for e in alone["top_k"]["patched"]] == [e["id"] for e in full["top_k"]["context"]]
+    assert full["context_matches_patch"] is True
+
+
+def test_another_query_and_context(tmp_path):
+    model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    doc = replay(model, tok, tmp_path / "p.safetensors", query="mn ->", context="ef -> fe\n").to_dict()
+    assert doc["query"] == "mn ->" and doc["context_matches_patch"] is False
+    assert doc["kl_patched"] > 1e-6  # the patch is exact only for its own prompt
+
+
+def hf_greedy(model, ids, n):
+    """transformers' own greedy decoding, with a KV cache: an independent implementation."""
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=None,
+        pad_token_id=0, repetition_penalty=None,
+    )  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+def test_generation_matches_transformers_greedy_with_the_patch_held_fixed(tmp_path):
+    model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
+    tok.eos_token = None  # generate all n tokens, as model.generate does with eos_token_id=None
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    patch = load_patch(tmp_path / "p.safetensors")
+    doc = replay(model, tok, patch, context=CONTEXT, generate=6).to_dict()
+    gen, query_ids = doc["generated"], tok(QUERY)["input_ids"]
+    context_ids = tok(CONTEXT)["input_ids"] + query_ids
+    with torch.no_grad(), applied(model, patch):
+        assert gen["patched"]["token_ids"] == hf_greedy(model, query_ids, 6)
+    with torch.no_grad():
+        assert gen["no_context"]["token_ids"] == hf_greedy(model, query_ids, 6)
+        assert gen["context"]["token_ids"] == hf_greedy(model, context_ids, 6)
+    assert gen["patched"]["token_ids"][0] == gen["context"]["token_ids"][0]  # exact at the first token
+    patched, ctx = gen["patched"]["token_ids"], gen["context"]["token_ids"]
+    agree = next((i for i, (a, b) in enumerate(zip(patched, ctx)) if a != b), len(patched))
+    assert gen["agree_tokens"] == agree >= 1
+    assert gen["patched"]["text"] == tok.decode(patched)
+
+
+def test_generation_stops_after_eos(tmp_path):
+    model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    doc = replay(model, tok, tmp_path / "p.safetensors", generate=40).to_dict()
+    for run in ("patched", "no_context"):
+        ids = doc["generated"][run]["token_ids"]
+        assert tok.eos_token_id not in ids[:-1]
+        assert len(ids) == 40 or ids[-1] == tok.eos_token_id
+
+
+def test_generation_past_the_model_positions_is_refused(tmp_path):
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    with pytest.raises(InputError, match=r"make 288 tokens but the model takes at most 256"):
+        replay(model, tok, tmp_path / "p.safetensors", context=CONTEXT, generate=256)
+
+
+def test_replay_on_other_weights_is_refused(tmp_path):
+    tok = tokenizer_for("llama")
+    export_patch(tiny_model("llama", torch.float32), tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    other = tiny_model("llama", torch.float32, seed=3)
+    with pytest.raises(PatchError, match="made for other weights"):
+        replay(other, tok, tmp_path / "p.safetensors")
+    doc = replay(other, tok, tmp_path / "p.safetensors", force=True).to_dict()
+    assert doc["patch"]["fingerprint_checked"] is False
+
+
+def test_stored_query_ids_outside_the_vocabulary(tmp_path):
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    patch = load_patch(tmp_path / "p.safetensors")
+    patch.metadata["query_token_ids"] = "[5, 100000]"
+    with pytest.raises(InputError, match=r"token id 100000 is outside this model's vocabulary"):
+        replay(model, tok, patch)
+
+
+def test_empty_query_is_refused(tmp_path):
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
+    with pytest.raises(InputError, match="the query is empty"):
+        replay(model, tok, tmp_path / "p.safetensors", query="  ")
