@@ -11,20 +11,49 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .analysis import analyze as run_analysis
 from .errors import IclProbeError, UsageError
 from .export import FORMATS
 from .export import export_patch as run_export
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_writable
 from .inputs import read_text
 from .models import DEFAULT_MODEL, load_model
 from .patchfile import load_patch
 from .replay import replay as run_replay
 from .report import print_analysis, print_export, print_replay
 
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Typer's own usage errors (unknown option, bad value...) as our one line on stderr, exit 2."""
+    try:
+        yield
+    except typer.TyperException as e:  # click's UsageError and its kin; typer bundles click, so no click import
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `icl-probe` shows the help, as usual
+            raise
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx is not None else "icl-probe"
+        print(f"icl-probe: error: {one_line(e.format_message()).rstrip('.')}; see '{command} --help'", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+
+
+class OneLineGroup(TyperGroup):
+    """The command group, with usage errors caught where click raises them: parsing and dispatch."""
+
+    def make_context(self, *args, **kwargs):
+        with usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     help="Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025).",
+    cls=OneLineGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -83,8 +112,18 @@ def one_line_errors(debug: bool) -> Iterator[None]:
 def fail(message: str, code: int, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    print(f"icl-probe: error: {message}", file=sys.stderr)
+    print(f"icl-probe: error: {one_line(message)}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def check_json_path(json_path: str | None, force: bool) -> None:
+    """Refuse an existing --json file (without --force) or an unwritable one before any work is done."""
+    if json_path not in (None, "-"):
+        check_writable(json_path, force)
 
 
 def pick_text(text: str | None, path: str | None, what: str) -> str | None:
@@ -119,6 +158,7 @@ def analyze(
     residual: ResidualOpt = "bias",
     top_k: TopKOpt = 5,
     json_path: JsonOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -132,6 +172,7 @@ def analyze(
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
+        check_json_path(json_path, force)
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
         if (context is None) != (query is None):
@@ -192,6 +233,7 @@ def export_patch(
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
+        check_json_path(json_path, force)
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
         context = pick_text(context, context_file, "context")
