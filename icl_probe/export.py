@@ -121,11 +121,17 @@ def resolve_residual(format: str, residual: str | None) -> str:
 
 
 def check_foldable(model: nn.Module, format: str) -> None:
+    """peft needs Δb folded into a linear layer, merged needs it folded somewhere: refuse before any work."""
     family = model_family(model)
-    if format != "native" and family.fold is None:
+    if format == "peft" and family.fold != "linear":
         raise PatchError(
-            f"--format {format} needs the residual term folded into the weights, and --residual fold is not "
-            f"available for {family.name}; use --format native (see `icl-probe modules` for what is hooked)"
+            f"--format peft cannot carry the residual term of {family.name}: a LoRA adapter only changes linear "
+            f"layers, and {family.fold_note}; use --format merged or --format native"
+        )
+    if format == "merged" and family.fold is None:
+        raise PatchError(
+            f"--format merged needs the residual term folded into the weights, and --residual fold is not "
+            f"available for {family.name}: {family.fold_note}; use --format native"
         )
 
 

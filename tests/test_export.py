@@ -170,7 +170,7 @@ def test_peft_needs_fold(tmp_path):
 
 def test_peft_is_refused_for_gemma3_with_a_clear_error(tmp_path):
     # Gemma 3 normalises its MLP output, so Δb cannot become a linear LoRA update.
-    with pytest.raises(PatchError, match="--format peft"):
+    with pytest.raises(PatchError, match="--format peft cannot carry the residual term of gemma.*normalised"):
         export_patch(tiny_model("gemma3_text"), char_tokenizer(bos=True), CONTEXT, QUERY, output=tmp_path / "a",
                      format="peft")  # fmt: skip
     assert os.listdir(tmp_path) == []
@@ -239,21 +239,38 @@ def test_merged_checkpoint_loads_and_reproduces_the_context(tmp_path):
     assert json.loads((tmp_path / "merged" / "icl-probe.json").read_text())["residual"] == "fold"
 
 
-def test_merged_for_gemma3(tmp_path):
-    """Gemma 3 folds Δb into a norm's scale where available (a dense delta), else refuses clearly."""
-    from icl_probe import arch
-
-    model, tok = tiny_model("gemma3_text", torch.float64), char_tokenizer(bos=True)
-    if arch.family_of("gemma3_text").fold is None:
-        with pytest.raises(PatchError, match="--format merged needs the residual term folded"):
-            export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "m", format="merged")
-        return
+def test_merged_for_gemma3_folds_into_the_norm_scale(tmp_path):
+    """Gemma 3's residual term becomes a dense delta of its post-MLP norm's weight, which merged can carry."""
     from transformers import AutoModelForCausalLM
 
+    model, tok = tiny_model("gemma3_text", torch.float64), char_tokenizer(bos=True)
     result = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "m", format="merged")
+    assert sorted(result.analysis.patch.dense) == [
+        f"model.layers.{i}.post_feedforward_layernorm.weight" for i in (0, 1)
+    ]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
     prompt = result.analysis.prompt
     assert kl_divergence(logits_of(model, prompt.full), logits_of(merged, prompt.query_only)) < KL_LIMIT
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "gpt_neox"])
+def test_peft_and_merged_for_conv1d_fused_and_parallel_blocks(tmp_path, family):
+    """GPT-2's Conv1D (fan_in_fan_out), Phi-3's fused gate_up_proj and GPT-NeoX's parallel block, end to end."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model(family, torch.float32), char_tokenizer()
+    peft_export = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "peft", format="peft")
+    merged_export = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "merged", format="merged")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is (family == "gpt2")
+    prompt = peft_export.analysis.prompt
+    with_context = logits_of(model, prompt.full)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"))
+    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < KL_LIMIT
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert kl_divergence(with_context, logits_of(merged, prompt.query_only)) < KL_LIMIT
+    assert peft_export.kl_stored < KL_LIMIT and merged_export.kl_stored < KL_LIMIT
 
 
 def test_failed_merged_write_leaves_nothing_and_the_model_unchanged(tmp_path, monkeypatch):
