@@ -281,6 +281,9 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
     actual = fingerprint(model, patch)
     if actual != expected:
         dtype = str(model.dtype).removeprefix("torch.")
+        made_in = patch.metadata.get("dtype", dtype)
+        if made_in != dtype:  # the same weights rounded to another dtype hash differently
+            made_for = f"it was made with {made_in} weights: load the model with --dtype {made_in}"
         raise PatchError(
             f"{where} was made for other weights: fingerprint {expected[:12]}… expected, this model "
             f"({dtype}) gives {actual[:12]}…; {made_for}, or pass --force to apply it anyway"

@@ -361,3 +361,11 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
 def test_output_folder_must_exist(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         save_patch(golden_patch(), tmp_path / "missing" / "p.safetensors")
+
+
+def test_fingerprint_mismatch_from_another_dtype_says_which(tmp_path):
+    model = tiny_model("llama", torch.float32)
+    patch = fitted_patch(model, tmp_path)
+    patch.metadata["dtype"] = "float32"
+    with pytest.raises(PatchError, match="made with float32 weights: load the model with --dtype float32"):
+        check_fits(copy.deepcopy(model).bfloat16(), patch)
