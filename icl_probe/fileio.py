@@ -43,6 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         try:
             write(tmp)
             fsync(tmp)
+            os.chmod(tmp, final_mode(path, 0o666))
             os.replace(tmp, path)
         except OSError as e:
             raise InputError(f"cannot write {path}: {e.strerror or e}") from e
@@ -63,6 +64,7 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     with terminate_cleanly(), temporary(path, directory=True) as tmp, temporary(path, directory=True) as aside:
         try:
             write(tmp)
+            os.chmod(tmp, final_mode(path, 0o777))
             if path.is_dir():
                 os.replace(path, aside)  # renaming a folder over an empty folder is allowed
             elif path.exists():
@@ -89,6 +91,16 @@ def temporary(path: Path, directory: bool) -> Iterator[Path]:
         yield tmp
     finally:
         remove(tmp)
+
+
+def final_mode(path: Path, default: int) -> int:
+    """The permissions of the file being replaced, or `default` less the umask (mkstemp's 0600 is too tight)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+        os.umask(mask)
+        return default & ~mask
 
 
 def remove(p: Path) -> None:

@@ -138,6 +138,28 @@ def test_successful_write_leaves_no_temporary(tmp_path):
     assert leftovers(tmp_path, "a.txt") == []
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_new_files_and_folders_get_the_usual_permissions(tmp_path):
+    # mkstemp and mkdtemp make private (0600, 0700) temporaries; the renamed output must not stay private.
+    atomic_write_text(tmp_path / "a.json", "x")
+    atomic_write_dir(tmp_path / "d", lambda tmp: (tmp / "f").write_text("x"))
+    assert os.stat(tmp_path / "a.json").st_mode & 0o777 == 0o666 & ~current_umask()
+    assert os.stat(tmp_path / "d").st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def test_replaced_file_keeps_its_permissions(tmp_path):
+    out = tmp_path / "a.json"
+    out.write_text("old")
+    out.chmod(0o640)
+    atomic_write_text(out, "new")
+    assert os.stat(out).st_mode & 0o777 == 0o640
+
+
 def test_the_sigterm_handler_is_restored(tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     atomic_write_text(tmp_path / "a.txt", "x")
