@@ -20,7 +20,7 @@ from .errors import InputError, MathError, ModelError, UsageError
 from .hooks import hidden, hooked, with_hidden
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, parse_layers, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, alignment, kl_divergence, rank_one_map, rank_one_update
-from .patching import Patch
+from .patching import Patch, applied
 
 SCHEMA = "icl-probe.analysis/1"
 RESIDUAL_MODES = ("bias", "fold")
@@ -28,6 +28,8 @@ RESIDUAL_MODES = ("bias", "fold")
 # becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
 # grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴.
 MIN_FOLD_NORMALISED = 1e-4
+# A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
+MAX_STATIC_FOLD_KL = 1e-6
 
 
 @dataclass
@@ -114,6 +116,8 @@ def analyze(
             logits_patched = last_logits(model, prompt.query_only)
             if not torch.isfinite(logits_patched).all():
                 raise non_finite(model, prompt.query_only, "the query alone with the update applied")
+        if residual == "fold" and run.patch.dense:
+            check_static_fold(model, run.patch, prompt, logits_ctx)
     reports = [run.report(b) for b in chosen]
     add_alignments(chosen, run.patch, reports)
     return Analysis(
@@ -353,6 +357,25 @@ class SequentialRun:
         if self.residual == "fold" and b.family.fold == "linear":
             paths.append(b.full(b.family.down))
         return paths
+
+
+def check_static_fold(model: nn.Module, patch: Patch, prompt: Prompt, logits_ctx: torch.Tensor) -> None:
+    """Refuse a norm-scale fold that does not survive being applied as weights.
+
+    Each δ_k = Δb_k / n_k multiplies the block's sensitivity to coordinate k at every position, so the
+    rounding that the live run corrects layer by layer (Gemma's norms compute in float32) can compound
+    through the folded layers when the patch is applied statically. One extra forward pass measures it.
+    """
+    with applied(model, patch):
+        logits_static = last_logits(model, prompt.query_only)
+    kl = kl_divergence(logits_ctx, logits_static) if torch.isfinite(logits_static).all() else float("inf")
+    if not kl < MAX_STATIC_FOLD_KL:
+        worst = max(patch.dense, key=lambda path: float(patch.dense[path].abs().max()))
+        raise MathError(
+            f"the norm-scale fold is numerically unstable on this prompt: applied as weights it gives "
+            f"KL(context ‖ patched) = {kl:.3g} (> {MAX_STATIC_FOLD_KL:g}); its largest scale change is at "
+            f"{worst}; use --residual bias, or fold fewer layers with --layers (the top layers fold best)"
+        )
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:

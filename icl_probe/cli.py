@@ -14,6 +14,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from .analysis import analyze as run_analysis
+from .arch import describe as describe_modules
 from .errors import IclProbeError, UsageError
 from .export import FORMATS
 from .export import export_patch as run_export
@@ -22,7 +23,7 @@ from .inputs import read_text
 from .models import DEFAULT_MODEL, load_model
 from .patchfile import load_patch
 from .replay import replay as run_replay
-from .report import print_analysis, print_export, print_replay
+from .report import print_analysis, print_export, print_modules, print_replay
 
 
 @contextmanager
@@ -298,6 +299,30 @@ def replay(
         doc = result.to_dict()
         if json_path != "-":
             print_replay(out, doc)
+        emit_json(doc, json_path)
+
+
+@app.command()
+def modules(
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List, for each layer, the module paths icl-probe hooks: the attention output, the norm before the MLP,
+    the MLP's first linear layer(s) and output projection, the norm after it, and the block.
+
+    Use it to see the names before choosing --layers, and to see whether --residual fold and the peft
+    and merged patch formats are available for the model's family.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        check_json_path(json_path, force)
+        m, _ = load(status, model, "float32", "cpu", trust_remote_code)
+        doc = describe_modules(m)
+        if json_path != "-":
+            print_modules(out, doc)
         emit_json(doc, json_path)
 
 

@@ -153,3 +153,28 @@ def generation_table(gen: dict) -> Table:
         n = len(gen["patched"]["token_ids"])
         table.caption = f"patched and with-context agree on the first {gen['agree_tokens']} of {n} tokens"
     return table
+
+
+def print_modules(console: Console, doc: dict) -> None:
+    """The `modules` document: one row per layer, paths relative to the block, then what the family supports."""
+    table = Table(title=f"{doc['model']} ({doc['model_type']}, family {doc['family']})")
+    keys = ("attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm")
+    for col in ("layer", "block", "attention", "pre-MLP norm", "MLP first", "MLP output", "post-MLP norm"):
+        table.add_column(col, overflow="fold")
+    for layer in doc["layers"]:
+        rel = {k: relative(layer[k], layer["block"]) for k in keys}
+        table.add_row(str(layer["layer"]), layer["block"], *(rel[k] for k in keys))
+    console.print(table)
+    parallel = {True: "yes", False: "no", None: "unknown"}[doc["parallel"]]
+    formats = ", ".join(name for name, ok in doc["formats"].items() if ok)
+    console.print(f"MLP reads the block input (parallel): {parallel}")
+    console.print(f"--residual fold: {doc['fold'] or 'not available'}")
+    console.print(f"patch formats: {formats}")
+
+
+def relative(path: str | list[str] | None, block: str) -> str:
+    """A module path (or several, comma-joined) relative to its block; '—' for none."""
+    if path is None:
+        return "—"
+    paths = path if isinstance(path, list) else [path]
+    return ", ".join(p.removeprefix(block + ".") for p in paths)

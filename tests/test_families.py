@@ -5,16 +5,21 @@ The expected module paths below are written out by hand from transformers' model
 check the architecture table rather than repeat it.
 """
 
+import copy
 import functools
+import json
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from safetensors.torch import load_file
+from tiny import char_tokenizer, save_tiny, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
 
-from icl_probe import analyze, arch
+from icl_probe import analyze, arch, export_patch, load_patch, replay
 from icl_probe.analysis import MIN_FOLD_NORMALISED, last_logits
-from icl_probe.errors import ModelError
+from icl_probe.cli import app
+from icl_probe.errors import IclProbeError, MathError, ModelError
 from icl_probe.hooks import hidden, hooked
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import applied
@@ -231,7 +236,7 @@ def test_norm_scale_fold_refuses_a_vanishing_coordinate():
     down = model.model.layers[1].mlp.down_proj
     with torch.no_grad():
         down.weight[3].zero_()  # coordinate 3 of the MLP output is exactly 0 at every position
-    with pytest.raises(Exception, match=r"coordinate 3 of the normalised MLP output is 0 .*--residual bias"):
+    with pytest.raises(MathError, match=r"coordinate 3 of the normalised MLP output is 0 .*--residual bias"):
         analyze(model, tokenizer_for("gemma2"), CONTEXT, QUERY, residual="fold")
     doc = analyze(model, tokenizer_for("gemma2"), CONTEXT, QUERY, residual="bias").to_dict()
     assert doc["logits"]["kl_patched"] < 1e-10 and doc["layers"][1]["fold_min_abs_normalised"] is None
@@ -294,3 +299,145 @@ def test_unknown_layout_names_the_type_and_the_supported_families():
     message = str(info.value)
     assert "'apertus' is not supported" in message and "gpt2" in message and "olmo2" in message
     assert "\n" not in message
+
+
+# ---- export-patch and replay, every family --------------------------------------------------------
+
+LINEAR_FOLD = [n for n in TABLE if n not in NORM_SCALE]
+
+
+@pytest.mark.parametrize(("name", "residual"), residual_modes(TABLE) + [(n, "bias") for n in GENERIC])
+def test_native_export_then_replay(tmp_path, name, residual):
+    model, tok = model_of(name), tokenizer_for(name)
+    path = tmp_path / "patch.safetensors"
+    exported = export_patch(model, tok, CONTEXT, QUERY, output=path, residual=residual)
+    loaded = load_patch(path)
+    doc = replay(model, tok, loaded, context=CONTEXT).to_dict()
+    assert doc["kl_patched"] < 1e-10 and doc["top1_match"]  # float32 factors on a float64 model
+    original = exported.analysis.patch
+    assert sorted(loaded.low_rank) == sorted(original.low_rank) and sorted(loaded.dense) == sorted(original.dense)
+    for path_, delta in original.low_rank.items():  # the file holds (out, r) and (in, r) whatever the layout
+        torch.testing.assert_close(loaded.low_rank[path_].u, delta.u.float(), rtol=0, atol=0, check_dtype=False)
+        torch.testing.assert_close(loaded.low_rank[path_].v, delta.v.float(), rtol=0, atol=0, check_dtype=False)
+
+
+@pytest.mark.parametrize("name", LINEAR_FOLD)
+def test_peft_export_reproduces_the_context(tmp_path, name):
+    from peft import PeftModel
+
+    model, tok = model_of(name), tokenizer_for(name)
+    exported = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "peft", format="peft")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft")).eval()
+    prompt = exported.analysis.prompt
+    with torch.no_grad():
+        kl = kl_divergence(last_logits(model, prompt.full), last_logits(peft_model, prompt.query_only))
+    assert kl < 1e-10
+
+
+@pytest.mark.parametrize("name", sorted(NORM_SCALE) + GENERIC)
+def test_peft_is_refused_where_the_fold_is_not_linear(tmp_path, name):
+    with pytest.raises(IclProbeError, match="peft"):
+        export_patch(model_of(name), tokenizer_for(name), CONTEXT, QUERY, output=tmp_path / "p", format="peft")
+    assert not (tmp_path / "p").exists()
+
+
+def merged_and_update(tmp_path, name):
+    """(original model, merged checkpoint reloaded in float64, the analysis) for one family."""
+    model, tok = model_of(name), tokenizer_for(name)
+    exported = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "merged", format="merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
+    prompt = exported.analysis.prompt
+    with torch.no_grad():
+        assert kl_divergence(last_logits(model, prompt.full), last_logits(merged, prompt.query_only)) < 1e-10
+    return model, merged, exported.analysis
+
+
+def test_conv1d_round_trip(tmp_path):
+    # GPT-2's c_fc stores (in, out) = (32, 64); the patch holds ΔW as (out, in); merged and peft must transpose.
+    model, merged, result = merged_and_update(tmp_path, "gpt2")
+    for i in range(2):
+        path = f"transformer.h.{i}.mlp.c_fc"
+        delta = result.patch.low_rank[path]
+        assert tuple(model.get_parameter(f"{path}.weight").shape) == (32, 64) and delta.shape == (64, 32)
+        dense = (delta.u @ delta.v.T).T  # (in, out), as Conv1D stores it
+        expected = model.get_parameter(f"{path}.weight").detach() + dense
+        torch.testing.assert_close(merged.get_parameter(f"{path}.weight"), expected, rtol=0, atol=1e-12)
+    export_patch(model, tokenizer_for("gpt2"), CONTEXT, QUERY, output=tmp_path / "peft", format="peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert config["fan_in_fan_out"] is True
+    a = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"]  # (r, in)
+    b = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight"]  # (out, r)
+    delta = result.patch.low_rank["transformer.h.0.mlp.c_fc"]
+    assert tuple(a.shape) == (1, 32) and tuple(b.shape) == (64, 1)
+    torch.testing.assert_close((b @ a).double(), delta.u @ delta.v.T, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_gate_up_round_trip(tmp_path):
+    # Phi-3's gate_up_proj is one (2·intermediate, hidden) weight: the update is to the fused weight, both halves.
+    model, merged, result = merged_and_update(tmp_path, "phi3")
+    for i in range(2):
+        path = f"model.layers.{i}.mlp.gate_up_proj"
+        delta = result.patch.low_rank[path]
+        assert delta.shape == (128, 32)
+        assert float(delta.u[:64].norm()) > 0 and float(delta.u[64:].norm()) > 0  # gate and up both change
+        expected = model.get_parameter(f"{path}.weight").detach() + delta.u @ delta.v.T
+        torch.testing.assert_close(merged.get_parameter(f"{path}.weight"), expected, rtol=0, atol=1e-12)
+    first = sorted(p for p in result.patch.low_rank if not p.endswith("down_proj"))  # down_proj holds the fold
+    assert first == [f"model.layers.{i}.mlp.gate_up_proj" for i in range(2)]
+
+
+@pytest.mark.parametrize("name", sorted(NORM_SCALE))
+def test_merged_norm_scale_fold(tmp_path, name):
+    model, merged, result = merged_and_update(tmp_path, name)
+    for path, delta in result.patch.dense.items():
+        expected = model.get_parameter(path).detach() + delta
+        torch.testing.assert_close(merged.get_parameter(path), expected, rtol=0, atol=1e-12)
+
+
+# ---- icl-probe modules ----------------------------------------------------------------------------
+
+
+def test_cli_modules_json_and_table(tmp_path):
+    folder = save_tiny(tiny_model("gpt2", torch.float32), char_tokenizer(), tmp_path / "gpt2")
+    result = CliRunner().invoke(app, ["modules", "--model", folder, "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "icl-probe.modules/1" and doc["family"] == "gpt2"
+    assert doc["layers"][1]["mlp_first"] == ["transformer.h.1.mlp.c_fc"]
+    assert doc["layers"][1]["mlp_down"] == "transformer.h.1.mlp.c_proj"
+    result = CliRunner().invoke(app, ["modules", "-m", folder, "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0 and "mlp.c_fc" in result.stdout and "native, peft, merged" in result.stdout
+    assert json.loads((tmp_path / "m.json").read_text()) == doc
+
+
+def test_cli_modules_unsupported_model_is_one_line(tmp_path):
+    config = AutoConfig.for_model("apertus", vocab_size=103, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    folder = save_tiny(AutoModelForCausalLM.from_config(config), char_tokenizer(), tmp_path / "apertus")
+    result = CliRunner().invoke(app, ["modules", "--model", folder])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("icl-probe: error: model type 'apertus' is not supported")
+
+
+# ---- the real Gemma 3 270M ------------------------------------------------------------------------
+
+
+def test_gemma3_270m_norm_scale_fold(real_models):
+    # The top layers fold into their post-MLP norm's scale and replay as weights; folding all 18 layers
+    # compounds the rounding of Gemma's float32 norms through the enlarged scales, and is refused.
+    model, tok = real_models("gemma3-270m")
+    context, query = "hot -> cold\nbig -> small\nfast -> slow\nup -> down\n", "happy ->"
+    result = analyze(model, tok, context, query, layers="-2:", residual="fold")
+    doc = result.to_dict()
+    assert doc["logits"]["kl_patched"] < 1e-6 and doc["logits"]["top1_match"]
+    assert all(layer["fold_min_abs_normalised"] >= MIN_FOLD_NORMALISED for layer in doc["layers"])
+    assert sorted(result.patch.dense) == [f"model.layers.{i}.post_feedforward_layernorm.weight" for i in (16, 17)]
+    with torch.no_grad():
+        ctx = last_logits(model, result.prompt.full)
+        with applied(model, result.patch):
+            static = last_logits(model, result.prompt.query_only)
+    assert kl_divergence(ctx, static) < 1e-6
+    with pytest.raises(MathError, match=r"numerically unstable|divide by ~0"):
+        analyze(model, tok, context, query, residual="fold")
