@@ -80,7 +80,7 @@ def parse_layers(spec: str | int | list[int] | None, num_layers: int) -> list[in
 
 
 def _parse_part(part: str, spec: str, n: int) -> list[int]:
-    bad = f"bad layer spec '{spec}'"
+    bad = f"bad layer spec {str(spec)!r}"  # repr: a spec may hold newlines or control characters
     hint = f"use e.g. all, 5, 3,7, 10:20, -1 or -4: (the model has {n} layers, 0..{n - 1})"
     try:
         if ":" in part:
@@ -92,11 +92,11 @@ def _parse_part(part: str, spec: str, n: int) -> list[int]:
                 raise ValueError
             picked = list(range(n))[slice(*bounds)]
             if not picked:
-                raise UsageError(f"{bad}: '{part}' selects no layer; {hint}")
+                raise UsageError(f"{bad}: {part!r} selects no layer; {hint}")
             return picked
         i = int(part)
     except ValueError:
-        raise UsageError(f"{bad}: '{part}' is not an index or slice; {hint}") from None
+        raise UsageError(f"{bad}: {part!r} is not an index or slice; {hint}") from None
     if not -n <= i < n:
         raise UsageError(f"{bad}: layer {i} is out of range; {hint}")
     return [i % n]
