@@ -6,12 +6,14 @@ The broken models are tiny random ones saved to tmp folders and passed with --mo
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import COMMON, VOCAB, char_tokenizer, save_tiny, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -306,6 +308,130 @@ def test_nan_weight_names_the_layer(tmp_path):
     folder = save_variant(tmp_path / "m", lambda m: m.model.layers[1].mlp.up_proj.weight[3, 4].fill_(float("nan")))
     result = analyze(folder, "--context", CONTEXT, "--query", QUERY, "--layers", "0")
     assert_error(result, 1, "non-finite", "model.layers.1.mlp (layer 1)")
+
+
+# ---- patches through the CLI (the loader's own cases are in test_patchfile.py) ------------------
+
+
+@pytest.fixture(scope="module")
+def patch_file(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("patch") / "p.safetensors"
+    result = run("export-patch", "--model", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def edited_patch(patch_file: Path, folder: Path, edit_tensors=None, edit_metadata=None) -> Path:
+    """A copy of the exported patch with its tensors and/or metadata edited, written with safetensors."""
+    with safe_open(patch_file, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(patch_file)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_metadata:
+        edit_metadata(metadata)
+    out = folder / "edited.safetensors"
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def replay(patch, *args):
+    return run("replay", patch, "--query", QUERY, *args)
+
+
+def test_replay_works_on_the_exported_patch(patch_file, tiny_llama_dir):
+    assert replay(patch_file, "--model", tiny_llama_dir).exit_code == 0  # the control for the cases below
+
+
+def test_patch_for_other_weights(patch_file, tmp_path):
+    other = save_tiny(tiny_model("llama", torch.float32, seed=1), char_tokenizer(), tmp_path / "other")
+    assert_error(replay(patch_file, "--model", other), 1, "made for other weights", "fingerprint", "--force")
+
+
+def test_patch_for_another_shape(patch_file, tmp_path):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**COMMON, "intermediate_size": 48}))
+    other = save_other(tmp_path / "wider", model)
+    line = assert_error(replay(patch_file, "--model", other, "--force"), 1, "does not fit this model")
+    assert "48×32" in line and "64×32" in line
+
+
+def truncated_patch(patch_file: Path, folder: Path, first_byte_0x80: bool) -> Path:
+    """The patch, padded in its metadata until its first byte (the header length's low byte) is or is not
+    0x80, then cut in half. (The header's length depends on the tmp paths in the metadata.)"""
+    for n in range(64):
+        path = edited_patch(patch_file, folder, edit_metadata=lambda m, n=n: m.update(pad="x" * 8 * n))
+        data = path.read_bytes()
+        if (data[:1] == b"\x80") == first_byte_0x80:
+            cut = folder / "cut.safetensors"
+            cut.write_bytes(data[: len(data) // 2])
+            return cut
+    raise AssertionError("no padding gave the wanted first byte")
+
+
+def test_truncated_patch(patch_file, tmp_path):
+    cut = truncated_patch(patch_file, tmp_path, first_byte_0x80=False)
+    assert_error(replay(cut), 1, "truncated or incomplete", str(cut))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="patchfile.unreadable calls any file whose first byte is 0x80 a pickle; a safetensors header of "
+    "0x..80 bytes has that first byte (a pickle has no '{' at byte 8)",
+)
+def test_truncated_patch_whose_header_length_starts_with_0x80(patch_file, tmp_path):
+    cut = truncated_patch(patch_file, tmp_path, first_byte_0x80=True)
+    assert_error(replay(cut), 1, "truncated or incomplete", str(cut))
+
+
+def test_pickle_patch_is_refused_and_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "code ran"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Payload()))
+    assert_error(replay(evil), 1, "pickle", "never loads")
+    assert not marker.exists()
+    pickle.loads(evil.read_bytes())  # the control: unpickling it would indeed have run code
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_patch(patch_file, tmp_path, value):
+    def poison(tensors):
+        name = sorted(tensors)[0]
+        tensors[name].view(-1)[0] = value
+
+    path = edited_patch(patch_file, tmp_path, edit_tensors=poison)
+    assert_error(replay(path), 1, "NaN or inf", "export it again")
+
+
+def test_unknown_patch_format_version(patch_file, tmp_path):
+    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: m.update(format="icl-probe.patch/2"))
+    assert_error(replay(path), 1, "icl-probe.patch/2", "upgrade icl-probe")
+
+
+def test_patch_missing_metadata_keys(patch_file, tmp_path):
+    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: [m.pop("layers"), m.pop("dtype")])
+    assert_error(replay(path), 1, "lacks metadata key(s)", "layers", "dtype")
+
+
+def test_patch_that_is_a_folder(tmp_path):
+    assert_error(replay(tmp_path), 1, "is a folder")
+
+
+def test_missing_patch(tmp_path):
+    assert_error(replay(tmp_path / "nope.safetensors"), 1, "not found")
+
+
+def test_export_over_an_existing_patch_without_force(tiny_llama_dir, tmp_path):
+    out = tmp_path / "p.safetensors"
+    out.write_bytes(b"precious")
+    result = run("export-patch", "--model", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", out)
+    assert_error(result, 1, "already exists", "--force")
+    assert out.read_bytes() == b"precious" and sorted(os.listdir(tmp_path)) == ["p.safetensors"]
 
 
 # ---- outputs -------------------------------------------------------------------------------------
