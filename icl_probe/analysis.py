@@ -26,7 +26,8 @@ SCHEMA = "icl-probe.analysis/1"
 RESIDUAL_MODES = ("bias", "fold")
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
 # becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
-# grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴.
+# grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴. (On Gemma 3 270M
+# in float32, one layer folded at |n_k| = 1.1e-4 still replays as weights within KL 1.4e-10.)
 MIN_FOLD_NORMALISED = 1e-4
 # A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
 MAX_STATIC_FOLD_KL = 1e-6
