@@ -145,7 +145,10 @@ def convert_gguf(path: Path, out: Path) -> None:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot load GGUF file {path}: {one_line(e)}") from e
+        raise ModelError(
+            f"cannot load GGUF file {path}: {one_line(e)}; the file is damaged or truncated, or transformers "
+            "cannot dequantise its architecture"
+        ) from e
 
 
 @contextlib.contextmanager

