@@ -505,6 +505,16 @@ def test_json_to_stdout_is_pure_json(llama):
     assert json.loads(result.stdout)["schema"] == "icl-probe.analysis/1"
 
 
+def test_json_to_stdout_is_pure_json_for_export_replay_and_modules(llama, tmp_path):
+    patch = tmp_path / "p.safetensors"
+    export = run("export-patch", "--model", llama, "--context", CONTEXT, "--query", QUERY, "-o", patch, "--json", "-")
+    replayed = run("replay", patch, "--model", llama, "--json", "-")
+    listed = run("modules", "--model", llama, "--json", "-")
+    for result in (export, replayed, listed):
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["schema"].startswith("icl-probe.")
+
+
 def test_json_to_stdout_is_pure_json_in_a_real_process(llama):
     # A real process with a terminal-less stderr: the spinner and any library chatter stay off stdout.
     code = "import sys; from icl_probe.cli import main; sys.argv[0] = 'icl-probe'; main()"
