@@ -110,19 +110,19 @@ NORM_SCALE_NOTE = (
     "(a dense .delta of its weight); exact while no coordinate of the normalised MLP output is ~0"
 )
 GPT2 = dict(layers="transformer.h", attn="attn", pre_mlp_norm="ln_2")
+GEMMA_SANDWICH = dict(  # Gemma 2 and 3 normalise each branch before and after it
+    pre_mlp_norm="pre_feedforward_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
+    attn="post_attention_layernorm",
+    fold="norm-scale",
+    fold_note=NORM_SCALE_NOTE,
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3")),
     Family("gemma", ("gemma",)),
-    Family(
-        "gemma2",
-        ("gemma2", "gemma3_text"),
-        pre_mlp_norm="pre_feedforward_layernorm",
-        post_mlp_norm="post_feedforward_layernorm",
-        attn="post_attention_layernorm",
-        fold="norm-scale",
-        fold_note=NORM_SCALE_NOTE,
-    ),
+    Family("gemma2", ("gemma2",), **GEMMA_SANDWICH),
+    Family("gemma3", ("gemma3_text",), **GEMMA_SANDWICH),
     Family("gpt2", ("gpt2",), first=("mlp.c_fc",), down="mlp.c_proj", conv1d=True, **GPT2),
     Family(
         "gpt_neox",
