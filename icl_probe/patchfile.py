@@ -117,9 +117,10 @@ def check_file(path: Path) -> None:
 def unreadable(path: Path, e: Exception) -> str:
     """Say why safetensors rejected a file, recognising truncation and pickles (never unpickled)."""
     with path.open("rb") as f:
-        head = f.read(4)
+        head = f.read(9)
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+    safetensors_header = head[8:9] == b"{"  # an 8-byte header length, then the JSON header
+    if not safetensors_header and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):
         what = "a pickle or torch.save file, which icl-probe never loads (it could run code)"
     elif "not fully covered" in reason or "invalid header length" in reason or "too small" in reason:
         what = "truncated or incomplete"
