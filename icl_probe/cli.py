@@ -74,7 +74,8 @@ QueryOpt = Annotated[str | None, typer.Option("--query", help="The query whose n
 QueryFileOpt = Annotated[str | None, typer.Option("--query-file", help="Read the query from a UTF-8 file.")]
 LayersOpt = Annotated[str, typer.Option(help="Layers to patch: all, 5, 3,7, 10:20, -1, -4: (Python index and slice).")]
 ResidualOpt = Annotated[
-    str, typer.Option(help="bias: add Δb to each block output; fold: fold it into the weights (MLP output projection or post-MLP norm).")
+    str,
+    typer.Option(help="bias: add Δb to each block output; fold: fold it into the weights (output projection or norm)."),
 ]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON document to PATH, or to stdout with '-'.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many top tokens to list.")]
