@@ -287,6 +287,7 @@ def replay(
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
+        check_json_path(json_path, force=True)  # replay's --force is the fingerprint's; a report may be replaced
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
         loaded = load_patch(patch)

@@ -24,6 +24,8 @@ from .errors import InputError
 def check_writable(path: str | Path, force: bool) -> Path:
     """Refuse an existing output without `force`, or a folder that does not exist or cannot be written to."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; give a file path")
     if path.exists() and not force:
         raise InputError(f"{path} already exists; pass --force to overwrite it")
     folder = path.parent

@@ -58,6 +58,8 @@ def read_text(path: str | Path, what: str) -> str:
         raise InputError(f"{what} file not found: {path}")
     if path.is_dir():
         raise InputError(f"{what} file is a directory: {path}; give a text file")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise InputError(f"{what} file is not a regular file: {path}; give a text file")
     data = path.read_bytes()
     try:
         return data.decode("utf-8")

@@ -83,7 +83,7 @@ def check_norm(norm: torch.Tensor, where: str) -> None:
     if norm < MIN_Z0_NORM:
         raise MathError(
             f"the input at {where} has norm {float(norm):.3g} (< {MIN_Z0_NORM:g}): the update would divide by ~0; "
-            "leave this layer out with --layers"
+            "leave this layer out with --layers (or, if a float16 model overflowed, use --dtype float32)"
         )
 
 

@@ -523,3 +523,18 @@ def test_json_to_stdout_is_pure_json_in_a_real_process(llama):
 
 def test_json_to_stdout_on_failure_leaves_stdout_empty(llama):
     assert_error(analyze(llama, "--context", CONTEXT, "--query", QUERY, "--json", "-", "--layers", "9"), 2, "0..1")
+
+
+def test_context_file_that_is_a_fifo_is_refused_not_read(llama, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # reading it would block forever
+    assert_error(analyze(llama, "--context-file", fifo, "--query", QUERY), 1, "not a regular file", str(fifo))
+
+
+def test_json_path_that_is_a_folder_is_refused_before_work(llama, tmp_path):
+    assert_error(analyze(llama, "--context", CONTEXT, "--query", QUERY, "--json", tmp_path), 1, "is a folder")
+
+
+def test_replay_json_in_a_missing_folder_is_refused_before_work(patch_file, tmp_path):
+    out = tmp_path / "no" / "r.json"
+    assert_error(replay(patch_file, "--json", out), 1, "cannot write", "does not exist")
