@@ -139,6 +139,22 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
         return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
+def pick_prompt(context, context_file, query, query_file) -> tuple[str | None, str | None]:
+    """The context and query from text or files: both, or neither for the built-in demo."""
+    context = pick_text(context, context_file, "context")
+    query = pick_text(query, query_file, "query")
+    if (context is None) != (query is None):
+        raise UsageError("give both a context and a query, or neither for the built-in demo")
+    return context, query
+
+
+def show(out: Console, doc: dict, json_path: str | None, printer) -> None:
+    """Print the document's table unless stdout is for JSON, then write the JSON if asked."""
+    if json_path != "-":
+        printer(out, doc)
+    emit_json(doc, json_path)
+
+
 def emit_json(doc: dict, json_path: str | None) -> None:
     if json_path is None:
         return
@@ -175,17 +191,12 @@ def analyze(
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
-        context = pick_text(context, context_file, "context")
-        query = pick_text(query, query_file, "query")
-        if (context is None) != (query is None):
-            raise UsageError("give both a context and a query, or neither for the built-in demo")
+        context, query = pick_prompt(context, context_file, query, query_file)
         m, tokenizer = load(status, model, dtype, device, trust_remote_code)
         with status.status("Analyzing…"):
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k)
         doc = result.to_dict()
-        if json_path != "-":
-            print_analysis(out, doc)
-        emit_json(doc, json_path)
+        show(out, doc, json_path, print_analysis)
 
 
 FormatOpt = Annotated[
@@ -238,18 +249,13 @@ def export_patch(
         check_json_path(json_path, force)
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
-        context = pick_text(context, context_file, "context")
-        query = pick_text(query, query_file, "query")
-        if (context is None) != (query is None):
-            raise UsageError("give both a context and a query, or neither for the built-in demo")
+        context, query = pick_prompt(context, context_file, query, query_file)
         m, tokenizer = load(status, model, dtype, device, trust_remote_code)
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
                                 layers=layers, store_context=store_context, force=force)  # fmt: skip
         doc = result.to_dict()
-        if json_path != "-":
-            print_export(out, doc)
-        emit_json(doc, json_path)
+        show(out, doc, json_path, print_export)
 
 
 @app.command()
@@ -299,9 +305,7 @@ def replay(
             result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
                                 force=force)  # fmt: skip
         doc = result.to_dict()
-        if json_path != "-":
-            print_replay(out, doc)
-        emit_json(doc, json_path)
+        show(out, doc, json_path, print_replay)
 
 
 @app.command()
@@ -312,20 +316,18 @@ def modules(
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List, for each layer, the module paths icl-probe hooks: the attention output, the norm before the MLP,
-    the MLP's first linear layer(s) and output projection, the norm after it, and the block.
+    """List the module paths icl-probe hooks in each layer, and which patch formats the model allows.
 
-    Use it to see the names before choosing --layers, and to see whether --residual fold and the peft
-    and merged patch formats are available for the model's family.
+    For each layer: the attention output, the norm before the MLP, the MLP's first linear layer(s)
+    and output projection, the norm after it, and the block. Use it to see the names before
+    choosing --layers, and whether --residual fold and the peft and merged formats are available.
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
         m, _ = load(status, model, "float32", "cpu", trust_remote_code)
         doc = describe_modules(m)
-        if json_path != "-":
-            print_modules(out, doc)
-        emit_json(doc, json_path)
+        show(out, doc, json_path, print_modules)
 
 
 def main() -> None:
