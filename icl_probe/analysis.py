@@ -435,7 +435,7 @@ def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: 
 
 def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
     probs = torch.softmax(logits.to(MATH_DTYPE), dim=-1)
-    top = torch.topk(probs, k)
+    top = torch.topk(probs, min(k, probs.numel()))
     return [
         {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices)
     ]
