@@ -93,7 +93,10 @@ def root() -> None:
 def consoles(json_path: str | None) -> tuple[Console, Console]:
     """(output, status) consoles; with `--json -` everything but the JSON goes to stderr."""
     err = Console(stderr=True)
-    return (err if json_path == "-" else Console()), err
+    out = Console()
+    if not out.is_terminal:  # piped or logged: no terminal width to respect, so don't crush the tables
+        out = Console(width=160)
+    return (err if json_path == "-" else out), err
 
 
 @contextmanager

@@ -17,7 +17,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def layer_table(doc: dict) -> Table:
     table = Table(title=f"{doc['model']} ({doc['model_type']}, {doc['dtype']}, residual={doc['residual']})")
     names = [path.rsplit(".", 1)[-1] for path in doc["layers"][0]["modules"]] if doc["layers"] else []
-    for col in ("layer", "‖z0‖", "‖zC−z0‖", "cos", "‖ΔA‖", "‖Δmlp‖", "‖Δb‖", "block err"):
+    for col in ("layer", "‖z0‖", "‖zC−z0‖", "cos", "‖ΔA‖", "‖Δmlp‖", "mlp err", "‖Δb‖", "block err"):
         table.add_column(col, justify="right")
     for name in names:
         table.add_column(f"{name} ‖ΔW‖/‖W‖", justify="right")
@@ -28,7 +28,8 @@ def layer_table(doc: dict) -> Table:
         table.add_row(
             str(layer["layer"]),
             *(fmt(layer[k]) for k in ("z0_norm", "dz_norm", "z_cosine", "attention_delta_norm")),
-            *(fmt(layer[k]) for k in ("mlp_branch_delta_norm", "residual_delta_norm", "block_error")),
+            *(fmt(layer[k]) for k in ("mlp_branch_delta_norm", "mlp_branch_error", "residual_delta_norm")),
+            fmt(layer["block_error"]),
             *(fmt(m["relative_norm"]) for m in modules),
             " ".join(fmt(a, 2) for a in aligns),
         )
