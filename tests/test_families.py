@@ -116,6 +116,17 @@ def test_analyze_is_exact(name, residual):
     assert max(layer["mlp_branch_error"] for layer in layers) < 1e-9  # ΔW z0 reproduces the MLP branch
 
 
+@pytest.mark.parametrize(("name", "residual"), residual_modes(TABLE) + [(n, "bias") for n in GENERIC])
+def test_analyze_is_exact_at_hidden_size_64(name, residual):
+    # Issue 4's own setting (hidden size 64); the other tests use hidden size 32, as STYLE.md does.
+    model = tiny_model(name, torch.float64, hidden_size=64)
+    doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY, residual=residual).to_dict()
+    assert doc["logits"]["kl_no_context"] > 1e-2
+    assert doc["logits"]["kl_patched"] < 1e-10
+    assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
+    assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-9
+
+
 @pytest.mark.parametrize("name", TABLE + GENERIC)
 def test_updates_are_rank_one_or_vanish_for_parallel_blocks(name):
     model, result = model_of(name), analysis_of(name, "bias")

@@ -55,11 +55,26 @@ def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
 
 
-def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0):
-    """A seeded random CausalLM of the family (a CONFIGS key), in eval mode."""
+WIDTHS = (
+    "hidden_size",
+    "intermediate_size",
+    "head_dim",
+    "n_inner",
+    "ffn_dim",
+    "word_embed_proj_dim",
+    "ffn_hidden_size",
+)
+
+
+def tiny_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, hidden_size: int = 32):
+    """A seeded random CausalLM of the family (a CONFIGS key), in eval mode; every width scales with hidden_size."""
     torch.manual_seed(seed)
     extra = dict(CONFIGS[name])
-    config = AutoConfig.for_model(extra.pop("model_type", name), **{**COMMON, **extra})
+    settings = {**COMMON, **extra}
+    for key in WIDTHS:
+        if key in settings:
+            settings[key] = settings[key] * hidden_size // COMMON["hidden_size"]
+    config = AutoConfig.for_model(settings.pop("model_type", name), **settings)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _spread_weights(model, seed)
     return model.eval()
