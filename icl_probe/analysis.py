@@ -61,6 +61,7 @@ class Analysis:
     layers: list[LayerReport]
     logits: dict
     patch: Patch
+    context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), run 1's next-token logits
 
     def to_dict(self) -> dict:
         return {
@@ -131,6 +132,7 @@ def analyze(
         layers=reports,
         logits=compare_logits(tokenizer, logits_ctx, logits_0, logits_patched, top_k),
         patch=run.patch,
+        context_logits=logits_ctx,
     )
 
 

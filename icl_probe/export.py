@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis, analyze, last_logits
 from .errors import PatchError, UsageError
 from .fileio import atomic_write_dir, check_writable
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
-from .lowrank import MATH_DTYPE, LowRank
+from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
 from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
 from .patching import Patch, applied, dense_added
-from .replay import Apply, measure
+from .replay import Apply
 
 FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -86,8 +86,8 @@ def export_patch(
     patch = result.patch
     patch.metadata = patch_metadata(model, result, context, query, store_context)
     file_bytes, apply = WRITERS[format](model, tokenizer, patch, output, force)
-    with torch.no_grad():
-        stored = measure(model, tokenizer, result.prompt, apply, with_context=True, top_k=1)
+    with torch.no_grad(), apply():  # the with-context logits are analyze's: only the patched run is new
+        stored = last_logits(model, result.prompt.query_only)
     patch_bytes, dense_bytes = sizes(patch)
     return Export(
         output=str(output),
@@ -100,9 +100,9 @@ def export_patch(
         dense_bytes=dense_bytes,
         file_bytes=file_bytes,
         kl_patched=result.logits["kl_patched"],
-        kl_stored=stored["kl_patched"],
+        kl_stored=kl_divergence(result.context_logits, stored),
         kl_no_context=result.logits["kl_no_context"],
-        top1_match=stored["top1_match"],
+        top1_match=bool(result.context_logits.argmax() == stored.argmax()),
         analysis=result,
     )
 
