@@ -38,12 +38,26 @@ def tokenize(tokenizer, context: str, query: str) -> Prompt:
 
 
 def special_prefix(tokenizer, text: str, ids: list[int]) -> list[int]:
-    """The ids the tokenizer puts in front of `text` by default (e.g. [bos] for Gemma, [] for SmolLM2)."""
-    with_specials = tokenizer(text)["input_ids"]
+    """The ids the tokenizer puts in front of `text` by default (e.g. [bos] for Gemma, [] for SmolLM2).
+
+    Raises InputError if `ids` (the text without specials) do not appear whole in the text with specials.
+    """
+    with_specials = list(tokenizer(text)["input_ids"])
     for k in range(len(with_specials) - len(ids) + 1):
-        if with_specials[k : k + len(ids)] == ids:
+        if with_specials[k : k + len(ids)] == list(ids):
             return with_specials[:k]
-    return []
+    raise InputError(
+        f"cannot find the query's token ids {shorten(list(ids))} inside its tokenization with special tokens "
+        f"{shorten(with_specials)}, so the tokens to put in front are unknown; the tokenizer changes the text when "
+        "it adds its special tokens: use a tokenizer whose special tokens only wrap the text, or try another query"
+    )
+
+
+def shorten(ids: list[int], keep: int = 8) -> str:
+    """`ids` as a list, cut to the first `keep` with a count of the rest, for one-line messages."""
+    if len(ids) <= keep:
+        return str(ids)
+    return "[" + ", ".join(map(str, ids[:keep])) + f", … {len(ids) - keep} more]"
 
 
 def check_text(text: str | None, what: str) -> None:
@@ -65,6 +79,23 @@ def read_text(path: str | Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{what} file {path} is not UTF-8: bad byte 0x{data[e.start]:02x} at offset {e.start}") from e
+
+
+def read_query(path: str | Path) -> str:
+    """A query file's text without its final line break ("\\n" or "\\r\\n"): editors end files with one."""
+    text = read_text(path, "query")
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def fusion_warning(context: str, query: str) -> str | None:
+    """A one-line warning if the context and query touch with no whitespace between them, else None."""
+    if not context or not query or context[-1].isspace() or query[0].isspace():
+        return None
+    tail, head = context.split()[-1][-20:], query.split()[0][:20]
+    return (
+        f"the context ends with {tail!r} and the query starts with {head!r} with no space or newline between, "
+        f"so the model reads them run together as {tail + head!r}; end the context with a newline"
+    )
 
 
 def parse_layers(spec: str | int | list[int] | None, num_layers: int) -> list[int]:

@@ -1,0 +1,181 @@
+"""What a new user meets in the first hour: model names, the GGUF cache, prompt files, outputs and modes."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from icl_probe import models
+from icl_probe.errors import InputError, ModelError
+from icl_probe.inputs import fusion_warning, read_query, special_prefix, tokenize
+
+# ---- model names and the hub ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """HF_HUB_OFFLINE unset, and transformers' loader made to fail loudly if anything reaches it."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained was called")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+
+
+def test_mistyped_name_fails_at_once_with_the_closest_alias(online, monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: pytest.fail("the hub was probed for a bare name"))
+    with pytest.raises(ModelError) as e:
+        models.load_model("smollm2-153m")
+    assert str(e.value) == (
+        "unknown model 'smollm2-153m'; did you mean smollm2-135m? give a built-in name (smollm2-135m, gemma3-270m), "
+        "a save_pretrained folder, a .gguf file or a hub id owner/name"
+    )
+
+
+def test_unrelated_bare_name_has_no_guess(online):
+    with pytest.raises(ModelError, match=r"^unknown model 'banana'; give a built-in name \(") as e:
+        models.load_model("banana")
+    assert "did you mean" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreachable_hub_fails_in_one_line(online, monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(ModelError) as e:
+        models.load_model("nobody-here/not-cached-model")
+    message = str(e.value)
+    assert message.startswith("cannot reach the Hugging Face hub to download nobody-here/not-cached-model")
+    assert message.endswith("download it elsewhere and pass its folder, or check your network")
+    assert "\n" not in message
+
+
+def test_reachable_hub_goes_on_to_transformers(online, monkeypatch):
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    with pytest.raises(ModelError, match="from_pretrained was called"):
+        models.load_model("nobody-here/not-cached-model")
+
+
+def test_offline_hub_id_not_in_the_cache_fails_without_a_probe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "hub_reachable", lambda: pytest.fail("probed while offline"))
+    with pytest.raises(ModelError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it"):
+        models.resolve_folder("nobody-here/not-cached-model")
+
+
+# ---- the GGUF cache ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A stand-in .gguf file and an empty ICL_PROBE_CACHE; 'converting' writes a config.json."""
+    monkeypatch.setenv("ICL_PROBE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "convert_gguf", lambda path, out: (out / "config.json").write_text("{}"))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF not really")
+    return path
+
+
+def counting_sha256(monkeypatch, limit: int) -> list:
+    calls = []
+    real = models.sha256_file
+
+    def sha256_file(path):
+        calls.append(path)
+        if len(calls) > limit:
+            raise AssertionError("hashed again")
+        return real(path)
+
+    monkeypatch.setattr(models, "sha256_file", sha256_file)
+    return calls
+
+
+def test_only_the_first_resolve_hashes_the_gguf(fake_gguf, monkeypatch):
+    calls = counting_sha256(monkeypatch, limit=1)
+    first = models.resolve_folder(str(fake_gguf))
+    assert models.resolve_folder(str(fake_gguf)) == first
+    assert len(calls) == 1
+    assert models.index_path().is_file()
+
+
+def test_a_changed_gguf_is_hashed_again(fake_gguf, monkeypatch):
+    calls = counting_sha256(monkeypatch, limit=2)
+    first = models.resolve_folder(str(fake_gguf))
+    fake_gguf.write_bytes(b"GGUF another model")
+    assert models.resolve_folder(str(fake_gguf)) != first
+    assert len(calls) == 2
+
+
+def test_a_damaged_index_is_rebuilt(fake_gguf):
+    models.index_path().parent.mkdir(parents=True)
+    models.index_path().write_text("{not json")
+    assert models.resolve_folder(str(fake_gguf)).endswith(models.sha256_file(fake_gguf))
+
+
+def test_on_convert_is_called_only_when_converting(fake_gguf):
+    seen = []
+
+    def on_convert(folder):
+        seen.append((str(folder), folder.exists()))
+
+    folder = models.resolve_folder(str(fake_gguf), on_convert=on_convert)
+    assert seen == [(folder, False)]  # called before the conversion, with the folder it will fill
+    models.resolve_folder(str(fake_gguf), on_convert=on_convert)
+    assert len(seen) == 1
+
+
+# ---- the prefix rule and query files -------------------------------------------------------------
+
+
+class SplittingTokenizer:
+    """A fake tokenizer whose specials go inside the text: [bos, first id, sep, rest...]."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [100 + ord(c) for c in text]
+        return {"input_ids": [1, *ids[:1], 2, *ids[1:]] if add_special_tokens else ids}
+
+
+def test_prefix_rule_refuses_specials_inside_the_query():
+    with pytest.raises(InputError) as e:
+        tokenize(SplittingTokenizer(), "a -> b\n", "c ->")
+    message = str(e.value)
+    assert "cannot find the query's token ids [199, 132, 145, 162] inside its tokenization" in message
+    assert "with special tokens [1, 199, 2, 132, 145, 162]" in message
+    assert "use a tokenizer whose special tokens only wrap the text" in message and "\n" not in message
+
+
+def test_prefix_rule_error_cuts_long_id_lists():
+    with pytest.raises(InputError, match=r"\[199, 199, 199, 199, 199, 199, 199, 199, … 32 more\]"):
+        special_prefix(SplittingTokenizer(), "c" * 40, [199] * 40)
+
+
+def test_prefix_rule_still_finds_a_bos(bos_tokenizer):
+    assert special_prefix(bos_tokenizer, "c ->", bos_tokenizer("c ->", add_special_tokens=False)["input_ids"]) == [1]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [(b"big ->\n", "big ->"), (b"big ->\r\n", "big ->"), (b"big ->", "big ->"), (b"big ->\n\n", "big ->\n"),
+     (b"big -> \n", "big -> ")],
+)  # fmt: skip
+def test_read_query_strips_one_final_line_break(tmp_path, data, expected):
+    (tmp_path / "q.txt").write_bytes(data)
+    assert read_query(tmp_path / "q.txt") == expected
+
+
+def test_read_query_names_a_missing_file(tmp_path):
+    with pytest.raises(InputError, match="query file not found"):
+        read_query(tmp_path / "nope.txt")
+
+
+def test_fusion_warning_names_both_sides():
+    assert fusion_warning("France: Paris\nJapan: Tokyo", "Germany:") == (
+        "the context ends with 'Tokyo' and the query starts with 'Germany:' with no space or newline between, "
+        "so the model reads them run together as 'TokyoGermany:'; end the context with a newline"
+    )
+
+
+@pytest.mark.parametrize(("context", "query"), [("Japan: Tokyo\n", "Germany:"), ("Tokyo", " Germany:"),
+                                                ("Tokyo ", "Germany:"), ("Tokyo\t", "\nGermany:")])  # fmt: skip
+def test_no_fusion_warning_with_whitespace_between(context, query):
+    assert fusion_warning(context, query) is None
