@@ -78,7 +78,7 @@ def export_patch(
     residual = resolve_residual(format, residual)
     if output is None:
         raise UsageError("give an output path with --output")
-    output = check_writable(output, force)
+    output = check_writable(output, force, directory=format != "native")
     check_foldable(model, format)
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
@@ -182,7 +182,7 @@ def write_native(model: nn.Module, tokenizer, patch: Patch, output: Path, force:
 def write_peft(model: nn.Module, tokenizer, patch: Patch, output: Path, force: bool) -> tuple[int, Apply]:
     check_linear_only(patch)
     conv1d = model_family(model).conv1d
-    atomic_write_dir(output, lambda tmp: write_adapter(patch, tmp, conv1d))
+    atomic_write_dir(output, lambda tmp: write_adapter(patch, tmp, conv1d, base_reference(model)))
     stored = read_adapter(output, patch.metadata)
     return folder_size(output), lambda: applied(model, stored)
 
@@ -203,8 +203,11 @@ def check_linear_only(patch: Patch) -> None:
             )
 
 
-def write_adapter(patch: Patch, folder: Path, conv1d: bool) -> None:
-    """adapter_config.json (written by peft's LoraConfig) and adapter_model.safetensors, r=1 and scaling 1."""
+def write_adapter(patch: Patch, folder: Path, conv1d: bool, base: str | None = None) -> None:
+    """adapter_config.json (written by peft's LoraConfig) and adapter_model.safetensors, r=1 and scaling 1.
+
+    `base` is the base model's folder or hub id for AutoPeftModel (None if there is none to give).
+    """
     from peft import LoraConfig
 
     config = LoraConfig(
@@ -216,11 +219,38 @@ def write_adapter(patch: Patch, folder: Path, conv1d: bool) -> None:
         fan_in_fan_out=conv1d,  # Conv1D stores its weight as (in, out)
         task_type="CAUSAL_LM",
         inference_mode=True,
-        base_model_name_or_path=patch.metadata.get("model"),
+        base_model_name_or_path=base,
     )
     config.save_pretrained(str(folder))
+    sort_target_modules(folder / PEFT_CONFIG)
     save_file(adapter_tensors(patch), folder / PEFT_WEIGHTS, metadata={"format": "pt"})
     write_provenance(patch, folder)
+
+
+def sort_target_modules(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order: sorted, the same patch gives the same file."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def base_reference(model: nn.Module) -> str | None:
+    """Where the model was loaded from, as AutoPeftModel needs it: an absolute folder, a hub id, or None.
+
+    Built-in names are not hub ids; their models load from the converted cache folder, which is given instead.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    if name and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    try:
+        validate_repo_id(name)  # owner/name, or an old single-word id such as gpt2
+    except HFValidationError:
+        return None
+    return name
 
 
 def adapter_tensors(patch: Patch) -> dict[str, torch.Tensor]:

@@ -21,20 +21,43 @@ from pathlib import Path
 from .errors import InputError
 
 
-def check_writable(path: str | Path, force: bool) -> Path:
-    """Refuse an existing output without `force`, or a folder that does not exist or cannot be written to."""
+def check_writable(path: str | Path, force: bool, directory: bool = False) -> Path:
+    """Refuse an existing output without `force`, an output of the wrong kind, or a parent that cannot be written to.
+
+    `directory` says the output is a folder (a peft adapter, a merged model): with `force` an existing
+    folder is replaced, but only one that looks like such an output or is empty, never any other folder.
+    """
     path = Path(path)
-    if path.is_dir():
+    if directory:
+        check_folder_output(path, force)
+    elif path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder; give a file path")
-    if path.exists() and not force:
+    elif path.exists() and not force:
         raise InputError(f"{path} already exists; pass --force to overwrite it")
     folder = path.parent
     if not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
         raise InputError(f"cannot write {path}: {folder} {state}; choose an output in an existing folder")
-    with temporary(path, directory=False):  # a real write is the only reliable test (root, read-only mounts)
+    with temporary(path, directory=directory):  # a real write is the only reliable test (root, read-only mounts)
         pass
     return path
+
+
+OUTPUT_MARKERS = ("icl-probe.json", "adapter_config.json")  # one of them is in every peft or merged output
+
+
+def check_folder_output(path: Path, force: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"cannot write the folder {path}: a file of that name exists; give a folder path")
+    if not path.is_dir():
+        return
+    if not force:
+        raise InputError(f"{path} already exists; pass --force to replace it")
+    if any(path.iterdir()) and not any((path / m).is_file() for m in OUTPUT_MARKERS):
+        raise InputError(
+            f"will not replace the folder {path}: it holds neither {' nor '.join(OUTPUT_MARKERS)}, so it is not "
+            "an adapter or merged model written before, and --force would delete all of it; give a new folder path"
+        )
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -66,6 +89,7 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     with terminate_cleanly(), temporary(path, directory=True) as tmp, temporary(path, directory=True) as aside:
         try:
             write(tmp)
+            usual_modes(tmp)
             os.chmod(tmp, final_mode(path, 0o777))
             if path.is_dir():
                 os.replace(path, aside)  # renaming a folder over an empty folder is allowed
@@ -100,9 +124,22 @@ def final_mode(path: Path, default: int) -> int:
     try:
         return os.stat(path).st_mode & 0o7777
     except OSError:
-        mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-        os.umask(mask)
-        return default & ~mask
+        return usual_mode(default)
+
+
+def usual_mode(default: int) -> int:
+    """`default` (0o666 for files, 0o777 for folders) less the umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return default & ~mask
+
+
+def usual_modes(folder: Path) -> None:
+    """Give everything inside `folder` the user's usual modes: writers such as safetensors' make 0600 files."""
+    file_mode, folder_mode = usual_mode(0o666), usual_mode(0o777)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, folder_mode if p.is_dir() else file_mode)
 
 
 def remove(p: Path) -> None:
