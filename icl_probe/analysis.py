@@ -1,10 +1,9 @@
-"""`analyze`: the per-layer context→weight updates of a model, computed layer by layer, and their proof.
+"""`analyze`: the per-layer context→weight updates of one prompt, computed layer by layer, and their proof.
 
-Run 1 feeds prefix + context + query and records, at the query's last token, each block's MLP
-input z_ctx, attention branch and output. Run 2 feeds prefix + query once, with hooks that, at
-each block in turn, read z0 (the layers below already patched), build ΔW = u vᵀ for every first
-linear, apply it at every position, then add the residual term Δb: what remains of the difference
-to the with-context block output. Run 3 feeds prefix + query unpatched, for comparison.
+It runs the engine once: the full prompt with capture hooks (capture.py), then the query alone with
+the sequential hooks that build and apply each block's ΔW and Δb (update.py), then the query alone
+unpatched. It scores the result (metrics.py), including what ΔW and Δb each carry when the patch is
+applied statically, and optionally the alignment of each ΔW with the gradient of the target's loss.
 """
 
 from __future__ import annotations
@@ -16,19 +15,25 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .errors import InputError, MathError, ModelError, UsageError
-from .hooks import hidden, hooked, with_hidden
-from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, parse_layers, tokenize
-from .lowrank import MATH_DTYPE, LowRank, add_rounded, alignment, kl_divergence, rank_one_map, rank_one_update
-from .patching import Patch, applied
+from .capture import capture_targets, check_length, last_logits, model_name, select_blocks
+from .errors import MathError, ModelError, UsageError
+from .hooks import hidden, hooked
+from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
+from .lowrank import kl_divergence
+from .metrics import (
+    ablation,
+    compare_logits,
+    gradient_alignment,
+    layer_ablation,
+    pick_target,
+    static_logits,
+    weight_norm,
+)
+from .patching import Patch
+from .update import LayerRecord, Solution, solve
 
-SCHEMA = "icl-probe.analysis/1"
+SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
-# The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
-# becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
-# grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴. (On Gemma 3 270M
-# in float32, one layer folded at |n_k| = 1.1e-4 still replays as weights within KL 1.4e-10.)
-MIN_FOLD_NORMALISED = 1e-4
 # A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
 MAX_STATIC_FOLD_KL = 1e-6
 
@@ -50,43 +55,47 @@ class LayerReport:
 
 @dataclass
 class Analysis:
-    """What `analyze` found; `.to_dict()` is the `icl-probe.analysis/1` JSON document."""
+    """What `analyze` found; `.to_dict()` is the `icl-probe.analysis/2` JSON document."""
 
     model: str
     model_type: str
     num_layers: int
     dtype: str
     residual: str
+    context: str
+    query: str
     prompt: Prompt
     layers: list[LayerReport]
     logits: dict
+    ablation: dict
     patch: Patch
-    context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), run 1's next-token logits
+    layer_ablation: list[dict] | None = None
+    target: dict | None = None  # {token, id}: the token whose loss --gradient differentiates
+    context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), the full prompt's
 
-    def to_dict(self) -> dict:
+    def to_dict(self, text: bool = True) -> dict:
+        """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
+        from . import __version__
+
         return {
             "schema": SCHEMA,
+            "icl_probe_version": __version__,
             "model": self.model,
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "dtype": self.dtype,
             "residual": self.residual,
+            "context": self.context if text else None,
+            "query": self.query if text else None,
             "prefix_tokens": self.prompt.prefix,
             "context_tokens": self.prompt.context,
             "query_tokens": self.prompt.query,
             "layers": [asdict(r) for r in self.layers],
             "logits": self.logits,
+            "ablation": self.ablation,
+            "layer_ablation": self.layer_ablation,
+            "target": self.target,
         }
-
-
-@dataclass
-class Target:
-    """With-context activations of one block at the query's last token (float64)."""
-
-    z_ctx: torch.Tensor
-    attn: torch.Tensor
-    branch: torch.Tensor
-    out: torch.Tensor
 
 
 def analyze(
@@ -97,11 +106,15 @@ def analyze(
     layers: str | list[int] | None = None,
     residual: str = "bias",
     top_k: int = 5,
+    gradient: bool = False,
+    target: str | None = None,
+    per_layer_ablation: bool = False,
 ) -> Analysis:
     """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
 
     With neither context nor query, runs the built-in antonym demo. `layers` takes a spec such as
-    "all", "3,7", "-4:" or a list of indices. The model is left unchanged.
+    "all", "3,7", "-4:" or a list of indices. `gradient` adds cos_F(ΔW, −∇_W L) for the loss of
+    `target` (default: the with-context top-1 token). The model is left unchanged.
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
@@ -113,40 +126,35 @@ def analyze(
         targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         logits_0 = last_logits(model, prompt.query_only)
         check_finite(model, prompt, targets, logits_ctx, logits_0)
-        run = SequentialRun(chosen, targets, residual)
-        with hooked(run.hooks()):
-            logits_patched = last_logits(model, prompt.query_only)
-            if not torch.isfinite(logits_patched).all():
-                raise non_finite(model, prompt.query_only, "the query alone with the update applied")
-        if residual == "fold" and run.patch.dense:
-            check_static_fold(model, run.patch, prompt, logits_ctx)
-    reports = [run.report(b) for b in chosen]
-    add_alignments(chosen, run.patch, reports)
+        solution = solve_checked(model, chosen, targets, prompt, residual)
+        patch = solution.patches[0]
+        both = static_logits(model, patch, prompt.query_only)
+        if residual == "fold" and patch.dense:
+            check_static_fold(patch, logits_ctx, both)
+        parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx, both)
+        per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None
+    reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
+    wanted = None
+    if gradient:
+        wanted = pick_target(tokenizer, target, logits_ctx)
+        add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
     return Analysis(
-        model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
+        model=model_name(model),
         model_type=model.config.model_type,
         num_layers=model.config.num_hidden_layers,
         dtype=str(model.dtype).removeprefix("torch."),
         residual=residual,
+        context=context,
+        query=query,
         prompt=prompt,
         layers=reports,
-        logits=compare_logits(tokenizer, logits_ctx, logits_0, logits_patched, top_k),
-        patch=run.patch,
+        logits=compare_logits(tokenizer, logits_ctx, logits_0, solution.logits[0], top_k),
+        ablation=parts,
+        patch=patch,
+        layer_ablation=per_layer,
+        target=wanted,
         context_logits=logits_ctx,
     )
-
-
-def select_blocks(model: nn.Module, layers) -> list[Block]:
-    all_blocks = arch.blocks(model)
-    return [all_blocks[i] for i in parse_layers(layers, len(all_blocks))]
-
-
-def check_length(model: nn.Module, prompt: Prompt) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and len(prompt.full) > limit:
-        raise InputError(
-            f"the prompt is {len(prompt.full)} tokens but the model takes at most {limit}; shorten the context"
-        )
 
 
 def check_residual(chosen: list[Block], residual: str) -> None:
@@ -158,27 +166,40 @@ def check_residual(chosen: list[Block], residual: str) -> None:
 
 
 def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0) -> None:
-    """Refuse non-finite activations (e.g. a float16 overflow) in runs 1 and 3, naming where they appear."""
+    """Refuse non-finite activations (e.g. a float16 overflow) in the unpatched runs, naming where they appear."""
     captured = [logits_ctx, *(x for target in targets.values() for x in vars(target).values())]
     if not all(torch.isfinite(x).all() for x in captured):
-        raise non_finite(model, prompt.full, "the full prompt")
+        raise non_finite(model, prompt.full, "the full prompt", lambda: last_logits(model, prompt.full))
     if not torch.isfinite(logits_0).all():
-        raise non_finite(model, prompt.query_only, "the query alone")
+        raise non_finite(model, prompt.query_only, "the query alone", lambda: last_logits(model, prompt.query_only))
 
 
-def non_finite(model: nn.Module, ids: list[int], which: str) -> MathError:
-    """The MathError for a forward pass of `ids` that gave inf or NaN, found again by a diagnostic run."""
+def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str) -> Solution:
+    """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
+    solution = solve(model, chosen, targets, prompt.query_only, residual)
+    if not torch.isfinite(solution.logits).all():
+        run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731
+        raise non_finite(model, prompt.query_only, "the query alone with the update applied", run)
+    return solution
+
+
+def non_finite(model: nn.Module, ids: list[int], which: str, run) -> MathError:
+    """The MathError for a forward pass (`run`) that gave inf or NaN, located by running it again with checks."""
     dtype = str(model.dtype).removeprefix("torch.")
     fix = {"float32": "run with --dtype float64, or check the checkpoint's weights", "float64": "check the "
            "checkpoint's weights"}.get(dtype, "run with --dtype float32")  # fmt: skip
     return MathError(
         f"non-finite activations (inf or NaN) with {which} in {dtype}: they first appear in "
-        f"{first_non_finite(model, ids)}; {fix}"
+        f"{first_non_finite(model, run)}; {fix}"
     )
 
 
-def first_non_finite(model: nn.Module, ids: list[int]) -> str:
-    """The path of the first attention branch, MLP or block whose output has an inf or NaN at any position."""
+def first_non_finite(model: nn.Module, run) -> str:
+    """The path of the first attention branch, MLP or block whose output has an inf or NaN while `run()` runs.
+
+    `run` may register hooks of its own (the sequential update): the checks then search the run that
+    failed, patched, rather than an unpatched one that may well be finite.
+    """
     found: list[str] = []
 
     def check(path: str):
@@ -194,183 +215,17 @@ def first_non_finite(model: nn.Module, ids: list[int]) -> str:
         hooks += [(b.part(rel), check(f"{b.full(rel)} (layer {b.index})")) for rel in parts]
         hooks.append((b.module, check(f"{b.path} (layer {b.index})")))
     with hooked(hooks):
-        last_logits(model, ids)
+        run()
     return found[0] if found else "the final norm or output layer"
 
 
-def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
-    """The next-token logits after `ids`, shape (vocab,)."""
-    input_ids = torch.tensor([ids], device=model.device)
-    return model(input_ids=input_ids, use_cache=False).logits[0, -1]
-
-
-def last(x: torch.Tensor) -> torch.Tensor:
-    """The last position of a (1, T, d) or (OPT's MLP) (T, d) activation, as a float64 copy.
-
-    A copy, because some blocks (Falcon) add to their MLP output in place after our hook has read it.
-    """
-    return x.reshape(-1, x.shape[-1])[-1].to(MATH_DTYPE, copy=True)
-
-
-def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]):
-    """Run 1: z_ctx, attention branch and block output at the last token of every chosen block."""
-    seen: dict[int, dict[str, torch.Tensor]] = {b.index: {} for b in chosen}
-
-    def record(block: Block, key: str, from_input: bool):
-        def hook(module, args, output):
-            seen[block.index][key] = last(args[0] if from_input else hidden(output))
-
-        return hook
-
-    hooks = []
-    for b in chosen:
-        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
-        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
-        hooks.append((b.mlp_branch, record(b, "branch", False)))
-        hooks.append((b.module, record(b, "out", False)))
-    with hooked(hooks):
-        logits = last_logits(model, ids)
-    return {i: Target(**d) for i, d in seen.items()}, logits
-
-
-class SequentialRun:
-    """Run 2's hooks: at each chosen block, in forward order, build and apply that block's updates.
-
-    When a block's hooks fire, the blocks below are already patched, so z0 is read from the
-    patched no-context run, as the exactness argument needs.
-    """
-
-    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str):
-        self.chosen, self.targets, self.residual = chosen, targets, residual
-        self.patch = Patch()
-        self.seen: dict[int, dict] = {b.index: {} for b in chosen}
-        self.suspended = False  # set while re-running the MLP unpatched
-
-    def hooks(self) -> list:
-        hooks = []
-        for b in self.chosen:
-            hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
-            hooks.append((b.part(b.family.attn), self.attn_hook(b)))
-            hooks.append((b.mlp_branch, self.branch_hook(b)))
-            if self.residual == "fold":
-                hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
-            hooks.append((b.module, self.block_hook(b)))
-        return hooks
-
-    def first_hook(self, b: Block, path: str):
-        def hook(module, args, output):
-            if self.suspended:
-                return None
-            z = args[0]
-            z0 = self.seen[b.index]["z0"] = last(z)
-            weight = arch.weight_out_in(module, b.family)
-            delta = self.patch.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, z0, path)
-            return add_rounded(output, delta.apply(z))
-
-        return hook
-
-    def attn_hook(self, b: Block):
-        def hook(module, args, output):
-            if not self.suspended:
-                self.seen[b.index]["attn"] = last(hidden(output))
-
-        return hook
-
-    def branch_hook(self, b: Block):
-        """Record the MLP branch's output with ΔW, and re-run it without ΔW on the last token."""
-
-        def hook(module, args, output):
-            if self.suspended:
-                return None
-            seen = self.seen[b.index]
-            seen["branch"] = last(hidden(output))
-            self.suspended = True
-            try:
-                y = b.run_mlp(seen["z0"].to(hidden(output).dtype)[None, None])
-            finally:
-                self.suspended = False
-            seen["branch0"] = last(hidden(y))
-
-        return hook
-
-    def fold_input_hook(self, b: Block):
-        def hook(module, args, output):
-            if not self.suspended:  # (T, in): the input of the fold's target module at every position
-                self.seen[b.index]["p"] = args[0].reshape(-1, args[0].shape[-1])
-
-        return hook
-
-    def block_hook(self, b: Block):
-        """Δb = what remains of h_ctx − h at the last token; realise it as a bias or a fold."""
-
-        def hook(module, args, output):
-            h = hidden(output)  # (1, T, hidden)
-            target = self.targets[b.index]
-            delta_b = target.out - last(h)  # (hidden,)
-            seen = self.seen[b.index]
-            seen["delta_b"] = delta_b
-            if self.residual == "bias":
-                self.patch.residual[b.path] = delta_b
-                new = add_rounded(h, delta_b)
-            else:
-                new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
-            seen["block_error"] = float((last(new) - target.out).norm() / target.out.norm())
-            return with_hidden(output, new)
-
-        return hook
-
-    def fold(self, b: Block, delta_b: torch.Tensor) -> torch.Tensor:
-        """Realise Δb as a fold applied at every position; returns its effect on the block output, (T, hidden).
-
-        "linear": a rank-1 ΔW on the output projection with scale·ΔW p_last = Δb. "norm-scale": a dense
-        δ on the post-MLP norm's weight with n_last ⊙ δ = Δb, n the normalised MLP output before its scale
-        (whether the norm scales by w or by 1 + w, the effect of w → w + δ is n ⊙ δ).
-        """
-        seen = self.seen[b.index]
-        p = seen["p"]  # (T, in)
-        if b.family.fold == "norm-scale":
-            n = arch.rms_normalised(b.part(b.fold_target), p)  # (T, hidden), float64
-            path = b.full(f"{b.fold_target}.weight")
-            seen["fold_min_abs_normalised"] = float(n[-1].abs().min())
-            delta = self.patch.dense[path] = norm_scale_fold(delta_b, n[-1], path)
-            return n * delta
-        path = b.full(b.family.down)
-        fold = self.patch.low_rank[path] = rank_one_map(delta_b / b.scale, last(p), path)
-        return b.scale * fold.apply(p)
-
-    def report(self, b: Block) -> LayerReport:
-        seen, target = self.seen[b.index], self.targets[b.index]
-        z0, z_ctx = seen["z0"], target.z_ctx
-        return LayerReport(
-            layer=b.index,
-            z0_norm=float(z0.norm()),
-            dz_norm=float((z_ctx - z0).norm()),
-            z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
-            attention_delta_norm=float((target.attn - seen["attn"]).norm()),
-            mlp_branch_delta_norm=float((seen["branch"] - seen["branch0"]).norm()),
-            mlp_branch_error=float((seen["branch"] - target.branch).norm() / target.branch.norm()),
-            residual_delta_norm=float(seen["delta_b"].norm()),
-            block_error=seen["block_error"],
-            modules={path: module_report(self.patch.low_rank[path], b, path) for path in self.module_paths(b)},
-            fold_min_abs_normalised=seen.get("fold_min_abs_normalised"),
-        )
-
-    def module_paths(self, b: Block) -> list[str]:
-        paths = list(b.first)
-        if self.residual == "fold" and b.family.fold == "linear":
-            paths.append(b.full(b.family.down))
-        return paths
-
-
-def check_static_fold(model: nn.Module, patch: Patch, prompt: Prompt, logits_ctx: torch.Tensor) -> None:
+def check_static_fold(patch: Patch, logits_ctx: torch.Tensor, logits_static: torch.Tensor) -> None:
     """Refuse a norm-scale fold that does not survive being applied as weights.
 
     Each δ_k = Δb_k / n_k multiplies the block's sensitivity to coordinate k at every position, so the
     rounding that the live run corrects layer by layer (Gemma's norms compute in float32) can compound
-    through the folded layers when the patch is applied statically. One extra forward pass measures it.
+    through the folded layers when the patch is applied statically.
     """
-    with applied(model, patch):
-        logits_static = last_logits(model, prompt.query_only)
     kl = kl_divergence(logits_ctx, logits_static) if torch.isfinite(logits_static).all() else float("inf")
     if not kl < MAX_STATIC_FOLD_KL:
         worst = max(patch.dense, key=lambda path: float(patch.dense[path].abs().max()))
@@ -381,63 +236,46 @@ def check_static_fold(model: nn.Module, patch: Patch, prompt: Prompt, logits_ctx
         )
 
 
-def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
-    """δ = Δb / n_last, refused when some |n_last,k| < MIN_FOLD_NORMALISED (the fold would divide by ~0)."""
-    smallest = float(n_last.abs().min())
-    if not smallest >= MIN_FOLD_NORMALISED:
-        k = int(n_last.abs().argmin())
-        raise MathError(
-            f"cannot fold Δb into {where}: coordinate {k} of the normalised MLP output is {smallest:.3g} "
-            f"(< {MIN_FOLD_NORMALISED:g}), so the fold would divide by ~0; use --residual bias, or leave this "
-            "layer out with --layers"
-        )
-    return delta_b / n_last
+def layer_report(b: Block, rec: LayerRecord, target, patch: Patch, residual: str) -> LayerReport:
+    """One layer's figures from the sequential run's record (row 0) and the with-context target."""
+    z0, z_ctx = rec.z0[0], target.z_ctx[0]
+    fold = rec.fold_min_abs_normalised
+    return LayerReport(
+        layer=b.index,
+        z0_norm=float(z0.norm()),
+        dz_norm=float((z_ctx - z0).norm()),
+        z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
+        attention_delta_norm=float((target.attn[0] - rec.attn[0]).norm()),
+        mlp_branch_delta_norm=float((rec.branch[0] - rec.branch0[0]).norm()),
+        mlp_branch_error=float((rec.branch[0] - target.branch[0]).norm() / target.branch[0].norm()),
+        residual_delta_norm=float(rec.delta_b[0].norm()),
+        block_error=float(rec.block_error[0]),
+        modules={path: module_report(patch, b, path) for path in module_paths(b, residual)},
+        fold_min_abs_normalised=None if fold is None else float(fold[0]),
+    )
 
 
-def module_report(delta: LowRank, b: Block, path: str) -> dict:
-    weight = b.module.get_submodule(path.removeprefix(b.path + ".")).weight
+def module_paths(b: Block, residual: str) -> list[str]:
+    paths = list(b.first)
+    if residual == "fold" and b.family.fold == "linear":
+        paths.append(b.full(b.family.down))
+    return paths
+
+
+def module_report(patch: Patch, b: Block, path: str) -> dict:
+    delta = patch.low_rank[path]
     delta_norm = delta.frobenius_norm()
-    weight_norm = float(torch.linalg.vector_norm(weight.detach(), dtype=MATH_DTYPE))
+    norm_w = weight_norm(b.module.get_submodule(path.removeprefix(b.path + ".")).weight)
     return {
         "delta_w_norm": delta_norm,
-        "weight_norm": weight_norm,
-        "relative_norm": delta_norm / weight_norm if weight_norm else None,
+        "weight_norm": norm_w,
+        "relative_norm": delta_norm / norm_w if norm_w else None,
         "rank": delta.rank(),
-        "alignment_prev_layer": None,
+        "gradient_alignment": None,
     }
 
 
-def add_alignments(chosen: list[Block], patch: Patch, reports: list[LayerReport]) -> None:
-    """Fill alignment_prev_layer: the normalised ⟨ΔW_ℓ, ΔW_ℓ₋₁⟩_F of the same module, if ℓ−1 was patched."""
-    by_index = {b.index: b for b in chosen}
-    for b, report in zip(chosen, reports):
-        prev = by_index.get(b.index - 1)
-        if prev is None:
-            continue
-        for path, entry in report.modules.items():
-            prev_path = prev.full(path.removeprefix(b.path + "."))
-            if prev_path in patch.low_rank:
-                entry["alignment_prev_layer"] = alignment(patch.low_rank[path], patch.low_rank[prev_path])
-
-
-def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
-    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists."""
-    return {
-        "kl_patched": kl_divergence(ctx, patched),
-        "kl_no_context": kl_divergence(ctx, no_ctx),
-        "top1_match": bool(ctx.argmax() == patched.argmax()),
-        "max_logit_error": float((ctx.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
-        "top_k": {
-            "context": top_tokens(tokenizer, ctx, k),
-            "no_context": top_tokens(tokenizer, no_ctx, k),
-            "patched": top_tokens(tokenizer, patched, k),
-        },
-    }
-
-
-def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
-    probs = torch.softmax(logits.to(MATH_DTYPE), dim=-1)
-    top = torch.topk(probs, min(k, probs.numel()))
-    return [
-        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices)
-    ]
+def add_gradient_alignment(reports: list[LayerReport], alignment: list[dict]) -> None:
+    for report, row in zip(reports, alignment):
+        for path, value in row["modules"].items():
+            report.modules[path]["gradient_alignment"] = value

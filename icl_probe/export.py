@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .analysis import Analysis, analyze, last_logits
+from .analysis import Analysis, analyze
+from .capture import last_logits
 from .errors import PatchError, UsageError
 from .fileio import atomic_write_dir, check_writable
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
 from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
-from .patching import Patch, applied, dense_added
-from .replay import Apply
+from .patching import Apply, Patch, applied, dense_added
 
 FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

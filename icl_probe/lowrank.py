@@ -33,13 +33,18 @@ class LowRank:
         return coef @ self.u.to(MATH_DTYPE).T
 
     def frobenius_norm(self) -> float:
-        return frobenius_inner(self, self) ** 0.5
+        """‖u vᵀ‖_F; for r > 1 from the r×r core, so that a difference of nearly equal updates keeps its digits."""
+        if self.u.shape[1] <= 1:
+            return frobenius_inner(self, self) ** 0.5
+        return float(torch.linalg.matrix_norm(self.core()))
+
+    def core(self) -> torch.Tensor:
+        """R_u R_vᵀ (r×r), from the QR decompositions u = Q_u R_u and v = Q_v R_v: u vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ."""
+        return torch.linalg.qr(self.u.to(MATH_DTYPE)).R @ torch.linalg.qr(self.v.to(MATH_DTYPE)).R.T
 
     def rank(self, rtol: float = 1e-10) -> int:
         """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions."""
-        r_u = torch.linalg.qr(self.u.to(MATH_DTYPE)).R
-        r_v = torch.linalg.qr(self.v.to(MATH_DTYPE)).R
-        sigma = torch.linalg.svdvals(r_u @ r_v.T)
+        sigma = torch.linalg.svdvals(self.core())
         if sigma.numel() == 0 or sigma[0] == 0:
             return 0
         return int((sigma > rtol * sigma[0]).sum())

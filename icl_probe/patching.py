@@ -6,8 +6,8 @@ in place and the original values restored bit for bit when the context manager e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +15,8 @@ from torch import nn
 
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import LowRank, add_rounded
+
+Apply = Callable[[], AbstractContextManager]  # enters a patched state of a model, e.g. lambda: applied(m, p)
 
 
 @dataclass

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .analysis import check_length, compare_logits, last_logits, top_tokens
+from .capture import check_length, last_logits
 from .errors import InputError, UsageError
 from .inputs import Prompt, check_text, special_prefix, tokenize
+from .metrics import compare_logits, top_tokens
 from .patchfile import check_fits, int_list, load_patch
-from .patching import Patch, applied
+from .patching import Apply, Patch, applied
 
 SCHEMA = "icl-probe.replay/1"
 NO_GENERATION = {"patched": None, "context": None, "no_context": None, "agree_tokens": None}
-Apply = Callable[[], AbstractContextManager]
 
 
 @dataclass

@@ -10,7 +10,7 @@ TOP_KEYS = {"schema", "model", "model_type", "num_layers", "dtype", "residual", 
             "query_tokens", "layers", "logits"}  # fmt: skip
 LAYER_KEYS = {"layer", "z0_norm", "dz_norm", "z_cosine", "attention_delta_norm", "mlp_branch_delta_norm",
               "residual_delta_norm", "block_error", "modules"}  # fmt: skip
-MODULE_KEYS = {"delta_w_norm", "weight_norm", "relative_norm", "rank", "alignment_prev_layer"}
+MODULE_KEYS = {"delta_w_norm", "weight_norm", "relative_norm", "rank", "gradient_alignment"}
 LOGIT_KEYS = {"kl_patched", "kl_no_context", "top1_match", "max_logit_error", "top_k"}
 
 
@@ -22,7 +22,7 @@ def test_demo_json_has_the_schema(tiny_llama_dir):
     result = run("analyze", "--model", tiny_llama_dir, "--json", "-")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert TOP_KEYS <= set(doc) and doc["schema"] == "icl-probe.analysis/1"
+    assert TOP_KEYS <= set(doc) and doc["schema"] == "icl-probe.analysis/2"
     assert doc["model_type"] == "llama" and doc["num_layers"] == 2 and doc["dtype"] == "float32"
     assert doc["residual"] == "bias" and doc["prefix_tokens"] == []
     assert [layer["layer"] for layer in doc["layers"]] == [0, 1]

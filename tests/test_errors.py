@@ -490,14 +490,14 @@ def test_existing_output_with_force_is_replaced(llama, tmp_path):
     out.write_text("old")
     result = analyze(llama, "--context", CONTEXT, "--query", QUERY, "--json", out, "--force")
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["schema"] == "icl-probe.analysis/1"
+    assert json.loads(out.read_text())["schema"] == "icl-probe.analysis/2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
 def test_json_to_stdout_is_pure_json(llama):
     result = analyze(llama, "--context", CONTEXT, "--query", QUERY, "--json", "-")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["schema"] == "icl-probe.analysis/1"
+    assert json.loads(result.stdout)["schema"] == "icl-probe.analysis/2"
 
 
 def test_json_to_stdout_is_pure_json_for_export_replay_and_modules(llama, tmp_path):

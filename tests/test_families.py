@@ -17,12 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from icl_probe import analyze, arch, export_patch, load_patch, replay
-from icl_probe.analysis import MIN_FOLD_NORMALISED, last_logits
+from icl_probe.capture import last_logits
 from icl_probe.cli import app
 from icl_probe.errors import IclProbeError, MathError, ModelError
 from icl_probe.hooks import hidden, hooked
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import applied
+from icl_probe.update import MIN_FOLD_NORMALISED
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 

@@ -1,0 +1,134 @@
+"""Forward passes and capture: next-token logits, and the with-context targets every block must reach.
+
+A target is what one block computes at the query's last token when the context is present: its
+MLP input z_ctx, its attention branch, its MLP branch and its output. Targets are batched (a row
+per prompt), so a prefix sweep captures every prefix of a context in one pass over a KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import arch
+from .arch import Block
+from .errors import InputError
+from .hooks import hidden, hooked
+from .inputs import Prompt, parse_layers
+from .lowrank import MATH_DTYPE
+
+
+@dataclass
+class Target:
+    """With-context activations of one block at the query's last token, float64, shape (B, d)."""
+
+    z_ctx: torch.Tensor
+    attn: torch.Tensor
+    branch: torch.Tensor
+    out: torch.Tensor
+
+    def row(self, i: int) -> Target:
+        return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)))
+
+
+def model_name(model: nn.Module) -> str:
+    return str(getattr(model, "icl_probe_name", model.config.name_or_path))
+
+
+def select_blocks(model: nn.Module, layers) -> list[Block]:
+    all_blocks = arch.blocks(model)
+    return [all_blocks[i] for i in parse_layers(layers, len(all_blocks))]
+
+
+def check_length(model: nn.Module, prompt: Prompt) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and len(prompt.full) > limit:
+        raise InputError(
+            f"the prompt is {len(prompt.full)} tokens but the model takes at most {limit}; shorten the context"
+        )
+
+
+def forward(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Next-token logits after each row of `ids` (B, T), shape (B, vocab); only the last position's logits."""
+    out = model(input_ids=ids.to(model.device), logits_to_keep=1, **kwargs)
+    return out.logits[:, -1]
+
+
+def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The next-token logits after `ids`, shape (vocab,)."""
+    return forward(model, torch.tensor([ids]), use_cache=False)[0]
+
+
+def last(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The last position of a (B, T, d) (or OPT's MLP (B·T, d)) activation, as a float64 copy, (B, d).
+
+    A copy, because some blocks (Falcon) add to their MLP output in place after our hook has read it.
+    """
+    return x.reshape(batch, -1, x.shape[-1])[:, -1].to(MATH_DTYPE, copy=True)
+
+
+def target_hooks(chosen: list[Block], seen: dict[int, dict], batch: int) -> list:
+    """Hooks recording z_ctx, attention branch, MLP branch and block output at the last token."""
+
+    def record(block: Block, key: str, from_input: bool):
+        def hook(module, args, output):
+            seen[block.index][key] = last(args[0] if from_input else hidden(output), batch)
+
+        return hook
+
+    hooks = []
+    for b in chosen:
+        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
+        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
+        hooks.append((b.mlp_branch, record(b, "branch", False)))
+        hooks.append((b.module, record(b, "out", False)))
+    return hooks
+
+
+def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]) -> tuple[dict[int, Target], torch.Tensor]:
+    """Run the full prompt once: each chosen block's Target (B = 1) and the next-token logits (vocab,)."""
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    with hooked(target_hooks(chosen, seen, 1)):
+        logits = last_logits(model, ids)
+    return {i: Target(**d) for i, d in seen.items()}, logits
+
+
+def cache_croppable(model: nn.Module, length: int) -> bool:
+    """Whether a KV cache of `length` tokens can be cropped back: no sliding window shorter than it drops states."""
+    window = getattr(model.config, "sliding_window", None)
+    return window is None or length <= window
+
+
+def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, query: list[int]):
+    """Targets and logits (1, vocab) of the query run after a copy of `cache` with its last `remove` tokens dropped."""
+    cropped = copy.deepcopy(cache)
+    cropped.crop(-remove)  # transformers takes the number of tokens to drop, negated
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    with hooked(target_hooks(chosen, seen, 1)):
+        logits = forward(model, torch.tensor([query]), past_key_values=cropped, use_cache=True)
+    return {i: Target(**d) for i, d in seen.items()}, logits
+
+
+def capture_prefixes(
+    model: nn.Module, chosen: list[Block], head: list[int], cuts: list[int], query: list[int]
+) -> tuple[dict[int, Target], torch.Tensor]:
+    """Targets and logits of `head[:c] + query` for every cut c, with `head` run only once.
+
+    `head` (prefix + context) goes through the model once with a KV cache; each cut's query then runs
+    against a copy of the cache cropped to c tokens. Causal attention makes this the same computation
+    as running each prompt whole. (With a sliding window shorter than the prompt, each prompt runs whole.)
+    Returns Targets with a row per cut and logits of shape (len(cuts), vocab).
+    """
+    if cache_croppable(model, len(head) + len(query)):
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([head], device=model.device), use_cache=True).past_key_values
+        rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
+    else:
+        rows = [capture_targets(model, chosen, head[:c] + query) for c in cuts]
+        rows = [(targets, logits[None]) for targets, logits in rows]
+    keys = ("z_ctx", "attn", "branch", "out")
+    targets = {b.index: Target(*(torch.cat([vars(r[0][b.index])[k] for r in rows]) for k in keys)) for b in chosen}
+    return targets, torch.cat([r[1] for r in rows])

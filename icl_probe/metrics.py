@@ -1,0 +1,174 @@
+"""Scores: KL and top-k of next-token distributions, alignments of updates, and ablations of a patch.
+
+Ablations apply a patch statically (as replay does: every update at every position) with parts of
+it left out, and score the query alone against the with-context distribution.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from .arch import Block
+from .capture import last_logits
+from .errors import InputError
+from .lowrank import MATH_DTYPE, LowRank, kl_divergence
+from .patching import Patch, applied
+
+
+def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
+    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists."""
+    return {
+        "kl_patched": kl_divergence(ctx, patched),
+        "kl_no_context": kl_divergence(ctx, no_ctx),
+        "top1_match": bool(ctx.argmax() == patched.argmax()),
+        "max_logit_error": float((ctx.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
+        "top_k": {
+            "context": top_tokens(tokenizer, ctx, k),
+            "no_context": top_tokens(tokenizer, no_ctx, k),
+            "patched": top_tokens(tokenizer, patched, k),
+        },
+    }
+
+
+def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
+    probs = torch.softmax(logits.to(MATH_DTYPE), dim=-1)
+    top = torch.topk(probs, min(k, probs.numel()))
+    return [
+        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices)
+    ]
+
+
+def prob(logits: torch.Tensor, token_id: int) -> float:
+    """The softmax probability of one token, in float64."""
+    return float(torch.softmax(logits.to(MATH_DTYPE), dim=-1)[token_id])
+
+
+def cross_entropy(logits: torch.Tensor, token_id: int) -> float:
+    """−log p(token) under the logits, in float64."""
+    return float(-torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)[token_id])
+
+
+def score(ctx: torch.Tensor, logits: torch.Tensor) -> dict:
+    """{kl: KL(ctx ‖ logits), top1_match} for one static application."""
+    return {"kl": kl_divergence(ctx, logits), "top1_match": bool(ctx.argmax() == logits.argmax())}
+
+
+def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict:
+    """{token, id}: the first token of `target`, or the with-context top-1 token."""
+    if target is None:
+        token_id = int(logits_ctx.argmax())
+    else:
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InputError(f"the target {target!r} has no tokens; give a non-empty --target")
+        token_id = ids[0]
+    return {"token": tokenizer.decode([token_id]), "id": token_id}
+
+
+def static_logits(model: nn.Module, patch: Patch, ids: list[int]) -> torch.Tensor:
+    """The next-token logits after `ids` with `patch` applied at every position (as replay applies it)."""
+    with torch.no_grad(), applied(model, patch):
+        return last_logits(model, ids)
+
+
+def split_patch(patch: Patch, keep) -> Patch:
+    """The entries of `patch` whose path passes `keep(path)`."""
+    return Patch(
+        low_rank={p: d for p, d in patch.low_rank.items() if keep(p)},
+        residual={p: d for p, d in patch.residual.items() if keep(p)},
+        dense={p: d for p, d in patch.dense.items() if keep(p)},
+    )
+
+
+def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx, both=None) -> dict:
+    """KL and top-1 agreement with the patch applied statically as ΔW only, as Δb only, and whole.
+
+    "Δb" is the residual term however it is realised: a bias, or its fold into the output projection or a
+    norm. `both`, if given, is the whole patch's static logits, already computed.
+    """
+    first = {path for b in chosen for path in b.first}
+    return {
+        "delta_w_only": score(ctx, static_logits(model, split_patch(patch, lambda p: p in first), ids)),
+        "bias_only": score(ctx, static_logits(model, split_patch(patch, lambda p: p not in first), ids)),
+        "both": score(ctx, both if both is not None else static_logits(model, patch, ids)),
+    }
+
+
+def in_block(b: Block, path: str) -> bool:
+    return path == b.path or path.startswith(b.path + ".")
+
+
+def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx: torch.Tensor) -> list:
+    """Per chosen layer: the static patch without that layer's updates, and with that layer's alone."""
+    rows = []
+    for b in chosen:
+        without = split_patch(patch, lambda p, b=b: not in_block(b, p))
+        alone = split_patch(patch, lambda p, b=b: in_block(b, p))
+        rows.append(
+            {
+                "layer": b.index,
+                "without": score(ctx, static_logits(model, without, ids)),
+                "alone": score(ctx, static_logits(model, alone, ids)),
+            }
+        )
+    return rows
+
+
+def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], target_id: int) -> dict[str, torch.Tensor]:
+    """∇_W L for every first linear W of `chosen`, (out, in) float64; L = −log p(target | ids), model unpatched.
+
+    One backward pass; only those weights take gradients, and every requires_grad flag is restored.
+    """
+    weights = {path: m.weight for b in chosen for path, m in b.first.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            logits = last_logits(model, ids)
+            loss = -torch.log_softmax(logits.float(), dim=-1)[target_id]
+            grads = torch.autograd.grad(loss, list(weights.values()))
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    family = chosen[0].family if chosen else None
+    return {path: orient(g, family).to(MATH_DTYPE) for path, g in zip(weights, grads)}
+
+
+def orient(grad: torch.Tensor, family) -> torch.Tensor:
+    """A weight-shaped tensor in the math's (out, in) orientation (Conv1D stores (in, out))."""
+    return grad.T if family is not None and family.conv1d else grad
+
+
+def gradient_cosine(delta: LowRank, grad: torch.Tensor) -> float | None:
+    """cos_F(ΔW, −G) = −uᵀ G v / (‖ΔW‖_F ‖G‖_F), without forming ΔW; None when either is zero."""
+    u, v = delta.u.to(MATH_DTYPE), delta.v.to(MATH_DTYPE)
+    inner = float(torch.trace(u.T @ grad @ v))
+    norms = delta.frobenius_norm() * float(grad.norm())
+    return -inner / norms if norms else None
+
+
+def gradient_alignment(model, chosen: list[Block], patch: Patch, ids: list[int], target_id: int) -> list[dict]:
+    """Per layer and first linear, cos_F(ΔW, −∇_W L) for the patch's ΔW (see `target_gradients`)."""
+    grads = target_gradients(model, chosen, ids, target_id)
+    return [
+        {"layer": b.index, "modules": {path: gradient_cosine(patch.low_rank[path], grads[path]) for path in b.first}}
+        for b in chosen
+    ]
+
+
+_NORMS: dict[int, tuple[weakref.ref, int, float]] = {}  # id(weight) → (weight, version, ‖W‖_F)
+
+
+def weight_norm(weight: torch.Tensor) -> float:
+    """‖W‖_F in float64, cached per tensor until it is modified (weights rarely change between calls)."""
+    entry = _NORMS.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version:
+        norm = float(torch.linalg.vector_norm(weight.detach(), dtype=MATH_DTYPE))
+        entry = _NORMS[id(weight)] = (weakref.ref(weight), weight._version, norm)
+    return entry[2]

@@ -1,0 +1,241 @@
+"""The sequential update: the query alone, where each chosen block in turn builds and applies its ΔW and Δb.
+
+When a block's hooks fire, the blocks below are already patched, so z0 is read from the patched
+no-context run, as the exactness argument needs. The run is batched: every row is the same query
+and carries its own targets and so its own updates (a prefix sweep solves all its prefixes at once).
+`solve` returns one `Patch` and one `LayerRecord` per row and block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import arch
+from .arch import Block
+from .capture import Target, forward, last
+from .errors import MathError
+from .hooks import hidden, hooked, with_hidden
+from .lowrank import MATH_DTYPE, LowRank, check_norm, matvec
+from .patching import Patch
+
+# The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
+# becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
+# grows as 1/|n_k|: below this we refuse rather than amplify noise by more than 10⁴. (On Gemma 3 270M
+# in float32, one layer folded at |n_k| = 1.1e-4 still replays as weights within KL 1.4e-10.)
+MIN_FOLD_NORMALISED = 1e-4
+
+
+@dataclass
+class LayerRecord:
+    """What the sequential run saw at one block, for every row: float64 tensors of shape (B, d)."""
+
+    z0: torch.Tensor
+    attn: torch.Tensor  # the attention branch, patched query alone
+    branch: torch.Tensor  # the MLP branch with ΔW
+    branch0: torch.Tensor  # the MLP branch without ΔW, at z0
+    delta_b: torch.Tensor
+    block_error: torch.Tensor  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
+    fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
+
+
+@dataclass
+class Solution:
+    """The sequential run's result: a Patch and records per row, and the patched next-token logits (B, vocab)."""
+
+    patches: list[Patch]
+    records: list[dict[int, LayerRecord]]
+    logits: torch.Tensor
+
+
+class RowUpdates:
+    """Rank-1 updates with a row each, ΔW_b = u_b v_bᵀ: u (B, out), v (B, in), applied row by row."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor):
+        self.u, self.v = u, v
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """ΔW_b x_b for x of shape (B, T, in) (or OPT's (B·T, in)), in float64 of x's shape with out last."""
+        batch = self.u.shape[0]
+        xb = x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE)  # (B, T, in)
+        coef = torch.einsum("bti,bi->bt", xb, self.v)  # (B, T)
+        y = coef[..., None] * self.u[:, None, :]  # (B, T, out)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def row(self, i: int) -> LowRank:
+        return LowRank(self.u[i][:, None], self.v[i][:, None].clone())
+
+
+def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> RowUpdates:
+    """Per row, the rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0. (B, in) → (B, out)."""
+    z0 = z0.to(MATH_DTYPE)
+    z0_sq = (z0 * z0).sum(-1)  # (B,)
+    for n in z0_sq.sqrt():
+        check_norm(n, where)
+    dz = z_ctx.to(MATH_DTYPE) - z0  # (B, in)
+    u = matvec(weight, dz.T).T / z0_sq[:, None]  # (B, out)
+    return RowUpdates(u, z0.clone())
+
+
+def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """y + delta summed in float64 and rounded once to y's dtype."""
+    return (y.to(MATH_DTYPE) + delta).to(y.dtype)
+
+
+class SequentialRun:
+    """The hooks of the sequential run over `chosen` blocks, for `batch` rows of the query."""
+
+    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int):
+        self.chosen, self.targets, self.residual, self.batch = chosen, targets, residual, batch
+        self.low_rank: dict[str, RowUpdates] = {}
+        self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
+        self.dense_rows: dict[str, torch.Tensor] = {}  # norm weight path → δ (B, hidden)
+        self.seen: dict[int, dict] = {b.index: {} for b in chosen}
+        self.suspended = False  # set while re-running the MLP unpatched
+
+    def hooks(self) -> list:
+        hooks = []
+        for b in self.chosen:
+            hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
+            hooks.append((b.part(b.family.attn), self.attn_hook(b)))
+            hooks.append((b.mlp_branch, self.branch_hook(b)))
+            if self.residual == "fold":
+                hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
+            hooks.append((b.module, self.block_hook(b)))
+        return hooks
+
+    def first_hook(self, b: Block, path: str):
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            z = args[0]
+            z0 = self.seen[b.index]["z0"] = last(z, self.batch)
+            weight = arch.weight_out_in(module, b.family)
+            delta = self.low_rank[path] = rank_one_rows(weight, self.targets[b.index].z_ctx, z0, path)
+            return add_rounded(output, delta.apply(z))
+
+        return hook
+
+    def attn_hook(self, b: Block):
+        def hook(module, args, output):
+            if not self.suspended:
+                self.seen[b.index]["attn"] = last(hidden(output), self.batch)
+
+        return hook
+
+    def branch_hook(self, b: Block):
+        """Record the MLP branch's output with ΔW, and re-run it without ΔW on the last token."""
+
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            seen = self.seen[b.index]
+            seen["branch"] = last(hidden(output), self.batch)
+            self.suspended = True
+            try:
+                y = b.run_mlp(seen["z0"].to(hidden(output).dtype)[:, None])  # (B, 1, in)
+            finally:
+                self.suspended = False
+            seen["branch0"] = last(hidden(y), self.batch)
+
+        return hook
+
+    def fold_input_hook(self, b: Block):
+        def hook(module, args, output):
+            if not self.suspended:  # (B, T, in): the input of the fold's target module at every position
+                self.seen[b.index]["p"] = args[0].reshape(self.batch, -1, args[0].shape[-1])
+
+        return hook
+
+    def block_hook(self, b: Block):
+        """Δb = what remains of h_ctx − h at the last token; realise it as a bias or a fold."""
+
+        def hook(module, args, output):
+            h = hidden(output)  # (B, T, hidden)
+            target = self.targets[b.index]
+            delta_b = target.out - last(h, self.batch)  # (B, hidden)
+            seen = self.seen[b.index]
+            seen["delta_b"] = delta_b
+            if self.residual == "bias":
+                self.residual_rows[b.path] = delta_b
+                new = add_rounded(h, delta_b[:, None])
+            else:
+                new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
+            error = (last(new, self.batch) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
+            seen["block_error"] = error
+            return with_hidden(output, new)
+
+        return hook
+
+    def fold(self, b: Block, delta_b: torch.Tensor) -> torch.Tensor:
+        """Realise Δb as a fold applied at every position; returns its effect on the block output, (B, T, hidden).
+
+        "linear": a rank-1 ΔW on the output projection with scale·ΔW p_last = Δb. "norm-scale": a dense
+        δ on the post-MLP norm's weight with n_last ⊙ δ = Δb, n the normalised MLP output before its scale
+        (whether the norm scales by w or by 1 + w, the effect of w → w + δ is n ⊙ δ).
+        """
+        seen = self.seen[b.index]
+        p = seen["p"]  # (B, T, in)
+        if b.family.fold == "norm-scale":
+            n = arch.rms_normalised(b.part(b.fold_target), p)  # (B, T, hidden), float64
+            path = b.full(f"{b.fold_target}.weight")
+            seen["fold_min_abs_normalised"] = n[:, -1].abs().amin(-1)
+            delta = self.dense_rows[path] = norm_scale_fold(delta_b, n[:, -1], path)  # (B, hidden)
+            return n * delta[:, None]
+        path = b.full(b.family.down)
+        p_last = p[:, -1].to(MATH_DTYPE)  # (B, in)
+        p_sq = (p_last * p_last).sum(-1)
+        for norm in p_sq.sqrt():
+            check_norm(norm, path)
+        fold = self.low_rank[path] = RowUpdates(delta_b / b.scale / p_sq[:, None], p_last.clone())
+        return b.scale * fold.apply(p)
+
+    def patch(self, i: int) -> Patch:
+        """Row i's updates as a Patch."""
+        return Patch(
+            low_rank={path: rows.row(i) for path, rows in self.low_rank.items()},
+            residual={path: d[i] for path, d in self.residual_rows.items()},
+            dense={path: d[i] for path, d in self.dense_rows.items()},
+        )
+
+    def record(self, b: Block) -> LayerRecord:
+        seen = self.seen[b.index]
+        keys = ("z0", "attn", "branch", "branch0", "delta_b", "block_error")
+        return LayerRecord(*(seen[k] for k in keys), fold_min_abs_normalised=seen.get("fold_min_abs_normalised"))
+
+
+def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
+    """δ = Δb / n_last per row, refused when some |n_last,k| < MIN_FOLD_NORMALISED (the fold would divide by ~0)."""
+    smallest = float(n_last.abs().min())
+    if not smallest >= MIN_FOLD_NORMALISED:
+        k = int(n_last.abs().amin(0).argmin())
+        raise MathError(
+            f"cannot fold Δb into {where}: coordinate {k} of the normalised MLP output is {smallest:.3g} "
+            f"(< {MIN_FOLD_NORMALISED:g}), so the fold would divide by ~0; use --residual bias, or leave this "
+            "layer out with --layers"
+        )
+    return delta_b / n_last
+
+
+def solve(
+    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: list[int], residual: str, batch: int = 1
+) -> Solution:
+    """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`."""
+    run = SequentialRun(chosen, targets, residual, batch)
+    with hooked(run.hooks()):
+        logits = forward(model, torch.tensor([query] * batch), use_cache=False)
+    records = {b.index: run.record(b) for b in chosen}
+    return Solution(
+        patches=[run.patch(i) for i in range(batch)],
+        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(batch)],
+        logits=logits,
+    )
+
+
+def row_record(r: LayerRecord, i: int) -> LayerRecord:
+    """Row i of a batched record, keeping the (1, d) shapes."""
+    fold = r.fold_min_abs_normalised
+    pick = [x[i : i + 1] for x in (r.z0, r.attn, r.branch, r.branch0, r.delta_b, r.block_error)]
+    return LayerRecord(*pick, fold_min_abs_normalised=None if fold is None else fold[i : i + 1])
