@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
-import io
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -258,7 +259,8 @@ def convert_gguf(path: Path, out: Path) -> None:
 
     kwargs = {"gguf_file": path.name, "dtype": torch.float32}
     try:
-        with contextlib.redirect_stderr(io.StringIO()), no_progress_bars():  # GGUF loading draws its own tqdm bars
+        with no_progress_bars(), no_gguf_bar(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             del model.config.quantization_config  # the weights are plain float32 now
@@ -270,6 +272,25 @@ def convert_gguf(path: Path, out: Path) -> None:
             f"cannot load GGUF file {path}: {one_line(e)}; the file is damaged or truncated, or transformers "
             "cannot dequantise its architecture"
         ) from e
+
+
+@contextlib.contextmanager
+def no_gguf_bar():
+    """Disable the tqdm bar transformers' GGUF loader draws whatever its progress-bar setting says.
+
+    Only that module's bar is switched off: redirecting sys.stderr instead would also swallow the CLI's
+    spinner, which writes to whatever sys.stderr is at the time, and so looked frozen for the conversion.
+    """
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 @contextlib.contextmanager

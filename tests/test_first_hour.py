@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,23 @@ def test_on_convert_is_called_only_when_converting(fake_gguf):
     assert seen == [(folder, False)]  # called before the conversion, with the folder it will fill
     models.resolve_folder(str(fake_gguf), on_convert=on_convert)
     assert len(seen) == 1
+
+
+def test_conversion_leaves_stderr_alone_and_only_the_gguf_bar_off(tmp_path, monkeypatch):
+    """The CLI's spinner writes to whatever sys.stderr is; a redirected stderr froze it for the whole conversion."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original, seen = gguf_utils.tqdm, {}
+
+    def from_pretrained(*args, **kwargs):
+        seen["stderr"], seen["bar_disabled"] = sys.stderr, gguf_utils.tqdm([0]).disable
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelError, match="cannot load GGUF file .*stop here"):
+        models.convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert seen == {"stderr": sys.stderr, "bar_disabled": True}
+    assert gguf_utils.tqdm is original
 
 
 # ---- the prefix rule and query files -------------------------------------------------------------
