@@ -1,70 +1,54 @@
-"""Rich rendering of an analysis for the terminal: a row per layer, then the three top-k lists."""
+"""Rich rendering of the JSON documents for the terminal, readable at 80 columns.
+
+Each `print_*` takes a Console and a document (a plain dict) and only picks and formats its values:
+what was run, a table per layer that never cuts a number (the layout is chosen to fit the console's
+width), the scores, the ablation, and a legend that points to docs/theory.md.
+"""
 
 from __future__ import annotations
 
-from rich.columns import Columns
-from rich.console import Console, Group
+import math
+from collections.abc import Callable
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+WIDE_WIDTH = 140  # wide=None shows every figure from this many columns on
+BAR_CELLS = 8
+EIGHTHS = " ▏▎▍▌▋▊▉█"
+SPARKS = "▁▂▃▄▅▆▇█"
+HONEST = (
+    "Δb closes the gap at every block by construction, so KL≈0 proves the plumbing;",
+    "mlp err tests the theorem (ΔW alone carries what the ablation shows).",
+)
+ABLATION_ROWS = (("delta_w_only", "ΔW only"), ("bias_only", "Δb only"), ("both", "ΔW + Δb"))
+TOP_K_TITLES = (("context", "with context"), ("no_context", "query alone"), ("patched", "query alone, patched"))
+
+
+# --- formatting helpers -------------------------------------------------------------------------------------------
+
 
 def fmt(x: float | None, digits: int = 3) -> str:
+    """`digits` significant digits ('0.0276', '57.5', '1630'); small ones as '5.9e-07'; None as '—'."""
     if x is None:
         return "—"
-    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+    if 10**digits - 0.5 <= abs(x) < 1e6:
+        return f"{round(x, digits - 1 - math.floor(math.log10(abs(x)))):.0f}"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 or not math.isfinite(x) else f"{x:.1e}"
 
 
-def layer_table(doc: dict) -> Table:
-    table = Table(title=f"{doc['model']} ({doc['model_type']}, {doc['dtype']}, residual={doc['residual']})")
-    names = [path.rsplit(".", 1)[-1] for path in doc["layers"][0]["modules"]] if doc["layers"] else []
-    for col in ("layer", "‖z0‖", "‖zC−z0‖", "cos", "‖ΔA‖", "‖Δmlp‖", "mlp err", "‖Δb‖", "block err"):
-        table.add_column(col, justify="right")
-    for name in names:
-        table.add_column(f"{name} ‖ΔW‖/‖W‖", justify="right")
-    table.add_column("align prev", justify="right")
-    for layer in doc["layers"]:
-        modules = list(layer["modules"].values())
-        aligns = [m["alignment_prev_layer"] for m in modules]
-        table.add_row(
-            str(layer["layer"]),
-            *(fmt(layer[k]) for k in ("z0_norm", "dz_norm", "z_cosine", "attention_delta_norm")),
-            *(fmt(layer[k]) for k in ("mlp_branch_delta_norm", "mlp_branch_error", "residual_delta_norm")),
-            fmt(layer["block_error"]),
-            *(fmt(m["relative_norm"]) for m in modules),
-            " ".join(fmt(a, 2) for a in aligns),
-        )
-    return table
+def yes_no(flag: bool | None, no: str = "NO") -> str:
+    return "—" if flag is None else "yes" if flag else no
 
 
-def top_k_table(title: str, entries: list[dict]) -> Table:
-    table = Table(title=title)
-    table.add_column("token")
-    table.add_column("prob", justify="right")
-    for e in entries:
-        table.add_row(repr(e["token"]), f"{e['prob']:.4f}")
-    return table
-
-
-def summary(logits: dict) -> Group:
-    top = logits["top_k"]
-    tables = [
-        top_k_table("with context", top["context"]),
-        top_k_table("query alone", top["no_context"]),
-        top_k_table("query alone, patched", top["patched"]),
-    ]
-    line = Text.assemble(
-        ("KL(context ‖ patched) = ", "bold"),
-        (f"{logits['kl_patched']:.3e}", "bold green" if logits["kl_patched"] < 1e-6 else "bold red"),
-        f"   KL(context ‖ no context) = {logits['kl_no_context']:.3e}",
-        f"   top-1 kept: {'yes' if logits['top1_match'] else 'NO'}",
-        f"   max |Δlogit| = {logits['max_logit_error']:.2e}",
-    )
-    return Group(Columns(tables), line)
-
-
-def print_analysis(console: Console, doc: dict) -> None:
-    console.print(layer_table(doc))
-    console.print(summary(doc["logits"]))
+def kl_text(kl: float | None) -> tuple[str, str]:
+    """A KL and its style: green below 1e-6 (the patch reproduces the context), red above."""
+    if kl is None:
+        return "—", ""
+    return fmt(kl), "bold green" if kl < 1e-6 else "bold red"
 
 
 def span_list(layers: list[int]) -> str:
@@ -78,7 +62,8 @@ def span_list(layers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
+    """Bytes in decimal units: '512 B', '1.5 KB', '3.2 MB'."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -86,73 +71,497 @@ def size(n: int) -> str:
     return ""
 
 
-def kl_text(kl: float | None) -> tuple[str, str]:
-    if kl is None:
-        return "—", ""
-    return f"{kl:.3e}", "bold green" if kl < 1e-6 else "bold red"
+def shorten(text: str, width: int) -> str:
+    """`text` cut in the middle with '…' to at most `width` characters (at least 9 are kept)."""
+    width = max(width, 9)
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def bar(value: float | None, top: float, cells: int = BAR_CELLS) -> str:
+    """`value` as eighth-block characters, `cells` wide at `top`."""
+    if value is None or not top > 0:
+        return ""
+    eighths = round(min(value / top, 1.0) * cells * 8)
+    return "█" * (eighths // 8) + (EIGHTHS[eighths % 8] if eighths % 8 else "")
+
+
+def sparkline(values: list[float | None]) -> str:
+    """One ▁..█ character per value, scaled to the largest; ' ' for a missing value."""
+    top = max((v for v in values if v is not None), default=0.0)
+    if not top > 0:
+        return "".join(" " if v is None else SPARKS[0] for v in values)
+    return "".join(" " if v is None else SPARKS[max(math.ceil(v / top * len(SPARKS)) - 1, 0)] for v in values)
+
+
+def wrap_phrases(phrases: list[str], width: int, sep: str = " · ") -> list[str]:
+    """The phrases joined with `sep` into lines of at most `width`, breaking only between phrases."""
+    lines: list[str] = []
+    for phrase in phrases:
+        if lines and len(lines[-1]) + len(sep) + len(phrase) <= width:
+            lines[-1] += sep + phrase
+        else:
+            lines.append(phrase)
+    return lines
+
+
+def print_phrases(console: Console, phrases: list[str], sep: str = " · ", style: str = "") -> None:
+    for line in wrap_phrases(phrases, console.width, sep):
+        console.print(Text(line, style=style))
+
+
+def natural_width(console: Console, renderable: RenderableType) -> int:
+    return Measurement.get(console, console.options.update(max_width=10_000), renderable).maximum
+
+
+def first_fitting(console: Console, *candidates: RenderableType) -> RenderableType:
+    """The first candidate whose natural width fits the console, else the last one."""
+    for candidate in candidates:
+        if natural_width(console, candidate) <= console.width:
+            return candidate
+    return candidates[-1]
+
+
+def number_table(*columns: str, title: str | None = None, compact: bool = False) -> Table:
+    """A table whose first column is text and the rest right-justified numbers that never wrap or get cut."""
+    # compact: a rule under the header and two spaces between columns, no borders
+    style = dict(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False) if compact else {}
+    table = Table(title=title, title_justify="left", min_width=len(title or ""), **style)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    return table
+
+
+# --- header -------------------------------------------------------------------------------------------------------
+
+
+def token_count(n: int, prefix: list[int] | None = None) -> str:
+    text = f"{n} token{'s' if n != 1 else ''}"
+    if prefix:
+        text += f", +{len(prefix)} prefix token{'s' if len(prefix) != 1 else ''}"
+    return text
+
+
+def text_line(console: Console, label: str, text: str | None, count: str | None) -> Text:
+    """'label 'text'  (count)' with the text repr'd and shortened in the middle to fit the console."""
+    count = f"  ({count})" if count else ""
+    shown = "(text not stored)" if text is None else shorten(repr(text), console.width - len(label) - len(count) - 3)
+    return Text.assemble((f"{label} ", "bold"), shown, (count, "dim"))
+
+
+def model_line(doc: dict, *facts: str) -> Text:
+    return Text.assemble((doc["model"] or "(unnamed model)", "bold"), f"  ({', '.join(facts)})")
+
+
+def print_header(console: Console, doc: dict) -> None:
+    """What was run: the model, and the context and query exactly as used, with their token counts."""
+    console.print(model_line(doc, doc["model_type"], doc["dtype"], f"residual={doc['residual']}"))
+    console.print(text_line(console, "context", doc["context"], token_count(len(doc["context_tokens"]))))
+    query_count = token_count(len(doc["query_tokens"]), doc["prefix_tokens"])
+    console.print(text_line(console, "query  ", doc["query"], query_count))
+
+
+# --- the analysis: per-layer tables -------------------------------------------------------------------------------
+
+
+def module_names(layers: list[dict]) -> dict[str, str]:
+    """Column name → module path inside the block, in order: 'gate_proj' → 'mlp.gate_proj' ('mlp.x' if names clash)."""
+    inner: list[str] = []
+    for layer in layers:
+        for path in layer["modules"]:
+            rel = path.split(f".{layer['layer']}.", 1)[-1]  # 'model.layers.3.mlp.gate_proj' → 'mlp.gate_proj'
+            if rel not in inner:
+                inner.append(rel)
+    last = [rel.rsplit(".", 1)[-1] for rel in inner]
+    return {(name if last.count(name) == 1 else rel): rel for name, rel in zip(last, inner)}
+
+
+def module_value(layer: dict, rel: str, key: str) -> float | None:
+    """`key` of the module at `rel` inside this layer's block; None if the layer has no such module."""
+    for path, module in layer["modules"].items():
+        if path.split(f".{layer['layer']}.", 1)[-1] == rel:
+            return module[key]
+    return None
+
+
+def max_relative(layer: dict) -> float | None:
+    values = [m["relative_norm"] for m in layer["modules"].values() if m["relative_norm"] is not None]
+    return max(values, default=None)
+
+
+def narrow_table(doc: dict, per_module: bool) -> Table:
+    """layer, ‖ΔW‖/‖W‖ per module (or their max), ‖Δb‖, mlp err and a bar of the max ‖ΔW‖/‖W‖."""
+    names = module_names(doc["layers"])
+    rel = [f"{name}\n‖ΔW‖/‖W‖" for name in names] if per_module else ["max\n‖ΔW‖/‖W‖"]
+    table = number_table("layer", *rel, "‖Δb‖", "mlp err", "")
+    table.columns[-1].justify = "left"
+    top = max((v for v in map(max_relative, doc["layers"]) if v is not None), default=0.0)
+    for layer in doc["layers"]:
+        values = [module_value(layer, s, "relative_norm") for s in names.values()] if per_module else []
+        table.add_row(
+            str(layer["layer"]),
+            *(map(fmt, values) if per_module else [fmt(max_relative(layer))]),
+            fmt(layer["residual_delta_norm"]),
+            fmt(layer["mlp_branch_error"]),
+            Text(bar(max_relative(layer), top), style="cyan"),
+        )
+    return table
+
+
+BLOCK_COLUMNS = (
+    ("‖z0‖", "z0_norm"),
+    ("‖zC−z0‖", "dz_norm"),
+    ("cos", "z_cosine"),
+    ("‖ΔA‖", "attention_delta_norm"),
+    ("‖Δmlp‖", "mlp_branch_delta_norm"),
+    ("mlp err", "mlp_branch_error"),
+    ("‖Δb‖", "residual_delta_norm"),
+    ("block err", "block_error"),
+)
+Column = tuple[str, Callable[[dict], "float | None"]]  # header, and the figure it shows for a layer
+
+
+def block_columns(doc: dict) -> list[Column]:
+    """The block's figures, and the norm-scale fold's smallest |n_k| when the document has it."""
+    columns = [(head, lambda layer, key=key: layer[key]) for head, key in BLOCK_COLUMNS]
+    if any(layer.get("fold_min_abs_normalised") is not None for layer in doc["layers"]):
+        columns.append(("fold\nmin|n|", lambda layer: layer.get("fold_min_abs_normalised")))
+    return columns
+
+
+def module_columns(doc: dict) -> list[Column]:
+    """Each module's ‖ΔW‖/‖W‖, then each module's ∇cos if the document has gradient alignments."""
+    names = module_names(doc["layers"])
+    keys = [("‖ΔW‖/‖W‖", "relative_norm")]
+    if any(m["gradient_alignment"] is not None for layer in doc["layers"] for m in layer["modules"].values()):
+        keys.append(("∇cos", "gradient_alignment"))
+    return [
+        (f"{name}\n{head}", lambda layer, rel=rel, key=key: module_value(layer, rel, key))
+        for head, key in keys
+        for name, rel in names.items()
+    ]
+
+
+def wide_table(doc: dict, columns: list[Column]) -> Table:
+    """A row per layer with the given figures, each in its own labelled column."""
+    table = number_table("layer", *(head for head, _ in columns), compact=True)
+    for layer in doc["layers"]:
+        table.add_row(str(layer["layer"]), *(fmt(figure(layer)) for _, figure in columns))
+    return table
+
+
+def packed_tables(console: Console, doc: dict, groups: list[list[Column]]) -> Group:
+    """One table per group, each split into as few tables as fit the console's width."""
+    tables: list[Table] = []
+    for group in groups:
+        chunk: list[Column] = []
+        for column in group:
+            if chunk and natural_width(console, wide_table(doc, chunk + [column])) > console.width:
+                tables.append(wide_table(doc, chunk))
+                chunk = []
+            chunk.append(column)
+        tables.append(wide_table(doc, chunk))
+    return Group(*(part for i, t in enumerate(tables) for part in ([Text("")] if i else []) + [t]))
+
+
+def layer_tables(console: Console, doc: dict, wide: bool) -> RenderableType:
+    """The per-layer figures in the richest layout that fits the console without cutting a number."""
+    if wide:
+        block, modules = block_columns(doc), module_columns(doc)
+        return first_fitting(console, wide_table(doc, block + modules), packed_tables(console, doc, [block, modules]))
+    return first_fitting(console, narrow_table(doc, True), narrow_table(doc, False))
+
+
+def legend(doc: dict, wide: bool) -> list[str]:
+    """What the per-layer columns mean, as short phrases."""
+    ranks = {m["rank"] for layer in doc["layers"] for m in layer["modules"].values()}
+    update = f"rank-{ranks.pop()} update" if len(ranks) == 1 else "low-rank update"
+    folded = " (folded into weights)" if doc["residual"] == "fold" else ""
+    phrases = [f"‖ΔW‖/‖W‖: relative size of the {update}", f"‖Δb‖: residual term{folded}"]
+    if wide:
+        phrases[:0] = ["‖z0‖: MLP input, query alone", "‖zC−z0‖, cos: what the context changes in it"]
+        phrases += ["‖ΔA‖: attention output change", "‖Δmlp‖: how far ΔW moves the MLP branch"]
+    phrases.append("mlp err: ‖MLP(z0; W+ΔW) − MLP(zC; W)‖/‖·‖, the theorem's test")
+    if not wide:
+        return [*phrases, "bar: max ‖ΔW‖/‖W‖ of the layer", "see docs/theory.md"]
+    phrases.append("block err: block output error (≈0 by construction)")
+    headers = " ".join(head for head, _ in block_columns(doc) + module_columns(doc))
+    if "min|n|" in headers:
+        phrases.append("fold min|n|: the norm-scale fold's smallest |n_k|")
+    if "∇cos" in headers:
+        phrases.append("∇cos: cos_F(ΔW, −∇W loss of the target)")
+    return [*phrases, "see docs/theory.md"]
+
+
+# --- the analysis: scores -----------------------------------------------------------------------------------------
+
+
+def score_lines(logits: dict) -> Table:
+    """KL to the patched and to the query alone, top-1 kept, max |Δlogit|: one fact per line."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column()
+    grid.add_column()
+    kl, style = kl_text(logits["kl_patched"])
+    grid.add_row("KL(context ‖ patched)", Text(kl, style=style))
+    grid.add_row("KL(context ‖ query alone)", fmt(logits["kl_no_context"]))
+    keep = logits["top1_match"]
+    grid.add_row("top-1 kept", Text(yes_no(keep), style="" if keep is None else "green" if keep else "bold red"))
+    grid.add_row("max |Δlogit|", fmt(logits["max_logit_error"]))
+    return grid
+
+
+def top_k_table(title: str, entries: list[dict]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
+    table.min_width = len(title)  # a title never wraps
+    table.add_column("token", overflow="fold")
+    table.add_column("prob", justify="right", no_wrap=True)
+    for e in entries:
+        table.add_row(repr(e["token"]), fmt(e["prob"]))
+    return table
+
+
+def top_k_lists(console: Console, top: dict, titles=TOP_K_TITLES) -> RenderableType:
+    """The top-k lists side by side if they fit, else one under another."""
+    tables = [top_k_table(title, top[key]) for key, title in titles if top.get(key) is not None]
+    side = Table.grid(padding=(0, 3))
+    side.add_row(*tables)
+    return first_fitting(console, side, Group(*tables))
+
+
+def ablation_table(parts: dict) -> Table:
+    """KL and top-1 with ΔW only, Δb only and both, applied statically as weights."""
+    table = number_table("applied as weights", "KL(context ‖ ·)", "top-1 kept", title="ablation", compact=True)
+    for key, label in ABLATION_ROWS:
+        if key in parts:
+            table.add_row(label, fmt(parts[key]["kl"]), yes_no(parts[key]["top1_match"], "no"))
+    return table
+
+
+def layer_ablation_table(rows: list[dict]) -> Table:
+    """Per layer: KL and top-1 without that layer's update, and with it alone."""
+    table = number_table("layer", "KL without", "top-1", "KL alone", "top-1", title="per-layer ablation", compact=True)
+    for row in rows:
+        without, alone = row["without"], row["alone"]
+        table.add_row(
+            str(row["layer"]), fmt(without["kl"]), yes_no(without["top1_match"], "no"), fmt(alone["kl"]),
+            yes_no(alone["top1_match"], "no"),
+        )  # fmt: skip
+    return table
+
+
+def print_ablation(console: Console, parts: dict | None) -> None:
+    if parts is not None:
+        console.print()
+        console.print(ablation_table(parts))
+    print_phrases(console, list(HONEST), sep=" ", style="italic")
+
+
+def target_phrases(target: dict, wide: bool) -> list[str]:
+    phrases = [f"∇cos (gradient alignment) uses the target token {target['token']!r} (id {target['id']})"]
+    return phrases if wide else [phrases[0] + ";", "its columns are in the wide view"]
+
+
+def print_analysis(console: Console, doc: dict, wide: bool | None = None) -> None:
+    """The `icl-probe.analysis/2` document: what was run, a row per layer, legend, scores, top-k and ablations.
+
+    `wide` shows every per-layer figure; None means wide when the console has at least 140 columns.
+    """
+    wide = console.width >= WIDE_WIDTH if wide is None else wide
+    print_header(console, doc)
+    console.print(layer_tables(console, doc, wide))
+    print_phrases(console, legend(doc, wide), style="dim")
+    if doc.get("target") is not None:
+        print_phrases(console, target_phrases(doc["target"], wide), sep=" ", style="dim")
+    console.print()
+    console.print(score_lines(doc["logits"]))
+    console.print()
+    console.print(top_k_lists(console, doc["logits"]["top_k"]))
+    print_ablation(console, doc["ablation"])
+    if doc.get("layer_ablation") is not None:
+        console.print()
+        console.print(layer_ablation_table(doc["layer_ablation"]))
+
+
+# --- dynamics -----------------------------------------------------------------------------------------------------
+
+
+def rss(values) -> float | None:
+    """Root-sum-square of the values that are not None; None if all are."""
+    kept = [v for v in values if v is not None]
+    return sum(v * v for v in kept) ** 0.5 if kept else None
+
+
+def mean(values) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def prefix_table(prefixes: list[dict]) -> Table:
+    """Per prefix: how many examples, how many context tokens, the top-1, the target's prob, KL patched."""
+    table = number_table("examples", "context tokens", "top-1", "target prob", "KL patched", compact=True)
+    table.columns[2].justify, table.columns[2].no_wrap, table.columns[2].overflow = "left", False, "fold"
+    for p in prefixes:
+        kl, style = kl_text(p["kl_patched"])
+        table.add_row(
+            str(p["examples"]), str(p["context_tokens"]), repr(p["top1"]), fmt(p["target_prob"]), Text(kl, style=style)
+        )
+    return table
+
+
+def dynamics_layers(doc: dict) -> dict[int, list[dict]]:
+    """layer → its record at prefixes 1..n, in order."""
+    by_layer: dict[int, list[dict]] = {}
+    for p in doc["prefixes"]:
+        for rec in p["layers"]:
+            by_layer.setdefault(rec["layer"], []).append(rec)
+    return by_layer
+
+
+def dynamics_row(recs: list[dict], align: float | None, wide: bool) -> list[RenderableType]:
+    """A layer's sparkline of step norms, its last step, final ‖ΔW‖ and Prop. 3.1 error (and more when wide)."""
+    steps = [rss(m["step_norm"] for m in rec["modules"].values()) for rec in recs]
+    last = recs[-1]["modules"].values()
+    errors = [m["prop31_error"] for m in last if m["prop31_error"] is not None]
+    cells = [Text(sparkline(steps), style="cyan"), fmt(steps[-1]), fmt(rss(m["delta_w_norm"] for m in last))]
+    cells.append(fmt(max(errors, default=None)))
+    if wide:
+        cells += [fmt(recs[-1]["learning_rate"]), fmt(mean(m["step_cosine"] for m in last))]
+    return cells + ([fmt(align)] if align is not None else [])
+
+
+def dynamics_table(doc: dict, wide: bool) -> Table:
+    """Per layer: how ΔW grew over the prefixes (see dynamics_row)."""
+    align = {row["layer"]: mean(row["modules"].values()) for row in doc.get("gradient_alignment") or []}
+    heads = ["layer", f"step norm\n1..{len(doc['prefixes']) - 1}", "last\nstep", "final\n‖ΔW‖", "prop 3.1\nerr"]
+    heads += ["last\nlr", "last\nstep cos"] * wide + ["∇cos"] * bool(align)
+    table = number_table(*heads, compact=True)
+    table.columns[1].justify = "left"
+    for layer, recs in dynamics_layers(doc).items():
+        cells = dynamics_row(recs, align.get(layer), wide)
+        table.add_row(str(layer), *cells, *["—"] * (len(heads) - 1 - len(cells)))
+    return table
+
+
+def dynamics_legend(doc: dict, wide: bool) -> list[str]:
+    phrases = ["step norm: the size of each example's step in ΔW", "one bar per prefix, scaled per row"]
+    phrases += ["norms are root-sum-squares over modules", "prop 3.1 err: the largest over modules, last prefix"]
+    if wide:
+        phrases += ["lr: the layer's learning rate", "step cos: cosine of consecutive steps, mean over modules"]
+    if doc.get("gradient_alignment"):
+        phrases.append("∇cos: cos_F(ΔW, −∇W loss of the target), mean over modules")
+    return [*phrases, "see docs/theory.md"]
+
+
+def finetune_table(finetune: dict) -> Table:
+    """Per fine-tuning step: the training loss, the query's loss, the mean alignment over layers."""
+    title = "fine-tuning on the examples"
+    table = number_table("step", "train loss", "query loss", "mean\nalignment", title=title, compact=True)
+    for s in finetune["steps"]:
+        table.add_row(str(s["step"]), fmt(s["train_loss"]), fmt(s["query_loss"]), fmt(mean(s["alignment"].values())))
+    return table
+
+
+def print_dynamics_header(console: Console, doc: dict) -> None:
+    console.print(model_line(doc, doc["model_type"], doc["dtype"]))
+    tokens = doc.get("query_tokens")
+    count = token_count(len(tokens), doc.get("prefix_tokens")) if tokens is not None else None
+    console.print(text_line(console, "query", doc["query"], count))
+    n = len(doc["examples"]) if doc.get("examples") is not None else len(doc["prefixes"]) - 1
+    target = doc["target"]
+    console.print(f"{n} example{'s' if n != 1 else ''} · target {target['token']!r} (id {target['id']})")
+
+
+def print_dynamics(console: Console, doc: dict, wide: bool | None = None) -> None:
+    """The `icl-probe.dynamics/1` document: per prefix, then per layer with a sparkline, fine-tuning, ablation.
+
+    `wide` adds each layer's learning rate and step cosine; None means wide from 140 columns on.
+    """
+    wide = console.width >= WIDE_WIDTH if wide is None else wide
+    print_dynamics_header(console, doc)
+    console.print()
+    console.print(prefix_table(doc["prefixes"]))
+    console.print()
+    console.print(dynamics_table(doc, wide))
+    print_phrases(console, dynamics_legend(doc, wide), style="dim")
+    if doc.get("finetune") is not None:
+        console.print()
+        console.print(finetune_table(doc["finetune"]))
+        console.print(f"query loss with the implicit update instead: {fmt(doc['finetune']['implicit_query_loss'])}")
+    print_ablation(console, doc.get("ablation"))
+
+
+# --- export, replay, modules --------------------------------------------------------------------------------------
 
 
 def print_export(console: Console, doc: dict) -> None:
     """The export-patch summary: what was written, its size against dense ΔW, and the KL reached."""
-    console.print(f"Wrote a [bold]{doc['format']}[/] patch to {doc['output']} ({size(doc['file_bytes'])})")
     console.print(
-        f"Layers patched: {span_list(doc['layers'])} ({len(doc['layers'])} layers, {doc['modules']} modules), "
-        f"residual={doc['residual']}"
+        Text.assemble("Wrote a ", (doc["format"], "bold"), f" patch to {doc['output']} ({size(doc['file_bytes'])})")
     )
+    print_phrases(
+        console,
+        [f"Layers patched: {span_list(doc['layers'])}", f"({len(doc['layers'])} layers, {doc['modules']} modules),",
+         f"residual={doc['residual']}"],
+        sep=" ",
+    )  # fmt: skip
     ratio = doc["dense_bytes"] / doc["patch_bytes"] if doc["patch_bytes"] else float("nan")
-    console.print(
-        f"Update size (float32): {size(doc['patch_bytes'])} as factors, {size(doc['dense_bytes'])} as dense ΔW "
-        f"({ratio:.0f}× smaller)"
-    )
-    console.print(
-        Text.assemble(
-            "KL(context ‖ patched) = ",
-            kl_text(doc["kl_patched"]),
-            " in memory, ",
-            kl_text(doc["kl_stored"]),
-            f" as written;   KL(context ‖ no context) = {doc['kl_no_context']:.3e};   "
-            f"top-1 kept: {'yes' if doc['top1_match'] else 'NO'}",
-        )
-    )
+    print_phrases(
+        console,
+        [f"Update size (float32): {size(doc['patch_bytes'])} as factors,",
+         f"{size(doc['dense_bytes'])} as dense ΔW ({ratio:.0f}× smaller)"],
+        sep=" ",
+    )  # fmt: skip
+    console.print(Text.assemble("KL(context ‖ patched) ", kl_text(doc["kl_patched"]), " in memory, ",
+                                kl_text(doc["kl_stored"]), " as written"))  # fmt: skip
+    console.print(f"KL(context ‖ query alone) {fmt(doc['kl_no_context'])}")
+    console.print(f"top-1 kept: {yes_no(doc['top1_match'])}")
+
+
+def patch_phrases(doc: dict) -> list[str]:
+    """What the replayed patch is, from its metadata (an in-memory patch has none), and where it ran."""
+    patch = doc["patch"]
+    first = f"Patch for {patch['model']}" if patch.get("model") else "Patch"
+    if patch.get("layers") is not None:
+        first += f" (layers {span_list(patch['layers'])}, residual={patch['residual']})"
+    checked = "checked" if patch["fingerprint_checked"] else "NOT checked"
+    return [first, f"on {doc['model'] or '(unnamed model)'} ({doc['dtype']});", f"fingerprint {checked}"]
 
 
 def print_replay(console: Console, doc: dict) -> None:
-    """The replay summary: the patched top-k beside the unpatched query (and the full prompt), then generations."""
-    patch = doc["patch"]
-    checked = "checked" if patch["fingerprint_checked"] else "NOT checked"
-    console.print(
-        f"Patch for {patch['model']} (layers {span_list(patch['layers'] or [])}, residual={patch['residual']}) "
-        f"on {doc['model']} ({doc['dtype']}); fingerprint {checked}"
-    )
-    top = doc["top_k"]
-    tables = [top_k_table("query alone, patched", top["patched"]), top_k_table("query alone", top["no_context"])]
-    if top["context"] is not None:
-        tables.append(top_k_table("with context", top["context"]))
-    console.print(Columns(tables))
+    """The replay summary: the query replayed, the patched top-k beside the unpatched query, then generations."""
+    print_phrases(console, patch_phrases(doc), sep=" ")
+    count = token_count(len(doc["query_tokens"]), doc.get("prefix_tokens"))
+    if doc["query"] is None:
+        console.print(Text.assemble(("query ", "bold"), "the patch's stored query", (f"  ({count})", "dim")))
+    else:
+        console.print(text_line(console, "query", doc["query"], count))
+    if doc.get("context_matches_patch") is False:
+        warning = ["the --context given is not the one this patch was made from", "(its sha256 differs)"]
+        print_phrases(console, warning, sep=" ", style="bold yellow")
+    console.print()
+    titles = (("patched", "query alone, patched"), ("no_context", "query alone"), ("context", "with context"))
+    console.print(top_k_lists(console, doc["top_k"], titles))
     if doc["kl_patched"] is not None:
-        console.print(
-            Text.assemble(
-                ("KL(context ‖ patched) = ", "bold"),
-                kl_text(doc["kl_patched"]),
-                f"   KL(context ‖ no context) = {doc['kl_no_context']:.3e}",
-                f"   top-1 kept: {'yes' if doc['top1_match'] else 'NO'}",
-                f"   max |Δlogit| = {doc['max_logit_error']:.2e}",
-            )
-        )
+        console.print()
+        console.print(score_lines(doc))
     if doc["generated"]["patched"] is not None:
+        console.print()
         console.print(generation_table(doc["generated"]))
 
 
 def generation_table(gen: dict) -> Table:
     table = Table(title="greedy continuations")
-    table.add_column("run")
-    table.add_column("text")
+    table.add_column("run", no_wrap=True)
+    table.add_column("text", overflow="fold")
     for key, label in (("patched", "query alone, patched"), ("no_context", "query alone"), ("context", "with context")):
         if gen[key] is not None:
             table.add_row(label, repr(gen[key]["text"]))
     if gen["agree_tokens"] is not None:
         n = len(gen["patched"]["token_ids"])
         table.caption = f"patched and with-context agree on the first {gen['agree_tokens']} of {n} tokens"
+        table.min_width = len(table.caption)  # the caption never wraps
     return table
 
 
@@ -179,3 +588,14 @@ def relative(path: str | list[str] | None, block: str) -> str:
         return "—"
     paths = path if isinstance(path, list) else [path]
     return ", ".join(p.removeprefix(block + ".") for p in paths)
+
+
+def print_tasks(console: Console, doc: dict) -> None:
+    """The `tasks` document: one row per built-in task, with its size and a sample pair."""
+    table = Table(title="built-in tasks (--task NAME)")
+    for col in ("task", "pairs", "example", "description"):
+        table.add_column(col, justify="right" if col == "pairs" else "left", overflow="fold")
+    for t in doc["tasks"]:
+        example = f"{t['example']['input']} → {t['example']['output']}"
+        table.add_row(t["name"], str(t["pairs"]), example, t["description"])
+    console.print(table)
