@@ -287,7 +287,7 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
             made_for = f"it was made with {made_in} weights: load the model with --dtype {made_in}"
         raise PatchError(
             f"{where} was made for other weights: fingerprint {expected[:12]}… expected, this model "
-            f"({dtype}) gives {actual[:12]}…; {made_for}, or pass --force to apply it anyway"
+            f"({dtype}) gives {actual[:12]}…; {made_for}, or pass --skip-fingerprint to apply it anyway"
         )
     return True
 

@@ -65,15 +65,15 @@ def replay(
     context: str | None = None,
     generate: int = 0,
     top_k: int = 5,
-    force: bool = False,
+    skip_fingerprint: bool = False,
 ) -> Replay:
     """Run `query` (default: the patch's) with `patch` (a Patch or a native file) applied, without context.
 
-    Checks names and shapes, and the fingerprint unless `force`. The model is left bit-for-bit unchanged.
+    Checks names and shapes, and the fingerprint unless `skip_fingerprint`. The model is left bit-for-bit unchanged.
     """
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
-    checked = check_fits(model, patch, force=force)
+    checked = check_fits(model, patch, force=skip_fingerprint)
     prompt = replay_prompt(tokenizer, patch, query, context)
     check_prompt(model, prompt, generate, context is not None)
     meta = patch.metadata

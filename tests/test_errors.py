@@ -371,13 +371,13 @@ def test_replay_works_on_the_exported_patch(patch_file, tiny_llama_dir):
 
 def test_patch_for_other_weights(patch_file, tmp_path):
     other = save_tiny(tiny_model("llama", torch.float32, seed=1), char_tokenizer(), tmp_path / "other")
-    assert_error(replay(patch_file, "--model", other), 1, "made for other weights", "fingerprint", "--force")
+    assert_error(replay(patch_file, "--model", other), 1, "made for other weights", "fingerprint", "--skip-fingerprint")
 
 
 def test_patch_for_another_shape(patch_file, tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**COMMON, "intermediate_size": 48}))
     other = save_other(tmp_path / "wider", model)
-    line = assert_error(replay(patch_file, "--model", other, "--force"), 1, "does not fit this model")
+    line = assert_error(replay(patch_file, "--model", other, "--skip-fingerprint"), 1, "does not fit this model")
     assert "48×32" in line and "64×32" in line
 
 

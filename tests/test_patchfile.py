@@ -155,7 +155,7 @@ def fitted_patch(model, tmp_path, **kwargs):
 def test_fingerprint_mismatch_is_refused_unless_forced(tmp_path):
     patch = fitted_patch(tiny_model("llama", torch.float32), tmp_path)
     other = tiny_model("llama", torch.float32, seed=1)  # same shapes, other weights
-    with pytest.raises(PatchError, match=r"made for other weights: fingerprint [0-9a-f]{12}… expected.*--force"):
+    with pytest.raises(PatchError, match=r"made for other weights: fingerprint [0-9a-f]{12}… expected.*--skip-finger"):
         check_fits(other, patch)
     assert check_fits(other, patch, force=True) is False
     assert check_fits(tiny_model("llama", torch.float32), patch) is True

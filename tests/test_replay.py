@@ -59,7 +59,7 @@ def test_model_is_unchanged_bit_for_bit_and_unhooked(tmp_path):
     patch = load_patch(tmp_path / "p.safetensors")
     patch.dense["model.layers.0.input_layernorm.weight"] = torch.full((32,), 0.1, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    replay(model, tok, patch, context=CONTEXT, generate=3, force=True)
+    replay(model, tok, patch, context=CONTEXT, generate=3, skip_fingerprint=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not any(m._forward_hooks for m in model.modules())
@@ -148,7 +148,7 @@ def test_replay_on_other_weights_is_refused(tmp_path):
     other = tiny_model("llama", torch.float32, seed=3)
     with pytest.raises(PatchError, match="made for other weights"):
         replay(other, tok, tmp_path / "p.safetensors")
-    doc = replay(other, tok, tmp_path / "p.safetensors", force=True).to_dict()
+    doc = replay(other, tok, tmp_path / "p.safetensors", skip_fingerprint=True).to_dict()
     assert doc["patch"]["fingerprint_checked"] is False
 
 

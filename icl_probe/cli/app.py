@@ -1,4 +1,4 @@
-"""The `icl-probe` command line: parse options, call the library, print. Errors become one line."""
+"""The command line's shared parts: the typer app, the options every command takes, one-line errors, output."""
 
 from __future__ import annotations
 
@@ -13,17 +13,11 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from .analysis import analyze as run_analysis
-from .arch import describe as describe_modules
-from .errors import IclProbeError, UsageError
-from .export import FORMATS
-from .export import export_patch as run_export
-from .fileio import atomic_write_text, check_writable
-from .inputs import read_text
-from .models import DEFAULT_MODEL, load_model
-from .patchfile import load_patch
-from .replay import replay as run_replay
-from .report import print_analysis, print_export, print_modules, print_replay
+from .. import __version__
+from ..errors import IclProbeError, UsageError
+from ..fileio import atomic_write_text, check_writable
+from ..inputs import fusion_warning, read_query, read_text
+from ..models import load_model
 
 
 @contextmanager
@@ -55,6 +49,8 @@ class OneLineGroup(TyperGroup):
 app = typer.Typer(
     help="Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025).",
     cls=OneLineGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain help, as a standard CLI prints it (no <bool> beside flags)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -78,15 +74,36 @@ ResidualOpt = Annotated[
     typer.Option(help="bias: add Δb to each block output; fold: fold it into the weights (output projection or norm)."),
 ]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON document to PATH, or to stdout with '-'.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many top tokens to list.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, max=1000, help="How many top tokens to list (1 to 1000).")]
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own code to run (off by default).")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
 
 
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="Show every column (the default when the terminal has 140 columns or more).")
+]
+NoTextOpt = Annotated[
+    bool,
+    typer.Option("--no-text", help="Leave the prompt text out of the JSON (token ids stay): for private prompts."),
+]
+PlotOpt = Annotated[str | None, typer.Option("--plot", metavar="PNG", help="Also draw the figures into a PNG file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+
+
+def print_version(value: bool) -> None:
+    if value:
+        print(f"icl-probe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=print_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
     """Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025)."""
 
 
@@ -132,14 +149,22 @@ def check_json_path(json_path: str | None, force: bool) -> None:
 
 
 def pick_text(text: str | None, path: str | None, what: str) -> str | None:
+    """The text of --WHAT or --WHAT-file; a query file loses its one final line break (editors add it)."""
     if text is not None and path is not None:
         raise UsageError(f"give --{what} or --{what}-file, not both")
-    return read_text(path, what) if path is not None else text
+    if path is None:
+        return text
+    return read_query(path) if what == "query" else read_text(path, what)
 
 
 def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool):
-    with status.status(f"Loading {model} ({dtype}, {device})…"):
-        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached)."""
+    with status.status(f"Loading {model} ({dtype}, {device})…") as spinner:
+
+        def converting(folder) -> None:
+            spinner.update(f"Loading {model}: converting once (about a minute); cached in {folder}…")
+
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, on_convert=converting)
 
 
 def pick_prompt(context, context_file, query, query_file) -> tuple[str | None, str | None]:
@@ -148,13 +173,35 @@ def pick_prompt(context, context_file, query, query_file) -> tuple[str | None, s
     query = pick_text(query, query_file, "query")
     if (context is None) != (query is None):
         raise UsageError("give both a context and a query, or neither for the built-in demo")
+    warn_fusion(context, query)
     return context, query
 
 
-def show(out: Console, doc: dict, json_path: str | None, printer) -> None:
-    """Print the document's table unless stdout is for JSON, then write the JSON if asked."""
-    if json_path != "-":
+def warn_fusion(context: str | None, query: str | None) -> None:
+    """One line on stderr when the context and query would fuse into one token run."""
+    warning = fusion_warning(context, query) if context is not None and query is not None else None
+    if warning:
+        print(f"icl-probe: warning: {warning}", file=sys.stderr)
+
+
+def check_outputs(json_path: str | None, plot: str | None, force: bool) -> None:
+    """Refuse existing --json / --plot files (without --force), or unwritable ones, before any work is done."""
+    check_json_path(json_path, force)
+    if plot is not None:
+        if not plot.lower().endswith(".png"):
+            raise UsageError(f"--plot writes a PNG; give a path ending in .png, not {plot!r}")
+        check_writable(plot, force)
+
+
+def show(out: Console, doc: dict, json_path: str | None, printer, text: bool = True) -> None:
+    """Print the document's tables, then write the JSON if asked (without the prompt's text if not `text`).
+
+    With `--json -` the tables go to stderr, and only when it is a terminal: a pipe gets the JSON alone.
+    """
+    if json_path != "-" or out.is_terminal:
         printer(out, doc)
+    if not text:
+        doc = {**doc, **{key: None for key in ("context", "query", "examples") if key in doc}}
     emit_json(doc, json_path)
 
 
@@ -166,172 +213,3 @@ def emit_json(doc: dict, json_path: str | None) -> None:
         sys.stdout.write(text)
     else:
         atomic_write_text(json_path, text)
-
-
-@app.command()
-def analyze(
-    model: ModelOpt = DEFAULT_MODEL,
-    context: ContextOpt = None,
-    context_file: ContextFileOpt = None,
-    query: QueryOpt = None,
-    query_file: QueryFileOpt = None,
-    layers: LayersOpt = "all",
-    residual: ResidualOpt = "bias",
-    top_k: TopKOpt = 5,
-    json_path: JsonOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Compute each layer's context→weight update ΔW (and residual term Δb), and prove it exact.
-
-    Runs the prompt with its context, then the query alone with each layer's update applied in
-    turn, and compares the next-token distributions. With no --context and --query, runs a
-    built-in antonym demo.
-    """
-    out, status = consoles(json_path)
-    with one_line_errors(debug):
-        check_json_path(json_path, force)
-        context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
-        with status.status("Analyzing…"):
-            result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k)
-        doc = result.to_dict()
-        show(out, doc, json_path, print_analysis)
-
-
-FormatOpt = Annotated[
-    str,
-    typer.Option(
-        "--format",
-        help="native: one .safetensors file; peft: a LoRA adapter folder; merged: a save_pretrained folder "
-        "whose weights include the update.",
-    ),
-]
-ExportResidualOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="bias: add Δb to each block's output (native only); fold: fold it into the weights. "
-        "Default: bias for native, fold for peft and merged."
-    ),
-]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
-
-
-@app.command("export-patch")
-def export_patch(
-    output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
-    model: ModelOpt = DEFAULT_MODEL,
-    context: ContextOpt = None,
-    context_file: ContextFileOpt = None,
-    query: QueryOpt = None,
-    query_file: QueryFileOpt = None,
-    layers: LayersOpt = "all",
-    format: FormatOpt = "native",
-    residual: ExportResidualOpt = None,
-    store_context: Annotated[
-        bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
-    ] = False,
-    force: ForceOpt = False,
-    json_path: JsonOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Compute the context's update as in `analyze` and save it, to run the query later without the prompt.
-
-    --format native writes one float32 .safetensors file (see docs/patch-format.md) for `icl-probe
-    replay`; peft writes a LoRA adapter (r=1) for peft or transformers' load_adapter; merged writes a
-    complete checkpoint with the update added to its weights. An existing output is kept unless --force.
-    """
-    out, status = consoles(json_path)
-    with one_line_errors(debug):
-        check_json_path(json_path, force)
-        if format not in FORMATS:
-            raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
-        context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
-        with status.status(f"Exporting a {format} patch…"):
-            result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
-                                layers=layers, store_context=store_context, force=force)  # fmt: skip
-        doc = result.to_dict()
-        show(out, doc, json_path, print_export)
-
-
-@app.command()
-def replay(
-    patch: Annotated[str, typer.Argument(help="A native .safetensors patch written by export-patch.")],
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="The model to patch (default: the one named in the patch).")
-    ] = None,
-    query: QueryOpt = None,
-    query_file: QueryFileOpt = None,
-    context: Annotated[
-        str | None, typer.Option("--context", help="Also run the full prompt with this context, to compare.")
-    ] = None,
-    context_file: ContextFileOpt = None,
-    generate: Annotated[
-        int, typer.Option("--generate", min=0, help="Continue greedily for N tokens with the patch held fixed.")
-    ] = 0,
-    top_k: TopKOpt = 5,
-    json_path: JsonOpt = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Skip the fingerprint check (names and shapes are still checked).")
-    ] = False,
-    dtype: Annotated[
-        str | None, typer.Option(help="float32, float64, bfloat16 or float16 (default: the patch's).")
-    ] = None,
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """Run a query with a saved patch applied and no context, beside the query alone.
-
-    Checks that the patch fits the model (names, shapes, finite values, and the weights' fingerprint)
-    before applying it with hooks; the model is left unchanged. With --context, also runs the full
-    prompt and reports the KL between the two. --query defaults to the patch's own query.
-    """
-    out, status = consoles(json_path)
-    with one_line_errors(debug):
-        check_json_path(json_path, force=True)  # replay's --force is the fingerprint's; a report may be replaced
-        context = pick_text(context, context_file, "context")
-        query = pick_text(query, query_file, "query")
-        loaded = load_patch(patch)
-        model = model or loaded.metadata["model"]
-        if not model:
-            raise UsageError(f"patch {patch} does not name its model; pass --model")
-        m, tokenizer = load(status, model, dtype or loaded.metadata["dtype"], device, trust_remote_code)
-        with status.status("Replaying…"):
-            result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
-                                force=force)  # fmt: skip
-        doc = result.to_dict()
-        show(out, doc, json_path, print_replay)
-
-
-@app.command()
-def modules(
-    model: ModelOpt = DEFAULT_MODEL,
-    json_path: JsonOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
-    trust_remote_code: TrustOpt = False,
-    debug: DebugOpt = False,
-) -> None:
-    """List the module paths icl-probe hooks in each layer, and which patch formats the model allows.
-
-    For each layer: the attention output, the norm before the MLP, the MLP's first linear layer(s)
-    and output projection, the norm after it, and the block. Use it to see the names before
-    choosing --layers, and whether --residual fold and the peft and merged formats are available.
-    """
-    out, status = consoles(json_path)
-    with one_line_errors(debug):
-        check_json_path(json_path, force)
-        m, _ = load(status, model, "float32", "cpu", trust_remote_code)
-        doc = describe_modules(m)
-        show(out, doc, json_path, print_modules)
-
-
-def main() -> None:
-    app()

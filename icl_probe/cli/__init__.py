@@ -1,0 +1,15 @@
+"""The `icl-probe` command line: parse options, call the library, print. Errors become one line.
+
+`app.py` holds the shared options and the one boundary where errors become a line; each command
+module registers its commands on `app`.
+"""
+
+from . import commands, sweep  # noqa: F401 - registers the commands
+from .app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,240 @@
+"""The single-prompt commands: analyze, export-patch, replay, modules, and the task list."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Annotated
+
+import typer
+
+from ..analysis import analyze as run_analysis
+from ..arch import describe as describe_modules
+from ..errors import UsageError
+from ..export import FORMATS
+from ..export import export_patch as run_export
+from ..models import DEFAULT_MODEL
+from ..patchfile import load_patch
+from ..replay import replay as run_replay
+from ..report import print_analysis, print_export, print_modules, print_replay, print_tasks
+from ..tasks import tasks_document
+from .app import (
+    ContextFileOpt,
+    ContextOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    LayersOpt,
+    ModelOpt,
+    NoTextOpt,
+    PlotOpt,
+    QueryFileOpt,
+    QueryOpt,
+    ResidualOpt,
+    TopKOpt,
+    TrustOpt,
+    WideOpt,
+    app,
+    check_json_path,
+    check_outputs,
+    consoles,
+    load,
+    one_line_errors,
+    pick_prompt,
+    pick_text,
+    show,
+)
+
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", help="The token whose loss --gradient differentiates (default: the with-context top-1)."),
+]
+
+
+@app.command()
+def analyze(
+    model: ModelOpt = DEFAULT_MODEL,
+    context: ContextOpt = None,
+    context_file: ContextFileOpt = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    layers: LayersOpt = "all",
+    residual: ResidualOpt = "bias",
+    gradient: Annotated[
+        bool, typer.Option("--gradient", help="Also align each ΔW with −∇W of the target's loss (one backward pass).")
+    ] = False,
+    target: TargetOpt = None,
+    layer_ablation: Annotated[
+        bool, typer.Option("--layer-ablation", help="Also score the patch without each layer, and each layer alone.")
+    ] = False,
+    top_k: TopKOpt = 5,
+    wide: WideOpt = False,
+    json_path: JsonOpt = None,
+    no_text: NoTextOpt = False,
+    plot: PlotOpt = None,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compute each layer's context→weight update ΔW (and residual term Δb), and prove it exact.
+
+    Runs the prompt with its context, then the query alone with each layer's update applied in
+    turn, and compares the next-token distributions. Δb closes the gap at every block by
+    construction, so KL ≈ 0 proves the plumbing; the MLP-branch error tests the theorem, and the
+    ablation shows what ΔW alone carries. With no --context and --query, runs a built-in antonym demo.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        check_outputs(json_path, plot, force)
+        context, query = pick_prompt(context, context_file, query, query_file)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        with status.status("Analyzing…"):
+            result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
+                                  gradient=gradient, target=target, per_layer_ablation=layer_ablation)  # fmt: skip
+        doc = result.to_dict()
+        show(out, doc, json_path, partial(print_analysis, wide=wide or None), text=not no_text)
+        if plot is not None:
+            from ..plots import plot_analysis
+
+            plot_analysis(doc, plot)
+
+
+FormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="native: one .safetensors file; peft: a LoRA adapter folder; merged: a save_pretrained folder "
+        "whose weights include the update.",
+    ),
+]
+ExportResidualOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="bias: add Δb to each block's output (native only); fold: fold it into the weights. "
+        "Default: bias for native, fold for peft and merged."
+    ),
+]
+
+
+@app.command("export-patch")
+def export_patch(
+    output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    context: ContextOpt = None,
+    context_file: ContextFileOpt = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    layers: LayersOpt = "all",
+    format: FormatOpt = "native",
+    residual: ExportResidualOpt = None,
+    store_context: Annotated[
+        bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
+    ] = False,
+    force: ForceOpt = False,
+    json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compute the context's update as in `analyze` and save it, to run the query later without the prompt.
+
+    --format native writes one float32 .safetensors file (see docs/patch-format.md) for `icl-probe
+    replay`; peft writes a LoRA adapter (r=1) for peft or transformers' load_adapter; merged writes a
+    complete checkpoint with the update added to its weights. An existing output is kept unless --force.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        check_json_path(json_path, force)
+        if format not in FORMATS:
+            raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
+        context, query = pick_prompt(context, context_file, query, query_file)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        with status.status(f"Exporting a {format} patch…"):
+            result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
+                                layers=layers, store_context=store_context, force=force)  # fmt: skip
+        show(out, result.to_dict(), json_path, print_export)
+
+
+@app.command()
+def replay(
+    patch: Annotated[str, typer.Argument(metavar="PATCH", help="A native .safetensors patch written by export-patch.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="The model to patch (default: the one named in the patch).")
+    ] = None,
+    query: QueryOpt = None,
+    query_file: QueryFileOpt = None,
+    context: Annotated[
+        str | None, typer.Option("--context", help="Also run the full prompt with this context, to compare.")
+    ] = None,
+    context_file: ContextFileOpt = None,
+    generate: Annotated[
+        int, typer.Option("--generate", min=0, help="Continue greedily for N tokens with the patch held fixed.")
+    ] = 0,
+    top_k: TopKOpt = 5,
+    json_path: JsonOpt = None,
+    force: ForceOpt = False,
+    skip_fingerprint: Annotated[
+        bool,
+        typer.Option("--skip-fingerprint", help="Skip the fingerprint check (names and shapes are still checked)."),
+    ] = False,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, float64, bfloat16 or float16 (default: the patch's).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a query with a saved patch applied and no context, beside the query alone.
+
+    Checks that the patch fits the model (names, shapes, finite values, and the weights' fingerprint)
+    before applying it with hooks; the model is left unchanged. With --context, also runs the full
+    prompt and reports the KL between the two. --query defaults to the patch's own query.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        check_json_path(json_path, force)
+        context = pick_text(context, context_file, "context")
+        query = pick_text(query, query_file, "query")
+        loaded = load_patch(patch)
+        model = model or loaded.metadata["model"]
+        if not model:
+            raise UsageError(f"patch {patch} does not name its model; pass --model")
+        m, tokenizer = load(status, model, dtype or loaded.metadata["dtype"], device, trust_remote_code)
+        with status.status("Replaying…"):
+            result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
+                                skip_fingerprint=skip_fingerprint)  # fmt: skip
+        show(out, result.to_dict(), json_path, print_replay)
+
+
+@app.command()
+def modules(
+    model: ModelOpt = DEFAULT_MODEL,
+    json_path: JsonOpt = None,
+    force: ForceOpt = False,
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the module paths icl-probe hooks in each layer, and which patch formats the model allows.
+
+    For each layer: the attention output, the norm before the MLP, the MLP's first linear layer(s)
+    and output projection, the norm after it, and the block. Use it to see the names before
+    choosing --layers, and whether --residual fold and the peft and merged formats are available.
+    """
+    out, status = consoles(json_path)
+    with one_line_errors(debug):
+        check_json_path(json_path, force)
+        m, _ = load(status, model, "float32", "cpu", trust_remote_code)
+        show(out, describe_modules(m), json_path, print_modules)
+
+
+@app.command()
+def tasks(json_path: JsonOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
+    """List the built-in ICL tasks that --task takes, with their sizes and a sample pair."""
+    out, _ = consoles(json_path)
+    with one_line_errors(debug):
+        check_json_path(json_path, force)
+        show(out, tasks_document(), json_path, print_tasks)
