@@ -227,6 +227,6 @@ def prop31_step(weight: torch.Tensor, dz_ctx: torch.Tensor, z0: torch.Tensor) ->
 
 
 def relative_distance(measured: LowRank, predicted: LowRank) -> float | None:
-    """‖measured − predicted‖_F / ‖predicted‖_F, from the factors; None when the prediction is zero."""
+    """‖measured − predicted‖_F / ‖measured‖_F, from the factors; None when the measured step is zero."""
     norm = measured.frobenius_norm()
     return difference(measured, predicted).frobenius_norm() / norm if norm else None

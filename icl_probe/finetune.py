@@ -18,7 +18,7 @@ from .arch import Block
 from .errors import UsageError
 from .inputs import Prompt
 from .lowrank import MATH_DTYPE
-from .metrics import cross_entropy, orient
+from .metrics import at_least_float32, cross_entropy, orient
 from .patching import Patch
 from .tasks import Example, query_for, target_text
 
@@ -42,7 +42,7 @@ def train_loss(model: nn.Module, data: list[tuple]) -> torch.Tensor:
     for ids, start in data:
         logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0]  # (T, vocab)
         labels = torch.tensor(ids[start:], device=logits.device)
-        losses.append(nn.functional.cross_entropy(logits[start - 1 : -1].float(), labels, reduction="sum"))
+        losses.append(nn.functional.cross_entropy(at_least_float32(logits[start - 1 : -1]), labels, reduction="sum"))
     return torch.stack(losses).sum() / sum(len(ids) - start for ids, start in data)
 
 

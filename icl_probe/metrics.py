@@ -131,13 +131,18 @@ def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], targ
             w.requires_grad_(True)
         with torch.enable_grad():
             logits = last_logits(model, ids)
-            loss = -torch.log_softmax(logits.float(), dim=-1)[target_id]
+            loss = -torch.log_softmax(at_least_float32(logits), dim=-1)[target_id]
             grads = torch.autograd.grad(loss, list(weights.values()))
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
     family = chosen[0].family if chosen else None
     return {path: orient(g, family).to(MATH_DTYPE) for path, g in zip(weights, grads)}
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in float64 if it already is: a loss never rounds a float64 model's logits down."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def orient(grad: torch.Tensor, family) -> torch.Tensor:
