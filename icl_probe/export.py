@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,7 +26,7 @@ from .inputs import DEMO_CONTEXT, DEMO_QUERY
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
 from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
-from .patching import Apply, Patch, applied, dense_added
+from .patching import Apply, Patch, applied, dense_added, replaced
 
 FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -302,7 +303,20 @@ def write_merged(model: nn.Module, tokenizer, patch: Patch, output: Path, force:
         write_provenance(patch, folder)
 
     atomic_write_dir(output, write)
-    return folder_size(output), lambda: dense_added(model, deltas)
+    stored = read_merged(output, set(deltas))
+    return folder_size(output), lambda: replaced(model, stored)
+
+
+def read_merged(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The touched weights as the merged checkpoint stores them, read back from its safetensors files."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({name: f.get_tensor(name) for name in names & set(f.keys())})
+    missing = sorted(names - set(found))
+    if missing:
+        raise PatchError(f"the merged checkpoint written to {folder} lacks {missing[0]}; it cannot be scored")
+    return found
 
 
 def merged_deltas(model: nn.Module, patch: Patch) -> dict[str, torch.Tensor]:

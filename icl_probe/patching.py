@@ -66,6 +66,23 @@ def dense_added(model: nn.Module, dense: dict[str, torch.Tensor]) -> Iterator[No
 
 
 @contextmanager
+def replaced(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Set parameters to the given values (e.g. weights read from a checkpoint); restore them exactly on exit."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                param = model.get_parameter(name)
+                saved[name] = param.detach().clone()
+                param.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                model.get_parameter(name).copy_(original)
+
+
+@contextmanager
 def applied(model: nn.Module, patch: Patch) -> Iterator[None]:
     """Run the model with the patch applied; the model is unchanged afterwards."""
     hooks = [(model.get_submodule(p), low_rank_hook(d)) for p, d in patch.low_rank.items()]

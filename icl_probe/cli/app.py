@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .. import __version__
 from ..errors import IclProbeError, UsageError
@@ -44,6 +44,13 @@ class OneLineGroup(TyperGroup):
     def invoke(self, ctx):
         with usage_errors():
             return super().invoke(ctx)
+
+
+class PlainUsage(TyperCommand):
+    """A command whose usage line names a required argument as PATCH, not typer's {PATCH}."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
 
 app = typer.Typer(

@@ -28,6 +28,7 @@ from .app import (
     LayersOpt,
     ModelOpt,
     NoTextOpt,
+    PlainUsage,
     PlotOpt,
     QueryFileOpt,
     QueryOpt,
@@ -159,7 +160,7 @@ def export_patch(
         show(out, result.to_dict(), json_path, print_export)
 
 
-@app.command()
+@app.command(cls=PlainUsage)
 def replay(
     patch: Annotated[str, typer.Argument(metavar="PATCH", help="A native .safetensors patch written by export-patch.")],
     model: Annotated[
