@@ -143,4 +143,5 @@ def test_non_finite_patched_run_is_searched_patched(monkeypatch, tokenizer):
         MathError, match=r"with the update applied .* first appear in model\.layers\.1\.mlp \(layer 1\)"
     ):
         analysis.analyze(model, tokenizer, "ab\n", "cd")
-    assert torch.isfinite(icl_probe.analyze(model, tokenizer, "ab\n", "cd").context_logits).all()
+    ids = torch.tensor([tokenizer("cd")["input_ids"]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()  # unpatched, the query alone is finite
