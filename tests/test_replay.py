@@ -1,13 +1,17 @@
-"""replay on tiny random models: it reproduces analyze, leaves the model unchanged, and generates greedily."""
+"""replay on tiny random models: it matches the patch applied densely by hand, leaves the model unchanged, and
+generates greedily."""
 
+import copy
 import json
 
 import pytest
 import torch
 from tiny import char_tokenizer, tiny_model
+from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze, export_patch, load_patch, replay
 from icl_probe.errors import InputError, PatchError
+from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
@@ -43,13 +47,65 @@ def test_export_then_replay_gives_the_figures_of_analyze(tmp_path, model_type, r
         torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("model_type", "residual"), CASES)
-def test_replaying_the_in_memory_patch_is_bit_exact(model_type, residual):
+def plain_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def add_to_block_output(delta_b):
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # some blocks return (hidden, ...)
+            return (output[0] + delta_b.to(output[0].dtype), *output[1:])
+        return output + delta_b.to(output.dtype)
+
+    return hook
+
+
+def dense_patched_logits(model, patch, ids):
+    """The patch applied by hand on a copy: dense ΔW = u vᵀ added to the weights, Δb by a hook, then a plain forward."""
+    patched = copy.deepcopy(model)
+    with torch.no_grad():
+        for path, delta in patch.low_rank.items():
+            module = patched.get_submodule(path)
+            delta_w = delta.u @ delta.v.T  # (out, in)
+            if isinstance(module, Conv1D):  # GPT-2 stores its weight as (in, out)
+                delta_w = delta_w.T
+            assert module.weight.shape == delta_w.shape, path
+            module.weight += delta_w.to(module.weight.dtype)
+        for name, delta in patch.dense.items():
+            patched.get_parameter(name).add_(delta.to(patched.get_parameter(name).dtype))
+    blocks = [(patched.get_submodule(p), b) for p, b in patch.residual.items()]
+    handles = [block.register_forward_hook(add_to_block_output(b)) for block, b in blocks]
+    try:
+        return plain_logits(patched, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "residual"), [*CASES, ("gemma3_text", "fold"), ("gpt2", "bias"), ("gpt2", "fold")]
+)
+@pytest.mark.parametrize(("query", "context"), [(QUERY, CONTEXT), ("mn ->", "ef -> fe\n")])
+def test_replay_matches_the_patch_applied_densely_by_hand(model_type, residual, query, context):
+    # On its own prompt the patch is exact; on another one it is not, and the KLs must still agree.
     model, tok = tiny_model(model_type, torch.float64), tokenizer_for(model_type)
-    result = analyze(model, tok, CONTEXT, QUERY, residual=residual)
-    got = replay(model, tok, result.patch, query=QUERY, context=CONTEXT).to_dict()
-    assert got["kl_patched"] == result.logits["kl_patched"]
-    assert got["max_logit_error"] == result.logits["max_logit_error"]
+    patch = analyze(model, tok, CONTEXT, QUERY, residual=residual).patch
+    got = replay(model, tok, patch, query=query, context=context).to_dict()
+    query_ids, full_ids = tok(query)["input_ids"], tok(context + query)["input_ids"]
+    assert got["prefix_tokens"] + got["query_tokens"] == query_ids
+    ctx, dense = plain_logits(model, full_ids), dense_patched_logits(model, patch, query_ids)
+    want_kl = kl_divergence(ctx, dense)
+    if query == QUERY:
+        assert want_kl < 1e-10 and got["kl_patched"] < 1e-10
+    else:
+        assert want_kl > 1e-3
+        assert got["kl_patched"] == pytest.approx(want_kl, rel=1e-9)
+    assert got["max_logit_error"] == pytest.approx(float((ctx - dense).abs().max()), rel=1e-9, abs=1e-12)
+    got_ids, got_p = ids_probs(got["top_k"]["patched"])
+    want_p, want_ids = torch.softmax(dense, dim=-1).topk(5)
+    assert got_ids == want_ids.tolist()
+    torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-12)
     assert got["patch"]["fingerprint_checked"] is False  # an in-memory patch has no fingerprint
 
 
@@ -128,11 +184,20 @@ def test_generation_matches_transformers_greedy_with_the_patch_held_fixed(tmp_pa
 def test_generation_stops_after_eos(tmp_path):
     model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
-    doc = replay(model, tok, tmp_path / "p.safetensors", generate=40).to_dict()
-    for run in ("patched", "no_context"):
-        ids = doc["generated"][run]["token_ids"]
-        assert tok.eos_token_id not in ids[:-1]
-        assert len(ids) == 40 or ids[-1] == tok.eos_token_id
+    patch = load_patch(tmp_path / "p.safetensors")
+    doc = replay(model, tok, patch, generate=40).to_dict()
+    eos, query_ids = tok.eos_token_id, tok(QUERY)["input_ids"]
+
+    def until_eos(ids):
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    with torch.no_grad(), applied(model, patch):
+        patched = until_eos(hf_greedy(model, query_ids, 40))
+    with torch.no_grad():
+        no_context = until_eos(hf_greedy(model, query_ids, 40))
+    assert no_context[-1] == eos and len(no_context) < 40  # this run stops early, so stopping is tested
+    assert doc["generated"]["no_context"]["token_ids"] == no_context
+    assert doc["generated"]["patched"]["token_ids"] == patched
 
 
 def test_generation_past_the_model_positions_is_refused(tmp_path):
