@@ -16,16 +16,28 @@ def tokenizer_for(model_type):
     return char_tokenizer(bos=model_type.startswith("gemma"))
 
 
+def dense_ranks(model, result) -> dict[str, int]:
+    """The rank of each dense ΔW = u vᵀ, after checking the factors' shapes against the module's (out, in) weight."""
+    ranks = {}
+    for path, delta in result.patch.low_rank.items():
+        out, inp = model.get_submodule(path).weight.shape
+        assert delta.u.shape == (out, 1) and delta.v.shape == (inp, 1), path
+        ranks[path] = int(torch.linalg.matrix_rank(delta.u @ delta.v.T, rtol=1e-10))
+    return ranks
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_float64_replay_is_exact(model_type):
     model = tiny_model(model_type, torch.float64)
-    doc = analyze(model, tokenizer_for(model_type), CONTEXT, QUERY).to_dict()
+    result = analyze(model, tokenizer_for(model_type), CONTEXT, QUERY)
+    doc = result.to_dict()
     assert doc["logits"]["kl_no_context"] > 1e-3  # the context matters, so exactness means something
     assert doc["logits"]["kl_patched"] < 1e-12
     assert doc["logits"]["top1_match"]
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-10
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-10  # Theorem 2.2 at every layer
-    assert all(m["rank"] == 1 for layer in doc["layers"] for m in layer["modules"].values())
+    reported = {path: m["rank"] for layer in doc["layers"] for path, m in layer["modules"].items()}
+    assert reported == dense_ranks(model, result) == dict.fromkeys(reported, 1)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -38,12 +50,15 @@ def test_float32_replay_is_exact(model_type):
 
 def test_fold_is_exact_and_adds_output_projection_updates():
     model = tiny_model("llama", torch.float64)
-    doc = analyze(model, tokenizer_for("llama"), CONTEXT, QUERY, residual="fold").to_dict()
+    result = analyze(model, tokenizer_for("llama"), CONTEXT, QUERY, residual="fold")
+    doc = result.to_dict()
     assert doc["logits"]["kl_patched"] < 1e-12
+    ranks = dense_ranks(model, result)
     for layer in doc["layers"]:
-        down = layer["modules"][f"model.layers.{layer['layer']}.mlp.down_proj"]
-        assert down["rank"] == 1
-        assert down["delta_w_norm"] > 0
+        path = f"model.layers.{layer['layer']}.mlp.down_proj"
+        assert layer["modules"][path]["rank"] == ranks[path] == 1
+        dense = result.patch.low_rank[path].u @ result.patch.low_rank[path].v.T
+        assert layer["modules"][path]["delta_w_norm"] == pytest.approx(float(torch.linalg.norm(dense)), rel=1e-12)
 
 
 def test_fold_is_refused_where_the_table_cannot_tell_how_the_mlp_branch_enters():
