@@ -17,7 +17,7 @@ from . import arch
 from .arch import Block
 from .capture import capture_targets, check_length, last_logits, model_name, select_blocks
 from .errors import MathError, ModelError, UsageError
-from .hooks import hidden, hooked
+from .hooks import current_weight, hidden, hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
 from .lowrank import kl_divergence
 from .metrics import (
@@ -265,7 +265,7 @@ def module_paths(b: Block, residual: str) -> list[str]:
 def module_report(patch: Patch, b: Block, path: str) -> dict:
     delta = patch.low_rank[path]
     delta_norm = delta.frobenius_norm()
-    norm_w = weight_norm(b.module.get_submodule(path.removeprefix(b.path + ".")).weight)
+    norm_w = weight_norm(current_weight(b.module.get_submodule(path.removeprefix(b.path + "."))))
     return {
         "delta_w_norm": delta_norm,
         "weight_norm": norm_w,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .hooks import current_weight
 
 LINEAR_FOLD_NOTE = "its MLP branch enters the residual linearly, so Δb folds into the output projection"
 
@@ -316,7 +317,8 @@ def blocks(model: nn.Module) -> list[Block]:
 
 def weight_out_in(module: nn.Module, family: Family) -> torch.Tensor:
     """The module's weight in the math's (out, in) orientation; Conv1D stores it transposed."""
-    return module.weight.T if family.conv1d else module.weight
+    weight = current_weight(module)  # offloaded modules keep their values in accelerate's map
+    return weight.T if family.conv1d else weight
 
 
 def rms_normalised(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,15 @@ def check_length(model: nn.Module, prompt: Prompt) -> None:
         )
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (the CPU if accelerate has offloaded the embedding)."""
+    device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def forward(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Next-token logits after each row of `ids` (B, T), shape (B, vocab); only the last position's logits."""
-    out = model(input_ids=ids.to(model.device), logits_to_keep=1, **kwargs)
+    out = model(input_ids=ids.to(input_device(model)), logits_to_keep=1, **kwargs)
     return out.logits[:, -1]
 
 
@@ -124,7 +130,7 @@ def capture_prefixes(
     """
     if cache_croppable(model, len(head) + len(query)):
         with torch.no_grad():
-            cache = model(input_ids=torch.tensor([head], device=model.device), use_cache=True).past_key_values
+            cache = model(input_ids=torch.tensor([head], device=input_device(model)), use_cache=True).past_key_values
         rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
     else:
         rows = [capture_targets(model, chosen, head[:c] + query) for c in cuts]

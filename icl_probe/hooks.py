@@ -41,3 +41,19 @@ def with_hidden(output: object, new: torch.Tensor) -> object:
     if isinstance(output, torch.Tensor):
         return new
     return (new, *output[1:])
+
+
+def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """A module's parameter as the forward pass uses it, also when accelerate has offloaded it to disk or CPU.
+
+    An offloaded module holds meta tensors between forward passes; its accelerate hook keeps the
+    real values in `weights_map`, which is where they are read from then.
+    """
+    param = getattr(module, name)
+    if param.device.type != "meta":
+        return param
+    hook = getattr(module, "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        raise RuntimeError(f"{type(module).__name__}.{name} is on the meta device and has no offload map")
+    return weights[name]

@@ -29,8 +29,8 @@ class LowRank:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x for x of shape (..., in), returned as (..., out) in float64."""
-        coef = x.to(MATH_DTYPE) @ self.v.to(MATH_DTYPE)  # (..., r)
-        return coef @ self.u.to(MATH_DTYPE).T
+        coef = x.to(MATH_DTYPE) @ self.v.to(x.device, MATH_DTYPE)  # (..., r)
+        return coef @ self.u.to(x.device, MATH_DTYPE).T
 
     def frobenius_norm(self) -> float:
         """‖u vᵀ‖_F; for r > 1 from the r×r core, so that a difference of nearly equal updates keeps its digits."""
@@ -70,7 +70,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     as accurate as the float32 model's own first linear layer, and lifts bf16/fp16 weights.
     """
     work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
-    return (weight.to(work) @ x.to(work)).to(MATH_DTYPE)
+    return (weight.to(work) @ x.to(weight.device, work)).to(x.device, MATH_DTYPE)
 
 
 def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
@@ -109,7 +109,7 @@ def alignment(a: LowRank, b: LowRank) -> float | None:
 
 def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """y + delta summed in float64 and rounded once to y's dtype."""
-    return (y.to(MATH_DTYPE) + delta).to(y.dtype)
+    return (y.to(MATH_DTYPE) + delta.to(y.device)).to(y.dtype)
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:

@@ -43,17 +43,25 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     on_convert: Callable[[Path], None] | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict[str, str] | None = None,
+    offload_folder: str | None = None,
 ):
     """(model, tokenizer) for a named model, a save_pretrained folder, a .gguf file or a hub id.
 
-    The model is in eval mode, in `dtype` on `device`; `model.icl_probe_name` records `name`.
-    `on_convert(folder)` is called just before a GGUF file is converted (once; later loads use `folder`).
+    The model is in eval mode, in `dtype` on `device`, or split by accelerate with `device_map`
+    ("auto" or a dict), `max_memory` ({"cpu": "2GiB"}) and `offload_folder` for what goes to disk.
+    `model.icl_probe_name` records `name`. `on_convert(folder)` is called just before a GGUF file
+    is converted (once; later loads use `folder`).
     """
     torch_dtype = parse_dtype(dtype)
     check_device(device)
     folder = resolve_folder(name, on_convert)
-    model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code)
-    model.to(device).eval()
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code, placement if device_map else {})
+    if device_map is None:
+        model.to(device)
+    model.eval()
     model.icl_probe_name = name
     return model, tokenizer
 
@@ -309,14 +317,17 @@ def no_progress_bars():
             logging.enable_progress_bar()
 
 
-def load_folder(folder: str, name: str, dtype: torch.dtype, trust_remote_code: bool):
-    """(model, tokenizer) from a folder or hub id; every failure becomes a ModelError that says how to fix it."""
+def load_folder(folder: str, name: str, dtype: torch.dtype, trust_remote_code: bool, placement: dict | None = None):
+    """(model, tokenizer) from a folder or hub id; every failure becomes a ModelError that says how to fix it.
+
+    `placement` holds from_pretrained's device_map, max_memory and offload_folder, if any.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with no_progress_bars():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+                folder, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True, **(placement or {})
             )
         except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for bad files
             raise model_load_error(e, folder, name) from e

@@ -21,6 +21,7 @@ from torch import nn
 from . import arch
 from .errors import PatchError
 from .fileio import atomic_write, check_writable
+from .hooks import current_weight
 from .lowrank import MATH_DTYPE, LowRank
 from .patching import Patch
 
@@ -228,7 +229,9 @@ def fingerprint(model: nn.Module, patch: Patch) -> str:
     """
     digest = hashlib.sha256()
     for name in touched_parameters(patch):
-        param = model.get_parameter(name).detach().to("cpu", torch.float32).contiguous()
+        owner, attr = name.rpartition(".")[::2]
+        param = current_weight(model.get_submodule(owner), attr)  # also when accelerate offloaded it
+        param = param.detach().to("cpu", torch.float32).contiguous()
         digest.update(f"{name}\0{list(param.shape)}\0".encode())
         digest.update(param.numpy().astype("<f4", copy=False).tobytes())
     return digest.hexdigest()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import LowRank, add_rounded
 
@@ -57,7 +58,9 @@ def dense_added(model: nn.Module, dense: dict[str, torch.Tensor]) -> Iterator[No
             for name, delta in dense.items():
                 param = model.get_parameter(name)
                 saved[name] = param.detach().clone()
-                param.add_(delta.to(param.dtype))
+                if param.device.type == "meta":
+                    raise PatchError(f"cannot change {name}: its module is offloaded; load the model on one device")
+                param.add_(delta.to(param.device, param.dtype))
         yield
     finally:
         with torch.no_grad():

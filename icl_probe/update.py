@@ -18,7 +18,7 @@ from .arch import Block
 from .capture import Target, forward, last
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
-from .lowrank import MATH_DTYPE, LowRank, check_norm, matvec
+from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, matvec
 from .patching import Patch
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -60,12 +60,13 @@ class RowUpdates:
         """ΔW_b x_b for x of shape (B, T, in) (or OPT's (B·T, in)), in float64 of x's shape with out last."""
         batch = self.u.shape[0]
         xb = x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE)  # (B, T, in)
-        coef = torch.einsum("bti,bi->bt", xb, self.v)  # (B, T)
-        y = coef[..., None] * self.u[:, None, :]  # (B, T, out)
+        coef = torch.einsum("bti,bi->bt", xb, self.v.to(xb.device))  # (B, T)
+        y = coef[..., None] * self.u[:, None, :].to(xb.device)  # (B, T, out)
         return y.reshape(*x.shape[:-1], -1)
 
     def row(self, i: int) -> LowRank:
-        return LowRank(self.u[i][:, None], self.v[i][:, None].clone())
+        """Row i's update on the CPU (patches live there; hooks move them to each module's device)."""
+        return LowRank(self.u[i][:, None].cpu(), self.v[i][:, None].cpu().clone())
 
 
 def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> RowUpdates:
@@ -77,11 +78,6 @@ def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, w
     dz = z_ctx.to(MATH_DTYPE) - z0  # (B, in)
     u = matvec(weight, dz.T).T / z0_sq[:, None]  # (B, out)
     return RowUpdates(u, z0.clone())
-
-
-def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """y + delta summed in float64 and rounded once to y's dtype."""
-    return (y.to(MATH_DTYPE) + delta).to(y.dtype)
 
 
 class SequentialRun:
@@ -196,8 +192,8 @@ class SequentialRun:
         """Row i's updates as a Patch."""
         return Patch(
             low_rank={path: rows.row(i) for path, rows in self.low_rank.items()},
-            residual={path: d[i] for path, d in self.residual_rows.items()},
-            dense={path: d[i] for path, d in self.dense_rows.items()},
+            residual={path: d[i].cpu() for path, d in self.residual_rows.items()},
+            dense={path: d[i].cpu() for path, d in self.dense_rows.items()},
         )
 
     def record(self, b: Block) -> LayerRecord:

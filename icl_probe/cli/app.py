@@ -97,6 +97,16 @@ NoTextOpt = Annotated[
 ]
 PlotOpt = Annotated[str | None, typer.Option("--plot", metavar="PNG", help="Also draw the figures into a PNG file.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option("--device-map", help="Split the model across devices with accelerate, e.g. auto.")
+]
+MaxMemoryOpt = Annotated[
+    list[str] | None,
+    typer.Option("--max-memory", metavar="DEVICE=SIZE", help="With --device-map: a device's budget, e.g. cpu=2GiB."),
+]
+OffloadOpt = Annotated[
+    str | None, typer.Option("--offload-folder", help="With --device-map: where weights that fit nowhere go.")
+]
 
 
 def print_version(value: bool) -> None:
@@ -164,14 +174,36 @@ def pick_text(text: str | None, path: str | None, what: str) -> str | None:
     return read_query(path) if what == "query" else read_text(path, what)
 
 
-def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool):
-    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached)."""
-    with status.status(f"Loading {model} ({dtype}, {device})…") as spinner:
+def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool, placement=(None, None, None)):
+    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached).
+
+    `placement` is (--device-map, --max-memory, --offload-folder).
+    """
+    device_map, max_memory, offload = placement
+    if device_map is None and (max_memory or offload):
+        raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
+    where = f"device map {device_map}" if device_map else device
+    with status.status(f"Loading {model} ({dtype}, {where})…") as spinner:
 
         def converting(folder) -> None:
             spinner.update(f"Loading {model}: converting once (about a minute); cached in {folder}…")
 
-        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, on_convert=converting)
+        memory = parse_memory(max_memory)
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, on_convert=converting,
+                          device_map=device_map, max_memory=memory, offload_folder=offload)  # fmt: skip
+
+
+def parse_memory(items: list[str] | None) -> dict[str | int, str] | None:
+    """{"cpu": "2GiB", 0: "8GiB"} from ["cpu=2GiB", "0=8GiB"]."""
+    if not items:
+        return None
+    budget: dict[str | int, str] = {}
+    for item in items:
+        device, _, size = item.partition("=")
+        if not device or not size:
+            raise UsageError(f"bad --max-memory {item!r}; use DEVICE=SIZE, e.g. cpu=2GiB or 0=8GiB")
+        budget[int(device) if device.isdigit() else device] = size
+    return budget
 
 
 def pick_prompt(context, context_file, query, query_file) -> tuple[str | None, str | None]:

@@ -21,13 +21,16 @@ from .app import (
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     LayersOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NoTextOpt,
+    OffloadOpt,
     PlainUsage,
     PlotOpt,
     QueryFileOpt,
@@ -77,6 +80,9 @@ def analyze(
     force: ForceOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -91,7 +97,7 @@ def analyze(
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
         with status.status("Analyzing…"):
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
                                   gradient=gradient, target=target, per_layer_ablation=layer_ablation)  # fmt: skip
@@ -138,6 +144,9 @@ def export_patch(
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -153,7 +162,7 @@ def export_patch(
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
                                 layers=layers, store_context=store_context, force=force)  # fmt: skip
@@ -186,6 +195,9 @@ def replay(
         str | None, typer.Option(help="float32, float64, bfloat16 or float16 (default: the patch's).")
     ] = None,
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -204,7 +216,14 @@ def replay(
         model = model or loaded.metadata["model"]
         if not model:
             raise UsageError(f"patch {patch} does not name its model; pass --model")
-        m, tokenizer = load(status, model, dtype or loaded.metadata["dtype"], device, trust_remote_code)
+        m, tokenizer = load(
+            status,
+            model,
+            dtype or loaded.metadata["dtype"],
+            device,
+            trust_remote_code,
+            (device_map, max_memory, offload_folder),
+        )
         with status.status("Replaying…"):
             result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
                                 skip_fingerprint=skip_fingerprint)  # fmt: skip

@@ -16,13 +16,16 @@ from .app import (
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
     JsonOpt,
     LayersOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NoTextOpt,
+    OffloadOpt,
     PlotOpt,
     QueryFileOpt,
     QueryOpt,
@@ -116,6 +119,9 @@ def dynamics(
     force: ForceOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -137,7 +143,7 @@ def dynamics(
             task, task_file, template, demos, separator, context, query, query_input, target
         )
         warn_fusion("".join(e.text for e in examples), query)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
         with status.status(f"Sweeping {len(examples)} prefixes…"):
             result = run_dynamics(m, tokenizer, examples, query, target=target, layers=layers, gradient=gradient,
                                   finetune_steps=finetune_steps, lr=lr, template=template)  # fmt: skip
