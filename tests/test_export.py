@@ -1,7 +1,7 @@
 """export_patch: native files, PEFT adapters and merged checkpoints, checked with the real libraries.
 
-Tiny random models for most cases; the real SmolLM2-135M for the end-to-end figures (KL < 1e-5 for
-every format on the antonym demo).
+Tiny random models for most cases; the real SmolLM2-135M for the end-to-end figures of README.md (KL < 1e-9
+for every format on the antonym demo, where the issue asks for 1e-5, and the sizes).
 """
 
 import copy
@@ -26,6 +26,10 @@ from icl_probe.patching import Patch, applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 KL_LIMIT = 1e-5  # the issue's bar for every format
+REAL_KL_LIMIT = 1e-9  # README.md: SmolLM2's figures are float32 rounding (about 1e-11, varying between machines)
+# README.md, "Measured": each format's size on disk and its dense ΔW, rounded to kB or MB
+README_SIZES = {"native-bias": (592e3, 212e6), "native-fold": (779e3, 319e6), "peft": (788e3, 319e6),
+                "merged": (542e6, None)}  # fmt: skip
 
 
 def logits_of(model, ids):
@@ -357,7 +361,7 @@ def test_smollm2_native_replay(smollm2, which):
     model, tok, exports, prompt, with_context = smollm2
     doc = replay(model, tok, exports[which].output, context=DEMO_CONTEXT).to_dict()
     assert doc["patch"]["fingerprint_checked"] and doc["top1_match"]
-    assert doc["kl_patched"] < KL_LIMIT < doc["kl_no_context"]
+    assert doc["kl_patched"] < REAL_KL_LIMIT and KL_LIMIT < doc["kl_no_context"]
     assert doc["top_k"]["patched"][0]["token"] == " sad"
     assert exports[which].patch_bytes * 100 < exports[which].dense_bytes
 
@@ -368,11 +372,11 @@ def test_smollm2_peft_with_peft_and_load_adapter(smollm2):
     model, _, exports, prompt, with_context = smollm2
     folder = exports["peft"].output
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), folder)
-    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < REAL_KL_LIMIT
     del peft_model
     base = copy.deepcopy(model)
     base.load_adapter(folder)
-    assert kl_divergence(with_context, logits_of(base, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, logits_of(base, prompt.query_only)) < REAL_KL_LIMIT
 
 
 def test_smollm2_merged_checkpoint(smollm2):
@@ -380,5 +384,17 @@ def test_smollm2_merged_checkpoint(smollm2):
 
     model, _, exports, prompt, with_context = smollm2
     merged = AutoModelForCausalLM.from_pretrained(exports["merged"].output).eval()
-    assert kl_divergence(with_context, logits_of(merged, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, logits_of(merged, prompt.query_only)) < REAL_KL_LIMIT
     assert kl_divergence(with_context, logits_of(model, prompt.query_only)) > 1  # the in-memory model is unpatched
+
+
+@pytest.mark.parametrize("which", list(README_SIZES))
+def test_smollm2_export_figures_in_the_readme(smollm2, which):
+    export = smollm2[2][which]
+    assert export.kl_patched == 0.0  # analyze's own run: the last block's Δb restores the with-context state
+    assert export.kl_stored < REAL_KL_LIMIT  # "as written": the update read back from disk
+    size, dense = README_SIZES[which]
+    unit = 1e3 if size < 1e6 else 1e6
+    assert round(export.file_bytes / unit) * unit == size
+    if dense is not None:
+        assert round(export.dense_bytes / 1e6) * 1e6 == dense
