@@ -4,6 +4,7 @@
 module registers its commands on `app`.
 """
 
+from . import batch as _batch  # noqa: F401 - registers batch and merge
 from . import commands, sweep  # noqa: F401 - registers the commands
 from .app import app
 

@@ -1,0 +1,426 @@
+"""`run_batch`: many prompts from a JSONL file through one loaded model, streamed to a JSONL file; `merge_parts`.
+
+An input line is {"id", "context", "query"} or {"id", "task", "query_input", "demos"?, "template"?}, with
+optional "layers" and "residual". Each output line is {"id", "result": <analysis document>} or {"id", "error"}.
+A line is one os.write to an O_APPEND file, then fsync: a killed run loses at most the line in progress, and
+a rerun cuts away a torn last line and skips the ids already written. Processes split the input by line
+(index % world_size == rank), each into its own part `NAME.rank{R}.jsonl`; `merge_parts` joins the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .analysis import analyze
+from .errors import IclProbeError, InputError, UsageError
+from .export import export_patch
+from .fileio import atomic_write, check_writable
+from .tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
+
+PROMPT_KEYS = ("context", "query")
+TASK_KEYS = ("task", "query_input", "demos", "template")
+KNOWN_KEYS = ("id", *PROMPT_KEYS, *TASK_KEYS, "layers", "residual")
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME = 120  # characters of a patch file's stem; file systems allow 255 bytes
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input line with a usable, first-seen id; `line` counts from 1, `fields` is the parsed object."""
+
+    line: int
+    id: str | int
+    fields: dict
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """An input line without a usable id (not JSON, no id, a repeated id): reported, never run."""
+
+    line: int
+    message: str
+
+
+Warn = Callable[[str], None]
+Progress = Callable[[int, int], None]
+
+
+# --- input ----------------------------------------------------------------------------------------------------
+
+
+def read_jobs(path: str | Path) -> tuple[list[Job], list[BadLine]]:
+    """The input file's jobs (first occurrence of each id) and its bad lines; blank lines are ignored."""
+    jobs: list[Job] = []
+    bad: list[BadLine] = []
+    first: dict[str | int, int] = {}
+    for number, text in enumerate(read_lines(path), start=1):
+        if not text.strip():
+            continue
+        fields, problem = parse_line(text)
+        if problem is None and fields["id"] in first:
+            earlier = first[fields["id"]]
+            problem = f"the id {show_id(fields['id'])} was already used on line {earlier}; give each line its own id"
+        if problem is not None:
+            bad.append(BadLine(number, f"{path}: line {number}: {problem}; line skipped"))
+            continue
+        first[fields["id"]] = number
+        jobs.append(Job(number, fields["id"], fields))
+    return jobs, bad
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        state = "is not a regular file" if path.exists() else "not found"
+        raise InputError(f"batch input {path} {state}; give a JSONL file with one prompt object per line")
+    try:
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"batch input {path} is not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def parse_line(text: str) -> tuple[dict | None, str | None]:
+    """(the object, None) or (None, what is wrong with the line)."""
+    try:
+        fields = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        return None, f"not JSON ({getattr(e, 'msg', 'nested too deeply')})"
+    if not isinstance(fields, dict):
+        return None, 'not a JSON object; write {"id": ..., "context": ..., "query": ...}'
+    if "id" not in fields:
+        return None, 'no "id"; give each line an "id" (a string or an integer)'
+    if not usable_id(fields["id"]):
+        return None, f'the "id" {json.dumps(fields["id"])[:40]} is not a non-empty string or an integer'
+    return fields, None
+
+
+def usable_id(value: object) -> bool:
+    return (isinstance(value, str) and value != "") or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def show_id(value: str | int) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def line_prompt(fields: dict) -> tuple[str, str]:
+    """(context, query) of a line: given as text, or built from a built-in task's first `demos` pairs."""
+    unknown = [key for key in fields if key not in KNOWN_KEYS]
+    if unknown:
+        raise InputError(f'unknown key "{unknown[0]}"; a line takes {", ".join(KNOWN_KEYS)}')
+    if "task" in fields:
+        if any(key in fields for key in PROMPT_KEYS):
+            raise InputError('give "context" and "query", or "task" and "query_input", not both')
+        return task_prompt(fields)
+    if any(key in fields for key in TASK_KEYS):
+        raise InputError('"query_input", "demos" and "template" need a "task"')
+    for key in PROMPT_KEYS:
+        if not isinstance(fields.get(key), str):
+            raise InputError(
+                f'"{key}" is missing or not a string; give "context" and "query", or "task" and "query_input"'
+            )
+    return fields["context"], fields["query"]
+
+
+def task_prompt(fields: dict) -> tuple[str, str]:
+    for key in ("task", "query_input"):
+        if not isinstance(fields.get(key), str):
+            raise InputError(f'"{key}" is missing or not a string; a task line takes "task" and "query_input"')
+    template = fields.get("template", DEFAULT_TEMPLATE)
+    if not isinstance(template, str):
+        raise InputError(f'"template" is {json.dumps(template)}; give a string such as {json.dumps(DEFAULT_TEMPLATE)}')
+    demos = fields.get("demos")
+    if demos is not None and (not isinstance(demos, int) or isinstance(demos, bool)):
+        raise InputError(f'"demos" is {json.dumps(demos)}; give the number of demonstrations as an integer')
+    examples = task_examples(builtin_task(fields["task"]), template, demos)
+    query, _ = query_for(template, fields["query_input"])
+    return "".join(e.text for e in examples), query
+
+
+def line_options(fields: dict, layers, residual: str) -> tuple[object, str]:
+    """The line's "layers" and "residual", or the run's defaults."""
+    layers = fields.get("layers", layers)
+    ints = isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+    if not (isinstance(layers, str | int) and not isinstance(layers, bool) or ints):
+        raise InputError(f'"layers" is {json.dumps(layers)}; give a spec such as "all", "3,7", "-4:" or a list of ints')
+    residual = fields.get("residual", residual)
+    if not isinstance(residual, str):
+        raise InputError(f'"residual" is {json.dumps(residual)}; give "bias" or "fold"')
+    return layers, residual
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+
+def part_path(output: str | Path, rank: int, world_size: int) -> Path:
+    """Where this process writes: `output` itself, or NAME.rank{R}.SUFFIX beside it when there are many."""
+    output = Path(output)
+    if world_size == 1:
+        return output
+    return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
+
+
+def check_batch_paths(input_path: str | Path, output: str | Path, patches: str | Path | None = None) -> None:
+    """Refuse a missing input, an unwritable output or an unusable patch folder before the model is loaded."""
+    read_lines(input_path)
+    if str(output) != "-":
+        check_writable(output, force=True)  # an existing output is resumed, not overwritten
+    if patches is not None:
+        patches = Path(patches)
+        if patches.exists() and not patches.is_dir():
+            raise InputError(f"--patches {patches} is a file; give a folder (it is created if missing)")
+        if not patches.parent.is_dir():
+            raise InputError(f"cannot create the patch folder {patches}: {patches.parent} does not exist")
+
+
+def written_ids(path: Path, warn: Warn) -> set:
+    """The ids already in the output, after cutting away a torn last line (a run killed mid-write)."""
+    if not path.exists():
+        return set()
+    ids, bad, start, last = set(), [], 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            doc = parse_output_line(raw)
+            if doc is None:
+                bad.append(start)
+            else:
+                ids.add(doc["id"])
+            last, start = start, start + len(raw)
+    if bad and bad[-1] == last:
+        os.truncate(path, last)
+        warn(f"{path}: cut away a torn last line ({start - bad.pop()} bytes) left by an interrupted run")
+    for offset in bad:
+        warn(f"{path}: the line at byte {offset} is not a result line; it is kept but its id is not counted as done")
+    return ids
+
+
+def parse_output_line(raw: bytes) -> dict | None:
+    """The line as {"id", ...} if it is one complete JSON line with an id, else None."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) and usable_id(doc.get("id")) else None
+
+
+@contextmanager
+def line_writer(path: str | Path) -> Iterator[Callable[[dict], None]]:
+    """write(doc): the doc as one JSON line in one os.write to an O_APPEND file, then fsync; '-' is stdout."""
+    to_stdout = str(path) == "-"
+    fd = 1 if to_stdout else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+    def write(doc: dict) -> None:
+        data = (json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8")
+        while data:  # a regular file takes it in one call; the loop only guards against a short write
+            data = data[os.write(fd, data) :]
+        if not to_stdout:
+            os.fsync(fd)
+
+    try:
+        yield write
+    finally:
+        if not to_stdout:
+            os.close(fd)
+
+
+# --- patches --------------------------------------------------------------------------------------------------
+
+
+def patch_names(jobs: list[Job]) -> dict[str | int, str]:
+    """Each id's patch file name, or (for an id that collides with an earlier one after sanitising) an error."""
+    names: dict[str | int, str] = {}
+    owner: dict[str, Job] = {}
+    for job in jobs:
+        name = safe_name(job.id) + ".safetensors"
+        taken = owner.get(name.lower())  # case-insensitive file systems (macOS, Windows) would merge them
+        if taken is None:
+            owner[name.lower()] = job
+            names[job.id] = name
+        else:
+            names[job.id] = (
+                f"ERROR: the id {show_id(job.id)} gives the same patch file name {name} as the id "
+                f"{show_id(taken.id)} on line {taken.line}; give ids that differ in letters, digits, '.', '-' or '_'"
+            )
+    return names
+
+
+def safe_name(value: str | int) -> str:
+    """The id as a file stem: runs of other characters become '_', no leading dot, at most MAX_NAME characters."""
+    return SAFE_NAME.sub("_", str(value)).lstrip(".")[:MAX_NAME] or "_"
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def run_batch(
+    model,
+    tokenizer,
+    input_path: str | Path,
+    output_path: str | Path,
+    layers: str | list[int] | None = "all",
+    residual: str = "bias",
+    top_k: int = 5,
+    gradient: bool = False,
+    per_layer_ablation: bool = False,
+    text: bool = True,
+    patches: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    on_progress: Progress | None = None,
+    on_warning: Warn | None = None,
+) -> dict:
+    """Analyze this rank's share of the input's lines, appending one result or error line each to the output.
+
+    Ids already in the output are skipped; with `patches`, each line's native patch is also written to
+    PATCHES/<id>.safetensors (replacing one left by an interrupted run). `output_path` is this process's
+    file (see `part_path`), or '-' for stdout. Returns the counts: done, skipped, failed, bad_lines.
+    """
+    check_share(rank, world_size, output_path)
+    check_patch_options(patches, top_k, gradient, per_layer_ablation)
+    check_batch_paths(input_path, output_path, patches)
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    jobs, bad = read_jobs(input_path)
+    for b in bad:
+        if (b.line - 1) % world_size == rank:
+            warn(b.message)
+    mine = [job for job in jobs if (job.line - 1) % world_size == rank]
+    done = set() if str(output_path) == "-" else written_ids(Path(output_path), warn)
+    todo = [job for job in mine if job.id not in done]
+    names = None
+    if patches is not None:
+        Path(patches).mkdir(exist_ok=True)
+        names = patch_names(jobs)
+    options = dict(layers=layers, residual=residual, top_k=top_k, gradient=gradient,
+                   per_layer_ablation=per_layer_ablation, text=text)  # fmt: skip
+    counts = {"done": 0, "failed": 0}
+    progress = on_progress or (lambda done, total: None)
+    progress(len(mine) - len(todo), len(mine))
+    with line_writer(output_path) as write:
+        for job in todo:
+            line = run_job(model, tokenizer, job, options, patches, names, input_path)
+            write(line)
+            counts["failed" if "error" in line else "done"] += 1
+            progress(len(mine) - len(todo) + counts["done"] + counts["failed"], len(mine))
+    return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
+            "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
+            "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+
+
+def check_share(rank: int, world_size: int, output_path: str | Path) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"RANK {rank} and WORLD_SIZE {world_size} do not fit: need 0 <= RANK < WORLD_SIZE")
+    if world_size > 1 and str(output_path) == "-":
+        raise UsageError("with many processes each writes its own file; give --output FILE.jsonl, not '-'")
+
+
+def check_patch_options(patches, top_k: int, gradient: bool, per_layer_ablation: bool) -> None:
+    """A patch comes with export-patch's analysis (top 5, no gradient, no per-layer ablation)."""
+    if patches is not None and (top_k != 5 or gradient or per_layer_ablation):
+        raise UsageError("--patches reports export-patch's analysis; drop --top-k, --gradient and --layer-ablation")
+
+
+def run_job(model, tokenizer, job: Job, options: dict, patches, names, input_path) -> dict:
+    """One output line: {"id", "result"} (and "patch" with `patches`), or {"id", "error"} naming the line."""
+    try:
+        context, query = line_prompt(job.fields)
+        layers, residual = line_options(job.fields, options["layers"], options["residual"])
+        if patches is None:
+            result = analyze(model, tokenizer, context, query, layers=layers, residual=residual,
+                             top_k=options["top_k"], gradient=options["gradient"],
+                             per_layer_ablation=options["per_layer_ablation"])  # fmt: skip
+            return {"id": job.id, "result": result.to_dict(text=options["text"])}
+        if names[job.id].startswith("ERROR: "):
+            raise InputError(names[job.id].removeprefix("ERROR: "))
+        export = export_patch(model, tokenizer, context, query, output=Path(patches) / names[job.id],
+                              residual=residual, layers=layers, force=True)  # fmt: skip
+        return {"id": job.id, "result": export.analysis.to_dict(text=options["text"]), "patch": export.to_dict()}
+    except IclProbeError as e:
+        return {"id": job.id, "error": f"{input_path}: line {job.line}: {one_line(str(e))}"}
+
+
+def one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+# --- merging --------------------------------------------------------------------------------------------------
+
+
+def part_files(output: str | Path) -> list[Path]:
+    """NAME.rank{R}.SUFFIX beside `output`, in rank order."""
+    output = Path(output)
+    pattern = re.compile(re.escape(output.stem) + r"\.rank(\d+)" + re.escape(output.suffix))
+    found = [
+        (int(m.group(1)), p) for p in output.parent.glob(f"{output.stem}.rank*") if (m := pattern.fullmatch(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def merge_parts(output: str | Path, input_path: str | Path | None = None, force: bool = False) -> dict:
+    """Join the part files of `output` into `output` (atomically), refusing duplicated ids and, given the input,
+    missing or unexpected ones. Lines are copied byte for byte, in input order when the input is given.
+    """
+    output = Path(output)
+    parts = part_files(output)
+    if not parts:
+        raise InputError(f"no part files {output.stem}.rank*{output.suffix} beside {output}; run `icl-probe batch "
+                         f"--output {output}` under torchrun first")  # fmt: skip
+    check_writable(output, force)
+    lines, warnings = read_parts(parts)
+    if input_path is not None:
+        lines = in_input_order(lines, input_path)
+    atomic_write(output, lambda tmp: tmp.write_bytes(b"".join(raw for raw, _ in lines.values())))
+    errors = sum(1 for _, doc in lines.values() if "error" in doc)
+    return {"output": str(output), "parts": [str(p) for p in parts], "lines": len(lines),
+            "results": len(lines) - errors, "errors": errors,
+            "checked_against": None if input_path is None else str(input_path), "warnings": warnings}  # fmt: skip
+
+
+def read_parts(parts: list[Path]) -> tuple[dict, list[str]]:
+    """{id: (raw line, doc)} over all parts; a torn last line is left out with a warning; a repeated id refuses."""
+    lines: dict = {}
+    where: dict = {}
+    warnings: list[str] = []
+    for part in parts:
+        raws = part.read_bytes().splitlines(keepends=True)
+        for number, raw in enumerate(raws, start=1):
+            doc = parse_output_line(raw)
+            if doc is None and number == len(raws):
+                warnings.append(f"{part}: left out a torn last line (line {number}) from an interrupted run")
+                continue
+            if doc is None:
+                raise InputError(f"{part}: line {number} is not a result line; fix or delete it, then merge again")
+            if doc["id"] in lines:
+                raise InputError(f"the id {show_id(doc['id'])} is in {where[doc['id']]} and in {part}: line {number}; "
+                                 "delete one of the two lines, then merge again")  # fmt: skip
+            lines[doc["id"]], where[doc["id"]] = (raw, doc), f"{part}: line {number}"
+    return lines, warnings
+
+
+def in_input_order(lines: dict, input_path: str | Path) -> dict:
+    """The lines reordered as the input's ids; a missing or unexpected id refuses the merge."""
+    jobs, _ = read_jobs(input_path)
+    wanted = [job.id for job in jobs]
+    missing = [i for i in wanted if i not in lines]
+    unexpected = set(lines) - set(wanted)
+    if missing:
+        raise InputError(f"{len(missing)} of the {len(wanted)} ids of {input_path} are in no part (e.g. "
+                         f"{', '.join(map(show_id, missing[:3]))}); rerun the batch with the same WORLD_SIZE to "
+                         "finish them, then merge again")  # fmt: skip
+    if unexpected:
+        shown = ", ".join(map(show_id, sorted(unexpected, key=str)[:3]))
+        raise InputError(f"{len(unexpected)} ids in the parts are not in {input_path} (e.g. {shown}); "
+                         "give the input the batch ran on")  # fmt: skip
+    return {i: lines[i] for i in wanted}

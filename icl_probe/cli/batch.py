@@ -1,0 +1,146 @@
+"""The `batch` and `merge` commands: many prompts through one loaded model, and joining the parts of many processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..batch import check_batch_paths, merge_parts, part_path, run_batch
+from ..errors import UsageError
+from ..models import DEFAULT_MODEL
+from .app import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    LayersOpt,
+    ModelOpt,
+    NoTextOpt,
+    PlainUsage,
+    ResidualOpt,
+    TopKOpt,
+    TrustOpt,
+    app,
+    load,
+    one_line_errors,
+)
+
+
+@app.command(cls=PlainUsage)
+def batch(
+    input_path: Annotated[str, typer.Argument(metavar="FILE.jsonl", help="One JSON prompt object per line.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="The results JSONL file (resumed if it exists), or '-' for stdout.")
+    ],
+    model: ModelOpt = DEFAULT_MODEL,
+    layers: LayersOpt = "all",
+    residual: ResidualOpt = "bias",
+    top_k: TopKOpt = 5,
+    gradient: Annotated[bool, typer.Option("--gradient", help="Also align each ΔW with −∇W (see analyze).")] = False,
+    layer_ablation: Annotated[
+        bool, typer.Option("--layer-ablation", help="Also score the patch without each layer (see analyze).")
+    ] = False,
+    patches: Annotated[
+        str | None,
+        typer.Option("--patches", metavar="FOLDER", help="Also write each line's patch to FOLDER/ID.safetensors."),
+    ] = None,
+    no_text: NoTextOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Analyze every prompt of a JSONL file with one model load, one result line per prompt.
+
+    Lines: {"id", "context", "query"} or {"id", "task", "query_input", "demos", "template"}, each optionally
+    with "layers" and "residual". Output lines: {"id", "result"} (the analyze document) or {"id", "error"}.
+    A rerun skips the ids already in the output, so an interrupted run resumes. Under torchrun or
+    accelerate launch each process takes the lines whose index % WORLD_SIZE == RANK and writes
+    NAME.rankR.jsonl; join them with `icl-probe merge`.
+    """
+    with one_line_errors(debug):
+        rank, world_size = share()
+        output = str(part_path(output, rank, world_size)) if output != "-" else output
+        check_batch_paths(input_path, output, patches)
+        status = Console(stderr=True)
+        m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code)
+        with progress_bar(status, rank == 0 and output != "-") as on_progress:
+            summary = run_batch(m, tokenizer, input_path, output, layers=layers, residual=residual, top_k=top_k,
+                                gradient=gradient, per_layer_ablation=layer_ablation, text=not no_text,
+                                patches=patches, rank=rank, world_size=world_size, on_progress=on_progress,
+                                on_warning=warn)  # fmt: skip
+        print(summary_line(summary), file=sys.stderr)
+
+
+def share() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from the environment torchrun and accelerate launch set; (0, 1) without them."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UsageError("RANK and WORLD_SIZE must be integers; unset them to run in one process") from None
+
+
+def local_device(device: str) -> str:
+    """Under torchrun, a bare `cuda` means this process's own GPU (LOCAL_RANK)."""
+    local = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local}" if device == "cuda" and local is not None and local.isdigit() else device
+
+
+def warn(message: str) -> None:
+    print(f"icl-probe: warning: {message}", file=sys.stderr)
+
+
+@contextmanager
+def progress_bar(console: Console, wanted: bool) -> Iterator:
+    """A progress callback drawing a bar on a terminal's stderr, or doing nothing."""
+    if not (wanted and console.is_terminal):
+        yield None
+        return
+    columns = (TextColumn("Analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("batch", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def summary_line(s: dict) -> str:
+    who = f"rank {s['rank']} of {s['world_size']}: " if s["world_size"] > 1 else ""
+    bad = f", {s['bad_lines']} bad input lines skipped (see the warnings)" if s["bad_lines"] else ""
+    where = "" if s["output"] == "-" else f" → {s['output']}"
+    return (
+        f"icl-probe batch: {who}{s['done']} done, {s['skipped']} skipped (already in the output), "
+        f"{s['failed']} failed (error lines){bad}{where}"
+    )
+
+
+@app.command(cls=PlainUsage)
+def merge(
+    output: Annotated[str, typer.Argument(metavar="RESULTS.jsonl", help="The --output given to batch.")],
+    input_path: Annotated[
+        str | None, typer.Option("--input", metavar="FILE.jsonl", help="Also check every id of the input is there.")
+    ] = None,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Join the parts RESULTS.rankR.jsonl that batch wrote under many processes into RESULTS.jsonl.
+
+    Refuses an id found twice and, with --input, an id of the input that is in no part (rerun the batch
+    with the same WORLD_SIZE to finish it). Lines are copied as they are, in input order with --input.
+    The file is written atomically; the parts are kept.
+    """
+    with one_line_errors(debug):
+        summary = merge_parts(output, input_path, force=force)
+        for message in summary["warnings"]:
+            warn(message)
+        checked = f", every id of {input_path} present once" if input_path else ", no id twice"
+        print(
+            f"icl-probe merge: {len(summary['parts'])} parts, {summary['lines']} lines ({summary['results']} results, "
+            f"{summary['errors']} errors){checked} → {summary['output']}",
+            file=sys.stderr,
+        )

@@ -1,0 +1,180 @@
+"""Batch runs: results equal single analyses, resume, torn lines, bad lines, SIGKILL, torchrun + merge, patches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import icl_probe
+from icl_probe.batch import run_batch
+from icl_probe.cli import app
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+PROMPTS = [
+    {"id": "a", "context": "ab -> ba\ncd -> dc\n", "query": "ef ->"},
+    {"id": "b", "context": "xy -> yx\n", "query": "pq ->", "layers": "-1", "residual": "fold"},
+    {"id": 3, "task": "antonyms", "demos": 3, "query_input": "happy"},
+]
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
+
+
+def write_jsonl(path, rows) -> Path:
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def many(n: int) -> list[dict]:
+    return [{"id": f"p{i}", "context": f"{i} -> {i + 1}\n", "query": f"{i + 2} ->"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return icl_probe.load_model(tiny_llama_dir)
+
+
+def test_results_equal_single_analyses(tiny_llama_dir, tiny, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = run("batch", write_jsonl(tmp_path / "in.jsonl", PROMPTS), "-o", out, "-m", tiny_llama_dir)
+    assert result.exit_code == 0, result.output
+    assert "3 done, 0 skipped (already in the output), 0 failed" in result.stderr
+    lines = read_jsonl(out)
+    assert [line["id"] for line in lines] == ["a", "b", 3]
+    template = DEFAULT_TEMPLATE
+    task_context = "".join(e.text for e in task_examples(builtin_task("antonyms"), template, 3))
+    singles = [
+        icl_probe.analyze(*tiny, PROMPTS[0]["context"], PROMPTS[0]["query"]),
+        icl_probe.analyze(*tiny, PROMPTS[1]["context"], PROMPTS[1]["query"], layers="-1", residual="fold"),
+        icl_probe.analyze(*tiny, task_context, query_for(template, "happy")[0]),
+    ]
+    for line, single in zip(lines, singles):
+        doc, expected = line["result"], single.to_dict()
+        assert doc["context"] == expected["context"] and doc["query"] == expected["query"]
+        assert doc["residual"] == expected["residual"]
+        assert [r["layer"] for r in doc["layers"]] == [r["layer"] for r in expected["layers"]]
+        assert doc["layers"][0]["z0_norm"] == pytest.approx(expected["layers"][0]["z0_norm"], rel=1e-12)
+        assert doc["logits"]["kl_patched"] == pytest.approx(expected["logits"]["kl_patched"], rel=1e-6, abs=1e-12)
+        assert doc["logits"]["top_k"] == expected["logits"]["top_k"]
+
+
+def test_resume_skips_done_ids(tiny, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", many(3))
+    out = tmp_path / "out.jsonl"
+    first = run_batch(*tiny, source, out)
+    assert (first["done"], first["skipped"], first["failed"]) == (3, 0, 0)
+    write_jsonl(source, many(5))
+    second = run_batch(*tiny, source, out)
+    assert (second["done"], second["skipped"], second["failed"]) == (2, 3, 0)
+    assert [line["id"] for line in read_jsonl(out)] == [f"p{i}" for i in range(5)]
+
+
+def test_torn_last_line_is_cut_away(tiny, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", many(3))
+    out = tmp_path / "out.jsonl"
+    run_batch(*tiny, source, out, layers="-1")
+    whole = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(whole[:2]) + whole[2][:40])  # killed while writing p2
+    summary = run_batch(*tiny, source, out, layers="-1")
+    assert (summary["done"], summary["skipped"]) == (1, 2)
+    assert any("torn last line" in w for w in summary["warnings"])
+    assert out.read_bytes() == b"".join(whole)
+
+
+def test_bad_lines_are_reported_and_skipped(tiny_llama_dir, tmp_path):
+    rows = [
+        PROMPTS[0],
+        "not json\n",
+        {"context": "ab\n", "query": "c"},
+        {"id": "a", "context": "ab\n", "query": "c"},
+        {"id": "long", "context": "x" * 300 + "\n", "query": "q"},
+        {"id": "typo", "context": "ab\n", "querry": "c"},
+        "\n",
+        {"id": "ok", "context": "xy -> yx\n", "query": "pq ->"},
+    ]
+    out = tmp_path / "out.jsonl"
+    result = run("batch", write_jsonl(tmp_path / "in.jsonl", rows), "-o", out, "-m", tiny_llama_dir)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("icl-probe: warning:")]
+    assert len(warnings) == 3
+    assert "line 2: not JSON" in warnings[0] and 'line 3: no "id"' in warnings[1]
+    assert 'line 4: the id "a" was already used on line 1' in warnings[2]
+    lines = {line["id"]: line for line in read_jsonl(out)}
+    assert list(lines) == ["a", "long", "typo", "ok"]
+    assert "result" in lines["a"] and "result" in lines["ok"]
+    assert "line 5: the prompt is 302 tokens but the model takes at most 256" in lines["long"]["error"]
+    assert 'line 6: unknown key "querry"' in lines["typo"]["error"]
+    assert "2 done, 0 skipped (already in the output), 2 failed (error lines), 3 bad input lines" in result.stderr
+
+
+def test_sigkill_then_rerun_gives_every_id_once(tiny_llama_dir, tiny, tmp_path):
+    n = 150
+    source = write_jsonl(tmp_path / "in.jsonl", many(n))
+    out = tmp_path / "out.jsonl"
+    cmd = [BIN / "icl-probe", "batch", source, "-o", out, "-m", tiny_llama_dir]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.read_bytes().count(b"\n") < 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_bytes().count(b"\n")
+    assert 3 <= written < n, "the run ended before it was killed; give it more lines"
+    summary = run_batch(*tiny, source, out)
+    assert summary["skipped"] == written and summary["done"] == n - written and summary["failed"] == 0
+    assert sorted(line["id"] for line in read_jsonl(out)) == sorted(f"p{i}" for i in range(n))
+
+
+def test_torchrun_two_processes_then_merge(tiny_llama_dir, tmp_path):
+    rows = [*many(5), "not json\n", {"id": "p0", "context": "dup\n", "query": "q"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    cmd = [BIN / "torchrun", "--nproc_per_node", "2", "--no-python", BIN / "icl-probe", "batch", source, "-o", out,
+           "-m", tiny_llama_dir, "--layers", "-1"]  # fmt: skip
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "rank 0 of 2: 3 done" in done.stderr and "rank 1 of 2: 2 done" in done.stderr
+    assert "line 6: not JSON" in done.stderr and "line 7: the id" in done.stderr
+    parts = [tmp_path / "out.rank0.jsonl", tmp_path / "out.rank1.jsonl"]
+    assert [[line["id"] for line in read_jsonl(p)] for p in parts] == [["p0", "p2", "p4"], ["p1", "p3"]]
+    result = run("merge", out, "--input", source)
+    assert result.exit_code == 0, result.output
+    assert "2 parts, 5 lines (5 results, 0 errors), every id of" in result.stderr
+    assert [line["id"] for line in read_jsonl(out)] == [f"p{i}" for i in range(5)]
+    assert run("merge", out).exit_code == 1  # exists: --force to replace it
+    parts[1].write_bytes(parts[1].read_bytes() + parts[0].read_bytes().splitlines(keepends=True)[0])
+    result = run("merge", out, "--force")
+    assert result.exit_code == 1 and 'the id "p0" is in' in result.stderr
+    parts[1].write_bytes(b"".join(parts[1].read_bytes().splitlines(keepends=True)[:1]))
+    result = run("merge", out, "--input", source, "--force")
+    assert result.exit_code == 1 and "1 of the 5 ids" in result.stderr and '"p3"' in result.stderr
+
+
+def test_patches_folder_holds_one_loadable_patch_per_id(tiny_llama_dir, tmp_path):
+    rows = [*PROMPTS, {"id": "a/b", "context": "ab\n", "query": "c"}, {"id": "a_b", "context": "ab\n", "query": "c"}]
+    out, folder = tmp_path / "out.jsonl", tmp_path / "patches"
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = run("batch", source, "-o", out, "-m", tiny_llama_dir, "--patches", folder)
+    assert result.exit_code == 0, result.output
+    lines = {line["id"]: line for line in read_jsonl(out)}
+    assert "same patch file name a_b.safetensors" in lines["a_b"]["error"]
+    assert sorted(p.name for p in folder.iterdir()) == ["3.safetensors", "a.safetensors", "a_b.safetensors",
+                                                         "b.safetensors"]  # fmt: skip
+    for name, id_ in [("a", "a"), ("b", "b"), ("3", 3), ("a_b", "a/b")]:
+        patch = icl_probe.load_patch(folder / f"{name}.safetensors")
+        assert json.loads(patch.metadata["layers"]) == [r["layer"] for r in lines[id_]["result"]["layers"]]
+        assert lines[id_]["patch"]["kl_stored"] < 1e-6
+    assert run("batch", source, "-o", out, "-m", tiny_llama_dir, "--patches", folder, "--gradient").exit_code == 2
