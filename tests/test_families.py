@@ -123,7 +123,7 @@ def test_analyze_is_exact_at_hidden_size_64(name, residual):
     model = tiny_model(name, torch.float64, hidden_size=64)
     doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY, residual=residual).to_dict()
     assert doc["logits"]["kl_no_context"] > 1e-2
-    assert doc["logits"]["kl_patched"] < 1e-10
+    assert doc["logits"]["kl_patched"] < 1e-12
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-9
 
@@ -133,10 +133,12 @@ def test_updates_are_rank_one_or_vanish_for_parallel_blocks(name):
     model, result = model_of(name), analysis_of(name, "bias")
     for path, delta in result.patch.low_rank.items():
         relative = delta.frobenius_norm() / float(model.get_submodule(path).weight.detach().norm())
+        assert delta.u.shape[1] == delta.v.shape[1] == 1, path  # stored as one column each
+        dense = delta.u @ delta.v.T  # (out, in), formed here only to check the rank independently
         if name in PARALLEL:  # the block input, and so z, is already the with-context one: ΔW ≈ 0
-            assert delta.rank() <= 1 and relative < 1e-12, path
+            assert relative < 1e-12, path
         else:
-            assert delta.rank() == 1 and relative > 1e-3, path
+            assert int(torch.linalg.matrix_rank(dense, rtol=1e-10)) == 1 and relative > 1e-3, path
 
 
 @pytest.mark.parametrize("name", TABLE + GENERIC)
@@ -451,5 +453,5 @@ def test_gemma3_270m_norm_scale_fold(real_models):
         with applied(model, result.patch):
             static = last_logits(model, result.prompt.query_only)
     assert kl_divergence(ctx, static) < 1e-6
-    with pytest.raises(MathError, match=r"numerically unstable|divide by ~0"):
+    with pytest.raises(MathError, match=r"numerically unstable on this prompt: applied as weights it gives KL"):
         analyze(model, tok, context, query, residual="fold")
