@@ -1,24 +1,30 @@
 """The architecture table: the one place that knows where each model family keeps its parts.
 
 A row names, relative to one decoder block, the MLP's first linear layer(s), its output
-projection, the norms around it, and the attention branch. Rows whose layout depends on the
-config (GPT-NeoX's `use_parallel_residual`, Falcon's `parallel_attn`, ...) resolve it with a
-`variant` function. Model types not in the table go through one generic rule (`generic_family`):
-a Llama-layout block whose MLP is nothing but its linear layers. Everything else in icl-probe
-works from a `Block`, resolved from a row.
+projection, the norms around it, and the contextual layer's (mixer's) branch. Rows whose layout
+depends on the config (GPT-NeoX's `use_parallel_residual`, Falcon's `parallel_attn`, ...) resolve it
+with a `variant` function. Model types not in the table go through the structural rule
+(`read_structure`): one probe forward pass finds, in each block, the mixer, the MLP, its first linears
+and output projection and the norms around it, and checks that the block adds the two branches to its
+residual stream. Everything else in icl-probe works from a `Block`, resolved from a row or the rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+import re
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import ModelError
-from .hooks import current_weight
+from .hooks import current_weight, hooked
 
 LINEAR_FOLD_NOTE = "its MLP branch enters the residual linearly, so Δb folds into the output projection"
 
@@ -43,6 +49,7 @@ class Family:
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
     parallel: bool | None = False  # the MLP reads the block input, not the attention output (None: unknown)
     run_mlp: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # (block, z) → MLP output, if not mlp(z)
+    mixer: str = "attention"  # the kind of contextual layer: attention, convolution, mamba, linear attention, ...
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -70,6 +77,11 @@ def opt_mlp(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def bloom_mlp(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Bloom's MLP adds the residual it is given; give it zeros to get the branch alone."""
     return block.mlp(z, torch.zeros_like(z))
+
+
+def mpt_mlp(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """MPT's MLP adds the residual it is given, as Bloom's does."""
+    return block.ffn(z, torch.zeros_like(z))
 
 
 def neox_variant(config) -> dict:
@@ -106,10 +118,24 @@ def bloom_variant(config) -> dict:
     return {}
 
 
+def gemma4_variant(config) -> dict:
+    if config.enable_moe_block:
+        raise ModelError(
+            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model, "
+            "not supported yet"
+        )
+    return {}
+
+
 NORM_SCALE_NOTE = (
     "its MLP output is normalised before the residual add, so Δb folds into that norm's scale "
     "(a dense .delta of its weight); exact while no coordinate of the normalised MLP output is ~0"
 )
+GEMMA4_FOLD_NOTE = (
+    "its per-layer-input branch and layer scalar act on the block output after the MLP's residual add, "
+    "so Δb does not fold"
+)
+FALCON_H1_FOLD_NOTE = "its MLP scales its output projection by mlp_multipliers[1], which no row can name yet"
 GPT2 = dict(layers="transformer.h", attn="attn", pre_mlp_norm="ln_2")
 GEMMA_SANDWICH = dict(  # Gemma 2 and 3 normalise each branch before and after it
     pre_mlp_norm="pre_feedforward_layernorm",
@@ -135,7 +161,12 @@ FAMILIES: tuple[Family, ...] = (
         variant=neox_variant,
     ),
     Family(
-        "gptj", ("gptj",), first=("mlp.fc_in",), down="mlp.fc_out", parallel=True, **{**GPT2, "pre_mlp_norm": "ln_1"}
+        "gptj",
+        ("gptj", "codegen"),
+        first=("mlp.fc_in",),
+        down="mlp.fc_out",
+        parallel=True,
+        **{**GPT2, "pre_mlp_norm": "ln_1"},
     ),
     Family("phi", ("phi",), first=("mlp.fc1",), down="mlp.fc2", pre_mlp_norm="input_layernorm", parallel=True),
     Family("phi3", ("phi3",), first=("mlp.gate_up_proj",)),
@@ -182,18 +213,58 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family("stablelm", ("stablelm",), variant=stablelm_variant),
     Family("granite", ("granite",), branch_scale="residual_multiplier"),
+    Family(
+        "xglm",
+        ("xglm",),
+        first=("fc1",),
+        down="fc2",
+        mlp=None,
+        pre_mlp_norm="final_layer_norm",
+        branch="fc2",
+        run_mlp=opt_mlp,
+    ),  # fmt: skip
+    Family(
+        "mpt",
+        ("mpt",),
+        layers="transformer.blocks",
+        first=("ffn.up_proj",),
+        down="ffn.down_proj",
+        mlp="ffn",
+        pre_mlp_norm="norm_2",
+        attn="attn",
+        branch="ffn.down_proj",  # the MLP module returns MLP + residual
+        run_mlp=mpt_mlp,
+    ),
+    Family(
+        "gemma4",
+        ("gemma4_text",),
+        **{**GEMMA_SANDWICH, "fold": None, "fold_note": GEMMA4_FOLD_NOTE},
+        variant=gemma4_variant,
+    ),
+    Family(
+        "falcon_h1",
+        ("falcon_h1",),
+        first=("feed_forward.gate_proj", "feed_forward.up_proj"),
+        down="feed_forward.down_proj",
+        mlp="feed_forward",
+        pre_mlp_norm="pre_ff_layernorm",
+        attn="self_attn",  # the Mamba-2 mixer's branch is added beside it; only the attention part is read
+        fold=None,
+        fold_note=FALCON_H1_FOLD_NOTE,
+        mixer="mamba+attention",
+    ),
 )
 
 MOE_TYPES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx",
     "granitemoe", "phimoe", "gpt_oss", "llama4", "minimax", "switch_transformers",
 )  # fmt: skip
 
 GENERIC_RULE = (
-    "other types work when every block is Llama-like: model.layers.N with self_attn and an mlp made only of "
-    "nn.Linear layers, one of them down_proj"
+    "other types are read from their structure: one ModuleList of blocks, each adding a contextual layer's branch "
+    "and a dense MLP's branch to its residual stream"
 )
-GENERIC_FOLD_NOTE = "the generic rule cannot tell how the MLP branch enters the residual, so only bias is exact"
+GENERIC_FOLD_NOTE = "the structural rule offers --residual bias only; a row in icl_probe/arch.py's table adds fold"
 
 
 @dataclass
@@ -251,15 +322,8 @@ def family_of(model_type: str) -> Family:
 
 
 def family_for(model: nn.Module) -> Family:
-    """The row for a loaded model, with config variants resolved; the generic rule for types not in the table."""
-    model_type = model.config.model_type
-    if model_type in supported_types():
-        return family_of(model_type).resolved(model.config)
-    check_not_moe(model_type)
-    family = generic_family(model)
-    if family is None:
-        raise unsupported(model_type)
-    return family
+    """A loaded model's family: its table row resolved for its config, or the structural rule's reading of block 0."""
+    return blocks(model)[0].family
 
 
 def check_not_moe(model_type: str) -> None:
@@ -267,52 +331,284 @@ def check_not_moe(model_type: str) -> None:
         raise ModelError(f"model type '{model_type}' is a mixture-of-experts model, not supported yet")
 
 
-def unsupported(model_type: str) -> ModelError:
+def unsupported(model_type: str, reason: str | None = None) -> ModelError:
+    why = f": {reason}" if reason else ""
     return ModelError(
-        f"model type '{model_type}' is not supported; supported: {', '.join(supported_types())}; {GENERIC_RULE}"
+        f"model type '{model_type}' is not supported{why}; supported: {', '.join(supported_types())}; {GENERIC_RULE}"
     )
 
 
-def generic_family(model: nn.Module) -> Family | None:
-    """A row for a Llama-layout model not in the table, or None if any block does not fit the rule.
-
-    The rule: blocks at model.layers, each with self_attn and an mlp whose parameters all belong
-    to its nn.Linear children, one of them down_proj. Then z reaches the MLP only through the
-    other linears, so ΔW on them is the theorem's update; Δb absorbs the rest exactly.
-    """
-    try:
-        layers = model.get_submodule("model.layers")
-    except AttributeError:
-        return None
-    firsts = {llama_like_first(layer) for layer in layers} if isinstance(layers, nn.ModuleList) else {None}
-    if len(firsts) != 1 or None in firsts:
-        return None
-    model_type = model.config.model_type
-    return Family(f"generic ({model_type})", (model_type,), first=firsts.pop(), pre_mlp_norm=None, fold=None,
-                  fold_note=GENERIC_FOLD_NOTE, parallel=None)  # fmt: skip
-
-
-def llama_like_first(layer: nn.Module) -> tuple[str, ...] | None:
-    """The MLP's first linears of a Llama-like block, or None if the block does not fit the generic rule."""
-    mlp = getattr(layer, "mlp", None)
-    if mlp is None or getattr(layer, "self_attn", None) is None:
-        return None
-    linears = {name: m for name, m in mlp.named_children() if type(m) is nn.Linear}
-    owned = {id(p) for m in linears.values() for p in m.parameters()}
-    if "down_proj" not in linears or len(linears) < 2 or any(id(p) not in owned for p in mlp.parameters()):
-        return None
-    return tuple(f"mlp.{name}" for name in linears if name != "down_proj")
-
-
 def blocks(model: nn.Module) -> list[Block]:
-    """Every decoder block of a CausalLM, in order."""
-    family = family_for(model)
+    """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule."""
+    model_type = model.config.model_type
+    if model_type not in supported_types():
+        check_not_moe(model_type)
+        return read_structure(model)
+    family = family_of(model_type).resolved(model.config)
     try:
         layers = model.get_submodule(family.layers)
     except AttributeError as e:
-        raise ModelError(f"no '{family.layers}' in this {model.config.model_type} model") from e
+        raise ModelError(f"no '{family.layers}' in this {model_type} model") from e
     scale = float(getattr(model.config, family.branch_scale)) if family.branch_scale else 1.0
     return [Block(i, f"{family.layers}.{i}", layer, family, scale) for i, layer in enumerate(layers)]
+
+
+# ---- the structural rule ----------------------------------------------------------------------------
+
+LINEARS = (nn.Linear, Conv1D)
+EXPERTS = re.compile(r"moe|expert|router", re.IGNORECASE)  # class names of mixture-of-experts parts
+MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
+               ("mixer", "mamba"), ("ssm", "mamba"), ("conv", "convolution"), ("attention", "attention"),
+               ("attn", "attention"))  # fmt: skip
+PROBE_IDS = (1, 2, 3, 4, 5, 6)
+READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
+
+
+class Refusal(Exception):
+    """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
+
+
+@dataclass
+class Call:
+    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
+
+    order: int
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+
+
+def read_structure(model: nn.Module) -> list[Block]:
+    """The blocks of a model that is not in the table, read from its structure and checked on one probe run.
+
+    The reading is cached per model. A block that does not fit gives a one-line ModelError naming the layer
+    and what was found there.
+    """
+    if model not in READINGS:
+        READINGS[model] = read_model(model)
+    path, families = READINGS[model]
+    return [Block(i, f"{path}.{i}", layer, f) for i, (layer, f) in enumerate(zip(model.get_submodule(path), families))]
+
+
+def read_model(model: nn.Module) -> tuple[str, list[Family]]:
+    model_type = model.config.model_type
+    path = find_layers(model)
+    layers = model.get_submodule(path)
+    check_no_experts(model_type, layers)
+    calls = probe(model, layers)
+    families = []
+    for i, layer in enumerate(layers):
+        try:
+            fields = read_block(layer, calls)
+        except Refusal as e:
+            raise unsupported(model_type, f"block {path}.{i} {e}") from None
+        name = f"generic ({model_type})"
+        families.append(Family(name, (model_type,), layers=path, fold=None, fold_note=GENERIC_FOLD_NOTE, **fields))
+    return path, families
+
+
+def find_layers(model: nn.Module) -> str:
+    """The path of the model's one ModuleList of num_hidden_layers decoder blocks."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    if len(outer) != 1:
+        lists = ", ".join(outer) or "none"
+        raise unsupported(model.config.model_type, f"expected one ModuleList of {n} blocks, found {lists}")
+    return outer[0]
+
+
+def check_no_experts(model_type: str, layers: nn.ModuleList) -> None:
+    found = {i: parts for i, layer in enumerate(layers) if (parts := expert_parts(layer))}
+    if found:
+        where = ", ".join(map(str, found))
+        raise ModelError(
+            f"model type '{model_type}' is a mixture-of-experts model (layers {where} have "
+            f"{next(iter(found.values()))}), not supported yet"
+        )
+
+
+def expert_parts(layer: nn.Module) -> str:
+    """The block's children that hold mixture-of-experts parts, as 'name: Class', or ''."""
+    parts = [f"{name}: {type(m).__name__}" for name, m in layer.named_children()
+             if any(EXPERTS.search(type(sub).__name__) for sub in m.modules())]  # fmt: skip
+    return ", ".join(parts)
+
+
+def probe(model: nn.Module, layers: nn.ModuleList) -> dict[nn.Module, list[Call]]:
+    """Run a short input once, recording every block, its children and the linear layers inside them."""
+    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer))]
+    embedding = model.get_input_embeddings().weight
+    ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
+    device = torch.device("cpu") if embedding.device.type == "meta" else embedding.device
+    with torch.no_grad(), recording(watched) as calls:
+        model(input_ids=ids.to(device), use_cache=False)
+    return calls
+
+
+def linears_in(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, LINEARS)]
+
+
+@contextmanager
+def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
+    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
+    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
+    order = itertools.count()
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("hidden_states")
+        calls[module].append(Call(next(order), copied(x), copied(output)))
+
+    handles = []
+    try:
+        for m in calls:
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def copied(value: object) -> torch.Tensor | None:
+    """The hidden-state tensor of a module input or output, copied (some blocks add to theirs in place)."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value.detach().clone() if isinstance(value, torch.Tensor) else None
+
+
+def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
+    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input."""
+    if len(calls[layer]) != 1:
+        raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
+    x, y = calls[layer][0].x, calls[layer][0].y
+    seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
+    norms = [(name, c) for c, name, m in seen if is_norm(m)]
+    units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
+    (mixer_name, mixer, mixer_call), (mlp_name, mlp, mlp_call) = split_units(units)
+    attn, a = mixer_name, mixer_call.y
+    if post_mixer := norm_with(norms, "x", a, mixer_call.order):
+        attn, a = post_mixer[0], post_mixer[1].y
+    pre = norm_with(norms, "y", mlp_call.x, -1)
+    post = norm_with(norms, "x", mlp_call.y, mlp_call.order)
+    r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
+    b = post[1].y if post else mlp_call.y  # the MLP branch
+    parallel = check_sums(x, y, a, r, b, attn, post[0] if post else mlp_name)
+    first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+    return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
+                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer))  # fmt: skip
+
+
+def is_norm(m: nn.Module) -> bool:
+    return "norm" in type(m).__name__.lower() and not linears_in(m)
+
+
+def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[tuple, tuple]:
+    """(mixer, MLP) among the block's parametrised children in call order: the MLP runs last, one mixer before it."""
+    names = [name for name, _, _ in units]
+    if not units or len(set(names)) != len(names):
+        raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
+    *mixers, mlp = units
+    if isinstance(mlp[1], LINEARS):
+        raise Refusal(f"ends with a bare linear layer '{mlp[0]}', not an MLP module (a table row can name its MLP)")
+    if len(mixers) != 1:
+        found = ", ".join(name for name, _, _ in mixers) or "none"
+        raise Refusal(f"has {len(mixers)} contextual layers before its MLP '{mlp[0]}' ({found}), not one")
+    if mixers[0][2].y is None or mlp[2].x is None or mlp[2].y is None:
+        raise Refusal(f"passes no hidden-state tensor through '{mixers[0][0]}' or '{mlp[0]}'")
+    return mixers[0], mlp
+
+
+def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: int) -> tuple[str, Call] | None:
+    """The norm called after call number `after` whose input (side 'x') or output (side 'y') is `t`."""
+    hits = [(name, c) for name, c in norms if c.order > after and same(getattr(c, side), t)]
+    if len({name for name, _ in hits}) > 1:
+        raise Refusal(f"has several norms that could sit at the same place ({', '.join(n for n, _ in hits)})")
+    return hits[0] if hits else None
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.numel() == b.numel() and torch.equal(a.reshape(b.shape), b)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """‖a − b‖ relative to `scale` (default the larger norm), in float64; inf when the sizes differ."""
+    if a.numel() != b.numel():
+        return float("inf")
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    scale = max(float(a.norm()), float(b.norm())) if scale is None else scale
+    return float((a - b).norm() / max(scale, 1e-30))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far a sum recomputed in float64 may sit from the model's own (its rounding, summed in another order)."""
+    return min(0.05, 256 * torch.finfo(dtype).eps)
+
+
+def check_sums(x, y, a, r, b, attn: str, branch: str) -> bool:
+    """Check y = x + a + b, with the MLP reading r = x (parallel, returned True) or r = x + a (sequential).
+
+    Errors are relative to ‖x‖ + ‖a‖ + ‖b‖, the size of the model's own rounding of these sums.
+    """
+    x, a, b = x.double(), a.double(), b.double()
+    tol, scale = tolerance(y.dtype), float(x.norm() + a.norm() + b.norm())
+    parallel = relative_error(r, x, scale) <= tol
+    if not parallel and relative_error(r, x + a, scale) > tol:
+        raise Refusal(f"feeds its MLP neither its input nor its input + the branch of '{attn}'")
+    error = relative_error(y, x + a + b, scale)
+    if error > tol:
+        raise Refusal(f"outputs something other than its input + '{attn}' + '{branch}' (relative error {error:.2g})")
+    return parallel
+
+
+def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
+    """(first linears, output projection, Conv1D?) of an MLP, checked on the probe run; paths relative to the block."""
+    linears = [(rel, m) for rel, m in mlp.named_modules() if isinstance(m, LINEARS) and calls.get(m)]
+    first = [(rel, m) for rel, m in linears if all(same(c.x, call.x) for c in calls[m])]
+    firsts = {m for _, m in first}
+    writes = [(rel, m) for rel, m in linears if m not in firsts and calls[m][-1].y.shape[-1] == hidden]
+    if not first:
+        raise Refusal(f"has an MLP '{name}' with no linear layer that reads its input")
+    if len(writes) != 1:
+        found = ", ".join(rel for rel, _ in writes) or "none"
+        raise Refusal(f"has an MLP '{name}' with {len(writes)} linear layers writing the hidden size ({found})")
+    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
+    check_only_through(name, mlp, call, {m: calls[m][0].y for _, m in first})
+    kinds = {isinstance(m, Conv1D) for _, m in first + writes}
+    if len(kinds) != 1:
+        raise Refusal(f"mixes Conv1D and nn.Linear layers in its MLP '{name}'")
+    return tuple(f"{name}.{rel}" for rel, _ in first), f"{name}.{writes[0][0]}", kinds.pop()
+
+
+def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
+    """The MLP's output must be its output projection's, up to a constant factor."""
+    dtype = m.dtype
+    m, d = m.double().reshape(-1), d.double().reshape(-1)
+    c = float(m @ d / (d @ d)) if float(d @ d) > 0 else 0.0
+    if c == 0.0 or relative_error(m, c * d) > tolerance(dtype):
+        raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+
+
+def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Module, torch.Tensor]) -> None:
+    """The theorem needs the MLP input to reach its output only through the first linears: run the MLP on another
+    input while they return what they returned in the probe run, and its output must not change."""
+
+    def replay(module, args, output):
+        return kept[module].to(output.dtype)
+
+    try:
+        with torch.no_grad(), hooked([(m, replay) for m in kept]):
+            out = copied(mlp(call.x.roll(1, -1)))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
+    if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
+        firsts = ", ".join(rel for rel, m in mlp.named_modules() if m in kept)
+        raise Refusal(f"has an MLP '{name}' whose input reaches its output other than through {firsts}")
+
+
+def mixer_kind(mixer: nn.Module) -> str:
+    """What kind of contextual layer a mixer is, from its class name: attention, mamba, convolution, ..."""
+    cls = type(mixer).__name__.lower()
+    return next((kind for key, kind in MIXER_KINDS if key in cls), f"other ({type(mixer).__name__})")
 
 
 def weight_out_in(module: nn.Module, family: Family) -> torch.Tensor:
@@ -331,16 +627,18 @@ def rms_normalised(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 def describe(model: nn.Module) -> dict:
     """The `icl-probe.modules/1` document: per layer, the full paths of every module icl-probe hooks."""
-    family = family_for(model)
+    bs = blocks(model)
+    family = bs[0].family
+    parallel = {b.family.parallel for b in bs}
     return {
         "schema": "icl-probe.modules/1",
         "model": str(getattr(model, "icl_probe_name", model.config.name_or_path)),
         "model_type": model.config.model_type,
         "family": family.name,
-        "parallel": family.parallel,
+        "parallel": parallel.pop() if len(parallel) == 1 else None,
         "fold": family.fold,
         "formats": family.formats,
-        "layers": [describe_block(b) for b in blocks(model)],
+        "layers": [describe_block(b) for b in bs],
     }
 
 
@@ -353,6 +651,7 @@ def describe_block(b: Block) -> dict:
     return {
         "layer": b.index,
         "block": b.path,
+        "mixer": f.mixer,
         "attention": full(f.attn),
         "pre_mlp_norm": full(f.pre_mlp_norm),
         "mlp_first": list(b.first),

@@ -44,7 +44,40 @@ CONFIGS: dict[str, dict] = {
     "glm": {"head_dim": 8, "pad_token_id": 0},
     "exaone4": {"head_dim": 8, "sliding_window": 64, "sliding_window_pattern": 2},
     "smollm3": {"pad_token_id": 0},
-}
+    # issue 11: read by the structural rule
+    "nemotron": {"head_dim": 8},
+    "arcee": {},
+    "glm4": {"head_dim": 8, "pad_token_id": 0},
+    "cohere2": {"logit_scale": 1.0},  # parallel: the MLP reads the block input
+    "olmo3": {},
+    "seed_oss": {"head_dim": 8},
+    "apertus": {},  # its xIELU activation has parameters of its own
+    "gpt_bigcode": {"n_inner": 64},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 64},
+    "persimmon": {},
+    # issue 11: hybrids, read by the structural rule (a short convolution, gated linear attention, Mamba)
+    "lfm2": {"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False},
+    "qwen3_next": {"head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "mlp_only_layers": [0, 1],
+                   "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                   "linear_num_value_heads": 4},
+    "jamba": {"num_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False,
+              "mamba_d_state": 8, "mamba_dt_rank": 4},
+    # issue 11: table rows
+    "codegen": {"n_inner": 64, "rotary_dim": 4},
+    "mpt": {"expansion_ratio": 2, "max_seq_len": 256},
+    "xglm": {"ffn_dim": 64},
+    "gemma4_text": {"head_dim": 8, "global_head_dim": 8, "sliding_window": 8, "hidden_size_per_layer_input": 8,
+                    "vocab_size_per_layer_input": len(VOCAB)},
+    "falcon_h1": {"head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,
+                  "mamba_chunk_size": 8},
+    # issue 11: mixture-of-experts layers, refused
+    "jamba-moe": {"model_type": "jamba", "num_experts": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
+                  "use_mamba_kernels": False, "mamba_d_state": 8, "mamba_dt_rank": 4},
+    "qwen3_next-moe": {"model_type": "qwen3_next", "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
+                       "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                       "linear_num_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                       "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16},
+}  # fmt: skip
 
 
 def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
@@ -95,8 +128,8 @@ def _spread_weights(model, seed: int) -> None:
 
 
 def _plus_one_norm(model) -> bool:
-    """Gemma's norms scale by (1 + w), so their weights sit near 0."""
-    return model.config.model_type.startswith("gemma")
+    """Gemma's norms scale by (1 + w), so their weights sit near 0 (Gemma 4's scale by w again)."""
+    return model.config.model_type.startswith("gemma") and not model.config.model_type.startswith("gemma4")
 
 
 def save_tiny(model, tokenizer, folder) -> str:
