@@ -1,4 +1,8 @@
-"""The native patch format, version 1: one float32 `.safetensors` file with string metadata.
+"""The native patch format, version 2: one float32 `.safetensors` file with string metadata.
+
+Version 2 differs from version 1 only in its fingerprint: it covers every parameter of the model
+(name, shape and a fixed strided sample of values), where version 1 hashed only the weights the
+patch changes, all of their values. Version 1 files still load and are checked the old way.
 
 `save_patch` writes a Patch, `load_patch` reads one back and checks everything the file alone can
 tell (format version, metadata keys, tensor names, dtypes, shapes, finiteness); `check_fits` then
@@ -25,8 +29,11 @@ from .hooks import current_weight
 from .lowrank import MATH_DTYPE, LowRank
 from .patching import Patch
 
-FORMAT = "icl-probe.patch/1"
+FORMAT = "icl-probe.patch/2"
+LEGACY_FORMAT = "icl-probe.patch/1"  # same layout; its fingerprint covers only the touched weights
+READABLE = (LEGACY_FORMAT, FORMAT)
 FORMAT_PREFIX = "icl-probe.patch/"
+FINGERPRINT_SAMPLES = 4096  # values sampled per parameter, at a fixed stride
 REQUIRED_KEYS = (
     "format", "model", "model_type", "model_fingerprint", "layers", "residual", "positions", "dtype",
     "query", "query_token_ids", "prefix_token_ids", "context_sha256", "icl_probe_version",
@@ -40,7 +47,7 @@ FILE_DTYPE = torch.float32
 
 
 def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
-    """Write `patch` as a native v1 file (atomically; refuses an existing file unless `force`); returns its size."""
+    """Write `patch` as a native v2 file (atomically; refuses an existing file unless `force`); returns its size."""
     path = check_writable(path, force)
     data = serialize(patch)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -87,7 +94,7 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def load_patch(path: str | Path) -> Patch:
-    """Read and check a native v1 patch file; the Patch holds float64 tensors and the file's metadata.
+    """Read and check a native patch file (v2, or v1); the Patch holds float64 tensors and the file's metadata.
 
     Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
     """
@@ -136,10 +143,10 @@ def check_metadata(metadata: dict[str, str] | None, where: str) -> None:
     fmt = metadata.get("format")
     if fmt is None:
         raise PatchError(f"{where} is not an icl-probe patch: it has no 'format' metadata")
-    if fmt != FORMAT:
+    if fmt not in READABLE:
         if fmt.startswith(FORMAT_PREFIX):
-            raise PatchError(f"{where} has format '{fmt}', which this icl-probe cannot read (it reads {FORMAT}); "
-                             "upgrade icl-probe or export the patch again")  # fmt: skip
+            raise PatchError(f"{where} has format '{fmt}', which this icl-probe cannot read (it reads "
+                             f"{' and '.join(READABLE)}); upgrade icl-probe or export the patch again")  # fmt: skip
         raise PatchError(f"{where} is not an icl-probe patch: its format is '{fmt}', not {FORMAT}")
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
@@ -222,11 +229,26 @@ def touched_parameters(patch: Patch) -> list[str]:
     return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense))
 
 
-def fingerprint(model: nn.Module, patch: Patch) -> str:
-    """sha256 over the touched parameters, by name: the name, the shape, then the values as float32 LE bytes.
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter, by name: the name, the shape, then a strided sample of its values.
 
-    Values are compared as float32, so the same weights loaded in float32 or float64 give the same hash.
+    The sample is at most FINGERPRINT_SAMPLES values at a fixed stride, as float32 LE bytes, so the same
+    weights loaded in float32 or float64 give the same hash, and the cost does not grow with the weights' size.
+    Offloaded parameters are read from accelerate's offload map.
     """
+    digest = hashlib.sha256()
+    for name, _ in sorted(model.named_parameters()):
+        owner, attr = name.rpartition(".")[::2]
+        value = current_weight(model.get_submodule(owner), attr).detach()
+        stride = max(1, -(-value.numel() // FINGERPRINT_SAMPLES))  # ceil(numel / samples)
+        sample = value.reshape(-1)[::stride].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}\0{list(value.shape)}\0".encode())
+        digest.update(sample.numpy().astype("<f4", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def legacy_fingerprint(model: nn.Module, patch: Patch) -> str:
+    """Format v1's fingerprint: sha256 over the touched parameters only, every value as float32 LE bytes."""
     digest = hashlib.sha256()
     for name in touched_parameters(patch):
         owner, attr = name.rpartition(".")[::2]
@@ -235,6 +257,16 @@ def fingerprint(model: nn.Module, patch: Patch) -> str:
         digest.update(f"{name}\0{list(param.shape)}\0".encode())
         digest.update(param.numpy().astype("<f4", copy=False).tobytes())
     return digest.hexdigest()
+
+
+def fingerprint_note(patch: Patch) -> str | None:
+    """A one-line note for a v1 patch, whose fingerprint is the older, narrower kind; None otherwise."""
+    if patch.metadata.get("format") != LEGACY_FORMAT:
+        return None
+    return (
+        "this is a format v1 patch: its fingerprint covers only the weights it changes, not the layers below "
+        "that shape every z; export it again for a whole-model fingerprint"
+    )
 
 
 def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str = "the patch") -> bool:
@@ -282,7 +314,8 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
     expected = patch.metadata.get("model_fingerprint")
     if force or expected is None:
         return False
-    actual = fingerprint(model, patch)
+    legacy = patch.metadata.get("format") == LEGACY_FORMAT
+    actual = legacy_fingerprint(model, patch) if legacy else fingerprint(model)
     if actual != expected:
         dtype = str(model.dtype).removeprefix("torch.")
         made_in = patch.metadata.get("dtype", dtype)

@@ -18,7 +18,7 @@ from .capture import check_length, last_logits
 from .errors import InputError, UsageError
 from .inputs import Prompt, check_text, special_prefix, tokenize
 from .metrics import compare_logits, top_tokens
-from .patchfile import check_fits, int_list, load_patch
+from .patchfile import check_fits, fingerprint_note, int_list, load_patch
 from .patching import Apply, Patch, applied
 
 SCHEMA = "icl-probe.replay/1"
@@ -39,6 +39,7 @@ class Replay:
     context_matches_patch: bool | None
     logits: dict
     generated: dict
+    notes: list[str]
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class Replay:
             "context_matches_patch": self.context_matches_patch,
             **self.logits,
             "generated": self.generated,
+            "notes": self.notes,
         }
 
 
@@ -91,6 +93,7 @@ def replay(
         context_matches_patch=context_matches(meta, context),
         logits=logits,
         generated=generated,
+        notes=[note] if (note := fingerprint_note(patch)) else [],
     )
 
 

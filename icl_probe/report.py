@@ -540,6 +540,8 @@ def print_replay(console: Console, doc: dict) -> None:
     if doc.get("context_matches_patch") is False:
         warning = ["the --context given is not the one this patch was made from", "(its sha256 differs)"]
         print_phrases(console, warning, sep=" ", style="bold yellow")
+    for note in doc.get("notes") or []:
+        print_phrases(console, [f"note: {note}"], style="yellow")
     console.print()
     titles = (("patched", "query alone, patched"), ("no_context", "query alone"), ("context", "with context"))
     console.print(top_k_lists(console, doc["top_k"], titles))

@@ -117,7 +117,7 @@ def test_non_utf8_file_names_the_byte_offset(llama, tmp_path):
 
 def test_prompt_longer_than_max_positions_names_both_numbers(llama):
     limit = COMMON["max_position_embeddings"]
-    context = "a" * limit  # one character is one token
+    context = "a" * (limit - 1) + "\n"  # one character is one token; the newline keeps it apart from the query
     line = assert_error(analyze(llama, "--context", context, "--query", QUERY), 1, "shorten")
     assert f"{limit + len(QUERY)} tokens" in line and f"at most {limit}" in line
 
@@ -430,8 +430,8 @@ def test_non_finite_patch(patch_file, tmp_path, value):
 
 
 def test_unknown_patch_format_version(patch_file, tmp_path):
-    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: m.update(format="icl-probe.patch/2"))
-    assert_error(replay(path), 1, "icl-probe.patch/2", "upgrade icl-probe")
+    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: m.update(format="icl-probe.patch/3"))
+    assert_error(replay(path), 1, "icl-probe.patch/3", "upgrade icl-probe")
 
 
 def test_patch_missing_metadata_keys(patch_file, tmp_path):

@@ -55,14 +55,14 @@ def test_native_metadata(tmp_path):
     result = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors", layers="1")
     meta = load_patch(tmp_path / "p.safetensors").metadata
     assert set(meta) == set(REQUIRED_KEYS)
-    assert meta["format"] == "icl-probe.patch/1"
+    assert meta["format"] == "icl-probe.patch/2"
     assert meta["model_type"] == "llama" and meta["dtype"] == "float32"
     assert json.loads(meta["layers"]) == [1] == result.layers
     assert meta["residual"] == "bias" and meta["positions"] == "last"
     assert meta["query"] == QUERY and json.loads(meta["query_token_ids"]) == tok(QUERY)["input_ids"]
     assert json.loads(meta["prefix_token_ids"]) == []
     assert meta["context_sha256"] == hashlib.sha256(CONTEXT.encode()).hexdigest()
-    assert meta["model_fingerprint"] == fingerprint(model, result.analysis.patch)
+    assert meta["model_fingerprint"] == fingerprint(model)
     assert CONTEXT.encode() not in (tmp_path / "p.safetensors").read_bytes()  # not stored unless asked
 
 

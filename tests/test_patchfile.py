@@ -15,9 +15,20 @@ from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 from tiny import char_tokenizer, tiny_model
 
+import icl_probe
 from icl_probe import analyze
 from icl_probe.errors import InputError, PatchError
-from icl_probe.patchfile import REQUIRED_KEYS, check_fits, fingerprint, load_patch, save_patch, serialize
+from icl_probe.patchfile import (
+    FINGERPRINT_SAMPLES,
+    REQUIRED_KEYS,
+    check_fits,
+    fingerprint,
+    fingerprint_note,
+    legacy_fingerprint,
+    load_patch,
+    save_patch,
+    serialize,
+)
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 GOLDEN = GOLDEN_DIR / "patch-v1.safetensors"
@@ -120,7 +131,7 @@ def test_round_trip_keeps_float32_rounded_values(tmp_path):
 
 
 def spec_fingerprint(named: dict[str, torch.Tensor]) -> str:
-    """The fingerprint as docs/patch-format.md defines it, computed with struct instead of numpy."""
+    """Format v1's fingerprint as docs/patch-format.md defines it, computed with struct instead of numpy."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -131,23 +142,59 @@ def spec_fingerprint(named: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def test_fingerprint_follows_the_spec_and_ignores_untouched_weights():
+def test_legacy_fingerprint_follows_the_v1_spec_and_ignores_untouched_weights():
     model = tiny_model("llama", torch.float32)
     patch = analyze(model, char_tokenizer(), CONTEXT, QUERY, layers="1").patch
     names = [f"{path}.weight" for path in patch.low_rank]
     expected = spec_fingerprint({n: model.get_parameter(n) for n in names})
-    assert fingerprint(model, patch) == expected
-    assert fingerprint(copy.deepcopy(model).double(), patch) == expected  # the same weights, loaded as float64
+    assert legacy_fingerprint(model, patch) == expected
+    assert legacy_fingerprint(copy.deepcopy(model).double(), patch) == expected  # the same weights, as float64
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.weight[0, 0] += 1  # a layer the patch does not touch
-        assert fingerprint(model, patch) == expected
+        assert legacy_fingerprint(model, patch) == expected
         model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
-    assert fingerprint(model, patch) != expected
+    assert legacy_fingerprint(model, patch) != expected
+
+
+def sampled_spec(model) -> str:
+    """Format v2's fingerprint as docs/patch-format.md defines it: every parameter, a strided sample, by struct."""
+    import hashlib
+    import math
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        flat = param.detach().float().flatten()
+        sample = flat[:: max(1, math.ceil(flat.numel() / FINGERPRINT_SAMPLES))]
+        digest.update(f"{name}\0{list(param.shape)}\0".encode())
+        digest.update(struct.pack(f"<{sample.numel()}f", *sample.tolist()))
+    return digest.hexdigest()
+
+
+def test_fingerprint_covers_every_layer_below_the_patch():
+    model = tiny_model("llama", torch.float32)
+    expected = sampled_spec(model)
+    assert fingerprint(model) == expected
+    assert fingerprint(copy.deepcopy(model).double()) == expected  # the same weights, loaded as float64
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] += 1  # embeddings shape every z and Δb, so they count
+    assert fingerprint(model) != expected
+
+
+def test_v1_patches_still_load_with_a_note(tmp_path):
+    model = tiny_model("llama", torch.float32)
+    patch = fitted_patch(model, tmp_path)
+    assert patch.metadata["format"] == "icl-probe.patch/1"
+    assert check_fits(model, patch) is True  # checked the v1 way
+    assert "format v1 patch: its fingerprint covers only the weights it changes" in fingerprint_note(patch)
+    doc = icl_probe.replay(model, char_tokenizer(), patch).to_dict()
+    assert doc["notes"] == [fingerprint_note(patch)] and doc["patch"]["fingerprint_checked"]
+    patch.metadata["format"] = "icl-probe.patch/2"
+    assert fingerprint_note(patch) is None
 
 
 def fitted_patch(model, tmp_path, **kwargs):
     patch = analyze(model, char_tokenizer(), CONTEXT, QUERY, **kwargs).patch
-    patch.metadata = {**good_metadata(), "model": "tiny", "model_fingerprint": fingerprint(model, patch)}
+    patch.metadata = {**good_metadata(), "model": "tiny", "model_fingerprint": legacy_fingerprint(model, patch)}
     save_patch(patch, tmp_path / "p.safetensors", force=True)
     return load_patch(tmp_path / "p.safetensors")
 
@@ -241,8 +288,8 @@ def test_non_finite_values(tmp_path, value):
 
 
 def test_unknown_format_version(tmp_path):
-    meta = {**good_metadata(), "format": "icl-probe.patch/2"}
-    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/2', which this icl-probe cannot read.*upgrade"):
+    meta = {**good_metadata(), "format": "icl-probe.patch/3"}
+    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/3', which this icl-probe cannot read.*upgrade"):
         load_patch(write_tensors(tmp_path / "p.safetensors", good_tensors(), meta))
 
 

@@ -19,7 +19,7 @@ from tiny import tiny_model
 from icl_probe.errors import MathError, PatchError, UsageError
 from icl_probe.inputs import parse_layers
 from icl_probe.lowrank import MIN_Z0_NORM, LowRank, alignment, frobenius_inner, rank_one_update
-from icl_probe.patchfile import FORMAT, REQUIRED_KEYS, load_patch, save_patch
+from icl_probe.patchfile import READABLE, REQUIRED_KEYS, load_patch, save_patch
 from icl_probe.patching import Patch, applied
 
 U64 = 2.0**-53  # unit roundoff of float64
@@ -250,7 +250,7 @@ def test_layer_specs_mean_what_python_indexing_means(parts, n):
 
 def assert_valid_patch(patch: Patch, tmp_path: Path) -> None:
     """What load_patch promises: a complete, finite, well-formed patch that saves and loads back unchanged."""
-    assert set(REQUIRED_KEYS) <= set(patch.metadata) and patch.metadata["format"] == FORMAT
+    assert set(REQUIRED_KEYS) <= set(patch.metadata) and patch.metadata["format"] in READABLE
     for d in patch.low_rank.values():
         assert d.u.ndim == d.v.ndim == 2 and d.u.shape[1] == d.v.shape[1] >= 1
     assert all(b.ndim == 1 for b in patch.residual.values())
@@ -335,7 +335,7 @@ def mutated_header(draw) -> bytes:
         elif edit == "meta-set":
             meta[draw(st.sampled_from([*REQUIRED_KEYS, "extra"]))] = draw(st.text(max_size=20))
         elif edit == "meta-version":
-            meta["format"] = draw(st.sampled_from(["icl-probe.patch/2", "icl-probe.patch/0", "icl-probe.patch/", ""]))
+            meta["format"] = draw(st.sampled_from(["icl-probe.patch/3", "icl-probe.patch/0", "icl-probe.patch/", ""]))
         elif edit == "meta-not-str":
             meta[draw(st.sampled_from(REQUIRED_KEYS))] = draw(json_values)
         elif edit == "dtype" and isinstance(entry, dict):
