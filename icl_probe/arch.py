@@ -571,8 +571,8 @@ def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
     if len(writes) != 1:
         found = ", ".join(rel for rel, _ in writes) or "none"
         raise Refusal(f"has an MLP '{name}' with {len(writes)} linear layers writing the hidden size ({found})")
-    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
     check_only_through(name, mlp, call, {m: calls[m][0].y for _, m in first})
+    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
     kinds = {isinstance(m, Conv1D) for _, m in first + writes}
     if len(kinds) != 1:
         raise Refusal(f"mixes Conv1D and nn.Linear layers in its MLP '{name}'")
