@@ -8,6 +8,7 @@ per prompt), so a prefix sweep captures every prefix of a context in one pass ov
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,11 @@ def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]) -> tu
     return {i: Target(**d) for i, d in seen.items()}, logits
 
 
+def accepts_positions(model: nn.Module) -> bool:
+    """Whether the model's forward takes position_ids, which a batch of prompts cut at different lengths needs."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def cache_croppable(model: nn.Module, length: int) -> bool:
     """Whether a KV cache of `length` tokens can be cropped back: no sliding window shorter than it drops states."""
     window = getattr(model.config, "sliding_window", None)
@@ -118,19 +124,41 @@ def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, qu
     return {i: Target(**d) for i, d in seen.items()}, logits
 
 
+def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int], query: list[int]):
+    """Targets and logits (B, vocab) of the query after every cut of `cache`, as one batch.
+
+    Row i attends to the cached tokens before cuts[i] (a padding mask hides the rest) and places the query
+    at positions cuts[i], cuts[i] + 1, ...: the same computation as running head[:cuts[i]] + query whole.
+    """
+    batch, q, length = len(cuts), len(query), cache.get_seq_length()
+    rows = copy.deepcopy(cache)
+    rows.batch_repeat_interleave(batch)
+    device = input_device(model)
+    ends = torch.tensor(cuts)[:, None]  # (B, 1)
+    keep = torch.cat([torch.arange(length)[None, :] < ends, torch.ones(batch, q, dtype=torch.bool)], dim=1)
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    with hooked(target_hooks(chosen, seen, batch)):
+        positions = (ends + torch.arange(q)).to(device)  # (B, q)
+        logits = forward(model, torch.tensor([query] * batch), past_key_values=rows, use_cache=True,
+                         attention_mask=keep.long().to(device), position_ids=positions)  # fmt: skip
+    return {i: Target(**d) for i, d in seen.items()}, logits
+
+
 def capture_prefixes(
     model: nn.Module, chosen: list[Block], head: list[int], cuts: list[int], query: list[int]
 ) -> tuple[dict[int, Target], torch.Tensor]:
     """Targets and logits of `head[:c] + query` for every cut c, with `head` run only once.
 
     `head` (prefix + context) goes through the model once with a KV cache; each cut's query then runs
-    against a copy of the cache cropped to c tokens. Causal attention makes this the same computation
-    as running each prompt whole. (With a sliding window shorter than the prompt, each prompt runs whole.)
-    Returns Targets with a row per cut and logits of shape (len(cuts), vocab).
+    against the cache cut to c tokens, all cuts as one batch (`capture_masked`). Causal attention makes
+    this the same computation as running each prompt whole. (With a sliding window shorter than the
+    prompt, each prompt runs whole.) Returns Targets with a row per cut and logits (len(cuts), vocab).
     """
     if cache_croppable(model, len(head) + len(query)):
         with torch.no_grad():
             cache = model(input_ids=torch.tensor([head], device=input_device(model)), use_cache=True).past_key_values
+        if accepts_positions(model):
+            return capture_masked(model, chosen, cache, cuts, query)
         rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
     else:
         rows = [capture_targets(model, chosen, head[:c] + query) for c in cuts]
