@@ -154,11 +154,12 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
         }
     ]
     previous = {b.index: zero_state(b, start[b.index]) for b in chosen}
+    moves = {b.index: context_moves(b, targets[b.index], start[b.index]) for b in chosen}
     for i, cut in enumerate(cuts):
         layers = []
         for b in chosen:
             state = layer_state(b, i, targets[b.index], solution)
-            layers.append(layer_row(b, state, previous[b.index], i + 1))
+            layers.append(layer_row(b, state, previous[b.index], i + 1, {p: m[i] for p, m in moves[b.index].items()}))
             previous[b.index] = state
         rows.append(
             {
@@ -197,14 +198,24 @@ def layer_state(b: arch.Block, i: int, target: Target, solution) -> LayerState:
     return LayerState(record.z0[0], target.z_ctx[i], deltas)
 
 
-def layer_row(b: arch.Block, now: LayerState, before: LayerState, examples: int) -> dict:
-    """learning_rate = 1/‖z0‖², and per first linear: ‖ΔW_i‖, the step, its cosine with the last step, prop31_error."""
+def context_moves(b: arch.Block, target: Target, start: Target) -> dict[str, torch.Tensor]:
+    """Per first linear, W (zC_i − zC_{i−1}) for every prefix i = 1..n at once: (n, out) float64."""
+    z_ctx = torch.cat([start.z_ctx, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
+    dz = (z_ctx[1:] - z_ctx[:-1]).T  # (in, n)
+    return {path: matvec(arch.weight_out_in(m, b.family), dz).T for path, m in b.first.items()}
+
+
+def layer_row(b: arch.Block, now: LayerState, before: LayerState, examples: int, moves: dict) -> dict:
+    """learning_rate = 1/‖z0‖², and per first linear: ‖ΔW_i‖, the step, its cosine with the last step, prop31_error.
+
+    `moves` holds W (zC_i − zC_{i−1}) per first linear, for Proposition 3.1's predicted step.
+    """
     z0_sq = float(now.z0 @ now.z0)
     modules = {}
-    for path, module in b.first.items():
+    for path in b.first:
         step = difference(now.deltas[path], before.deltas[path])
         now.steps[path] = step
-        predicted = prop31_step(arch.weight_out_in(module, b.family), now.z_ctx - before.z_ctx, now.z0)
+        predicted = LowRank((moves[path] / z0_sq)[:, None], now.z0[:, None].clone())  # W ΔzC z0ᵀ / ‖z0‖²
         last_step = before.steps.get(path)
         modules[path] = {
             "delta_w_norm": now.deltas[path].frobenius_norm(),
@@ -218,12 +229,6 @@ def layer_row(b: arch.Block, now: LayerState, before: LayerState, examples: int)
 def difference(a: LowRank, b: LowRank) -> LowRank:
     """a − b as factors: [a.u, −b.u] [a.v, b.v]ᵀ."""
     return LowRank(torch.cat([a.u, -b.u], dim=1), torch.cat([a.v, b.v], dim=1))
-
-
-def prop31_step(weight: torch.Tensor, dz_ctx: torch.Tensor, z0: torch.Tensor) -> LowRank:
-    """Proposition 3.1's step W (zC_i − zC_{i−1}) z0ᵀ / ‖z0‖², with prefix i's z0."""
-    u = matvec(weight, dz_ctx) / (z0 @ z0)
-    return LowRank(u[:, None], z0[:, None].clone())
 
 
 def relative_distance(measured: LowRank, predicted: LowRank) -> float | None:
