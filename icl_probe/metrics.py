@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import last_logits
+from .capture import forward, last_logits
 from .errors import InputError
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
-from .patching import Patch, applied
+from .patching import Patch, applied, applied_rows
 
 
 def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
@@ -74,6 +74,14 @@ def static_logits(model: nn.Module, patch: Patch, ids: list[int]) -> torch.Tenso
         return last_logits(model, ids)
 
 
+def static_logits_rows(model: nn.Module, patches: list[Patch], ids: list[int]) -> torch.Tensor:
+    """static_logits for several patches, (len(patches), vocab): one batch when none has a dense update."""
+    if any(p.dense for p in patches):
+        return torch.stack([static_logits(model, p, ids) for p in patches])
+    with torch.no_grad(), applied_rows(model, patches):
+        return forward(model, torch.tensor([ids] * len(patches)), use_cache=False)
+
+
 def split_patch(patch: Patch, keep) -> Patch:
     """The entries of `patch` whose path passes `keep(path)`."""
     return Patch(
@@ -90,10 +98,14 @@ def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int]
     norm. `both`, if given, is the whole patch's static logits, already computed.
     """
     first = {path for b in chosen for path in b.first}
+    parts = [split_patch(patch, lambda p: p in first), split_patch(patch, lambda p: p not in first)]
+    if both is None:
+        parts.append(patch)
+    logits = static_logits_rows(model, parts, ids)
     return {
-        "delta_w_only": score(ctx, static_logits(model, split_patch(patch, lambda p: p in first), ids)),
-        "bias_only": score(ctx, static_logits(model, split_patch(patch, lambda p: p not in first), ids)),
-        "both": score(ctx, both if both is not None else static_logits(model, patch, ids)),
+        "delta_w_only": score(ctx, logits[0]),
+        "bias_only": score(ctx, logits[1]),
+        "both": score(ctx, both if both is not None else logits[2]),
     }
 
 
@@ -103,18 +115,17 @@ def in_block(b: Block, path: str) -> bool:
 
 def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx: torch.Tensor) -> list:
     """Per chosen layer: the static patch without that layer's updates, and with that layer's alone."""
-    rows = []
+    parts = []
     for b in chosen:
-        without = split_patch(patch, lambda p, b=b: not in_block(b, p))
-        alone = split_patch(patch, lambda p, b=b: in_block(b, p))
-        rows.append(
-            {
-                "layer": b.index,
-                "without": score(ctx, static_logits(model, without, ids)),
-                "alone": score(ctx, static_logits(model, alone, ids)),
-            }
-        )
-    return rows
+        parts += [
+            split_patch(patch, lambda p, b=b: not in_block(b, p)),
+            split_patch(patch, lambda p, b=b: in_block(b, p)),
+        ]
+    logits = static_logits_rows(model, parts, ids)  # rows: without layer 0, layer 0 alone, without layer 1, ...
+    return [
+        {"layer": b.index, "without": score(ctx, logits[2 * i]), "alone": score(ctx, logits[2 * i + 1])}
+        for i, b in enumerate(chosen)
+    ]
 
 
 def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], target_id: int) -> dict[str, torch.Tensor]:
