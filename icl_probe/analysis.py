@@ -4,6 +4,9 @@ It runs the engine once: the full prompt with capture hooks (capture.py), then t
 the sequential hooks that build and apply each block's ΔW and Δb (update.py), then the query alone
 unpatched. It scores the result (metrics.py), including what ΔW and Δb each carry when the patch is
 applied statically, and optionally the alignment of each ΔW with the gradient of the target's loss.
+
+With `positions="all"` the update is solved at every query position at once (update.solve_positions), and
+the report adds, per position, the KL and the block errors, and greedy generation against the last-token patch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import capture_targets, check_length, last_logits, model_name, select_blocks
+from .capture import (
+    PositionTargets,
+    capture_positions,
+    capture_targets,
+    check_length,
+    greedy,
+    last_logits,
+    model_name,
+    position_logits,
+    select_blocks,
+)
 from .errors import MathError, ModelError, UsageError
 from .hooks import current_weight, hidden, hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
@@ -29,11 +42,13 @@ from .metrics import (
     static_logits,
     weight_norm,
 )
-from .patching import Patch
-from .update import LayerRecord, Solution, solve
+from .patching import Patch, applied
+from .update import LayerRecord, PositionsRecord, PositionsSolution, Solution, solve, solve_positions
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
+POSITIONS = ("last", "all")
+GENERATE_TOKENS = 10  # greedy tokens compared against the with-context continuation, with --positions all
 # A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
 MAX_STATIC_FOLD_KL = 1e-6
 
@@ -51,6 +66,10 @@ class LayerReport:
     block_error: float
     modules: dict[str, dict] = field(default_factory=dict)
     fold_min_abs_normalised: float | None = None  # norm-scale fold only: min_k |n_last,k|
+    # --positions all only: over every position (prefix included) of the query alone
+    block_error_max: float | None = None
+    z0_gram_condition: float | None = None  # cond(Z0ᵀ Z0) of the positions ΔW is fitted on
+    dependent_positions: list[dict] | None = None  # [{position, modules, block_error}]: what the fit could not match
 
 
 @dataclass
@@ -72,6 +91,8 @@ class Analysis:
     layer_ablation: list[dict] | None = None
     target: dict | None = None  # {token, id}: the token whose loss --gradient differentiates
     context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), the full prompt's
+    solved_at: str = "last"  # where the update was solved: the last query position, or all of them
+    positions: dict | None = None  # --positions all: the per-position scores and generation
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
@@ -95,6 +116,8 @@ class Analysis:
             "ablation": self.ablation,
             "layer_ablation": self.layer_ablation,
             "target": self.target,
+            "solved_at": self.solved_at,
+            "positions": self.positions,
         }
 
 
@@ -104,24 +127,30 @@ def analyze(
     context: str | None = None,
     query: str | None = None,
     layers: str | list[int] | None = None,
-    residual: str = "bias",
+    residual: str | None = None,
     top_k: int = 5,
     gradient: bool = False,
     target: str | None = None,
     per_layer_ablation: bool = False,
+    positions: str = "last",
 ) -> Analysis:
     """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
 
     With neither context nor query, runs the built-in antonym demo. `layers` takes a spec such as
     "all", "3,7", "-4:" or a list of indices. `gradient` adds cos_F(ΔW, −∇_W L) for the loss of
-    `target` (default: the with-context top-1 token). The model is left unchanged.
+    `target` (default: the with-context top-1 token). `positions="all"` solves the update at every
+    query position (rank k, residual folded); `residual` defaults to bias, or fold with all. The model
+    is left unchanged.
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
     prompt = tokenize(tokenizer, context, query)
     check_length(model, prompt)
     chosen = select_blocks(model, layers)
-    check_residual(chosen, residual)
+    residual = resolve_residual(chosen, residual, positions)
+    if positions == "all":
+        run = PositionsInput(context, query, prompt, chosen, top_k, per_layer_ablation)
+        return analyze_positions(model, tokenizer, run, gradient, target)
     with torch.no_grad():
         targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         logits_0 = last_logits(model, prompt.query_only)
@@ -155,6 +184,28 @@ def analyze(
         target=wanted,
         context_logits=logits_ctx,
     )
+
+
+def resolve_residual(chosen: list[Block], residual: str | None, positions: str) -> str:
+    """The residual mode: bias by default; with positions="all", fold, refused where the family has none."""
+    if positions not in POSITIONS:
+        raise UsageError(f"unknown positions '{positions}'; use last or all")
+    if positions == "last":
+        residual = residual or "bias"
+        check_residual(chosen, residual)
+        return residual
+    if residual not in (None, "fold"):
+        raise UsageError(
+            f"--positions all folds the residual term into the weights (a bias is exact at one position only); "
+            f"drop --residual {residual}"
+        )
+    family = chosen[0].family if chosen else None
+    if family is not None and family.fold is None:
+        raise ModelError(
+            f"--positions all needs the residual term folded into the weights, and {family.name} has no fold: "
+            f"{family.fold_note}; use --positions last"
+        )
+    return "fold"
 
 
 def check_residual(chosen: list[Block], residual: str) -> None:
@@ -236,7 +287,9 @@ def check_static_fold(patch: Patch, logits_ctx: torch.Tensor, logits_static: tor
         )
 
 
-def layer_report(b: Block, rec: LayerRecord, target, patch: Patch, residual: str) -> LayerReport:
+def layer_report(
+    b: Block, rec: LayerRecord, target, patch: Patch, residual: str, solved_at: str = "last"
+) -> LayerReport:
     """One layer's figures from the sequential run's record (row 0) and the with-context target."""
     z0, z_ctx = rec.z0[0], target.z_ctx[0]
     fold = rec.fold_min_abs_normalised
@@ -250,14 +303,15 @@ def layer_report(b: Block, rec: LayerRecord, target, patch: Patch, residual: str
         mlp_branch_error=float((rec.branch[0] - target.branch[0]).norm() / target.branch[0].norm()),
         residual_delta_norm=float(rec.delta_b[0].norm()),
         block_error=float(rec.block_error[0]),
-        modules={path: module_report(patch, b, path) for path in module_paths(b, residual)},
+        modules={path: module_report(patch, b, path) for path in module_paths(b, residual, solved_at)},
         fold_min_abs_normalised=None if fold is None else float(fold[0]),
     )
 
 
-def module_paths(b: Block, residual: str) -> list[str]:
+def module_paths(b: Block, residual: str, solved_at: str = "last") -> list[str]:
+    """The low-rank updates of a block: its first linears, and its output projection when Δb folds into it."""
     paths = list(b.first)
-    if residual == "fold" and b.family.fold == "linear":
+    if residual == "fold" and (b.family.fold == "linear" or solved_at == "all"):
         paths.append(b.full(b.family.down))
     return paths
 
@@ -279,3 +333,137 @@ def add_gradient_alignment(reports: list[LayerReport], alignment: list[dict]) ->
     for report, row in zip(reports, alignment):
         for path, value in row["modules"].items():
             report.modules[path]["gradient_alignment"] = value
+
+
+# ---- --positions all -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PositionsInput:
+    """What analyze_positions is given, already checked."""
+
+    context: str
+    query: str
+    prompt: Prompt
+    chosen: list[Block]
+    top_k: int
+    per_layer_ablation: bool
+
+
+def analyze_positions(model: nn.Module, tokenizer, run: PositionsInput, gradient: bool, target: str | None) -> Analysis:
+    """`analyze` with the update solved at every query position: rank k per module, the residual term folded."""
+    prompt, chosen = run.prompt, run.chosen
+    k = len(prompt.query)
+    with torch.no_grad():
+        targets, logits_ctx = capture_positions(model, chosen, prompt)  # (k, vocab)
+        logits_0 = position_logits(model, prompt.query_only, k)
+        check_finite(model, prompt, targets, logits_ctx, logits_0)
+        solution = solve_positions(model, chosen, targets, prompt.query_only, len(prompt.prefix))
+        patch, patched = solution.patch, solution.logits
+        patch.metadata = {"solved_at": "all"}
+        check_finite_positions(model, prompt, solution)
+        parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx[-1], patched[-1])
+        per_layer = None
+        if run.per_layer_ablation:
+            per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx[-1])
+        last_patch = solve(model, chosen, last_targets(targets), prompt.query_only, "bias").patches[0]
+        generation = generations(model, tokenizer, prompt, patch, last_patch)
+    reports = [positions_report(b, solution.records[b.index], targets[b.index], patch) for b in chosen]
+    wanted = None
+    if gradient:
+        wanted = pick_target(tokenizer, target, logits_ctx[-1])
+        add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
+    return Analysis(
+        model=model_name(model),
+        model_type=model.config.model_type,
+        num_layers=model.config.num_hidden_layers,
+        dtype=str(model.dtype).removeprefix("torch."),
+        residual="fold",
+        context=run.context,
+        query=run.query,
+        prompt=prompt,
+        layers=reports,
+        logits=compare_logits(tokenizer, logits_ctx[-1], logits_0[-1], patched[-1], run.top_k),
+        ablation=parts,
+        patch=patch,
+        layer_ablation=per_layer,
+        target=wanted,
+        context_logits=logits_ctx[-1],
+        solved_at="all",
+        positions=positions_document(prompt, solution, logits_ctx, logits_0, generation),
+    )
+
+
+def last_targets(targets: dict[int, PositionTargets]) -> dict:
+    return {i: t.last() for i, t in targets.items()}
+
+
+def check_finite_positions(model: nn.Module, prompt: Prompt, solution: PositionsSolution) -> None:
+    if not torch.isfinite(solution.logits).all():
+        run = lambda: last_logits(model, prompt.query_only)  # noqa: E731
+        with applied(model, solution.patch):
+            raise non_finite(model, prompt.query_only, "the query alone with the update applied", run)
+
+
+def positions_report(b: Block, rec: PositionsRecord, target: PositionTargets, patch: Patch) -> LayerReport:
+    """The last-token figures of `layer_report`, and the worst block error, conditioning and dependent positions."""
+    report = layer_report(b, rec.last, target.last(), patch, "fold", solved_at="all")
+    report.block_error_max = float(rec.block_error.max())
+    report.z0_gram_condition = rec.condition
+    dependent: dict[int, list[str]] = {}
+    for path, positions in rec.unmatched.items():
+        for j in positions:
+            dependent.setdefault(j, []).append(path)
+    report.dependent_positions = [
+        {"position": j, "modules": paths, "block_error": float(rec.block_error[j])}
+        for j, paths in sorted(dependent.items())
+    ]
+    return report
+
+
+def generations(model: nn.Module, tokenizer, prompt: Prompt, patch_all: Patch, patch_last: Patch) -> dict:
+    """Greedy continuations with context, and of the query alone under each patch, with their agreement."""
+    eos = tokenizer.eos_token_id
+    context = greedy(model, prompt.full, GENERATE_TOKENS, eos)
+    runs = {}
+    for name, patch in (("all", patch_all), ("last", patch_last)):
+        with applied(model, patch):
+            ids = greedy(model, prompt.query_only, GENERATE_TOKENS, eos)
+        runs[name] = {"text": tokenizer.decode(ids), "token_ids": ids, "agree_tokens": agreement(ids, context)}
+    return {"tokens": GENERATE_TOKENS, "context": {"text": tokenizer.decode(context), "token_ids": context}, **runs}
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def positions_document(prompt: Prompt, solution: PositionsSolution, ctx, no_ctx, generation: dict) -> dict:
+    """The `positions` section: per query position KL (context ‖ patched) and the worst block error anywhere."""
+    n_prefix = len(prompt.prefix)
+    rows = [
+        {
+            "position": n_prefix + i,
+            "token_id": token,
+            "kl": kl_divergence(ctx[i], solution.logits[i]),
+            "kl_no_context": kl_divergence(ctx[i], no_ctx[i]),
+            "top1_match": bool(ctx[i].argmax() == solution.logits[i].argmax()),
+        }
+        for i, token in enumerate(prompt.query)
+    ]
+    layer, errors = max(solution.records.items(), key=lambda item: float(item[1].block_error.max()))
+    return {
+        "prefix_positions": n_prefix,
+        "query_positions": len(prompt.query),
+        "per_position": rows,
+        "worst_kl": max(r["kl"] for r in rows),
+        "worst_block_error": {
+            "value": float(errors.block_error.max()),
+            "layer": layer,
+            "position": int(errors.block_error.argmax()),
+        },
+        "generation": generation,
+    }

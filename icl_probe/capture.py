@@ -166,3 +166,71 @@ def capture_prefixes(
     keys = ("z_ctx", "attn", "branch", "out")
     targets = {b.index: Target(*(torch.cat([vars(r[0][b.index])[k] for r in rows]) for k in keys)) for b in chosen}
     return targets, torch.cat([r[1] for r in rows])
+
+
+# ---- every query position ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PositionTargets:
+    """With-context activations of one block at the prefix and every query position, float64, shape (n, d).
+
+    Row j is position j of the query alone (prefix + query): the prefix rows are the full prompt's first
+    positions, the query rows its last ones.
+    """
+
+    z_ctx: torch.Tensor
+    attn: torch.Tensor
+    branch: torch.Tensor
+    out: torch.Tensor
+
+    def last(self) -> Target:
+        """The last position's targets, as the last-token engine takes them (B = 1)."""
+        return Target(*(x[-1:] for x in (self.z_ctx, self.attn, self.branch, self.out)))
+
+
+def rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """Positions `keep` of a (1, T, d) (or OPT's MLP (T, d)) activation, as a float64 copy, (len(keep), d)."""
+    return x.reshape(-1, x.shape[-1])[keep].to(MATH_DTYPE, copy=True)
+
+
+def position_logits(model: nn.Module, ids: list[int], k: int) -> torch.Tensor:
+    """The next-token logits after each of the last k positions of `ids`, shape (k, vocab)."""
+    out = model(input_ids=torch.tensor([ids], device=input_device(model)), logits_to_keep=k, use_cache=False)
+    return out.logits[0, -k:]
+
+
+def capture_positions(
+    model: nn.Module, chosen: list[Block], prompt: Prompt
+) -> tuple[dict[int, PositionTargets], torch.Tensor]:
+    """Run the full prompt once: each chosen block's PositionTargets, and the query positions' logits (k, vocab)."""
+    n_full, n_prefix, k = len(prompt.full), len(prompt.prefix), len(prompt.query)
+    keep = list(range(n_prefix)) + list(range(n_full - k, n_full))
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+
+    def record(block: Block, key: str, from_input: bool):
+        def hook(module, args, output):
+            seen[block.index][key] = rows(args[0] if from_input else hidden(output), keep)
+
+        return hook
+
+    hooks = []
+    for b in chosen:
+        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
+        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
+        hooks.append((b.mlp_branch, record(b, "branch", False)))
+        hooks.append((b.module, record(b, "out", False)))
+    with hooked(hooks):
+        logits = position_logits(model, prompt.full, k)
+    return {i: PositionTargets(**d) for i, d in seen.items()}, logits
+
+
+def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None) -> list[int]:
+    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position."""
+    out: list[int] = []
+    for _ in range(n):
+        token = int(last_logits(model, ids + out).argmax())
+        out.append(token)
+        if token == eos:
+            break
+    return out

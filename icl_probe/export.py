@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .analysis import Analysis, analyze
-from .capture import last_logits
+from .capture import last_logits, position_logits
 from .errors import PatchError, UsageError
 from .fileio import atomic_write_dir, check_writable
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
@@ -53,6 +53,8 @@ class Export:
     kl_no_context: float
     top1_match: bool
     analysis: Analysis
+    solved_at: str = "last"
+    kl_stored_positions: list[float] | None = None  # solved at all positions: as written, at every query position
 
     def to_dict(self) -> dict:
         doc = {k: v for k, v in self.__dict__.items() if k != "analysis"}
@@ -70,32 +72,35 @@ def export_patch(
     layers: str | list[int] | None = None,
     store_context: bool = False,
     force: bool = False,
+    positions: str = "last",
 ) -> Export:
     """Analyze `context` + `query` (the antonym demo if both are None) and write the update to `output`.
 
-    `residual` defaults to bias for native and fold for peft and merged (which need it). An existing
-    output is refused unless `force`. The model is left unchanged.
+    `residual` defaults to bias for native and fold for peft and merged (which need it), and to fold with
+    `positions="all"` (the update solved at every query position). An existing output is refused unless
+    `force`. The model is left unchanged.
     """
-    residual = resolve_residual(format, residual)
+    residual = resolve_residual(format, residual, positions)
     if output is None:
         raise UsageError("give an output path with --output")
     output = check_writable(output, force, directory=format != "native")
-    check_foldable(model, format)
+    check_foldable(model, format, positions)
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
-    result = analyze(model, tokenizer, context, query, layers=layers, residual=residual)
+    result = analyze(model, tokenizer, context, query, layers=layers, residual=residual, positions=positions)
     patch = result.patch
     patch.metadata = patch_metadata(model, result, context, query, store_context)
     file_bytes, apply = WRITERS[format](model, tokenizer, patch, output, force)
     with torch.no_grad(), apply():  # the with-context logits are analyze's: only the patched run is new
         stored = last_logits(model, result.prompt.query_only)
+    stored_positions = positions_stored(model, result, apply) if result.solved_at == "all" else None
     patch_bytes, dense_bytes = sizes(patch)
     return Export(
         output=str(output),
         format=format,
         model=result.model,
         layers=[r.layer for r in result.layers],
-        residual=residual,
+        residual=result.residual,
         modules=len(patch.low_rank),
         patch_bytes=patch_bytes,
         dense_bytes=dense_bytes,
@@ -105,14 +110,27 @@ def export_patch(
         kl_no_context=result.logits["kl_no_context"],
         top1_match=bool(result.context_logits.argmax() == stored.argmax()),
         analysis=result,
+        solved_at=result.solved_at,
+        kl_stored_positions=stored_positions,
     )
 
 
-def resolve_residual(format: str, residual: str | None) -> str:
+def positions_stored(model: nn.Module, result: Analysis, apply: Apply) -> list[float]:
+    """KL(context ‖ patched as written) at every query position."""
+    prompt, k = result.prompt, len(result.prompt.query)
+    with torch.no_grad():
+        ctx = position_logits(model, prompt.full, k)
+        with apply():
+            stored = position_logits(model, prompt.query_only, k)
+    return [kl_divergence(c, s) for c, s in zip(ctx, stored)]
+
+
+def resolve_residual(format: str, residual: str | None, positions: str = "last") -> str | None:
+    """The residual mode for `format`; None leaves it to analyze (fold with positions="all")."""
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; use native, peft or merged")
     if residual is None:
-        return "bias" if format == "native" else "fold"
+        return None if positions == "all" else "bias" if format == "native" else "fold"
     if format != "native" and residual != "fold":
         raise UsageError(
             f"--format {format} needs --residual fold: weights alone cannot add a bias to a block's output; "
@@ -121,9 +139,14 @@ def resolve_residual(format: str, residual: str | None) -> str:
     return residual
 
 
-def check_foldable(model: nn.Module, format: str) -> None:
+def check_foldable(model: nn.Module, format: str, positions: str = "last") -> None:
     """peft needs Δb folded into a linear layer, merged needs it folded somewhere: refuse before any work."""
     family = model_family(model)
+    if format == "peft" and positions == "all":
+        raise PatchError(
+            "--format peft writes rank-1 adapters, and --positions all gives an update of rank k (one per query "
+            "position); use --format native or --format merged"
+        )
     if format == "peft" and family.fold != "linear":
         raise PatchError(
             f"--format peft cannot carry the residual term of {family.name}: a LoRA adapter only changes linear "
@@ -147,7 +170,8 @@ def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str,
         "model_fingerprint": fingerprint(model),
         "layers": json.dumps([r.layer for r in result.layers]),
         "residual": result.residual,
-        "positions": "last",
+        "positions": "last",  # what readers of formats 1 and 2 require; where the update was solved is solved_at
+        "solved_at": result.solved_at,
         "dtype": result.dtype,
         "query": query,
         "query_token_ids": json.dumps(result.prompt.query),

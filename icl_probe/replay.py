@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import check_length, last_logits
+from .capture import check_length, last_logits, position_logits
 from .errors import InputError, UsageError
 from .inputs import Prompt, check_text, special_prefix, tokenize
+from .lowrank import kl_divergence
 from .metrics import compare_logits, top_tokens
 from .patchfile import check_fits, fingerprint_note, int_list, load_patch
 from .patching import Apply, Patch, applied
@@ -144,18 +145,29 @@ def measure(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, with_cont
     with apply():
         logits_patched = last_logits(model, prompt.query_only)
     if with_context:
-        return compare_logits(tokenizer, last_logits(model, prompt.full), logits_0, logits_patched, top_k)
+        scores = compare_logits(tokenizer, last_logits(model, prompt.full), logits_0, logits_patched, top_k)
+        return {**scores, "kl_positions": kl_positions(model, prompt, apply)}
     return {
         "kl_patched": None,
         "kl_no_context": None,
         "top1_match": None,
         "max_logit_error": None,
+        "kl_positions": None,
         "top_k": {
             "context": None,
             "no_context": top_tokens(tokenizer, logits_0, top_k),
             "patched": top_tokens(tokenizer, logits_patched, top_k),
         },
     }
+
+
+def kl_positions(model: nn.Module, prompt: Prompt, apply: Apply) -> list[float]:
+    """KL(context ‖ patched) after each query token: all ~0 for a patch solved at every position."""
+    k = len(prompt.query)
+    ctx = position_logits(model, prompt.full, k)
+    with apply():
+        patched = position_logits(model, prompt.query_only, k)
+    return [kl_divergence(c, p) for c, p in zip(ctx, patched)]
 
 
 def generations(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int, with_context: bool) -> dict:
@@ -213,6 +225,7 @@ def patch_summary(patch: Patch, fingerprint_checked: bool) -> dict:
         "model": meta.get("model"),
         "layers": json.loads(meta["layers"]) if "layers" in meta else None,
         "residual": meta.get("residual"),
+        "solved_at": meta.get("solved_at", "last"),  # patches written before solved_at existed were solved there
         "modules": len(patch.low_rank),
         "fingerprint_checked": fingerprint_checked,
     }

@@ -35,7 +35,6 @@ from .app import (
     PlotOpt,
     QueryFileOpt,
     QueryOpt,
-    ResidualOpt,
     TopKOpt,
     TrustOpt,
     WideOpt,
@@ -50,6 +49,21 @@ from .app import (
     show,
 )
 
+PositionsOpt = Annotated[
+    str,
+    typer.Option(
+        "--positions",
+        help="last: solve the update at the query's last token (rank 1); all: at every query position at once "
+        "(rank k, exact for the whole query; implies --residual fold).",
+    ),
+]
+AnalyzeResidualOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="bias: add Δb to each block output; fold: fold it into the weights (output projection or norm). "
+        "Default: bias, or fold with --positions all."
+    ),
+]
 TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="The token whose loss --gradient differentiates (default: the with-context top-1)."),
@@ -64,7 +78,8 @@ def analyze(
     query: QueryOpt = None,
     query_file: QueryFileOpt = None,
     layers: LayersOpt = "all",
-    residual: ResidualOpt = "bias",
+    residual: AnalyzeResidualOpt = None,
+    positions: PositionsOpt = "last",
     gradient: Annotated[
         bool, typer.Option("--gradient", help="Also align each ΔW with −∇W of the target's loss (one backward pass).")
     ] = False,
@@ -92,6 +107,8 @@ def analyze(
     turn, and compares the next-token distributions. Δb closes the gap at every block by
     construction, so KL ≈ 0 proves the plumbing; the MLP-branch error tests the theorem, and the
     ablation shows what ΔW alone carries. With no --context and --query, runs a built-in antonym demo.
+    --positions all solves the update at every query position at once, and reports the KL after each
+    query token, the worst block error anywhere, and greedy generation against the last-token update.
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
@@ -100,9 +117,10 @@ def analyze(
         m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
         with status.status("Analyzing…"):
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
-                                  gradient=gradient, target=target, per_layer_ablation=layer_ablation)  # fmt: skip
+                                  gradient=gradient, target=target, per_layer_ablation=layer_ablation,
+                                  positions=positions)  # fmt: skip
         doc = result.to_dict()
-        show(out, doc, json_path, partial(print_analysis, wide=wide or None), text=not no_text)
+        show(out, doc, json_path, partial(print_with_positions, wide=wide or None), text=not no_text)
         if plot is not None:
             from ..plots import plot_analysis
 
@@ -137,6 +155,7 @@ def export_patch(
     layers: LayersOpt = "all",
     format: FormatOpt = "native",
     residual: ExportResidualOpt = None,
+    positions: PositionsOpt = "last",
     store_context: Annotated[
         bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
     ] = False,
@@ -165,8 +184,33 @@ def export_patch(
         m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
-                                layers=layers, store_context=store_context, force=force)  # fmt: skip
+                                layers=layers, store_context=store_context, force=force,
+                                positions=positions)  # fmt: skip
         show(out, result.to_dict(), json_path, print_export)
+
+
+def print_with_positions(console, doc: dict, wide: bool | None = None) -> None:
+    """The analysis report, then, with --positions all, one line per query position and the generations."""
+    print_analysis(console, doc, wide=wide)
+    section = doc.get("positions")
+    if section is None:
+        return
+    console.print()
+    worst = section["worst_block_error"]
+    where = f"layer {worst['layer']}, position {worst['position']}"
+    console.print(f"solved at all {section['query_positions']} query positions: worst KL {section['worst_kl']:.3g}, "
+                  f"worst block error {worst['value']:.3g} ({where})")  # fmt: skip
+    for row in section["per_position"]:
+        console.print(f"  position {row['position']:>3}: KL(context ‖ patched) {row['kl']:.3g}, "
+                      f"without context {row['kl_no_context']:.3g}")  # fmt: skip
+    dependent = [(layer["layer"], p) for layer in doc["layers"] for p in layer.get("dependent_positions") or []]
+    for layer, p in dependent:
+        console.print(f"  layer {layer}: position {p['position']} depends on earlier ones and is not matched "
+                      f"(block error {p['block_error']:.3g})", style="yellow")  # fmt: skip
+    gen = section["generation"]
+    n = len(gen["context"]["token_ids"])
+    console.print(f"greedy generation agrees with the context for {gen['all']['agree_tokens']} of {n} tokens "
+                  f"(--positions last: {gen['last']['agree_tokens']})")  # fmt: skip
 
 
 @app.command(cls=PlainUsage)
