@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -27,9 +28,10 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe import dynamics as dynamics_module
 from icl_probe.dynamics import dynamics
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
+
+dynamics_module = importlib.import_module("icl_probe.dynamics")  # icl_probe.dynamics is also the function
 
 HELD_OUT = "happy"
 # The engine functions the sweep calls through the dynamics module's namespace; the rest is "other".

@@ -6,6 +6,7 @@ result = icl_probe.analyze(model, tokenizer, context="hot -> cold\\n", query="bi
 """
 
 from .analysis import Analysis, analyze
+from .dynamics import Dynamics, dynamics  # the function shadows the submodule as an attribute; import it by path
 from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
 from .export import Export, export_patch
 from .models import load_model
@@ -14,6 +15,7 @@ from .replay import Replay, replay
 
 __version__ = "0.1.0"
 __all__ = [
-    "Analysis", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError", "Replay",
-    "UsageError", "analyze", "export_patch", "load_model", "load_patch", "replay", "__version__",
+    "Analysis", "Dynamics", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError",
+    "Replay", "UsageError", "analyze", "dynamics", "export_patch", "load_model", "load_patch", "replay",
+    "__version__",
 ]  # fmt: skip
