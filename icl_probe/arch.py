@@ -84,6 +84,11 @@ def mpt_mlp(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return block.ffn(z, torch.zeros_like(z))
 
 
+def bert_mlp(block: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """BERT's MLP is split across `intermediate` and `output`, whose LayerNorm also adds the residual."""
+    return block.output.dense(block.intermediate(z))
+
+
 def neox_variant(config) -> dict:
     return {"parallel": bool(config.use_parallel_residual)}
 
@@ -135,6 +140,8 @@ GEMMA4_FOLD_NOTE = (
     "its per-layer-input branch and layer scalar act on the block output after the MLP's residual add, "
     "so Δb does not fold"
 )
+MINICPM_FOLD_NOTE = "its branches are scaled by scale_depth / √num_hidden_layers, which no row can name yet"
+POST_LN_NOTE = "it normalises after the residual add (post-LN), so Δb does not fold linearly"
 FALCON_H1_FOLD_NOTE = "its MLP scales its output projection by mlp_multipliers[1], which no row can name yet"
 GPT2 = dict(layers="transformer.h", attn="attn", pre_mlp_norm="ln_2")
 GEMMA_SANDWICH = dict(  # Gemma 2 and 3 normalise each branch before and after it
@@ -212,6 +219,29 @@ FAMILIES: tuple[Family, ...] = (
         variant=bloom_variant,
     ),
     Family("stablelm", ("stablelm",), variant=stablelm_variant),
+    Family("minicpm3", ("minicpm3",), fold=None, fold_note=MINICPM_FOLD_NOTE),
+    Family(
+        "gpt_neox_japanese",
+        ("gpt_neox_japanese",),
+        layers="gpt_neox_japanese.layers",
+        first=("mlp.dense_h_to_4h",),
+        down="mlp.dense_4h_to_h",
+        attn="attention",  # its bias is added beside the module's output, and a constant leaves no change
+    ),
+    Family(
+        "bert_generation",
+        ("bert-generation",),
+        layers="bert.encoder.layer",
+        first=("intermediate.dense",),
+        down="output.dense",
+        mlp=None,
+        pre_mlp_norm="attention.output.LayerNorm",  # post-LN, as trocr
+        attn="attention.output.dense",
+        branch="output.dense",
+        run_mlp=bert_mlp,
+        fold=None,
+        fold_note=POST_LN_NOTE,
+    ),
     Family("granite", ("granite",), branch_scale="residual_multiplier"),
     Family(
         "xglm",
@@ -223,6 +253,40 @@ FAMILIES: tuple[Family, ...] = (
         branch="fc2",
         run_mlp=opt_mlp,
     ),  # fmt: skip
+    Family(
+        "biogpt",
+        ("biogpt",),
+        layers="biogpt.layers",
+        first=("fc1",),
+        down="fc2",
+        mlp=None,
+        pre_mlp_norm="final_layer_norm",
+        branch="fc2",
+        run_mlp=opt_mlp,
+    ),
+    Family(
+        "trocr",
+        ("trocr",),
+        layers="model.decoder.layers",
+        first=("fc1",),
+        down="fc2",
+        mlp=None,
+        pre_mlp_norm="self_attn_layer_norm",  # post-LN: the attention sublayer's norm output is the residual stream
+        branch="fc2",
+        run_mlp=opt_mlp,
+        fold=None,
+        fold_note=POST_LN_NOTE,
+    ),
+    Family(
+        "openai_gpt",
+        ("openai-gpt",),
+        first=("mlp.c_fc",),
+        down="mlp.c_proj",
+        conv1d=True,
+        fold=None,
+        fold_note=POST_LN_NOTE,
+        **{**GPT2, "pre_mlp_norm": "ln_1"},  # post-LN, as trocr
+    ),
     Family(
         "mpt",
         ("mpt",),
@@ -358,8 +422,8 @@ def blocks(model: nn.Module) -> list[Block]:
 LINEARS = (nn.Linear, Conv1D)
 EXPERTS = re.compile(r"moe|expert|router", re.IGNORECASE)  # class names of mixture-of-experts parts
 MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
-               ("mixer", "mamba"), ("ssm", "mamba"), ("conv", "convolution"), ("attention", "attention"),
-               ("attn", "attention"))  # fmt: skip
+               ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
+               ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
 
@@ -391,10 +455,12 @@ def read_structure(model: nn.Module) -> list[Block]:
 
 def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     model_type = model.config.model_type
-    path = find_layers(model)
+    candidates = layer_lists(model)
+    for path in candidates:
+        check_no_experts(model_type, model.get_submodule(path))
+    calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
+    path = the_decoder_blocks(model, candidates, calls)
     layers = model.get_submodule(path)
-    check_no_experts(model_type, layers)
-    calls = probe(model, layers)
     families = []
     for i, layer in enumerate(layers):
         try:
@@ -406,15 +472,23 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     return path, families
 
 
-def find_layers(model: nn.Module) -> str:
-    """The path of the model's one ModuleList of num_hidden_layers decoder blocks."""
-    n = getattr(model.config, "num_hidden_layers", None)
+def layer_lists(model: nn.Module) -> list[str]:
+    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders')."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
-    if len(outer) != 1:
-        lists = ", ".join(outer) or "none"
-        raise unsupported(model.config.model_type, f"expected one ModuleList of {n} blocks, found {lists}")
-    return outer[0]
+    if not outer:
+        raise unsupported(model.config.model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
+    return outer
+
+
+def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[Call]]) -> str:
+    """The one candidate list whose every block ran once in the probe run of input ids alone."""
+    ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
+    if len(ran) != 1:
+        found = f"{' and '.join(ran)} both run" if ran else f"none of {', '.join(candidates)} runs once"
+        raise unsupported(model.config.model_type, f"expected one ModuleList of blocks run once per pass; {found}")
+    return ran[0]
 
 
 def check_no_experts(model_type: str, layers: nn.ModuleList) -> None:
@@ -434,7 +508,7 @@ def expert_parts(layer: nn.Module) -> str:
     return ", ".join(parts)
 
 
-def probe(model: nn.Module, layers: nn.ModuleList) -> dict[nn.Module, list[Call]]:
+def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
     """Run a short input once, recording every block, its children and the linear layers inside them."""
     watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer))]
     embedding = model.get_input_embeddings().weight
@@ -507,6 +581,8 @@ def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[tuple, tuple]
     names = [name for name, _, _ in units]
     if not units or len(set(names)) != len(names):
         raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
+    if len(units) == 1:
+        raise Refusal(f"has only '{names[0]}' ({mixer_kind(units[0][1])}), no MLP after a contextual layer")
     *mixers, mlp = units
     if isinstance(mlp[1], LINEARS):
         raise Refusal(f"ends with a bare linear layer '{mlp[0]}', not an MLP module (a table row can name its MLP)")

@@ -5,6 +5,7 @@ files; layouts the rule cannot see and mixture-of-experts layers are refused in 
 
 import contextlib
 import functools
+import json
 import re
 
 import pytest
@@ -13,7 +14,7 @@ from tiny import char_tokenizer, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from icl_probe import analyze, arch, export_patch, load_patch, replay
+from icl_probe import analyze, arch, coverage, export_patch, load_patch, replay
 from icl_probe.capture import last_logits
 from icl_probe.errors import ModelError
 from icl_probe.hooks import hidden, hooked
@@ -284,8 +285,8 @@ class Skip(nn.Module):
          r"block model\.layers\.0 has an MLP 'mlp' whose input reaches its output other than through up_proj"),
         (lambda m: setattr(m.model.layers[0], "mlp", Squashed(32, 64).double()),
          r"block model\.layers\.0 has an MLP 'mlp' whose output is not its output projection 'down_proj' times a"),
-        (lambda m: setattr(m.model, "extra", nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])),
-         r"expected one ModuleList of 2 blocks, found model\.layers, model\.extra"),
+        (lambda m: setattr(m.config, "num_hidden_layers", 3),
+         r"found no ModuleList of num_hidden_layers=3 blocks"),
     ],
 )  # fmt: skip
 def test_ambiguous_structure_is_refused_in_one_line(change, found):
@@ -309,6 +310,13 @@ def test_mixture_of_experts_layers_are_refused_by_name(name, found):
     assert found in str(info.value) and str(info.value).endswith("not supported yet")
 
 
+def test_a_module_list_that_does_not_run_is_not_the_decoder():
+    # A multimodal model also holds its encoders' layers; the decoder blocks are the list that input ids run.
+    model = tiny_model("helium")
+    model.model.extra = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
+    assert [b.path for b in arch.blocks(model)] == ["model.layers.0", "model.layers.1"]
+
+
 def test_gemma4_with_its_expert_block_is_refused():
     config = dict(vocab_size=103, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, global_head_dim=8, hidden_size_per_layer_input=8,
@@ -326,3 +334,26 @@ def test_reading_is_cached_per_model():
     with hooked([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
         again = arch.blocks(model)
     assert not calls and [b.family for b in again] == [b.family for b in first]
+
+
+# ---- the coverage table --------------------------------------------------------------------------------------
+
+SAMPLE = {"llama": "exact", "lfm2": "exact", "nemotron": "exact", "mixtral": "refused", "mamba": "refused",
+          "bart": "out of scope", "bert": "out of scope"}  # fmt: skip
+
+
+def test_coverage_sample(tmp_path, capsys):
+    coverage.main(["--types", ",".join(SAMPLE), "--json", str(tmp_path / "coverage.json")])
+    rows = {r["model_type"]: r for r in json.loads((tmp_path / "coverage.json").read_text())["rows"]}
+    assert {t: r["status"] for t, r in rows.items()} == SAMPLE
+    for r in rows.values():
+        if r["status"] == "exact":
+            assert r["kl"] < 1e-10 and r["block_error"] < 1e-9 and r["mlp_branch_error"] < 1e-9
+            assert r["kl_no_context"] > 1e-2
+    assert rows["mixtral"]["reason"] == "model type 'mixtral' is a mixture-of-experts model, not supported yet"
+    assert "has only 'mixer' (mamba), no MLP after a contextual layer" in rows["mamba"]["reason"]
+    assert rows["lfm2"]["mixers"] == "attention, convolution"
+    out = capsys.readouterr().out
+    assert out.startswith("3 of 5 families exact (transformers ") and "| lfm2 | exact | generic (lfm2) |" in out
+    assert "Out of scope (encoder-decoder or encoder-only): bart, bert." in out
+    assert torch.get_default_dtype() == torch.float32  # measure restores it
