@@ -486,7 +486,7 @@ def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.M
     """The one candidate list whose every block ran once in the probe run of input ids alone."""
     ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
     if len(ran) != 1:
-        found = f"{' and '.join(ran)} both run" if ran else f"none of {', '.join(candidates)} runs once"
+        found = f"{', '.join(ran)} all run" if ran else f"none of {', '.join(candidates)} runs once"
         raise unsupported(model.config.model_type, f"expected one ModuleList of blocks run once per pass; {found}")
     return ran[0]
 
