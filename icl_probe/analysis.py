@@ -170,7 +170,7 @@ def analyze(
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,
-        num_layers=model.config.num_hidden_layers,
+        num_layers=model.config.get_text_config().num_hidden_layers,
         dtype=str(model.dtype).removeprefix("torch."),
         residual=residual,
         context=context,
@@ -376,7 +376,7 @@ def analyze_positions(model: nn.Module, tokenizer, run: PositionsInput, gradient
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,
-        num_layers=model.config.num_hidden_layers,
+        num_layers=model.config.get_text_config().num_hidden_layers,
         dtype=str(model.dtype).removeprefix("torch."),
         residual="fold",
         context=run.context,

@@ -109,9 +109,11 @@ def accepts_positions(model: nn.Module) -> bool:
 
 
 def cache_croppable(model: nn.Module, length: int) -> bool:
-    """Whether a KV cache of `length` tokens can be cropped back: no sliding window shorter than it drops states."""
+    """Whether a KV cache of `length` tokens can be cut back: every mixer is attention (a convolution's or a
+    state-space layer's state cannot be rewound), and no sliding window shorter than it drops states."""
     window = getattr(model.config, "sliding_window", None)
-    return window is None or length <= window
+    attention_only = all(getattr(b.family, "mixer", "attention") == "attention" for b in arch.blocks(model))
+    return attention_only and (window is None or length <= window)
 
 
 def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, query: list[int]):

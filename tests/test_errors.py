@@ -223,9 +223,9 @@ def test_mixture_of_experts_is_unsupported(tmp_path):
 
 
 def test_unlisted_architecture_is_unsupported(tmp_path):
-    config = AutoConfig.for_model("apertus", **COMMON)  # its MLP activation has parameters: not a known layout
-    folder = save_other(tmp_path / "apertus", AutoModelForCausalLM.from_config(config))
-    assert_error(analyze(folder, "--context", CONTEXT, "--query", QUERY), 1, "'apertus' is not supported", "llama")
+    config = AutoConfig.for_model("mamba", **COMMON, state_size=8)  # Mamba blocks have no MLP after their mixer
+    folder = save_other(tmp_path / "mamba", AutoModelForCausalLM.from_config(config))
+    assert_error(analyze(folder, "--context", CONTEXT, "--query", QUERY), 1, "'mamba' is not supported", "llama")
 
 
 def test_remote_code_is_refused_without_the_flag(llama, tmp_path):

@@ -33,7 +33,6 @@ SANDWICH = ("model.layers.0", "post_attention_layernorm", ["mlp.gate_proj", "mlp
             "pre_feedforward_layernorm", "post_feedforward_layernorm")  # fmt: skip
 NEOX = ("gpt_neox.layers.0", "attention", ["mlp.dense_h_to_4h"], "mlp.dense_4h_to_h", "post_attention_layernorm", None)
 FALCON = ("transformer.h.0", "self_attention", ["mlp.dense_h_to_4h"], "mlp.dense_4h_to_h")
-GENERIC_LLAMA = ("model.layers.0", "self_attn", ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj", None, None)
 
 # Layer 0 of each tiny model: (block, attention branch, MLP first linears, output projection, pre-MLP norm,
 # post-MLP norm)
@@ -73,16 +72,17 @@ EXPECTED = {
     "stablelm": LLAMA,
     "stablelm-parallel": (*LLAMA[:4], "input_layernorm", None),
     "granite": LLAMA,
-    # handled by the generic rule, which names no norms
-    "olmo": GENERIC_LLAMA,
-    "helium": GENERIC_LLAMA,
-    "cohere": GENERIC_LLAMA,
-    "glm": ("model.layers.0", "self_attn", ["mlp.gate_up_proj"], "mlp.down_proj", None, None),
-    "exaone4": GENERIC_LLAMA,
-    "smollm3": GENERIC_LLAMA,
+    # read by the structural rule, norms included
+    "olmo": LLAMA,
+    "helium": LLAMA,
+    "cohere": (*LLAMA[:4], "input_layernorm", None),
+    "glm": ("model.layers.0", "self_attn", ["mlp.gate_up_proj"], "mlp.down_proj", "post_attention_layernorm", None),
+    "exaone4": ("model.layers.0", "post_attention_layernorm", GATE_UP, "mlp.down_proj", None,
+                "post_feedforward_layernorm"),  # fmt: skip
+    "smollm3": LLAMA,
 }
-TABLE = [name for name, row in EXPECTED.items() if row is not GENERIC_LLAMA and name != "glm"]
-GENERIC = [name for name in EXPECTED if name not in TABLE]
+GENERIC = ["olmo", "helium", "cohere", "glm", "exaone4", "smollm3"]
+TABLE = [name for name in EXPECTED if name not in GENERIC]
 PARALLEL = {"gpt_neox", "gptj", "phi", "falcon", "stablelm-parallel", "cohere"}  # the MLP reads the block input
 NORM_SCALE = {"gemma2", "gemma3_text", "olmo2"}  # fold into the post-MLP norm's scale
 BRANCH_SCALE = {"granite": 0.5}  # residual_multiplier in tests/tiny.py
@@ -146,8 +146,6 @@ def test_residual_term_is_the_attention_change(name):
     # With every layer below patched the block input at the last token is the with-context one, so what ΔW
     # leaves is the attention branch's change (times the block's branch multiplier, for Granite). At layer 0
     # that holds only without learned absolute positions: GPT-2's and OPT's query sits at other positions.
-    if name == "exaone4":
-        pytest.skip("exaone4 normalises its attention output after self_attn, which the generic rule does not name")
     scale = BRANCH_SCALE.get(name, 1.0)
     for layer in analysis_of(name, "bias").to_dict()["layers"][1 if name in ("gpt2", "opt") else 0 :]:
         assert layer["residual_delta_norm"] == pytest.approx(scale * layer["attention_delta_norm"], rel=1e-9)
@@ -207,13 +205,13 @@ def test_module_map(name):
     assert layer["mlp_first"] == [full(f) for f in first]
     assert (layer["pre_mlp_norm"], layer["post_mlp_norm"]) == (full(pre), full(post))
     assert len(doc["layers"]) == 2
-    assert doc["parallel"] == (None if name in GENERIC else name in PARALLEL)  # the generic rule cannot tell
+    assert doc["parallel"] == (name in PARALLEL)  # the structural rule reads it from the probe run
     fold = "norm-scale" if name in NORM_SCALE else None if name in GENERIC else "linear"
     assert doc["fold"] == fold
     assert doc["formats"] == {"native": True, "peft": fold == "linear", "merged": fold is not None}
 
 
-@pytest.mark.parametrize("name", [n for n in TABLE if EXPECTED[n][4] is not None])
+@pytest.mark.parametrize("name", [n for n in TABLE + GENERIC if EXPECTED[n][4] is not None])
 def test_pre_mlp_norm_feeds_the_first_linears(name):
     model = model_of(name)
     block, _, first, _, pre, _ = EXPECTED[name]
@@ -305,13 +303,13 @@ def test_mixture_of_experts_is_not_supported_yet(model_type):
 
 
 def test_unknown_layout_names_the_type_and_the_supported_families():
-    config = AutoConfig.for_model("apertus", vocab_size=103, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)  # its MLP activation has parameters: not the generic layout
+    config = AutoConfig.for_model("mamba", vocab_size=103, hidden_size=32, num_hidden_layers=2, state_size=8)
+    model = AutoModelForCausalLM.from_config(config)  # Mamba blocks have no MLP after their mixer
     with pytest.raises(ModelError) as info:
         arch.blocks(model)
     message = str(info.value)
-    assert "'apertus' is not supported" in message and "gpt2" in message and "olmo2" in message
+    assert "'mamba' is not supported: block backbone.layers.0 has only 'mixer' (mamba), no MLP" in message
+    assert "gpt2" in message and "olmo2" in message
     assert "\n" not in message
 
 
@@ -426,13 +424,12 @@ def test_cli_modules_json_and_table(tmp_path):
 
 
 def test_cli_modules_unsupported_model_is_one_line(tmp_path):
-    config = AutoConfig.for_model("apertus", vocab_size=103, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    folder = save_tiny(AutoModelForCausalLM.from_config(config), char_tokenizer(), tmp_path / "apertus")
+    config = AutoConfig.for_model("mamba", vocab_size=103, hidden_size=32, num_hidden_layers=2, state_size=8)
+    folder = save_tiny(AutoModelForCausalLM.from_config(config), char_tokenizer(), tmp_path / "mamba")
     result = CliRunner().invoke(app, ["modules", "--model", folder])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("icl-probe: error: model type 'apertus' is not supported")
+    assert len(lines) == 1 and lines[0].startswith("icl-probe: error: model type 'mamba' is not supported")
 
 
 # ---- the real Gemma 3 270M ------------------------------------------------------------------------
