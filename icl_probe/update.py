@@ -332,37 +332,46 @@ def recorder(seen: dict, key: str, from_input: bool = False):
     return hook
 
 
-class PositionsRun:
-    """The sequential solve at every position: `solve_block` for each chosen block in order, then `verify`."""
+@dataclass
+class Sequence:
+    """One input of a fit over positions: its token ids, and which of its positions are fitted.
 
-    def __init__(self, model: nn.Module, targets: dict, ids: list[int], n_prefix: int):
-        self.model, self.targets, self.ids, self.n_prefix = model, targets, ids, n_prefix
+    `rows` lists the `held` prefix positions first (fitted with zero change), then trailing positions.
+    """
+
+    ids: list[int]
+    rows: list[int]
+    held: int = 0
+
+
+class PositionsRun:
+    """The sequential solve over the rows of one or more sequences: `solve_block` per chosen block in order.
+
+    Row order is the sequences' rows concatenated; `targets` hold the with-context rows in that order.
+    """
+
+    def __init__(self, model: nn.Module, targets: dict, sequences: list[Sequence]):
+        self.model, self.targets, self.sequences = model, targets, sequences
+        self.held = torch.cat([torch.arange(len(s.rows)) < s.held for s in sequences])  # (n,) rows kept as they are
         self.patch = Patch()
         self.rtol = dependent_rtol(model.dtype)
 
     def capture(self, hooks: list, stop: nn.Module) -> dict:
-        """Run the query alone with the patch so far, recording `hooks` = [(module, key, from_input)], up to `stop`."""
-        seen: dict = {}
+        """Run each sequence with the patch so far, recording `hooks` = [(module, key, from_input)] up to `stop`.
 
-        def halt(module, args, output):
-            raise StopForward
+        Returns each key's fitted rows of every sequence, concatenated: (n, d) float64.
+        """
+        rows: dict[str, list] = {}
+        for sequence in self.sequences:
+            seen: dict = {}
+            run_until(self.model, sequence.ids, [(m, recorder(seen, k, x)) for m, k, x in hooks], stop, self.patch)
+            for key, x in seen.items():
+                rows.setdefault(key, []).append(x[sequence.rows])
+        return {key: torch.cat(parts) for key, parts in rows.items()}
 
-        ids = torch.tensor([self.ids], device=input_device(self.model))
-        try:
-            with (
-                applied(self.model, self.patch),
-                hooked([(m, recorder(seen, k, x)) for m, k, x in hooks] + [(stop, halt)]),
-            ):
-                self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        except StopForward:
-            pass
-        return seen
-
-    def query_only(self, t: torch.Tensor) -> torch.Tensor:
-        """t with its prefix rows zeroed: the prefix holds the same states with and without the context."""
-        t = t.clone()
-        t[: self.n_prefix] = 0
-        return t
+    def unheld(self, t: torch.Tensor) -> torch.Tensor:
+        """t with its held rows zeroed: the prefix holds the same states with and without the context."""
+        return torch.where(self.held[:, None], 0, t)
 
     def solve_block(self, b: Block) -> PositionsRecord:
         """Fit the block's first linears, then fold its residual term; both enter the patch."""
@@ -370,10 +379,10 @@ class PositionsRun:
         first = next(iter(b.first.values()))
         z0 = self.capture([(first, "z0", True)], stop=first)["z0"]  # (n, in)
         basis = position_basis(z0, self.rtol, next(iter(b.first)))
-        dz = self.query_only(target.z_ctx - z0)  # (n, in)
+        dz = self.unheld(target.z_ctx - z0)  # (n, in)
         for path, module in b.first.items():
             self.patch.low_rank[path] = basis.fit(matvec(arch.weight_out_in(module, b.family), dz.T).T)
-        y0 = b.run_mlp(z0[-1:].to(self.model.dtype)[None])  # the unpatched MLP at the last position
+        y0 = b.run_mlp(z0[-1:].to(self.model.dtype)[None])  # the unpatched MLP at the last row
         unmatched = {path: dropped(basis, len(z0)) for path in b.first}
         seen, delta = self.fold(b, target)
         unmatched.update(seen.pop("unmatched"))
@@ -382,7 +391,7 @@ class PositionsRun:
         return PositionsRecord(last, basis.condition(), {k: v for k, v in unmatched.items() if v})
 
     def fold(self, b: Block, target) -> tuple[dict, torch.Tensor]:
-        """Fold the residual term δ_j = h_ctx,j − h_j (0 at the prefix) into the output projection (and norm)."""
+        """Fold the residual term δ_j = h_ctx,j − h_j (0 at held rows) into the output projection (and norm)."""
         down = b.full(b.family.down)
         hooks = [(b.part(b.family.attn), "attn", False), (b.mlp_branch, "branch", False),
                  (b.down, "p", True), (b.module, "h", False)]  # fmt: skip
@@ -390,7 +399,7 @@ class PositionsRun:
         if norm:
             hooks += [(b.part(b.family.post_mlp_norm), "m", True), (b.part(b.family.post_mlp_norm), "y", False)]
         seen = self.capture(hooks, stop=b.module)
-        delta = self.query_only(target.out - seen["h"])  # (n, hidden)
+        delta = self.unheld(target.out - seen["h"])  # (n, hidden)
         basis = position_basis(seen["p"], self.rtol, down)
         seen["unmatched"] = {down: dropped(basis, len(delta))}
         if norm:
@@ -404,16 +413,33 @@ class PositionsRun:
         return seen, delta
 
     def verify(self, chosen: list[Block]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """The whole patch applied: each block's relative error at every position, and the query positions' logits."""
+        """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows."""
         seen: dict[int, dict] = {b.index: {} for b in chosen}
-        k = len(self.ids) - self.n_prefix
-        with applied(self.model, self.patch), hooked([(b.module, recorder(seen[b.index], "h")) for b in chosen]):
-            logits = position_logits(self.model, self.ids, k)
+        outs, logits = {b.index: [] for b in chosen}, []
+        for sequence in self.sequences:
+            hooks = [(b.module, recorder(seen[b.index], "h")) for b in chosen]
+            with applied(self.model, self.patch), hooked(hooks):
+                logits.append(position_logits(self.model, sequence.ids, len(sequence.rows) - sequence.held))
+            for b in chosen:
+                outs[b.index].append(seen[b.index]["h"][sequence.rows])
         errors = {}
         for b in chosen:
             out = self.targets[b.index].out
-            errors[b.index] = (seen[b.index]["h"] - out).norm(dim=-1) / out.norm(dim=-1)
-        return errors, logits
+            errors[b.index] = (torch.cat(outs[b.index]) - out).norm(dim=-1) / out.norm(dim=-1)
+        return errors, torch.cat(logits)
+
+
+def run_until(model: nn.Module, ids: list[int], hooks: list, stop: nn.Module, patch: Patch) -> None:
+    """Run `ids` with `patch` applied and `hooks` registered, ending the forward pass once `stop` has run."""
+
+    def halt(module, args, output):
+        raise StopForward
+
+    try:
+        with applied(model, patch), hooked([*hooks, (stop, halt)]):
+            model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False, logits_to_keep=1)
+    except StopForward:
+        pass
 
 
 def dropped(basis: PositionBasis, n: int) -> list[int]:
@@ -514,14 +540,24 @@ def norm_scale(norm: nn.Module, eps: float) -> torch.Tensor:
     return norm(ones)[0].to(MATH_DTYPE) * (1 + eps) ** 0.5
 
 
-def solve_positions(
-    model: nn.Module, chosen: list[Block], targets: dict, ids: list[int], n_prefix: int
-) -> PositionsSolution:
-    """The patch exact at every position of `ids` (prefix + query), solved block by block; then the check of it."""
-    run = PositionsRun(model, targets, ids, n_prefix)
+def solve_rows(model: nn.Module, chosen: list[Block], targets: dict, sequences: list[Sequence]) -> PositionsSolution:
+    """The patch exact at every fitted row of `sequences`, solved block by block; then the check of it."""
+    run = PositionsRun(model, targets, sequences)
     records = {b.index: run.solve_block(b) for b in chosen}
     errors, logits = run.verify(chosen)
     for i, rec in records.items():
         rec.block_error = errors[i]
         rec.last.block_error = errors[i][-1:]
     return PositionsSolution(run.patch, records, logits)
+
+
+def solve_positions(
+    model: nn.Module, chosen: list[Block], targets: dict, ids: list[int], n_prefix: int
+) -> PositionsSolution:
+    """The patch exact at every position of `ids` (prefix + query; `targets` a row per position)."""
+    return solve_rows(model, chosen, targets, [Sequence(ids, list(range(len(ids))), n_prefix)])
+
+
+def solve_joint(model: nn.Module, chosen: list[Block], targets: dict, queries: list[list[int]]) -> PositionsSolution:
+    """One patch exact at the last position of every query at once (`targets` a row per query, in order)."""
+    return solve_rows(model, chosen, targets, [Sequence(ids, [len(ids) - 1]) for ids in queries])
