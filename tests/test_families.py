@@ -77,8 +77,14 @@ EXPECTED = {
     "helium": LLAMA,
     "cohere": (*LLAMA[:4], "input_layernorm", None),
     "glm": ("model.layers.0", "self_attn", ["mlp.gate_up_proj"], "mlp.down_proj", "post_attention_layernorm", None),
-    "exaone4": ("model.layers.0", "post_attention_layernorm", GATE_UP, "mlp.down_proj", None,
-                "post_feedforward_layernorm"),  # fmt: skip
+    "exaone4": (
+        "model.layers.0",
+        "post_attention_layernorm",
+        GATE_UP,
+        "mlp.down_proj",
+        None,
+        "post_feedforward_layernorm",
+    ),  # fmt: skip
     "smollm3": LLAMA,
 }
 GENERIC = ["olmo", "helium", "cohere", "glm", "exaone4", "smollm3"]
