@@ -145,3 +145,22 @@ def test_non_finite_patched_run_is_searched_patched(monkeypatch, tokenizer):
         analysis.analyze(model, tokenizer, "ab\n", "cd")
     ids = torch.tensor([tokenizer("cd")["input_ids"]])
     assert torch.isfinite(model(input_ids=ids).logits).all()  # unpatched, the query alone is finite
+
+
+def test_non_positive_lr_is_refused_before_any_work(tiny_llama_dir):
+    line = one_error_line(run("dynamics", "--model", tiny_llama_dir, "--lr", "0"), 2)
+    assert "--lr" in line
+
+
+def test_a_closed_pipe_stops_quietly(tiny_llama_dir):
+    import subprocess
+    import sys
+
+    code = "import sys; from icl_probe.cli import main; sys.argv = ['icl-probe'] + sys.argv[1:]; main()"
+    cmd = [sys.executable, "-c", code, "analyze", "--model", tiny_llama_dir, "--json", "-"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away before the JSON is written out
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -144,6 +145,9 @@ def one_line_errors(debug: bool) -> Iterator[None]:
         fail(str(e), e.exit_code, debug)
     except KeyboardInterrupt:
         fail("interrupted", 130, debug)
+    except BrokenPipeError:  # the reader of `--json -` went away (e.g. `| head`): stop quietly, as SIGPIPE would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become a line
         fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 1, debug)
 

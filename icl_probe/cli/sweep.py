@@ -111,7 +111,7 @@ def dynamics(
     finetune_steps: Annotated[
         int, typer.Option("--finetune-steps", min=0, help="Also fine-tune the first linears for K SGD steps.")
     ] = 0,
-    lr: Annotated[float, typer.Option("--lr", help="The fine-tuning learning rate (plain SGD).")] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", help="The fine-tuning learning rate (plain SGD), above 0.")] = 1e-3,
     wide: WideOpt = False,
     json_path: JsonOpt = None,
     no_text: NoTextOpt = False,
@@ -136,6 +136,8 @@ def dynamics(
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
+        if not lr > 0:
+            raise UsageError(f"--lr must be above 0, not {lr}")
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
         template = unescape(template)
