@@ -1,4 +1,4 @@
-"""PNG figures of the JSON documents that `dynamics` and `analyze` write; they pick values and compute nothing.
+"""PNG figures of the JSON that `dynamics`, `analyze` and `transfer` write; they pick values and compute nothing.
 
 matplotlib is optional (`pip install 'icl-probe[plot]'`) and imported only when a figure is drawn. Figures are
 built on a bare `Figure` with the Agg canvas, so pyplot's global state is never touched. Every series varies
@@ -84,6 +84,33 @@ def plot_analysis(doc: dict, path: str | Path) -> None:
     )
     plot_ablation(axes[3], doc["ablation"], doc["logits"]["kl_no_context"])
     plot_layer_ablation(axes[4], doc.get("layer_ablation"), doc["logits"]["kl_no_context"])
+    save(fig, path)
+
+
+def plot_transfer(doc: dict, path: str | Path) -> None:
+    """Accuracy per method as bars (the largest K), and with a sweep, accuracy against K."""
+    from .transfer import LABELS, METHODS, SCHEMA
+
+    check_schema(doc, SCHEMA)
+    sweep = doc["sweep"]
+    fig = new_figure((12, 5) if len(sweep) > 1 else (8, 5))
+    axes = fig.subplots(1, 2 if len(sweep) > 1 else 1, squeeze=False)[0]
+    methods = [m for m in METHODS if doc["accuracy"][m] is not None]
+    axes[0].bar(range(len(methods)), [doc["accuracy"][m] for m in methods], color="#3b528b")
+    axes[0].set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_ylabel("first-token accuracy, held-out queries")
+    axes[0].set_title(f"{doc['model']} · {doc['task']} · K={doc['calibration']}", fontsize=10)
+    if len(sweep) > 1:
+        ks = [e["calibration"] for e in sweep]
+        for i, m in enumerate(methods):
+            axes[1].plot(ks, [e["accuracy"][m] for e in sweep], marker="osD^v*Px"[i % 8], label=LABELS[m])
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xticks(ks, [str(k) for k in ks])
+        axes[1].set_ylim(0, 1)
+        axes[1].set_xlabel("calibration queries K")
+        axes[1].set_title("accuracy against K", fontsize=10)
+        axes[1].legend(fontsize=8)
     save(fig, path)
 
 

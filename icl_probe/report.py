@@ -16,6 +16,9 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from .transfer import LABELS as TRANSFER_LABELS
+from .transfer import METHODS as TRANSFER_METHODS
+
 WIDE_WIDTH = 140  # wide=None shows every figure from this many columns on
 BAR_CELLS = 8
 EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -384,6 +387,30 @@ def print_analysis(console: Console, doc: dict, wide: bool | None = None) -> Non
         console.print(layer_ablation_table(doc["layer_ablation"]))
 
 
+def print_with_positions(console: Console, doc: dict, wide: bool | None = None) -> None:
+    """The analysis report, then, with --positions all, one line per query position and the generations."""
+    print_analysis(console, doc, wide=wide)
+    section = doc.get("positions")
+    if section is None:
+        return
+    console.print()
+    worst = section["worst_block_error"]
+    where = f"layer {worst['layer']}, position {worst['position']}"
+    console.print(f"solved at all {section['query_positions']} query positions: worst KL {section['worst_kl']:.3g}, "
+                  f"worst block error {worst['value']:.3g} ({where})")  # fmt: skip
+    for row in section["per_position"]:
+        console.print(f"  position {row['position']:>3}: KL(context ‖ patched) {row['kl']:.3g}, "
+                      f"without context {row['kl_no_context']:.3g}")  # fmt: skip
+    dependent = [(layer["layer"], p) for layer in doc["layers"] for p in layer.get("dependent_positions") or []]
+    for layer, p in dependent:
+        console.print(f"  layer {layer}: position {p['position']} depends on earlier ones and is not matched "
+                      f"(block error {p['block_error']:.3g})", style="yellow")  # fmt: skip
+    gen = section["generation"]
+    n = len(gen["context"]["token_ids"])
+    console.print(f"greedy generation agrees with the context for {gen['all']['agree_tokens']} of {n} tokens "
+                  f"(--positions last: {gen['last']['agree_tokens']})")  # fmt: skip
+
+
 # --- dynamics -----------------------------------------------------------------------------------------------------
 
 
@@ -601,3 +628,38 @@ def print_tasks(console: Console, doc: dict) -> None:
         example = f"{t['example']['input']} → {t['example']['output']}"
         table.add_row(t["name"], str(t["pairs"]), example, t["description"])
     console.print(table)
+
+
+# --- transfer -----------------------------------------------------------------------------------------------------
+
+
+def fmt_g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def print_transfer(console: Console, doc: dict) -> None:
+    """A row per method: accuracy and mean KL, one column pair per calibration size."""
+    console.print(
+        f"{doc['model']} on {doc['task']}: {doc['demos']} examples in context, "
+        f"{doc['n_heldout']} held-out queries, first-token accuracy and mean KL(in context ‖ method)"
+    )
+    table = Table()
+    table.add_column("method")
+    for entry in doc["sweep"]:
+        table.add_column(f"acc K={entry['calibration']}", justify="right")
+        table.add_column(f"KL K={entry['calibration']}", justify="right")
+    for method in TRANSFER_METHODS:
+        cells = [c for e in doc["sweep"] for c in (fmt_g(e["accuracy"][method]), fmt_g(e["kl"][method]))]
+        table.add_row(TRANSFER_LABELS[method], *cells)
+    console.print(table)
+    for entry in doc["sweep"]:
+        spread = entry["single_patch_spread"]["accuracy"]
+        joint = entry["joint_calibration_kl"]
+        console.print(
+            f"K={entry['calibration']}: one calibration patch's accuracy {fmt_g(spread['min'])}–{fmt_g(spread['max'])} "
+            f"(std {fmt_g(spread['std'])}); task vector at layer {entry['task_vector_layer']}; "
+            f"thought α {fmt_g(entry['thought_lambda'])}; joint patch on its own queries KL {fmt_g(joint)}"
+        )
+    check = doc["own_patch_check"]
+    verdict = "equals in context" if check["equal"] else "DOES NOT equal in context"
+    console.print(f"own patch {verdict} (worst KL {fmt_g(check['max_kl'])})", style=None if check["equal"] else "red")

@@ -45,6 +45,16 @@ from .update import PositionsRun, Sequence, solve, solve_joint
 
 SCHEMA = "icl-probe.transfer/1"
 METHODS = ("zero_shot", "icl", "own_patch", "single_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
+LABELS = {  # how the terminal report and the plot name each method
+    "zero_shot": "zero-shot (query alone)",
+    "icl": "in context",
+    "own_patch": "own patch",
+    "single_patch": "one calibration patch",
+    "mean_patch": "mean of patches",
+    "joint_patch": "joint patch",
+    "thought_patch": "thought patch",
+    "task_vector": "task vector",
+}
 # The ridge strength is relative, λ = α · mean ‖z0‖², and α is chosen from this grid by cross-validation.
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHA = 1e-2  # with one calibration query there is nothing to cross-validate on

@@ -15,7 +15,7 @@ from ..export import export_patch as run_export
 from ..models import DEFAULT_MODEL
 from ..patchfile import load_patch
 from ..replay import replay as run_replay
-from ..report import print_analysis, print_export, print_modules, print_replay, print_tasks
+from ..report import print_export, print_modules, print_replay, print_tasks, print_with_positions
 from ..tasks import tasks_document
 from .app import (
     ContextFileOpt,
@@ -187,30 +187,6 @@ def export_patch(
                                 layers=layers, store_context=store_context, force=force,
                                 positions=positions)  # fmt: skip
         show(out, result.to_dict(), json_path, print_export)
-
-
-def print_with_positions(console, doc: dict, wide: bool | None = None) -> None:
-    """The analysis report, then, with --positions all, one line per query position and the generations."""
-    print_analysis(console, doc, wide=wide)
-    section = doc.get("positions")
-    if section is None:
-        return
-    console.print()
-    worst = section["worst_block_error"]
-    where = f"layer {worst['layer']}, position {worst['position']}"
-    console.print(f"solved at all {section['query_positions']} query positions: worst KL {section['worst_kl']:.3g}, "
-                  f"worst block error {worst['value']:.3g} ({where})")  # fmt: skip
-    for row in section["per_position"]:
-        console.print(f"  position {row['position']:>3}: KL(context ‖ patched) {row['kl']:.3g}, "
-                      f"without context {row['kl_no_context']:.3g}")  # fmt: skip
-    dependent = [(layer["layer"], p) for layer in doc["layers"] for p in layer.get("dependent_positions") or []]
-    for layer, p in dependent:
-        console.print(f"  layer {layer}: position {p['position']} depends on earlier ones and is not matched "
-                      f"(block error {p['block_error']:.3g})", style="yellow")  # fmt: skip
-    gen = section["generation"]
-    n = len(gen["context"]["token_ids"])
-    console.print(f"greedy generation agrees with the context for {gen['all']['agree_tokens']} of {n} tokens "
-                  f"(--positions last: {gen['last']['agree_tokens']})")  # fmt: skip
 
 
 @app.command(cls=PlainUsage)
