@@ -5,7 +5,7 @@ the sequential hooks that build and apply each block's ΔW and Δb (update.py), 
 unpatched. It scores the result (metrics.py), including what ΔW and Δb each carry when the patch is
 applied statically, and optionally the alignment of each ΔW with the gradient of the target's loss.
 
-With `positions="all"` the update is solved at every query position at once (update.solve_positions), and
+With `positions="all"` the update is solved at every query position at once (positions.solve_positions), and
 the report adds, per position, the KL and the block errors, and greedy generation against the last-token patch.
 """
 
@@ -43,7 +43,8 @@ from .metrics import (
     weight_norm,
 )
 from .patching import Patch, applied
-from .update import LayerRecord, PositionsRecord, PositionsSolution, Solution, solve, solve_positions
+from .positions import PositionsRecord, PositionsSolution, solve_positions
+from .update import LayerRecord, Solution, solve
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")

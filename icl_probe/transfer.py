@@ -40,8 +40,9 @@ from .inputs import Prompt, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, kl_divergence, matvec
 from .metrics import static_logits
 from .patching import Patch
+from .positions import PositionsRun, Sequence, solve_joint
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
-from .update import PositionsRun, Sequence, solve, solve_joint
+from .update import solve
 
 SCHEMA = "icl-probe.transfer/1"
 METHODS = ("zero_shot", "icl", "own_patch", "single_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")

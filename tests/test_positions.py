@@ -20,8 +20,8 @@ from icl_probe.errors import ModelError, PatchError, UsageError
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import applied
+from icl_probe.positions import position_basis
 from icl_probe.replay import patch_summary
-from icl_probe.update import position_basis
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 EXACT = ["llama", "gpt2", "gemma3_text", "olmo2", "phi", "opt", "bloom", "granite"]
