@@ -145,18 +145,18 @@ def check_metadata(metadata: dict[str, str] | None, where: str) -> None:
         raise PatchError(f"{where} is not an icl-probe patch: it has no 'format' metadata")
     if fmt not in READABLE:
         if fmt.startswith(FORMAT_PREFIX):
-            raise PatchError(f"{where} has format '{fmt}', which this icl-probe cannot read (it reads "
+            raise PatchError(f"{where} has format {fmt!r}, which this icl-probe cannot read (it reads "
                              f"{' and '.join(READABLE)}); upgrade icl-probe or export the patch again")  # fmt: skip
-        raise PatchError(f"{where} is not an icl-probe patch: its format is '{fmt}', not {FORMAT}")
+        raise PatchError(f"{where} is not an icl-probe patch: its format is {fmt!r}, not {FORMAT}")
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
         raise PatchError(f"{where} lacks metadata key(s) {', '.join(missing)}; export the patch again")
     for key in JSON_INT_LISTS:
         int_list(metadata, key, where)
     if metadata["residual"] not in ("bias", "fold"):
-        raise PatchError(f"{where}: metadata residual is '{metadata['residual']}', not bias or fold")
+        raise PatchError(f"{where}: metadata residual is {metadata['residual']!r}, not bias or fold")
     if metadata["positions"] != "last":
-        raise PatchError(f"{where}: metadata positions is '{metadata['positions']}'; this icl-probe knows 'last'")
+        raise PatchError(f"{where}: metadata positions is {metadata['positions']!r}; this icl-probe knows 'last'")
 
 
 def int_list(metadata: dict[str, str], key: str, where: str) -> list[int]:
@@ -179,7 +179,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
         base, _, kind = name.rpartition(".")
         if not base or kind not in groups:
             raise PatchError(
-                f"{where} holds an unknown tensor '{name}'; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE}"
+                f"{where} holds an unknown tensor {name!r}; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE}"
             )
         check_tensor(name, t, where)
         groups[kind][base] = t.to(MATH_DTYPE)
@@ -195,12 +195,12 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
 def check_tensor(name: str, t: torch.Tensor, where: str) -> None:
     if t.dtype != FILE_DTYPE:
         raise PatchError(
-            f"{where}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')}; every tensor must be float32"
+            f"{where}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')}; every tensor must be float32"
         )
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise PatchError(
-            f"{where}: tensor '{name}' holds {bad} NaN or inf value(s); the patch is corrupt, export it again"
+            f"{where}: tensor {name!r} holds {bad} NaN or inf value(s); the patch is corrupt, export it again"
         )
 
 
