@@ -18,8 +18,12 @@ from icl_probe.fileio import atomic_write, atomic_write_dir, atomic_write_text, 
 
 WRITER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from icl_probe.fileio import atomic_write, atomic_write_dir
+
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     target, kind = sys.argv[1], sys.argv[2]
 
