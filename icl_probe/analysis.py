@@ -158,8 +158,9 @@ def analyze(
         check_finite(model, prompt, targets, logits_ctx, logits_0)
         solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
-        both = static_logits(model, patch, prompt.query_only)
+        both = None  # the whole patch's static logits: computed first only where a fold must be checked
         if residual == "fold" and patch.dense:
+            both = static_logits(model, patch, prompt.query_only)
             check_static_fold(patch, logits_ctx, both)
         parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx, both)
         per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None

@@ -79,10 +79,15 @@ def last(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 def target_hooks(chosen: list[Block], seen: dict[int, dict], batch: int) -> list:
     """Hooks recording z_ctx, attention branch, MLP branch and block output at the last token."""
+    return recording_hooks(chosen, seen, lambda x: last(x, batch))
+
+
+def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
+    """Hooks storing pick(activation) of each block's z (MLP input), attention branch, MLP branch and output."""
 
     def record(block: Block, key: str, from_input: bool):
         def hook(module, args, output):
-            seen[block.index][key] = last(args[0] if from_input else hidden(output), batch)
+            seen[block.index][key] = pick(args[0] if from_input else hidden(output))
 
         return hook
 
@@ -209,20 +214,7 @@ def capture_positions(
     n_full, n_prefix, k = len(prompt.full), len(prompt.prefix), len(prompt.query)
     keep = list(range(n_prefix)) + list(range(n_full - k, n_full))
     seen: dict[int, dict] = {b.index: {} for b in chosen}
-
-    def record(block: Block, key: str, from_input: bool):
-        def hook(module, args, output):
-            seen[block.index][key] = rows(args[0] if from_input else hidden(output), keep)
-
-        return hook
-
-    hooks = []
-    for b in chosen:
-        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
-        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
-        hooks.append((b.mlp_branch, record(b, "branch", False)))
-        hooks.append((b.module, record(b, "out", False)))
-    with hooked(hooks):
+    with hooked(recording_hooks(chosen, seen, lambda x: rows(x, keep))):
         logits = position_logits(model, prompt.full, k)
     return {i: PositionTargets(**d) for i, d in seen.items()}, logits
 

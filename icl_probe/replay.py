@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import check_length, last_logits, position_logits
+from .capture import check_length, greedy, last_logits, position_logits
 from .errors import InputError, UsageError
 from .inputs import Prompt, check_text, special_prefix, tokenize
 from .lowrank import kl_divergence
@@ -185,17 +185,6 @@ def generations(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: in
         "no_context": continuation(tokenizer, no_context),
         "agree_tokens": leading_agreement(patched, context) if context is not None else None,
     }
-
-
-def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None) -> list[int]:
-    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position."""
-    out: list[int] = []
-    for _ in range(n):
-        token = int(last_logits(model, ids + out).argmax())
-        out.append(token)
-        if token == eos:
-            break
-    return out
 
 
 def continuation(tokenizer, ids: list[int]) -> dict:
