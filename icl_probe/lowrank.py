@@ -6,6 +6,9 @@ inner products all come from the factors u (out, r) and v (in, r).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +16,28 @@ import torch
 from .errors import MathError
 
 MATH_DTYPE = torch.float64  # the update math always runs in float64, whatever the model's dtype
+_NAIVE: ContextVar[torch.dtype | None] = ContextVar("naive_precision", default=None)
+
+
+@contextmanager
+def naive_precision(dtype: torch.dtype) -> Iterator[None]:
+    """Build and apply every update in `dtype` (e.g. the bf16 model's own), for studies of why float64 matters.
+
+    Only the update's construction and application change (u, v, W (z_ctx − z0), ΔW x, Δb and the adds);
+    scores such as KL stay in float64. The default, outside this block, is the stable float64 math.
+    """
+    token = _NAIVE.set(dtype)
+    try:
+        yield
+    finally:
+        _NAIVE.reset(token)
+
+
+def update_dtype() -> torch.dtype:
+    """The dtype updates are built and applied in: float64, or the naive_precision dtype inside that block."""
+    return _NAIVE.get() or MATH_DTYPE
+
+
 MIN_Z0_NORM = 1e-6  # below this ‖z0‖, dividing by ‖z0‖² amplifies noise past any use
 
 
@@ -29,8 +54,9 @@ class LowRank:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x for x of shape (..., in), returned as (..., out) in float64."""
-        coef = x.to(MATH_DTYPE) @ self.v.to(x.device, MATH_DTYPE)  # (..., r)
-        return coef @ self.u.to(x.device, MATH_DTYPE).T
+        work = update_dtype()
+        coef = x.to(work) @ self.v.to(x.device, work)  # (..., r)
+        return coef @ self.u.to(x.device, work).T
 
     def frobenius_norm(self) -> float:
         """‖u vᵀ‖_F; for r > 1 from the r×r core, so that a difference of nearly equal updates keeps its digits."""
@@ -55,8 +81,8 @@ def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor,
 
     weight is (out, in) in any dtype; z_ctx and z0 are (in,). The result is float64.
     """
-    z0 = z0.to(MATH_DTYPE)
-    dz = z_ctx.to(MATH_DTYPE) - z0  # (in,)
+    z0 = z0.to(update_dtype())
+    dz = z_ctx.to(update_dtype()) - z0  # (in,)
     z0_sq = torch.dot(z0, z0)
     check_norm(z0_sq.sqrt(), where)
     u = matvec(weight, dz) / z0_sq  # (out,)
@@ -69,16 +95,19 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     Casting every weight to float64 would copy it at twice its size; float32 keeps the product
     as accurate as the float32 model's own first linear layer, and lifts bf16/fp16 weights.
     """
-    work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
-    return (weight.to(work) @ x.to(weight.device, work)).to(x.device, MATH_DTYPE)
+    if _NAIVE.get() is not None:
+        work = _NAIVE.get()
+    else:
+        work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
+    return (weight.to(work) @ x.to(weight.device, work)).to(x.device, update_dtype())
 
 
 def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
     """The rank-1 ΔW with ΔW p = target: u = target / ‖p‖², v = p."""
-    p = p.to(MATH_DTYPE)
+    p = p.to(update_dtype())
     p_sq = torch.dot(p, p)
     check_norm(p_sq.sqrt(), where)
-    return LowRank((target.to(MATH_DTYPE) / p_sq)[:, None], p[:, None].clone())
+    return LowRank((target.to(update_dtype()) / p_sq)[:, None], p[:, None].clone())
 
 
 def check_norm(norm: torch.Tensor, where: str) -> None:
@@ -108,8 +137,9 @@ def alignment(a: LowRank, b: LowRank) -> float | None:
 
 
 def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """y + delta summed in float64 and rounded once to y's dtype."""
-    return (y.to(MATH_DTYPE) + delta.to(y.device)).to(y.dtype)
+    """y + delta summed in float64 and rounded once to y's dtype (summed in y's dtype under naive_precision)."""
+    work = update_dtype()
+    return (y.to(work) + delta.to(y.device, work)).to(y.dtype)
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:

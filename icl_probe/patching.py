@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
-from .lowrank import MATH_DTYPE, LowRank, add_rounded
+from .lowrank import MATH_DTYPE, LowRank, add_rounded, update_dtype
 
 Apply = Callable[[], AbstractContextManager]  # enters a patched state of a model, e.g. lambda: applied(m, p)
 
@@ -100,8 +100,8 @@ def rows_low_rank_hook(u: torch.Tensor, v: torch.Tensor):
     """A forward hook adding row b's ΔW_b x to row b of a linear module's output (B, T, out), every position."""
 
     def hook(module, args, output):
-        x = args[0].reshape(u.shape[0], -1, args[0].shape[-1]).to(MATH_DTYPE)  # (B, T, in)
-        delta = torch.einsum("bti,bir,bor->bto", x, v.to(x.device), u.to(x.device))
+        x = args[0].reshape(u.shape[0], -1, args[0].shape[-1]).to(update_dtype())  # (B, T, in)
+        delta = torch.einsum("bti,bir,bor->bto", x, v.to(x.device, x.dtype), u.to(x.device, x.dtype))
         return add_rounded(output, delta.reshape(*output.shape))
 
     return hook

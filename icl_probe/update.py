@@ -18,7 +18,7 @@ from .arch import Block
 from .capture import Target, forward, last
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
-from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, matvec
+from .lowrank import LowRank, add_rounded, check_norm, matvec, update_dtype
 from .patching import Patch
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -59,7 +59,7 @@ class RowUpdates:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW_b x_b for x of shape (B, T, in) (or OPT's (B·T, in)), in float64 of x's shape with out last."""
         batch = self.u.shape[0]
-        xb = x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE)  # (B, T, in)
+        xb = x.reshape(batch, -1, x.shape[-1]).to(update_dtype())  # (B, T, in)
         coef = torch.einsum("bti,bi->bt", xb, self.v.to(xb.device))  # (B, T)
         y = coef[..., None] * self.u[:, None, :].to(xb.device)  # (B, T, out)
         return y.reshape(*x.shape[:-1], -1)
@@ -71,11 +71,11 @@ class RowUpdates:
 
 def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> RowUpdates:
     """Per row, the rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0. (B, in) → (B, out)."""
-    z0 = z0.to(MATH_DTYPE)
+    z0 = z0.to(update_dtype())
     z0_sq = (z0 * z0).sum(-1)  # (B,)
     for n in z0_sq.sqrt():
         check_norm(n, where)
-    dz = z_ctx.to(MATH_DTYPE) - z0  # (B, in)
+    dz = z_ctx.to(update_dtype()) - z0  # (B, in)
     u = matvec(weight, dz.T).T / z0_sq[:, None]  # (B, out)
     return RowUpdates(u, z0.clone())
 
@@ -151,9 +151,10 @@ class SequentialRun:
         def hook(module, args, output):
             h = hidden(output)  # (B, T, hidden)
             target = self.targets[b.index]
-            delta_b = target.out - last(h, self.batch)  # (B, hidden)
+            work = update_dtype()
+            delta_b = target.out.to(work) - last(h, self.batch).to(work)  # (B, hidden)
             seen = self.seen[b.index]
-            seen["delta_b"] = delta_b
+            seen["delta_b"] = delta_b.to(target.out.dtype)
             if self.residual == "bias":
                 self.residual_rows[b.path] = delta_b
                 new = add_rounded(h, delta_b[:, None])
@@ -181,7 +182,7 @@ class SequentialRun:
             delta = self.dense_rows[path] = norm_scale_fold(delta_b, n[:, -1], path)  # (B, hidden)
             return n * delta[:, None]
         path = b.full(b.family.down)
-        p_last = p[:, -1].to(MATH_DTYPE)  # (B, in)
+        p_last = p[:, -1].to(update_dtype())  # (B, in)
         p_sq = (p_last * p_last).sum(-1)
         for norm in p_sq.sqrt():
             check_norm(norm, path)
