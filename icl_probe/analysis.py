@@ -11,6 +11,7 @@ the report adds, per position, the KL and the block errors, and greedy generatio
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,10 +30,11 @@ from .capture import (
     position_logits,
     select_blocks,
 )
-from .errors import MathError, ModelError, UsageError
+from .errors import InputError, MathError, ModelError, UsageError
+from .generation import Generation, continuation, leading_agreement, recompute_generation
 from .hooks import current_weight, hidden, hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
-from .lowrank import kl_divergence
+from .lowrank import kl_divergence, naive_precision
 from .metrics import (
     ablation,
     compare_logits,
@@ -49,6 +51,7 @@ from .update import LayerRecord, Solution, solve
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
 POSITIONS = ("last", "all")
+PRECISIONS = ("stable", "naive")
 GENERATE_TOKENS = 10  # greedy tokens compared against the with-context continuation, with --positions all
 # A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
 MAX_STATIC_FOLD_KL = 1e-6
@@ -94,6 +97,8 @@ class Analysis:
     context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), the full prompt's
     solved_at: str = "last"  # where the update was solved: the last query position, or all of them
     positions: dict | None = None  # --positions all: the per-position scores and generation
+    precision: str = "stable"  # stable: float64 update math, rounded once; naive: in the model's dtype
+    generation: Generation | None = None  # --generate N: teacher-forced greedy steps, the update recomputed
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
@@ -119,6 +124,8 @@ class Analysis:
             "target": self.target,
             "solved_at": self.solved_at,
             "positions": self.positions,
+            "precision": self.precision,
+            "generation": self.generation.to_dict() if self.generation is not None else None,
         }
 
 
@@ -134,25 +141,31 @@ def analyze(
     target: str | None = None,
     per_layer_ablation: bool = False,
     positions: str = "last",
+    precision: str = "stable",
+    generate: int = 0,
 ) -> Analysis:
     """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
 
     With neither context nor query, runs the built-in antonym demo. `layers` takes a spec such as
     "all", "3,7", "-4:" or a list of indices. `gradient` adds cos_F(ΔW, −∇_W L) for the loss of
     `target` (default: the with-context top-1 token). `positions="all"` solves the update at every
-    query position (rank k, residual folded); `residual` defaults to bias, or fold with all. The model
-    is left unchanged.
+    query position (rank k, residual folded); `residual` defaults to bias, or fold with all.
+    `precision="naive"` builds and applies the update in the model's dtype, for comparison studies.
+    `generate=N` compares N teacher-forced greedy tokens, the update recomputed at each. The model is
+    left unchanged.
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
+    check_options(positions, precision, generate)
     prompt = tokenize(tokenizer, context, query)
     check_length(model, prompt)
+    check_generate_length(model, prompt, generate)
     chosen = select_blocks(model, layers)
     residual = resolve_residual(chosen, residual, positions)
     if positions == "all":
         run = PositionsInput(context, query, prompt, chosen, top_k, per_layer_ablation)
         return analyze_positions(model, tokenizer, run, gradient, target)
-    with torch.no_grad():
+    with torch.no_grad(), precision_scope(model, precision):
         targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         logits_0 = last_logits(model, prompt.query_only)
         check_finite(model, prompt, targets, logits_ctx, logits_0)
@@ -164,6 +177,7 @@ def analyze(
             check_static_fold(patch, logits_ctx, both)
         parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx, both)
         per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None
+        generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate) if generate else None
     reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
     wanted = None
     if gradient:
@@ -185,7 +199,39 @@ def analyze(
         layer_ablation=per_layer,
         target=wanted,
         context_logits=logits_ctx,
+        precision=precision,
+        generation=generation,
     )
+
+
+def check_options(positions: str, precision: str, generate: int) -> None:
+    """Refuse an unknown precision, a negative --generate, and what --positions all does not support."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision '{precision}'; use stable or naive")
+    if generate < 0:
+        raise UsageError(f"--generate must be 0 or more, not {generate}")
+    if positions == "all" and (generate or precision != "stable"):
+        flag = "--generate" if generate else "--precision naive"
+        raise UsageError(
+            f"{flag} works with the update solved at the last token; drop {flag} or --positions all "
+            "(which compares greedy generation on its own)"
+        )
+
+
+def check_generate_length(model: nn.Module, prompt: Prompt, generate: int) -> None:
+    """The full prompt and the generated tokens (all but the last, which is never run) within the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = len(prompt.full) + generate - 1
+    if generate and limit is not None and longest > limit:
+        raise InputError(
+            f"the prompt and {generate} generated tokens make {longest + 1} tokens but the model takes at most "
+            f"{limit}; pass a smaller --generate"
+        )
+
+
+def precision_scope(model: nn.Module, precision: str) -> AbstractContextManager:
+    """naive: build and apply updates in the model's dtype (lowrank.naive_precision); stable: the default."""
+    return naive_precision(model.dtype) if precision == "naive" else nullcontext()
 
 
 def resolve_residual(chosen: list[Block], residual: str | None, positions: str) -> str:
@@ -431,16 +477,8 @@ def generations(model: nn.Module, tokenizer, prompt: Prompt, patch_all: Patch, p
     for name, patch in (("all", patch_all), ("last", patch_last)):
         with applied(model, patch):
             ids = greedy(model, prompt.query_only, GENERATE_TOKENS, eos)
-        runs[name] = {"text": tokenizer.decode(ids), "token_ids": ids, "agree_tokens": agreement(ids, context)}
-    return {"tokens": GENERATE_TOKENS, "context": {"text": tokenizer.decode(context), "token_ids": context}, **runs}
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+        runs[name] = {**continuation(tokenizer, ids), "agree_tokens": leading_agreement(ids, context)}
+    return {"tokens": GENERATE_TOKENS, "context": continuation(tokenizer, context), **runs}
 
 
 def positions_document(prompt: Prompt, solution: PositionsSolution, ctx, no_ctx, generation: dict) -> dict:

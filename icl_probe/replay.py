@@ -1,7 +1,9 @@
 """`replay`: run a query with a saved patch applied and no context, beside the unpatched query.
 
 Given the context too, it also runs the full prompt and scores the patch against it (KL, top-1,
-max |Δlogit|); with `generate`, it continues greedily with the patch held fixed at every step.
+max |Δlogit|); with `generate`, it continues greedily with the patch held fixed at every step, and
+compares N teacher-forced steps with the with-context run (generation.py), the patch held fixed or,
+with `recompute`, solved again for each step's text.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import check_length, greedy, last_logits, position_logits
+from .capture import check_length, greedy, last_logits, position_logits, select_blocks
 from .errors import InputError, UsageError
+from .generation import Generation, continuation, fixed_generation, leading_agreement, recompute_generation
 from .inputs import Prompt, check_text, special_prefix, tokenize
 from .lowrank import kl_divergence
 from .metrics import compare_logits, top_tokens
@@ -41,6 +44,7 @@ class Replay:
     logits: dict
     generated: dict
     notes: list[str]
+    generation: Generation | None = None  # with a context and generate: the teacher-forced comparison
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +60,7 @@ class Replay:
             "context_matches_patch": self.context_matches_patch,
             **self.logits,
             "generated": self.generated,
+            "generation": self.generation.to_dict() if self.generation is not None else None,
             "notes": self.notes,
         }
 
@@ -69,20 +74,31 @@ def replay(
     generate: int = 0,
     top_k: int = 5,
     skip_fingerprint: bool = False,
+    recompute: bool = False,
 ) -> Replay:
     """Run `query` (default: the patch's) with `patch` (a Patch or a native file) applied, without context.
 
-    Checks names and shapes, and the fingerprint unless `skip_fingerprint`. The model is left bit-for-bit unchanged.
+    Checks names and shapes, and the fingerprint unless `skip_fingerprint`. With a context and `generate`,
+    compares N teacher-forced greedy steps with the with-context run; `recompute` solves the update again
+    at each step (the context defaults to the one stored in the patch). The model is left bit-for-bit unchanged.
     """
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
     checked = check_fits(model, patch, force=skip_fingerprint)
+    if recompute:
+        context = recompute_context(patch, context, generate)
     prompt = replay_prompt(tokenizer, patch, query, context)
     check_prompt(model, prompt, generate, context is not None)
     meta = patch.metadata
     with torch.no_grad():
         logits = measure(model, tokenizer, prompt, lambda: applied(model, patch), context is not None, top_k)
         generated = generations(model, tokenizer, prompt, lambda: applied(model, patch), generate, context is not None)
+    generation = None
+    if recompute:
+        chosen = select_blocks(model, json.loads(meta["layers"]))
+        generation = recompute_generation(model, tokenizer, prompt, chosen, meta["residual"], generate)
+    elif generate and context is not None:
+        generation = fixed_generation(model, tokenizer, prompt, lambda: applied(model, patch), generate)
     return Replay(
         model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
         model_type=model.config.model_type,
@@ -95,7 +111,27 @@ def replay(
         logits=logits,
         generated=generated,
         notes=[note] if (note := fingerprint_note(patch)) else [],
+        generation=generation,
     )
+
+
+def recompute_context(patch: Patch, context: str | None, generate: int) -> str:
+    """The context that --recompute solves from: the one given, else the patch's stored one; refused if unusable."""
+    meta = patch.metadata
+    if generate <= 0:
+        raise UsageError("--recompute solves the update again at each generated token; pass --generate N")
+    if meta.get("solved_at", "last") != "last" or "layers" not in meta or "residual" not in meta:
+        raise UsageError(
+            "--recompute solves the update at the last token, for the layers and residual mode in the patch's "
+            "metadata; this patch was solved at every position or has no such metadata: drop --recompute"
+        )
+    context = context if context is not None else meta.get("context")
+    if context is None:
+        raise UsageError(
+            "--recompute needs the context: pass --context (or --context-file), "
+            "or export the patch with --store-context"
+        )
+    return context
 
 
 def replay_prompt(tokenizer, patch: Patch, query: str | None, context: str | None) -> Prompt:
@@ -185,20 +221,6 @@ def generations(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: in
         "no_context": continuation(tokenizer, no_context),
         "agree_tokens": leading_agreement(patched, context) if context is not None else None,
     }
-
-
-def continuation(tokenizer, ids: list[int]) -> dict:
-    return {"text": tokenizer.decode(ids), "token_ids": ids}
-
-
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two sequences share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def context_matches(meta: dict[str, str], context: str | None) -> bool | None:

@@ -160,7 +160,10 @@ def model_line(doc: dict, *facts: str) -> Text:
 
 def print_header(console: Console, doc: dict) -> None:
     """What was run: the model, and the context and query exactly as used, with their token counts."""
-    console.print(model_line(doc, doc["model_type"], doc["dtype"], f"residual={doc['residual']}"))
+    facts = [doc["model_type"], doc["dtype"], f"residual={doc['residual']}"]
+    if doc.get("precision", "stable") != "stable":
+        facts.append(f"precision={doc['precision']}")
+    console.print(model_line(doc, *facts))
     console.print(text_line(console, "context", doc["context"], token_count(len(doc["context_tokens"]))))
     query_count = token_count(len(doc["query_tokens"]), doc["prefix_tokens"])
     console.print(text_line(console, "query  ", doc["query"], query_count))
@@ -390,6 +393,9 @@ def print_analysis(console: Console, doc: dict, wide: bool | None = None) -> Non
 def print_with_positions(console: Console, doc: dict, wide: bool | None = None) -> None:
     """The analysis report, then, with --positions all, one line per query position and the generations."""
     print_analysis(console, doc, wide=wide)
+    if doc.get("generation") is not None:
+        console.print()
+        print_generation(console, doc["generation"])
     section = doc.get("positions")
     if section is None:
         return
@@ -578,6 +584,27 @@ def print_replay(console: Console, doc: dict) -> None:
     if doc["generated"]["patched"] is not None:
         console.print()
         console.print(generation_table(doc["generated"]))
+    if doc.get("generation") is not None:
+        console.print()
+        print_generation(console, doc["generation"])
+
+
+def print_generation(console: Console, gen: dict) -> None:
+    """Two or three lines: how many teacher-forced tokens agree, where they first differ, the with-context text."""
+    n = len(gen["tokens"])
+    agree = sum(t["id"] == t["patched_id"] for t in gen["tokens"])
+    percent = f" ({gen['agreement']:.0%})" if gen["agreement"] is not None else ""
+    how = "patch held fixed" if gen["mode"] == "fixed" else "recomputed per token"
+    style = "bold green" if n and agree == n else "bold red"
+    console.print(Text.assemble(f"generation ({how}): ", (f"{agree} of {n} tokens{percent}", style),
+                                " match the context"))  # fmt: skip
+    text = "".join(t["token"] for t in gen["tokens"])
+    console.print(text_line(console, "with context", text, None))
+    if gen["first_mismatch"] is not None:
+        t = gen["tokens"][gen["first_mismatch"]]
+        phrases = [f"first mismatch at token {gen['first_mismatch']}:", f"context {t['token']!r},",
+                   f"patched {t['patched_token']!r}", f"(KL {fmt(t['kl'])})"]  # fmt: skip
+        print_phrases(console, phrases, sep=" ", style="yellow")
 
 
 def generation_table(gen: dict) -> Table:

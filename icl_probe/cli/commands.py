@@ -64,6 +64,14 @@ AnalyzeResidualOpt = Annotated[
         "Default: bias, or fold with --positions all."
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="stable: the update's math in float64, applied in float64 and rounded once to the model's dtype; "
+        "naive: built and applied in the model's dtype (for comparison studies of low precision).",
+    ),
+]
 TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="The token whose loss --gradient differentiates (default: the with-context top-1)."),
@@ -80,6 +88,15 @@ def analyze(
     layers: LayersOpt = "all",
     residual: AnalyzeResidualOpt = None,
     positions: PositionsOpt = "last",
+    precision: PrecisionOpt = "stable",
+    generate: Annotated[
+        int,
+        typer.Option(
+            "--generate",
+            min=0,
+            help="Compare N greedy tokens with the with-context run, the update recomputed for each token's text.",
+        ),
+    ] = 0,
     gradient: Annotated[
         bool, typer.Option("--gradient", help="Also align each ΔW with −∇W of the target's loss (one backward pass).")
     ] = False,
@@ -109,6 +126,8 @@ def analyze(
     ablation shows what ΔW alone carries. With no --context and --query, runs a built-in antonym demo.
     --positions all solves the update at every query position at once, and reports the KL after each
     query token, the worst block error anywhere, and greedy generation against the last-token update.
+    --generate N follows the with-context greedy continuation for N tokens, solves the update again for
+    each token's text, and reports the fraction of tokens the patched query alone predicts alike.
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
@@ -118,7 +137,7 @@ def analyze(
         with status.status("Analyzing…"):
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
                                   gradient=gradient, target=target, per_layer_ablation=layer_ablation,
-                                  positions=positions)  # fmt: skip
+                                  positions=positions, precision=precision, generate=generate)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, partial(print_with_positions, wide=wide or None), text=not no_text)
         if plot is not None:
@@ -204,6 +223,14 @@ def replay(
     generate: Annotated[
         int, typer.Option("--generate", min=0, help="Continue greedily for N tokens with the patch held fixed.")
     ] = 0,
+    recompute: Annotated[
+        bool,
+        typer.Option(
+            "--recompute",
+            help="With --generate: solve the update again for each token's text, from --context or the context "
+            "stored in the patch (export-patch --store-context).",
+        ),
+    ] = False,
     top_k: TopKOpt = 5,
     json_path: JsonOpt = None,
     force: ForceOpt = False,
@@ -225,7 +252,10 @@ def replay(
 
     Checks that the patch fits the model (names, shapes, finite values, and the weights' fingerprint)
     before applying it with hooks; the model is left unchanged. With --context, also runs the full
-    prompt and reports the KL between the two. --query defaults to the patch's own query.
+    prompt and reports the KL between the two. --query defaults to the patch's own query. With
+    --context and --generate N, it also follows the with-context greedy continuation for N tokens and
+    reports the fraction the patched query alone predicts alike (the patch held fixed, or with
+    --recompute solved again for each token's text).
     """
     out, status = consoles(json_path)
     with one_line_errors(debug):
@@ -246,7 +276,7 @@ def replay(
         )
         with status.status("Replaying…"):
             result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
-                                skip_fingerprint=skip_fingerprint)  # fmt: skip
+                                skip_fingerprint=skip_fingerprint, recompute=recompute)  # fmt: skip
         show(out, result.to_dict(), json_path, print_replay)
 
 

@@ -1,0 +1,130 @@
+"""Greedy generation against the with-context run: does the patched query alone pick the same tokens?
+
+The protocol is teacher-forced. At each of N steps the text is the query plus the with-context greedy
+tokens so far; the with-context run picks the next token, the patched query alone picks its own, and the
+text continues with the with-context token whether the two agree or not. `recompute_generation` solves the
+update again for every step's text; `fixed_generation` holds one patch throughout. The with-context side
+runs the full prompt once with a KV cache and then one token per step (capturing each block's targets at
+that token); the query alone, which is short, runs whole at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import Block
+from .capture import Target, input_device, last_logits, target_hooks
+from .hooks import hooked
+from .inputs import Prompt
+from .lowrank import kl_divergence
+from .patching import Apply
+from .update import solve
+
+MODES = ("recompute", "fixed")
+
+# (targets of the newest with-context token, query-alone ids so far) → the patched next-token logits (vocab,)
+PatchedNext = Callable[[dict[int, Target], list[int]], torch.Tensor]
+
+
+@dataclass
+class Generation:
+    """N teacher-forced steps: per step the with-context token, the patched one and KL(context ‖ patched)."""
+
+    mode: str
+    context_ids: list[int]
+    patched_ids: list[int]
+    kls: list[float]
+    texts: list[str]  # the decoded with-context tokens
+    patched_texts: list[str]
+
+    @property
+    def agreement(self) -> float | None:
+        """The fraction of steps whose patched token is the with-context one (None if nothing was generated)."""
+        if not self.context_ids:
+            return None
+        return sum(c == p for c, p in zip(self.context_ids, self.patched_ids)) / len(self.context_ids)
+
+    @property
+    def first_mismatch(self) -> int | None:
+        return next((i for i, (c, p) in enumerate(zip(self.context_ids, self.patched_ids)) if c != p), None)
+
+    def to_dict(self) -> dict:
+        """The `generation` section of the analysis and replay documents."""
+        steps = zip(self.context_ids, self.texts, self.patched_ids, self.patched_texts, self.kls)
+        tokens = [
+            {"id": c, "token": text, "patched_id": p, "patched_token": patched, "kl": kl}
+            for c, text, p, patched, kl in steps
+        ]
+        return {"mode": self.mode, "tokens": tokens, "agreement": self.agreement, "first_mismatch": self.first_mismatch}
+
+
+def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
+    """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache."""
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    with hooked(target_hooks(chosen, seen, 1)):
+        out = model(input_ids=torch.tensor([ids], device=input_device(model)), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)  # fmt: skip
+    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], out.past_key_values
+
+
+def teacher_forced(
+    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], n: int, patched_next: PatchedNext, mode: str
+) -> Generation:
+    """Up to n steps (stopping after an end-of-sequence token), each continued with the with-context token."""
+    eos = tokenizer.eos_token_id
+    context_ids: list[int] = []
+    patched_ids: list[int] = []
+    kls: list[float] = []
+    with torch.no_grad():
+        targets, logits, cache = cached_step(model, chosen, prompt.full, None)
+        for step in range(n):
+            patched = patched_next(targets, prompt.query_only + context_ids)
+            token = int(logits.argmax())
+            context_ids.append(token)
+            patched_ids.append(int(patched.argmax()))
+            kls.append(kl_divergence(logits, patched))
+            if token == eos or step == n - 1:
+                break
+            targets, logits, cache = cached_step(model, chosen, [token], cache)
+    texts = [tokenizer.decode([i]) for i in context_ids]
+    return Generation(mode, context_ids, patched_ids, kls, texts, [tokenizer.decode([i]) for i in patched_ids])
+
+
+def recompute_generation(
+    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], residual: str, n: int
+) -> Generation:
+    """Mode "recompute": at every step, solve the update of `chosen` blocks for the current text and apply it."""
+
+    def patched_next(targets: dict[int, Target], ids: list[int]) -> torch.Tensor:
+        return solve(model, chosen, targets, ids, residual).logits[0]
+
+    return teacher_forced(model, tokenizer, prompt, chosen, n, patched_next, "recompute")
+
+
+def fixed_generation(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int) -> Generation:
+    """Mode "fixed": the same patch (entered by `apply()`) at every step."""
+
+    def patched_next(targets: dict[int, Target], ids: list[int]) -> torch.Tensor:
+        with apply():
+            return last_logits(model, ids)
+
+    return teacher_forced(model, tokenizer, prompt, [], n, patched_next, "fixed")
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (free-running greedy continuations)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def continuation(tokenizer, ids: list[int]) -> dict:
+    """A greedy continuation as `{text, token_ids}`."""
+    return {"text": tokenizer.decode(ids), "token_ids": ids}
