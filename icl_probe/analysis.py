@@ -210,12 +210,13 @@ def check_options(positions: str, precision: str, generate: int) -> None:
         raise UsageError(f"unknown precision '{precision}'; use stable or naive")
     if generate < 0:
         raise UsageError(f"--generate must be 0 or more, not {generate}")
-    if positions == "all" and (generate or precision != "stable"):
-        flag = "--generate" if generate else "--precision naive"
+    if positions == "all" and generate:
         raise UsageError(
-            f"{flag} works with the update solved at the last token; drop {flag} or --positions all "
+            "--generate solves the update at the last token of each text; drop --generate or --positions all "
             "(which compares greedy generation on its own)"
         )
+    if positions == "all" and precision != "stable":
+        raise UsageError("--precision naive applies to the update solved at the last token; drop --positions all")
 
 
 def check_generate_length(model: nn.Module, prompt: Prompt, generate: int) -> None:

@@ -1,0 +1,134 @@
+"""Low precision done right: the stable update against the naive one, in bf16, on both real models.
+
+Three arms per model: float32 stable (the reference), bf16 stable (the update's math in float64, applied
+in float64 and rounded once) and bf16 naive (built and applied in bf16). Each arm is scored against the
+with-context run in its own dtype:
+- next token: top-1 agreement and KL(context ‖ patched), over ICL prompts from the built-in tasks
+  (each task's first --demos pairs as the context, the next --queries inputs as queries);
+- generation: the fraction of --tokens teacher-forced greedy tokens the patched query alone predicts
+  alike, the update recomputed for each token's text (`analyze --generate`), over one prompt per task.
+
+    python benchmarks/bench_precision.py [--quick] [--json precision.json]
+
+--quick runs SmolLM2 only, on 2 prompts and 5 tokens (for CI). Times are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import icl_probe
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, query_for, task_examples
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+ARMS = (("float32", "stable"), ("bfloat16", "stable"), ("bfloat16", "naive"))
+
+
+def icl_prompts(demos: int, queries: int, tasks: int | None = None) -> list[dict]:
+    """{task, context, query}: per built-in task, its first `demos` pairs as context and the next `queries` inputs."""
+    rows = []
+    for name in builtin_names()[:tasks]:
+        task = builtin_task(name)
+        context = "".join(e.text for e in task_examples(task, DEFAULT_TEMPLATE, demos))
+        for given, _ in task.pairs[demos : demos + queries]:
+            rows.append({"task": name, "context": context, "query": query_for(DEFAULT_TEMPLATE, given)[0]})
+    return rows
+
+
+def next_token(model, tokenizer, prompts: list[dict], precision: str) -> dict:
+    """Top-1 agreement and KL(context ‖ patched) of the sequential run, per prompt and summarised."""
+    rows = []
+    for p in prompts:
+        logits = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=precision).to_dict()["logits"]
+        rows.append({**p, "kl": logits["kl_patched"], "top1_match": logits["top1_match"]})
+    kls = [r["kl"] for r in rows]
+    return {
+        "prompts": len(rows),
+        "top1_agreement": sum(r["top1_match"] for r in rows) / len(rows),
+        "kl_mean": sum(kls) / len(kls),
+        "kl_max": max(kls),
+        "rows": [{k: r[k] for k in ("task", "query", "kl", "top1_match")} for r in rows],
+    }
+
+
+def generation(model, tokenizer, prompts: list[dict], precision: str, tokens: int) -> dict:
+    """Teacher-forced greedy agreement over `tokens` per prompt, the update recomputed per token."""
+    rows = []
+    for p in prompts:
+        doc = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=precision, generate=tokens)
+        gen = doc.to_dict()["generation"]
+        agree = sum(t["id"] == t["patched_id"] for t in gen["tokens"])
+        text = "".join(t["token"] for t in gen["tokens"])
+        rows.append({"task": p["task"], "query": p["query"], "tokens": len(gen["tokens"]), "agree": agree,
+                     "first_mismatch": gen["first_mismatch"], "kl_max": max(t["kl"] for t in gen["tokens"]),
+                     "text": text})  # fmt: skip
+    total = sum(r["tokens"] for r in rows)
+    return {
+        "prompts": len(rows),
+        "tokens": total,
+        "agreement": sum(r["agree"] for r in rows) / total,
+        "prompts_all_agree": sum(r["first_mismatch"] is None for r in rows),
+        "kl_max": max(r["kl_max"] for r in rows),
+        "rows": rows,
+    }
+
+
+def measure_model(name: str, study: list[dict], gen_prompts: list[dict], tokens: int) -> dict:
+    """Every arm on one model; each dtype is loaded once."""
+    arms = {}
+    for dtype in dict.fromkeys(d for d, _ in ARMS):
+        model, tokenizer = icl_probe.load_model(name, dtype=dtype)
+        for _, precision in (arm for arm in ARMS if arm[0] == dtype):
+            start = time.perf_counter()
+            arms[f"{dtype} {precision}"] = {
+                "next_token": next_token(model, tokenizer, study, precision),
+                "generation": generation(model, tokenizer, gen_prompts, precision, tokens),
+                "seconds": time.perf_counter() - start,
+            }
+            print(f"  {name} {dtype} {precision}: {arms[f'{dtype} {precision}']['seconds']:.1f} s", flush=True)
+        del model
+        gc.collect()
+    return arms
+
+
+def print_tables(results: dict, tokens: int) -> None:
+    print("\nnext token: agreement with the with-context run in the same dtype")
+    print(f"{'model':<14} {'arm':<17} {'prompts':>7} {'top-1':>7} {'mean KL':>10} {'max KL':>10}")
+    for model, arms in results.items():
+        for arm, r in arms.items():
+            t = r["next_token"]
+            print(f"{model:<14} {arm:<17} {t['prompts']:>7} {t['top1_agreement']:>7.1%} "
+                  f"{t['kl_mean']:>10.3g} {t['kl_max']:>10.3g}")  # fmt: skip
+    print(f"\ngeneration: {tokens} teacher-forced greedy tokens per prompt, the update recomputed per token")
+    print(f"{'model':<14} {'arm':<17} {'prompts':>7} {'tokens':>7} {'agree':>7} {'all agree':>9} {'max KL':>10}")
+    for model, arms in results.items():
+        for arm, r in arms.items():
+            g = r["generation"]
+            print(f"{model:<14} {arm:<17} {g['prompts']:>7} {g['tokens']:>7} {g['agreement']:>7.1%} "
+                  f"{g['prompts_all_agree']:>9} {g['kl_max']:>10.3g}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 only, 2 prompts, 5 tokens (for CI)")
+    parser.add_argument("--demos", type=int, default=5, help="examples in each context")
+    parser.add_argument("--queries", type=int, default=4, help="next-token queries per task")
+    parser.add_argument("--tokens", type=int, default=20, help="generated tokens per prompt")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    models, tasks, queries, tokens = (MODELS[:1], 2, 1, 5) if args.quick else (MODELS, None, args.queries, args.tokens)
+    study = icl_prompts(args.demos, queries, tasks)
+    gen_prompts = icl_prompts(args.demos, 1, tasks)
+    results = {name: measure_model(name, study, gen_prompts, tokens) for name in models}
+    print_tables(results, tokens)
+    if args.json:
+        doc = {"demos": args.demos, "queries_per_task": queries, "tokens": tokens, "models": results}
+        args.json.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Greedy generation against the with-context run (`analyze --generate`, `replay --generate [--recompute]`), and the
+stable and naive precisions, on tiny random models."""
+
+import json
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+from typer.testing import CliRunner
+
+from icl_probe import analyze, export_patch, replay
+from icl_probe.capture import greedy, select_blocks
+from icl_probe.cli import app
+from icl_probe.generation import recompute_generation
+from icl_probe.inputs import tokenize
+
+CONTEXT, QUERY = "ab:c\nde:f\n", "gh:"
+N = 6
+SPECIALS = {0, 1, 2}  # <unk>, <bos>, <eos>: their text would not tokenize back to the same id
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
+
+
+def assert_error(result, code: int, *fragments: str) -> None:
+    """A clean failure: exit `code` and one `icl-probe: error:` line on stderr naming every fragment."""
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == code, (result.exit_code, result.output)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("icl-probe: error: ") and "Traceback" not in result.output
+    assert all(fragment in line for fragment in fragments), line
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_recompute_agrees_and_matches_a_slow_loop_of_fresh_analyses(family):
+    model, tok = tiny_model(family), char_tokenizer(bos=family.startswith("gemma"))
+    gen = analyze(model, tok, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    assert gen["mode"] == "recompute"
+    assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
+    assert all(t["kl"] < 1e-12 for t in gen["tokens"])
+    # the independent loop: a plain with-context greedy continuation (no KV cache), then a fresh analyze
+    # of the text query + tokens so far at every step
+    prompt = tokenize(tok, CONTEXT, QUERY)
+    context_ids = greedy(model, prompt.full, N, tok.eos_token_id)
+    assert not SPECIALS & set(context_ids)
+    assert [t["id"] for t in gen["tokens"]] == context_ids
+    for step, token in enumerate(context_ids):
+        text = QUERY + "".join(tok.decode([i]) for i in context_ids[:step])
+        doc = analyze(model, tok, CONTEXT, text).to_dict()
+        assert doc["logits"]["top_k"]["patched"][0]["id"] == token == gen["tokens"][step]["patched_id"]
+
+
+def test_the_context_runs_once_on_a_kv_cache(tokenizer):
+    model = tiny_model("llama")
+    prompt = tokenize(tokenizer, CONTEXT, QUERY)
+    lengths = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    try:
+        gen = recompute_generation(model, tokenizer, prompt, select_blocks(model, "all"), "bias", N)
+    finally:
+        handle.remove()
+    assert len(gen.context_ids) == N
+    assert lengths.count(len(prompt.full)) == 1  # the full prompt once, then one token per step
+    assert lengths.count(1) == N - 1
+    assert max(n for n in lengths if n != len(prompt.full)) == len(prompt.query_only) + N - 1
+
+
+def test_generation_stops_after_end_of_sequence():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    first = analyze(model, tok, CONTEXT, QUERY, generate=1).to_dict()["generation"]["tokens"][0]
+    tok.eos_token = first["token"]  # the with-context first token is now the end of the sequence
+    gen = analyze(model, tok, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    assert [t["id"] for t in gen["tokens"]] == [first["id"]]
+
+
+def test_naive_bf16_differs_from_stable(tokenizer):
+    model = tiny_model("llama", torch.bfloat16)
+    stable = analyze(model, tokenizer, CONTEXT, QUERY, generate=3).to_dict()
+    naive = analyze(model, tokenizer, CONTEXT, QUERY, generate=3, precision="naive").to_dict()
+    assert (stable["precision"], naive["precision"]) == ("stable", "naive")
+    # stable: Δb in float64, rounded once, restores the last block's bf16 output bit for bit
+    assert stable["logits"]["kl_patched"] == 0.0
+    assert all(t["kl"] == 0.0 for t in stable["generation"]["tokens"])
+    assert naive["logits"]["kl_patched"] > 0.0
+    assert max(t["kl"] for t in naive["generation"]["tokens"]) > 0.0
+
+
+def test_naive_in_float64_is_the_stable_math(tokenizer):
+    model = tiny_model("llama")
+    stable = analyze(model, tokenizer, CONTEXT, QUERY).to_dict()
+    naive = analyze(model, tokenizer, CONTEXT, QUERY, precision="naive").to_dict()
+    assert naive["layers"] == stable["layers"] and naive["logits"] == stable["logits"]
+
+
+def test_replay_fixed_and_recompute(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    path = tmp_path / "p.safetensors"
+    export_patch(model, tokenizer, CONTEXT, QUERY, output=path)
+    fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()["generation"]
+    assert fixed["mode"] == "fixed" and len(fixed["tokens"]) == N
+    assert fixed["tokens"][0]["id"] == fixed["tokens"][0]["patched_id"]  # exact at the query's last token
+    recomputed = replay(model, tokenizer, path, context=CONTEXT, generate=N, recompute=True).to_dict()
+    want = analyze(model, tokenizer, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    assert recomputed["generation"] == want
+    assert replay(model, tokenizer, path, generate=N).to_dict()["generation"] is None  # no context, nothing to match
+
+
+def test_cli_analyze_generate(tiny_llama_dir):
+    result = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--generate", 3,
+                 "--json", "-")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["precision"] == "stable"
+    gen = doc["generation"]
+    assert set(gen) == {"mode", "tokens", "agreement", "first_mismatch"}
+    assert gen["mode"] == "recompute" and len(gen["tokens"]) == 3
+    assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
+    assert set(gen["tokens"][0]) == {"id", "token", "patched_id", "patched_token", "kl"}
+
+
+def test_cli_report_fits_80_columns(tiny_llama_dir):
+    result = CliRunner().invoke(
+        app, ["analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--generate", 3],
+        env={"COLUMNS": "80"}, prog_name="icl-probe",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("generation (recomputed per token): "))
+    assert "3 of 3 tokens (100%) match the context" in lines[first]
+    assert lines[first + 1].startswith("with context ")
+    assert all(len(line) <= 80 for line in lines[first : first + 2])
+
+
+def test_cli_replay_recompute_with_given_and_stored_context(tiny_llama_dir, tmp_path):
+    stored, plain = tmp_path / "stored.safetensors", tmp_path / "plain.safetensors"
+    common = ["-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY]
+    assert run("export-patch", *common, "-o", stored, "--store-context").exit_code == 0
+    assert run("export-patch", *common, "-o", plain).exit_code == 0
+    docs = []
+    for args in ([stored], [plain, "--context", CONTEXT]):
+        result = run("replay", *args, "--generate", 3, "--recompute", "--json", "-")
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(result.stdout))
+    for doc in docs:
+        assert doc["generation"]["mode"] == "recompute"
+        assert doc["generation"]["agreement"] == 1.0 and doc["generation"]["first_mismatch"] is None
+        assert doc["context_matches_patch"] is True
+    assert docs[0]["generation"] == docs[1]["generation"]
+    fixed = json.loads(run("replay", plain, "--context", CONTEXT, "--generate", 3, "--json", "-").stdout)
+    assert fixed["generation"]["mode"] == "fixed"
+    assert 0.0 <= fixed["generation"]["agreement"] <= 1.0
+
+
+def test_cli_bad_generation_input(tiny_llama_dir, tmp_path):
+    prompt = ["-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY]
+    assert_error(run("analyze", *prompt, "--generate", -1), 2, "--generate")
+    assert_error(run("analyze", *prompt, "--precision", "fast"), 2, "unknown precision 'fast'")
+    assert_error(run("analyze", *prompt, "--positions", "all", "--generate", 2), 2, "--generate", "--positions all")
+    patch = tmp_path / "p.safetensors"
+    assert run("export-patch", *prompt, "-o", patch).exit_code == 0
+    assert_error(run("replay", patch, "--generate", 2, "--recompute"), 2, "--recompute needs the context")
+    assert_error(run("replay", patch, "--context", CONTEXT, "--recompute"), 2, "pass --generate N")
+    assert_error(run("replay", patch, "--generate", -1), 2, "--generate")
