@@ -44,9 +44,10 @@ from .metrics import (
     static_logits,
     weight_norm,
 )
+from .moe import summary as moe_summary
 from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
-from .update import LayerRecord, Solution, solve
+from .update import LayerRecord, Solution, moe_report, solve
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
@@ -74,6 +75,8 @@ class LayerReport:
     block_error_max: float | None = None
     z0_gram_condition: float | None = None  # cond(Z0ᵀ Z0) of the positions ΔW is fitted on
     dependent_positions: list[dict] | None = None  # [{position, modules, block_error}]: what the fit could not match
+    mixer: str | None = None  # the kind of contextual layer: attention, mamba, convolution, ...
+    moe: dict | None = None  # a mixture-of-experts MLP: routing with and without the context, ΔW per expert
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Analysis:
             "target": self.target,
             "solved_at": self.solved_at,
             "positions": self.positions,
+            "moe": moe_summary([asdict(r) for r in self.layers]),
             "precision": self.precision,
             "generation": self.generation.to_dict() if self.generation is not None else None,
         }
@@ -267,7 +271,7 @@ def check_residual(chosen: list[Block], residual: str) -> None:
 
 def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0) -> None:
     """Refuse non-finite activations (e.g. a float16 overflow) in the unpatched runs, naming where they appear."""
-    captured = [logits_ctx, *(x for target in targets.values() for x in vars(target).values())]
+    captured = [logits_ctx, *(x for t in targets.values() for x in vars(t).values() if isinstance(x, torch.Tensor))]
     if not all(torch.isfinite(x).all() for x in captured):
         raise non_finite(model, prompt.full, "the full prompt", lambda: last_logits(model, prompt.full))
     if not torch.isfinite(logits_0).all():
@@ -354,6 +358,8 @@ def layer_report(
         block_error=float(rec.block_error[0]),
         modules={path: module_report(patch, b, path) for path in module_paths(b, residual, solved_at)},
         fold_min_abs_normalised=None if fold is None else float(fold[0]),
+        mixer=b.family.mixer,
+        moe=moe_report(b, rec, target, patch),
     )
 
 

@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import moe
 from .errors import ModelError
 from .hooks import current_weight, hooked
+from .moe import MoeParts
 
 LINEAR_FOLD_NOTE = "its MLP branch enters the residual linearly, so Δb folds into the output projection"
 
@@ -50,6 +52,7 @@ class Family:
     parallel: bool | None = False  # the MLP reads the block input, not the attention output (None: unknown)
     run_mlp: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # (block, z) → MLP output, if not mlp(z)
     mixer: str = "attention"  # the kind of contextual layer: attention, convolution, mamba, linear attention, ...
+    moe: MoeParts | None = None  # a mixture-of-experts MLP: its router and expert weights (first linears: shared ones)
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -319,16 +322,15 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-MOE_TYPES = (
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx",
-    "granitemoe", "phimoe", "gpt_oss", "llama4", "minimax", "switch_transformers",
-)  # fmt: skip
-
 GENERIC_RULE = (
     "other types are read from their structure: one ModuleList of blocks, each adding a contextual layer's branch "
     "and a dense MLP's branch to its residual stream"
 )
 GENERIC_FOLD_NOTE = "the structural rule offers --residual bias only; a row in icl_probe/arch.py's table adds fold"
+MOE_FOLD_NOTE = (
+    "its mixture-of-experts MLP adds a routed sum of experts, so Δb folds into no single linear layer "
+    "(--residual bias is exact)"
+)
 
 
 @dataclass
@@ -349,7 +351,34 @@ class Block:
 
     @property
     def first(self) -> dict[str, nn.Module]:
+        """The nn.Linear first linears (in an MoE block, those of its shared experts and gates), by full path."""
         return {self.full(rel): self.part(rel) for rel in self.family.first}
+
+    @property
+    def moe(self) -> MoeParts | None:
+        return self.family.moe
+
+    @property
+    def params(self) -> list[str]:
+        """Full paths of the MoE weights updated as parameters (router and expert weights); [] for a dense MLP."""
+        return [self.full(rel) for rel in self.moe.params] if self.moe else []
+
+    @property
+    def transposed(self) -> set[str]:
+        """Full paths of the MoE weights stored (E, in, out)."""
+        return {self.full(rel) for rel in self.moe.transposed} if self.moe else set()
+
+    @property
+    def delta_w_paths(self) -> list[str]:
+        """Every ΔW of the block: first linears, then MoE parameters."""
+        return list(self.first) + self.params
+
+    @property
+    def z_reader(self) -> nn.Module:
+        """A module whose first positional input is z: a first linear, or an MoE block's MLP module."""
+        if self.moe or not self.family.first:
+            return self.part(self.family.mlp)
+        return next(iter(self.first.values()))
 
     @property
     def down(self) -> nn.Module:
@@ -381,18 +410,12 @@ def family_of(model_type: str) -> Family:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
-    check_not_moe(model_type)
     raise unsupported(model_type)
 
 
 def family_for(model: nn.Module) -> Family:
     """A loaded model's family: its table row resolved for its config, or the structural rule's reading of block 0."""
     return blocks(model)[0].family
-
-
-def check_not_moe(model_type: str) -> None:
-    if model_type in MOE_TYPES or "moe" in model_type:
-        raise ModelError(f"model type '{model_type}' is a mixture-of-experts model, not supported yet")
 
 
 def unsupported(model_type: str, reason: str | None = None) -> ModelError:
@@ -406,7 +429,6 @@ def blocks(model: nn.Module) -> list[Block]:
     """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule."""
     model_type = model.config.model_type
     if model_type not in supported_types():
-        check_not_moe(model_type)
         return read_structure(model)
     family = family_of(model_type).resolved(model.config)
     try:
@@ -425,6 +447,9 @@ MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear att
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
                ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
+# A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
+# matches the MLP at z only to float32 rounding; a reader left out would miss by far more.
+MOE_CHECK_TOLERANCE = 1e-5
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
 
 
@@ -456,20 +481,18 @@ def read_structure(model: nn.Module) -> list[Block]:
 def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     model_type = model.config.model_type
     candidates = layer_lists(model)
-    for path in candidates:
-        check_no_experts(model_type, model.get_submodule(path))
     calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
     path = the_decoder_blocks(model, candidates, calls)
     layers = model.get_submodule(path)
-    families = []
+    read = []
     for i, layer in enumerate(layers):
         try:
-            fields = read_block(layer, calls)
+            read.append(read_block(layer, calls))
         except Refusal as e:
             raise unsupported(model_type, f"block {path}.{i} {e}") from None
-        name = f"generic ({model_type})"
-        families.append(Family(name, (model_type,), layers=path, fold=None, fold_note=GENERIC_FOLD_NOTE, **fields))
-    return path, families
+    note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
+    name = f"generic ({model_type})"
+    return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
 
 
 def layer_lists(model: nn.Module) -> list[str]:
@@ -491,26 +514,10 @@ def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.M
     return ran[0]
 
 
-def check_no_experts(model_type: str, layers: nn.ModuleList) -> None:
-    found = {i: parts for i, layer in enumerate(layers) if (parts := expert_parts(layer))}
-    if found:
-        where = ", ".join(map(str, found))
-        raise ModelError(
-            f"model type '{model_type}' is a mixture-of-experts model (layers {where} have "
-            f"{next(iter(found.values()))}), not supported yet"
-        )
-
-
-def expert_parts(layer: nn.Module) -> str:
-    """The block's children that hold mixture-of-experts parts, as 'name: Class', or ''."""
-    parts = [f"{name}: {type(m).__name__}" for name, m in layer.named_children()
-             if any(EXPERTS.search(type(sub).__name__) for sub in m.modules())]  # fmt: skip
-    return ", ".join(parts)
-
-
 def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
     """Run a short input once, recording every block, its children and the linear layers inside them."""
-    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer))]
+    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer), *owners_in(layer))]
+    watched = list(dict.fromkeys(watched))
     embedding = model.get_input_embeddings().weight
     ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
     device = torch.device("cpu") if embedding.device.type == "meta" else embedding.device
@@ -521,6 +528,11 @@ def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Cal
 
 def linears_in(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, LINEARS)]
+
+
+def owners_in(module: nn.Module) -> list[nn.Module]:
+    """The modules inside an MLP that own parameters directly (routers, fused experts), for the probe run."""
+    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
 
 
 @contextmanager
@@ -567,9 +579,15 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
     r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
     b = post[1].y if post else mlp_call.y  # the MLP branch
     parallel = check_sums(x, y, a, r, b, attn, post[0] if post else mlp_name)
-    first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+    moe = None
+    if any(p.ndim == 3 for p in mlp.parameters()):
+        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+        conv1d = False
+    else:
+        check_dense(mlp_name, mlp)
+        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
     return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
-                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer))  # fmt: skip
+                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer), moe=moe)  # fmt: skip
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -655,6 +673,105 @@ def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
     return tuple(f"{name}.{rel}" for rel, _ in first), f"{name}.{writes[0][0]}", kinds.pop()
 
 
+def check_dense(name: str, mlp: nn.Module) -> None:
+    """An MLP whose classes say mixture-of-experts but which holds no fused 3-D expert weights cannot be read."""
+    parts = sorted({type(m).__name__ for m in mlp.modules() if EXPERTS.search(type(m).__name__)})
+    if parts:
+        raise Refusal(
+            f"has a mixture-of-experts MLP '{name}' ({', '.join(parts)}) whose experts are not fused 3-D weights, "
+            "which the structural rule cannot update"
+        )
+
+
+def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
+    """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
+
+    The experts are the one module holding 3-D weights; its first weights are those named as input projections
+    (gate_up_proj, up_proj, ...). The routers are the other modules reading the MLP input through a 2-D `weight`
+    (E, hidden); nn.Linear layers reading it (shared experts, their gates) are first linears as in a dense MLP.
+    """
+    experts = [(rel, m) for rel, m in mlp.named_modules() if any(p.ndim == 3 for p in m.parameters(recurse=False))]
+    if len(experts) != 1:
+        found = ", ".join(rel for rel, _ in experts)
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' with {len(experts)} modules of 3-D weights ({found})")
+    e_rel, e_mod = experts[0]
+    if not calls.get(e_mod) or not all(same(c.x, call.x) for c in calls[e_mod]):
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' do not read the MLP input")
+    params, transposed, down = expert_weights(name, e_rel, e_mod, hidden)
+    linears, routers = [], []
+    for rel, m in mlp.named_modules():
+        inside = m is mlp or m is e_mod or rel.startswith(e_rel + ".")
+        if inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
+            continue
+        weight = m._parameters.get("weight")
+        if isinstance(m, LINEARS) and type(m).forward in (nn.Linear.forward, Conv1D.forward):
+            linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
+        elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
+            routers.append(f"{rel}.weight")
+    if not routers:
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router weight (E, {hidden}) reading its input")
+    parts = MoeParts(
+        experts=f"{name}.{e_rel}",
+        params=tuple(f"{name}.{p}" for p in routers + params),
+        transposed=tuple(f"{name}.{p}" for p in transposed),
+        routers=tuple(f"{name}.{p}" for p in routers),
+    )
+    check_moe_exact(name, mlp, call, linears, parts, hidden)
+    return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
+
+
+def expert_weights(name: str, e_rel: str, experts: nn.Module, hidden: int) -> tuple[list[str], list[str], str]:
+    """(first expert weights, those stored (E, in, out), the output weight) of a fused experts module."""
+    stored = getattr(experts, "is_transposed", None)
+    params, transposed, others = [], [], []
+    for attr, p in experts.named_parameters(recurse=False):
+        if p.ndim != 3:
+            continue
+        if attr not in moe.FIRST_EXPERT_NAMES:
+            others.append(f"{e_rel}.{attr}")
+            continue
+        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
+        if (p.shape[1] if t else p.shape[2]) != hidden:
+            raise Refusal(f"has experts '{e_rel}' whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
+        params.append(f"{e_rel}.{attr}")
+        if t:
+            transposed.append(f"{e_rel}.{attr}")
+    if not params or len(others) != 1:
+        raise Refusal(
+            f"has experts '{e_rel}' in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
+            f"[{', '.join(others)}], not input projections and one output projection"
+        )
+    return params, transposed, others[0]
+
+
+def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
+    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
+    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
+    rows = call.x.reshape(-1, hidden)
+    a, v = moe.map_factors(rows[0], rows[-1])
+    prefix = name + "."
+    updates = {p.removeprefix(prefix): moe.param_update(mlp.get_parameter(p.removeprefix(prefix)),
+                                                        p in parts.transposed, a, v) for p in parts.params}  # fmt: skip
+
+    def add(module, args, output):
+        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+        u = (weight.detach().to(moe.MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
+        return output + (args[0].to(moe.MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
+
+    transposed = {p.removeprefix(prefix) for p in parts.transposed}
+    try:
+        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
+            with moe.swapped(mlp, updates, transposed):
+                out = copied(mlp(call.x))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
+    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
+    if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
+        readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
+                      f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
+
+
 def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
     """The MLP's output must be its output projection's, up to a constant factor."""
     dtype = m.dtype
@@ -734,4 +851,10 @@ def describe_block(b: Block) -> dict:
         "mlp_down": full(f.down),
         "post_mlp_norm": full(f.post_mlp_norm),
         "mlp_branch": full(f.mlp_branch),
+        "moe": None if f.moe is None else {
+            "experts": full(f.moe.experts),
+            "routers": [full(p) for p in f.moe.routers],
+            "params": [full(p) for p in f.moe.params],
+            "transposed": [full(p) for p in f.moe.transposed],
+        },
     }

@@ -20,6 +20,7 @@ from .errors import InputError
 from .hooks import hidden, hooked
 from .inputs import Prompt, parse_layers
 from .lowrank import MATH_DTYPE
+from .moe import Route, routing_hook
 
 
 @dataclass
@@ -30,9 +31,11 @@ class Target:
     attn: torch.Tensor
     branch: torch.Tensor
     out: torch.Tensor
+    route: Route | None = None  # an MoE block's experts and weights at the last token
 
     def row(self, i: int) -> Target:
-        return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)))
+        route = None if self.route is None else self.route.row(i)
+        return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)), route=route)
 
 
 def model_name(model: nn.Module) -> str:
@@ -78,8 +81,9 @@ def last(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def target_hooks(chosen: list[Block], seen: dict[int, dict], batch: int) -> list:
-    """Hooks recording z_ctx, attention branch, MLP branch and block output at the last token."""
-    return recording_hooks(chosen, seen, lambda x: last(x, batch))
+    """Hooks recording z_ctx, attention branch, MLP branch and block output at the last token (and MoE routing)."""
+    routes = [(b.part(b.moe.experts), routing_hook(seen[b.index], "route", batch)) for b in chosen if b.moe]
+    return recording_hooks(chosen, seen, lambda x: last(x, batch)) + routes
 
 
 def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
@@ -93,7 +97,7 @@ def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
 
     hooks = []
     for b in chosen:
-        hooks.append((next(iter(b.first.values())), record(b, "z_ctx", True)))
+        hooks.append((b.z_reader, record(b, "z_ctx", True)))
         hooks.append((b.part(b.family.attn), record(b, "attn", False)))
         hooks.append((b.mlp_branch, record(b, "branch", False)))
         hooks.append((b.module, record(b, "out", False)))

@@ -71,6 +71,7 @@ OVERRIDES: dict[str, dict] = {
     "lfm2": {"block_auto_adjust_ff_dim": False, "layer_types": ["conv", "full_attention"]},  # its default: no conv
     "youtu": {"qk_rope_head_dim": 8},  # its rotary embedding is head_dim wide
     "zaya": {"num_experts_per_tok": 1},
+    "deepseek_v3": {"head_dim": 4},  # the rotary part of multi-head latent attention is qk_rope_head_dim wide
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
 }
 
@@ -167,6 +168,8 @@ def tiny_model(model_type: str) -> nn.Module:
     settings = {**tiny_settings(AutoConfig.for_model(model_type)), **OVERRIDES.get(model_type, {})}
     config = AutoConfig.for_model(model_type, **settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    if model._can_set_experts_implementation():
+        model.set_experts_implementation("eager")  # the default grouped_mm takes no float64 on the CPU
     spread(model)
     return model.eval()
 

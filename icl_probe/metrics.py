@@ -76,7 +76,7 @@ def static_logits(model: nn.Module, patch: Patch, ids: list[int]) -> torch.Tenso
 
 def static_logits_rows(model: nn.Module, patches: list[Patch], ids: list[int]) -> torch.Tensor:
     """static_logits for several patches, (len(patches), vocab): one batch when none has a dense update."""
-    if any(p.dense for p in patches):
+    if any(p.dense or p.params for p in patches):  # MoE weights cannot differ per row: one row at a time
         return torch.stack([static_logits(model, p, ids) for p in patches])
     with torch.no_grad(), applied_rows(model, patches):
         return forward(model, torch.tensor([ids] * len(patches)), use_cache=False)
@@ -88,6 +88,7 @@ def split_patch(patch: Patch, keep) -> Patch:
         low_rank={p: d for p, d in patch.low_rank.items() if keep(p)},
         residual={p: d for p, d in patch.residual.items() if keep(p)},
         dense={p: d for p, d in patch.dense.items() if keep(p)},
+        params={p: d for p, d in patch.params.items() if keep(p)},
     )
 
 
@@ -97,7 +98,7 @@ def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int]
     "Δb" is the residual term however it is realised: a bias, or its fold into the output projection or a
     norm. `both`, if given, is the whole patch's static logits, already computed.
     """
-    first = {path for b in chosen for path in b.first}
+    first = {path for b in chosen for path in b.delta_w_paths}
     parts = [split_patch(patch, lambda p: p in first), split_patch(patch, lambda p: p not in first)]
     if both is None:
         parts.append(patch)

@@ -1,7 +1,9 @@
-"""A patch in memory (low-rank, residual and dense updates) and its application to a model.
+"""A patch in memory (low-rank, residual, dense and MoE parameter updates) and its application to a model.
 
 Low-rank updates and residual biases are applied by forward hooks; dense updates are added
-in place and the original values restored bit for bit when the context manager exits.
+in place and the original values restored bit for bit when the context manager exits. Updates of
+mixture-of-experts weights (router and fused expert parameters) are applied as W + ΔW swapped in
+while their module runs (moe.swapped).
 """
 
 from __future__ import annotations
@@ -13,21 +15,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import arch
 from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, update_dtype
+from .moe import ParamLowRank, swapped
 
 Apply = Callable[[], AbstractContextManager]  # enters a patched state of a model, e.g. lambda: applied(m, p)
 
 
 @dataclass
 class Patch:
-    """Updates keyed by full path: module → ΔW factors, block → Δb, parameter → dense delta."""
+    """Updates keyed by full path: module → ΔW factors, block → Δb, parameter → dense delta, and MoE parameter
+    (router weight, fused expert weight) → ΔW factors with an expert axis."""
 
     low_rank: dict[str, LowRank] = field(default_factory=dict)
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    params: dict[str, ParamLowRank] = field(default_factory=dict)
 
 
 def low_rank_hook(delta: LowRank):
@@ -110,8 +116,10 @@ def rows_low_rank_hook(u: torch.Tensor, v: torch.Tensor):
 @contextmanager
 def applied_rows(model: nn.Module, patches: list[Patch]) -> Iterator[None]:
     """Run a batch whose row b has patches[b] applied (low-rank and residual updates; dense ones are refused)."""
-    if any(p.dense for p in patches):
-        raise PatchError("patches with dense updates cannot be applied row by row; apply them one at a time")
+    if any(p.dense or p.params for p in patches):
+        raise PatchError(
+            "patches with dense or mixture-of-experts updates cannot be applied row by row; apply them one at a time"
+        )
     hooks = []
     for path in sorted({p for patch in patches for p in patch.low_rank}):
         some = next(patch.low_rank[path] for patch in patches if path in patch.low_rank)
@@ -130,5 +138,6 @@ def applied(model: nn.Module, patch: Patch) -> Iterator[None]:
     """Run the model with the patch applied; the model is unchanged afterwards."""
     hooks = [(model.get_submodule(p), low_rank_hook(d)) for p, d in patch.low_rank.items()]
     hooks += [(model.get_submodule(p), residual_hook(b)) for p, b in patch.residual.items()]
-    with dense_added(model, patch.dense), hooked(hooks):
+    transposed = {p for b in arch.blocks(model) for p in b.transposed} if patch.params else set()
+    with dense_added(model, patch.dense), hooked(hooks), swapped(model, patch.params, transposed):
         yield

@@ -4,6 +4,11 @@ When a block's hooks fire, the blocks below are already patched, so z0 is read f
 no-context run, as the exactness argument needs. The run is batched: every row is the same query
 and carries its own targets and so its own updates (a prefix sweep solves all its prefixes at once).
 `solve` returns one `Patch` and one `LayerRecord` per row and block.
+
+A mixture-of-experts block is updated through its input: every weight that reads it (router, experts, shared
+experts) gets ΔW = W a z0ᵀ with the same a = (z_ctx − z0) / ‖z0‖², which is the one map x → x + a (z0ᵀ x) of
+the block's input (moe.py). Its patch is per-expert factors, which a batch cannot give each row as a weight, so
+a batch with MoE blocks is solved one row at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .capture import Target, forward, last
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import LowRank, add_rounded, check_norm, matvec, update_dtype
+from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, pre_hooked, routing_hook
 from .patching import Patch
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -39,6 +45,8 @@ class LayerRecord:
     delta_b: torch.Tensor
     block_error: torch.Tensor  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
     fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
+    route_patched: Route | None = None  # MoE blocks: the experts chosen at the last token in this run
+    route_no_context: Route | None = None  # and in the query alone, unpatched
 
 
 @dataclass
@@ -88,19 +96,50 @@ class SequentialRun:
         self.low_rank: dict[str, RowUpdates] = {}
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
         self.dense_rows: dict[str, torch.Tensor] = {}  # norm weight path → δ (B, hidden)
+        self.params: dict[str, ParamLowRank] = {}  # MoE weight path → ΔW factors (B = 1)
         self.seen: dict[int, dict] = {b.index: {} for b in chosen}
         self.suspended = False  # set while re-running the MLP unpatched
 
     def hooks(self) -> list:
         hooks = []
         for b in self.chosen:
-            hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
+            if b.moe:  # its first linears are updated with the rest of the block, through its input
+                hooks.append((b.part(b.moe.experts), routing_hook(self.seen[b.index], "route", 1, self.live)))
+            else:
+                hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
             hooks.append((b.part(b.family.attn), self.attn_hook(b)))
             hooks.append((b.mlp_branch, self.branch_hook(b)))
             if self.residual == "fold":
                 hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
             hooks.append((b.module, self.block_hook(b)))
         return hooks
+
+    def live(self) -> bool:
+        return not self.suspended
+
+    def pre_hooks(self) -> list:
+        return [(b.part(b.family.mlp), self.moe_hook(b)) for b in self.chosen if b.moe]
+
+    def moe_hook(self, b: Block):
+        """Build every ΔW of an MoE block from its input z0 and apply them all as the input map (batch 1)."""
+
+        def hook(module, args, kwargs):
+            if self.suspended:
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            z0 = self.seen[b.index]["z0"] = last(x, self.batch)  # (1, in)
+            z_ctx = self.targets[b.index].z_ctx
+            check_norm(z0[0].norm(), b.full(b.family.mlp))
+            a, v = map_factors(z_ctx[0], z0[0])
+            for path, m in b.first.items():
+                self.low_rank[path] = rank_one_rows(arch.weight_out_in(m, b.family), z_ctx, z0, path)
+            for path in b.params:
+                weight = b.module.get_parameter(path.removeprefix(b.path + "."))
+                self.params[path] = param_update(weight, path in b.transposed, a, v)
+            new = mapped(x, a, v)
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return hook
 
     def first_hook(self, b: Block, path: str):
         def hook(module, args, output):
@@ -195,12 +234,14 @@ class SequentialRun:
             low_rank={path: rows.row(i) for path, rows in self.low_rank.items()},
             residual={path: d[i].cpu() for path, d in self.residual_rows.items()},
             dense={path: d[i].cpu() for path, d in self.dense_rows.items()},
+            params=dict(self.params),
         )
 
     def record(self, b: Block) -> LayerRecord:
         seen = self.seen[b.index]
         keys = ("z0", "attn", "branch", "branch0", "delta_b", "block_error")
-        return LayerRecord(*(seen[k] for k in keys), fold_min_abs_normalised=seen.get("fold_min_abs_normalised"))
+        fold = seen.get("fold_min_abs_normalised")
+        return LayerRecord(*(seen[k] for k in keys), fold_min_abs_normalised=fold, route_patched=seen.get("route"))
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
@@ -220,6 +261,8 @@ def solve(
     model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: list[int], residual: str, batch: int = 1
 ) -> Solution:
     """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`."""
+    if any(b.moe for b in chosen):
+        return solve_moe(model, chosen, targets, query, residual, batch)
     run = SequentialRun(chosen, targets, residual, batch)
     with hooked(run.hooks()):
         logits = forward(model, torch.tensor([query] * batch), use_cache=False)
@@ -235,4 +278,71 @@ def row_record(r: LayerRecord, i: int) -> LayerRecord:
     """Row i of a batched record, keeping the (1, d) shapes."""
     fold = r.fold_min_abs_normalised
     pick = [x[i : i + 1] for x in (r.z0, r.attn, r.branch, r.branch0, r.delta_b, r.block_error)]
-    return LayerRecord(*pick, fold_min_abs_normalised=None if fold is None else fold[i : i + 1])
+    return LayerRecord(*pick, fold_min_abs_normalised=None if fold is None else fold[i : i + 1],
+                       route_patched=r.route_patched, route_no_context=r.route_no_context)  # fmt: skip
+
+
+def solve_moe(
+    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: list[int], residual: str, batch: int
+) -> Solution:
+    """`solve` for blocks with MoE MLPs: one row at a time, each with the routing of the query alone recorded."""
+    routes = routing(model, chosen, query)
+    rows = []
+    for i in range(batch):
+        run = SequentialRun(chosen, {k: t.row(i) for k, t in targets.items()}, residual, 1)
+        with hooked(run.hooks()), pre_hooked(run.pre_hooks()):
+            logits = forward(model, torch.tensor([query]), use_cache=False)
+        records = {b.index: run.record(b) for b in chosen}
+        for k, r in records.items():
+            r.route_no_context = routes.get(k)
+        rows.append((run.patch(0), records, logits))
+    return Solution([r[0] for r in rows], [r[1] for r in rows], torch.cat([r[2] for r in rows]))
+
+
+def routing(model: nn.Module, chosen: list[Block], ids: list[int]) -> dict[int, Route]:
+    """The experts each chosen MoE block picks at the last token of `ids`, unpatched."""
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    hooks = [(b.part(b.moe.experts), routing_hook(seen[b.index], "route", 1)) for b in chosen if b.moe]
+    with torch.no_grad(), hooked(hooks):
+        forward(model, torch.tensor([ids]), use_cache=False)
+    return {k: d["route"] for k, d in seen.items() if d.get("route") is not None}
+
+
+ROUTE_RTOL = 1e-5  # routing weights of the patched run within this of the with-context ones (float32 routers)
+
+
+def moe_report(b: Block, rec: LayerRecord, target: Target, patch: Patch) -> dict | None:
+    """An MoE block's routing (with and without the context, patched) and its ΔW norms; None for a dense MLP.
+
+    `expert_delta_w_norms[e]` is the root-sum-square of ‖ΔW_e‖_F over the expert's input weights; `params` has,
+    per updated weight, its ‖ΔW‖_F, ‖W‖_F, their ratio, the largest rank over experts and the per-expert norms.
+    """
+    if not b.moe:
+        return None
+    params, experts = {}, None
+    for path in b.params:
+        delta = patch.params[path]
+        weight = b.module.get_parameter(path.removeprefix(b.path + "."))
+        norms = delta.expert_norms()  # (E,) or ()
+        weight_norm = float(torch.linalg.vector_norm(weight.detach(), dtype=torch.float64))
+        params[path] = {
+            "delta_w_norm": delta.frobenius_norm(),
+            "weight_norm": weight_norm,
+            "relative_norm": delta.frobenius_norm() / weight_norm if weight_norm else None,
+            "rank": max(LowRank(u, delta.v).rank() for u in delta.u.reshape(-1, *delta.u.shape[-2:])),
+            "expert_delta_w_norms": [float(n) for n in norms] if norms.ndim else None,
+        }
+        if norms.ndim:
+            experts = norms.pow(2) if experts is None else experts + norms.pow(2)
+    routers = [params[b.full(p)]["delta_w_norm"] for p in b.moe.routers]
+    return {
+        "num_experts": None if experts is None else int(experts.numel()),
+        "routing": moe_routing(target.route, rec.route_no_context, rec.route_patched),
+        "router_delta_w_norm": float(sum(n * n for n in routers) ** 0.5),
+        "expert_delta_w_norms": None if experts is None else [float(n) for n in experts.sqrt()],
+        "params": params,
+    }
+
+
+def moe_routing(ctx: Route | None, no_ctx: Route | None, patched: Route | None) -> dict:
+    return layer_routing(ctx, no_ctx, patched, ROUTE_RTOL)
