@@ -481,6 +481,7 @@ def read_structure(model: nn.Module) -> list[Block]:
 def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     model_type = model.config.model_type
     candidates = layer_lists(model)
+    float64_experts(model)
     calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
     path = the_decoder_blocks(model, candidates, calls)
     layers = model.get_submodule(path)
@@ -493,6 +494,16 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
     name = f"generic ({model_type})"
     return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
+
+
+def float64_experts(model: nn.Module) -> None:
+    """Switch a float64 model's fused experts from grouped_mm (transformers' default, which takes no float64 on
+    the CPU) to batched_mm, the same computation with batched matrix products."""
+    config = model.config
+    if getattr(config, "_experts_implementation", None) == "grouped_mm" and model.dtype == torch.float64:
+        can_set = getattr(model, "_can_set_experts_implementation", lambda: False)
+        if can_set():
+            model.set_experts_implementation("batched_mm")
 
 
 def layer_lists(model: nn.Module) -> list[str]:
@@ -851,7 +862,9 @@ def describe_block(b: Block) -> dict:
         "mlp_down": full(f.down),
         "post_mlp_norm": full(f.post_mlp_norm),
         "mlp_branch": full(f.mlp_branch),
-        "moe": None if f.moe is None else {
+        "moe": None
+        if f.moe is None
+        else {
             "experts": full(f.moe.experts),
             "routers": [full(p) for p in f.moe.routers],
             "params": [full(p) for p in f.moe.params],

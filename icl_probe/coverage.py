@@ -6,8 +6,9 @@ For each model type in transformers' causal-LM mapping, the type's default confi
 size 32, small heads, MLPs, experts and state sizes), a float64 model is built from it with its weights redrawn
 so that the context matters, and `analyze` runs on a short prompt. Each type ends as one of:
 
-- exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded;
-- inexact: analyze ran but missed KL < 1e-10 or an error < 1e-9;
+- exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded, and in
+  mixture-of-experts layers the patched query alone picks the with-context experts at the last token;
+- inexact: analyze ran but missed KL < 1e-10, an error < 1e-9 or the routing check;
 - refused: icl-probe's one-line reason;
 - failed: an error that is not icl-probe's own refusal (often transformers' code on a tiny float64 model);
 - not built: no tiny config or model could be made, and why (including > 20 s to build);
@@ -88,6 +89,8 @@ class Row:
     kl: float | None = None
     block_error: float | None = None
     mlp_branch_error: float | None = None
+    moe_layers: int = 0  # mixture-of-experts layers
+    routing_exact: bool | None = None  # MoE: the patched run picks the with-context experts in every MoE layer
     reason: str | None = None
     seconds: float = 0.0
 
@@ -204,7 +207,6 @@ def measure_type(model_type: str) -> Row:
         with time_limit(BUILD_SECONDS):
             scope = out_of_scope(model_type, AutoConfig.for_model(model_type))
             if scope is None:
-                arch.check_not_moe(model_type)  # a type named as mixture-of-experts is refused without a build
                 model = tiny_model(model_type)
         row = Row(model_type, "out of scope", reason=scope) if scope else run_analyze(model_type, model)
     except IclProbeError as e:
@@ -238,7 +240,10 @@ def analyzed(model_type: str, model: nn.Module) -> Row:
     row.kl = doc["logits"]["kl_patched"]
     row.block_error = max(layer["block_error"] for layer in doc["layers"])
     row.mlp_branch_error = max(layer["mlp_branch_error"] for layer in doc["layers"])
+    if doc.get("moe"):
+        row.moe_layers, row.routing_exact = doc["moe"]["moe_layers"], doc["moe"]["patched_matches_context"]
     exact = row.kl < MAX_KL and row.block_error < MAX_ERROR and row.mlp_branch_error < MAX_ERROR
+    exact = exact and row.routing_exact is not False
     row.status = "exact" if exact else "inexact"
     return row
 
@@ -262,13 +267,14 @@ def summary(rows: list[Row]) -> str:
 def markdown(rows: list[Row]) -> str:
     """The coverage table in markdown, decoder-only types first, then the out-of-scope ones in one line."""
     lines = [summary(rows), "", "| model type | outcome | family | mixers | KL no context | KL patched | "
-             "block error | MLP-branch error |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "block error | MLP-branch error | MoE layers |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r.status in ("exact", "inexact"):
             figures = [f"{x:.2g}" for x in (r.kl_no_context, r.kl, r.block_error, r.mlp_branch_error)]
-            lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {' | '.join(figures)} |")
+            moe = f"{r.moe_layers}, routing {'exact' if r.routing_exact else 'missed'}" if r.moe_layers else ""
+            lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {' | '.join(figures)} | {moe} |")
         elif r.status != "out of scope":
-            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | |")
+            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | |")
     out = [r.model_type for r in rows if r.status == "out of scope"]
     lines += ["", f"Out of scope (encoder-decoder or encoder-only): {', '.join(out) or 'none'}."]
     return "\n".join(lines)

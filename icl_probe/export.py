@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .fileio import atomic_write_dir, check_writable
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
-from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
+from .patchfile import FORMAT, FORMAT_PARAMS, fingerprint, load_patch, model_family, save_patch
 from .patching import Apply, Patch, applied, dense_added, replaced
 
 FORMATS = ("native", "peft", "merged")
@@ -101,7 +102,7 @@ def export_patch(
         model=result.model,
         layers=[r.layer for r in result.layers],
         residual=result.residual,
-        modules=len(patch.low_rank),
+        modules=len(patch.low_rank) + len(patch.params),
         patch_bytes=patch_bytes,
         dense_bytes=dense_bytes,
         file_bytes=file_bytes,
@@ -164,7 +165,7 @@ def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str,
     from . import __version__
 
     meta = {
-        "format": FORMAT,
+        "format": FORMAT_PARAMS if result.patch.params else FORMAT,
         "model": result.model,
         "model_type": result.model_type,
         "model_fingerprint": fingerprint(model),
@@ -187,8 +188,9 @@ def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str,
 def sizes(patch: Patch) -> tuple[int, int]:
     """(bytes of the update as stored, bytes of the same updates as dense ΔW), both at float32."""
     extra = sum(b.numel() for b in patch.residual.values()) + sum(d.numel() for d in patch.dense.values())
-    factors = sum(d.u.numel() + d.v.numel() for d in patch.low_rank.values())
+    factors = sum(d.u.numel() + d.v.numel() for d in [*patch.low_rank.values(), *patch.params.values()])
     dense = sum(d.shape[0] * d.shape[1] for d in patch.low_rank.values())
+    dense += sum(math.prod(d.shape) for d in patch.params.values())
     return FLOAT32_BYTES * (factors + extra), FLOAT32_BYTES * (dense + extra)
 
 

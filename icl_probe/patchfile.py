@@ -3,6 +3,8 @@
 Version 2 differs from version 1 only in its fingerprint: it covers every parameter of the model
 (name, shape and a fixed strided sample of values), where version 1 hashed only the weights the
 patch changes, all of their values. Version 1 files still load and are checked the old way.
+Version 3 is version 2 plus updates of mixture-of-experts weights (`.delta_param_u/_v`, factors with an
+expert axis); it is written only for patches that hold them, so every other patch is still version 2.
 
 `save_patch` writes a Patch, `load_patch` reads one back and checks everything the file alone can
 tell (format version, metadata keys, tensor names, dtypes, shapes, finiteness); `check_fits` then
@@ -27,11 +29,13 @@ from .errors import PatchError
 from .fileio import atomic_write, check_writable
 from .hooks import current_weight
 from .lowrank import MATH_DTYPE, LowRank
+from .moe import ParamLowRank
 from .patching import Patch
 
 FORMAT = "icl-probe.patch/2"
 LEGACY_FORMAT = "icl-probe.patch/1"  # same layout; its fingerprint covers only the touched weights
-READABLE = (LEGACY_FORMAT, FORMAT)
+FORMAT_PARAMS = "icl-probe.patch/3"  # version 2 plus mixture-of-experts parameter updates
+READABLE = (LEGACY_FORMAT, FORMAT, FORMAT_PARAMS)
 FORMAT_PREFIX = "icl-probe.patch/"
 FINGERPRINT_SAMPLES = 4096  # values sampled per parameter, at a fixed stride
 REQUIRED_KEYS = (
@@ -40,6 +44,7 @@ REQUIRED_KEYS = (
 )  # fmt: skip
 JSON_INT_LISTS = ("layers", "query_token_ids", "prefix_token_ids")
 U, V, RESIDUAL, DENSE = "delta_u", "delta_v", "delta_residual", "delta"  # tensor name suffixes
+PU, PV = "delta_param_u", "delta_param_v"  # a parameter's ΔW[e] = u[e] vᵀ: u (..., out, r), v (in, r)
 FILE_DTYPE = torch.float32
 
 
@@ -56,8 +61,11 @@ def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
 
 def serialize(patch: Patch) -> bytes:
     """The file's bytes: the same patch always gives the same bytes."""
-    check_metadata(patch.metadata, "the patch to write")
-    return canonical_header(save(to_tensors(patch), metadata=dict(patch.metadata)))
+    metadata = dict(patch.metadata)
+    if patch.params:  # readers of version 2 would refuse the parameter tensors by name; say it is version 3
+        metadata["format"] = FORMAT_PARAMS
+    check_metadata(metadata, "the patch to write")
+    return canonical_header(save(to_tensors(patch), metadata=metadata))
 
 
 def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
@@ -68,6 +76,9 @@ def to_tensors(patch: Patch) -> dict[str, torch.Tensor]:
         tensors[f"{path}.{V}"] = as_file_tensor(delta.v)
     tensors.update({f"{path}.{RESIDUAL}": as_file_tensor(b) for path, b in patch.residual.items()})
     tensors.update({f"{path}.{DENSE}": as_file_tensor(d) for path, d in patch.dense.items()})
+    for path, delta in patch.params.items():
+        tensors[f"{path}.{PU}"] = as_file_tensor(delta.u)
+        tensors[f"{path}.{PV}"] = as_file_tensor(delta.v)
     return tensors
 
 
@@ -174,12 +185,13 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
     """A Patch from named file tensors, checking names, dtypes, shapes and finiteness."""
     if not tensors:
         raise PatchError(f"{where} holds no update tensors; export the patch again")
-    groups: dict[str, dict[str, torch.Tensor]] = {U: {}, V: {}, RESIDUAL: {}, DENSE: {}}
+    groups: dict[str, dict[str, torch.Tensor]] = {U: {}, V: {}, RESIDUAL: {}, DENSE: {}, PU: {}, PV: {}}
     for name, t in sorted(tensors.items()):
         base, _, kind = name.rpartition(".")
-        if not base or kind not in groups:
+        if not base or kind not in groups or (kind in (PU, PV) and metadata.get("format") != FORMAT_PARAMS):
             raise PatchError(
-                f"{where} holds an unknown tensor {name!r}; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE}"
+                f"{where} holds an unknown tensor {name!r}; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE} "
+                f"(and .{PU}, .{PV} in format {FORMAT_PARAMS})"
             )
         check_tensor(name, t, where)
         groups[kind][base] = t.to(MATH_DTYPE)
@@ -189,6 +201,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
         if b.ndim != 1:
             raise PatchError(f"{where}: {base}.{RESIDUAL} has shape {tuple(b.shape)}; a residual is 1-D (hidden_size,)")
     patch.residual, patch.dense = groups[RESIDUAL], groups[DENSE]
+    patch.params = pair_param_factors(groups[PU], groups[PV], where)
     return patch
 
 
@@ -221,12 +234,29 @@ def pair_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where
     return low_rank
 
 
+def pair_param_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where: str) -> dict:
+    """Match each `.delta_param_u` (..., out, r) with its `.delta_param_v` (in, r)."""
+    for base in sorted(set(us) ^ set(vs)):
+        have, lack = (PU, PV) if base in us else (PV, PU)
+        raise PatchError(f"{where}: {base}.{have} has no matching {base}.{lack}; export the patch again")
+    params = {}
+    for base in sorted(us):
+        u, v = us[base], vs[base]
+        if u.ndim not in (2, 3) or v.ndim != 2 or u.shape[-1] != v.shape[1] or v.shape[1] == 0:
+            raise PatchError(
+                f"{where}: {base} has {PU} {tuple(u.shape)} and {PV} {tuple(v.shape)}; they must be "
+                "([experts,] out, r) and (in, r) with the same r ≥ 1"
+            )
+        params[base] = ParamLowRank(u, v)
+    return params
+
+
 # ---- checking against a model --------------------------------------------------------------------
 
 
 def touched_parameters(patch: Patch) -> list[str]:
     """The parameters a patch changes: each patched module's weight and each dense-updated parameter."""
-    return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense))
+    return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense) | set(patch.params))
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -284,6 +314,13 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
                 f"{where} does not fit this model: {path} is {want[0]}×{want[1]} (out×in) but the patch's "
                 f"update is {delta.shape[0]}×{delta.shape[1]}; {made_for}"
             )
+    transposed = {p for b in arch.blocks(model) for p in b.transposed} if patch.params else set()
+    for path, delta in patch.params.items():
+        param = find(model.get_parameter, path, where, made_for)
+        shape = param.shape if path not in transposed else (*param.shape[:-2], param.shape[-1], param.shape[-2])
+        if tuple(delta.shape) != tuple(shape):
+            raise PatchError(f"{where} does not fit this model: {path} is {tuple(shape)} (experts, out, in) but the "
+                             f"patch's update is {tuple(delta.shape)}; {made_for}")  # fmt: skip
     hidden_size = model.get_input_embeddings().weight.shape[1]
     for path, delta_b in patch.residual.items():
         find(model.get_submodule, path, where, made_for)
