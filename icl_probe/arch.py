@@ -53,6 +53,7 @@ class Family:
     run_mlp: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None  # (block, z) → MLP output, if not mlp(z)
     mixer: str = "attention"  # the kind of contextual layer: attention, convolution, mamba, linear attention, ...
     moe: MoeParts | None = None  # a mixture-of-experts MLP: its router and expert weights (first linears: shared ones)
+    mixer_parts: tuple[tuple[str, str], ...] = ()  # (module, config multiplier): a mixer branch no module outputs
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -315,10 +316,11 @@ FAMILIES: tuple[Family, ...] = (
         down="feed_forward.down_proj",
         mlp="feed_forward",
         pre_mlp_norm="pre_ff_layernorm",
-        attn="self_attn",  # the Mamba-2 mixer's branch is added beside it; only the attention part is read
+        attn="self_attn",  # the Mamba-2 mixer's branch is added beside it; the mixer change sums both
         fold=None,
         fold_note=FALCON_H1_FOLD_NOTE,
         mixer="mamba+attention",
+        mixer_parts=(("mamba", "ssm_out_multiplier"), ("self_attn", "attention_out_multiplier")),
     ),
 )
 
@@ -342,6 +344,7 @@ class Block:
     module: nn.Module
     family: Family
     scale: float = 1.0  # the factor the block multiplies its MLP branch by before the residual add
+    mixer_scales: tuple[float, ...] = ()  # the config multipliers of family.mixer_parts
 
     def part(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
@@ -353,6 +356,13 @@ class Block:
     def first(self) -> dict[str, nn.Module]:
         """The nn.Linear first linears (in an MoE block, those of its shared experts and gates), by full path."""
         return {self.full(rel): self.part(rel) for rel in self.family.first}
+
+    @property
+    def mixer_branches(self) -> list[tuple[nn.Module, float]]:
+        """(module, factor) pairs whose scaled outputs sum to the mixer branch (one, for most blocks)."""
+        if self.family.mixer_parts:
+            return [(self.part(rel), s) for (rel, _), s in zip(self.family.mixer_parts, self.mixer_scales)]
+        return [(self.part(self.family.attn), 1.0)]
 
     @property
     def moe(self) -> MoeParts | None:
@@ -436,7 +446,8 @@ def blocks(model: nn.Module) -> list[Block]:
     except AttributeError as e:
         raise ModelError(f"no '{family.layers}' in this {model_type} model") from e
     scale = float(getattr(model.config, family.branch_scale)) if family.branch_scale else 1.0
-    return [Block(i, f"{family.layers}.{i}", layer, family, scale) for i, layer in enumerate(layers)]
+    mix = tuple(float(getattr(model.config, attr)) for _, attr in family.mixer_parts)
+    return [Block(i, f"{family.layers}.{i}", layer, family, scale, mix) for i, layer in enumerate(layers)]
 
 
 # ---- the structural rule ----------------------------------------------------------------------------

@@ -98,10 +98,20 @@ def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
     hooks = []
     for b in chosen:
         hooks.append((b.z_reader, record(b, "z_ctx", True)))
-        hooks.append((b.part(b.family.attn), record(b, "attn", False)))
+        hooks += [(m, summed(seen[b.index], "attn", scale, pick)) for m, scale in b.mixer_branches]
         hooks.append((b.mlp_branch, record(b, "branch", False)))
         hooks.append((b.module, record(b, "out", False)))
     return hooks
+
+
+def summed(store: dict, key: str, scale: float, pick):
+    """A forward hook adding scale · pick(output) to store[key]: a mixer branch that is a sum of module outputs."""
+
+    def hook(module, args, output):
+        value = scale * pick(hidden(output)) if scale != 1.0 else pick(hidden(output))
+        store[key] = store[key] + value if key in store else value
+
+    return hook
 
 
 def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]) -> tuple[dict[int, Target], torch.Tensor]:

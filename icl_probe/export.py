@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import arch
 from .analysis import Analysis, analyze
 from .capture import last_logits, position_logits
 from .errors import PatchError, UsageError
@@ -147,6 +148,12 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
         raise PatchError(
             "--format peft writes rank-1 adapters, and --positions all gives an update of rank k (one per query "
             "position); use --format native or --format merged"
+        )
+    if format in ("peft", "merged") and any(b.moe for b in arch.blocks(model)):
+        raise PatchError(
+            f"--format {format} needs the residual term Δb folded into the weights, and {family.name}'s "
+            "mixture-of-experts MLPs add a routed sum of experts, so Δb folds into no one weight (peft's "
+            "target_parameters could hold each expert's rank-1 ΔW, not Δb); use --format native"
         )
     if format == "peft" and family.fold != "linear":
         raise PatchError(

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last
+from .capture import Target, forward, last, summed
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import LowRank, add_rounded, check_norm, matvec, update_dtype
@@ -107,7 +107,7 @@ class SequentialRun:
                 hooks.append((b.part(b.moe.experts), routing_hook(self.seen[b.index], "route", 1, self.live)))
             else:
                 hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
-            hooks.append((b.part(b.family.attn), self.attn_hook(b)))
+            hooks += [(m, self.attn_hook(b, scale)) for m, scale in b.mixer_branches]
             hooks.append((b.mlp_branch, self.branch_hook(b)))
             if self.residual == "fold":
                 hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
@@ -153,10 +153,13 @@ class SequentialRun:
 
         return hook
 
-    def attn_hook(self, b: Block):
+    def attn_hook(self, b: Block, scale: float):
+        """Record the mixer branch at the last token (summed over its parts, for Falcon-H1's Mamba + attention)."""
+        record = summed(self.seen[b.index], "attn", scale, lambda x: last(x, self.batch))
+
         def hook(module, args, output):
             if not self.suspended:
-                self.seen[b.index]["attn"] = last(hidden(output), self.batch)
+                record(module, args, output)
 
         return hook
 

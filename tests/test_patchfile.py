@@ -288,9 +288,27 @@ def test_non_finite_values(tmp_path, value):
 
 
 def test_unknown_format_version(tmp_path):
-    meta = {**good_metadata(), "format": "icl-probe.patch/3"}
-    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/3', which this icl-probe cannot read.*upgrade"):
+    meta = {**good_metadata(), "format": "icl-probe.patch/4"}
+    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/4', which this icl-probe cannot read.*upgrade"):
         load_patch(write_tensors(tmp_path / "p.safetensors", good_tensors(), meta))
+
+
+def test_format_3_adds_parameter_factors_with_an_expert_axis(tmp_path):
+    # Version 3 is version 2 plus `.delta_param_u` (experts, out, r) and `.delta_param_v` (in, r); a version 2 file
+    # holding them is refused by name, and version 2 files still load under a version 3 reader.
+    u, v = torch.randn(4, 6, 1), torch.randn(5, 1)
+    tensors = {**good_tensors(), "m.experts.gate_up_proj.delta_param_u": u, "m.experts.gate_up_proj.delta_param_v": v}
+    meta = {**good_metadata(), "format": "icl-probe.patch/3"}
+    patch = load_patch(write_tensors(tmp_path / "p3.safetensors", tensors, meta))
+    delta = patch.params["m.experts.gate_up_proj"]
+    assert delta.shape == (4, 6, 5)
+    torch.testing.assert_close(delta.dense(), (u @ v.T).double())
+    with pytest.raises(PatchError, match=r"unknown tensor 'm.experts.gate_up_proj.delta_param_u'"):
+        load_patch(write_tensors(tmp_path / "p2.safetensors", tensors, good_metadata()))
+    bad = {**tensors, "m.experts.gate_up_proj.delta_param_v": torch.randn(5, 2)}
+    with pytest.raises(PatchError, match=r"must be \(\[experts,\] out, r\) and \(in, r\)"):
+        load_patch(write_tensors(tmp_path / "p4.safetensors", bad, meta))
+    assert not load_patch(write_tensors(tmp_path / "p5.safetensors", good_tensors(), meta)).params
 
 
 def test_other_safetensors_file_is_not_a_patch(tmp_path):

@@ -185,6 +185,20 @@ def test_hybrid_native_export_then_replay(tmp_path, name):
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]  # float32 factors on a float64 model
 
 
+@pytest.mark.parametrize("name", ["lfm2", "jamba", "qwen3_next", "falcon_h1"])
+def test_the_mixer_change_is_the_whole_mixer_branch(name):
+    # With the block input and the MLP exact at the last token, Δb is the change of the whole mixer branch: for
+    # Falcon-H1 that is ssm_out_multiplier · Mamba-2 + attention_out_multiplier · attention, which no module outputs.
+    model = model_of(name)
+    doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY).to_dict()
+    kinds = [layer["mixer"] for layer in arch.describe(model)["layers"]]
+    for layer, kind in zip(doc["layers"], kinds):
+        assert layer["mixer"] == kind
+        assert layer["residual_delta_norm"] == pytest.approx(layer["attention_delta_norm"], rel=1e-9, abs=1e-12)
+    if name == "falcon_h1":
+        assert kinds == ["mamba+attention", "mamba+attention"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rule_reads_the_same_structure_in_lower_precision(dtype):
     for name in [n for n in NAMES if n not in TABLE]:
