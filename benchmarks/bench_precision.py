@@ -1,7 +1,10 @@
 """Low precision done right: the stable update against the naive one, in bf16, on both real models.
 
-Three arms per model: float32 stable (the reference), bf16 stable (the update's math in float64, applied
-in float64 and rounded once) and bf16 naive (built and applied in bf16). Each arm is scored against the
+Five arms per model: float32 stable (the reference); bf16 stable (the update's math in float64, applied in
+float64 by hooks and rounded once); bf16 naive (built in bf16 and applied by hooks in bf16,
+`analyze --precision naive`); and the same two updates merged into the bf16 weights, as a merged checkpoint
+holds them: stable merged (W + ΔW summed in float64, rounded once to bf16; Δb added in float64) and naive
+merged (ΔW built in bf16 and added to W in bf16; Δb added in bf16). Each arm is scored against the
 with-context run in its own dtype:
 - next token: top-1 agreement and KL(context ‖ patched), over ICL prompts from the built-in tasks
   (each task's first --demos pairs as the context, the next --queries inputs as queries);
@@ -16,16 +19,31 @@ with-context run in its own dtype:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
 from pathlib import Path
 
+import torch
+
 import icl_probe
+from icl_probe.capture import last_logits, select_blocks
+from icl_probe.generation import teacher_forced
+from icl_probe.inputs import tokenize
+from icl_probe.lowrank import kl_divergence, naive_precision
+from icl_probe.patching import Patch, applied, replaced
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, query_for, task_examples
+from icl_probe.update import solve
 
 MODELS = ("smollm2-135m", "gemma3-270m")
-ARMS = (("float32", "stable"), ("bfloat16", "stable"), ("bfloat16", "naive"))
+ARMS = (
+    ("float32", "stable"),
+    ("bfloat16", "stable"),
+    ("bfloat16", "naive"),
+    ("bfloat16", "stable merged"),
+    ("bfloat16", "naive merged"),
+)
 
 
 def icl_prompts(demos: int, queries: int, tasks: int | None = None) -> list[dict]:
@@ -39,12 +57,38 @@ def icl_prompts(demos: int, queries: int, tasks: int | None = None) -> list[dict
     return rows
 
 
-def next_token(model, tokenizer, prompts: list[dict], precision: str) -> dict:
-    """Top-1 agreement and KL(context ‖ patched) of the sequential run, per prompt and summarised."""
+def merged_logits(model, patch: Patch, ids: list[int], naive: bool) -> torch.Tensor:
+    """The next-token logits after `ids` with ΔW merged into the weights (W + ΔW summed in float64, or in the
+    model's dtype if `naive`, and stored in the model's dtype) and Δb added by a hook (in that dtype if `naive`)."""
+    work = model.dtype if naive else torch.float64
+    merged = {}
+    for path, delta in patch.low_rank.items():
+        weight = model.get_submodule(path).weight
+        assert isinstance(model.get_submodule(path), torch.nn.Linear), path  # weight (out, in), as ΔW
+        merged[f"{path}.weight"] = (weight.to(work) + (delta.u @ delta.v.T).to(work)).to(model.dtype)
+    scope = naive_precision(model.dtype) if naive else contextlib.nullcontext()
+    with replaced(model, merged), scope, applied(model, Patch(residual=patch.residual)):
+        return last_logits(model, ids)
+
+
+def next_token_row(model, tokenizer, p: dict, method: str) -> tuple[float, bool]:
+    """KL(context ‖ patched) and top-1 agreement for one prompt."""
+    precision = method.split()[0]
+    result = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=precision)
+    if method.endswith("merged"):
+        with torch.no_grad():
+            logits = merged_logits(model, result.patch, result.prompt.query_only, precision == "naive")
+        return kl_divergence(result.context_logits, logits), bool(result.context_logits.argmax() == logits.argmax())
+    doc = result.to_dict()["logits"]
+    return doc["kl_patched"], doc["top1_match"]
+
+
+def next_token(model, tokenizer, prompts: list[dict], method: str) -> dict:
+    """Top-1 agreement and KL(context ‖ patched), per prompt and summarised."""
     rows = []
     for p in prompts:
-        logits = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=precision).to_dict()["logits"]
-        rows.append({**p, "kl": logits["kl_patched"], "top1_match": logits["top1_match"]})
+        kl, top1 = next_token_row(model, tokenizer, p, method)
+        rows.append({**p, "kl": kl, "top1_match": top1})
     kls = [r["kl"] for r in rows]
     return {
         "prompts": len(rows),
@@ -55,12 +99,28 @@ def next_token(model, tokenizer, prompts: list[dict], precision: str) -> dict:
     }
 
 
-def generation(model, tokenizer, prompts: list[dict], precision: str, tokens: int) -> dict:
+def merged_generation(model, tokenizer, p: dict, tokens: int, naive: bool) -> dict:
+    """`analyze --generate` with each step's update merged into the weights (merged_logits)."""
+    prompt = tokenize(tokenizer, p["context"], p["query"])
+    chosen = select_blocks(model, "all")
+
+    def patched_next(targets, ids):
+        with naive_precision(model.dtype) if naive else contextlib.nullcontext():
+            patch = solve(model, chosen, targets, ids, "bias").patches[0]
+        return merged_logits(model, patch, ids, naive)
+
+    return teacher_forced(model, tokenizer, prompt, chosen, tokens, patched_next, "recompute").to_dict()
+
+
+def generation(model, tokenizer, prompts: list[dict], method: str, tokens: int) -> dict:
     """Teacher-forced greedy agreement over `tokens` per prompt, the update recomputed per token."""
     rows = []
     for p in prompts:
-        doc = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=precision, generate=tokens)
-        gen = doc.to_dict()["generation"]
+        if method.endswith("merged"):
+            gen = merged_generation(model, tokenizer, p, tokens, method.startswith("naive"))
+        else:
+            doc = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=method, generate=tokens)
+            gen = doc.to_dict()["generation"]
         agree = sum(t["id"] == t["patched_id"] for t in gen["tokens"])
         text = "".join(t["token"] for t in gen["tokens"])
         rows.append({"task": p["task"], "query": p["query"], "tokens": len(gen["tokens"]), "agree": agree,
@@ -82,14 +142,14 @@ def measure_model(name: str, study: list[dict], gen_prompts: list[dict], tokens:
     arms = {}
     for dtype in dict.fromkeys(d for d, _ in ARMS):
         model, tokenizer = icl_probe.load_model(name, dtype=dtype)
-        for _, precision in (arm for arm in ARMS if arm[0] == dtype):
+        for _, method in (arm for arm in ARMS if arm[0] == dtype):
             start = time.perf_counter()
-            arms[f"{dtype} {precision}"] = {
-                "next_token": next_token(model, tokenizer, study, precision),
-                "generation": generation(model, tokenizer, gen_prompts, precision, tokens),
+            arms[f"{dtype} {method}"] = {
+                "next_token": next_token(model, tokenizer, study, method),
+                "generation": generation(model, tokenizer, gen_prompts, method, tokens),
                 "seconds": time.perf_counter() - start,
             }
-            print(f"  {name} {dtype} {precision}: {arms[f'{dtype} {precision}']['seconds']:.1f} s", flush=True)
+            print(f"  {name} {dtype} {method}: {arms[f'{dtype} {method}']['seconds']:.1f} s", flush=True)
         del model
         gc.collect()
     return arms
@@ -97,18 +157,18 @@ def measure_model(name: str, study: list[dict], gen_prompts: list[dict], tokens:
 
 def print_tables(results: dict, tokens: int) -> None:
     print("\nnext token: agreement with the with-context run in the same dtype")
-    print(f"{'model':<14} {'arm':<17} {'prompts':>7} {'top-1':>7} {'mean KL':>10} {'max KL':>10}")
+    print(f"{'model':<14} {'arm':<22} {'prompts':>7} {'top-1':>7} {'mean KL':>10} {'max KL':>10}")
     for model, arms in results.items():
         for arm, r in arms.items():
             t = r["next_token"]
-            print(f"{model:<14} {arm:<17} {t['prompts']:>7} {t['top1_agreement']:>7.1%} "
+            print(f"{model:<14} {arm:<22} {t['prompts']:>7} {t['top1_agreement']:>7.1%} "
                   f"{t['kl_mean']:>10.3g} {t['kl_max']:>10.3g}")  # fmt: skip
     print(f"\ngeneration: {tokens} teacher-forced greedy tokens per prompt, the update recomputed per token")
-    print(f"{'model':<14} {'arm':<17} {'prompts':>7} {'tokens':>7} {'agree':>7} {'all agree':>9} {'max KL':>10}")
+    print(f"{'model':<14} {'arm':<22} {'prompts':>7} {'tokens':>7} {'agree':>7} {'all agree':>9} {'max KL':>10}")
     for model, arms in results.items():
         for arm, r in arms.items():
             g = r["generation"]
-            print(f"{model:<14} {arm:<17} {g['prompts']:>7} {g['tokens']:>7} {g['agreement']:>7.1%} "
+            print(f"{model:<14} {arm:<22} {g['prompts']:>7} {g['tokens']:>7} {g['agreement']:>7.1%} "
                   f"{g['prompts_all_agree']:>9} {g['kl_max']:>10.3g}")  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The real SmolLM2-135M and Gemma 3 270M, loaded once per session: exact replay on three ICL prompts, the
-figures of README.md's "Measured" table, and a cross-check against an independent implementation
-(tests/data/reference)."""
+figures of README.md's "Measured" table, a cross-check against an independent implementation
+(tests/data/reference), and generation agreement in float32 and bf16 ("Precision and generation")."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -78,3 +79,18 @@ def test_agrees_with_independent_reference(real_models, model_name, reference, r
             assert ours["modules"][path]["delta_w_norm"] == pytest.approx(norm, rel=1e-5), path
     assert doc["logits"]["kl_no_context"] == pytest.approx(ref["kl_no_context"], rel=1e-5)
     assert doc["logits"]["top_k"]["context"][0]["token"] == ref["top1_context"]
+
+
+@pytest.mark.parametrize("model_name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stable_update_keeps_every_generated_token(real_models, model_name, dtype):
+    """README, "Precision and generation": recomputed per token, the stable update agrees with the with-context
+    run on every greedy token, in float32 and in bf16 (KL ≈ 0 at each: the last block's Δb restores its output)."""
+    model, tokenizer = real_models(model_name)
+    if dtype != model.dtype:
+        model = copy.deepcopy(model).to(dtype)
+    context, query = PROMPTS["capitals"]
+    gen = icl_probe.analyze(model, tokenizer, context, query, generate=5).to_dict()["generation"]
+    assert len(gen["tokens"]) == 5
+    assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
+    assert max(t["kl"] for t in gen["tokens"]) < 1e-6
