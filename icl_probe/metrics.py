@@ -135,6 +135,8 @@ def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], targ
     One backward pass; only those weights take gradients, and every requires_grad flag is restored.
     """
     weights = {path: m.weight for b in chosen for path, m in b.first.items()}
+    if not weights:  # e.g. MoE layers without shared experts: their router and expert weights are not nn.Linear
+        return {}
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():

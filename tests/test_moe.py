@@ -211,10 +211,14 @@ def test_a_batch_is_solved_row_by_row():
             pass
 
 
-def test_dynamics_runs_on_a_mixture_of_experts_model():
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_next"])
+def test_dynamics_and_gradient_run_on_mixture_of_experts_models(name):
+    # The prefix sweep solves its batch row by row; --gradient covers the nn.Linear first linears (shared experts).
     examples = ["ab -> ba\n", "cd -> dc\n", "xy -> yx\n"]
-    doc = dynamics(model_of("mixtral"), coverage.char_tokenizer(), examples, QUERY, gradient=False).to_dict()
+    doc = dynamics(model_of(name), coverage.char_tokenizer(), examples, QUERY).to_dict()
     assert all(p["kl_patched"] < 1e-10 for p in doc["prefixes"][1:])
+    result = analyze(model_of(name), coverage.char_tokenizer(), CONTEXT, QUERY, gradient=True).to_dict()
+    assert sorted(result["layers"][-1]["modules"]) == [f"model.layers.1.{rel}" for rel in sorted(SHARED.get(name, []))]
 
 
 # ---- export and replay -------------------------------------------------------------------------------------
