@@ -1,65 +1,503 @@
-"""How much analyze costs next to the forward passes it cannot avoid, and what the GGUF cache saves.
+"""What analyze, loading, export, replay and the prefix sweep cost, against the forward passes they cannot avoid.
 
-Everything is timed side by side in one run, on the embedded SmolLM2-135M, and reported as ratios:
-- analyze / (3 plain forward passes: with context, query alone, query alone patched);
-- the patch factors' size / the dense ΔW's size;
-- loading from the safetensors cache / converting the GGUF file (with --convert; ~25 s).
+Every timing is a ratio of arms measured side by side in one process, the arms interleaved within each
+repeat, median of R repeats after one warm-up each, on SmolLM2-135M in float32 on the CPU:
 
-    python benchmarks/bench_analyze.py [--repeat 5] [--convert]
+1. analyze overhead: `analyze` on all layers / (plain forward of the full prompt + plain forward of the
+   query alone), at the 18-token demo and at about 500 context tokens. The plain forwards are what a user
+   runs: `model(input_ids)` under `torch.no_grad()`, transformers' defaults otherwise (KV cache built,
+   logits at every position). A stricter baseline with `use_cache=False, logits_to_keep=1` is printed beside
+   it. A per-component breakdown times analyze's engine functions by wrapping them from here (monkeypatched
+   for the instrumented runs only; the library carries no timing code).
+2. peak memory: each arm runs once in its own fresh subprocess, after the model is loaded and one 2-token
+   forward has warmed up the kernels. glibc is told to hand every block of 64 kB or more straight back to
+   the OS (MALLOC_MMAP_THRESHOLD_), `malloc_trim` releases what loading left behind, and the kernel's peak
+   resident set size (VmHWM) is reset through /proc/self/clear_refs just before the arm and read after it.
+   The figure is the ratio of the two peaks; the peaks above the resident size before the arm (the
+   activations and copies alone) are printed too.
+3. model load: `icl_probe.load_model("smollm2-135m")` in fresh subprocesses, timed after `import icl_probe`
+   (timed apart): cold converts the GGUF file into an empty ICL_PROBE_CACHE, warm reads that cache.
+4. export and replay: `export_patch` (native) and `replay` of the written file (no context) against
+   `analyze` of the same prompt; the patch fingerprint against one plain forward of the demo prompt.
+5. the prefix sweep: benchmarks/bench_dynamics.py's measurement at 32 examples (sweep vs separate analyses).
+6. patch size: the factors and Δb as stored (float32) against the dense ΔW matrices they stand for.
+
+    python benchmarks/bench_analyze.py [--quick] [--json PATH] [--repeat R]
+
+It prints the README's markdown table (figure, measured, target, met or not met), then the breakdowns.
+Full mode: R = 7, 3 processes per memory arm and size, 5 warm and 2 cold loads, sweeps at 8 and 32
+examples (R = 3). --quick (CI): a 48-token "long" prompt, R = 1, one process per memory arm for both
+sizes, one warm load and no cold one, a sweep at 3 examples; no target applies at those sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import json
 import os
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import icl_probe
+from icl_probe import analysis, capture, patching, update
+from icl_probe.arch import Block
+from icl_probe.export import export_patch, sizes
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
-from icl_probe.models import convert_gguf, embedded_smollm2
+from icl_probe.patchfile import fingerprint
+from icl_probe.replay import replay
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, format_example
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dynamics  # noqa: E402 - the prefix sweep's measurement, run here so that one table has every figure
+
+MODEL = "smollm2-135m"
+LONG_TOKENS = 500
+TARGETS = {  # figure → (comparison, bound), from issue 10
+    "overhead_long": ("<=", 1.10),
+    "overhead_demo": ("<=", 2.0),
+    "peak_memory_long": ("<=", 1.25),
+    "peak_memory_demo": ("<=", 1.25),
+    "load_warm_s": ("<=", 1.5),
+    "fingerprint_vs_forward": ("<=", 0.05),
+    "sweep_speedup": (">=", 20.0),
+}
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+# ---- prompts and arms --------------------------------------------------------------------------------------
+
+
+def long_context(tokenizer, tokens: int) -> str:
+    """Demonstrations of the built-in tasks, in turn, until the context has at least `tokens` tokens."""
+    examples = [format_example(DEFAULT_TEMPLATE, x, y) for name in builtin_names() for x, y in builtin_task(name).pairs]
+    context, i = "", 0
+    while len(tokenizer(context, add_special_tokens=False)["input_ids"]) < tokens:
+        context += examples[i % len(examples)]
+        i += 1
+    return context
+
+
+def prompts(tokenizer, long_tokens: int) -> dict[str, tuple[str, str]]:
+    return {"demo": (DEMO_CONTEXT, DEMO_QUERY), "long": (long_context(tokenizer, long_tokens), DEMO_QUERY)}
+
+
+def plain_forwards(model, ids: list[list[int]], **kwargs) -> None:
+    """The baseline: one forward per id list, as a user runs it (no_grad, transformers' defaults + kwargs)."""
+    with torch.no_grad():
+        for x in ids:
+            model(torch.tensor([x]), **kwargs)
+
+
+LEAN = {"use_cache": False, "logits_to_keep": 1}  # the stricter baseline: no KV cache, last-position logits only
+
+
+def median_times(arms: dict, repeat: int) -> dict[str, float]:
+    """One warm-up of each arm, then bench_dynamics' interleaved median of `repeat`."""
+    for fn in arms.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return bench_dynamics.median_times(arms, repeat)
+
+
+# ---- 1. analyze overhead and its breakdown -----------------------------------------------------------------
+
+# (module, attribute, label): functions analyze calls through these namespaces, timed from outside.
+TOP = [
+    (analysis, "tokenize", "tokenize"),
+    (analysis, "select_blocks", "select blocks"),
+    (analysis, "capture_targets", "with-context run + capture"),
+    (analysis, "last_logits", "query alone, unpatched"),
+    (analysis, "check_finite", "finiteness checks"),
+    (analysis, "solve_checked", "sequential solve (query alone)"),
+    (analysis, "ablation", "ablation batch (3 rows)"),
+    (analysis, "layer_report", "layer reports (norms, ranks)"),
+    (analysis, "compare_logits", "logit metrics (KL, top-k)"),
+]
+INNER = [  # parts of the top-level components above, printed indented under them
+    (capture, "last", "capture: float64 copies of targets"),
+    (update, "rank_one_rows", "solve: ΔW build (W (zC − z0))"),
+    (Block, "run_mlp", "solve: branch0 MLP re-run"),
+    (update.SequentialRun, "first_hook", "solve: ΔW hooks, all"),
+    (update.SequentialRun, "block_hook", "solve: Δb hooks"),
+    (update.SequentialRun, "branch_hook", "solve: branch hooks (incl. re-run)"),
+    (analysis, "weight_norm", "reports: weight_norm"),
+    (patching, "rows_low_rank_hook", "ablation: ΔW row hooks"),
+]
+FACTORIES = {"first_hook", "block_hook", "branch_hook", "rows_low_rank_hook"}  # they return the hook to time
+
+
+@contextlib.contextmanager
+def timed(spent: dict[str, float], targets: list):
+    """Wrap each (owner, attr) so that its calls (or, for hook factories, its hooks' calls) add to spent[label]."""
+
+    def clock(label, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    def factory(label, make):
+        return lambda *args, **kwargs: clock(label, make(*args, **kwargs))
+
+    originals = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in targets]
+    try:
+        for owner, attr, label in targets:
+            fn = owner.__dict__[attr]
+            setattr(owner, attr, factory(label, fn) if attr in FACTORIES else clock(label, fn))
+        yield
+    finally:
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
+
+
+def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[str, float]:
+    """Median seconds per component over `repeat` instrumented analyses; "other" is the rest of the total."""
+    runs = []
+    for _ in range(repeat):
+        spent: dict[str, float] = {}
+        with timed(spent, TOP + INNER):
+            start = time.perf_counter()
+            icl_probe.analyze(model, tokenizer, context, query)
+            spent["total"] = time.perf_counter() - start
+        spent["other"] = spent["total"] - sum(spent.get(label, 0.0) for _, _, label in TOP)
+        runs.append(spent)
+    labels = [label for _, _, label in TOP + INNER] + ["other", "total"]
+    return {label: statistics.median(r.get(label, 0.0) for r in runs) for label in labels}
+
+
+def overhead(model, tokenizer, context: str, query: str, repeat: int) -> dict:
+    prompt = tokenize(tokenizer, context, query)
+    ids = [prompt.full, prompt.query_only]
+    result = icl_probe.analyze(model, tokenizer, context, query)
+    times = median_times(
+        {
+            "analyze": lambda: icl_probe.analyze(model, tokenizer, context, query),
+            "plain": lambda: plain_forwards(model, ids),
+            "lean": lambda: plain_forwards(model, ids, **LEAN),
+            "full_only": lambda: plain_forwards(model, ids[:1]),
+            "query_only": lambda: plain_forwards(model, ids[1:]),
+        },
+        repeat,
+    )
+    return {
+        "context_tokens": len(prompt.context),
+        "full_tokens": len(prompt.full),
+        "query_tokens": len(prompt.query_only),
+        **{f"{k}_s": v for k, v in times.items()},
+        "ratio": times["analyze"] / times["plain"],
+        "ratio_lean": times["analyze"] / times["lean"],
+        "kl_patched": result.logits["kl_patched"],
+        "breakdown_s": breakdown(model, tokenizer, context, query, repeat),
+    }
+
+
+# ---- 2. peak memory, in subprocesses -----------------------------------------------------------------------
+
+
+def status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def memory_child(arm: str, sizes: list[str], long_tokens: int) -> dict:
+    """In a fresh process: load and warm up, then per size reset the peak RSS and run the arm once; MB."""
+    model, tokenizer = icl_probe.load_model(MODEL)
+    texts = prompts(tokenizer, long_tokens)
+    plain_forwards(model, [tokenize(tokenizer, *texts["demo"]).query_only[:2]])  # kernels, thread pools
+    out = {}
+    for size in sizes:
+        context, query = texts[size]
+        prompt = tokenize(tokenizer, context, query)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        before = status_kb("VmRSS")
+        if arm == "analyze":
+            icl_probe.analyze(model, tokenizer, context, query)
+        else:
+            plain_forwards(model, [prompt.full, prompt.query_only])
+        peak = status_kb("VmHWM")
+        out[size] = {"rss_before_mb": before / 1024, "peak_mb": peak / 1024, "extra_mb": (peak - before) / 1024}
+    return out
+
+
+def child_env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def memory(long_tokens: int, repeat: int, one_process: bool) -> dict:
+    """Peak RSS of analyze and of the plain forwards, each arm in its own processes, interleaved, medians.
+
+    A process per arm and size; with `one_process` (--quick), one process per arm runs both sizes in turn.
+    """
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536")  # blocks of 64 kB and more go back to the OS when freed
+    groups = [["demo", "long"]] if one_process else [["demo"], ["long"]]
+    runs: dict[str, dict[str, list]] = {arm: {"demo": [], "long": []} for arm in ("analyze", "plain")}
+    for _ in range(repeat):
+        for group in groups:
+            for arm in runs:
+                cmd = [sys.executable, __file__, "--child", arm, str(long_tokens), *group]
+                run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise RuntimeError(f"memory child {arm} {group} failed:\n{run.stderr}")
+                for size, r in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                    runs[arm][size].append(r)
+    out = {}
+    for size in ("demo", "long"):
+        med = {arm: {k: statistics.median(r[k] for r in rs[size]) for k in rs[size][0]} for arm, rs in runs.items()}
+        out[size] = {
+            **med,
+            "ratio": med["analyze"]["peak_mb"] / med["plain"]["peak_mb"],
+            "extra_ratio": med["analyze"]["extra_mb"] / med["plain"]["extra_mb"],
+        }
+    return out
+
+
+# ---- 3. model load, in subprocesses ------------------------------------------------------------------------
+
+
+# Run with `python -c` so that the import is timed in a process that has not imported anything yet.
+LOAD_CHILD = """import json, time
+start = time.perf_counter()
+import icl_probe
+imported = time.perf_counter()
+icl_probe.load_model({model!r})
+loaded = time.perf_counter()
+icl_probe.load_model({model!r})
+again = time.perf_counter()
+print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported, "load_again_s": again - loaded}}))
+"""
+
+
+def load_child(env: dict) -> dict:
+    """Seconds to import icl_probe, then to load the model, then to load it again in the same process.
+
+    The second load is the load proper: the first one also pays for the modules transformers imports
+    on first use (its model classes and what they pull in).
+    """
+    code = LOAD_CHILD.format(model=MODEL)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"load child failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def model_load(repeat: int, cold_repeat: int) -> dict:
+    """Warm loads from a converted cache; cold ones (if cold_repeat) convert into an empty cache first."""
+    warm, cold = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache" if cold_repeat else None
+        env = child_env(**({"ICL_PROBE_CACHE": str(cache)} if cache else {}))
+        for i in range(max(repeat, cold_repeat)):
+            if i < cold_repeat:
+                with tempfile.TemporaryDirectory() as empty:
+                    cold.append(load_child(child_env(ICL_PROBE_CACHE=empty)))
+                if i == 0:
+                    load_child(env)  # fills the warm arm's cache (a conversion, untimed)
+            if i < repeat:
+                warm.append(load_child(env))
+    med = lambda rs, k: statistics.median(r[k] for r in rs) if rs else None  # noqa: E731
+    return {
+        "warm_load_s": med(warm, "load_s"),
+        "warm_import_s": med(warm, "import_s"),
+        "warm_load_again_s": med(warm, "load_again_s"),
+        "cold_load_s": med(cold, "load_s"),
+        "cold_import_s": med(cold, "import_s"),
+    }
+
+
+# ---- 4 and 6. export, replay, fingerprint, patch size ------------------------------------------------------
+
+
+def export_replay(model, tokenizer, repeat: int) -> dict:
+    prompt = tokenize(tokenizer, DEMO_CONTEXT, DEMO_QUERY)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "patch.safetensors"
+        written = export_patch(model, tokenizer, output=path, force=True)
+        replayed = replay(model, tokenizer, path)
+        times = median_times(
+            {
+                "analyze": lambda: icl_probe.analyze(model, tokenizer),
+                "export": lambda: export_patch(model, tokenizer, output=path, force=True),
+                "replay": lambda: replay(model, tokenizer, path),
+                "fingerprint": lambda: fingerprint(model),
+                "forward": lambda: plain_forwards(model, [prompt.full]),
+            },
+            repeat,
+        )
+    patch_bytes, dense_bytes = sizes(written.analysis.patch)
+    return {
+        **{f"{k}_s": v for k, v in times.items()},
+        "export_vs_analyze": times["export"] / times["analyze"],
+        "replay_vs_analyze": times["replay"] / times["analyze"],
+        "fingerprint_vs_forward": times["fingerprint"] / times["forward"],
+        "kl_stored": written.kl_stored,
+        "fingerprint_checked": replayed.patch["fingerprint_checked"],
+        "patch_bytes": patch_bytes,
+        "dense_bytes": dense_bytes,
+        "file_bytes": written.file_bytes,
+        "size_ratio": patch_bytes / dense_bytes,
+    }
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+
+
+def verdict(key: str, value: float | None, quick: bool) -> str:
+    if key not in TARGETS:
+        return "–"
+    if quick:
+        return "not judged (--quick)"
+    op, bound = TARGETS[key]
+    met = value <= bound if op == "<=" else value >= bound
+    return "met" if met else "**not met**"
+
+
+def table_rows(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, measured, target, verdict) rows of the README table."""
+    o, m, ld, e, s = doc["overhead"], doc["memory"], doc["load"], doc["export"], doc["sweep"]
+    long_n = o["long"]["context_tokens"]
+
+    def row(name, text, key=None, value=None):
+        op, bound = TARGETS.get(key, (None, None))
+        target = f"{op.replace('<=', '≤').replace('>=', '≥')} {bound:g}" if op else "–"
+        return (name, text, target, verdict(key, value, doc["quick"]))
+
+    def peak(size):
+        a, p = m[size]["analyze"], m[size]["plain"]
+        return f"{m[size]['ratio']:.3f}× ({a['peak_mb']:.0f} / {p['peak_mb']:.0f} MB)"
+
+    def extra(size):
+        a, p = m[size]["analyze"], m[size]["plain"]
+        return f"{m[size]['extra_ratio']:.2f}× ({a['extra_mb']:.1f} / {p['extra_mb']:.1f} MB)"
+
+    cold = ld["cold_load_s"]
+    return [
+        row(f"analyze / plain forwards, {long_n} context tokens", f"{o['long']['ratio']:.2f}×", "overhead_long",
+            o["long"]["ratio"]),
+        row(f"  … / lean forwards (no cache, last logits), {long_n} tokens", f"{o['long']['ratio_lean']:.2f}×",
+            "overhead_long", o["long"]["ratio_lean"]),
+        row("analyze / plain forwards, 18-token demo", f"{o['demo']['ratio']:.2f}×", "overhead_demo",
+            o["demo"]["ratio"]),
+        row("  … / lean forwards, demo", f"{o['demo']['ratio_lean']:.2f}×", "overhead_demo", o["demo"]["ratio_lean"]),
+        row(f"peak RSS, analyze / plain forwards, {long_n} tokens", peak("long"), "peak_memory_long",
+            m["long"]["ratio"]),
+        row(f"  … above the loaded model, {long_n} tokens", extra("long")),
+        row("peak RSS, analyze / plain forwards, demo", peak("demo"), "peak_memory_demo", m["demo"]["ratio"]),
+        row("  … above the loaded model, demo", extra("demo")),
+        row("model load, warm (fresh process, after import)", f"{ld['warm_load_s']:.2f} s", "load_warm_s",
+            ld["warm_load_s"]),
+        row("  `import icl_probe` (torch included), before it", f"{ld['warm_import_s']:.2f} s"),
+        row("  the same load again in that process", f"{ld['warm_load_again_s']:.2f} s"),
+        row("model load, cold (GGUF conversion, empty cache)", "not run" if cold is None else f"{cold:.1f} s"),
+        row("export-patch (native) / analyze", f"{e['export_vs_analyze']:.2f}×"),
+        row("replay (patch file, no context) / analyze", f"{e['replay_vs_analyze']:.2f}×"),
+        row("fingerprint / one forward of the demo prompt", f"{e['fingerprint_vs_forward']:.1%}",
+            "fingerprint_vs_forward", e["fingerprint_vs_forward"]),
+        row(f"prefix sweep vs separate analyses, {s['n']} examples", f"{s['speedup']:.1f}×", "sweep_speedup",
+            s["speedup"]),
+        row("patch (factors + Δb, float32) / dense ΔW",
+            f"{e['size_ratio']:.5f} ({e['patch_bytes'] / 1e3:.0f} kB / {e['dense_bytes'] / 1e6:.0f} MB)"),
+    ]  # fmt: skip
+
+
+def markdown(doc: dict) -> str:
+    lines = ["| figure | measured | target | |", "| --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(r)} |" for r in table_rows(doc)]
+    return "\n".join(lines)
+
+
+def print_breakdown(name: str, o: dict) -> None:
+    parts = o["breakdown_s"]
+    total = parts["total"]
+    print(
+        f"\nanalyze breakdown, {name} ({o['full_tokens']} tokens; median of instrumented runs, {total * 1e3:.1f} ms;"
+        f" plain full forward {o['full_only_s'] * 1e3:.1f} ms, plain query forward {o['query_only_s'] * 1e3:.1f} ms)"
+    )
+    print(f"  {'component':<40} {'ms':>8} {'share':>6}")
+    for _, _, label in TOP:
+        print(f"  {label:<40} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
+    print(f"  {'other (dataclasses, Analysis)':<40} {parts['other'] * 1e3:>8.2f} {parts['other'] / total:>6.1%}")
+    print("  inside the above:")
+    for _, _, label in INNER:
+        print(f"    {label:<38} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")  # fmt: skip
+
+
+def checks(doc: dict) -> dict[str, bool]:
+    """The correctness checks every mode must pass (float32: the patched query reproduces the context)."""
+    o, e, s = doc["overhead"], doc["export"], doc["sweep"]
+    return {
+        "analyze kl_patched < 1e-6": all(o[k]["kl_patched"] < 1e-6 for k in o),
+        "export kl_stored < 1e-6": e["kl_stored"] < 1e-6,
+        "replay checked the fingerprint": bool(e["fingerprint_checked"]),
+        "sweep = separate analyses (‖ΔW‖ rel. diff < 1e-5)": s["max_rel_diff_delta_w_norm"] < 1e-5,
+    }
+
+
+@contextlib.contextmanager
+def section(name: str):
+    """Say on stderr what is being measured and how long it took (the full run takes minutes)."""
+    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"bench: {name} took {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--convert", action="store_true", help="also time the GGUF conversion against a cached load")
+    parser.add_argument("--quick", action="store_true", help="small sizes, R = 1, no cold conversion (CI)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--repeat", type=int, help="repeats per arm (default 7, or 1 with --quick)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(memory_child(kind, rest[1:], int(rest[0]))))
+        return
+    repeat = args.repeat or (1 if args.quick else 7)
+    long_tokens, sweep_ns = (48, (3,)) if args.quick else (LONG_TOKENS, (8, 32))
+    model, tokenizer = icl_probe.load_model(MODEL)
+    texts = prompts(tokenizer, long_tokens)
+    doc = {
+        "model": MODEL, "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "repeat": repeat, "quick": args.quick, "torch": torch.__version__,
+    }  # fmt: skip
+    with section("analyze overhead"):
+        doc["overhead"] = {k: overhead(model, tokenizer, c, q, repeat) for k, (c, q) in texts.items()}
+    with section("export, replay, fingerprint"):
+        doc["export"] = export_replay(model, tokenizer, repeat)
+    with section("prefix sweep"):
+        doc["sweeps"] = [bench_dynamics.measure(model, tokenizer, n, 1 if args.quick else 3) for n in sweep_ns]
+        doc["sweep"] = doc["sweeps"][-1]
+    with section("peak memory (subprocesses)"):
+        doc["memory"] = memory(long_tokens, 1 if args.quick else 3, one_process=args.quick)
+    with section("model load (subprocesses)"):
+        doc["load"] = model_load(1 if args.quick else 5, 0 if args.quick else 2)
+    doc["checks"] = checks(doc)
+    doc["table"] = [dict(zip(("figure", "measured", "target", "verdict"), r)) for r in table_rows(doc)]
 
-    model, tokenizer = icl_probe.load_model("smollm2-135m")
-    prompt = tokenize(tokenizer, DEMO_CONTEXT, DEMO_QUERY)
-
-    def forwards():
-        with torch.no_grad():
-            for ids in (prompt.full, prompt.query_only, prompt.query_only):
-                model(input_ids=torch.tensor([ids]), use_cache=False)
-
-    t_fwd = best_of(args.repeat, forwards)
-    result = icl_probe.analyze(model, tokenizer)
-    t_analyze = best_of(args.repeat, lambda: icl_probe.analyze(model, tokenizer))
-    factors = sum(d.u.numel() + d.v.numel() for d in result.patch.low_rank.values())
-    dense = sum(d.shape[0] * d.shape[1] for d in result.patch.low_rank.values())
-    print(f"3 forward passes      {t_fwd * 1e3:8.1f} ms")
-    print(f"analyze               {t_analyze * 1e3:8.1f} ms   ratio {t_analyze / t_fwd:.2f}x")
-    print(f"patch factors / dense {factors:,} / {dense:,} values   ratio {factors / dense:.5f}")
-    if args.convert:
-        t_cached = best_of(1, lambda: icl_probe.load_model("smollm2-135m"))
-        with tempfile.TemporaryDirectory() as tmp:
-            t_convert = best_of(1, lambda: convert_gguf(embedded_smollm2(), __import__("pathlib").Path(tmp) / "m"))
-        print(f"cached load           {t_cached:8.2f} s")
-        print(f"GGUF conversion       {t_convert:8.2f} s   ratio cached/convert {t_cached / t_convert:.3f}")
+    print(f"{MODEL}, float32, CPU, {doc['threads']} threads of {doc['cpus']} CPUs, median of {repeat}"
+          f"{' (--quick)' if args.quick else ''}\n")  # fmt: skip
+    print(markdown(doc))
+    for name, o in doc["overhead"].items():
+        print_breakdown(name, o)
+    print()
+    bench_dynamics.print_rows(doc["sweeps"])
+    print("\ncorrectness checks: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in doc["checks"].items()))
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not all(doc["checks"].values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,36 @@ def test_bench_dynamics_quick(tmp_path):
     assert row["max_abs_diff_kl"] < 1e-6
     parts = row["breakdown_s"]
     assert all(parts[name] >= 0 for name in ("capture_prefixes", "capture_targets", "solve", "ablation"))
+
+
+def test_bench_analyze_quick(tmp_path):
+    """Every figure of issue 10's table is measured and positive, and the correctness checks pass."""
+    out = tmp_path / "analyze.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = ROOT / "benchmarks" / "bench_analyze.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "| figure | measured | target |" in run.stdout and "analyze breakdown, long" in run.stdout
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert all(doc["checks"].values()), doc["checks"]
+    for size in ("demo", "long"):
+        o = doc["overhead"][size]
+        assert o["ratio"] > 0 and o["ratio_lean"] > 0 and o["breakdown_s"]["total"] > 0
+        assert (
+            o["breakdown_s"]["with-context run + capture"] > 0
+            and o["breakdown_s"]["sequential solve (query alone)"] > 0
+        )
+        m = doc["memory"][size]
+        assert m["ratio"] > 0 and m["analyze"]["peak_mb"] > 0 and m["plain"]["peak_mb"] > 0
+    load, export, sweep = doc["load"], doc["export"], doc["sweep"]
+    assert load["warm_load_s"] > 0 and load["warm_import_s"] > 0 and load["warm_load_again_s"] > 0
+    assert load["cold_load_s"] is None  # the conversion takes ~20 s: full mode only
+    assert export["export_vs_analyze"] > 0 and export["replay_vs_analyze"] > 0 and export["fingerprint_vs_forward"] > 0
+    assert 0 < export["size_ratio"] < 1 and sweep["speedup"] > 0
+    assert len(doc["table"]) >= 16 and all(row["measured"] for row in doc["table"])
