@@ -89,17 +89,27 @@ def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor,
     return LowRank(u[:, None], z0[:, None].clone())
 
 
+MATVEC_BLOCK = 1 << 22  # weight elements lifted to float32 at a time: a 16 MB copy at most, whatever W's size
+
+
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W x as float64, multiplied in float64 for float64 weights and in float32 otherwise.
 
     Casting every weight to float64 would copy it at twice its size; float32 keeps the product
-    as accurate as the float32 model's own first linear layer, and lifts bf16/fp16 weights.
+    as accurate as the float32 model's own first linear layer. bf16/fp16 weights are lifted to
+    float32 a block of rows at a time, so the copy stays small on any model.
     """
     if _NAIVE.get() is not None:
         work = _NAIVE.get()
     else:
         work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
-    return (weight.to(work) @ x.to(weight.device, work)).to(x.device, update_dtype())
+    xw = x.to(weight.device, work)
+    if weight.dtype == work:
+        y = weight @ xw
+    else:
+        rows = max(1, MATVEC_BLOCK // max(1, weight.shape[1]))
+        y = torch.cat([block.to(work) @ xw for block in weight.split(rows)])
+    return y.to(x.device, update_dtype())
 
 
 def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
