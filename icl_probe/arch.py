@@ -453,7 +453,8 @@ def blocks(model: nn.Module) -> list[Block]:
 # ---- the structural rule ----------------------------------------------------------------------------
 
 LINEARS = (nn.Linear, Conv1D)
-EXPERTS = re.compile(r"moe|expert|router", re.IGNORECASE)  # class names of mixture-of-experts parts
+# class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
+EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
 MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
                ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
@@ -643,7 +644,13 @@ def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: 
 
 
 def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return a is not None and b is not None and a.numel() == b.numel() and torch.equal(a.reshape(b.shape), b)
+    """Equal tensors; of two dtypes, equal in the less precise (a router kept in float32 reads a cast input)."""
+    if a is None or b is None or a.numel() != b.numel():
+        return False
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a.reshape(b.shape), b)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
@@ -718,7 +725,10 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
         raise Refusal(f"has a mixture-of-experts MLP '{name}' with {len(experts)} modules of 3-D weights ({found})")
     e_rel, e_mod = experts[0]
     if not calls.get(e_mod) or not all(same(c.x, call.x) for c in calls[e_mod]):
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' do not read the MLP input")
+        raise Refusal(
+            f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' are not called with the MLP input "
+            "(they get it routed or scaled), so no weight update of theirs reads z"
+        )
     params, transposed, down = expert_weights(name, e_rel, e_mod, hidden)
     linears, routers = [], []
     for rel, m in mlp.named_modules():
@@ -730,13 +740,16 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
             linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
         elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
             routers.append(f"{rel}.weight")
-    if not routers:
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router weight (E, {hidden}) reading its input")
+    n_experts = e_mod.get_parameter(params[0].removeprefix(e_rel + ".")).shape[0]
+    router_linears = [rel for rel in linears if mlp.get_submodule(rel).weight.shape[0] == n_experts]
+    if not routers and not router_linears:
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router (E, {hidden}) reading its input")
     parts = MoeParts(
         experts=f"{name}.{e_rel}",
         params=tuple(f"{name}.{p}" for p in routers + params),
         transposed=tuple(f"{name}.{p}" for p in transposed),
         routers=tuple(f"{name}.{p}" for p in routers),
+        router_linears=tuple(f"{name}.{p}" for p in router_linears),
     )
     check_moe_exact(name, mlp, call, linears, parts, hidden)
     return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
@@ -877,7 +890,7 @@ def describe_block(b: Block) -> dict:
         if f.moe is None
         else {
             "experts": full(f.moe.experts),
-            "routers": [full(p) for p in f.moe.routers],
+            "routers": [full(p) for p in (*f.moe.routers, *f.moe.router_linears)],
             "params": [full(p) for p in f.moe.params],
             "transposed": [full(p) for p in f.moe.transposed],
         },

@@ -73,6 +73,7 @@ OVERRIDES: dict[str, dict] = {
     "youtu": {"qk_rope_head_dim": 8},  # its rotary embedding is head_dim wide
     "zaya": {"num_experts_per_tok": 1},
     "deepseek_v3": {"head_dim": 4},  # the rotary part of multi-head latent attention is qk_rope_head_dim wide
+    "axk1": {"head_dim": 4},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
 }
 

@@ -33,6 +33,7 @@ class MoeParts:
     params: tuple[str, ...]  # weights read at the MLP input other than nn.Linear layers: router(s), expert weights
     transposed: tuple[str, ...] = ()  # of those, the ones stored (E, in, out)
     routers: tuple[str, ...] = ()  # the router weight(s), a subset of params
+    router_linears: tuple[str, ...] = ()  # routers that are plain nn.Linear layers (HunYuan), among the first linears
 
 
 @dataclass

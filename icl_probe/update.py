@@ -338,6 +338,7 @@ def moe_report(b: Block, rec: LayerRecord, target: Target, patch: Patch) -> dict
         if norms.ndim:
             experts = norms.pow(2) if experts is None else experts + norms.pow(2)
     routers = [params[b.full(p)]["delta_w_norm"] for p in b.moe.routers]
+    routers += [patch.low_rank[b.full(p)].frobenius_norm() for p in b.moe.router_linears]
     return {
         "num_experts": None if experts is None else int(experts.numel()),
         "routing": moe_routing(target.route, rec.route_no_context, rec.route_patched),
