@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe import analysis, capture, patching, update
+from icl_probe import analysis, capture, models, patching, update
 from icl_probe.arch import Block
 from icl_probe.export import export_patch, sizes
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
@@ -277,15 +277,25 @@ icl_probe.load_model({model!r})
 again = time.perf_counter()
 print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported, "load_again_s": again - loaded}}))
 """
+# The same converted folder loaded with transformers alone, as a user of transformers would.
+HF_CHILD = """import json, time
+start = time.perf_counter()
+import torch, transformers
+imported = time.perf_counter()
+from transformers import AutoModelForCausalLM, AutoTokenizer
+AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32).eval()
+AutoTokenizer.from_pretrained({folder!r})
+print(json.dumps({{"import_s": imported - start, "load_s": time.perf_counter() - imported}}))
+"""
 
 
-def load_child(env: dict) -> dict:
-    """Seconds to import icl_probe, then to load the model, then to load it again in the same process.
+def load_child(env: dict, code: str) -> dict:
+    """Run `code` in a fresh interpreter; its JSON line of seconds.
 
-    The second load is the load proper: the first one also pays for the modules transformers imports
-    on first use (its model classes and what they pull in).
+    LOAD_CHILD times `import icl_probe`, then `load_model`, then the same load again in that process: the
+    first load also pays for the modules transformers imports on first use (its model classes and what
+    they pull in), the second one does not.
     """
-    code = LOAD_CHILD.format(model=MODEL)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"load child failed:\n{run.stderr}")
@@ -293,24 +303,33 @@ def load_child(env: dict) -> dict:
 
 
 def model_load(repeat: int, cold_repeat: int) -> dict:
-    """Warm loads from a converted cache; cold ones (if cold_repeat) convert into an empty cache first."""
-    warm, cold = [], []
+    """Warm loads (icl_probe, and transformers alone on the same folder) from a converted cache, interleaved;
+    cold ones (if cold_repeat) convert into an empty cache first."""
+    icl = LOAD_CHILD.format(model=MODEL)
+    warm, hf, cold = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache" if cold_repeat else None
         env = child_env(**({"ICL_PROBE_CACHE": str(cache)} if cache else {}))
+        if cache:
+            load_child(env, icl)  # fills the warm arms' cache (a conversion, untimed)
+            folder = next(cache.glob("models/*/config.json")).parent
+        else:
+            folder = Path(models.resolve_folder(MODEL))  # the user's cache, filled by this process's load
         for i in range(max(repeat, cold_repeat)):
             if i < cold_repeat:
                 with tempfile.TemporaryDirectory() as empty:
-                    cold.append(load_child(child_env(ICL_PROBE_CACHE=empty)))
-                if i == 0:
-                    load_child(env)  # fills the warm arm's cache (a conversion, untimed)
+                    cold.append(load_child(child_env(ICL_PROBE_CACHE=empty), icl))
             if i < repeat:
-                warm.append(load_child(env))
+                warm.append(load_child(env, icl))
+                hf.append(load_child(env, HF_CHILD.format(folder=str(folder))))
     med = lambda rs, k: statistics.median(r[k] for r in rs) if rs else None  # noqa: E731
     return {
         "warm_load_s": med(warm, "load_s"),
         "warm_import_s": med(warm, "import_s"),
         "warm_load_again_s": med(warm, "load_again_s"),
+        "transformers_load_s": med(hf, "load_s"),
+        "transformers_import_s": med(hf, "import_s"),
+        "warm_vs_transformers": med(warm, "load_s") / med(hf, "load_s"),
         "cold_load_s": med(cold, "load_s"),
         "cold_import_s": med(cold, "import_s"),
     }
@@ -399,6 +418,8 @@ def table_rows(doc: dict) -> list[tuple[str, str, str, str]]:
             ld["warm_load_s"]),
         row("  `import icl_probe` (torch included), before it", f"{ld['warm_import_s']:.2f} s"),
         row("  the same load again in that process", f"{ld['warm_load_again_s']:.2f} s"),
+        row("  transformers alone, same folder, fresh process (after `import torch`)",
+            f"{ld['transformers_load_s']:.2f} s (icl-probe / it: {ld['warm_vs_transformers']:.2f}×)"),
         row("model load, cold (GGUF conversion, empty cache)", "not run" if cold is None else f"{cold:.1f} s"),
         row("export-patch (native) / analyze", f"{e['export_vs_analyze']:.2f}×"),
         row("replay (patch file, no context) / analyze", f"{e['replay_vs_analyze']:.2f}×"),
