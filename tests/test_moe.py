@@ -274,3 +274,21 @@ def test_a_patch_for_other_experts_does_not_fit():
     path, delta = next(iter(analysis_of("mixtral").patch.params.items()))
     with pytest.raises(PatchError, match="does not fit this model"):
         check_fits(model_of("mixtral"), Patch(params={path: ParamLowRank(delta.u[:2], delta.v)}))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_float32_with_the_default_grouped_mm_experts(name):
+    # The update acts through the MLP input, so every experts implementation sees it: transformers' default
+    # grouped_mm here (float32; the float64 models above run eager, tests/test_structural.py's batched_mm).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    settings = {**coverage.tiny_settings(AutoConfig.for_model(name)), **coverage.OVERRIDES.get(name, {})}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **settings), dtype=torch.float32)
+    coverage.spread(model)
+    model.eval()
+    assert model.config._experts_implementation == "grouped_mm"
+    doc = analyze(model, coverage.char_tokenizer(), CONTEXT, QUERY).to_dict()
+    assert doc["logits"]["kl_patched"] < 1e-9 and doc["moe"]["patched_matches_context"]
+    assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-5  # float32 rounding
+    assert doc["ablation"]["both"]["kl"] < 1e-9
