@@ -1,6 +1,6 @@
 """benchmarks/bench_precision.py runs end to end in quick mode (SmolLM2, 2 prompts, 5 tokens), and what is exact by
 construction is exact: the stable update, in float32 and in bf16, keeps every top-1 and every generated token. The
-naive arm is only checked for shape; no timing is asserted."""
+naive and merged arms are only checked for shape; no timing is asserted."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ def test_bench_precision_quick(tmp_path):
     assert "next token: agreement" in run.stdout and "generation: 5 teacher-forced" in run.stdout
     doc = json.loads(out.read_text(encoding="utf-8"))
     arms = doc["models"]["smollm2-135m"]
-    assert set(arms) == {"float32 stable", "bfloat16 stable", "bfloat16 naive"}
+    merged = {"bfloat16 stable merged", "bfloat16 naive merged"}
+    assert set(arms) == {"float32 stable", "bfloat16 stable", "bfloat16 naive", *merged}
     for name in ("float32 stable", "bfloat16 stable"):
         # the last block's Δb, summed in float64 and rounded once, restores the with-context hidden state
         nt, gen = arms[name]["next_token"], arms[name]["generation"]
         assert nt["prompts"] == 2 and nt["top1_agreement"] == 1.0 and nt["kl_max"] < 1e-6, name
         assert gen["tokens"] == 10 and gen["agreement"] == 1.0 and gen["prompts_all_agree"] == 2, name
-    naive = arms["bfloat16 naive"]
-    assert 0.0 <= naive["next_token"]["top1_agreement"] <= 1.0
-    assert 0.0 <= naive["generation"]["agreement"] <= 1.0
+    for name in ("bfloat16 naive", *merged):
+        assert 0.0 <= arms[name]["next_token"]["top1_agreement"] <= 1.0, name
+        assert 0.0 <= arms[name]["generation"]["agreement"] <= 1.0, name
