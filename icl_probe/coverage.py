@@ -74,6 +74,8 @@ OVERRIDES: dict[str, dict] = {
     "zaya": {"num_experts_per_tok": 1},
     "deepseek_v3": {"head_dim": 4},  # the rotary part of multi-head latent attention is qk_rope_head_dim wide
     "axk1": {"head_dim": 4},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # its defaults do not run
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
 }
 
