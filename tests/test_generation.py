@@ -51,6 +51,18 @@ def test_recompute_agrees_and_matches_a_slow_loop_of_fresh_analyses(family):
         assert doc["logits"]["top_k"]["patched"][0]["id"] == token == gen["tokens"][step]["patched_id"]
 
 
+# caches that are not a plain list of keys and values: sliding windows, convolution and state-space layers, experts
+CACHE_KINDS = ["gemma2", "exaone4", "gpt_neo", "lfm2", "jamba", "qwen3_next", "falcon_h1", "qwen3_next-moe", "opt"]
+
+
+@pytest.mark.parametrize("family", CACHE_KINDS)
+def test_the_cached_context_run_is_the_plain_greedy_one(family):
+    model, tok = tiny_model(family), char_tokenizer()
+    gen = analyze(model, tok, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    assert [t["id"] for t in gen["tokens"]] == greedy(model, tokenize(tok, CONTEXT, QUERY).full, N, tok.eos_token_id)
+    assert gen["agreement"] == 1.0 and max(t["kl"] for t in gen["tokens"]) < 1e-12
+
+
 def test_the_context_runs_once_on_a_kv_cache(tokenizer):
     model = tiny_model("llama")
     prompt = tokenize(tokenizer, CONTEXT, QUERY)
@@ -93,15 +105,17 @@ def test_naive_in_float64_is_the_stable_math(tokenizer):
     assert naive["layers"] == stable["layers"] and naive["logits"] == stable["logits"]
 
 
-def test_replay_fixed_and_recompute(tmp_path, tokenizer):
+@pytest.mark.parametrize("residual", ["bias", "fold"])
+def test_replay_fixed_and_recompute(tmp_path, tokenizer, residual):
     model = tiny_model("llama")
     path = tmp_path / "p.safetensors"
-    export_patch(model, tokenizer, CONTEXT, QUERY, output=path)
+    export_patch(model, tokenizer, CONTEXT, QUERY, output=path, residual=residual, layers="-1")
     fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()["generation"]
     assert fixed["mode"] == "fixed" and len(fixed["tokens"]) == N
     assert fixed["tokens"][0]["id"] == fixed["tokens"][0]["patched_id"]  # exact at the query's last token
     recomputed = replay(model, tokenizer, path, context=CONTEXT, generate=N, recompute=True).to_dict()
-    want = analyze(model, tokenizer, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    want = analyze(model, tokenizer, CONTEXT, QUERY, generate=N, residual=residual, layers="-1").to_dict()
+    want = want["generation"]
     assert recomputed["generation"] == want
     assert replay(model, tokenizer, path, generate=N).to_dict()["generation"] is None  # no context, nothing to match
 
