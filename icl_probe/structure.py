@@ -1,0 +1,413 @@
+"""The structural rule: a model type that is not in the architecture table, read from its structure.
+
+One probe forward pass, with hooks on every block, its children and the modules inside them, finds in
+each block the mixer, the MLP and the norms around it, and checks what the theorem needs: the block adds
+the mixer's and the MLP's branches to its residual stream, and the MLP input reaches its output only
+through the first linears (a dense MLP) or through its routers, fused experts and shared experts (a
+mixture of experts, checked by applying the updates). What does not fit is refused in one line naming
+the block and what was found. docs/architectures.md describes the rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import moe
+from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
+from .hooks import hooked
+from .moe import MoeParts
+
+LINEARS = (nn.Linear, Conv1D)
+# class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
+EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
+MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
+               ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
+               ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
+PROBE_IDS = (1, 2, 3, 4, 5, 6)
+# A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
+# matches the MLP at z only to float32 rounding; a reader left out would miss by far more.
+MOE_CHECK_TOLERANCE = 1e-5
+READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
+
+
+class Refusal(Exception):
+    """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
+
+
+@dataclass
+class Call:
+    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
+
+    order: int
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+
+
+def read_structure(model: nn.Module) -> list[Block]:
+    """The blocks of a model that is not in the table, read from its structure and checked on one probe run.
+
+    The reading is cached per model. A block that does not fit gives a one-line ModelError naming the layer
+    and what was found there.
+    """
+    if model not in READINGS:
+        READINGS[model] = read_model(model)
+    path, families = READINGS[model]
+    return [Block(i, f"{path}.{i}", layer, f) for i, (layer, f) in enumerate(zip(model.get_submodule(path), families))]
+
+
+def read_model(model: nn.Module) -> tuple[str, list[Family]]:
+    model_type = model.config.model_type
+    candidates = layer_lists(model)
+    float64_experts(model)
+    calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
+    path = the_decoder_blocks(model, candidates, calls)
+    layers = model.get_submodule(path)
+    read = []
+    for i, layer in enumerate(layers):
+        try:
+            read.append(read_block(layer, calls))
+        except Refusal as e:
+            raise unsupported(model_type, f"block {path}.{i} {e}") from None
+    note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
+    name = f"generic ({model_type})"
+    return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
+
+
+def float64_experts(model: nn.Module) -> None:
+    """Switch a float64 model's fused experts from grouped_mm (transformers' default, which takes no float64 on
+    the CPU) to batched_mm, the same computation with batched matrix products."""
+    config = model.config
+    if getattr(config, "_experts_implementation", None) == "grouped_mm" and model.dtype == torch.float64:
+        can_set = getattr(model, "_can_set_experts_implementation", lambda: False)
+        if can_set():
+            model.set_experts_implementation("batched_mm")
+
+
+def layer_lists(model: nn.Module) -> list[str]:
+    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders')."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    if not outer:
+        raise unsupported(model.config.model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
+    return outer
+
+
+def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[Call]]) -> str:
+    """The one candidate list whose every block ran once in the probe run of input ids alone."""
+    ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
+    if len(ran) != 1:
+        found = f"{', '.join(ran)} all run" if ran else f"none of {', '.join(candidates)} runs once"
+        raise unsupported(model.config.model_type, f"expected one ModuleList of blocks run once per pass; {found}")
+    return ran[0]
+
+
+def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
+    """Run a short input once, recording every block, its children and the linear layers inside them."""
+    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer), *owners_in(layer))]
+    watched = list(dict.fromkeys(watched))
+    embedding = model.get_input_embeddings().weight
+    ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
+    device = torch.device("cpu") if embedding.device.type == "meta" else embedding.device
+    with torch.no_grad(), recording(watched) as calls:
+        model(input_ids=ids.to(device), use_cache=False)
+    return calls
+
+
+def linears_in(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, LINEARS)]
+
+
+def owners_in(module: nn.Module) -> list[nn.Module]:
+    """The modules inside an MLP that own parameters directly (routers, fused experts), for the probe run."""
+    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+@contextmanager
+def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
+    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
+    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
+    order = itertools.count()
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("hidden_states")
+        calls[module].append(Call(next(order), copied(x), copied(output)))
+
+    handles = []
+    try:
+        for m in calls:
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def copied(value: object) -> torch.Tensor | None:
+    """The hidden-state tensor of a module input or output, copied (some blocks add to theirs in place)."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value.detach().clone() if isinstance(value, torch.Tensor) else None
+
+
+def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
+    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input."""
+    if len(calls[layer]) != 1:
+        raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
+    x, y = calls[layer][0].x, calls[layer][0].y
+    seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
+    norms = [(name, c) for c, name, m in seen if is_norm(m)]
+    units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
+    (mixer_name, mixer, mixer_call), (mlp_name, mlp, mlp_call) = split_units(units)
+    attn, a = mixer_name, mixer_call.y
+    if post_mixer := norm_with(norms, "x", a, mixer_call.order):
+        attn, a = post_mixer[0], post_mixer[1].y
+    pre = norm_with(norms, "y", mlp_call.x, -1)
+    post = norm_with(norms, "x", mlp_call.y, mlp_call.order)
+    r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
+    b = post[1].y if post else mlp_call.y  # the MLP branch
+    parallel = check_sums(x, y, a, r, b, attn, post[0] if post else mlp_name)
+    moe = None
+    if any(p.ndim == 3 for p in mlp.parameters()):
+        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+        conv1d = False
+    else:
+        check_dense(mlp_name, mlp)
+        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+    return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
+                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer), moe=moe)  # fmt: skip
+
+
+def is_norm(m: nn.Module) -> bool:
+    return "norm" in type(m).__name__.lower() and not linears_in(m)
+
+
+def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[tuple, tuple]:
+    """(mixer, MLP) among the block's parametrised children in call order: the MLP runs last, one mixer before it."""
+    names = [name for name, _, _ in units]
+    if not units or len(set(names)) != len(names):
+        raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
+    if len(units) == 1:
+        raise Refusal(f"has only '{names[0]}' ({mixer_kind(units[0][1])}), no MLP after a contextual layer")
+    *mixers, mlp = units
+    if isinstance(mlp[1], LINEARS):
+        raise Refusal(f"ends with a bare linear layer '{mlp[0]}', not an MLP module (a table row can name its MLP)")
+    if len(mixers) != 1:
+        found = ", ".join(name for name, _, _ in mixers) or "none"
+        raise Refusal(f"has {len(mixers)} contextual layers before its MLP '{mlp[0]}' ({found}), not one")
+    if mixers[0][2].y is None or mlp[2].x is None or mlp[2].y is None:
+        raise Refusal(f"passes no hidden-state tensor through '{mixers[0][0]}' or '{mlp[0]}'")
+    return mixers[0], mlp
+
+
+def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: int) -> tuple[str, Call] | None:
+    """The norm called after call number `after` whose input (side 'x') or output (side 'y') is `t`."""
+    hits = [(name, c) for name, c in norms if c.order > after and same(getattr(c, side), t)]
+    if len({name for name, _ in hits}) > 1:
+        raise Refusal(f"has several norms that could sit at the same place ({', '.join(n for n, _ in hits)})")
+    return hits[0] if hits else None
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal tensors; of two dtypes, equal in the less precise (a router kept in float32 reads a cast input)."""
+    if a is None or b is None or a.numel() != b.numel():
+        return False
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a.reshape(b.shape), b)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """‖a − b‖ relative to `scale` (default the larger norm), in float64; inf when the sizes differ."""
+    if a.numel() != b.numel():
+        return float("inf")
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    scale = max(float(a.norm()), float(b.norm())) if scale is None else scale
+    return float((a - b).norm() / max(scale, 1e-30))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far a sum recomputed in float64 may sit from the model's own (its rounding, summed in another order)."""
+    return min(0.05, 256 * torch.finfo(dtype).eps)
+
+
+def check_sums(x, y, a, r, b, attn: str, branch: str) -> bool:
+    """Check y = x + a + b, with the MLP reading r = x (parallel, returned True) or r = x + a (sequential).
+
+    Errors are relative to ‖x‖ + ‖a‖ + ‖b‖, the size of the model's own rounding of these sums.
+    """
+    x, a, b = x.double(), a.double(), b.double()
+    tol, scale = tolerance(y.dtype), float(x.norm() + a.norm() + b.norm())
+    parallel = relative_error(r, x, scale) <= tol
+    if not parallel and relative_error(r, x + a, scale) > tol:
+        raise Refusal(f"feeds its MLP neither its input nor its input + the branch of '{attn}'")
+    error = relative_error(y, x + a + b, scale)
+    if error > tol:
+        raise Refusal(f"outputs something other than its input + '{attn}' + '{branch}' (relative error {error:.2g})")
+    return parallel
+
+
+def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
+    """(first linears, output projection, Conv1D?) of an MLP, checked on the probe run; paths relative to the block."""
+    linears = [(rel, m) for rel, m in mlp.named_modules() if isinstance(m, LINEARS) and calls.get(m)]
+    first = [(rel, m) for rel, m in linears if all(same(c.x, call.x) for c in calls[m])]
+    firsts = {m for _, m in first}
+    writes = [(rel, m) for rel, m in linears if m not in firsts and calls[m][-1].y.shape[-1] == hidden]
+    if not first:
+        raise Refusal(f"has an MLP '{name}' with no linear layer that reads its input")
+    if len(writes) != 1:
+        found = ", ".join(rel for rel, _ in writes) or "none"
+        raise Refusal(f"has an MLP '{name}' with {len(writes)} linear layers writing the hidden size ({found})")
+    check_only_through(name, mlp, call, {m: calls[m][0].y for _, m in first})
+    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
+    kinds = {isinstance(m, Conv1D) for _, m in first + writes}
+    if len(kinds) != 1:
+        raise Refusal(f"mixes Conv1D and nn.Linear layers in its MLP '{name}'")
+    return tuple(f"{name}.{rel}" for rel, _ in first), f"{name}.{writes[0][0]}", kinds.pop()
+
+
+def check_dense(name: str, mlp: nn.Module) -> None:
+    """An MLP whose classes say mixture-of-experts but which holds no fused 3-D expert weights cannot be read."""
+    parts = sorted({type(m).__name__ for m in mlp.modules() if EXPERTS.search(type(m).__name__)})
+    if parts:
+        raise Refusal(
+            f"has a mixture-of-experts MLP '{name}' ({', '.join(parts)}) whose experts are not fused 3-D weights, "
+            "which the structural rule cannot update"
+        )
+
+
+def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
+    """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
+
+    The experts are the one module holding 3-D weights; its first weights are those named as input projections
+    (gate_up_proj, up_proj, ...). The routers are the other modules reading the MLP input through a 2-D `weight`
+    (E, hidden); nn.Linear layers reading it (shared experts, their gates) are first linears as in a dense MLP.
+    """
+    experts = [(rel, m) for rel, m in mlp.named_modules() if any(p.ndim == 3 for p in m.parameters(recurse=False))]
+    if len(experts) != 1:
+        found = ", ".join(rel for rel, _ in experts)
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' with {len(experts)} modules of 3-D weights ({found})")
+    e_rel, e_mod = experts[0]
+    if not calls.get(e_mod) or not all(same(c.x, call.x) for c in calls[e_mod]):
+        raise Refusal(
+            f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' are not called with the MLP input "
+            "(they get it routed or scaled), so no weight update of theirs reads z"
+        )
+    params, transposed, down = expert_weights(name, e_rel, e_mod, hidden)
+    linears, routers = [], []
+    for rel, m in mlp.named_modules():
+        inside = m is mlp or m is e_mod or rel.startswith(e_rel + ".")
+        if inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
+            continue
+        weight = m._parameters.get("weight")
+        if isinstance(m, LINEARS) and type(m).forward in (nn.Linear.forward, Conv1D.forward):
+            linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
+        elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
+            routers.append(f"{rel}.weight")
+    n_experts = e_mod.get_parameter(params[0].removeprefix(e_rel + ".")).shape[0]
+    router_linears = [rel for rel in linears if mlp.get_submodule(rel).weight.shape[0] == n_experts]
+    if not routers and not router_linears:
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router (E, {hidden}) reading its input")
+    parts = MoeParts(
+        experts=f"{name}.{e_rel}",
+        params=tuple(f"{name}.{p}" for p in routers + params),
+        transposed=tuple(f"{name}.{p}" for p in transposed),
+        routers=tuple(f"{name}.{p}" for p in routers),
+        router_linears=tuple(f"{name}.{p}" for p in router_linears),
+    )
+    check_moe_exact(name, mlp, call, linears, parts, hidden)
+    return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
+
+
+def expert_weights(name: str, e_rel: str, experts: nn.Module, hidden: int) -> tuple[list[str], list[str], str]:
+    """(first expert weights, those stored (E, in, out), the output weight) of a fused experts module."""
+    stored = getattr(experts, "is_transposed", None)
+    params, transposed, others = [], [], []
+    for attr, p in experts.named_parameters(recurse=False):
+        if p.ndim != 3:
+            continue
+        if attr not in moe.FIRST_EXPERT_NAMES:
+            others.append(f"{e_rel}.{attr}")
+            continue
+        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
+        if (p.shape[1] if t else p.shape[2]) != hidden:
+            raise Refusal(f"has experts '{e_rel}' whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
+        params.append(f"{e_rel}.{attr}")
+        if t:
+            transposed.append(f"{e_rel}.{attr}")
+    if not params or len(others) != 1:
+        raise Refusal(
+            f"has experts '{e_rel}' in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
+            f"[{', '.join(others)}], not input projections and one output projection"
+        )
+    return params, transposed, others[0]
+
+
+def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
+    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
+    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
+    rows = call.x.reshape(-1, hidden)
+    a, v = moe.map_factors(rows[0], rows[-1])
+    prefix = name + "."
+    updates = {p.removeprefix(prefix): moe.param_update(mlp.get_parameter(p.removeprefix(prefix)),
+                                                        p in parts.transposed, a, v) for p in parts.params}  # fmt: skip
+
+    def add(module, args, output):
+        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+        u = (weight.detach().to(moe.MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
+        return output + (args[0].to(moe.MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
+
+    transposed = {p.removeprefix(prefix) for p in parts.transposed}
+    try:
+        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
+            with moe.swapped(mlp, updates, transposed):
+                out = copied(mlp(call.x))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
+    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
+    if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
+        readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
+        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
+                      f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
+
+
+def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
+    """The MLP's output must be its output projection's, up to a constant factor."""
+    dtype = m.dtype
+    m, d = m.double().reshape(-1), d.double().reshape(-1)
+    c = float(m @ d / (d @ d)) if float(d @ d) > 0 else 0.0
+    if c == 0.0 or relative_error(m, c * d) > tolerance(dtype):
+        raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+
+
+def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Module, torch.Tensor]) -> None:
+    """The theorem needs the MLP input to reach its output only through the first linears: run the MLP on another
+    input while they return what they returned in the probe run, and its output must not change."""
+
+    def replay(module, args, output):
+        return kept[module].to(output.dtype)
+
+    try:
+        with torch.no_grad(), hooked([(m, replay) for m in kept]):
+            out = copied(mlp(call.x.roll(1, -1)))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
+    if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
+        firsts = ", ".join(rel for rel, m in mlp.named_modules() if m in kept)
+        raise Refusal(f"has an MLP '{name}' whose input reaches its output other than through {firsts}")
+
+
+def mixer_kind(mixer: nn.Module) -> str:
+    """What kind of contextual layer a mixer is, from its class name: attention, mamba, convolution, ..."""
+    cls = type(mixer).__name__.lower()
+    return next((kind for key, kind in MIXER_KINDS if key in cls), f"other ({type(mixer).__name__})")
