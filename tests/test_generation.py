@@ -1,10 +1,12 @@
 """Greedy generation against the with-context run (`analyze --generate`, `replay --generate [--recompute]`), and the
 stable and naive precisions, on tiny random models."""
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
@@ -13,6 +15,7 @@ from icl_probe.capture import greedy, select_blocks
 from icl_probe.cli import app
 from icl_probe.generation import recompute_generation
 from icl_probe.inputs import tokenize
+from icl_probe.report import print_replay, print_with_positions
 
 CONTEXT, QUERY = "ab:c\nde:f\n", "gh:"
 N = 6
@@ -133,17 +136,28 @@ def test_cli_analyze_generate(tiny_llama_dir):
     assert set(gen["tokens"][0]) == {"id", "token", "patched_id", "patched_token", "kl"}
 
 
-def test_cli_report_fits_80_columns(tiny_llama_dir):
-    result = CliRunner().invoke(
-        app, ["analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--generate", 3],
-        env={"COLUMNS": "80"}, prog_name="icl-probe",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    lines = result.stdout.splitlines()
+def render(printer, doc: dict, width: int) -> list[str]:
+    console = Console(width=width, record=True, file=io.StringIO())
+    printer(console, doc)
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_the_report_fits_and_names_the_first_mismatch(tmp_path, tokenizer, width):
+    model = tiny_model("llama")
+    analysis = analyze(model, tokenizer, CONTEXT, QUERY, generate=N).to_dict()
+    lines = render(print_with_positions, analysis, width)
     first = next(i for i, line in enumerate(lines) if line.startswith("generation (recomputed per token): "))
-    assert "3 of 3 tokens (100%) match the context" in lines[first]
+    assert f"{N} of {N} tokens (100%) match the context" in lines[first]
     assert lines[first + 1].startswith("with context ")
-    assert all(len(line) <= 80 for line in lines[first : first + 2])
+    path = tmp_path / "p.safetensors"
+    export_patch(model, tokenizer, CONTEXT, QUERY, output=path)
+    fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()
+    fixed["generation"]["tokens"][1]["patched_token"] = "a long token " * 4  # the line must wrap, not overflow
+    lines = render(print_replay, fixed, width)
+    start = next(i for i, line in enumerate(lines) if line.startswith("generation (patch held fixed): "))
+    assert any(line.startswith("first mismatch at token 1: context ") for line in lines[start:])
+    assert all(len(line.rstrip()) <= width for line in lines[start:])
 
 
 def test_cli_replay_recompute_with_given_and_stored_context(tiny_llama_dir, tmp_path):
