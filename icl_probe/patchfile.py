@@ -157,7 +157,8 @@ def check_metadata(metadata: dict[str, str] | None, where: str) -> None:
     if fmt not in READABLE:
         if fmt.startswith(FORMAT_PREFIX):
             raise PatchError(f"{where} has format {fmt!r}, which this icl-probe cannot read (it reads "
-                             f"{' and '.join(READABLE)}); upgrade icl-probe or export the patch again")  # fmt: skip
+                             f"{', '.join(READABLE[:-1])} and {READABLE[-1]}); upgrade icl-probe or export the "
+                             "patch again")  # fmt: skip
         raise PatchError(f"{where} is not an icl-probe patch: its format is {fmt!r}, not {FORMAT}")
     missing = [k for k in REQUIRED_KEYS if k not in metadata]
     if missing:
