@@ -1,6 +1,7 @@
 """Issue 11's families on tiny random float64 models: the structural rule (and the new table rows) give an exact
 `analyze`, the theorem's MLP-branch identity, and module maps written out by hand from transformers' modeling
-files; layouts the rule cannot see and mixture-of-experts layers are refused in one line naming what was found.
+files; layouts the rule cannot see are refused in one line naming what was found. The mixture-of-experts
+families are in tests/test_moe.py; here, the hybrids' MoE layers and the coverage sample.
 """
 
 import contextlib
