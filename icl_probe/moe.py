@@ -232,9 +232,11 @@ def summary(layers: list[dict]) -> dict | None:
     if not moe:
         return None
     changed = [i for i, m in moe if m["routing"]["routing_changed"]]
+    matches = [m["routing"]["patched_matches_context"] for _, m in moe]
     return {
         "moe_layers": len(moe),
         "routing_changed_layers": changed,
         "routing_changed_count": len(changed),
-        "patched_matches_context": all(bool(m["routing"]["patched_matches_context"]) for _, m in moe),
+        # null when some experts module was called without its routing as positional tensors (not seen)
+        "patched_matches_context": False if False in matches else None if None in matches else True,
     }
