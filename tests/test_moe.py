@@ -169,11 +169,13 @@ def test_static_application_reproduces_the_context_and_restores_the_model(name):
     assert result.to_dict()["ablation"]["both"]["kl"] < 1e-10
 
 
-def test_the_mlp_branch_under_the_patch_is_the_with_context_one():
-    # Theorem 2.2 from outside, on the model with a shared expert: the MLP module's output at the last token.
-    name = "qwen3_next"
+@pytest.mark.parametrize("name", NAMES)
+def test_the_mlp_branch_under_the_patch_is_the_with_context_one(name):
+    # Theorem 2.2 from outside: each MoE layer's MLP module output at the last token, hooked by its hand-written
+    # path, is the same in the with-context run and in the query-alone run with the patch applied as weights.
     model, result = model_of(name), analysis_of(name)
-    paths = [f"model.layers.{i}.mlp" for i in range(2)]
+    layers, mlp, *_ = MOE[name]
+    paths = [f"{block(name, i)}.{mlp}" for i in layers]
     seen = {}
 
     def record(path):
@@ -188,8 +190,11 @@ def test_the_mlp_branch_under_the_patch_is_the_with_context_one():
         ctx = dict(seen)
         with applied(model, result.patch):
             last_logits(model, result.prompt.query_only)
+    # DeepSeek computes its router logits in float32 whatever the model's dtype, so W + ΔW applied as a weight
+    # reproduces them to float32 rounding (the sequential run, which maps the MLP input, is exact: see above)
+    bound = 1e-6 if name == "deepseek_v3" else 1e-9
     for path in paths:
-        assert float((seen[path] - ctx[path]).norm() / ctx[path].norm()) < 1e-9
+        assert float((seen[path] - ctx[path]).norm() / ctx[path].norm()) < bound, path
 
 
 def test_a_batch_is_solved_row_by_row():
