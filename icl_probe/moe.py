@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MATH_DTYPE = torch.float64
+from .lowrank import MATH_DTYPE, update_dtype
+
 FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "w3", "input_linear", "fc1", "wi", "w13")
 
 
@@ -62,14 +63,16 @@ class ParamLowRank:
         return self.u.to(MATH_DTYPE) @ self.v.to(MATH_DTYPE).T
 
     def added_to(self, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """weight + ΔW (stored (..., in, out) if `transposed`), summed in float64 and rounded once to its dtype."""
+        """weight + ΔW (stored (..., in, out) if `transposed`), summed in float64 (the naive_precision dtype inside
+        that block) and rounded once to its dtype."""
+        work = update_dtype()
         out = torch.empty_like(weight)
         flat_w, flat_o = weight.reshape(-1, *weight.shape[-2:]), out.view(-1, *weight.shape[-2:])
-        u = self.u.reshape(-1, *self.u.shape[-2:]).to(weight.device, MATH_DTYPE)
-        v = self.v.to(weight.device, MATH_DTYPE)
+        u = self.u.reshape(-1, *self.u.shape[-2:]).to(weight.device, work)
+        v = self.v.to(weight.device, work)
         for e in range(flat_w.shape[0]):  # one expert at a time: no float64 copy of every expert at once
             delta = u[e] @ v.T  # (out, in)
-            flat_o[e] = (flat_w[e].to(MATH_DTYPE) + (delta.T if transposed else delta)).to(weight.dtype)
+            flat_o[e] = (flat_w[e].to(work) + (delta.T if transposed else delta)).to(weight.dtype)
         return out
 
 
@@ -79,23 +82,29 @@ def out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def param_update(weight: torch.Tensor, transposed: bool, a: torch.Tensor, v: torch.Tensor) -> ParamLowRank:
-    """u = W a for every expert of `weight` (float64 for float64 weights, float32 otherwise); v (in,) is z0."""
-    work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
+    """u = W a for every expert of `weight` (multiplied as lowrank.matvec does: float64 for float64 weights, float32
+    otherwise, the model's dtype under naive_precision); v (in,) is z0."""
+    naive = update_dtype() != MATH_DTYPE
+    work = update_dtype() if naive else MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
     u = out_in(weight.detach(), transposed).to(work) @ a.to(weight.device, work)  # (..., out)
-    return ParamLowRank(u.to("cpu", MATH_DTYPE)[..., None], v.to("cpu", MATH_DTYPE)[:, None].clone())
+    keep = update_dtype()
+    return ParamLowRank(u.to("cpu", keep)[..., None], v.to("cpu", keep)[:, None].clone())
 
 
 def map_factors(z_ctx: torch.Tensor, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, v) = ((z_ctx − z0) / ‖z0‖², z0) in float64: the input map x → x + a (vᵀ x) takes z0 to z_ctx."""
-    z0 = z0.to(MATH_DTYPE)
-    return (z_ctx.to(MATH_DTYPE) - z0) / torch.dot(z0, z0), z0.clone()
+    """(a, v) = ((z_ctx − z0) / ‖z0‖², z0) in float64 (or the naive_precision dtype): x → x + a (vᵀ x) takes z0 to
+    z_ctx."""
+    z0 = z0.to(update_dtype())
+    return (z_ctx.to(update_dtype()) - z0) / torch.dot(z0, z0), z0.clone()
 
 
 def mapped(x: torch.Tensor, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """x + a (vᵀ x) at every position of x (..., in), computed in float64 and rounded once to x's dtype."""
-    x64 = x.to(MATH_DTYPE)
-    coef = x64 @ v.to(x.device)  # (...,)
-    return (x64 + coef[..., None] * a.to(x.device)).to(x.dtype)
+    """x + a (vᵀ x) at every position of x (..., in), computed in float64 (or the naive_precision dtype) and rounded
+    once to x's dtype."""
+    work = update_dtype()
+    xw = x.to(work)
+    coef = xw @ v.to(x.device, work)  # (...,)
+    return (xw + coef[..., None] * a.to(x.device, work)).to(x.dtype)
 
 
 # ---- applying weights: W + ΔW swapped in while the owning module runs ------------------------------------------
