@@ -297,3 +297,11 @@ def test_float32_with_the_default_grouped_mm_experts(name):
     assert doc["logits"]["kl_patched"] < 1e-9 and doc["moe"]["patched_matches_context"]
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-5  # float32 rounding
     assert doc["ablation"]["both"]["kl"] < 1e-9
+
+
+def test_a_subset_of_layers():
+    # Layer 0 unpatched: its routing is the query alone's, and layer 1 alone still reaches the with-context output.
+    doc = analyze(model_of("olmoe"), coverage.char_tokenizer(), CONTEXT, QUERY, layers="1").to_dict()
+    assert [layer["layer"] for layer in doc["layers"]] == [1] and doc["moe"]["moe_layers"] == 1
+    assert doc["logits"]["kl_patched"] < 1e-10 and doc["layers"][0]["mlp_branch_error"] < 1e-9
+    assert doc["moe"]["patched_matches_context"]
