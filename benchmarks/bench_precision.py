@@ -9,7 +9,8 @@ with-context run in its own dtype:
 - next token: top-1 agreement and KL(context ‖ patched), over ICL prompts from the built-in tasks
   (each task's first --demos pairs as the context, the next --queries inputs as queries);
 - generation: the fraction of --tokens teacher-forced greedy tokens the patched query alone predicts
-  alike, the update recomputed for each token's text (`analyze --generate`), over one prompt per task.
+  alike, the update recomputed for each token's text (`analyze --generate`), over one prompt per task;
+  in float32 also with the first token's patch held fixed (`replay --generate`), for comparison.
 
     python benchmarks/bench_precision.py [--quick] [--json precision.json]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import time
@@ -29,7 +31,7 @@ import torch
 
 import icl_probe
 from icl_probe.capture import last_logits, select_blocks
-from icl_probe.generation import teacher_forced
+from icl_probe.generation import fixed_generation, teacher_forced
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence, naive_precision
 from icl_probe.patching import Patch, applied, replaced
@@ -113,11 +115,15 @@ def merged_generation(model, tokenizer, p: dict, tokens: int, naive: bool) -> di
 
 
 def generation(model, tokenizer, prompts: list[dict], method: str, tokens: int) -> dict:
-    """Teacher-forced greedy agreement over `tokens` per prompt, the update recomputed per token."""
+    """Teacher-forced greedy agreement over `tokens` per prompt, the update recomputed per token (or held fixed)."""
     rows = []
     for p in prompts:
         if method.endswith("merged"):
             gen = merged_generation(model, tokenizer, p, tokens, method.startswith("naive"))
+        elif method == "fixed":  # the stable patch of the query alone, held fixed (replay --generate)
+            result = icl_probe.analyze(model, tokenizer, p["context"], p["query"])
+            apply = functools.partial(applied, model, result.patch)
+            gen = fixed_generation(model, tokenizer, result.prompt, apply, tokens).to_dict()
         else:
             doc = icl_probe.analyze(model, tokenizer, p["context"], p["query"], precision=method, generate=tokens)
             gen = doc.to_dict()["generation"]
@@ -149,6 +155,9 @@ def measure_model(name: str, study: list[dict], gen_prompts: list[dict], tokens:
                 "generation": generation(model, tokenizer, gen_prompts, method, tokens),
                 "seconds": time.perf_counter() - start,
             }
+            if dtype == "float32":  # what recomputing buys: the first token's patch, held fixed
+                fixed = generation(model, tokenizer, gen_prompts, "fixed", tokens)
+                arms[f"{dtype} {method}"]["generation_fixed"] = fixed
             print(f"  {name} {dtype} {method}: {arms[f'{dtype} {method}']['seconds']:.1f} s", flush=True)
         del model
         gc.collect()
@@ -167,9 +176,12 @@ def print_tables(results: dict, tokens: int) -> None:
     print(f"{'model':<14} {'arm':<22} {'prompts':>7} {'tokens':>7} {'agree':>7} {'all agree':>9} {'max KL':>10}")
     for model, arms in results.items():
         for arm, r in arms.items():
-            g = r["generation"]
-            print(f"{model:<14} {arm:<22} {g['prompts']:>7} {g['tokens']:>7} {g['agreement']:>7.1%} "
-                  f"{g['prompts_all_agree']:>9} {g['kl_max']:>10.3g}")  # fmt: skip
+            rows = [(arm, r["generation"])]
+            if "generation_fixed" in r:
+                rows.append((f"{arm}, fixed", r["generation_fixed"]))
+            for label, g in rows:
+                print(f"{model:<14} {label:<22} {g['prompts']:>7} {g['tokens']:>7} {g['agreement']:>7.1%} "
+                      f"{g['prompts_all_agree']:>9} {g['kl_max']:>10.3g}")  # fmt: skip
 
 
 def main() -> None:
