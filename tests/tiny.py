@@ -70,7 +70,7 @@ CONFIGS: dict[str, dict] = {
                     "vocab_size_per_layer_input": len(VOCAB)},
     "falcon_h1": {"head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,
                   "mamba_chunk_size": 8},
-    # issue 11: mixture-of-experts layers, refused
+    # issue 11: hybrids with mixture-of-experts layers (router, fused experts, shared expert)
     "jamba-moe": {"model_type": "jamba", "num_experts": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
                   "use_mamba_kernels": False, "mamba_d_state": 8, "mamba_dt_rank": 4},
     "qwen3_next-moe": {"model_type": "qwen3_next", "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
