@@ -134,6 +134,10 @@ def test_cli_analyze_generate(tiny_llama_dir):
     assert gen["mode"] == "recompute" and len(gen["tokens"]) == 3
     assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
     assert set(gen["tokens"][0]) == {"id", "token", "patched_id", "patched_token", "kl"}
+    naive = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--precision", "naive",
+                "--json", "-")  # fmt: skip
+    assert naive.exit_code == 0, naive.output
+    assert json.loads(naive.stdout)["precision"] == "naive" and json.loads(naive.stdout)["generation"] is None
 
 
 def render(printer, doc: dict, width: int) -> list[str]:
