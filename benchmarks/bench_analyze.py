@@ -389,7 +389,8 @@ def table_rows(doc: dict) -> list[tuple[str, str, str, str]]:
 
     def row(name, text, key=None, value=None):
         op, bound = TARGETS.get(key, (None, None))
-        target = f"{op.replace('<=', '≤').replace('>=', '≥')} {bound:g}" if op else "–"
+        shown = f"{bound:.0%}" if key == "fingerprint_vs_forward" else f"{bound:g}"
+        target = f"{op.replace('<=', '≤').replace('>=', '≥')} {shown}" if op else "–"
         return (name, text, target, verdict(key, value, doc["quick"]))
 
     def peak(size):
