@@ -10,7 +10,8 @@ times the engine functions the sweep calls in one extra, instrumented run.
     python benchmarks/bench_dynamics.py [--quick] [--json PATH]
 
 --quick uses a tiny random Llama (2 layers, hidden size 32) at n = 4, R = 1 and needs no checkpoint;
-the full run uses SmolLM2-135M in float32 on the CPU at n = 8 and 32, R = 3.
+the full run uses SmolLM2-135M in float32 on the CPU at n = 8 and 32, R = 3. bench_analyze.py calls
+`measure` for the README's performance table, so `./run bench` runs only that script.
 """
 
 from __future__ import annotations
