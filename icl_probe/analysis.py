@@ -7,6 +7,8 @@ applied statically, and optionally the alignment of each ΔW with the gradient o
 
 With `positions="all"` the update is solved at every query position at once (positions.solve_positions), and
 the report adds, per position, the KL and the block errors, and greedy generation against the last-token patch.
+With `generate=N` the update is solved again at each of N teacher-forced greedy tokens (generation.py), and with
+`precision="naive"` it is built and applied in the model's dtype (lowrank.naive_precision).
 """
 
 from __future__ import annotations
