@@ -172,11 +172,17 @@ def print_header(console: Console, doc: dict) -> None:
 # --- the analysis: per-layer tables -------------------------------------------------------------------------------
 
 
+def layer_updates(layer: dict) -> dict[str, dict]:
+    """The layer's updated weights, path → figures: its first linears, then any mixture-of-experts parameters."""
+    params = (layer.get("moe") or {}).get("params", {})
+    return {**layer["modules"], **{path.removesuffix(".weight"): m for path, m in params.items()}}
+
+
 def module_names(layers: list[dict]) -> dict[str, str]:
     """Column name → module path inside the block, in order: 'gate_proj' → 'mlp.gate_proj' ('mlp.x' if names clash)."""
     inner: list[str] = []
     for layer in layers:
-        for path in layer["modules"]:
+        for path in layer_updates(layer):
             rel = path.split(f".{layer['layer']}.", 1)[-1]  # 'model.layers.3.mlp.gate_proj' → 'mlp.gate_proj'
             if rel not in inner:
                 inner.append(rel)
@@ -186,14 +192,14 @@ def module_names(layers: list[dict]) -> dict[str, str]:
 
 def module_value(layer: dict, rel: str, key: str) -> float | None:
     """`key` of the module at `rel` inside this layer's block; None if the layer has no such module."""
-    for path, module in layer["modules"].items():
+    for path, module in layer_updates(layer).items():
         if path.split(f".{layer['layer']}.", 1)[-1] == rel:
-            return module[key]
+            return module.get(key)
     return None
 
 
 def max_relative(layer: dict) -> float | None:
-    values = [m["relative_norm"] for m in layer["modules"].values() if m["relative_norm"] is not None]
+    values = [m["relative_norm"] for m in layer_updates(layer).values() if m["relative_norm"] is not None]
     return max(values, default=None)
 
 
@@ -241,7 +247,7 @@ def module_columns(doc: dict) -> list[Column]:
     """Each module's ‖ΔW‖/‖W‖, then each module's ∇cos if the document has gradient alignments."""
     names = module_names(doc["layers"])
     keys = [("‖ΔW‖/‖W‖", "relative_norm")]
-    if any(m["gradient_alignment"] is not None for layer in doc["layers"] for m in layer["modules"].values()):
+    if any(m.get("gradient_alignment") is not None for layer in doc["layers"] for m in layer["modules"].values()):
         keys.append(("∇cos", "gradient_alignment"))
     return [
         (f"{name}\n{head}", lambda layer, rel=rel, key=key: module_value(layer, rel, key))
@@ -282,7 +288,7 @@ def layer_tables(console: Console, doc: dict, wide: bool) -> RenderableType:
 
 def legend(doc: dict, wide: bool) -> list[str]:
     """What the per-layer columns mean, as short phrases."""
-    ranks = {m["rank"] for layer in doc["layers"] for m in layer["modules"].values()}
+    ranks = {m["rank"] for layer in doc["layers"] for m in layer_updates(layer).values()}
     update = f"rank-{ranks.pop()} update" if len(ranks) == 1 else "low-rank update"
     folded = " (folded into weights)" if doc["residual"] == "fold" else ""
     phrases = [f"‖ΔW‖/‖W‖: relative size of the {update}", f"‖Δb‖: residual term{folded}"]
@@ -299,6 +305,49 @@ def legend(doc: dict, wide: bool) -> list[str]:
     if "∇cos" in headers:
         phrases.append("∇cos: cos_F(ΔW, −∇W loss of the target)")
     return [*phrases, "see docs/theory.md"]
+
+
+def experts_text(route: dict | None) -> str:
+    """'2 .77, 3 .23': the chosen experts with their routing weights, largest first."""
+    if route is None:
+        return "?"
+    return ", ".join(f"{e} {w:.2f}".replace(" 0.", " .") for e, w in zip(route["experts"], route["weights"]))
+
+
+def routing_table(doc: dict) -> Table:
+    """Per mixture-of-experts layer: the experts chosen at the last token with the context, without it, patched."""
+    columns = ("layer", "with context", "query alone", "changed", "patched")
+    table = number_table(*columns, title="routing at the last token")
+    for column in table.columns[1:3]:
+        column.justify, column.no_wrap = "left", False
+    for layer in doc["layers"]:
+        if (moe := layer.get("moe")) and (routing := moe.get("routing")):
+            table.add_row(
+                str(layer["layer"]),
+                experts_text(routing["context"]),
+                experts_text(routing["no_context"]),
+                yes_no(routing["routing_changed"], "no"),
+                "= context" if routing["patched_matches_context"] else "DIFFERS",
+            )
+    return table
+
+
+def routing_phrases(summary: dict) -> list[str]:
+    changed, total = summary["routing_changed_count"], summary["moe_layers"]
+    matched = summary["patched_matches_context"]
+    same = {True: "every", False: "NOT every", None: "(unseen in some)"}[matched]
+    return [
+        "expert and routing weight, largest first",
+        f"the context changed the chosen experts in {changed} of {total} MoE layers",
+        f"patched, the query alone chose the with-context experts in {same} layer",
+    ]
+
+
+def print_routing(console: Console, doc: dict) -> None:
+    if doc.get("moe"):
+        console.print()
+        console.print(routing_table(doc))
+        print_phrases(console, routing_phrases(doc["moe"]), style="dim")
 
 
 # --- the analysis: scores -----------------------------------------------------------------------------------------
@@ -380,6 +429,7 @@ def print_analysis(console: Console, doc: dict, wide: bool | None = None) -> Non
     print_phrases(console, legend(doc, wide), style="dim")
     if doc.get("target") is not None:
         print_phrases(console, target_phrases(doc["target"], wide), sep=" ", style="dim")
+    print_routing(console, doc)
     console.print()
     console.print(score_lines(doc["logits"]))
     console.print()

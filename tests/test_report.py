@@ -312,3 +312,28 @@ def test_shorten_wrap_and_sparkline():
     assert shorten("short", 11) == "short"
     assert wrap_phrases(["aaa", "bbb", "ccc"], 9) == ["aaa · bbb", "ccc"]
     assert sparkline([1, 2, 4, 8]) == "▁▂▄█"
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_mixture_of_experts_shows_router_and_expert_updates_and_the_routing(width):
+    from icl_probe import coverage
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as the coverage table builds tiny MoE models
+    try:
+        doc = analyze(coverage.tiny_model("mixtral"), coverage.char_tokenizer(), "ab -> ba\ncd -> dc\n", "pq ->")
+        doc = doc.to_dict()
+    finally:
+        torch.set_default_dtype(before)
+    text = render(print_analysis, doc, width)
+    check_lines(text, width)
+    assert "gate_up_proj" in text and "routing at the last token" in text
+    lines = [line.strip() for line in text.splitlines()]
+    routing_lines = lines[lines.index("routing at the last token") :]
+    for layer in doc["layers"]:  # each layer's with-context and no-context experts, as the JSON has them
+        routing = layer["moe"]["routing"]
+        row = next(line for line in routing_lines if re.match(rf"\W*{layer['layer']}\W", line))
+        for side in ("context", "no_context"):
+            assert all(f"{e} " in row for e in routing[side]["experts"])
+    changed = sum(layer["moe"]["routing"]["routing_changed"] for layer in doc["layers"])
+    assert f"changed the chosen experts in {changed} of {len(doc['layers'])} MoE layers" in " ".join(text.split())
