@@ -672,28 +672,44 @@ def generation_table(gen: dict) -> Table:
 
 
 def print_modules(console: Console, doc: dict) -> None:
-    """The `modules` document: one row per layer, paths relative to the block, then what the family supports."""
-    table = Table(title=f"{doc['model']} ({doc['model_type']}, family {doc['family']})")
+    """The `modules` document: one row per group of layers built alike, paths relative to their block."""
     keys = ("attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm")
-    for col in ("layer", "block", "attention", "pre-MLP norm", "MLP first", "MLP output", "post-MLP norm"):
-        table.add_column(col, overflow="fold")
+    heads = ("mixer", "pre-MLP norm", "MLP first", "MLP output", "post-MLP norm")
+    groups: dict[tuple, list[int]] = {}
     for layer in doc["layers"]:
-        rel = {k: relative(layer[k], layer["block"]) for k in keys}
-        table.add_row(str(layer["layer"]), layer["block"], *(rel[k] for k in keys))
+        rel = {k: relative(layer.get(k), layer["block"]) for k in keys}
+        if layer.get("moe"):  # the router and fused expert weights read the MLP input too
+            first = [*layer["mlp_first"], *(p for p in layer["moe"]["params"] if p not in layer["mlp_first"])]
+            rel["mlp_first"] = relative(first, layer["block"])
+        if layer.get("mixer") not in (None, "attention"):
+            rel["attention"] += f"\n({layer['mixer']})"
+        block = layer["block"].removesuffix(f".{layer['layer']}") + ".N"
+        groups.setdefault((block, *(rel[k] for k in keys)), []).append(layer["layer"])
+    blocks = {key[0] for key in groups}
+    shown = [i for i, k in enumerate(keys) if k != "post_mlp_norm" or any(g[1 + i] != "—" for g in groups)]
+    table = Table(title=f"{doc['model']} ({doc['model_type']}, family {doc['family']})", title_justify="left")
+    for col in ("layers", *(["block"] if len(blocks) > 1 else []), *(heads[i] for i in shown)):
+        table.add_column(col, overflow="fold")
+    for (block, *rel), layers in groups.items():
+        table.add_row(span_list(layers), *([block] if len(blocks) > 1 else []), *(rel[i] for i in shown))
     console.print(table)
     parallel = {True: "yes", False: "no", None: "unknown"}[doc["parallel"]]
     formats = ", ".join(name for name, ok in doc["formats"].items() if ok)
+    if len(blocks) == 1:
+        console.print(f"blocks: {blocks.pop()} (paths are relative to the block)")
     console.print(f"MLP reads the block input (parallel): {parallel}")
+    if not any(k == "post_mlp_norm" for k in (keys[i] for i in shown)):
+        console.print("post-MLP norm: none")
     console.print(f"--residual fold: {doc['fold'] or 'not available'}")
     console.print(f"patch formats: {formats}")
 
 
 def relative(path: str | list[str] | None, block: str) -> str:
-    """A module path (or several, comma-joined) relative to its block; '—' for none."""
+    """A module path (or several, one per line) relative to its block; '—' for none."""
     if path is None:
         return "—"
     paths = path if isinstance(path, list) else [path]
-    return ", ".join(p.removeprefix(block + ".") for p in paths)
+    return "\n".join(p.removeprefix(block + ".") for p in paths)
 
 
 def print_tasks(console: Console, doc: dict) -> None:
