@@ -29,6 +29,8 @@ KNOWN_KEYS = ("id", *PROMPT_KEYS, *TASK_KEYS, "layers", "residual")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 120  # characters of a patch file's stem; file systems allow 255 bytes
 
+BATCH_RESULTS = "results.jsonl"  # export-patch --batch FOLDER: the result lines beside the patches
+
 
 @dataclass(frozen=True)
 class Job:

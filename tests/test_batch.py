@@ -178,3 +178,46 @@ def test_patches_folder_holds_one_loadable_patch_per_id(tiny_llama_dir, tmp_path
         assert json.loads(patch.metadata["layers"]) == [r["layer"] for r in lines[id_]["result"]["layers"]]
         assert lines[id_]["patch"]["kl_stored"] < 1e-6
     assert run("batch", source, "-o", out, "-m", tiny_llama_dir, "--patches", folder, "--gradient").exit_code == 2
+
+
+def test_analyze_batch_is_the_batch_command(tiny_llama_dir, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    via_batch, via_analyze = tmp_path / "batch.jsonl", tmp_path / "analyze.jsonl"
+    assert run("batch", source, "-o", via_batch, "-m", tiny_llama_dir).exit_code == 0
+    result = run("analyze", "--batch", source, "--output", via_analyze, "-m", tiny_llama_dir)
+    assert result.exit_code == 0, result.output
+    assert "3 done, 0 skipped" in result.stderr
+    for a, b in zip(read_jsonl(via_batch), read_jsonl(via_analyze), strict=True):
+        assert a["id"] == b["id"] and a["result"]["layers"] == b["result"]["layers"]
+        assert a["result"]["logits"] == b["result"]["logits"]
+
+
+def test_export_patch_batch_writes_one_patch_per_id_into_a_folder(tiny_llama_dir, tiny, tmp_path):
+    source, folder = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "patches"
+    result = run("export-patch", "--batch", source, "-o", folder, "-m", tiny_llama_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["3.safetensors", "a.safetensors", "b.safetensors",
+                                                         "results.jsonl"]  # fmt: skip
+    lines = {line["id"]: line for line in read_jsonl(folder / "results.jsonl")}
+    # replayed independently of the batch: the stored patch reproduces the with-context run of its line
+    replayed = icl_probe.replay(*tiny, icl_probe.load_patch(folder / "a.safetensors"), PROMPTS[0]["query"],
+                                context=PROMPTS[0]["context"])  # fmt: skip
+    assert replayed.to_dict()["kl_patched"] < 1e-6 and replayed.to_dict()["top1_match"]
+    assert lines["a"]["patch"]["kl_stored"] < 1e-6
+    rerun = run("export-patch", "--batch", source, "-o", folder, "-m", tiny_llama_dir)  # resumed: nothing to do
+    assert rerun.exit_code == 0 and "0 done, 3 skipped" in rerun.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["analyze", "-o", "x.jsonl"], "--output goes with --batch FILE.jsonl"),
+        (["analyze", "--batch", "IN"], "--batch needs --output"),
+        (["analyze", "--batch", "IN", "-o", "x.jsonl", "--query", "q"], "leave out --query"),
+        (["export-patch", "--batch", "IN", "-o", "f", "--format", "peft"], "leave out --format"),
+    ],
+)
+def test_batch_spellings_refuse_single_prompt_options_in_one_line(tmp_path, args, message):
+    source = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    result = run(*[str(source) if a == "IN" else a for a in args])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr

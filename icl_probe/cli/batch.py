@@ -66,17 +66,22 @@ def batch(
     NAME.rankR.jsonl; join them with `icl-probe merge`.
     """
     with one_line_errors(debug):
-        rank, world_size = share()
-        output = str(part_path(output, rank, world_size)) if output != "-" else output
-        check_batch_paths(input_path, output, patches)
-        status = Console(stderr=True)
-        m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code)
-        with progress_bar(status, rank == 0 and output != "-") as on_progress:
-            summary = run_batch(m, tokenizer, input_path, output, layers=layers, residual=residual, top_k=top_k,
-                                gradient=gradient, per_layer_ablation=layer_ablation, text=not no_text,
-                                patches=patches, rank=rank, world_size=world_size, on_progress=on_progress,
-                                on_warning=warn)  # fmt: skip
-        print(summary_line(summary), file=sys.stderr)
+        run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
+                  residual=residual, top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
+                  text=not no_text)  # fmt: skip
+
+
+def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):
+    """`batch` (also `analyze --batch` and `export-patch --batch`): load once, run every line, print the summary."""
+    rank, world_size = share()
+    output = str(part_path(output, rank, world_size)) if output != "-" else output
+    check_batch_paths(input_path, output, patches)
+    status = Console(stderr=True)
+    m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code, placement)
+    with progress_bar(status, rank == 0 and output != "-") as on_progress:
+        summary = run_batch(m, tokenizer, input_path, output, patches=patches, rank=rank, world_size=world_size,
+                            on_progress=on_progress, on_warning=warn, **options)  # fmt: skip
+    print(summary_line(summary), file=sys.stderr)
 
 
 def share() -> tuple[int, int]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..analysis import analyze as run_analysis
 from ..arch import describe as describe_modules
+from ..batch import BATCH_RESULTS, check_batch_paths
 from ..errors import UsageError
 from ..export import FORMATS
 from ..export import export_patch as run_export
@@ -48,6 +50,7 @@ from .app import (
     pick_text,
     show,
 )
+from .batch import run_jsonl
 
 PositionsOpt = Annotated[
     str,
@@ -70,6 +73,14 @@ PrecisionOpt = Annotated[
         "--precision",
         help="stable: the update's math in float64, applied in float64 and rounded once to the model's dtype; "
         "naive: built and applied in the model's dtype (for comparison studies of low precision).",
+    ),
+]
+BatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--batch",
+        metavar="FILE.jsonl",
+        help="Run every prompt of a JSONL file with one model load, as `icl-probe batch` (see docs/cli.md).",
     ),
 ]
 TargetOpt = Annotated[
@@ -105,6 +116,11 @@ def analyze(
         bool, typer.Option("--layer-ablation", help="Also score the patch without each layer, and each layer alone.")
     ] = False,
     top_k: TopKOpt = 5,
+    batch: BatchOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="With --batch: the results JSONL file (resumed if it exists), or '-'."),
+    ] = None,
     wide: WideOpt = False,
     json_path: JsonOpt = None,
     no_text: NoTextOpt = False,
@@ -129,11 +145,23 @@ def analyze(
     --generate N follows the with-context greedy continuation for N tokens, solves the update again for
     each token's text, and reports the fraction of tokens the patched query alone predicts alike.
     """
+    placement = (device_map, max_memory, offload_folder)
+    if batch is not None or output is not None:
+        with one_line_errors(debug):
+            prompt = (context, context_file, query, query_file)
+            single = {**prompt_options(*prompt), "--target": target, "--json": json_path, "--plot": plot,
+                      "--generate": generate or None, "--positions": None if positions == "last" else positions,
+                      "--precision": None if precision == "stable" else precision}  # fmt: skip
+            check_batch_options(batch, output, single)
+            run_jsonl(batch, output, None, model, dtype, device, trust_remote_code, placement, layers=layers,
+                      residual=residual or "bias", top_k=top_k, gradient=gradient,
+                      per_layer_ablation=layer_ablation, text=not no_text)  # fmt: skip
+        return
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
         with status.status("Analyzing…"):
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
                                   gradient=gradient, target=target, per_layer_ablation=layer_ablation,
@@ -163,6 +191,21 @@ ExportResidualOpt = Annotated[
 ]
 
 
+def prompt_options(context, context_file, query, query_file) -> dict[str, object]:
+    return {"--context": context, "--context-file": context_file, "--query": query, "--query-file": query_file}
+
+
+def check_batch_options(batch: str | None, output: str | None, single: dict[str, object]) -> None:
+    """--batch takes its prompts from the file and needs --output; single-prompt options do not go with it."""
+    if batch is None:
+        raise UsageError("--output goes with --batch FILE.jsonl; to save one analysis use --json PATH")
+    if output is None:
+        raise UsageError("--batch needs --output (-o): the results JSONL file, or '-' for stdout")
+    given = [name for name, value in single.items() if value is not None]
+    if given:
+        raise UsageError(f"--batch reads every prompt from {batch}; leave out {', '.join(given)}")
+
+
 @app.command("export-patch")
 def export_patch(
     output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
@@ -178,6 +221,7 @@ def export_patch(
     store_context: Annotated[
         bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
     ] = False,
+    batch: BatchOpt = None,
     force: ForceOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
@@ -194,13 +238,27 @@ def export_patch(
     replay`; peft writes a LoRA adapter (r=1) for peft or transformers' load_adapter; merged writes a
     complete checkpoint with the update added to its weights. An existing output is kept unless --force.
     """
+    placement = (device_map, max_memory, offload_folder)
+    if batch is not None:
+        with one_line_errors(debug):
+            prompt = (context, context_file, query, query_file)
+            single = {**prompt_options(*prompt), "--json": json_path, "--store-context": store_context or None,
+                      "--format": None if format == "native" else format,
+                      "--positions": None if positions == "last" else positions}  # fmt: skip
+            check_batch_options(batch, output, single)
+            check_batch_paths(batch, "-", output)
+            Path(output).mkdir(exist_ok=True)
+            results = str(Path(output) / BATCH_RESULTS)
+            run_jsonl(batch, results, output, model, dtype, device, trust_remote_code, placement, layers=layers,
+                      residual=residual or "bias")  # fmt: skip
+        return
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
                                 layers=layers, store_context=store_context, force=force,
