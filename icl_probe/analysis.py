@@ -39,11 +39,14 @@ from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
 from .lowrank import kl_divergence, naive_precision
 from .metrics import (
     ablation,
+    ablation_rows,
+    ablation_scores,
     compare_logits,
     gradient_alignment,
     layer_ablation,
     pick_target,
     static_logits,
+    static_logits_rows,
     weight_norm,
 )
 from .moe import summary as moe_summary
@@ -173,15 +176,18 @@ def analyze(
         return analyze_positions(model, tokenizer, run, gradient, target)
     with torch.no_grad(), precision_scope(model, precision):
         targets, logits_ctx = capture_targets(model, chosen, prompt.full)
-        logits_0 = last_logits(model, prompt.query_only)
-        check_finite(model, prompt, targets, logits_ctx, logits_0)
+        check_finite(model, prompt, targets, logits_ctx)
         solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
         both = None  # the whole patch's static logits: computed first only where a fold must be checked
         if residual == "fold" and patch.dense:
             both = static_logits(model, patch, prompt.query_only)
             check_static_fold(patch, logits_ctx, both)
-        parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx, both)
+        # the ablation's rows and, as one more row of that batch, the query alone unpatched (an empty patch)
+        rows = static_logits_rows(model, [*ablation_rows(chosen, patch, both), Patch()], prompt.query_only)
+        logits_0 = rows[-1]
+        check_finite_query(model, prompt, logits_0)
+        parts = ablation_scores(logits_ctx, rows[:-1], both)
         per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None
         generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate) if generate else None
     reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
@@ -271,11 +277,16 @@ def check_residual(chosen: list[Block], residual: str) -> None:
         raise ModelError(f"--residual fold is not available for {family.name}: {family.fold_note}; use --residual bias")
 
 
-def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0) -> None:
+def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0=None) -> None:
     """Refuse non-finite activations (e.g. a float16 overflow) in the unpatched runs, naming where they appear."""
     captured = [logits_ctx, *(x for t in targets.values() for x in vars(t).values() if isinstance(x, torch.Tensor))]
     if not all(torch.isfinite(x).all() for x in captured):
         raise non_finite(model, prompt.full, "the full prompt", lambda: last_logits(model, prompt.full))
+    if logits_0 is not None:
+        check_finite_query(model, prompt, logits_0)
+
+
+def check_finite_query(model: nn.Module, prompt: Prompt, logits_0: torch.Tensor) -> None:
     if not torch.isfinite(logits_0).all():
         raise non_finite(model, prompt.query_only, "the query alone", lambda: last_logits(model, prompt.query_only))
 
@@ -284,6 +295,7 @@ def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: 
     """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
     solution = solve(model, chosen, targets, prompt.query_only, residual)
     if not torch.isfinite(solution.logits).all():
+        check_finite_query(model, prompt, last_logits(model, prompt.query_only))  # broken before any update?
         run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731
         raise non_finite(model, prompt.query_only, "the query alone with the update applied", run)
     return solution

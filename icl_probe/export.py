@@ -27,7 +27,7 @@ from .fileio import atomic_write_dir, check_writable
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
-from .patchfile import FORMAT, FORMAT_PARAMS, fingerprint, load_patch, model_family, save_patch
+from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
 from .patching import Apply, Patch, applied, dense_added, replaced
 
 FORMATS = ("native", "peft", "merged")
@@ -172,7 +172,7 @@ def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str,
     from . import __version__
 
     meta = {
-        "format": FORMAT_PARAMS if result.patch.params else FORMAT,
+        "format": FORMAT,
         "model": result.model,
         "model_type": result.model_type,
         "model_fingerprint": fingerprint(model),

@@ -92,22 +92,29 @@ def split_patch(patch: Patch, keep) -> Patch:
     )
 
 
+def ablation_rows(chosen: list[Block], patch: Patch, both=None) -> list[Patch]:
+    """The patches the ablation applies: ΔW only, Δb only, and the whole patch unless its logits (`both`) are known."""
+    first = {path for b in chosen for path in b.delta_w_paths}
+    parts = [split_patch(patch, lambda p: p in first), split_patch(patch, lambda p: p not in first)]
+    return parts if both is not None else [*parts, patch]
+
+
+def ablation_scores(ctx: torch.Tensor, logits: torch.Tensor, both=None) -> dict:
+    """KL and top-1 against the context of the ablation_rows' logits (rows in that order)."""
+    return {
+        "delta_w_only": score(ctx, logits[0]),
+        "bias_only": score(ctx, logits[1]),
+        "both": score(ctx, both if both is not None else logits[2]),
+    }
+
+
 def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx, both=None) -> dict:
     """KL and top-1 agreement with the patch applied statically as ΔW only, as Δb only, and whole.
 
     "Δb" is the residual term however it is realised: a bias, or its fold into the output projection or a
     norm. `both`, if given, is the whole patch's static logits, already computed.
     """
-    first = {path for b in chosen for path in b.delta_w_paths}
-    parts = [split_patch(patch, lambda p: p in first), split_patch(patch, lambda p: p not in first)]
-    if both is None:
-        parts.append(patch)
-    logits = static_logits_rows(model, parts, ids)
-    return {
-        "delta_w_only": score(ctx, logits[0]),
-        "bias_only": score(ctx, logits[1]),
-        "both": score(ctx, both if both is not None else logits[2]),
-    }
+    return ablation_scores(ctx, static_logits_rows(model, ablation_rows(chosen, patch, both), ids), both)
 
 
 def in_block(b: Block, path: str) -> bool:

@@ -1,10 +1,10 @@
-"""The native patch format, version 2: one float32 `.safetensors` file with string metadata.
+"""The native patch format, version 3: one float32 `.safetensors` file with string metadata.
 
-Version 2 differs from version 1 only in its fingerprint: it covers every parameter of the model
-(name, shape and a fixed strided sample of values), where version 1 hashed only the weights the
-patch changes, all of their values. Version 1 files still load and are checked the old way.
-Version 3 is version 2 plus updates of mixture-of-experts weights (`.delta_param_u/_v`, factors with an
-expert axis); it is written only for patches that hold them, so every other patch is still version 2.
+The versions differ in their fingerprint and in what they may hold. Version 1 hashed only the weights
+the patch changes, all of their values; version 2 covers every parameter of the model (name, shape and
+a strided sample of 4096 values); version 3 samples 512 values per parameter (a thirtieth of a forward
+pass on SmolLM2, where 4096 cost a tenth) and may also hold updates of mixture-of-experts weights
+(`.delta_param_u/_v`, factors with an expert axis). Versions 1 and 2 still load and are checked their way.
 
 `save_patch` writes a Patch, `load_patch` reads one back and checks everything the file alone can
 tell (format version, metadata keys, tensor names, dtypes, shapes, finiteness); `check_fits` then
@@ -32,12 +32,13 @@ from .lowrank import MATH_DTYPE, LowRank
 from .moe import ParamLowRank
 from .patching import Patch
 
-FORMAT = "icl-probe.patch/2"
+FORMAT = "icl-probe.patch/3"  # version 2's layout, a lighter fingerprint, and mixture-of-experts parameter updates
+V2_FORMAT = "icl-probe.patch/2"  # its fingerprint samples V2_FINGERPRINT_SAMPLES values per parameter
 LEGACY_FORMAT = "icl-probe.patch/1"  # same layout; its fingerprint covers only the touched weights
-FORMAT_PARAMS = "icl-probe.patch/3"  # version 2 plus mixture-of-experts parameter updates
-READABLE = (LEGACY_FORMAT, FORMAT, FORMAT_PARAMS)
+READABLE = (LEGACY_FORMAT, V2_FORMAT, FORMAT)
 FORMAT_PREFIX = "icl-probe.patch/"
-FINGERPRINT_SAMPLES = 4096  # values sampled per parameter, at a fixed stride
+FINGERPRINT_SAMPLES = 512  # values sampled per parameter, at a fixed stride (3% of a forward pass on SmolLM2)
+V2_FINGERPRINT_SAMPLES = 4096
 REQUIRED_KEYS = (
     "format", "model", "model_type", "model_fingerprint", "layers", "residual", "positions", "dtype",
     "query", "query_token_ids", "prefix_token_ids", "context_sha256", "icl_probe_version",
@@ -52,7 +53,7 @@ FILE_DTYPE = torch.float32
 
 
 def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
-    """Write `patch` as a native v2 file (atomically; refuses an existing file unless `force`); returns its size."""
+    """Write `patch` as a native v3 file (atomically; refuses an existing file unless `force`); returns its size."""
     path = check_writable(path, force)
     data = serialize(patch)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -62,8 +63,8 @@ def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
 def serialize(patch: Patch) -> bytes:
     """The file's bytes: the same patch always gives the same bytes."""
     metadata = dict(patch.metadata)
-    if patch.params:  # readers of version 2 would refuse the parameter tensors by name; say it is version 3
-        metadata["format"] = FORMAT_PARAMS
+    if patch.params:  # only version 3 may hold parameter updates
+        metadata["format"] = FORMAT
     check_metadata(metadata, "the patch to write")
     return canonical_header(save(to_tensors(patch), metadata=metadata))
 
@@ -105,7 +106,7 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def load_patch(path: str | Path) -> Patch:
-    """Read and check a native patch file (v2, or v1); the Patch holds float64 tensors and the file's metadata.
+    """Read and check a native patch file (v3, v2 or v1); the Patch holds float64 tensors and the file's metadata.
 
     Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
     """
@@ -189,10 +190,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
     groups: dict[str, dict[str, torch.Tensor]] = {U: {}, V: {}, RESIDUAL: {}, DENSE: {}, PU: {}, PV: {}}
     for name, t in sorted(tensors.items()):
         base, _, kind = name.rpartition(".")
-        if not base or kind not in groups or (kind in (PU, PV) and metadata.get("format") != FORMAT_PARAMS):
+        if not base or kind not in groups or (kind in (PU, PV) and metadata.get("format") != FORMAT):
             raise PatchError(
                 f"{where} holds an unknown tensor {name!r}; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE} "
-                f"(and .{PU}, .{PV} in format {FORMAT_PARAMS})"
+                f"(and .{PU}, .{PV} in format {FORMAT})"
             )
         check_tensor(name, t, where)
         groups[kind][base] = t.to(MATH_DTYPE)
@@ -260,22 +261,24 @@ def touched_parameters(patch: Patch) -> list[str]:
     return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense) | set(patch.params))
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
     """sha256 over every parameter, by name: the name, the shape, then a strided sample of its values.
 
-    The sample is at most FINGERPRINT_SAMPLES values at a fixed stride, as float32 LE bytes, so the same
-    weights loaded in float32 or float64 give the same hash, and the cost does not grow with the weights' size.
-    Offloaded parameters are read from accelerate's offload map.
+    The sample is at most `samples` values at a fixed stride, as float32 LE bytes, so the same weights
+    loaded in float32 or float64 give the same hash, and the cost does not grow with the weights' size.
+    Offloaded parameters are read from accelerate's offload map. The bytes are hashed in one call, which
+    gives the digest that hashing them piece by piece would.
     """
-    digest = hashlib.sha256()
-    for name, _ in sorted(model.named_parameters()):
-        owner, attr = name.rpartition(".")[::2]
-        value = current_weight(model.get_submodule(owner), attr).detach()
-        stride = max(1, -(-value.numel() // FINGERPRINT_SAMPLES))  # ceil(numel / samples)
-        sample = value.reshape(-1)[::stride].to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}\0{list(value.shape)}\0".encode())
-        digest.update(sample.numpy().astype("<f4", copy=False).tobytes())
-    return digest.hexdigest()
+    parts = []
+    for name, param in sorted(model.named_parameters()):
+        if param.device.type == "meta":
+            owner, attr = name.rpartition(".")[::2]
+            param = current_weight(model.get_submodule(owner), attr)
+        value = param.detach()
+        stride = max(1, -(-value.numel() // samples))  # ceil(numel / samples)
+        parts.append(f"{name}\0{list(value.shape)}\0".encode())
+        parts.append(value.reshape(-1)[::stride].to("cpu", torch.float32).numpy().astype("<f4", copy=False).tobytes())
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def legacy_fingerprint(model: nn.Module, patch: Patch) -> str:
@@ -352,8 +355,11 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
     expected = patch.metadata.get("model_fingerprint")
     if force or expected is None:
         return False
-    legacy = patch.metadata.get("format") == LEGACY_FORMAT
-    actual = legacy_fingerprint(model, patch) if legacy else fingerprint(model)
+    fmt = patch.metadata.get("format")
+    if fmt == LEGACY_FORMAT:
+        actual = legacy_fingerprint(model, patch)
+    else:
+        actual = fingerprint(model, V2_FINGERPRINT_SAMPLES if fmt == V2_FORMAT else FINGERPRINT_SAMPLES)
     if actual != expected:
         dtype = str(model.dtype).removeprefix("torch.")
         made_in = patch.metadata.get("dtype", dtype)

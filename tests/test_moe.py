@@ -250,11 +250,12 @@ def test_native_export_then_replay(tmp_path, name):
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]
 
 
-def test_a_dense_patch_is_still_format_2(tmp_path):
+def test_a_dense_patch_of_an_moe_family_is_format_3_without_parameter_tensors(tmp_path):
     model = model_of("deepseek_v3")  # layer 0 is dense
     export_patch(model, coverage.char_tokenizer(), CONTEXT, QUERY, output=tmp_path / "p.safetensors", layers="0")
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
-        assert f.metadata()["format"] == "icl-probe.patch/2"
+        assert f.metadata()["format"] == "icl-probe.patch/3"
+        assert not any(name.endswith((".delta_param_u", ".delta_param_v")) for name in f.keys())
 
 
 @pytest.mark.parametrize("format", ["peft", "merged"])

@@ -156,15 +156,15 @@ def test_legacy_fingerprint_follows_the_v1_spec_and_ignores_untouched_weights():
     assert legacy_fingerprint(model, patch) != expected
 
 
-def sampled_spec(model) -> str:
-    """Format v2's fingerprint as docs/patch-format.md defines it: every parameter, a strided sample, by struct."""
+def sampled_spec(model, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """Formats v2/v3's fingerprint as docs/patch-format.md defines it: every parameter, a strided sample, by struct."""
     import hashlib
     import math
 
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         flat = param.detach().float().flatten()
-        sample = flat[:: max(1, math.ceil(flat.numel() / FINGERPRINT_SAMPLES))]
+        sample = flat[:: max(1, math.ceil(flat.numel() / samples))]
         digest.update(f"{name}\0{list(param.shape)}\0".encode())
         digest.update(struct.pack(f"<{sample.numel()}f", *sample.tolist()))
     return digest.hexdigest()
@@ -178,6 +178,26 @@ def test_fingerprint_covers_every_layer_below_the_patch():
     with torch.no_grad():
         model.model.embed_tokens.weight[0, 0] += 1  # embeddings shape every z and Δb, so they count
     assert fingerprint(model) != expected
+
+
+def test_v2_patches_are_checked_with_their_4096_sample_fingerprint(tmp_path):
+    model = tiny_model("llama", torch.float32)
+    assert FINGERPRINT_SAMPLES == 512 and sampled_spec(model, 4096) != sampled_spec(model, 512)
+    patch = analyze(model, char_tokenizer(), CONTEXT, QUERY).patch
+    for fmt, samples in [("icl-probe.patch/2", 4096), ("icl-probe.patch/3", 512)]:
+        patch.metadata = {
+            **good_metadata(),
+            "format": fmt,
+            "model": "tiny",
+            "model_fingerprint": sampled_spec(model, samples),
+        }
+        save_patch(patch, tmp_path / "p.safetensors", force=True)
+        assert check_fits(model, load_patch(tmp_path / "p.safetensors")) is True
+        other = 512 if samples == 4096 else 4096  # the other version's fingerprint of the same weights does not pass
+        patch.metadata["model_fingerprint"] = sampled_spec(model, other)
+        save_patch(patch, tmp_path / "p.safetensors", force=True)
+        with pytest.raises(PatchError, match="was made for other weights"):
+            check_fits(model, load_patch(tmp_path / "p.safetensors"))
 
 
 def test_v1_patches_still_load_with_a_note(tmp_path):
