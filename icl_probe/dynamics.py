@@ -19,7 +19,7 @@ from .capture import Target, capture_prefixes, capture_targets, check_length, mo
 from .errors import InputError, UsageError
 from .finetune import finetune
 from .inputs import Prompt, tokenize
-from .lowrank import MATH_DTYPE, LowRank, alignment, kl_divergence, matvec
+from .lowrank import MATH_DTYPE, kl_divergence, matvec
 from .metrics import ablation, cross_entropy, gradient_alignment, pick_target, prob
 from .tasks import Example
 from .update import solve
@@ -153,14 +153,8 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
             "layers": [],
         }
     ]
-    previous = {b.index: zero_state(b, start[b.index]) for b in chosen}
-    moves = {b.index: context_moves(b, targets[b.index], start[b.index]) for b in chosen}
+    series = {b.index: layer_series(b, targets[b.index], start[b.index], solution) for b in chosen}
     for i, cut in enumerate(cuts):
-        layers = []
-        for b in chosen:
-            state = layer_state(b, i, targets[b.index], solution)
-            layers.append(layer_row(b, state, previous[b.index], i + 1, {p: m[i] for p, m in moves[b.index].items()}))
-            previous[b.index] = state
         rows.append(
             {
                 "examples": i + 1,
@@ -168,70 +162,70 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
                 "kl_patched": kl_divergence(logits_ctx[i], solution.logits[i]),
                 "top1": tokenizer.decode([int(logits_ctx[i].argmax())]),
                 "target_prob": prob(logits_ctx[i], target_id),
-                "layers": layers,
+                "layers": [layer_row(b, series[b.index], i) for b in chosen],
             }
         )
     return rows
 
 
-@dataclass
-class LayerState:
-    """One layer at one prefix: z0 and zC at the last token, and the ΔW and step of each first linear."""
-
-    z0: torch.Tensor  # (in,) float64
-    z_ctx: torch.Tensor  # (in,)
-    deltas: dict[str, LowRank]
-    steps: dict[str, LowRank | None] = field(default_factory=dict)
-
-
-def zero_state(b: arch.Block, start: Target) -> LayerState:
-    """Prefix 0: no update, and zC_0 is the query alone's z, unpatched."""
-    z = start.z_ctx[0]  # (in,)
-    out = {path: arch.weight_out_in(m, b.family).shape[0] for path, m in b.first.items()}
-    zero = {path: LowRank(torch.zeros(n, 0, dtype=MATH_DTYPE), z[:, None][:, :0]) for path, n in out.items()}
-    return LayerState(z, z, zero, {path: None for path in b.first})
-
-
-def layer_state(b: arch.Block, i: int, target: Target, solution) -> LayerState:
-    record = solution.records[i][b.index]
-    deltas = {path: solution.patches[i].low_rank[path] for path in b.first}
-    return LayerState(record.z0[0], target.z_ctx[i], deltas)
-
-
-def context_moves(b: arch.Block, target: Target, start: Target) -> dict[str, torch.Tensor]:
-    """Per first linear, W (zC_i − zC_{i−1}) for every prefix i = 1..n at once: (n, out) float64."""
+def layer_series(b: arch.Block, target: Target, start: Target, solution) -> dict:
+    """One layer's figures at every prefix i = 1..n at once: 1/‖z0_i‖², and per first linear `module_series`."""
+    n = len(solution.patches)
+    z0 = torch.cat([solution.records[i][b.index].z0 for i in range(n)])  # (n, in) float64
     z_ctx = torch.cat([start.z_ctx, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
     dz = (z_ctx[1:] - z_ctx[:-1]).T  # (in, n)
-    return {path: matvec(arch.weight_out_in(m, b.family), dz).T for path, m in b.first.items()}
-
-
-def layer_row(b: arch.Block, now: LayerState, before: LayerState, examples: int, moves: dict) -> dict:
-    """learning_rate = 1/‖z0‖², and per first linear: ‖ΔW_i‖, the step, its cosine with the last step, prop31_error.
-
-    `moves` holds W (zC_i − zC_{i−1}) per first linear, for Proposition 3.1's predicted step.
-    """
-    z0_sq = float(now.z0 @ now.z0)
     modules = {}
-    for path in b.first:
-        step = difference(now.deltas[path], before.deltas[path])
-        now.steps[path] = step
-        predicted = LowRank((moves[path] / z0_sq)[:, None], now.z0[:, None].clone())  # W ΔzC z0ᵀ / ‖z0‖²
-        last_step = before.steps.get(path)
+    for path, m in b.first.items():
+        deltas = [solution.patches[i].low_rank[path] for i in range(n)]
+        u = torch.stack([d.u[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, out): ΔW_i = u_i v_iᵀ
+        v = torch.stack([d.v[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, in)
+        moves = matvec(arch.weight_out_in(m, b.family), dz).T  # (n, out): W (zC_i − zC_{i−1})
+        modules[path] = module_series(u, v, moves, z0)
+    return {"learning_rate": 1.0 / (z0 * z0).sum(-1), "modules": modules}
+
+
+def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: torch.Tensor) -> dict:
+    """‖ΔW_i‖, the step S_i = ΔW_i − ΔW_{i−1} (ΔW_0 = 0), its cosine with S_{i−1}, and Proposition 3.1's error.
+
+    Every norm comes from the factors, batched over the prefixes: a difference of nearly equal updates takes
+    its norm from the QR core R_u R_vᵀ (`lowrank.LowRank.core`), so no digits are lost to cancellation.
+    Proposition 3.1 predicts S_i = W (zC_i − zC_{i−1}) z0_iᵀ / ‖z0_i‖²; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
+    """
+    zero = torch.zeros_like(u[:1])
+    u_prev, v_prev = torch.cat([zero, u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
+    step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
+    step_norm = core_norm(step_u, step_v)  # (n,)
+    predicted = moves / (z0 * z0).sum(-1, keepdim=True)  # (n, out), with v = z0_i
+    miss_u = torch.cat([step_u, -predicted[..., None]], -1)  # (n, out, 3): S_i − P_i as factors
+    miss_v = torch.cat([step_v, z0[..., None]], -1)
+    # ⟨S_i, S_{i−1}⟩_F = trace((U_iᵀ U_{i−1}) (V_{i−1}ᵀ V_i)), for i ≥ 1
+    inner = torch.einsum("nab,nba->n", step_u[1:].mT @ step_u[:-1], step_v[:-1].mT @ step_v[1:])
+    return {
+        "delta_w_norm": u.norm(dim=-1) * v.norm(dim=-1),
+        "step_norm": step_norm,
+        "prop31_error": core_norm(miss_u, miss_v) / step_norm,  # inf or nan where the step is 0: reported as None
+        "step_inner": inner,  # [i − 1] is ⟨S_i, S_{i−1}⟩
+    }
+
+
+def core_norm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """‖u vᵀ‖_F for batches u (n, out, r), v (n, in, r), from the r×r cores of their QR decompositions."""
+    return torch.linalg.matrix_norm(torch.linalg.qr(u).R @ torch.linalg.qr(v).R.mT)
+
+
+def layer_row(b: arch.Block, series: dict, i: int) -> dict:
+    """learning_rate = 1/‖z0‖², and per first linear: ‖ΔW_i‖, the step, its cosine with the last step, prop31_error."""
+    modules = {}
+    for path, s in series["modules"].items():
+        step, error = float(s["step_norm"][i]), float(s["prop31_error"][i])
+        cosine = None
+        if i >= 2:  # examples ≥ 3: the step before is a step between two non-zero updates
+            before = float(s["step_norm"][i - 1])
+            cosine = float(s["step_inner"][i - 1]) / (step * before) if step and before else None
         modules[path] = {
-            "delta_w_norm": now.deltas[path].frobenius_norm(),
-            "step_norm": step.frobenius_norm(),
-            "step_cosine": alignment(step, last_step) if examples >= 3 and last_step is not None else None,
-            "prop31_error": relative_distance(step, predicted),
+            "delta_w_norm": float(s["delta_w_norm"][i]),
+            "step_norm": step,
+            "step_cosine": cosine,
+            "prop31_error": error if step else None,
         }
-    return {"layer": b.index, "learning_rate": 1.0 / z0_sq, "modules": modules}
-
-
-def difference(a: LowRank, b: LowRank) -> LowRank:
-    """a − b as factors: [a.u, −b.u] [a.v, b.v]ᵀ."""
-    return LowRank(torch.cat([a.u, -b.u], dim=1), torch.cat([a.v, b.v], dim=1))
-
-
-def relative_distance(measured: LowRank, predicted: LowRank) -> float | None:
-    """‖measured − predicted‖_F / ‖measured‖_F, from the factors; None when the measured step is zero."""
-    norm = measured.frobenius_norm()
-    return difference(measured, predicted).frobenius_norm() / norm if norm else None
+    return {"layer": b.index, "learning_rate": float(series["learning_rate"][i]), "modules": modules}
