@@ -294,8 +294,9 @@ def legend(doc: dict, wide: bool) -> list[str]:
     phrases = [f"‖ΔW‖/‖W‖: relative size of the {update}", f"‖Δb‖: residual term{folded}"]
     if wide:
         phrases[:0] = ["‖z0‖: MLP input, query alone", "‖zC−z0‖, cos: what the context changes in it"]
-        phrases += ["‖ΔA‖: attention output change", "‖Δmlp‖: how far ΔW moves the MLP branch"]
+        phrases += ["‖ΔA‖: mixer (attention) output change", "‖Δmlp‖: how far ΔW moves the MLP branch"]
     phrases.append("mlp err: ‖MLP(z0; W+ΔW) − MLP(zC; W)‖/‖·‖, the theorem's test")
+    phrases += mixer_phrases(doc["layers"])
     if not wide:
         return [*phrases, "bar: max ‖ΔW‖/‖W‖ of the layer", "see docs/theory.md"]
     phrases.append("block err: block output error (≈0 by construction)")
@@ -348,6 +349,16 @@ def print_routing(console: Console, doc: dict) -> None:
         console.print()
         console.print(routing_table(doc))
         print_phrases(console, routing_phrases(doc["moe"]), style="dim")
+
+
+def mixer_phrases(layers: list[dict]) -> list[str]:
+    """For a hybrid model, which layers have which kind of mixer: ['mixers: mamba 0, 2 · attention 1, 3']."""
+    kinds: dict[str, list[int]] = {}
+    for layer in layers:
+        kinds.setdefault(layer.get("mixer") or "attention", []).append(layer["layer"])
+    if len(kinds) < 2:
+        return []
+    return ["mixers: " + ", ".join(f"{kind} {span_list(idx)}" for kind, idx in kinds.items())]
 
 
 # --- the analysis: scores -----------------------------------------------------------------------------------------

@@ -337,3 +337,11 @@ def test_mixture_of_experts_shows_router_and_expert_updates_and_the_routing(widt
             assert all(f"{e} " in row for e in routing[side]["experts"])
     changed = sum(layer["moe"]["routing"]["routing_changed"] for layer in doc["layers"])
     assert f"changed the chosen experts in {changed} of {len(doc['layers'])} MoE layers" in " ".join(text.split())
+
+
+def test_a_hybrid_model_says_which_layers_have_which_mixer(tiny_doc):
+    doc = {**tiny_doc, "layers": [{**layer, "mixer": ("mamba", "attention")[i % 2]} for i, layer in
+                                   enumerate(tiny_doc["layers"])]}  # fmt: skip
+    text = " ".join(render(print_analysis, doc, 80).split())
+    assert "mixers: mamba 0, attention 1" in text
+    assert "mixers:" not in render(print_analysis, tiny_doc, 80)  # one kind of mixer: nothing to say
