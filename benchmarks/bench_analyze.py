@@ -113,10 +113,9 @@ TOP = [
     (analysis, "tokenize", "tokenize"),
     (analysis, "select_blocks", "select blocks"),
     (analysis, "capture_targets", "with-context run + capture"),
-    (analysis, "last_logits", "query alone, unpatched"),
     (analysis, "check_finite", "finiteness checks"),
     (analysis, "solve_checked", "sequential solve (query alone)"),
-    (analysis, "ablation", "ablation batch (3 rows)"),
+    (analysis, "static_logits_rows", "ablation batch + query alone unpatched (4 rows)"),
     (analysis, "layer_report", "layer reports (norms, ranks)"),
     (analysis, "compare_logits", "logit metrics (KL, top-k)"),
 ]

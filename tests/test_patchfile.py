@@ -182,9 +182,9 @@ def test_fingerprint_covers_every_layer_below_the_patch():
 
 def test_v2_patches_are_checked_with_their_4096_sample_fingerprint(tmp_path):
     model = tiny_model("llama", torch.float32)
-    assert FINGERPRINT_SAMPLES == 512 and sampled_spec(model, 4096) != sampled_spec(model, 512)
+    assert FINGERPRINT_SAMPLES == 256 and sampled_spec(model, 4096) != sampled_spec(model, 256)
     patch = analyze(model, char_tokenizer(), CONTEXT, QUERY).patch
-    for fmt, samples in [("icl-probe.patch/2", 4096), ("icl-probe.patch/3", 512)]:
+    for fmt, samples in [("icl-probe.patch/2", 4096), ("icl-probe.patch/3", 256)]:
         patch.metadata = {
             **good_metadata(),
             "format": fmt,
@@ -193,7 +193,7 @@ def test_v2_patches_are_checked_with_their_4096_sample_fingerprint(tmp_path):
         }
         save_patch(patch, tmp_path / "p.safetensors", force=True)
         assert check_fits(model, load_patch(tmp_path / "p.safetensors")) is True
-        other = 512 if samples == 4096 else 4096  # the other version's fingerprint of the same weights does not pass
+        other = 256 if samples == 4096 else 4096  # the other version's fingerprint of the same weights does not pass
         patch.metadata["model_fingerprint"] = sampled_spec(model, other)
         save_patch(patch, tmp_path / "p.safetensors", force=True)
         with pytest.raises(PatchError, match="was made for other weights"):
