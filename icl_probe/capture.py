@@ -152,7 +152,7 @@ def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int]
     at positions cuts[i], cuts[i] + 1, ...: the same computation as running head[:cuts[i]] + query whole.
     """
     batch, q, length = len(cuts), len(query), cache.get_seq_length()
-    rows = copy.deepcopy(cache)
+    rows = cache  # the caller's cache, grown in place to a row per cut (it is not used again)
     rows.batch_repeat_interleave(batch)
     device = input_device(model)
     ends = torch.tensor(cuts)[:, None]  # (B, 1)
@@ -177,7 +177,8 @@ def capture_prefixes(
     """
     if cache_croppable(model, len(head) + len(query)):
         with torch.no_grad():
-            cache = model(input_ids=torch.tensor([head], device=input_device(model)), use_cache=True).past_key_values
+            ids = torch.tensor([head], device=input_device(model))
+            cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
         if accepts_positions(model):
             return capture_masked(model, chosen, cache, cuts, query)
         rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
