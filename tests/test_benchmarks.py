@@ -11,18 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_quick(script: str, out: Path, **env: str) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT --quick --json OUT in a subprocess, offline, from OUT's folder; it must exit 0."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)]
+    run = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 def test_bench_dynamics_quick(tmp_path):
     out = tmp_path / "dynamics.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    script = ROOT / "benchmarks" / "bench_dynamics.py"
-    run = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_quick("bench_dynamics.py", out)
     assert "sweep s" in run.stdout and "naive s" in run.stdout and "max rel diff" in run.stdout
     assert "sweep breakdown at n = 4" in run.stdout
     (row,) = json.loads(out.read_text(encoding="utf-8"))["rows"]
@@ -37,16 +37,7 @@ def test_bench_dynamics_quick(tmp_path):
 def test_bench_analyze_quick(tmp_path):
     """Every figure of issue 10's table is measured and positive, and the correctness checks pass."""
     out = tmp_path / "analyze.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    script = ROOT / "benchmarks" / "bench_analyze.py"
-    run = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_quick("bench_analyze.py", out, OMP_NUM_THREADS="1")
     assert "| figure | measured | target |" in run.stdout and "analyze breakdown, long" in run.stdout
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert all(doc["checks"].values()), doc["checks"]

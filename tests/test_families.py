@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import char_tokenizer, save_tiny, tiny_model
+from tiny import char_tokenizer, last_outputs, save_tiny, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -184,21 +184,6 @@ def test_mlp_branch_matches_the_context_under_the_patch(name):
             patched = last_outputs(model, [f"{layers}.{i}.{rel}" for i in range(2)], result.prompt.query_only)
     for path in ctx:
         assert float((ctx[path] - patched[path]).norm() / ctx[path].norm()) < 1e-9, path
-
-
-def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
-    seen = {}
-
-    def record(path):
-        def hook(module, args, output):
-            y = hidden(output)
-            seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
-
-        return hook
-
-    with hooked([(model.get_submodule(p), record(p)) for p in paths]):
-        last_logits(model, ids)
-    return seen
 
 
 @pytest.mark.parametrize("name", TABLE + GENERIC)

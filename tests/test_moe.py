@@ -10,12 +10,13 @@ import functools
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
 from icl_probe.capture import last_logits
 from icl_probe.dynamics import dynamics
 from icl_probe.errors import ModelError, PatchError
-from icl_probe.hooks import hidden, hooked
+from icl_probe.hooks import hooked
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import Patch, applied, applied_rows
 from icl_probe.update import solve
@@ -176,20 +177,9 @@ def test_the_mlp_branch_under_the_patch_is_the_with_context_one(name):
     model, result = model_of(name), analysis_of(name)
     layers, mlp, *_ = MOE[name]
     paths = [f"{block(name, i)}.{mlp}" for i in layers]
-    seen = {}
-
-    def record(path):
-        def hook(module, args, output):
-            y = hidden(output)
-            seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
-
-        return hook
-
-    with torch.no_grad(), hooked([(model.get_submodule(p), record(p)) for p in paths]):
-        last_logits(model, result.prompt.full)
-        ctx = dict(seen)
-        with applied(model, result.patch):
-            last_logits(model, result.prompt.query_only)
+    ctx = last_outputs(model, paths, result.prompt.full)
+    with applied(model, result.patch):
+        seen = last_outputs(model, paths, result.prompt.query_only)
     # DeepSeek computes its router logits in float32 whatever the model's dtype, so W + ΔW applied as a weight
     # reproduces them to float32 rounding (the sequential run, which maps the MLP input, is exact: see above)
     bound = 1e-6 if name == "deepseek_v3" else 1e-9

@@ -11,14 +11,13 @@ import re
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import char_tokenizer, last_outputs, tiny_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from icl_probe import analyze, arch, coverage, export_patch, load_patch, replay
-from icl_probe.capture import last_logits
 from icl_probe.errors import ModelError
-from icl_probe.hooks import hidden, hooked
+from icl_probe.hooks import hooked
 from icl_probe.patching import applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
@@ -161,21 +160,6 @@ def test_mlp_branch_matches_the_context_under_the_patch(name):
             patched = last_outputs(model, paths, result.prompt.query_only)
     for path in paths:
         assert float((ctx[path] - patched[path]).norm() / ctx[path].norm()) < 1e-9, path
-
-
-def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
-    seen = {}
-
-    def record(path):
-        def hook(module, args, output):
-            y = hidden(output)
-            seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
-
-        return hook
-
-    with hooked([(model.get_submodule(p), record(p)) for p in paths]):
-        last_logits(model, ids)
-    return seen
 
 
 @pytest.mark.parametrize("name", ["lfm2", "jamba", "qwen3_next", "falcon_h1"])

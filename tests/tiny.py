@@ -136,3 +136,22 @@ def save_tiny(model, tokenizer, folder) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
+    """Each module's output at the last token of `ids` (hooked by path, independently of icl-probe's hooks)."""
+    from icl_probe.capture import last_logits
+    from icl_probe.hooks import hidden, hooked
+
+    seen = {}
+
+    def record(path):
+        def hook(module, args, output):
+            y = hidden(output)
+            seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
+
+        return hook
+
+    with torch.no_grad(), hooked([(model.get_submodule(p), record(p)) for p in paths]):
+        last_logits(model, ids)
+    return seen
