@@ -93,7 +93,8 @@ MATVEC_BLOCK = 1 << 22  # weight elements lifted to float32 at a time: a 16 MB c
 
 
 def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W x as float64, multiplied in float64 for float64 weights and in float32 otherwise.
+    """W x as float64 (W (out, in), or (E, out, in) for fused experts), multiplied in float64 for float64 weights
+    and in float32 otherwise (in the model's dtype under naive_precision).
 
     Casting every weight to float64 would copy it at twice its size; float32 keeps the product
     as accurate as the float32 model's own first linear layer. bf16/fp16 weights are lifted to
@@ -107,7 +108,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if weight.dtype == work:
         y = weight @ xw
     else:
-        rows = max(1, MATVEC_BLOCK // max(1, weight.shape[1]))
+        rows = max(1, MATVEC_BLOCK // max(1, weight[0].numel()))  # rows of a matrix, or experts of (E, out, in)
         y = torch.cat([block.to(work) @ xw for block in weight.split(rows)])
     return y.to(x.device, update_dtype())
 

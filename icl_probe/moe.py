@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .lowrank import MATH_DTYPE, update_dtype
+from .lowrank import MATH_DTYPE, matvec, update_dtype
 
 FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "w3", "input_linear", "fc1", "wi", "w13")
 
@@ -82,13 +82,9 @@ def out_in(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def param_update(weight: torch.Tensor, transposed: bool, a: torch.Tensor, v: torch.Tensor) -> ParamLowRank:
-    """u = W a for every expert of `weight` (multiplied as lowrank.matvec does: float64 for float64 weights, float32
-    otherwise, the model's dtype under naive_precision); v (in,) is z0."""
-    naive = update_dtype() != MATH_DTYPE
-    work = update_dtype() if naive else MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
-    u = out_in(weight.detach(), transposed).to(work) @ a.to(weight.device, work)  # (..., out)
-    keep = update_dtype()
-    return ParamLowRank(u.to("cpu", keep)[..., None], v.to("cpu", keep)[:, None].clone())
+    """u = W a for every expert of `weight` (multiplied by lowrank.matvec); v (in,) is z0."""
+    u = matvec(out_in(weight.detach(), transposed), a.cpu())  # (..., out)
+    return ParamLowRank(u[..., None], v.to("cpu", update_dtype())[:, None].clone())
 
 
 def map_factors(z_ctx: torch.Tensor, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
