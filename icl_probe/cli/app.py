@@ -86,6 +86,12 @@ TopKOpt = Annotated[int, typer.Option("--top-k", min=1, max=1000, help="How many
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow a model's own code to run (off by default).")
 ]
+TaskOpt = Annotated[str | None, typer.Option("--task", help="A built-in task (see `icl-probe tasks`).")]
+TaskFileOpt = Annotated[
+    str | None,
+    typer.Option("--task-file", help='A JSON task: a list of {"input", "output"} objects, or {input: output}.'),
+]
+TemplateOpt = Annotated[str, typer.Option("--template", help="How a pair becomes an example; {input} before {output}.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
 
 

@@ -29,6 +29,9 @@ from .app import (
     PlotOpt,
     QueryFileOpt,
     QueryOpt,
+    TaskFileOpt,
+    TaskOpt,
+    TemplateOpt,
     TrustOpt,
     WideOpt,
     app,
@@ -79,14 +82,9 @@ def unescape(template: str) -> str:
 @app.command()
 def dynamics(
     model: ModelOpt = DEFAULT_MODEL,
-    task: Annotated[str | None, typer.Option("--task", help="A built-in task (see `icl-probe tasks`).")] = None,
-    task_file: Annotated[
-        str | None,
-        typer.Option("--task-file", help='A JSON task: a list of {"input", "output"} objects, or {input: output}.'),
-    ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="How a pair becomes an example; {input} before {output}.")
-    ] = DEFAULT_TEMPLATE,
+    task: TaskOpt = None,
+    task_file: TaskFileOpt = None,
+    template: TemplateOpt = DEFAULT_TEMPLATE,
     demos: Annotated[
         int | None, typer.Option("--demos", min=1, help="How many examples form the context (default: all).")
     ] = None,

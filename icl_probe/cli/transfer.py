@@ -23,6 +23,9 @@ from .app import (
     ModelOpt,
     OffloadOpt,
     PlotOpt,
+    TaskFileOpt,
+    TaskOpt,
+    TemplateOpt,
     TrustOpt,
     app,
     check_outputs,
@@ -48,14 +51,9 @@ def parse_sizes(text: str) -> list[int]:
 @app.command()
 def transfer(
     model: ModelOpt = DEFAULT_MODEL,
-    task: Annotated[str | None, typer.Option("--task", help="A built-in task (see `icl-probe tasks`).")] = None,
-    task_file: Annotated[
-        str | None,
-        typer.Option("--task-file", help='A JSON task: a list of {"input", "output"} objects, or {input: output}.'),
-    ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="How a pair becomes an example; {input} before {output}.")
-    ] = DEFAULT_TEMPLATE,
+    task: TaskOpt = None,
+    task_file: TaskFileOpt = None,
+    template: TemplateOpt = DEFAULT_TEMPLATE,
     demos: Annotated[int, typer.Option("--demos", min=1, help="How many pairs form the context.")] = 5,
     calibration: Annotated[
         str,
