@@ -33,7 +33,7 @@ from .capture import (
     select_blocks,
 )
 from .errors import InputError, MathError, ModelError, UsageError
-from .generation import Generation, continuation, leading_agreement, recompute_generation
+from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
 from .hooks import current_weight, hidden, hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
 from .lowrank import kl_divergence, naive_precision
@@ -175,7 +175,10 @@ def analyze(
         run = PositionsInput(context, query, prompt, chosen, top_k, per_layer_ablation)
         return analyze_positions(model, tokenizer, run, gradient, target)
     with torch.no_grad(), precision_scope(model, precision):
-        targets, logits_ctx = capture_targets(model, chosen, prompt.full)
+        if generate:  # the full prompt on a KV cache, which the generated tokens then extend
+            targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None)
+        else:
+            targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         check_finite(model, prompt, targets, logits_ctx)
         solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
@@ -189,7 +192,10 @@ def analyze(
         check_finite_query(model, prompt, logits_0)
         parts = ablation_scores(logits_ctx, rows[:-1], both)
         per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None
-        generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate) if generate else None
+        generation = None
+        if generate:
+            start = Start(targets, logits_ctx, cache, solution.logits[0])
+            generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start)
     reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
     wanted = None
     if gradient:

@@ -71,8 +71,25 @@ def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
     return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], out.past_key_values
 
 
+@dataclass
+class Start:
+    """What analyze already ran for the first step: the full prompt's cached_step and the patched query's logits."""
+
+    targets: dict[int, Target]
+    logits: torch.Tensor  # (vocab,)
+    cache: object
+    patched: torch.Tensor  # (vocab,)
+
+
 def teacher_forced(
-    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], n: int, patched_next: PatchedNext, mode: str
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    chosen: list[Block],
+    n: int,
+    patched_next: PatchedNext,
+    mode: str,
+    start: Start | None = None,
 ) -> Generation:
     """Up to n steps (stopping after an end-of-sequence token), each continued with the with-context token."""
     eos = tokenizer.eos_token_id
@@ -80,9 +97,15 @@ def teacher_forced(
     patched_ids: list[int] = []
     kls: list[float] = []
     with torch.no_grad():
-        targets, logits, cache = cached_step(model, chosen, prompt.full, None)
+        if start is None:
+            targets, logits, cache = cached_step(model, chosen, prompt.full, None)
+        else:
+            targets, logits, cache = start.targets, start.logits, start.cache
         for step in range(n):
-            patched = patched_next(targets, prompt.query_only + context_ids)
+            if step == 0 and start is not None:
+                patched = start.patched
+            else:
+                patched = patched_next(targets, prompt.query_only + context_ids)
             token = int(logits.argmax())
             context_ids.append(token)
             patched_ids.append(int(patched.argmax()))
@@ -95,14 +118,17 @@ def teacher_forced(
 
 
 def recompute_generation(
-    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], residual: str, n: int
+    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], residual: str, n: int, start: Start | None = None
 ) -> Generation:
-    """Mode "recompute": at every step, solve the update of `chosen` blocks for the current text and apply it."""
+    """Mode "recompute": at every step, solve the update of `chosen` blocks for the current text and apply it.
+
+    `start` hands over the first step that analyze has already run (its KV-cached full prompt and solve).
+    """
 
     def patched_next(targets: dict[int, Target], ids: list[int]) -> torch.Tensor:
         return solve(model, chosen, targets, ids, residual).logits[0]
 
-    return teacher_forced(model, tokenizer, prompt, chosen, n, patched_next, "recompute")
+    return teacher_forced(model, tokenizer, prompt, chosen, n, patched_next, "recompute", start)
 
 
 def fixed_generation(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int) -> Generation:

@@ -194,3 +194,17 @@ def test_cli_bad_generation_input(tiny_llama_dir, tmp_path):
     assert_error(run("replay", patch, "--generate", 2, "--recompute"), 2, "--recompute needs the context")
     assert_error(run("replay", patch, "--context", CONTEXT, "--recompute"), 2, "pass --generate N")
     assert_error(run("replay", patch, "--generate", -1), 2, "--generate")
+
+
+def test_analyze_generate_runs_the_full_prompt_once(tokenizer):
+    # analyze's own with-context pass is the first step's KV-cached pass: the full prompt runs once in all
+    model = tiny_model("llama")
+    prompt = tokenize(tokenizer, CONTEXT, QUERY)
+    lengths = []
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    try:
+        gen = analyze(model, tokenizer, CONTEXT, QUERY, generate=N).to_dict()["generation"]
+    finally:
+        handle.remove()
+    assert len(gen["tokens"]) == N and gen["agreement"] == 1.0
+    assert lengths.count(len(prompt.full)) == 1 and lengths.count(1) == N - 1
