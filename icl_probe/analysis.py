@@ -197,10 +197,7 @@ def analyze(
             start = Start(targets, logits_ctx, cache, solution.logits[0])
             generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start)
     reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
-    wanted = None
-    if gradient:
-        wanted = pick_target(tokenizer, target, logits_ctx)
-        add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
+    wanted = aligned_target(model, tokenizer, chosen, patch, prompt, reports, target, logits_ctx) if gradient else None
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,
@@ -220,6 +217,13 @@ def analyze(
         precision=precision,
         generation=generation,
     )
+
+
+def aligned_target(model, tokenizer, chosen, patch: Patch, prompt: Prompt, reports: list, target, logits_ctx) -> dict:
+    """--gradient: pick the target token, and add each module's cos_F(ΔW, −∇W loss) to the reports."""
+    wanted = pick_target(tokenizer, target, logits_ctx)
+    add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
+    return wanted
 
 
 def check_options(positions: str, precision: str, generate: int) -> None:
@@ -446,8 +450,7 @@ def analyze_positions(model: nn.Module, tokenizer, run: PositionsInput, gradient
     reports = [positions_report(b, solution.records[b.index], targets[b.index], patch) for b in chosen]
     wanted = None
     if gradient:
-        wanted = pick_target(tokenizer, target, logits_ctx[-1])
-        add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
+        wanted = aligned_target(model, tokenizer, chosen, patch, prompt, reports, target, logits_ctx[-1])
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,
