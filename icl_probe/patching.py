@@ -57,21 +57,15 @@ def residual_hook(delta_b: torch.Tensor):
 
 @contextmanager
 def dense_added(model: nn.Module, dense: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Add dense deltas to parameters in place; restore the saved originals exactly on exit."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, delta in dense.items():
-                param = model.get_parameter(name)
-                saved[name] = param.detach().clone()
-                if param.device.type == "meta":
-                    raise PatchError(f"cannot change {name}: its module is offloaded; load the model on one device")
-                param.add_(delta.to(param.device, param.dtype))
+    """Add dense deltas to parameters (summed in each parameter's dtype); restore the originals exactly on exit."""
+    values = {}
+    for name, delta in dense.items():
+        param = model.get_parameter(name)
+        if param.device.type == "meta":
+            raise PatchError(f"cannot change {name}: its module is offloaded; load the model on one device")
+        values[name] = param.detach() + delta.to(param.device, param.dtype)
+    with replaced(model, values):
         yield
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                model.get_parameter(name).copy_(original)
 
 
 @contextmanager
