@@ -219,11 +219,16 @@ def check_tensor(name: str, t: torch.Tensor, where: str) -> None:
         )
 
 
+def check_pairs(us: dict, vs: dict, suffixes: tuple[str, str], where: str) -> None:
+    """Refuse a u factor without its v, or a v without its u."""
+    for base in sorted(set(us) ^ set(vs)):
+        have, lack = suffixes if base in us else suffixes[::-1]
+        raise PatchError(f"{where}: {base}.{have} has no matching {base}.{lack}; export the patch again")
+
+
 def pair_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where: str) -> dict[str, LowRank]:
     """Match each `.delta_u` (out, r) with its `.delta_v` (in, r)."""
-    for base in sorted(set(us) ^ set(vs)):
-        have, lack = (U, V) if base in us else (V, U)
-        raise PatchError(f"{where}: {base}.{have} has no matching {base}.{lack}; export the patch again")
+    check_pairs(us, vs, (U, V), where)
     low_rank = {}
     for base in sorted(us):
         u, v = us[base], vs[base]
@@ -238,9 +243,7 @@ def pair_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where
 
 def pair_param_factors(us: dict[str, torch.Tensor], vs: dict[str, torch.Tensor], where: str) -> dict:
     """Match each `.delta_param_u` (..., out, r) with its `.delta_param_v` (in, r)."""
-    for base in sorted(set(us) ^ set(vs)):
-        have, lack = (PU, PV) if base in us else (PV, PU)
-        raise PatchError(f"{where}: {base}.{have} has no matching {base}.{lack}; export the patch again")
+    check_pairs(us, vs, (PU, PV), where)
     params = {}
     for base in sorted(us):
         u, v = us[base], vs[base]
