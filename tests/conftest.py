@@ -42,3 +42,10 @@ def real_models():
         return loaded[name]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads a real model is `slow`: `./run test-quick` (pytest -m "not slow") leaves them out."""
+    for item in items:
+        if "real_models" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
