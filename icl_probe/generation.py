@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import Target, input_device, last_logits, target_hooks
+from .capture import Target, input_device, last_logits, returned_cache, target_hooks, with_cache
 from .hooks import hooked
 from .inputs import Prompt
 from .lowrank import kl_divergence
@@ -66,9 +66,9 @@ def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
     """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache."""
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, 1)):
-        out = model(input_ids=torch.tensor([ids], device=input_device(model)), past_key_values=cache,
+        out = model(input_ids=torch.tensor([ids], device=input_device(model)), **with_cache(model, cache),
                     use_cache=True, logits_to_keep=1)  # fmt: skip
-    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], out.past_key_values
+    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], returned_cache(out)
 
 
 @dataclass

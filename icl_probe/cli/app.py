@@ -19,6 +19,7 @@ from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..inputs import fusion_warning, read_query, read_text
 from ..models import load_model
+from .thirdparty import one_line_warnings
 
 
 @contextmanager
@@ -142,9 +143,10 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
 
 @contextmanager
 def one_line_errors(debug: bool) -> Iterator[None]:
-    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise)."""
+    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); warnings too."""
     try:
-        yield
+        with one_line_warnings():
+            yield
     except typer.Exit:
         raise
     except IclProbeError as e:

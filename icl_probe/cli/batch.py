@@ -51,6 +51,12 @@ def batch(
         str | None,
         typer.Option("--patches", metavar="FOLDER", help="Also write each line's patch to FOLDER/ID.safetensors."),
     ] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed/--no-retry-failed", help="On a rerun, run again the ids whose result is an error line."
+        ),
+    ] = True,
     no_text: NoTextOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -61,14 +67,15 @@ def batch(
 
     Lines: {"id", "context", "query"} or {"id", "task", "query_input", "demos", "template"}, each optionally
     with "layers" and "residual". Output lines: {"id", "result"} (the analyze document) or {"id", "error"}.
-    A rerun skips the ids already in the output, so an interrupted run resumes. Under torchrun or
+    A rerun skips the ids already in the output, so an interrupted run resumes, and runs again the ids
+    whose line is an error (that line is replaced) unless --no-retry-failed. Under torchrun or
     accelerate launch each process takes the lines whose index % WORLD_SIZE == RANK and writes
     NAME.rankR.jsonl; join them with `icl-probe merge`.
     """
     with one_line_errors(debug):
         run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
                   residual=residual, top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
-                  text=not no_text)  # fmt: skip
+                  text=not no_text, retry_failed=retry_failed)  # fmt: skip
 
 
 def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):
@@ -118,8 +125,9 @@ def summary_line(s: dict) -> str:
     who = f"rank {s['rank']} of {s['world_size']}: " if s["world_size"] > 1 else ""
     bad = f", {s['bad_lines']} bad input lines skipped (see the warnings)" if s["bad_lines"] else ""
     where = "" if s["output"] == "-" else f" → {s['output']}"
+    retried = f" ({s['retried']} retried after an earlier error)" if s.get("retried") else ""
     return (
-        f"icl-probe batch: {who}{s['done']} done, {s['skipped']} skipped (already in the output), "
+        f"icl-probe batch: {who}{s['done']} done{retried}, {s['skipped']} skipped (already in the output), "
         f"{s['failed']} failed (error lines){bad}{where}"
     )
 

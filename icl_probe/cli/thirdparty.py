@@ -1,0 +1,55 @@
+"""Other libraries' warnings as icl-probe's own one-line `icl-probe: warning: …` on stderr.
+
+Python warnings (torch, transformers' FutureWarnings…) print as three lines with a file path and a source
+line, and transformers logs through its own handler; inside `one_line_warnings()` both become one line, in
+the format docs/errors.md promises. Messages listed in NOISE are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Noise: notes about the libraries' own machinery that a user of icl-probe can do nothing about.
+NOISE: tuple[str, ...] = ()
+
+
+def say(message: str) -> None:
+    """Print one warning line on stderr (the current one, which tests may have replaced)."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if text and not any(noise in text for noise in NOISE):
+        print(f"icl-probe: warning: {text}", file=sys.stderr)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A `warnings.showwarning` that prints `icl-probe: warning: <library>: <message>` on one line."""
+    library = (filename or "").replace("\\", "/").split("site-packages/")[-1].split("/")[0].removesuffix(".py")
+    say(f"{library}: {message}" if library and library != "<string>" else str(message))
+
+
+class OneLine(logging.Handler):
+    """A logging handler for transformers' logger: warnings and errors as one icl-probe line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"{record.name.split('.')[0]}: {record.getMessage()}")
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: Python warnings and transformers' log warnings print as one `icl-probe: warning:` line each."""
+    from transformers.utils import logging as hf_logging
+
+    handler = OneLine(level=logging.WARNING)
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)
+    shown = warnings.showwarning
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        hf_logging.remove_handler(handler)
+        hf_logging.enable_default_handler()
