@@ -22,6 +22,7 @@ from .analysis import analyze
 from .errors import IclProbeError, InputError, UsageError
 from .export import export_patch
 from .fileio import atomic_write, check_writable
+from .inputs import reencode
 from .tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 
 PROMPT_KEYS = ("context", "query")
@@ -85,7 +86,7 @@ def read_lines(path: str | Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
     except UnicodeDecodeError as e:
-        raise InputError(f"batch input {path} is not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise InputError(f"batch input {path} is not UTF-8 ({e.reason} at byte {e.start}); {reencode(path)}") from None
 
 
 def parse_line(text: str) -> tuple[dict | None, str | None]:
