@@ -36,8 +36,16 @@ def usage_errors() -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
 
 
+# The order `icl-probe --help` lists the commands in: the main experiment first, then its companions.
+ORDER = ("analyze", "dynamics", "transfer", "export-patch", "replay", "batch", "merge", "modules", "tasks")
+
+
 class OneLineGroup(TyperGroup):
     """The command group, with usage errors caught where click raises them: parsing and dispatch."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
     def make_context(self, *args, **kwargs):
         with usage_errors():
@@ -48,7 +56,23 @@ class OneLineGroup(TyperGroup):
             return super().invoke(ctx)
 
 
-class PlainUsage(TyperCommand):
+class Command(TyperCommand):
+    r"""A command whose --help shows a default's newline or tab escaped, as typed in a shell ('\n'), not blank."""
+
+    def format_options(self, ctx, formatter) -> None:
+        write_dl = formatter.write_dl
+        formatter.write_dl = lambda rows, *a, **k: write_dl([(n, escape_controls(h)) for n, h in rows], *a, **k)
+        try:
+            super().format_options(ctx, formatter)
+        finally:
+            del formatter.write_dl
+
+
+def escape_controls(text: str) -> str:
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+class PlainUsage(Command):
     """A command whose usage line names a required argument as PATCH, not typer's {PATCH}."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:

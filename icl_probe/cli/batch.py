@@ -33,7 +33,7 @@ from .app import (
 )
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Analyze every prompt of a JSONL file with one model load.")
 def batch(
     input_path: Annotated[str, typer.Argument(metavar="FILE.jsonl", help="One JSON prompt object per line.")],
     output: Annotated[
@@ -132,7 +132,7 @@ def summary_line(s: dict) -> str:
     )
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Join the parts that batch wrote under many processes.")
 def merge(
     output: Annotated[str, typer.Argument(metavar="RESULTS.jsonl", help="The --output given to batch.")],
     input_path: Annotated[

@@ -20,6 +20,7 @@ from ..replay import replay as run_replay
 from ..report import print_export, print_modules, print_replay, print_tasks, print_with_positions
 from ..tasks import tasks_document
 from .app import (
+    Command,
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
@@ -89,7 +90,7 @@ TargetOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command, short_help="Compute each layer's update ΔW (and Δb), and prove it exact.")
 def analyze(
     model: ModelOpt = DEFAULT_MODEL,
     context: ContextOpt = None,
@@ -206,7 +207,7 @@ def check_batch_options(batch: str | None, output: str | None, single: dict[str,
         raise UsageError(f"--batch reads every prompt from {batch}; leave out {', '.join(given)}")
 
 
-@app.command("export-patch")
+@app.command("export-patch", cls=Command, short_help="Save the context's update as a patch, adapter or checkpoint.")
 def export_patch(
     output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -266,7 +267,7 @@ def export_patch(
         show(out, result.to_dict(), json_path, print_export)
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Run a query with a saved patch and no context.")
 def replay(
     patch: Annotated[str, typer.Argument(metavar="PATCH", help="A native .safetensors patch written by export-patch.")],
     model: Annotated[
@@ -338,7 +339,7 @@ def replay(
         show(out, result.to_dict(), json_path, print_replay)
 
 
-@app.command()
+@app.command(cls=Command, short_help="List the module paths hooked in each layer.")
 def modules(
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
@@ -359,7 +360,7 @@ def modules(
         show(out, describe_modules(m), json_path, print_modules)
 
 
-@app.command()
+@app.command(cls=Command, short_help="List the built-in ICL tasks that --task takes.")
 def tasks(json_path: JsonOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
     """List the built-in ICL tasks that --task takes, with their sizes and a sample pair."""
     out, _ = consoles(json_path)

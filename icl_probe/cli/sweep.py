@@ -13,6 +13,7 @@ from ..models import DEFAULT_MODEL
 from ..report import print_dynamics
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
 from .app import (
+    Command,
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
@@ -79,7 +80,7 @@ def unescape(template: str) -> str:
     return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
-@app.command()
+@app.command(cls=Command, short_help="How the implicit update grows as examples accumulate.")
 def dynamics(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = None,
@@ -91,7 +92,7 @@ def dynamics(
     context: ContextOpt = None,
     context_file: ContextFileOpt = None,
     separator: Annotated[
-        str, typer.Option("--separator", help="With --context: the examples end after each separator.")
+        str, typer.Option("--separator", help="With --context: the examples end after each separator (\\n: a newline).")
     ] = "\n",
     query: QueryOpt = None,
     query_file: QueryFileOpt = None,
@@ -138,7 +139,7 @@ def dynamics(
             raise UsageError(f"--lr must be above 0, not {lr}")
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
-        template = unescape(template)
+        template, separator = unescape(template), unescape(separator)
         examples, query, target = examples_and_query(
             task, task_file, template, demos, separator, context, query, query_input, target
         )

@@ -12,6 +12,7 @@ from ..report import print_transfer
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
 from ..transfer import transfer as run_transfer
 from .app import (
+    Command,
     DebugOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -48,7 +49,7 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-@app.command()
+@app.command(cls=Command, short_help="Do context patches carry the task to other queries?")
 def transfer(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = None,
