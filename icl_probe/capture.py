@@ -21,6 +21,7 @@ from .hooks import hidden, hooked
 from .inputs import Prompt, parse_layers
 from .lowrank import MATH_DTYPE
 from .moe import Route, routing_hook
+from .progress import Steps
 
 
 @dataclass
@@ -246,12 +247,16 @@ def capture_positions(
     return {i: PositionTargets(**d) for i, d in seen.items()}, logits
 
 
-def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None) -> list[int]:
-    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position."""
+def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None, steps: Steps | None = None) -> list[int]:
+    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position.
+
+    Each token is a step of `steps`; the tokens an eos leaves out count as done."""
     out: list[int] = []
     for _ in range(n):
         token = int(last_logits(model, ids + out).argmax())
         out.append(token)
+        if steps is not None:
+            steps.step(1 if token != eos else n - len(out) + 1)
         if token == eos:
             break
     return out

@@ -19,6 +19,7 @@ from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..inputs import fusion_warning, read_query, read_text
 from ..models import load_model
+from .progress import working
 from .thirdparty import one_line_warnings
 
 
@@ -210,8 +211,10 @@ def pick_text(text: str | None, path: str | None, what: str) -> str | None:
     return read_query(path) if what == "query" else read_text(path, what)
 
 
-def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool, placement=(None, None, None)):
-    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached).
+def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool, placement=(None, None, None),
+         counted: bool = True):  # fmt: skip
+    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached), with a bar
+    counting its tensors if `counted` (not with `--json -`).
 
     `placement` is (--device-map, --max-memory, --offload-folder).
     """
@@ -219,14 +222,14 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     if device_map is None and (max_memory or offload):
         raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     where = f"device map {device_map}" if device_map else device
-    with status.status(f"Loading {model} ({dtype}, {where})…") as spinner:
+    with working(status, f"Loading {model} ({dtype}, {where})…", counted) as work:
 
         def converting(folder) -> None:
-            spinner.update(f"Loading {model}: converting once (about a minute); cached in {folder}…")
+            work.say(f"Loading {model}: converting once (about a minute); cached in {folder}…")
 
         memory = parse_memory(max_memory)
         return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, on_convert=converting,
-                          device_map=device_map, max_memory=memory, offload_folder=offload)  # fmt: skip
+                          device_map=device_map, max_memory=memory, offload_folder=offload, progress=work)  # fmt: skip
 
 
 def parse_memory(items: list[str] | None) -> dict[str | int, str] | None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..batch import check_batch_paths, merge_parts, part_path, run_batch
 from ..errors import UsageError
@@ -31,6 +28,7 @@ from .app import (
     load,
     one_line_errors,
 )
+from .progress import working
 
 
 @app.command(cls=PlainUsage, short_help="Analyze every prompt of a JSONL file with one model load.")
@@ -83,11 +81,12 @@ def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_co
     rank, world_size = share()
     output = str(part_path(output, rank, world_size)) if output != "-" else output
     check_batch_paths(input_path, output, patches)
-    status = Console(stderr=True)
-    m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code, placement)
-    with progress_bar(status, rank == 0 and output != "-") as on_progress:
+    status, counted = Console(stderr=True, quiet=rank != 0), output != "-"  # one display, not one per process
+    m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code, placement, counted)
+    with working(status, "Analyzing…", counted) as work:
         summary = run_batch(m, tokenizer, input_path, output, patches=patches, rank=rank, world_size=world_size,
-                            on_progress=on_progress, on_warning=warn, **options)  # fmt: skip
+                            on_progress=lambda done, total: work("lines", done, total), on_warning=warn,
+                            **options)  # fmt: skip
     print(summary_line(summary), file=sys.stderr)
 
 
@@ -107,18 +106,6 @@ def local_device(device: str) -> str:
 
 def warn(message: str) -> None:
     print(f"icl-probe: warning: {message}", file=sys.stderr)
-
-
-@contextmanager
-def progress_bar(console: Console, wanted: bool) -> Iterator:
-    """A progress callback drawing a bar on a terminal's stderr, or doing nothing."""
-    if not (wanted and console.is_terminal):
-        yield None
-        return
-    columns = (TextColumn("Analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("batch", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def summary_line(s: dict) -> str:

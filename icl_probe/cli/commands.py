@@ -52,6 +52,7 @@ from .app import (
     show,
 )
 from .batch import run_jsonl
+from .progress import working
 
 PositionsOpt = Annotated[
     str,
@@ -162,11 +163,12 @@ def analyze(
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
-        with status.status("Analyzing…"):
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted=json_path != "-")
+        with working(status, "Analyzing…", counted=json_path != "-") as work:
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
                                   gradient=gradient, target=target, per_layer_ablation=layer_ablation,
-                                  positions=positions, precision=precision, generate=generate)  # fmt: skip
+                                  positions=positions, precision=precision, generate=generate,
+                                  progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, partial(print_with_positions, wide=wide or None), text=not no_text)
         if plot is not None:
@@ -259,7 +261,7 @@ def export_patch(
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted=json_path != "-")
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
                                 layers=layers, store_context=store_context, force=force,
@@ -332,10 +334,11 @@ def replay(
             device,
             trust_remote_code,
             (device_map, max_memory, offload_folder),
+            counted=json_path != "-",
         )
-        with status.status("Replaying…"):
+        with working(status, "Replaying…", counted=json_path != "-") as work:
             result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
-                                skip_fingerprint=skip_fingerprint, recompute=recompute)  # fmt: skip
+                                skip_fingerprint=skip_fingerprint, recompute=recompute, progress=work)  # fmt: skip
         show(out, result.to_dict(), json_path, print_replay)
 
 
@@ -356,7 +359,7 @@ def modules(
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
-        m, _ = load(status, model, "float32", "cpu", trust_remote_code)
+        m, _ = load(status, model, "float32", "cpu", trust_remote_code, counted=json_path != "-")
         show(out, describe_modules(m), json_path, print_modules)
 
 

@@ -44,6 +44,7 @@ from .app import (
     show,
     warn_fusion,
 )
+from .progress import working
 
 DEMO_TASK, DEMO_DEMOS, DEMO_INPUT = "antonyms", 5, "happy"
 
@@ -144,10 +145,11 @@ def dynamics(
             task, task_file, template, demos, separator, context, query, query_input, target
         )
         warn_fusion("".join(e.text for e in examples), query)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
-        with status.status(f"Sweeping {len(examples)} prefixes…"):
+        placement, counted = (device_map, max_memory, offload_folder), json_path != "-"
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted)
+        with working(status, f"Sweeping {len(examples)} prefixes…", counted) as work:
             result = run_dynamics(m, tokenizer, examples, query, target=target, layers=layers, gradient=gradient,
-                                  finetune_steps=finetune_steps, lr=lr, template=template)  # fmt: skip
+                                  finetune_steps=finetune_steps, lr=lr, template=template, progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, partial(print_dynamics, wide=wide or None), text=not no_text)
         if plot is not None:
