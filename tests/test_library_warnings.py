@@ -85,11 +85,16 @@ def test_the_commands_print_no_third_party_text(tiny_llama_dir, tmp_path):
 def test_other_libraries_warnings_become_one_line(capsys):
     from transformers.utils import logging as hf_logging
 
+    handlers = list(logging.getLogger().handlers)  # pytest's own
     with one_line_warnings():
         warnings.warn_explicit("`x` is deprecated\nand will go", FutureWarning, "/v/site-packages/torch/nn/m.py", 9)
         hf_logging.get_logger("transformers.models.llama").warning("the cache\nwas reset")
+        logging.getLogger("accelerate.utils.modeling").warning("offloading to disk")
+        logging.getLogger("accelerate.utils.modeling").info("not shown: below warning")
     assert capsys.readouterr().err.splitlines() == [
         "icl-probe: warning: torch: `x` is deprecated and will go",
         "icl-probe: warning: transformers: the cache was reset",
+        "icl-probe: warning: accelerate: offloading to disk",
     ]
+    assert logging.getLogger().handlers == handlers
     assert warnings.showwarning is not None and hf_logging.get_logger("transformers").handlers  # restored

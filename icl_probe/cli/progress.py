@@ -24,7 +24,8 @@ class Work(Progress):
         self.jobs: dict[str, int] = {}
         columns = (TextColumn("  {task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
                    TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
-        super().__init__(*columns, console=console, transient=True)
+        # off the terminal rich would still end with a blank line: draw nothing there
+        super().__init__(*columns, console=console, transient=True, disable=not console.is_terminal)
 
     def say(self, message: str) -> None:
         """Change the spinner's message."""

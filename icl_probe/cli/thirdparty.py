@@ -1,8 +1,9 @@
 """Other libraries' warnings as icl-probe's own one-line `icl-probe: warning: …` on stderr.
 
 Python warnings (torch, transformers' FutureWarnings…) print as three lines with a file path and a source
-line, and transformers logs through its own handler; inside `one_line_warnings()` both become one line, in
-the format docs/errors.md promises. Messages listed in NOISE are dropped.
+line, transformers logs through its own handler, and accelerate, peft and huggingface_hub log through
+Python's last-resort handler; inside `one_line_warnings()` all of them become one line each, in the format
+docs/errors.md promises. Messages listed in NOISE are dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 
 class OneLine(logging.Handler):
-    """A logging handler for transformers' logger: warnings and errors as one icl-probe line each."""
+    """A logging handler for the libraries' loggers: warnings and errors as one icl-probe line each."""
 
     def emit(self, record: logging.LogRecord) -> None:
         say(f"{record.name.split('.')[0]}: {record.getMessage()}")
@@ -42,14 +43,16 @@ def one_line_warnings() -> Iterator[None]:
     """Within: Python warnings and transformers' log warnings print as one `icl-probe: warning:` line each."""
     from transformers.utils import logging as hf_logging
 
-    handler = OneLine(level=logging.WARNING)
+    handler, root = OneLine(level=logging.WARNING), logging.getLogger()
     hf_logging.disable_default_handler()
-    hf_logging.add_handler(handler)
+    hf_logging.add_handler(handler)  # transformers' logger does not pass its records on to the root logger
+    root.addHandler(handler)  # the loggers that do: accelerate, peft, huggingface_hub
     shown = warnings.showwarning
     warnings.showwarning = show_warning
     try:
         yield
     finally:
         warnings.showwarning = shown
+        root.removeHandler(handler)
         hf_logging.remove_handler(handler)
         hf_logging.enable_default_handler()
