@@ -19,14 +19,15 @@ T = TypeVar("T")
 
 
 class Steps:
-    """One job of `total` steps, reported to `progress` (None: reported nowhere) as it starts and at each step."""
+    """One job of `total` steps, reported to `progress` (None: reported nowhere) as it starts and at each step;
+    a job of no steps is not reported at all."""
 
     def __init__(self, progress: Progress | None, job: str, total: int):
         self.progress, self.job, self.total, self.done = progress, job, total, 0
         self.report()
 
     def report(self) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.total > 0:
             self.progress(self.job, self.done, self.total)
 
     def step(self, n: int = 1) -> None:

@@ -57,6 +57,9 @@ def test_replay_counts_the_greedy_runs_and_the_comparison(tiny, tmp_path):
     runs = [result.generated[k]["token_ids"] for k in ("patched", "no_context", "context")]
     seen.check("greedy tokens", 9, sum(len(ids) for ids in runs))  # patched, query alone, with context
     seen.check("generated tokens", 3, len(result.generation.context_ids))
+    nothing = Recorder()
+    icl_probe.replay(*tiny, patch, context=CONTEXT, progress=nothing)
+    assert nothing.calls == {}  # no bar for a job of no steps
 
 
 def test_finetuning_counts_its_steps(tiny):
