@@ -134,3 +134,19 @@ def test_batch_draws_a_bar_of_lines(tiny_llama_dir, tmp_path):
 def test_no_bars_when_stderr_is_not_a_terminal(tiny_llama_dir):
     args, job, _ = COMMANDS["analyze --generate"]
     assert job not in run(*args, "-m", tiny_llama_dir, terminal=False).stderr
+
+
+def test_eta_is_known_when_each_step_takes_minutes():
+    """Steps a minute apart (a real model's transfer methods): the ETA is the remaining steps at the mean speed."""
+    from rich.console import Console
+
+    from icl_probe.cli.progress import Work
+
+    clock = [0.0]
+    work = Work(Console(force_terminal=True, width=80), "Scoring…", counted=True)
+    work.get_time = lambda: clock[0]
+    for done in range(3):
+        work("methods", done, 4)
+        clock[0] += 60.0
+    clock[0] -= 60.0
+    assert work.tasks[0].time_remaining == pytest.approx(2 * 60.0)  # 2 steps left at 1 step a minute

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.spinner import Spinner
 
+SPEED_WINDOW = 24 * 3600.0  # seconds
+
 
 class Work(Progress):
     """A spinner with a message above the bars; call it as the library's progress callback."""
@@ -25,7 +27,10 @@ class Work(Progress):
         columns = (TextColumn("  {task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
                    TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
         # off the terminal rich would still end with a blank line: draw nothing there
-        super().__init__(*columns, console=console, transient=True, disable=not console.is_terminal)
+        # the ETA from the average speed since the start: a step of a real model can take minutes, longer
+        # than rich's default 30-second window, which would leave the ETA blank
+        super().__init__(*columns, console=console, transient=True, disable=not console.is_terminal,
+                         speed_estimate_period=SPEED_WINDOW)  # fmt: skip
 
     def say(self, message: str) -> None:
         """Change the spinner's message."""
