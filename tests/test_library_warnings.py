@@ -88,11 +88,13 @@ def test_other_libraries_warnings_become_one_line(capsys):
     handlers = list(logging.getLogger().handlers)  # pytest's own
     with one_line_warnings():
         warnings.warn_explicit("`x` is deprecated\nand will go", FutureWarning, "/v/site-packages/torch/nn/m.py", 9)
+        warnings.warn_explicit("no package here", UserWarning, "<frozen importlib._bootstrap>", 1)
         hf_logging.get_logger("transformers.models.llama").warning("the cache\nwas reset")
         logging.getLogger("accelerate.utils.modeling").warning("offloading to disk")
         logging.getLogger("accelerate.utils.modeling").info("not shown: below warning")
     assert capsys.readouterr().err.splitlines() == [
         "icl-probe: warning: torch: `x` is deprecated and will go",
+        "icl-probe: warning: no package here",
         "icl-probe: warning: transformers: the cache was reset",
         "icl-probe: warning: accelerate: offloading to disk",
     ]

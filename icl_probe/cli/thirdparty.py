@@ -9,6 +9,7 @@ docs/errors.md promises. Messages listed in NOISE are dropped.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ def say(message: str) -> None:
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A `warnings.showwarning` that prints `icl-probe: warning: <library>: <message>` on one line."""
-    library = (filename or "").replace("\\", "/").split("site-packages/")[-1].split("/")[0].removesuffix(".py")
-    say(f"{library}: {message}" if library and library != "<string>" else str(message))
+    path = (filename or "").replace("\\", "/")
+    installed = re.search(r"(?:site|dist)-packages/([A-Za-z0-9_]+)", path)  # the package that warned, if installed
+    say(f"{installed.group(1)}: {message}" if installed else str(message))
 
 
 class OneLine(logging.Handler):
