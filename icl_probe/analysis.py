@@ -52,6 +52,7 @@ from .metrics import (
 from .moe import summary as moe_summary
 from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
+from .progress import Progress
 from .update import LayerRecord, Solution, moe_report, solve
 
 SCHEMA = "icl-probe.analysis/2"
@@ -152,6 +153,7 @@ def analyze(
     positions: str = "last",
     precision: str = "stable",
     generate: int = 0,
+    progress: Progress | None = None,
 ) -> Analysis:
     """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
 
@@ -160,8 +162,8 @@ def analyze(
     `target` (default: the with-context top-1 token). `positions="all"` solves the update at every
     query position (rank k, residual folded); `residual` defaults to bias, or fold with all.
     `precision="naive"` builds and applies the update in the model's dtype, for comparison studies.
-    `generate=N` compares N teacher-forced greedy tokens, the update recomputed at each. The model is
-    left unchanged.
+    `generate=N` compares N teacher-forced greedy tokens, the update recomputed at each (reported to
+    `progress`, see progress.py). The model is left unchanged.
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
@@ -195,7 +197,7 @@ def analyze(
         generation = None
         if generate:
             start = Start(targets, logits_ctx, cache, solution.logits[0])
-            generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start)
+            generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start, progress)
     reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
     wanted = aligned_target(model, tokenizer, chosen, patch, prompt, reports, target, logits_ctx) if gradient else None
     return Analysis(

@@ -3,8 +3,9 @@
 An input line is {"id", "context", "query"} or {"id", "task", "query_input", "demos"?, "template"?}, with
 optional "layers" and "residual". Each output line is {"id", "result": <analysis document>} or {"id", "error"}.
 A line is one os.write to an O_APPEND file, then fsync: a killed run loses at most the line in progress, and
-a rerun cuts away a torn last line and skips the ids already written. Processes split the input by line
-(index % world_size == rank), each into its own part `NAME.rank{R}.jsonl`; `merge_parts` joins the parts.
+a rerun cuts away a torn last line, skips the ids already done and runs again those with an error line.
+Processes split the input by line (index % world_size == rank), each into its own part `NAME.rank{R}.jsonl`;
+`merge_parts` joins the parts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .analysis import analyze
 from .errors import IclProbeError, InputError, UsageError
 from .export import export_patch
 from .fileio import atomic_write, check_writable
+from .inputs import reencode
 from .tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 
 PROMPT_KEYS = ("context", "query")
@@ -84,7 +86,7 @@ def read_lines(path: str | Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").removeprefix("\ufeff").splitlines()
     except UnicodeDecodeError as e:
-        raise InputError(f"batch input {path} is not UTF-8 ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise InputError(f"batch input {path} is not UTF-8 ({e.reason} at byte {e.start}); {reencode(path)}") from None
 
 
 def parse_line(text: str) -> tuple[dict | None, str | None]:
@@ -180,25 +182,37 @@ def check_batch_paths(input_path: str | Path, output: str | Path, patches: str |
             raise InputError(f"cannot create the patch folder {patches}: {patches.parent} does not exist")
 
 
-def written_ids(path: Path, warn: Warn) -> set:
-    """The ids already in the output, after cutting away a torn last line (a run killed mid-write)."""
+def written_ids(path: Path, warn: Warn) -> tuple[set, set]:
+    """(ids with a result, ids with an error) in the output, after cutting away a torn last line (a run killed
+    mid-write)."""
     if not path.exists():
-        return set()
-    ids, bad, start, last = set(), [], 0, 0
+        return set(), set()
+    ids, failed, bad, start, last = set(), set(), [], 0, 0
     with open(path, "rb") as f:
         for raw in f:
             doc = parse_output_line(raw)
             if doc is None:
                 bad.append(start)
             else:
-                ids.add(doc["id"])
+                (failed if "error" in doc else ids).add(doc["id"])
             last, start = start, start + len(raw)
     if bad and bad[-1] == last:
         os.truncate(path, last)
         warn(f"{path}: cut away a torn last line ({start - bad.pop()} bytes) left by an interrupted run")
     for offset in bad:
         warn(f"{path}: the line at byte {offset} is not a result line; it is kept but its id is not counted as done")
-    return ids
+    return ids, failed - ids
+
+
+def drop_errors(path: Path, ids: set) -> None:
+    """Rewrite the output (atomically) without the error lines of `ids`, which are about to be run again."""
+    with open(path, "rb") as f:
+        kept = [raw for raw in f if not is_error_of(parse_output_line(raw), ids)]
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(kept)))
+
+
+def is_error_of(doc: dict | None, ids: set) -> bool:
+    return doc is not None and "error" in doc and doc["id"] in ids
 
 
 def parse_output_line(raw: bytes) -> dict | None:
@@ -277,12 +291,15 @@ def run_batch(
     world_size: int = 1,
     on_progress: Progress | None = None,
     on_warning: Warn | None = None,
+    retry_failed: bool = True,
 ) -> dict:
     """Analyze this rank's share of the input's lines, appending one result or error line each to the output.
 
-    Ids already in the output are skipped; with `patches`, each line's native patch is also written to
-    PATCHES/<id>.safetensors (replacing one left by an interrupted run). `output_path` is this process's
-    file (see `part_path`), or '-' for stdout. Returns the counts: done, skipped, failed, bad_lines.
+    Ids already in the output with a result are skipped; an id with an error line is run again (its error
+    line removed first) unless `retry_failed` is False, when it is skipped too. With `patches`, each line's
+    native patch is also written to PATCHES/<id>.safetensors (replacing one left by an interrupted run).
+    `output_path` is this process's file (see `part_path`), or '-' for stdout. Returns the counts: done,
+    skipped, failed, retried, bad_lines.
     """
     check_share(rank, world_size, output_path)
     check_patch_options(patches, top_k, gradient, per_layer_ablation)
@@ -299,8 +316,7 @@ def run_batch(
         if (b.line - 1) % world_size == rank:
             warn(b.message)
     mine = [job for job in jobs if (job.line - 1) % world_size == rank]
-    done = set() if str(output_path) == "-" else written_ids(Path(output_path), warn)
-    todo = [job for job in mine if job.id not in done]
+    todo, retried = pending(mine, output_path, retry_failed, warn)
     names = None
     if patches is not None:
         Path(patches).mkdir(exist_ok=True)
@@ -318,7 +334,16 @@ def run_batch(
             progress(len(mine) - len(todo) + counts["done"] + counts["failed"], len(mine))
     return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
             "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
-            "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+            "retried": len(retried), "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+
+
+def pending(mine: list[Job], output_path: str | Path, retry_failed: bool, warn: Warn) -> tuple[list[Job], set]:
+    """(the jobs to run, the ids among them run again after an error): not those with a result in the output."""
+    done, failed = (set(), set()) if str(output_path) == "-" else written_ids(Path(output_path), warn)
+    retried = {job.id for job in mine if job.id in failed} if retry_failed else set()
+    if retried:
+        drop_errors(Path(output_path), retried)
+    return [job for job in mine if job.id not in done and (job.id not in failed or job.id in retried)], retried
 
 
 def check_share(rank: int, world_size: int, output_path: str | Path) -> None:

@@ -21,6 +21,7 @@ from .hooks import hidden, hooked
 from .inputs import Prompt, parse_layers
 from .lowrank import MATH_DTYPE
 from .moe import Route, routing_hook
+from .progress import Steps
 
 
 @dataclass
@@ -65,6 +66,18 @@ def forward(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Next-token logits after each row of `ids` (B, T), shape (B, vocab); only the last position's logits."""
     out = model(input_ids=ids.to(input_device(model)), logits_to_keep=1, **kwargs)
     return out.logits[:, -1]
+
+
+def with_cache(model: nn.Module, cache) -> dict:
+    """The forward keyword for a KV cache: `cache` since transformers 5.25 (`past_key_values` is deprecated there
+    and warns), `past_key_values` before. Chosen by the forward's signature, as an unknown keyword is ignored."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward with use_cache=True returned, under its name in this transformers version."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
 def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
@@ -141,7 +154,7 @@ def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, qu
     cropped.crop(-remove)  # transformers takes the number of tokens to drop, negated
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, 1)):
-        logits = forward(model, torch.tensor([query]), past_key_values=cropped, use_cache=True)
+        logits = forward(model, torch.tensor([query]), **with_cache(model, cropped), use_cache=True)
     return {i: Target(**d) for i, d in seen.items()}, logits
 
 
@@ -160,7 +173,7 @@ def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int]
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, batch)):
         positions = (ends + torch.arange(q)).to(device)  # (B, q)
-        logits = forward(model, torch.tensor([query] * batch), past_key_values=rows, use_cache=True,
+        logits = forward(model, torch.tensor([query] * batch), **with_cache(model, rows), use_cache=True,
                          attention_mask=keep.long().to(device), position_ids=positions)  # fmt: skip
     return {i: Target(**d) for i, d in seen.items()}, logits
 
@@ -178,7 +191,7 @@ def capture_prefixes(
     if cache_croppable(model, len(head) + len(query)):
         with torch.no_grad():
             ids = torch.tensor([head], device=input_device(model))
-            cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = returned_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
         if accepts_positions(model):
             return capture_masked(model, chosen, cache, cuts, query)
         rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
@@ -234,12 +247,16 @@ def capture_positions(
     return {i: PositionTargets(**d) for i, d in seen.items()}, logits
 
 
-def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None) -> list[int]:
-    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position."""
+def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None, steps: Steps | None = None) -> list[int]:
+    """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position.
+
+    Each token is a step of `steps`; the tokens an eos leaves out count as done."""
     out: list[int] = []
     for _ in range(n):
         token = int(last_logits(model, ids + out).argmax())
         out.append(token)
+        if steps is not None:
+            steps.step(1 if token != eos else n - len(out) + 1)
         if token == eos:
             break
     return out

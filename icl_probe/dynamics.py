@@ -21,6 +21,7 @@ from .finetune import finetune
 from .inputs import Prompt, tokenize
 from .lowrank import MATH_DTYPE, kl_divergence, matvec
 from .metrics import ablation, cross_entropy, gradient_alignment, pick_target, prob
+from .progress import Progress
 from .tasks import Example
 from .update import solve
 
@@ -77,12 +78,14 @@ def dynamics(
     finetune_steps: int = 0,
     lr: float = 1e-3,
     template: str | None = None,
+    progress: Progress | None = None,
 ) -> Dynamics:
     """The implicit update after each prefix of `examples` (strings, or task Examples), for `query`.
 
     `target` is the text whose first token is scored (default: the full-context top-1 token). With
     `finetune_steps`, the first linears of the chosen layers are also trained by SGD on the examples
-    (which must come from a task, with `template`); the model is restored bit for bit afterwards.
+    (which must come from a task, with `template`), each step reported to `progress` (see progress.py);
+    the model is restored bit for bit afterwards.
     """
     examples = [e if isinstance(e, Example) else Example(e) for e in examples]
     if not examples:
@@ -115,7 +118,7 @@ def dynamics(
     )
     if finetune_steps:
         result.finetune = finetune(
-            model, tokenizer, chosen, examples, template, prompt, wanted["id"], full, finetune_steps, lr
+            model, tokenizer, chosen, examples, template, prompt, wanted["id"], full, finetune_steps, lr, progress
         )
         result.finetune["implicit_query_loss"] = cross_entropy(solution.logits[-1], wanted["id"])
     return result

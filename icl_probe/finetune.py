@@ -21,6 +21,7 @@ from .inputs import Prompt
 from .lowrank import MATH_DTYPE
 from .metrics import at_least_float32, cross_entropy, orient
 from .patching import Patch
+from .progress import Progress, Steps
 from .tasks import Example, query_for, target_text
 
 
@@ -69,8 +70,9 @@ def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
 
 
 def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: Prompt, target_id, patch: Patch,
-             steps: int, lr: float) -> dict:  # fmt: skip
+             steps: int, lr: float, progress: Progress | None = None) -> dict:  # fmt: skip
     """K SGD steps; per step the training loss (before the step), the query's target loss and per-layer alignment.
+    Each step is reported to `progress` (see progress.py).
 
     The alignment is the normalised Frobenius inner product between W_ft − W and the implicit ΔW of
     `patch`, over all first linears of the layer.
@@ -82,7 +84,7 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
     start = {path: w.detach().to(MATH_DTYPE, copy=True) for path, w in weights.items()}
     rows = []
     with trainable(model, list(weights.values())), torch.enable_grad():
-        for step in range(1, steps + 1):
+        for step in Steps(progress, "fine-tuning steps", steps).each(range(1, steps + 1)):
             loss = train_loss(model, data)
             grads = torch.autograd.grad(loss, list(weights.values()))
             with torch.no_grad():

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import Target, input_device, last_logits, target_hooks
+from .capture import Target, input_device, last_logits, returned_cache, target_hooks, with_cache
 from .hooks import hooked
 from .inputs import Prompt
 from .lowrank import kl_divergence
 from .patching import Apply
+from .progress import Progress, Steps
 from .update import solve
 
 MODES = ("recompute", "fixed")
@@ -66,9 +67,9 @@ def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
     """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache."""
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, 1)):
-        out = model(input_ids=torch.tensor([ids], device=input_device(model)), past_key_values=cache,
+        out = model(input_ids=torch.tensor([ids], device=input_device(model)), **with_cache(model, cache),
                     use_cache=True, logits_to_keep=1)  # fmt: skip
-    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], out.past_key_values
+    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], returned_cache(out)
 
 
 @dataclass
@@ -90,9 +91,12 @@ def teacher_forced(
     patched_next: PatchedNext,
     mode: str,
     start: Start | None = None,
+    progress: Progress | None = None,
 ) -> Generation:
-    """Up to n steps (stopping after an end-of-sequence token), each continued with the with-context token."""
-    eos = tokenizer.eos_token_id
+    """Up to n steps (stopping after an end-of-sequence token), each continued with the with-context token.
+
+    Each step is reported to `progress` as one of n "generated tokens"."""
+    eos, steps = tokenizer.eos_token_id, Steps(progress, "generated tokens", n)
     context_ids: list[int] = []
     patched_ids: list[int] = []
     kls: list[float] = []
@@ -110,6 +114,7 @@ def teacher_forced(
             context_ids.append(token)
             patched_ids.append(int(patched.argmax()))
             kls.append(kl_divergence(logits, patched))
+            steps.step(1 if token != eos else n - step)
             if token == eos or step == n - 1:
                 break
             targets, logits, cache = cached_step(model, chosen, [token], cache)
@@ -118,7 +123,14 @@ def teacher_forced(
 
 
 def recompute_generation(
-    model: nn.Module, tokenizer, prompt: Prompt, chosen: list[Block], residual: str, n: int, start: Start | None = None
+    model: nn.Module,
+    tokenizer,
+    prompt: Prompt,
+    chosen: list[Block],
+    residual: str,
+    n: int,
+    start: Start | None = None,
+    progress: Progress | None = None,
 ) -> Generation:
     """Mode "recompute": at every step, solve the update of `chosen` blocks for the current text and apply it.
 
@@ -128,17 +140,19 @@ def recompute_generation(
     def patched_next(targets: dict[int, Target], ids: list[int]) -> torch.Tensor:
         return solve(model, chosen, targets, ids, residual).logits[0]
 
-    return teacher_forced(model, tokenizer, prompt, chosen, n, patched_next, "recompute", start)
+    return teacher_forced(model, tokenizer, prompt, chosen, n, patched_next, "recompute", start, progress)
 
 
-def fixed_generation(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int) -> Generation:
+def fixed_generation(
+    model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int, progress: Progress | None = None
+) -> Generation:
     """Mode "fixed": the same patch (entered by `apply()`) at every step."""
 
     def patched_next(targets: dict[int, Target], ids: list[int]) -> torch.Tensor:
         with apply():
             return last_logits(model, ids)
 
-    return teacher_forced(model, tokenizer, prompt, [], n, patched_next, "fixed")
+    return teacher_forced(model, tokenizer, prompt, [], n, patched_next, "fixed", progress=progress)
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,15 @@ def read_text(path: str | Path, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{what} file {path} is not UTF-8: bad byte 0x{data[e.start]:02x} at offset {e.start}") from e
+        raise InputError(
+            f"{what} file {path} is not UTF-8: bad byte 0x{data[e.start]:02x} at offset {e.start}; {reencode(path)}"
+        ) from e
+
+
+def reencode(path: Path) -> str:
+    """The fix for a file that is not UTF-8, as a command to copy (Latin-1 is the usual culprit)."""
+    fixed = f"{path.stem}.utf8{path.suffix}"
+    return f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {shlex.quote(str(path))} > {shlex.quote(fixed)}"
 
 
 def read_query(path: str | Path) -> str:

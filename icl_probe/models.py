@@ -24,6 +24,7 @@ import torch
 
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
+from .progress import Progress, Steps
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,17 +47,19 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: dict[str, str] | None = None,
     offload_folder: str | None = None,
+    progress: Progress | None = None,
 ):
     """(model, tokenizer) for a named model, a save_pretrained folder, a .gguf file or a hub id.
 
     The model is in eval mode, in `dtype` on `device`, or split by accelerate with `device_map`
     ("auto" or a dict), `max_memory` ({"cpu": "2GiB"}) and `offload_folder` for what goes to disk.
     `model.icl_probe_name` records `name`. `on_convert(folder)` is called just before a GGUF file
-    is converted (once; later loads use `folder`).
+    is converted (once; later loads use `folder`), and the conversion's tensors are counted to `progress`
+    (see progress.py).
     """
     torch_dtype = parse_dtype(dtype)
     check_device(device)
-    folder = resolve_folder(name, on_convert)
+    folder = resolve_folder(name, on_convert, progress)
     placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code, placement if device_map else {})
     if device_map is None:
@@ -81,17 +84,19 @@ def check_device(device: str) -> None:
         raise ModelError(f"device '{device}' asked for, but no CUDA device is available; use --device cpu")
 
 
-def resolve_folder(name: str, on_convert: Callable[[Path], None] | None = None) -> str:
+def resolve_folder(
+    name: str, on_convert: Callable[[Path], None] | None = None, progress: Progress | None = None
+) -> str:
     """A folder (or hub id) transformers can load, converting and caching GGUF files on the way."""
     if name == "smollm2-135m":
-        return cached_gguf(embedded_smollm2(), on_convert)
+        return cached_gguf(embedded_smollm2(), on_convert, progress)
     if name == "gemma3-270m":
-        return cached_gguf(embedded_gemma3(), on_convert)
+        return cached_gguf(embedded_gemma3(), on_convert, progress)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return cached_gguf(path, on_convert)
+        return cached_gguf(path, on_convert, progress)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {name} has no config.json; give a folder written by save_pretrained")
@@ -234,7 +239,7 @@ def read_index() -> dict:
     return index if isinstance(index, dict) else {}
 
 
-def cached_gguf(path: Path, on_convert: Callable[[Path], None] | None = None) -> str:
+def cached_gguf(path: Path, on_convert: Callable[[Path], None] | None = None, progress: Progress | None = None) -> str:
     """The safetensors folder converted from a GGUF file, converting it on the first call.
 
     `on_convert(folder)` is called just before a conversion starts. The conversion goes to a temporary
@@ -249,7 +254,7 @@ def cached_gguf(path: Path, on_convert: Callable[[Path], None] | None = None) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(target)
         with terminate_cleanly(), temporary(target, directory=True) as tmp:
-            convert_gguf(path, tmp)
+            convert_gguf(path, tmp, progress)
             os.replace(tmp, target)
     except (OSError, InputError) as e:
         if not (target / "config.json").is_file():  # a concurrent conversion that won is fine
@@ -261,13 +266,14 @@ def cached_gguf(path: Path, on_convert: Callable[[Path], None] | None = None) ->
     return str(target)
 
 
-def convert_gguf(path: Path, out: Path) -> None:
-    """Dequantise a GGUF file to float32 and save it (and its tokenizer) as a safetensors folder."""
+def convert_gguf(path: Path, out: Path, progress: Progress | None = None) -> None:
+    """Dequantise a GGUF file to float32 and save it (and its tokenizer) as a safetensors folder; the tensors
+    dequantised are counted to `progress`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name, "dtype": torch.float32}
     try:
-        with no_progress_bars(), no_gguf_bar(), warnings.catch_warnings():
+        with no_progress_bars(), no_gguf_bar(progress), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -283,8 +289,9 @@ def convert_gguf(path: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def no_gguf_bar():
-    """Disable the tqdm bar transformers' GGUF loader draws whatever its progress-bar setting says.
+def no_gguf_bar(progress: Progress | None = None):
+    """Disable the tqdm bar transformers' GGUF loader draws whatever its progress-bar setting says, and count
+    its tensors to `progress` instead (the CLI draws its own bar).
 
     Only that module's bar is switched off: redirecting sys.stderr instead would also swallow the CLI's
     spinner, which writes to whatever sys.stderr is at the time, and so looked frozen for the conversion.
@@ -293,12 +300,22 @@ def no_gguf_bar():
 
     bar = getattr(gguf_utils, "tqdm", None)
     if bar is not None:
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
+        gguf_utils.tqdm = functools.partial(bar, disable=True) if progress is None else counting(bar, progress)
     try:
         yield
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
+
+
+def counting(bar, progress: Progress):
+    """A stand-in for tqdm(items, ...) that draws nothing and counts the items to `progress` as "GGUF tensors"."""
+
+    def counted(items, *args, **kwargs):
+        items = list(items)
+        return Steps(progress, "GGUF tensors", len(items)).each(bar(items, *args, **{**kwargs, "disable": True}))
+
+    return counted
 
 
 @contextlib.contextmanager

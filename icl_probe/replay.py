@@ -24,6 +24,7 @@ from .lowrank import kl_divergence
 from .metrics import compare_logits, top_tokens
 from .patchfile import check_fits, fingerprint_note, int_list, load_patch
 from .patching import Apply, Patch, applied
+from .progress import Progress, Steps
 
 SCHEMA = "icl-probe.replay/1"
 NO_GENERATION = {"patched": None, "context": None, "no_context": None, "agree_tokens": None}
@@ -75,12 +76,14 @@ def replay(
     top_k: int = 5,
     skip_fingerprint: bool = False,
     recompute: bool = False,
+    progress: Progress | None = None,
 ) -> Replay:
     """Run `query` (default: the patch's) with `patch` (a Patch or a native file) applied, without context.
 
     Checks names and shapes, and the fingerprint unless `skip_fingerprint`. With a context and `generate`,
     compares N teacher-forced greedy steps with the with-context run; `recompute` solves the update again
-    at each step (the context defaults to the one stored in the patch). The model is left bit-for-bit unchanged.
+    at each step (the context defaults to the one stored in the patch). The generated tokens are reported to
+    `progress` (see progress.py). The model is left bit-for-bit unchanged.
     """
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
@@ -92,13 +95,16 @@ def replay(
     meta = patch.metadata
     with torch.no_grad():
         logits = measure(model, tokenizer, prompt, lambda: applied(model, patch), context is not None, top_k)
-        generated = generations(model, tokenizer, prompt, lambda: applied(model, patch), generate, context is not None)
+        steps = Steps(progress, "greedy tokens", generate * (3 if context is not None else 2))
+        generated = generations(model, tokenizer, prompt, lambda: applied(model, patch), generate, context is not None,
+                                steps)  # fmt: skip
     generation = None
     if recompute:
         chosen = select_blocks(model, json.loads(meta["layers"]))
-        generation = recompute_generation(model, tokenizer, prompt, chosen, meta["residual"], generate)
+        generation = recompute_generation(model, tokenizer, prompt, chosen, meta["residual"], generate,
+                                          progress=progress)  # fmt: skip
     elif generate and context is not None:
-        generation = fixed_generation(model, tokenizer, prompt, lambda: applied(model, patch), generate)
+        generation = fixed_generation(model, tokenizer, prompt, lambda: applied(model, patch), generate, progress)
     return Replay(
         model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
         model_type=model.config.model_type,
@@ -206,15 +212,17 @@ def kl_positions(model: nn.Module, prompt: Prompt, apply: Apply) -> list[float]:
     return [kl_divergence(c, p) for c, p in zip(ctx, patched)]
 
 
-def generations(model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int, with_context: bool) -> dict:
+def generations(
+    model: nn.Module, tokenizer, prompt: Prompt, apply: Apply, n: int, with_context: bool, steps: Steps | None = None
+) -> dict:
     """Greedy continuations: patched (query alone), no_context, and context (full prompt) if given."""
     if n <= 0:
         return dict(NO_GENERATION)
     eos = tokenizer.eos_token_id
     with apply():
-        patched = greedy(model, prompt.query_only, n, eos)
-    no_context = greedy(model, prompt.query_only, n, eos)
-    context = greedy(model, prompt.full, n, eos) if with_context else None
+        patched = greedy(model, prompt.query_only, n, eos, steps)
+    no_context = greedy(model, prompt.query_only, n, eos, steps)
+    context = greedy(model, prompt.full, n, eos, steps) if with_context else None
     return {
         "patched": continuation(tokenizer, patched),
         "context": continuation(tokenizer, context) if context is not None else None,

@@ -41,6 +41,7 @@ from .lowrank import MATH_DTYPE, LowRank, add_rounded, kl_divergence, matvec
 from .metrics import static_logits
 from .patching import Patch
 from .positions import PositionsRun, Sequence, solve_joint
+from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
 from .update import solve
 
@@ -151,25 +152,30 @@ def transfer(
     calibration: int | list[int] = 8,
     heldout: int | None = None,
     layers: str | list[int] | None = None,
+    progress: Progress | None = None,
 ) -> Transfer:
     """Score every method on the held-out queries of `task`, for each calibration size in `calibration`.
 
     The first `demos` pairs are the context, the next max(calibration) the calibration pool (a size K uses its
     first K), and the `heldout` pairs after those (default: all the rest) are scored. The model is left unchanged.
+    `progress` (see progress.py) counts the queries prepared, then the methods built and scored (a calibration
+    patch each, then the mean, joint, thought patch and task vector, for every size).
     """
     sizes = sorted(set([calibration] if isinstance(calibration, int) else calibration))
     pool, held = split_pairs(task, demos, sizes, heldout)
     context = "".join(format_example(template, x, y) for x, y in task.pairs[:demos])
     chosen = select_blocks(model, layers)
     with torch.no_grad():
-        calib = [prepare(model, tokenizer, chosen, context, template, pair) for pair in pool]
-        tests = [prepare(model, tokenizer, chosen, context, template, pair) for pair in held]
+        queries = Steps(progress, "queries", len(pool) + len(held))
+        calib = [prepare(model, tokenizer, chosen, context, template, pair) for pair in queries.each(pool)]
+        tests = [prepare(model, tokenizer, chosen, context, template, pair) for pair in queries.each(held)]
         base = {
             "zero_shot": score([q.zero for q in tests], tests),
             "icl": score([q.icl for q in tests], tests),
             "own_patch": score([q.own for q in tests], tests),
         }
-        entries = [evaluate(model, chosen, calib[:k], tests, base) for k in sizes]
+        methods = Steps(progress, "methods", sum(k + 4 for k in sizes))
+        entries = [evaluate(model, chosen, calib[:k], tests, base, methods) for k in sizes]
     return Transfer(
         model=model_name(model),
         model_type=model.config.model_type,
@@ -243,21 +249,23 @@ def patched(model: nn.Module, patch: Patch, tests: list[Query]) -> dict:
     return score([static_logits(model, patch, q.prompt.query_only) for q in tests], tests)
 
 
-def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: list[Query], base: dict) -> Entry:
-    """Every method for one calibration set, scored on the held-out queries."""
-    singles = [patched(model, q.patch, tests) for q in calib]
+def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: list[Query], base: dict,
+             steps: Steps) -> Entry:  # fmt: skip
+    """Every method for one calibration set, scored on the held-out queries; len(calib) + 4 steps."""
+    singles = [patched(model, q.patch, tests) for q in steps.each(calib)]
+    results = {**base, "single_patch": {key: statistics.fmean(s[key] for s in singles) for key in ("accuracy", "kl")}}
     mean = mean_patch([q.patch for q in calib])
+    results["mean_patch"] = patched(model, mean, tests)
+    steps.step()
     joint = joint_patch(model, chosen, calib)
+    results["joint_patch"] = patched(model, joint[0], tests) if joint else {"accuracy": None, "kl": None}
+    steps.step()
     thought, alphas, cross_validated = thought_patch(model, chosen, calib)
+    results["thought_patch"] = patched(model, thought, tests)
+    steps.step()
     layer, vector, fit = task_vector(model, chosen, calib)
-    results = {
-        **base,
-        "single_patch": {key: statistics.fmean(s[key] for s in singles) for key in ("accuracy", "kl")},
-        "mean_patch": patched(model, mean, tests),
-        "joint_patch": patched(model, joint[0], tests) if joint else {"accuracy": None, "kl": None},
-        "thought_patch": patched(model, thought, tests),
-        "task_vector": vector_score(model, chosen, layer, vector, tests),
-    }
+    results["task_vector"] = vector_score(model, chosen, layer, vector, tests)
+    steps.step()
     return Entry(
         calibration=len(calib),
         accuracy={m: results[m]["accuracy"] for m in METHODS},

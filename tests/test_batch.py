@@ -82,6 +82,41 @@ def test_resume_skips_done_ids(tiny, tmp_path):
     assert [line["id"] for line in read_jsonl(out)] == [f"p{i}" for i in range(5)]
 
 
+def test_rerun_retries_failed_lines_after_the_input_is_fixed(tiny_llama_dir, tiny, tmp_path):
+    rows = many(4)
+    rows[1] = {"id": "p1", "context": "1 -> 2\n", "querry": "3 ->"}  # a typo: an error line
+    rows[3] = {"id": "p3", "context": "3 -> 4\n" * 60, "query": "5 ->"}  # longer than the model takes
+    source, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    first = run_batch(*tiny, source, out)
+    assert (first["done"], first["failed"], first["retried"]) == (2, 2, 0)
+    good = {line["id"]: line for line in read_jsonl(out) if "result" in line}
+    write_jsonl(source, many(4))  # the input fixed
+    result = run("batch", source, "-o", out, "-m", tiny_llama_dir)
+    assert result.exit_code == 0, result.output
+    assert "2 done (2 retried after an earlier error), 2 skipped (already in the output), 0 failed" in result.stderr
+    lines = read_jsonl(out)
+    assert sorted(line["id"] for line in lines) == ["p0", "p1", "p2", "p3"]  # every id once, no stale error
+    assert all("result" in line for line in lines)
+    assert [line for line in lines if line["id"] in good] == list(good.values())  # done lines kept as they were
+    single = icl_probe.analyze(*tiny, "3 -> 4\n", "5 ->").to_dict()
+    p3 = next(line["result"] for line in lines if line["id"] == "p3")
+    assert p3["logits"]["top_k"] == single["logits"]["top_k"]
+
+
+def test_no_retry_failed_keeps_the_error_lines(tiny_llama_dir, tmp_path):
+    rows = many(2)
+    rows[0] = {"id": "p0", "context": "0 -> 1\n", "querry": "2 ->"}
+    source, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    assert run("batch", source, "-o", out, "-m", tiny_llama_dir, "--layers", "-1").exit_code == 0
+    before = out.read_bytes()
+    write_jsonl(source, many(2))
+    result = run("batch", source, "-o", out, "-m", tiny_llama_dir, "--layers", "-1", "--no-retry-failed")
+    assert result.exit_code == 0, result.output
+    assert "0 done, 2 skipped (already in the output), 0 failed" in result.stderr
+    assert out.read_bytes() == before
+    assert 'unknown key "querry"' in read_jsonl(out)[0]["error"]
+
+
 def test_torn_last_line_is_cut_away(tiny, tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", many(3))
     out = tmp_path / "out.jsonl"

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,27 @@ def test_non_utf8_file_names_the_byte_offset(llama, tmp_path):
     path.write_bytes("ab -> ba\ncafé".encode("latin-1"))  # é is the lone byte 0xe9 at offset 12
     line = assert_error(analyze(llama, "--context-file", path, "--query", QUERY), 1, "not UTF-8", str(path))
     assert "0xe9 at offset 12" in line
+
+
+@pytest.mark.skipif(shutil.which("iconv") is None, reason="needs iconv")
+def test_non_utf8_file_error_gives_an_iconv_command_that_fixes_it(llama, tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("ab -> ba\ncafé -> éfac\n".encode("latin-1"))
+    line = assert_error(analyze(llama, "--context-file", path, "--query", QUERY), 1, "not UTF-8", "iconv")
+    command = line.split("e.g. ", 1)[1]
+    subprocess.run(command, shell=True, cwd=tmp_path, check=True)  # the command as printed, in the user's folder
+    fixed = tmp_path / "latin1.utf8.txt"
+    assert fixed.read_text(encoding="utf-8") == "ab -> ba\ncafé -> éfac\n"
+    by_file = analyze(llama, "--context-file", fixed, "--query", QUERY, "--json", "-")
+    by_text = analyze(llama, "--context", "ab -> ba\ncafé -> éfac\n", "--query", QUERY, "--json", "-")
+    assert by_file.exit_code == 0 and json.loads(by_file.stdout)["logits"] == json.loads(by_text.stdout)["logits"]
+
+
+def test_non_utf8_batch_input_gives_the_iconv_fix(llama, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes('{"id": 1, "context": "café\\n", "query": "x"}\n'.encode("latin-1"))
+    assert_error(run("batch", str(path), "-o", str(tmp_path / "out.jsonl"), "-m", llama), 1, "not UTF-8",
+                 f"iconv -f latin1 -t utf-8 {path} > in.utf8.jsonl")  # fmt: skip
 
 
 def test_prompt_longer_than_max_positions_names_both_numbers(llama):

@@ -83,7 +83,7 @@ def test_offline_hub_id_not_in_the_cache_fails_without_a_probe(monkeypatch):
 def fake_gguf(tmp_path, monkeypatch):
     """A stand-in .gguf file and an empty ICL_PROBE_CACHE; 'converting' writes a config.json."""
     monkeypatch.setenv("ICL_PROBE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "convert_gguf", lambda path, out: (out / "config.json").write_text("{}"))
+    monkeypatch.setattr(models, "convert_gguf", lambda path, out, progress=None: (out / "config.json").write_text("{}"))
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF not really")
     return path

@@ -19,6 +19,8 @@ from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..inputs import fusion_warning, read_query, read_text
 from ..models import load_model
+from .progress import working
+from .thirdparty import one_line_warnings
 
 
 @contextmanager
@@ -35,8 +37,16 @@ def usage_errors() -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
 
 
+# The order `icl-probe --help` lists the commands in: the main experiment first, then its companions.
+ORDER = ("analyze", "dynamics", "transfer", "export-patch", "replay", "batch", "merge", "modules", "tasks")
+
+
 class OneLineGroup(TyperGroup):
     """The command group, with usage errors caught where click raises them: parsing and dispatch."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
     def make_context(self, *args, **kwargs):
         with usage_errors():
@@ -47,7 +57,23 @@ class OneLineGroup(TyperGroup):
             return super().invoke(ctx)
 
 
-class PlainUsage(TyperCommand):
+class Command(TyperCommand):
+    r"""A command whose --help shows a default's newline or tab escaped, as typed in a shell ('\n'), not blank."""
+
+    def format_options(self, ctx, formatter) -> None:
+        write_dl = formatter.write_dl
+        formatter.write_dl = lambda rows, *a, **k: write_dl([(n, escape_controls(h)) for n, h in rows], *a, **k)
+        try:
+            super().format_options(ctx, formatter)
+        finally:
+            del formatter.write_dl
+
+
+def escape_controls(text: str) -> str:
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+class PlainUsage(Command):
     """A command whose usage line names a required argument as PATCH, not typer's {PATCH}."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
@@ -142,9 +168,10 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
 
 @contextmanager
 def one_line_errors(debug: bool) -> Iterator[None]:
-    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise)."""
+    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); warnings too."""
     try:
-        yield
+        with one_line_warnings():
+            yield
     except typer.Exit:
         raise
     except IclProbeError as e:
@@ -184,8 +211,10 @@ def pick_text(text: str | None, path: str | None, what: str) -> str | None:
     return read_query(path) if what == "query" else read_text(path, what)
 
 
-def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool, placement=(None, None, None)):
-    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached).
+def load(status: Console, model: str, dtype: str, device: str, trust_remote_code: bool, placement=(None, None, None),
+         counted: bool = True):  # fmt: skip
+    """Load a model under a spinner that says when a GGUF file is being converted (once, then cached), with a bar
+    counting its tensors if `counted` (not with `--json -`).
 
     `placement` is (--device-map, --max-memory, --offload-folder).
     """
@@ -193,14 +222,14 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     if device_map is None and (max_memory or offload):
         raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     where = f"device map {device_map}" if device_map else device
-    with status.status(f"Loading {model} ({dtype}, {where})…") as spinner:
+    with working(status, f"Loading {model} ({dtype}, {where})…", counted) as work:
 
         def converting(folder) -> None:
-            spinner.update(f"Loading {model}: converting once (about a minute); cached in {folder}…")
+            work.say(f"Loading {model}: converting once (about a minute); cached in {folder}…")
 
         memory = parse_memory(max_memory)
         return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, on_convert=converting,
-                          device_map=device_map, max_memory=memory, offload_folder=offload)  # fmt: skip
+                          device_map=device_map, max_memory=memory, offload_folder=offload, progress=work)  # fmt: skip
 
 
 def parse_memory(items: list[str] | None) -> dict[str | int, str] | None:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..batch import check_batch_paths, merge_parts, part_path, run_batch
 from ..errors import UsageError
@@ -31,9 +28,10 @@ from .app import (
     load,
     one_line_errors,
 )
+from .progress import working
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Analyze every prompt of a JSONL file with one model load.")
 def batch(
     input_path: Annotated[str, typer.Argument(metavar="FILE.jsonl", help="One JSON prompt object per line.")],
     output: Annotated[
@@ -51,6 +49,12 @@ def batch(
         str | None,
         typer.Option("--patches", metavar="FOLDER", help="Also write each line's patch to FOLDER/ID.safetensors."),
     ] = None,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed/--no-retry-failed", help="On a rerun, run again the ids whose result is an error line."
+        ),
+    ] = True,
     no_text: NoTextOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -61,14 +65,15 @@ def batch(
 
     Lines: {"id", "context", "query"} or {"id", "task", "query_input", "demos", "template"}, each optionally
     with "layers" and "residual". Output lines: {"id", "result"} (the analyze document) or {"id", "error"}.
-    A rerun skips the ids already in the output, so an interrupted run resumes. Under torchrun or
+    A rerun skips the ids already in the output, so an interrupted run resumes, and runs again the ids
+    whose line is an error (that line is replaced) unless --no-retry-failed. Under torchrun or
     accelerate launch each process takes the lines whose index % WORLD_SIZE == RANK and writes
     NAME.rankR.jsonl; join them with `icl-probe merge`.
     """
     with one_line_errors(debug):
         run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
                   residual=residual, top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
-                  text=not no_text)  # fmt: skip
+                  text=not no_text, retry_failed=retry_failed)  # fmt: skip
 
 
 def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):
@@ -76,11 +81,12 @@ def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_co
     rank, world_size = share()
     output = str(part_path(output, rank, world_size)) if output != "-" else output
     check_batch_paths(input_path, output, patches)
-    status = Console(stderr=True)
-    m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code, placement)
-    with progress_bar(status, rank == 0 and output != "-") as on_progress:
+    status, counted = Console(stderr=True, quiet=rank != 0), output != "-"  # one display, not one per process
+    m, tokenizer = load(status, model, dtype, local_device(device), trust_remote_code, placement, counted)
+    with working(status, "Analyzing…", counted) as work:
         summary = run_batch(m, tokenizer, input_path, output, patches=patches, rank=rank, world_size=world_size,
-                            on_progress=on_progress, on_warning=warn, **options)  # fmt: skip
+                            on_progress=lambda done, total: work("lines", done, total), on_warning=warn,
+                            **options)  # fmt: skip
     print(summary_line(summary), file=sys.stderr)
 
 
@@ -102,29 +108,18 @@ def warn(message: str) -> None:
     print(f"icl-probe: warning: {message}", file=sys.stderr)
 
 
-@contextmanager
-def progress_bar(console: Console, wanted: bool) -> Iterator:
-    """A progress callback drawing a bar on a terminal's stderr, or doing nothing."""
-    if not (wanted and console.is_terminal):
-        yield None
-        return
-    columns = (TextColumn("Analyzing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("batch", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
-
-
 def summary_line(s: dict) -> str:
     who = f"rank {s['rank']} of {s['world_size']}: " if s["world_size"] > 1 else ""
     bad = f", {s['bad_lines']} bad input lines skipped (see the warnings)" if s["bad_lines"] else ""
     where = "" if s["output"] == "-" else f" → {s['output']}"
+    retried = f" ({s['retried']} retried after an earlier error)" if s.get("retried") else ""
     return (
-        f"icl-probe batch: {who}{s['done']} done, {s['skipped']} skipped (already in the output), "
+        f"icl-probe batch: {who}{s['done']} done{retried}, {s['skipped']} skipped (already in the output), "
         f"{s['failed']} failed (error lines){bad}{where}"
     )
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Join the parts that batch wrote under many processes.")
 def merge(
     output: Annotated[str, typer.Argument(metavar="RESULTS.jsonl", help="The --output given to batch.")],
     input_path: Annotated[

@@ -20,6 +20,7 @@ from ..replay import replay as run_replay
 from ..report import print_export, print_modules, print_replay, print_tasks, print_with_positions
 from ..tasks import tasks_document
 from .app import (
+    Command,
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
@@ -51,6 +52,7 @@ from .app import (
     show,
 )
 from .batch import run_jsonl
+from .progress import working
 
 PositionsOpt = Annotated[
     str,
@@ -89,7 +91,7 @@ TargetOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command, short_help="Compute each layer's update ΔW (and Δb), and prove it exact.")
 def analyze(
     model: ModelOpt = DEFAULT_MODEL,
     context: ContextOpt = None,
@@ -161,11 +163,12 @@ def analyze(
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
-        with status.status("Analyzing…"):
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted=json_path != "-")
+        with working(status, "Analyzing…", counted=json_path != "-") as work:
             result = run_analysis(m, tokenizer, context, query, layers=layers, residual=residual, top_k=top_k,
                                   gradient=gradient, target=target, per_layer_ablation=layer_ablation,
-                                  positions=positions, precision=precision, generate=generate)  # fmt: skip
+                                  positions=positions, precision=precision, generate=generate,
+                                  progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, partial(print_with_positions, wide=wide or None), text=not no_text)
         if plot is not None:
@@ -206,7 +209,7 @@ def check_batch_options(batch: str | None, output: str | None, single: dict[str,
         raise UsageError(f"--batch reads every prompt from {batch}; leave out {', '.join(given)}")
 
 
-@app.command("export-patch")
+@app.command("export-patch", cls=Command, short_help="Save the context's update as a patch, adapter or checkpoint.")
 def export_patch(
     output: Annotated[str, typer.Option("--output", "-o", help="The patch file (native) or folder to write.")],
     model: ModelOpt = DEFAULT_MODEL,
@@ -258,7 +261,7 @@ def export_patch(
         if format not in FORMATS:
             raise UsageError(f"unknown --format '{format}'; use {', '.join(FORMATS)}")
         context, query = pick_prompt(context, context_file, query, query_file)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement)
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted=json_path != "-")
         with status.status(f"Exporting a {format} patch…"):
             result = run_export(m, tokenizer, context, query, output=output, format=format, residual=residual,
                                 layers=layers, store_context=store_context, force=force,
@@ -266,7 +269,7 @@ def export_patch(
         show(out, result.to_dict(), json_path, print_export)
 
 
-@app.command(cls=PlainUsage)
+@app.command(cls=PlainUsage, short_help="Run a query with a saved patch and no context.")
 def replay(
     patch: Annotated[str, typer.Argument(metavar="PATCH", help="A native .safetensors patch written by export-patch.")],
     model: Annotated[
@@ -331,14 +334,15 @@ def replay(
             device,
             trust_remote_code,
             (device_map, max_memory, offload_folder),
+            counted=json_path != "-",
         )
-        with status.status("Replaying…"):
+        with working(status, "Replaying…", counted=json_path != "-") as work:
             result = run_replay(m, tokenizer, loaded, query=query, context=context, generate=generate, top_k=top_k,
-                                skip_fingerprint=skip_fingerprint, recompute=recompute)  # fmt: skip
+                                skip_fingerprint=skip_fingerprint, recompute=recompute, progress=work)  # fmt: skip
         show(out, result.to_dict(), json_path, print_replay)
 
 
-@app.command()
+@app.command(cls=Command, short_help="List the module paths hooked in each layer.")
 def modules(
     model: ModelOpt = DEFAULT_MODEL,
     json_path: JsonOpt = None,
@@ -355,11 +359,11 @@ def modules(
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
-        m, _ = load(status, model, "float32", "cpu", trust_remote_code)
+        m, _ = load(status, model, "float32", "cpu", trust_remote_code, counted=json_path != "-")
         show(out, describe_modules(m), json_path, print_modules)
 
 
-@app.command()
+@app.command(cls=Command, short_help="List the built-in ICL tasks that --task takes.")
 def tasks(json_path: JsonOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
     """List the built-in ICL tasks that --task takes, with their sizes and a sample pair."""
     out, _ = consoles(json_path)

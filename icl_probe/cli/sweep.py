@@ -13,6 +13,7 @@ from ..models import DEFAULT_MODEL
 from ..report import print_dynamics
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
 from .app import (
+    Command,
     ContextFileOpt,
     ContextOpt,
     DebugOpt,
@@ -43,6 +44,7 @@ from .app import (
     show,
     warn_fusion,
 )
+from .progress import working
 
 DEMO_TASK, DEMO_DEMOS, DEMO_INPUT = "antonyms", 5, "happy"
 
@@ -79,7 +81,7 @@ def unescape(template: str) -> str:
     return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
-@app.command()
+@app.command(cls=Command, short_help="How the implicit update grows as examples accumulate.")
 def dynamics(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = None,
@@ -91,7 +93,7 @@ def dynamics(
     context: ContextOpt = None,
     context_file: ContextFileOpt = None,
     separator: Annotated[
-        str, typer.Option("--separator", help="With --context: the examples end after each separator.")
+        str, typer.Option("--separator", help="With --context: the examples end after each separator (\\n: a newline).")
     ] = "\n",
     query: QueryOpt = None,
     query_file: QueryFileOpt = None,
@@ -138,15 +140,16 @@ def dynamics(
             raise UsageError(f"--lr must be above 0, not {lr}")
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
-        template = unescape(template)
+        template, separator = unescape(template), unescape(separator)
         examples, query, target = examples_and_query(
             task, task_file, template, demos, separator, context, query, query_input, target
         )
         warn_fusion("".join(e.text for e in examples), query)
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
-        with status.status(f"Sweeping {len(examples)} prefixes…"):
+        placement, counted = (device_map, max_memory, offload_folder), json_path != "-"
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted)
+        with working(status, f"Sweeping {len(examples)} prefixes…", counted) as work:
             result = run_dynamics(m, tokenizer, examples, query, target=target, layers=layers, gradient=gradient,
-                                  finetune_steps=finetune_steps, lr=lr, template=template)  # fmt: skip
+                                  finetune_steps=finetune_steps, lr=lr, template=template, progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, partial(print_dynamics, wide=wide or None), text=not no_text)
         if plot is not None:

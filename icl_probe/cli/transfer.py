@@ -12,6 +12,7 @@ from ..report import print_transfer
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
 from ..transfer import transfer as run_transfer
 from .app import (
+    Command,
     DebugOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -34,6 +35,7 @@ from .app import (
     one_line_errors,
     show,
 )
+from .progress import working
 from .sweep import unescape
 
 
@@ -48,7 +50,7 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-@app.command()
+@app.command(cls=Command, short_help="Do context patches carry the task to other queries?")
 def transfer(
     model: ModelOpt = DEFAULT_MODEL,
     task: TaskOpt = None,
@@ -93,10 +95,11 @@ def transfer(
         chosen = pick_task(task, task_file)
         if chosen is None:
             raise UsageError("give a task with --task or --task-file")
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder))
-        with status.status(f"Scoring patches on {chosen.name}…"):
+        placement, counted = (device_map, max_memory, offload_folder), json_path != "-"
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, placement, counted)
+        with working(status, f"Scoring patches on {chosen.name}…", counted) as work:
             result = run_transfer(m, tokenizer, chosen, template=template, demos=demos, calibration=sizes,
-                                  heldout=heldout, layers=layers)  # fmt: skip
+                                  heldout=heldout, layers=layers, progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, print_transfer)
         if plot is not None:

@@ -1,0 +1,60 @@
+"""Other libraries' warnings as icl-probe's own one-line `icl-probe: warning: …` on stderr.
+
+Python warnings (torch, transformers' FutureWarnings…) print as three lines with a file path and a source
+line, transformers logs through its own handler, and accelerate, peft and huggingface_hub log through
+Python's last-resort handler; inside `one_line_warnings()` all of them become one line each, in the format
+docs/errors.md promises. Messages listed in NOISE are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Noise: notes about the libraries' own machinery that a user of icl-probe can do nothing about.
+NOISE: tuple[str, ...] = ()
+
+
+def say(message: str) -> None:
+    """Print one warning line on stderr (the current one, which tests may have replaced)."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    if text and not any(noise in text for noise in NOISE):
+        print(f"icl-probe: warning: {text}", file=sys.stderr)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A `warnings.showwarning` that prints `icl-probe: warning: <library>: <message>` on one line."""
+    path = (filename or "").replace("\\", "/")
+    installed = re.search(r"(?:site|dist)-packages/([A-Za-z0-9_]+)", path)  # the package that warned, if installed
+    say(f"{installed.group(1)}: {message}" if installed else str(message))
+
+
+class OneLine(logging.Handler):
+    """A logging handler for the libraries' loggers: warnings and errors as one icl-probe line each."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"{record.name.split('.')[0]}: {record.getMessage()}")
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: Python warnings and transformers' log warnings print as one `icl-probe: warning:` line each."""
+    from transformers.utils import logging as hf_logging
+
+    handler, root = OneLine(level=logging.WARNING), logging.getLogger()
+    hf_logging.disable_default_handler()
+    hf_logging.add_handler(handler)  # transformers' logger does not pass its records on to the root logger
+    root.addHandler(handler)  # the loggers that do: accelerate, peft, huggingface_hub
+    shown = warnings.showwarning
+    warnings.showwarning = show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        root.removeHandler(handler)
+        hf_logging.remove_handler(handler)
+        hf_logging.enable_default_handler()
