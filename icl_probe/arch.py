@@ -49,6 +49,7 @@ class Family:
     mixer: str = "attention"  # the kind of contextual layer: attention, convolution, mamba, linear attention, ...
     moe: MoeParts | None = None  # a mixture-of-experts MLP: its router and expert weights (first linears: shared ones)
     mixer_parts: tuple[tuple[str, str], ...] = ()  # (module, config multiplier): a mixer branch no module outputs
+    low_precision: tuple[tuple[str, str], ...] = ()  # (part, dtype): MLP parts computing below the model's dtype
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:

@@ -43,6 +43,7 @@ CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 VOCAB = {tok: i for i, tok in enumerate(["<unk>", "<bos>", "<eos>", *string.printable])}
 BUILD_SECONDS, ANALYZE_SECONDS = 20, 60
 MAX_KL, MAX_ERROR = 1e-10, 1e-9
+ROUTING = {True: "exact", False: "missed", None: "not read"}  # None: the experts get no routing tensors
 
 # Config keys set wherever a config has them (also when None, which would mean a default derived from a large one).
 SMALL: dict[str, int] = {
@@ -274,7 +275,7 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         if r.status in ("exact", "inexact"):
             figures = [f"{x:.2g}" for x in (r.kl_no_context, r.kl, r.block_error, r.mlp_branch_error)]
-            moe = f"{r.moe_layers}, routing {'exact' if r.routing_exact else 'missed'}" if r.moe_layers else ""
+            moe = f"{r.moe_layers}, routing {ROUTING[r.routing_exact]}" if r.moe_layers else ""
             lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {' | '.join(figures)} | {moe} |")
         elif r.status != "out of scope":
             lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | |")

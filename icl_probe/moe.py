@@ -24,6 +24,7 @@ from torch import nn
 from .lowrank import MATH_DTYPE, matvec, update_dtype
 
 FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "w3", "input_linear", "fc1", "wi", "w13")
+OUTPUT_EXPERT_NAMES = ("down_proj", "w2", "output_linear", "fc2", "wo")
 
 
 @dataclass(frozen=True)

@@ -160,53 +160,119 @@ def copied(value: object) -> torch.Tensor | None:
 
 
 def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
-    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input."""
+    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input.
+
+    Only the MLP is checked for the theorem (it must read its own position through the weights updated); what the
+    block does around it (scaled or learned residuals, parts after the MLP) is left to Δb, the block's remainder.
+    """
     if len(calls[layer]) != 1:
         raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
     x, y = calls[layer][0].x, calls[layer][0].y
     seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
     norms = [(name, c) for c, name, m in seen if is_norm(m)]
     units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
-    (mixer_name, mixer, mixer_call), (mlp_name, mlp, mlp_call) = split_units(units)
-    attn, a = mixer_name, mixer_call.y
-    if post_mixer := norm_with(norms, "x", a, mixer_call.order):
-        attn, a = post_mixer[0], post_mixer[1].y
+    mixers, (mlp_name, mlp, mlp_call), after = split_units(units)
+    check_one_stream(x, y, mlp_call)
+    check_one_reader(mixers + after, mlp_name, mlp_call)
+    check_one_position(mlp_name, mlp, mlp_call)
     pre = norm_with(norms, "y", mlp_call.x, -1)
     post = norm_with(norms, "x", mlp_call.y, mlp_call.order)
     r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
     b = post[1].y if post else mlp_call.y  # the MLP branch
-    parallel = check_sums(x, y, a, r, b, attn, post[0] if post else mlp_name)
+    attn, parallel = mixer_branch(mixers, norms, x, y, r, b)
     moe = None
-    if any(p.ndim == 3 for p in mlp.parameters()):
-        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+    if has_experts(mlp):
+        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, mlp_call.y.shape[-1])
         conv1d = False
     else:
         check_dense(mlp_name, mlp)
-        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
+        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, mlp_call.y.shape[-1])
+    low = low_precision(mlp_name, mlp, mlp_call, calls)
     return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
-                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer), moe=moe)  # fmt: skip
+                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kinds(mixers, after), moe=moe,
+                low_precision=low)  # fmt: skip
 
 
 def is_norm(m: nn.Module) -> bool:
     return "norm" in type(m).__name__.lower() and not linears_in(m)
 
 
-def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[tuple, tuple]:
-    """(mixer, MLP) among the block's parametrised children in call order: the MLP runs last, one mixer before it."""
+def is_mlp(m: nn.Module) -> bool:
+    """A module that can be an MLP: two or more linear layers, or fused 3-D expert weights (not a bare linear)."""
+    return len(linears_in(m)) >= 2 or has_experts(m)
+
+
+def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's own fused expert weights: 3-D, a matrix per expert, not a convolution's kernel."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return []
+    return [(attr, p) for attr, p in m.named_parameters(recurse=False) if p.ndim == 3 and min(p.shape[1:]) > 1]
+
+
+def has_experts(m: nn.Module) -> bool:
+    return any(expert_tensors(sub) for sub in m.modules())
+
+
+def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], tuple, list[tuple]]:
+    """(mixers, MLP, parts after it) among the block's parametrised children in call order.
+
+    The MLP is the last child that can be one; the children before it are the contextual layer (one or several:
+    a gated norm, an attention and a convolution, hyper-connection weights) and those after it act on its branch.
+    """
     names = [name for name, _, _ in units]
     if not units or len(set(names)) != len(names):
         raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
-    if len(units) == 1:
-        raise Refusal(f"has only '{names[0]}' ({mixer_kind(units[0][1])}), no MLP after a contextual layer")
-    *mixers, mlp = units
-    if isinstance(mlp[1], LINEARS):
-        raise Refusal(f"ends with a bare linear layer '{mlp[0]}', not an MLP module (a table row can name its MLP)")
-    if len(mixers) != 1:
-        found = ", ".join(name for name, _, _ in mixers) or "none"
-        raise Refusal(f"has {len(mixers)} contextual layers before its MLP '{mlp[0]}' ({found}), not one")
-    if mixers[0][2].y is None or mlp[2].x is None or mlp[2].y is None:
-        raise Refusal(f"passes no hidden-state tensor through '{mixers[0][0]}' or '{mlp[0]}'")
-    return mixers[0], mlp
+    at = max((i for i, (_, m, _) in enumerate(units) if is_mlp(m)), default=None)
+    if at is None or at == 0:
+        only = ", ".join(f"'{n}' ({mixer_kind(m)})" for n, m, _ in units)
+        raise Refusal(
+            f"has {only} and no MLP after a contextual layer: no position-wise map whose weights could carry "
+            "the context (ΔW needs an MLP reading one position)"
+        )
+    mixers, mlp = units[:at], units[at]
+    if any(c.y is None for _, _, c in mixers) or mlp[2].x is None or mlp[2].y is None:
+        raise Refusal(f"passes no hidden-state tensor through '{mixers[-1][0]}' or '{mlp[0]}'")
+    return mixers, mlp, units[at + 1 :]
+
+
+def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
+    """Δb is one vector at the last token of the residual stream the MLP writes: a block carrying several streams
+    (hyper-connections, AltUp) would need one per stream, which the update does not build."""
+    if x.shape != mlp_call.x.shape or y.shape != x.shape:
+        raise Refusal(
+            f"carries several residual streams (block input {tuple(x.shape)}, MLP input {tuple(mlp_call.x.shape)}): "
+            "the MLP is exact, but Δb would have to be one vector per stream, which is not built"
+        )
+
+
+def check_one_reader(others: list[tuple], mlp_name: str, mlp_call: Call) -> None:
+    """Another MLP reading the same input (a shared MLP beside the experts) would need its own update too."""
+    twins = [name for name, m, c in others if is_mlp(m) and same(c.x, mlp_call.x)]
+    if twins:
+        raise Refusal(
+            f"has MLPs {', '.join(twins)} and {mlp_name} reading the same input and added together: each needs "
+            "the rank-1 update, which one MLP per block does not give yet"
+        )
+
+
+def mixer_branch(mixers: list[tuple], norms: list, x, y, r, b) -> tuple[str, bool | None]:
+    """(the module whose output is the mixer branch, parallel?): the last mixer (or the norm on its output) for
+    which the block output is x + branch + MLP branch; when none is, the last mixer and parallel unknown (None)."""
+    for name, _, call in reversed(mixers):
+        attn, a = name, call.y
+        if post_mixer := norm_with(norms, "x", a, call.order):
+            attn, a = post_mixer[0], post_mixer[1].y
+        if a.shape == x.shape and (parallel := check_sums(x, y, a, r, b)) is not None:
+            return attn, parallel
+    return mixers[-1][0], None
+
+
+def mixer_kinds(mixers: list[tuple], after: list[tuple]) -> str:
+    """The kinds of contextual layer in the block, '+'-joined in call order ('attention', 'attention+convolution');
+    parts whose class names no kind (gates, scales, hyper-connections) are position-wise and not listed."""
+    kinds = [mixer_kind(m) for _, m, _ in mixers + after]
+    named = list(dict.fromkeys(k for k in kinds if not k.startswith("other")))
+    return "+".join(named) if named else kinds[-len(after) - 1] if after else kinds[-1]
 
 
 def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: int) -> tuple[str, Call] | None:
@@ -241,20 +307,39 @@ def tolerance(dtype: torch.dtype) -> float:
     return min(0.05, 256 * torch.finfo(dtype).eps)
 
 
-def check_sums(x, y, a, r, b, attn: str, branch: str) -> bool:
-    """Check y = x + a + b, with the MLP reading r = x (parallel, returned True) or r = x + a (sequential).
+def check_sums(x, y, a, r, b) -> bool | None:
+    """Whether y = x + a + b with the MLP reading r = x (parallel: True) or r = x + a (sequential: False); None when
+    the block is not that sum (scaled or learned residuals, parts after the MLP: Δb, the remainder, covers them).
 
     Errors are relative to ‖x‖ + ‖a‖ + ‖b‖, the size of the model's own rounding of these sums.
     """
     x, a, b = x.double(), a.double(), b.double()
     tol, scale = tolerance(y.dtype), float(x.norm() + a.norm() + b.norm())
-    parallel = relative_error(r, x, scale) <= tol
-    if not parallel and relative_error(r, x + a, scale) > tol:
-        raise Refusal(f"feeds its MLP neither its input nor its input + the branch of '{attn}'")
-    error = relative_error(y, x + a + b, scale)
-    if error > tol:
-        raise Refusal(f"outputs something other than its input + '{attn}' + '{branch}' (relative error {error:.2g})")
-    return parallel
+    if relative_error(y, x + a + b, scale) > tol:
+        return None
+    if relative_error(r, x, scale) <= tol:
+        return True
+    return False if relative_error(r, x + a, scale) <= tol else None
+
+
+def check_one_position(name: str, mlp: nn.Module, call: Call) -> None:
+    """The theorem's premise: the MLP's output at a position reads only that position's input. Changing the first
+    position's input must leave the last position's output unchanged (a token shift or convolution would not)."""
+    x = call.x.clone()
+    x.reshape(-1, *x.shape[-2:])[:, 0] *= -2.0
+    try:
+        with torch.no_grad():
+            out = copied(mlp(x))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
+    if out is None or out.shape != call.y.shape:
+        return
+    rest_new, rest_old = out.reshape(-1, *out.shape[-2:])[:, 1:], call.y.reshape(-1, *out.shape[-2:])[:, 1:]
+    if relative_error(rest_new, rest_old) > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
+        raise Refusal(
+            f"has an MLP '{name}' whose output at one position reads other positions (changing the first token's "
+            "input changes later tokens' outputs), so no weight update at one position can reproduce it"
+        )
 
 
 def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
@@ -289,25 +374,21 @@ def check_dense(name: str, mlp: nn.Module) -> None:
 def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
     """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
 
-    The experts are the one module holding 3-D weights; its first weights are those named as input projections
-    (gate_up_proj, up_proj, ...). The routers are the other modules reading the MLP input through a 2-D `weight`
+    The experts' input weights are the 3-D weights that read the hidden size (named as input projections,
+    gate_up_proj, up_proj, ..., or by shape), in one module or several (JetMoE's input_linear and output_linear);
+    the experts may get the MLP input gathered by expert or scaled by its routing score (Llama 4), which the
+    update commutes with. The routers are the other modules reading the MLP input through a 2-D `weight`
     (E, hidden); nn.Linear layers reading it (shared experts, their gates) are first linears as in a dense MLP.
+    Whether these are all the readers is checked by applying their updates (`check_moe_exact`).
     """
-    experts = [(rel, m) for rel, m in mlp.named_modules() if any(p.ndim == 3 for p in m.parameters(recurse=False))]
-    if len(experts) != 1:
-        found = ", ".join(rel for rel, _ in experts)
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' with {len(experts)} modules of 3-D weights ({found})")
-    e_rel, e_mod = experts[0]
-    if not calls.get(e_mod) or not all(same(c.x, call.x) for c in calls[e_mod]):
-        raise Refusal(
-            f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' are not called with the MLP input "
-            "(they get it routed or scaled), so no weight update of theirs reads z"
-        )
-    params, transposed, down = expert_weights(name, e_rel, e_mod, hidden)
+    experts = [(rel, m) for rel, m in mlp.named_modules() if expert_tensors(m)]
+    params, transposed, down = expert_weights(name, experts, hidden)
+    e_rel = params[0].rpartition(".")[0]
+    e_mod = mlp.get_submodule(e_rel)
+    inside = {m for _, m in experts} | {m for _, e in experts for m in e.modules()}
     linears, routers = [], []
     for rel, m in mlp.named_modules():
-        inside = m is mlp or m is e_mod or rel.startswith(e_rel + ".")
-        if inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
+        if m is mlp or m in inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
             continue
         weight = m._parameters.get("weight")
         if isinstance(m, LINEARS) and type(m).forward in (nn.Linear.forward, Conv1D.forward):
@@ -329,28 +410,40 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
     return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
 
 
-def expert_weights(name: str, e_rel: str, experts: nn.Module, hidden: int) -> tuple[list[str], list[str], str]:
-    """(first expert weights, those stored (E, in, out), the output weight) of a fused experts module."""
-    stored = getattr(experts, "is_transposed", None)
+def expert_weights(name: str, experts: list[tuple[str, nn.Module]], hidden: int) -> tuple[list[str], list[str], str]:
+    """(first expert weights, those stored (E, in, out), the (first) output weight) over the modules holding 3-D
+    weights (routed and shared experts)."""
     params, transposed, others = [], [], []
-    for attr, p in experts.named_parameters(recurse=False):
-        if p.ndim != 3:
-            continue
-        if attr not in moe.FIRST_EXPERT_NAMES:
-            others.append(f"{e_rel}.{attr}")
-            continue
-        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
-        if (p.shape[1] if t else p.shape[2]) != hidden:
-            raise Refusal(f"has experts '{e_rel}' whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
-        params.append(f"{e_rel}.{attr}")
-        if t:
-            transposed.append(f"{e_rel}.{attr}")
-    if not params or len(others) != 1:
+    for e_rel, module in experts:
+        stored = getattr(module, "is_transposed", None)
+        for attr, p in expert_tensors(module):
+            t = reads_hidden(attr, p, stored, hidden)
+            if t is None:
+                others.append(f"{e_rel}.{attr}")
+                continue
+            params.append(f"{e_rel}.{attr}")
+            if t:
+                transposed.append(f"{e_rel}.{attr}")
+    if not params or not others:
         raise Refusal(
-            f"has experts '{e_rel}' in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
-            f"[{', '.join(others)}], not input projections and one output projection"
+            f"has experts in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
+            f"[{', '.join(others)}], not input projections and an output projection"
         )
     return params, transposed, others[0]
+
+
+def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -> bool | None:
+    """For an expert weight that reads the hidden size (an input projection), whether it is stored (E, in, out);
+    None for the output projection. Unnamed weights read it if their in-size is hidden and their out-size is not."""
+    if attr in moe.OUTPUT_EXPERT_NAMES:
+        return None
+    if attr in moe.FIRST_EXPERT_NAMES:
+        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
+        if (p.shape[1] if t else p.shape[2]) != hidden:
+            raise Refusal(f"has experts whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
+        return t
+    t = stored is True
+    return t if (p.shape[1] if t else p.shape[2]) == hidden and (p.shape[2] if t else p.shape[1]) != hidden else None
 
 
 def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
@@ -405,6 +498,21 @@ def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Modu
     if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
         firsts = ", ".join(rel for rel, m in mlp.named_modules() if m in kept)
         raise Refusal(f"has an MLP '{name}' whose input reaches its output other than through {firsts}")
+
+
+def low_precision(name: str, mlp: nn.Module, call: Call, calls: dict) -> tuple[tuple[str, str], ...]:
+    """(path relative to the block, dtype) of the MLP's parts that compute in a lower precision than its input: a
+    parameter kept in float32 in a float64 model, or a module returning float32 (DeepSeek's and ERNIE's routers)."""
+    eps = torch.finfo(call.x.dtype).eps if call.x.is_floating_point() else 0.0
+    found: dict[str, torch.dtype] = {}
+    for rel, m in mlp.named_modules():
+        path = f"{name}.{rel}" if rel else name
+        dtypes = [p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()]
+        dtypes += [c.y.dtype for c in calls.get(m, []) if m is not mlp and c.y is not None and c.y.is_floating_point()]
+        low = [d for d in dtypes if torch.finfo(d).eps > eps]
+        if low:
+            found[path] = max(low, key=lambda d: torch.finfo(d).eps)
+    return tuple((path, str(d).removeprefix("torch.")) for path, d in found.items())
 
 
 def mixer_kind(mixer: nn.Module) -> str:
