@@ -22,9 +22,9 @@ def floor_of(dtype: str) -> float:
 
 
 def part_kind(b: Block, rel: str) -> str:
-    """'router' for an MoE block's router module, else 'part'."""
+    """'router' for an MoE block's router module (or the gating module holding its linear, JetMoE's), else 'part'."""
     routers = {p.removesuffix(".weight") for p in b.moe.routers} | set(b.moe.router_linears) if b.moe else set()
-    return "router" if rel in routers else "part"
+    return "router" if any(p == rel or p.startswith(rel + ".") for p in routers) else "part"
 
 
 def precision_limit(blocks: list[Block], dtype: torch.dtype) -> dict | None:

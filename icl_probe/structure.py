@@ -50,6 +50,7 @@ class Call:
     order: int
     x: torch.Tensor | None
     y: torch.Tensor | None
+    dtypes: tuple[torch.dtype, ...] = ()  # of every floating-point tensor it returned (a router's logits and weights)
 
 
 def read_structure(model: nn.Module) -> list[Block]:
@@ -112,8 +113,8 @@ def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.M
 
 
 def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
-    """Run a short input once, recording every block, its children and the linear layers inside them."""
-    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer), *owners_in(layer))]
+    """Run a short input once, recording every block and every module inside it."""
+    watched = [m for layer in layers for m in layer.modules()]  # a router may own no parameter itself (JetMoE)
     watched = list(dict.fromkeys(watched))
     embedding = model.get_input_embeddings().weight
     ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
@@ -127,11 +128,6 @@ def linears_in(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, LINEARS)]
 
 
-def owners_in(module: nn.Module) -> list[nn.Module]:
-    """The modules inside an MLP that own parameters directly (routers, fused experts), for the probe run."""
-    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-
-
 @contextmanager
 def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
     """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
@@ -140,7 +136,9 @@ def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]
 
     def hook(module, args, kwargs, output):
         x = args[0] if args else kwargs.get("hidden_states")
-        calls[module].append(Call(next(order), copied(x), copied(output)))
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+        calls[module].append(Call(next(order), copied(x), copied(output), dtypes))
 
     handles = []
     try:
@@ -247,7 +245,7 @@ def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
 
 def check_one_reader(others: list[tuple], mlp_name: str, mlp_call: Call) -> None:
     """Another MLP reading the same input (a shared MLP beside the experts) would need its own update too."""
-    twins = [name for name, m, c in others if is_mlp(m) and same(c.x, mlp_call.x)]
+    twins = [name for name, m, c in others if is_mlp(m) and not is_mixer(m) and same(c.x, mlp_call.x)]
     if twins:
         raise Refusal(
             f"has MLPs {', '.join(twins)} and {mlp_name} reading the same input and added together: each needs "
@@ -508,11 +506,16 @@ def low_precision(name: str, mlp: nn.Module, call: Call, calls: dict) -> tuple[t
     for rel, m in mlp.named_modules():
         path = f"{name}.{rel}" if rel else name
         dtypes = [p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()]
-        dtypes += [c.y.dtype for c in calls.get(m, []) if m is not mlp and c.y is not None and c.y.is_floating_point()]
+        dtypes += [d for c in calls.get(m, []) if m is not mlp for d in c.dtypes]
         low = [d for d in dtypes if torch.finfo(d).eps > eps]
         if low:
             found[path] = max(low, key=lambda d: torch.finfo(d).eps)
     return tuple((path, str(d).removeprefix("torch.")) for path, d in found.items())
+
+
+def is_mixer(m: nn.Module) -> bool:
+    """A contextual layer by its class name (an attention beside the MLP in a parallel block reads its input too)."""
+    return not mixer_kind(m).startswith("other")
 
 
 def mixer_kind(mixer: nn.Module) -> str:
