@@ -158,7 +158,7 @@ def copied(value: object) -> torch.Tensor | None:
 
 
 def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
-    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input.
+    """Family fields for one block: its mixer, MLP(s) and norms, and whether the MLP reads the block input.
 
     Only the MLP is checked for the theorem (it must read its own position through the weights updated); what the
     block does around it (scaled or learned residuals, parts after the MLP) is left to Δb, the block's remainder.
@@ -169,26 +169,59 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
     seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
     norms = [(name, c) for c, name, m in seen if is_norm(m)]
     units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
-    mixers, (mlp_name, mlp, mlp_call), after = split_units(units)
+    mixers, last_mlp, after = split_units(units)
+    (mlp_name, mlp, mlp_call), twins = side_by_side(mixers + after, last_mlp)
+    mixers = [u for u in mixers if u not in twins]
+    after = [u for u in after if u not in twins]
     check_one_stream(x, y, mlp_call)
-    check_one_reader(mixers + after, mlp_name, mlp_call)
-    check_one_position(mlp_name, mlp, mlp_call)
+    for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
+        check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
-    post = norm_with(norms, "x", mlp_call.y, mlp_call.order)
+    post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
     r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
-    b = post[1].y if post else mlp_call.y  # the MLP branch
+    b = post[1].y if post else sum((c.y for _, _, c in twins), mlp_call.y)  # the MLP branch
     attn, parallel = mixer_branch(mixers, norms, x, y, r, b)
-    moe = None
+    fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
+    return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
+                parallel=parallel, mixer=mixer_kinds(mixers, after))  # fmt: skip
+
+
+def side_by_side(others: list[tuple], mlp: tuple) -> tuple[tuple, list[tuple]]:
+    """(the MLP, the MLPs beside it): other non-mixer MLPs reading the same input, added to its branch (GraniteMoE
+    Hybrid's shared MLP beside its experts). With several, the mixture of experts is the MLP; two dense MLPs side
+    by side are refused (only an MoE block's updates act through its input map, which covers them both)."""
+    group = [mlp, *(u for u in others if is_mlp(u[1]) and not is_mixer(u[1]) and same(u[2].x, mlp[2].x))]
+    if len(group) == 1:
+        return mlp, []
+    moe_units = [u for u in group if has_experts(u[1])]
+    if len(moe_units) != 1:
+        names = ", ".join(name for name, _, _ in group)
+        raise Refusal(f"has MLPs {names} reading the same input and added together, none (or more than one) of "
+                      "them a mixture of experts; each needs the rank-1 update, which only an MoE block's input "
+                      "map gives them all")  # fmt: skip
+    return moe_units[0], [u for u in group if u is not moe_units[0]]
+
+
+def read_mlps(main: tuple, twins: list[tuple], calls: dict) -> dict:
+    """first, down, conv1d, moe, mlp_parts and low_precision of a block's MLP and the dense MLPs beside it."""
+    name, mlp, call = main
+    hidden = call.y.shape[-1]
+    moe, conv1d = None, False
     if has_experts(mlp):
-        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, mlp_call.y.shape[-1])
-        conv1d = False
+        first, down, moe = read_moe(name, mlp, call, calls, hidden)
     else:
-        check_dense(mlp_name, mlp)
-        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, mlp_call.y.shape[-1])
-    low = low_precision(mlp_name, mlp, mlp_call, calls)
-    return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
-                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kinds(mixers, after), moe=moe,
-                low_precision=low)  # fmt: skip
+        check_dense(name, mlp)
+        first, down, conv1d = read_mlp(name, mlp, call, calls, hidden)
+    low = low_precision(name, mlp, call, calls)
+    for t_name, t_mlp, t_call in twins:
+        check_dense(t_name, t_mlp)
+        t_first, _, t_conv1d = read_mlp(t_name, t_mlp, t_call, calls, hidden)
+        if t_conv1d:
+            raise Refusal(f"has an MLP '{t_name}' of Conv1D layers beside its mixture of experts")
+        first += t_first
+        low += low_precision(t_name, t_mlp, t_call, calls)
+    parts = tuple(t_name for t_name, _, _ in twins)
+    return dict(first=first, down=down, conv1d=conv1d, moe=moe, mlp_parts=parts, low_precision=low)
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -221,6 +254,10 @@ def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], 
     if not units or len(set(names)) != len(names):
         raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
     at = max((i for i, (_, m, _) in enumerate(units) if is_mlp(m)), default=None)
+    bare = [n for n, m, _ in units[(at or 0) + 1 :] if isinstance(m, LINEARS)]
+    if (at is None or at == 0) and len(bare) >= 2:
+        raise Refusal(f"keeps linear layers ({', '.join(bare)}) in the block itself, not in an MLP module whose input "
+                      "is z (a table row can name them)")  # fmt: skip
     if at is None or at == 0:
         only = ", ".join(f"'{n}' ({mixer_kind(m)})" for n, m, _ in units)
         raise Refusal(
@@ -240,16 +277,6 @@ def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
         raise Refusal(
             f"carries several residual streams (block input {tuple(x.shape)}, MLP input {tuple(mlp_call.x.shape)}): "
             "the MLP is exact, but Δb would have to be one vector per stream, which is not built"
-        )
-
-
-def check_one_reader(others: list[tuple], mlp_name: str, mlp_call: Call) -> None:
-    """Another MLP reading the same input (a shared MLP beside the experts) would need its own update too."""
-    twins = [name for name, m, c in others if is_mlp(m) and not is_mixer(m) and same(c.x, mlp_call.x)]
-    if twins:
-        raise Refusal(
-            f"has MLPs {', '.join(twins)} and {mlp_name} reading the same input and added together: each needs "
-            "the rank-1 update, which one MLP per block does not give yet"
         )
 
 

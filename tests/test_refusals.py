@@ -22,14 +22,18 @@ from icl_probe.report import legend
 
 CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
 
-# model type → (MLP module, {layer: router module} of its MoE layers, what the rule could not read before)
+SIDE_BY_SIDE = ("block_sparse_moe", "shared_mlp")  # GraniteMoE's experts and the shared MLP beside them
+GRANITE_ROUTERS = {0: "block_sparse_moe.router", 1: "block_sparse_moe.router"}
+# model type → (MLP modules, {layer: router module} of its MoE layers, what the rule could not read before)
 NEW = {
-    "doge": ("mlp", {}, "learned residual weights"),
-    "minimax": ("mlp", {0: "mlp.gate", 1: "mlp.gate"}, "scaled residuals"),
-    "inkling_text": ("mlp", {0: "mlp.gate", 1: "mlp.gate"}, "convolutions after attention and MLP"),
-    "jetmoe": ("mlp", {0: "mlp.router", 1: "mlp.router"}, "experts split in two 3-D modules"),
-    "llama4_text": ("feed_forward", {0: "feed_forward.router", 1: "feed_forward.router"}, "experts scaled input"),
-    "axk2": ("mlp", {1: "mlp.gate"}, "a gated norm before attention; a float32 router"),
+    "doge": (("mlp",), {}, "learned residual weights"),
+    "minimax": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "scaled residuals"),
+    "inkling_text": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "convolutions after attention and MLP"),
+    "jetmoe": (("mlp",), {0: "mlp.router", 1: "mlp.router"}, "experts split in two 3-D modules"),
+    "llama4_text": (("feed_forward",), {0: "feed_forward.router", 1: "feed_forward.router"}, "experts' input scaled"),
+    "axk2": (("mlp",), {1: "mlp.gate"}, "a gated norm before attention; a float32 router"),
+    "granitemoeshared": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts"),
+    "granitemoehybrid": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts, Mamba mixers"),
 }
 NAMES = list(NEW)
 
@@ -106,9 +110,9 @@ def test_the_mlp_and_its_routing_under_the_patch_are_the_with_context_ones(name)
     # same with the context and in the query alone with the patch applied as weights; so are the router's outputs
     # (logits, and the chosen experts where it returns them).
     model, result = model_of(name), analysis_of(name)
-    mlp, routers, _ = NEW[name]
+    mlps, routers, _ = NEW[name]
     prompt = result.prompt
-    paths = [f"model.layers.{i}.{mlp}" for i in range(2)]
+    paths = [f"model.layers.{i}.{mlp}" for i in range(2) for mlp in mlps]
     ctx, ctx_routes = last_outputs(model, paths, prompt.full), router_outputs(model, name, routers, prompt.full)
     with applied(model, result.patch):
         seen = last_outputs(model, paths, prompt.query_only)
@@ -146,7 +150,6 @@ def test_a_float64_family_reports_no_precision_limit():
         ("mamba", "no MLP after a contextual layer"),
         ("falcon_mamba", "no MLP after a contextual layer"),
         ("deepseek_v4", "several residual streams"),  # hyper-connections
-        ("granitemoehybrid", "reading the same input"),  # MoE and shared MLP side by side
     ],
 )
 def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
@@ -163,3 +166,40 @@ def test_a_float32_router_output_sets_the_floor():
     doc = analyze(model, coverage.char_tokenizer(), CONTEXT, QUERY).to_dict()
     assert doc["precision_limit"]["parts"][0]["kind"] == "router" and doc["precision_limit"]["dtype"] == "float32"
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < doc["precision_limit"]["mlp_branch_error_floor"]
+
+
+def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
+    # GraniteMoE with a shared MLP: the router, every expert and the shared MLP's input_linear read the same z, and
+    # each gets ΔW = W (zC − z0) z0ᵀ / ‖z0‖², computed densely here from the MLP inputs hooked in the with-context
+    # run and in the query-alone run with the patch applied as weights (z0 there: the patch acts inside the MLP).
+    model, result = model_of("granitemoeshared"), analysis_of("granitemoeshared")
+    paths = {i: f"model.layers.{i}.block_sparse_moe" for i in range(2)}
+    z_ctx = mlp_inputs(model, paths, result.prompt.full)
+    with applied(model, result.patch):
+        z0 = mlp_inputs(model, paths, result.prompt.query_only)
+    for i in range(2):
+        dz, n2 = z_ctx[i] - z0[i], float(z0[i] @ z0[i])
+        shared = f"model.layers.{i}.shared_mlp.input_linear"
+        w = model.get_submodule(shared).weight.detach()
+        delta = result.patch.low_rank[shared]
+        torch.testing.assert_close(delta.u @ delta.v.T, torch.outer(w @ dz, z0[i]) / n2, rtol=1e-9, atol=1e-14)
+        experts = f"model.layers.{i}.block_sparse_moe.experts.gate_up_proj"
+        weight, factors = model.get_parameter(experts).detach(), result.patch.params[experts]
+        for e in range(weight.shape[0]):
+            expected = torch.outer(weight[e] @ dz, z0[i]) / n2
+            torch.testing.assert_close(factors.u[e] @ factors.v.T, expected, rtol=1e-9, atol=1e-14)
+
+
+def mlp_inputs(model, paths: dict[int, str], ids: list[int]) -> dict[int, torch.Tensor]:
+    """Each module's input at the last token, (hidden,) float64."""
+    seen = {}
+
+    def record(i):
+        def hook(module, args, output):
+            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
+
+        return hook
+
+    with torch.no_grad(), hooked([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
+        last_logits(model, ids)
+    return seen
