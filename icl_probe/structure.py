@@ -260,9 +260,10 @@ def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], 
                       "is z (a table row can name them)")  # fmt: skip
     if at is None or at == 0:
         only = ", ".join(f"'{n}' ({mixer_kind(m)})" for n, m, _ in units)
+        found = f"only {only}," if len(units) == 1 else f"{only} and"
         raise Refusal(
-            f"has {only} and no MLP after a contextual layer: no position-wise map whose weights could carry "
-            "the context (ΔW needs an MLP reading one position)"
+            f"has {found} no MLP after a contextual layer: no position-wise map whose weights could carry the "
+            "context (ΔW needs an MLP reading one position)"
         )
     mixers, mlp = units[:at], units[at]
     if any(c.y is None for _, _, c in mixers) or mlp[2].x is None or mlp[2].y is None:

@@ -362,7 +362,7 @@ def test_coverage_sample(tmp_path, capsys):
             assert r["kl"] < 1e-10 and r["block_error"] < 1e-9 and r["mlp_branch_error"] < 1e-9
             assert r["kl_no_context"] > 1e-2
     assert rows["mixtral"]["moe_layers"] == 2 and rows["mixtral"]["routing_exact"] is True
-    assert "has 'mixer' (mamba) and no MLP after a contextual layer" in rows["mamba"]["reason"]
+    assert "has only 'mixer' (mamba), no MLP after a contextual layer" in rows["mamba"]["reason"]
     assert rows["lfm2"]["mixers"] == "attention, convolution"
     out = capsys.readouterr().out
     assert out.startswith("4 of 5 families exact (transformers ") and "| lfm2 | exact | generic (lfm2) |" in out
