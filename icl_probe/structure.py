@@ -173,6 +173,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
     (mlp_name, mlp, mlp_call), twins = side_by_side(mixers + after, last_mlp)
     mixers = [u for u in mixers if u not in twins]
     after = [u for u in after if u not in twins]
+    norms += inner_norms(mixers, calls)
     check_one_stream(x, y, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
         check_one_position(name, m, c)
@@ -180,10 +181,16 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
     post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
     r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
     b = post[1].y if post else sum((c.y for _, _, c in twins), mlp_call.y)  # the MLP branch
-    attn, parallel = mixer_branch(mixers, norms, x, y, r, b)
+    attn, parallel = mixer_branch(mixers, norms, calls, x, y, r, b)
     fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
     return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
                 parallel=parallel, mixer=mixer_kinds(mixers, after))  # fmt: skip
+
+
+def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, Call]]:
+    """Norms inside the mixers, by path relative to the block (DBRX's `norm_attn_norm.norm_2` feeds its MLP)."""
+    return [(f"{name}.{rel}", c) for name, m, _ in mixers for rel, sub in m.named_modules()
+            if rel and is_norm(sub) for c in calls.get(sub, [])]  # fmt: skip
 
 
 def side_by_side(others: list[tuple], mlp: tuple) -> tuple[tuple, list[tuple]]:
@@ -234,10 +241,15 @@ def is_mlp(m: nn.Module) -> bool:
 
 
 def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The module's own fused expert weights: 3-D, a matrix per expert, not a convolution's kernel."""
-    if isinstance(m, nn.modules.conv._ConvNd):
+    """The module's own fused expert weights: 3-D, a matrix per expert, not a convolution's kernel; or 2-D with the
+    experts stacked along the rows (DBRX's w1, v1, w2 of shape (E·I, hidden)) and named as expert weights."""
+    if isinstance(m, (nn.modules.conv._ConvNd, nn.Embedding, *LINEARS)):
         return []
-    return [(attr, p) for attr, p in m.named_parameters(recurse=False) if p.ndim == 3 and min(p.shape[1:]) > 1]
+    named = moe.FIRST_EXPERT_NAMES + moe.OUTPUT_EXPERT_NAMES
+    stacked = lambda attr, p: p.ndim == 2 and attr in named and not is_norm(m)  # noqa: E731
+    return [
+        (a, p) for a, p in m.named_parameters(recurse=False) if (p.ndim == 3 and min(p.shape[1:]) > 1) or stacked(a, p)
+    ]
 
 
 def has_experts(m: nn.Module) -> bool:
@@ -281,10 +293,15 @@ def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
         )
 
 
-def mixer_branch(mixers: list[tuple], norms: list, x, y, r, b) -> tuple[str, bool | None]:
-    """(the module whose output is the mixer branch, parallel?): the last mixer (or the norm on its output) for
-    which the block output is x + branch + MLP branch; when none is, the last mixer and parallel unknown (None)."""
-    for name, _, call in reversed(mixers):
+def mixer_branch(mixers: list[tuple], norms: list, calls: dict, x, y, r, b) -> tuple[str, bool | None]:
+    """(the module whose output is the mixer branch, parallel?): the last mixer (or the norm on its output, or a
+    module inside it: DBRX's `norm_attn_norm.attn`) for which the block output is x + branch + MLP branch; when
+    none is, the last mixer and parallel unknown (None)."""
+    inside = [(f"{name}.{rel}", calls.get(sub, [])) for name, m, _ in mixers for rel, sub in m.named_modules() if rel]
+    inner = [(path, c[0]) for path, c in inside if len(c) == 1]  # a branch is one call's output
+    for name, call in [*reversed([(n, c) for n, _, c in mixers]), *sorted(inner, key=lambda t: -t[1].order)]:
+        if call.y is None:
+            continue
         attn, a = name, call.y
         if post_mixer := norm_with(norms, "x", a, call.order):
             attn, a = post_mixer[0], post_mixer[1].y
@@ -421,12 +438,12 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
             linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
         elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
             routers.append(f"{rel}.weight")
-    n_experts = e_mod.get_parameter(params[0].removeprefix(e_rel + ".")).shape[0]
-    router_linears = [rel for rel in linears if mlp.get_submodule(rel).weight.shape[0] == n_experts]
+    stacked = e_mod.get_parameter(params[0].removeprefix(e_rel + "."))
+    router_linears = [rel for rel in linears if is_router(mlp.get_submodule(rel).weight.shape[0], stacked)]
     if not routers and not router_linears:
         raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router (E, {hidden}) reading its input")
     parts = MoeParts(
-        experts=f"{name}.{e_rel}",
+        experts=f"{name}.{e_rel.split('.')[0]}",  # the MLP's child holding them, called with the routing
         params=tuple(f"{name}.{p}" for p in routers + params),
         transposed=tuple(f"{name}.{p}" for p in transposed),
         routers=tuple(f"{name}.{p}" for p in routers),
@@ -434,6 +451,12 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
     )
     check_moe_exact(name, mlp, call, linears, parts, hidden)
     return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
+
+
+def is_router(out: int, stacked: torch.Tensor) -> bool:
+    """Whether a linear layer of `out` outputs reading the MLP input scores the experts of `stacked`: E outputs
+    for 3-D (E, ., .) weights, a divisor of the rows for 2-D weights stacking E experts (E·I, hidden)."""
+    return out == stacked.shape[0] if stacked.ndim == 3 else out < stacked.shape[0] and stacked.shape[0] % out == 0
 
 
 def expert_weights(name: str, experts: list[tuple[str, nn.Module]], hidden: int) -> tuple[list[str], list[str], str]:
@@ -463,13 +486,14 @@ def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -
     None for the output projection. Unnamed weights read it if their in-size is hidden and their out-size is not."""
     if attr in moe.OUTPUT_EXPERT_NAMES:
         return None
+    rows, cols = p.shape[-2:]
     if attr in moe.FIRST_EXPERT_NAMES:
-        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
-        if (p.shape[1] if t else p.shape[2]) != hidden:
+        t = stored if isinstance(stored, bool) else cols != hidden and rows == hidden
+        if (rows if t else cols) != hidden:
             raise Refusal(f"has experts whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
         return t
     t = stored is True
-    return t if (p.shape[1] if t else p.shape[2]) == hidden and (p.shape[2] if t else p.shape[1]) != hidden else None
+    return t if (rows if t else cols) == hidden and (cols if t else rows) != hidden else None
 
 
 def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:

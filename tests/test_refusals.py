@@ -34,7 +34,15 @@ NEW = {
     "axk2": (("mlp",), {1: "mlp.gate"}, "a gated norm before attention; a float32 router"),
     "granitemoeshared": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts"),
     "granitemoehybrid": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts, Mamba mixers"),
+    "dbrx": (("ffn",), {0: "ffn.router", 1: "ffn.router"}, "fused norm-attention-norm; experts stacked in 2-D"),
 }
+LAYERS = {"dbrx": "transformer.blocks"}  # the others keep their blocks in model.layers
+
+
+def layer(name: str, i: int) -> str:
+    return f"{LAYERS.get(name, 'model.layers')}.{i}"
+
+
 NAMES = list(NEW)
 
 
@@ -61,7 +69,7 @@ def float32_floor(model, name: str) -> float | None:
     _, routers, _ = NEW[name]
     dtypes = set()
     for i, rel in routers.items():
-        router = model.get_submodule(f"model.layers.{i}.{rel}")
+        router = model.get_submodule(f"{layer(name, i)}.{rel}")
         dtypes |= {p.dtype for p in router.parameters()}
         dtypes |= {t.dtype for t in router_outputs(model, name, {i: rel})[i] if t.is_floating_point()}
     return torch.finfo(torch.float32).eps if torch.float32 in dtypes else None
@@ -81,7 +89,7 @@ def router_outputs(model, name: str, routers: dict, ids=(5, 6, 7)) -> dict[int, 
 
     with (
         torch.no_grad(),
-        hooked([(model.get_submodule(f"model.layers.{i}.{r}"), record(i)) for i, r in routers.items()]),
+        hooked([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
     ):
         last_logits(model, list(ids))
     return seen
@@ -112,7 +120,7 @@ def test_the_mlp_and_its_routing_under_the_patch_are_the_with_context_ones(name)
     model, result = model_of(name), analysis_of(name)
     mlps, routers, _ = NEW[name]
     prompt = result.prompt
-    paths = [f"model.layers.{i}.{mlp}" for i in range(2) for mlp in mlps]
+    paths = [f"{layer(name, i)}.{mlp}" for i in range(2) for mlp in mlps]
     ctx, ctx_routes = last_outputs(model, paths, prompt.full), router_outputs(model, name, routers, prompt.full)
     with applied(model, result.patch):
         seen = last_outputs(model, paths, prompt.query_only)
