@@ -51,6 +51,7 @@ class Call:
     x: torch.Tensor | None
     y: torch.Tensor | None
     dtypes: tuple[torch.dtype, ...] = ()  # of every floating-point tensor it returned (a router's logits and weights)
+    inputs: int = 1  # how many tensors it was called with (positional or keyword)
 
 
 def read_structure(model: nn.Module) -> list[Block]:
@@ -138,7 +139,8 @@ def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]
         x = args[0] if args else kwargs.get("hidden_states")
         outputs = output if isinstance(output, (tuple, list)) else (output,)
         dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
-        calls[module].append(Call(next(order), copied(x), copied(output), dtypes))
+        n = sum(isinstance(t, torch.Tensor) for t in (*args, *kwargs.values()))
+        calls[module].append(Call(next(order), copied(x), copied(output), dtypes, n))
 
     handles = []
     try:
@@ -175,6 +177,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
     after = [u for u in after if u not in twins]
     norms += inner_norms(mixers, calls)
     check_one_stream(x, y, mlp_call)
+    check_one_input(mlp_name, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
         check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
@@ -365,6 +368,16 @@ def check_sums(x, y, a, r, b) -> bool | None:
     return False if relative_error(r, x + a, scale) <= tol else None
 
 
+def check_one_input(name: str, call: Call) -> None:
+    """The theorem's MLP is a function of its input z alone; one called with more tensors (ZAYA's router reads the
+    previous layer's router state too) is a function of two inputs, and ΔW on z does not cover the second."""
+    if call.inputs > 1:
+        raise Refusal(
+            f"has an MLP '{name}' called with {call.inputs} tensors, not its input z alone: its output is a "
+            "function of a second input too, against which no update of z's readers can be checked"
+        )
+
+
 def check_one_position(name: str, mlp: nn.Module, call: Call) -> None:
     """The theorem's premise: the MLP's output at a position reads only that position's input. Changing the first
     position's input must leave the last position's output unchanged (a token shift or convolution would not)."""
@@ -440,8 +453,6 @@ def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) ->
             routers.append(f"{rel}.weight")
     stacked = e_mod.get_parameter(params[0].removeprefix(e_rel + "."))
     router_linears = [rel for rel in linears if is_router(mlp.get_submodule(rel).weight.shape[0], stacked)]
-    if not routers and not router_linears:
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router (E, {hidden}) reading its input")
     parts = MoeParts(
         experts=f"{name}.{e_rel.split('.')[0]}",  # the MLP's child holding them, called with the routing
         params=tuple(f"{name}.{p}" for p in routers + params),
