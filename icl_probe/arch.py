@@ -127,8 +127,9 @@ def bloom_variant(config) -> dict:
 def gemma4_variant(config) -> dict:
     if config.enable_moe_block:
         raise ModelError(
-            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model, "
-            "not supported yet"
+            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model whose "
+            "dense MLP, router and experts read three differently normalised copies of the residual stream: each "
+            "needs its own rank-1 update (v = its own z0), one input map per reader, which is not built yet"
         )
     return {}
 
