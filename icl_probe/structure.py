@@ -1,57 +1,46 @@
 """The structural rule: a model type that is not in the architecture table, read from its structure.
 
-One probe forward pass, with hooks on every block, its children and the modules inside them, finds in
-each block the mixer, the MLP and the norms around it, and checks what the theorem needs: the block adds
-the mixer's and the MLP's branches to its residual stream, and the MLP input reaches its output only
-through the first linears (a dense MLP) or through its routers, fused experts and shared experts (a
-mixture of experts, checked by applying the updates). What does not fit is refused in one line naming
-the block and what was found. docs/architectures.md describes the rule.
+One probe forward pass, with hooks on every module of every block, finds in each block the MLP (the last child
+that can be one, with any MLP beside it on the same input), the contextual layer(s) before it and the norms
+around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
+MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py), and the block carries
+one residual stream. The rest of the block is left to Δb, its remainder. What does not fit is refused in one
+line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py records the run.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import moe
 from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
+from .experts_rule import has_experts, read_moe
 from .hooks import hooked
-from .moe import MoeParts
+from .probing import (
+    LINEARS,
+    MOE_CHECK_TOLERANCE,
+    Call,
+    Refusal,
+    copied,
+    is_norm,
+    linears_in,
+    recording,
+    relative_error,
+    same,
+    tolerance,
+)
 
-LINEARS = (nn.Linear, Conv1D)
 # class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
 EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
 MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
                ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
-# A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
-# matches the MLP at z only to float32 rounding; a reader left out would miss by far more.
-MOE_CHECK_TOLERANCE = 1e-5
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
-
-
-class Refusal(Exception):
-    """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
-
-
-@dataclass
-class Call:
-    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
-
-    order: int
-    x: torch.Tensor | None
-    y: torch.Tensor | None
-    dtypes: tuple[torch.dtype, ...] = ()  # of every floating-point tensor it returned (a router's logits and weights)
-    inputs: int = 1  # how many tensors it was called with (positional or keyword)
 
 
 def read_structure(model: nn.Module) -> list[Block]:
@@ -123,40 +112,6 @@ def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Cal
     with torch.no_grad(), recording(watched) as calls:
         model(input_ids=ids.to(device), use_cache=False)
     return calls
-
-
-def linears_in(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, LINEARS)]
-
-
-@contextmanager
-def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
-    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
-    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
-    order = itertools.count()
-
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("hidden_states")
-        outputs = output if isinstance(output, (tuple, list)) else (output,)
-        dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
-        n = sum(isinstance(t, torch.Tensor) for t in (*args, *kwargs.values()))
-        calls[module].append(Call(next(order), copied(x), copied(output), dtypes, n))
-
-    handles = []
-    try:
-        for m in calls:
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def copied(value: object) -> torch.Tensor | None:
-    """The hidden-state tensor of a module input or output, copied (some blocks add to theirs in place)."""
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    return value.detach().clone() if isinstance(value, torch.Tensor) else None
 
 
 def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
@@ -234,29 +189,9 @@ def read_mlps(main: tuple, twins: list[tuple], calls: dict) -> dict:
     return dict(first=first, down=down, conv1d=conv1d, moe=moe, mlp_parts=parts, low_precision=low)
 
 
-def is_norm(m: nn.Module) -> bool:
-    return "norm" in type(m).__name__.lower() and not linears_in(m)
-
-
 def is_mlp(m: nn.Module) -> bool:
     """A module that can be an MLP: two or more linear layers, or fused 3-D expert weights (not a bare linear)."""
     return len(linears_in(m)) >= 2 or has_experts(m)
-
-
-def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The module's own fused expert weights: 3-D, a matrix per expert, not a convolution's kernel; or 2-D with the
-    experts stacked along the rows (DBRX's w1, v1, w2 of shape (E·I, hidden)) and named as expert weights."""
-    if isinstance(m, (nn.modules.conv._ConvNd, nn.Embedding, *LINEARS)):
-        return []
-    named = moe.FIRST_EXPERT_NAMES + moe.OUTPUT_EXPERT_NAMES
-    stacked = lambda attr, p: p.ndim == 2 and attr in named and not is_norm(m)  # noqa: E731
-    return [
-        (a, p) for a, p in m.named_parameters(recurse=False) if (p.ndim == 3 and min(p.shape[1:]) > 1) or stacked(a, p)
-    ]
-
-
-def has_experts(m: nn.Module) -> bool:
-    return any(expert_tensors(sub) for sub in m.modules())
 
 
 def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], tuple, list[tuple]]:
@@ -327,30 +262,6 @@ def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: 
     if len({name for name, _ in hits}) > 1:
         raise Refusal(f"has several norms that could sit at the same place ({', '.join(n for n, _ in hits)})")
     return hits[0] if hits else None
-
-
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Equal tensors; of two dtypes, equal in the less precise (a router kept in float32 reads a cast input)."""
-    if a is None or b is None or a.numel() != b.numel():
-        return False
-    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
-        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
-        a, b = a.to(low), b.to(low)
-    return torch.equal(a.reshape(b.shape), b)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
-    """‖a − b‖ relative to `scale` (default the larger norm), in float64; inf when the sizes differ."""
-    if a.numel() != b.numel():
-        return float("inf")
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    scale = max(float(a.norm()), float(b.norm())) if scale is None else scale
-    return float((a - b).norm() / max(scale, 1e-30))
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """How far a sum recomputed in float64 may sit from the model's own (its rounding, summed in another order)."""
-    return min(0.05, 256 * torch.finfo(dtype).eps)
 
 
 def check_sums(x, y, a, r, b) -> bool | None:
@@ -425,114 +336,6 @@ def check_dense(name: str, mlp: nn.Module) -> None:
             f"has a mixture-of-experts MLP '{name}' ({', '.join(parts)}) whose experts are not fused 3-D weights, "
             "which the structural rule cannot update"
         )
-
-
-def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
-    """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
-
-    The experts' input weights are the 3-D weights that read the hidden size (named as input projections,
-    gate_up_proj, up_proj, ..., or by shape), in one module or several (JetMoE's input_linear and output_linear);
-    the experts may get the MLP input gathered by expert or scaled by its routing score (Llama 4), which the
-    update commutes with. The routers are the other modules reading the MLP input through a 2-D `weight`
-    (E, hidden); nn.Linear layers reading it (shared experts, their gates) are first linears as in a dense MLP.
-    Whether these are all the readers is checked by applying their updates (`check_moe_exact`).
-    """
-    experts = [(rel, m) for rel, m in mlp.named_modules() if expert_tensors(m)]
-    params, transposed, down = expert_weights(name, experts, hidden)
-    e_rel = params[0].rpartition(".")[0]
-    e_mod = mlp.get_submodule(e_rel)
-    inside = {m for _, m in experts} | {m for _, e in experts for m in e.modules()}
-    linears, routers = [], []
-    for rel, m in mlp.named_modules():
-        if m is mlp or m in inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
-            continue
-        weight = m._parameters.get("weight")
-        if isinstance(m, LINEARS) and type(m).forward in (nn.Linear.forward, Conv1D.forward):
-            linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
-        elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
-            routers.append(f"{rel}.weight")
-    stacked = e_mod.get_parameter(params[0].removeprefix(e_rel + "."))
-    router_linears = [rel for rel in linears if is_router(mlp.get_submodule(rel).weight.shape[0], stacked)]
-    parts = MoeParts(
-        experts=f"{name}.{e_rel.split('.')[0]}",  # the MLP's child holding them, called with the routing
-        params=tuple(f"{name}.{p}" for p in routers + params),
-        transposed=tuple(f"{name}.{p}" for p in transposed),
-        routers=tuple(f"{name}.{p}" for p in routers),
-        router_linears=tuple(f"{name}.{p}" for p in router_linears),
-    )
-    check_moe_exact(name, mlp, call, linears, parts, hidden)
-    return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
-
-
-def is_router(out: int, stacked: torch.Tensor) -> bool:
-    """Whether a linear layer of `out` outputs reading the MLP input scores the experts of `stacked`: E outputs
-    for 3-D (E, ., .) weights, a divisor of the rows for 2-D weights stacking E experts (E·I, hidden)."""
-    return out == stacked.shape[0] if stacked.ndim == 3 else out < stacked.shape[0] and stacked.shape[0] % out == 0
-
-
-def expert_weights(name: str, experts: list[tuple[str, nn.Module]], hidden: int) -> tuple[list[str], list[str], str]:
-    """(first expert weights, those stored (E, in, out), the (first) output weight) over the modules holding 3-D
-    weights (routed and shared experts)."""
-    params, transposed, others = [], [], []
-    for e_rel, module in experts:
-        stored = getattr(module, "is_transposed", None)
-        for attr, p in expert_tensors(module):
-            t = reads_hidden(attr, p, stored, hidden)
-            if t is None:
-                others.append(f"{e_rel}.{attr}")
-                continue
-            params.append(f"{e_rel}.{attr}")
-            if t:
-                transposed.append(f"{e_rel}.{attr}")
-    if not params or not others:
-        raise Refusal(
-            f"has experts in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
-            f"[{', '.join(others)}], not input projections and an output projection"
-        )
-    return params, transposed, others[0]
-
-
-def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -> bool | None:
-    """For an expert weight that reads the hidden size (an input projection), whether it is stored (E, in, out);
-    None for the output projection. Unnamed weights read it if their in-size is hidden and their out-size is not."""
-    if attr in moe.OUTPUT_EXPERT_NAMES:
-        return None
-    rows, cols = p.shape[-2:]
-    if attr in moe.FIRST_EXPERT_NAMES:
-        t = stored if isinstance(stored, bool) else cols != hidden and rows == hidden
-        if (rows if t else cols) != hidden:
-            raise Refusal(f"has experts whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
-        return t
-    t = stored is True
-    return t if (rows if t else cols) == hidden and (cols if t else rows) != hidden else None
-
-
-def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
-    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
-    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
-    rows = call.x.reshape(-1, hidden)
-    a, v = moe.map_factors(rows[0], rows[-1])
-    prefix = name + "."
-    updates = {p.removeprefix(prefix): moe.param_update(mlp.get_parameter(p.removeprefix(prefix)),
-                                                        p in parts.transposed, a, v) for p in parts.params}  # fmt: skip
-
-    def add(module, args, output):
-        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
-        u = (weight.detach().to(moe.MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
-        return output + (args[0].to(moe.MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
-
-    transposed = {p.removeprefix(prefix) for p in parts.transposed}
-    try:
-        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
-            with moe.swapped(mlp, updates, transposed):
-                out = copied(mlp(call.x))
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
-    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
-    if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
-        readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
-                      f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
 
 
 def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
