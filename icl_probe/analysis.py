@@ -33,6 +33,7 @@ from .capture import (
     select_blocks,
 )
 from .errors import InputError, MathError, ModelError, UsageError
+from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
 from .hooks import current_weight, hidden, hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
@@ -108,6 +109,7 @@ class Analysis:
     positions: dict | None = None  # --positions all: the per-position scores and generation
     precision: str = "stable"  # stable: float64 update math, rounded once; naive: in the model's dtype
     generation: Generation | None = None  # --generate N: teacher-forced greedy steps, the update recomputed
+    precision_limit: dict | None = None  # MLP parts computing below the model's dtype, and the floor they set
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
@@ -135,6 +137,7 @@ class Analysis:
             "positions": self.positions,
             "moe": moe_summary([asdict(r) for r in self.layers]),
             "precision": self.precision,
+            "precision_limit": self.precision_limit,
             "generation": self.generation.to_dict() if self.generation is not None else None,
         }
 
@@ -218,6 +221,7 @@ def analyze(
         context_logits=logits_ctx,
         precision=precision,
         generation=generation,
+        precision_limit=precision_limit(chosen, model.dtype),
     )
 
 

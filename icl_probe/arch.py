@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .hooks import current_weight
+from .hooks import current_weight, hidden
 from .moe import MoeParts
 
 LINEAR_FOLD_NOTE = "its MLP branch enters the residual linearly, so Δb folds into the output projection"
@@ -49,6 +49,8 @@ class Family:
     mixer: str = "attention"  # the kind of contextual layer: attention, convolution, mamba, linear attention, ...
     moe: MoeParts | None = None  # a mixture-of-experts MLP: its router and expert weights (first linears: shared ones)
     mixer_parts: tuple[tuple[str, str], ...] = ()  # (module, config multiplier): a mixer branch no module outputs
+    mlp_parts: tuple[str, ...] = ()  # other MLPs reading the MLP input, added to its output (a shared MLP beside MoE)
+    low_precision: tuple[tuple[str, str], ...] = ()  # (part, dtype): MLP parts computing below the model's dtype
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -125,8 +127,9 @@ def bloom_variant(config) -> dict:
 def gemma4_variant(config) -> dict:
     if config.enable_moe_block:
         raise ModelError(
-            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model, "
-            "not supported yet"
+            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model whose "
+            "dense MLP, router and experts read three differently normalised copies of the residual stream: each "
+            "needs its own rank-1 update (v = its own z0), one input map per reader, which is not built yet"
         )
     return {}
 
@@ -395,6 +398,16 @@ class Block:
         return self.part(self.family.mlp_branch)
 
     @property
+    def mlp_branches(self) -> list[nn.Module]:
+        """The modules whose outputs sum to the MLP branch: the MLP branch, and any MLP beside it (`mlp_parts`)."""
+        return [self.mlp_branch, *(self.part(rel) for rel in self.family.mlp_parts)]
+
+    @property
+    def mlp_modules(self) -> list[str]:
+        """Paths (relative to the block) of the MLP modules that read z: the MLP and any beside it."""
+        return [self.family.mlp, *self.family.mlp_parts]
+
+    @property
     def fold_target(self) -> str | None:
         """The module --residual fold changes: the output projection, or the post-MLP norm."""
         return {"linear": self.family.down, "norm-scale": self.family.post_mlp_norm}.get(self.family.fold)
@@ -403,7 +416,10 @@ class Block:
         """The MLP branch for input z, as `mlp_branch` outputs it (callers suspend their own hooks)."""
         f = self.family
         y = f.run_mlp(self.module, z) if f.run_mlp else self.part(f.mlp)(z)
-        return self.part(f.post_mlp_norm)(y) if f.post_mlp_norm else y
+        y = self.part(f.post_mlp_norm)(y) if f.post_mlp_norm else y
+        for rel in f.mlp_parts:  # an MLP beside it, on the same input (the rule allows these without post norm)
+            y = hidden(y) + hidden(self.part(rel)(z))
+        return y
 
 
 def supported_types() -> list[str]:

@@ -112,7 +112,7 @@ def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
     for b in chosen:
         hooks.append((b.z_reader, record(b, "z_ctx", True)))
         hooks += [(m, summed(seen[b.index], "attn", scale, pick)) for m, scale in b.mixer_branches]
-        hooks.append((b.mlp_branch, record(b, "branch", False)))
+        hooks += [(m, summed(seen[b.index], "branch", 1.0, pick)) for m in b.mlp_branches]
         hooks.append((b.module, record(b, "out", False)))
     return hooks
 

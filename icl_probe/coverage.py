@@ -6,8 +6,9 @@ For each model type in transformers' causal-LM mapping, the type's default confi
 size 32, small heads, MLPs, experts and state sizes), a float64 model is built from it with its weights redrawn
 so that the context matters, and `analyze` runs on a short prompt. Each type ends as one of:
 
-- exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded, and in
-  mixture-of-experts layers the patched query alone picks the with-context experts at the last token;
+- exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded (the last
+  below 1e-9, or below the precision floor of a part computing in float32), and in mixture-of-experts layers
+  the patched query alone picks the with-context experts at the last token;
 - inexact: analyze ran but missed KL < 1e-10, an error < 1e-9 or the routing check;
 - refused: icl-probe's one-line reason;
 - failed: an error that is not icl-probe's own refusal (often transformers' code on a tiny float64 model);
@@ -43,6 +44,7 @@ CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 VOCAB = {tok: i for i, tok in enumerate(["<unk>", "<bos>", "<eos>", *string.printable])}
 BUILD_SECONDS, ANALYZE_SECONDS = 20, 60
 MAX_KL, MAX_ERROR = 1e-10, 1e-9
+ROUTING = {True: "exact", False: "missed", None: "not read"}  # None: the experts get no routing tensors
 
 # Config keys set wherever a config has them (also when None, which would mean a default derived from a large one).
 SMALL: dict[str, int] = {
@@ -77,6 +79,7 @@ OVERRIDES: dict[str, dict] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # its defaults do not run
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
+    "granitemoeshared": {"shared_intermediate_size": 16},  # its default has no shared MLP beside the experts
 }
 
 
@@ -94,6 +97,8 @@ class Row:
     mlp_branch_error: float | None = None
     moe_layers: int = 0  # mixture-of-experts layers
     routing_exact: bool | None = None  # MoE: the patched run picks the with-context experts in every MoE layer
+    precision_floor: float | None = None  # the mlp_branch_error floor of a part computing below float64
+    precision_note: str | None = None  # which part, in which dtype
     reason: str | None = None
     seconds: float = 0.0
 
@@ -245,7 +250,10 @@ def analyzed(model_type: str, model: nn.Module) -> Row:
     row.mlp_branch_error = max(layer["mlp_branch_error"] for layer in doc["layers"])
     if doc.get("moe"):
         row.moe_layers, row.routing_exact = doc["moe"]["moe_layers"], doc["moe"]["patched_matches_context"]
-    exact = row.kl < MAX_KL and row.block_error < MAX_ERROR and row.mlp_branch_error < MAX_ERROR
+    if limit := doc.get("precision_limit"):
+        row.precision_floor, row.precision_note = limit["mlp_branch_error_floor"], limit["note"].split(":")[0]
+    theorem = max(MAX_ERROR, row.precision_floor or 0.0)  # a float32 router cannot match below float32 rounding
+    exact = row.kl < MAX_KL and row.block_error < MAX_ERROR and row.mlp_branch_error < theorem
     exact = exact and row.routing_exact is not False
     row.status = "exact" if exact else "inexact"
     return row
@@ -270,14 +278,17 @@ def summary(rows: list[Row]) -> str:
 def markdown(rows: list[Row]) -> str:
     """The coverage table in markdown, decoder-only types first, then the out-of-scope ones in one line."""
     lines = [summary(rows), "", "| model type | outcome | family | mixers | KL no context | KL patched | "
-             "block error | MLP-branch error | MoE layers |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "block error | MLP-branch error | MoE layers | precision floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r.status in ("exact", "inexact"):
             figures = [f"{x:.2g}" for x in (r.kl_no_context, r.kl, r.block_error, r.mlp_branch_error)]
-            moe = f"{r.moe_layers}, routing {'exact' if r.routing_exact else 'missed'}" if r.moe_layers else ""
-            lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {' | '.join(figures)} | {moe} |")
+            moe = f"{r.moe_layers}, routing {ROUTING[r.routing_exact]}" if r.moe_layers else ""
+            floor = f"{r.precision_note}: {r.precision_floor:.2g}" if r.precision_floor else ""
+            cells = f"{' | '.join(figures)} | {moe} | {floor}"
+            lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {cells} |")
         elif r.status != "out of scope":
-            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | |")
+            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | | |")
     out = [r.model_type for r in rows if r.status == "out of scope"]
     lines += ["", f"Out of scope (encoder-decoder or encoder-only): {', '.join(out) or 'none'}."]
     return "\n".join(lines)

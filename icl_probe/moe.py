@@ -9,7 +9,7 @@ Because every reader shares v, the whole set of updates acts on the block as one
 x → x + a (vᵀ x): W (x + a vᵀx) = (W + u vᵀ) x for every reader W. The sequential run applies the updates
 that way (`mapped`), whatever the experts implementation and whatever dtype the router computes in, so the
 router sees its with-context input at the last token and picks the with-context experts. A stored patch is
-applied as weights (`swapped`): W + ΔW swapped in while the owning module runs, one layer at a time.
+applied as weights (`swapped`): W + ΔW swapped in while the MLP holding it runs, one layer at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from torch import nn
 
 from .lowrank import MATH_DTYPE, matvec, update_dtype
 
-FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "w3", "input_linear", "fc1", "wi", "w13")
+FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "v1", "w3", "input_linear", "fc1", "wi", "w13")
+OUTPUT_EXPERT_NAMES = ("down_proj", "w2", "output_linear", "fc2", "wo")
 
 
 @dataclass(frozen=True)
@@ -103,43 +104,53 @@ def mapped(x: torch.Tensor, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (xw + coef[..., None] * a.to(x.device, work)).to(x.dtype)
 
 
-# ---- applying weights: W + ΔW swapped in while the owning module runs ------------------------------------------
+# ---- applying weights: W + ΔW swapped in while the MLP holding it runs -------------------------------------
+
+
+def swap_scope(path: str) -> str:
+    """The module during whose call a parameter's W + ΔW is installed: the MLP holding it, i.e. the child of the
+    block (the path's last numeric part) that leads to it, or, for a path relative to an MLP, its first part. An
+    experts module may read its weights before calling the submodule owning them (DBRX's `experts.mlp.w1`)."""
+    parts = path.split(".")
+    at = max((i for i, p in enumerate(parts[:-1]) if p.isdigit()), default=-1)
+    return ".".join(parts[: at + 2])
 
 
 @contextmanager
 def swapped(model: nn.Module, updates: dict[str, ParamLowRank], transposed: set[str]) -> Iterator[None]:
-    """Run the model with each parameter `path` replaced by W + ΔW while its module runs; restored exactly after.
+    """Run the model with each parameter `path` replaced by W + ΔW while its MLP runs; restored exactly after.
 
-    The dense W + ΔW exists only during that module's call (one layer's experts at a time). The original
+    The dense W + ΔW exists only during that MLP's call (one layer's experts at a time). The original
     Parameter objects are put back, so the model is bit for bit unchanged afterwards, also after an error.
     """
-    owners: dict[nn.Module, list[tuple[str, ParamLowRank, bool]]] = {}
+    scopes: dict[nn.Module, list[tuple[nn.Module, str, ParamLowRank, bool]]] = {}
     for path, delta in updates.items():
         owner, _, attr = path.rpartition(".")
-        owners.setdefault(model.get_submodule(owner), []).append((attr, delta, path in transposed))
+        scope = scopes.setdefault(model.get_submodule(swap_scope(path)), [])
+        scope.append((model.get_submodule(owner), attr, delta, path in transposed))
     saved: dict[tuple[nn.Module, str], nn.Parameter] = {}
 
     def install(module, args):
-        for attr, delta, t in owners[module]:
-            original = module._parameters[attr]
-            saved[(module, attr)] = original
-            module._parameters[attr] = nn.Parameter(delta.added_to(original.detach(), t), requires_grad=False)
+        for owner, attr, delta, t in scopes[module]:
+            original = owner._parameters[attr]
+            saved[(owner, attr)] = original
+            owner._parameters[attr] = nn.Parameter(delta.added_to(original.detach(), t), requires_grad=False)
 
     def restore(module, args=None, output=None):
-        for attr, _, _ in owners[module]:
-            if (module, attr) in saved:
-                module._parameters[attr] = saved.pop((module, attr))
+        for owner, attr, _, _ in scopes[module]:
+            if (owner, attr) in saved:
+                owner._parameters[attr] = saved.pop((owner, attr))
 
     handles = []
     try:
-        for module in owners:
+        for module in scopes:
             handles.append(module.register_forward_pre_hook(install))
             handles.append(module.register_forward_hook(restore))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for module in owners:
+        for module in scopes:
             restore(module)
 
 

@@ -296,6 +296,8 @@ def legend(doc: dict, wide: bool) -> list[str]:
         phrases[:0] = ["‖z0‖: MLP input, query alone", "‖zC−z0‖, cos: what the context changes in it"]
         phrases += ["‖ΔA‖: mixer (attention) output change", "‖Δmlp‖: how far ΔW moves the MLP branch"]
     phrases.append("mlp err: ‖MLP(z0; W+ΔW) − MLP(zC; W)‖/‖·‖, the theorem's test")
+    if doc.get("precision_limit"):
+        phrases.append(doc["precision_limit"]["note"])
     phrases += mixer_phrases(doc["layers"])
     if not wide:
         return [*phrases, "bar: max ‖ΔW‖/‖W‖ of the layer", "see docs/theory.md"]

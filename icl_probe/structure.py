@@ -1,55 +1,46 @@
 """The structural rule: a model type that is not in the architecture table, read from its structure.
 
-One probe forward pass, with hooks on every block, its children and the modules inside them, finds in
-each block the mixer, the MLP and the norms around it, and checks what the theorem needs: the block adds
-the mixer's and the MLP's branches to its residual stream, and the MLP input reaches its output only
-through the first linears (a dense MLP) or through its routers, fused experts and shared experts (a
-mixture of experts, checked by applying the updates). What does not fit is refused in one line naming
-the block and what was found. docs/architectures.md describes the rule.
+One probe forward pass, with hooks on every module of every block, finds in each block the MLP (the last child
+that can be one, with any MLP beside it on the same input), the contextual layer(s) before it and the norms
+around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
+MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py), and the block carries
+one residual stream. The rest of the block is left to Δb, its remainder. What does not fit is refused in one
+line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py records the run.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import moe
 from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
+from .experts_rule import has_experts, read_moe
 from .hooks import hooked
-from .moe import MoeParts
+from .probing import (
+    LINEARS,
+    MOE_CHECK_TOLERANCE,
+    Call,
+    Refusal,
+    copied,
+    is_norm,
+    linears_in,
+    recording,
+    relative_error,
+    same,
+    tolerance,
+)
 
-LINEARS = (nn.Linear, Conv1D)
 # class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
 EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
 MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
                ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
-# A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
-# matches the MLP at z only to float32 rounding; a reader left out would miss by far more.
-MOE_CHECK_TOLERANCE = 1e-5
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
-
-
-class Refusal(Exception):
-    """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
-
-
-@dataclass
-class Call:
-    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
-
-    order: int
-    x: torch.Tensor | None
-    y: torch.Tensor | None
 
 
 def read_structure(model: nn.Module) -> list[Block]:
@@ -112,8 +103,8 @@ def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.M
 
 
 def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
-    """Run a short input once, recording every block, its children and the linear layers inside them."""
-    watched = [m for layer in layers for m in (layer, *layer.children(), *linears_in(layer), *owners_in(layer))]
+    """Run a short input once, recording every block and every module inside it."""
+    watched = [m for layer in layers for m in layer.modules()]  # a router may own no parameter itself (JetMoE)
     watched = list(dict.fromkeys(watched))
     embedding = model.get_input_embeddings().weight
     ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
@@ -123,90 +114,146 @@ def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Cal
     return calls
 
 
-def linears_in(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, LINEARS)]
-
-
-def owners_in(module: nn.Module) -> list[nn.Module]:
-    """The modules inside an MLP that own parameters directly (routers, fused experts), for the probe run."""
-    return [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-
-
-@contextmanager
-def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
-    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
-    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
-    order = itertools.count()
-
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("hidden_states")
-        calls[module].append(Call(next(order), copied(x), copied(output)))
-
-    handles = []
-    try:
-        for m in calls:
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def copied(value: object) -> torch.Tensor | None:
-    """The hidden-state tensor of a module input or output, copied (some blocks add to theirs in place)."""
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    return value.detach().clone() if isinstance(value, torch.Tensor) else None
-
-
 def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
-    """Family fields for one block: its mixer, MLP and norms, and whether the MLP reads the block input."""
+    """Family fields for one block: its mixer, MLP(s) and norms, and whether the MLP reads the block input.
+
+    Only the MLP is checked for the theorem (it must read its own position through the weights updated); what the
+    block does around it (scaled or learned residuals, parts after the MLP) is left to Δb, the block's remainder.
+    """
     if len(calls[layer]) != 1:
         raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
     x, y = calls[layer][0].x, calls[layer][0].y
     seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
     norms = [(name, c) for c, name, m in seen if is_norm(m)]
     units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
-    (mixer_name, mixer, mixer_call), (mlp_name, mlp, mlp_call) = split_units(units)
-    attn, a = mixer_name, mixer_call.y
-    if post_mixer := norm_with(norms, "x", a, mixer_call.order):
-        attn, a = post_mixer[0], post_mixer[1].y
+    mixers, last_mlp, after = split_units(units)
+    (mlp_name, mlp, mlp_call), twins = side_by_side(mixers + after, last_mlp)
+    mixers = [u for u in mixers if u not in twins]
+    after = [u for u in after if u not in twins]
+    norms += inner_norms(mixers, calls)
+    check_one_stream(x, y, mlp_call)
+    check_one_input(mlp_name, mlp_call)
+    for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
+        check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
-    post = norm_with(norms, "x", mlp_call.y, mlp_call.order)
+    post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
     r = pre[1].x if pre else mlp_call.x  # the residual stream the MLP reads
-    b = post[1].y if post else mlp_call.y  # the MLP branch
-    parallel = check_sums(x, y, a, r, b, attn, post[0] if post else mlp_name)
-    moe = None
-    if any(p.ndim == 3 for p in mlp.parameters()):
-        first, down, moe = read_moe(mlp_name, mlp, mlp_call, calls, y.shape[-1])
-        conv1d = False
+    b = post[1].y if post else sum((c.y for _, _, c in twins), mlp_call.y)  # the MLP branch
+    attn, parallel = mixer_branch(mixers, norms, calls, x, y, r, b)
+    fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
+    return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
+                parallel=parallel, mixer=mixer_kinds(mixers, after))  # fmt: skip
+
+
+def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, Call]]:
+    """Norms inside the mixers, by path relative to the block (DBRX's `norm_attn_norm.norm_2` feeds its MLP)."""
+    return [(f"{name}.{rel}", c) for name, m, _ in mixers for rel, sub in m.named_modules()
+            if rel and is_norm(sub) for c in calls.get(sub, [])]  # fmt: skip
+
+
+def side_by_side(others: list[tuple], mlp: tuple) -> tuple[tuple, list[tuple]]:
+    """(the MLP, the MLPs beside it): other non-mixer MLPs reading the same input, added to its branch (GraniteMoE
+    Hybrid's shared MLP beside its experts). With several, the mixture of experts is the MLP; two dense MLPs side
+    by side are refused (only an MoE block's updates act through its input map, which covers them both)."""
+    group = [mlp, *(u for u in others if is_mlp(u[1]) and not is_mixer(u[1]) and same(u[2].x, mlp[2].x))]
+    if len(group) == 1:
+        return mlp, []
+    moe_units = [u for u in group if has_experts(u[1])]
+    if len(moe_units) != 1:
+        names = ", ".join(name for name, _, _ in group)
+        raise Refusal(f"has MLPs {names} reading the same input and added together, none (or more than one) of "
+                      "them a mixture of experts; each needs the rank-1 update, which only an MoE block's input "
+                      "map gives them all")  # fmt: skip
+    return moe_units[0], [u for u in group if u is not moe_units[0]]
+
+
+def read_mlps(main: tuple, twins: list[tuple], calls: dict) -> dict:
+    """first, down, conv1d, moe, mlp_parts and low_precision of a block's MLP and the dense MLPs beside it."""
+    name, mlp, call = main
+    hidden = call.y.shape[-1]
+    moe, conv1d = None, False
+    if has_experts(mlp):
+        first, down, moe = read_moe(name, mlp, call, calls, hidden)
     else:
-        check_dense(mlp_name, mlp)
-        first, down, conv1d = read_mlp(mlp_name, mlp, mlp_call, calls, y.shape[-1])
-    return dict(first=first, down=down, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0],
-                attn=attn, parallel=parallel, conv1d=conv1d, mixer=mixer_kind(mixer), moe=moe)  # fmt: skip
+        check_dense(name, mlp)
+        first, down, conv1d = read_mlp(name, mlp, call, calls, hidden)
+    low = low_precision(name, mlp, call, calls)
+    for t_name, t_mlp, t_call in twins:
+        check_dense(t_name, t_mlp)
+        t_first, _, t_conv1d = read_mlp(t_name, t_mlp, t_call, calls, hidden)
+        if t_conv1d:
+            raise Refusal(f"has an MLP '{t_name}' of Conv1D layers beside its mixture of experts")
+        first += t_first
+        low += low_precision(t_name, t_mlp, t_call, calls)
+    parts = tuple(t_name for t_name, _, _ in twins)
+    return dict(first=first, down=down, conv1d=conv1d, moe=moe, mlp_parts=parts, low_precision=low)
 
 
-def is_norm(m: nn.Module) -> bool:
-    return "norm" in type(m).__name__.lower() and not linears_in(m)
+def is_mlp(m: nn.Module) -> bool:
+    """A module that can be an MLP: two or more linear layers, or fused 3-D expert weights (not a bare linear)."""
+    return len(linears_in(m)) >= 2 or has_experts(m)
 
 
-def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[tuple, tuple]:
-    """(mixer, MLP) among the block's parametrised children in call order: the MLP runs last, one mixer before it."""
+def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], tuple, list[tuple]]:
+    """(mixers, MLP, parts after it) among the block's parametrised children in call order.
+
+    The MLP is the last child that can be one; the children before it are the contextual layer (one or several:
+    a gated norm, an attention and a convolution, hyper-connection weights) and those after it act on its branch.
+    """
     names = [name for name, _, _ in units]
     if not units or len(set(names)) != len(names):
         raise Refusal(f"has layers {', '.join(names) or 'none'}, not one mixer and then one MLP")
-    if len(units) == 1:
-        raise Refusal(f"has only '{names[0]}' ({mixer_kind(units[0][1])}), no MLP after a contextual layer")
-    *mixers, mlp = units
-    if isinstance(mlp[1], LINEARS):
-        raise Refusal(f"ends with a bare linear layer '{mlp[0]}', not an MLP module (a table row can name its MLP)")
-    if len(mixers) != 1:
-        found = ", ".join(name for name, _, _ in mixers) or "none"
-        raise Refusal(f"has {len(mixers)} contextual layers before its MLP '{mlp[0]}' ({found}), not one")
-    if mixers[0][2].y is None or mlp[2].x is None or mlp[2].y is None:
-        raise Refusal(f"passes no hidden-state tensor through '{mixers[0][0]}' or '{mlp[0]}'")
-    return mixers[0], mlp
+    at = max((i for i, (_, m, _) in enumerate(units) if is_mlp(m)), default=None)
+    bare = [n for n, m, _ in units[(at or 0) + 1 :] if isinstance(m, LINEARS)]
+    if (at is None or at == 0) and len(bare) >= 2:
+        raise Refusal(f"keeps linear layers ({', '.join(bare)}) in the block itself, not in an MLP module whose input "
+                      "is z (a table row can name them)")  # fmt: skip
+    if at is None or at == 0:
+        only = ", ".join(f"'{n}' ({mixer_kind(m)})" for n, m, _ in units)
+        found = f"only {only}," if len(units) == 1 else f"{only} and"
+        raise Refusal(
+            f"has {found} no MLP after a contextual layer: no position-wise map whose weights could carry the "
+            "context (ΔW needs an MLP reading one position)"
+        )
+    mixers, mlp = units[:at], units[at]
+    if any(c.y is None for _, _, c in mixers) or mlp[2].x is None or mlp[2].y is None:
+        raise Refusal(f"passes no hidden-state tensor through '{mixers[-1][0]}' or '{mlp[0]}'")
+    return mixers, mlp, units[at + 1 :]
+
+
+def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
+    """Δb is one vector at the last token of the residual stream the MLP writes: a block carrying several streams
+    (hyper-connections, AltUp) would need one per stream, which the update does not build."""
+    if x.shape != mlp_call.x.shape or y.shape != x.shape:
+        raise Refusal(
+            f"carries several residual streams (block input {tuple(x.shape)}, MLP input {tuple(mlp_call.x.shape)}): "
+            "the MLP is exact, but Δb would have to be one vector per stream, which is not built"
+        )
+
+
+def mixer_branch(mixers: list[tuple], norms: list, calls: dict, x, y, r, b) -> tuple[str, bool | None]:
+    """(the module whose output is the mixer branch, parallel?): the last mixer (or the norm on its output, or a
+    module inside it: DBRX's `norm_attn_norm.attn`) for which the block output is x + branch + MLP branch; when
+    none is, the last mixer and parallel unknown (None)."""
+    inside = [(f"{name}.{rel}", calls.get(sub, [])) for name, m, _ in mixers for rel, sub in m.named_modules() if rel]
+    inner = [(path, c[0]) for path, c in inside if len(c) == 1]  # a branch is one call's output
+    for name, call in [*reversed([(n, c) for n, _, c in mixers]), *sorted(inner, key=lambda t: -t[1].order)]:
+        if call.y is None:
+            continue
+        attn, a = name, call.y
+        if post_mixer := norm_with(norms, "x", a, call.order):
+            attn, a = post_mixer[0], post_mixer[1].y
+        if a.shape == x.shape and (parallel := check_sums(x, y, a, r, b)) is not None:
+            return attn, parallel
+    return mixers[-1][0], None
+
+
+def mixer_kinds(mixers: list[tuple], after: list[tuple]) -> str:
+    """The kinds of contextual layer in the block, '+'-joined in call order ('attention', 'attention+convolution');
+    parts whose class names no kind (gates, scales, hyper-connections) are position-wise and not listed."""
+    kinds = [mixer_kind(m) for _, m, _ in mixers + after]
+    named = list(dict.fromkeys(k for k in kinds if not k.startswith("other")))
+    return "+".join(named) if named else kinds[-len(after) - 1] if after else kinds[-1]
 
 
 def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: int) -> tuple[str, Call] | None:
@@ -217,44 +264,49 @@ def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: 
     return hits[0] if hits else None
 
 
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Equal tensors; of two dtypes, equal in the less precise (a router kept in float32 reads a cast input)."""
-    if a is None or b is None or a.numel() != b.numel():
-        return False
-    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
-        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
-        a, b = a.to(low), b.to(low)
-    return torch.equal(a.reshape(b.shape), b)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
-    """‖a − b‖ relative to `scale` (default the larger norm), in float64; inf when the sizes differ."""
-    if a.numel() != b.numel():
-        return float("inf")
-    a, b = a.double().reshape(-1), b.double().reshape(-1)
-    scale = max(float(a.norm()), float(b.norm())) if scale is None else scale
-    return float((a - b).norm() / max(scale, 1e-30))
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """How far a sum recomputed in float64 may sit from the model's own (its rounding, summed in another order)."""
-    return min(0.05, 256 * torch.finfo(dtype).eps)
-
-
-def check_sums(x, y, a, r, b, attn: str, branch: str) -> bool:
-    """Check y = x + a + b, with the MLP reading r = x (parallel, returned True) or r = x + a (sequential).
+def check_sums(x, y, a, r, b) -> bool | None:
+    """Whether y = x + a + b with the MLP reading r = x (parallel: True) or r = x + a (sequential: False); None when
+    the block is not that sum (scaled or learned residuals, parts after the MLP: Δb, the remainder, covers them).
 
     Errors are relative to ‖x‖ + ‖a‖ + ‖b‖, the size of the model's own rounding of these sums.
     """
     x, a, b = x.double(), a.double(), b.double()
     tol, scale = tolerance(y.dtype), float(x.norm() + a.norm() + b.norm())
-    parallel = relative_error(r, x, scale) <= tol
-    if not parallel and relative_error(r, x + a, scale) > tol:
-        raise Refusal(f"feeds its MLP neither its input nor its input + the branch of '{attn}'")
-    error = relative_error(y, x + a + b, scale)
-    if error > tol:
-        raise Refusal(f"outputs something other than its input + '{attn}' + '{branch}' (relative error {error:.2g})")
-    return parallel
+    if relative_error(y, x + a + b, scale) > tol:
+        return None
+    if relative_error(r, x, scale) <= tol:
+        return True
+    return False if relative_error(r, x + a, scale) <= tol else None
+
+
+def check_one_input(name: str, call: Call) -> None:
+    """The theorem's MLP is a function of its input z alone; one called with more tensors (ZAYA's router reads the
+    previous layer's router state too) is a function of two inputs, and ΔW on z does not cover the second."""
+    if call.inputs > 1:
+        raise Refusal(
+            f"has an MLP '{name}' called with {call.inputs} tensors, not its input z alone: its output is a "
+            "function of a second input too, against which no update of z's readers can be checked"
+        )
+
+
+def check_one_position(name: str, mlp: nn.Module, call: Call) -> None:
+    """The theorem's premise: the MLP's output at a position reads only that position's input. Changing the first
+    position's input must leave the last position's output unchanged (a token shift or convolution would not)."""
+    x = call.x.clone()
+    x.reshape(-1, *x.shape[-2:])[:, 0] *= -2.0
+    try:
+        with torch.no_grad():
+            out = copied(mlp(x))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
+    if out is None or out.shape != call.y.shape:
+        return
+    rest_new, rest_old = out.reshape(-1, *out.shape[-2:])[:, 1:], call.y.reshape(-1, *out.shape[-2:])[:, 1:]
+    if relative_error(rest_new, rest_old) > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
+        raise Refusal(
+            f"has an MLP '{name}' whose output at one position reads other positions (changing the first token's "
+            "input changes later tokens' outputs), so no weight update at one position can reproduce it"
+        )
 
 
 def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
@@ -286,101 +338,6 @@ def check_dense(name: str, mlp: nn.Module) -> None:
         )
 
 
-def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
-    """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
-
-    The experts are the one module holding 3-D weights; its first weights are those named as input projections
-    (gate_up_proj, up_proj, ...). The routers are the other modules reading the MLP input through a 2-D `weight`
-    (E, hidden); nn.Linear layers reading it (shared experts, their gates) are first linears as in a dense MLP.
-    """
-    experts = [(rel, m) for rel, m in mlp.named_modules() if any(p.ndim == 3 for p in m.parameters(recurse=False))]
-    if len(experts) != 1:
-        found = ", ".join(rel for rel, _ in experts)
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' with {len(experts)} modules of 3-D weights ({found})")
-    e_rel, e_mod = experts[0]
-    if not calls.get(e_mod) or not all(same(c.x, call.x) for c in calls[e_mod]):
-        raise Refusal(
-            f"has a mixture-of-experts MLP '{name}' whose experts '{e_rel}' are not called with the MLP input "
-            "(they get it routed or scaled), so no weight update of theirs reads z"
-        )
-    params, transposed, down = expert_weights(name, e_rel, e_mod, hidden)
-    linears, routers = [], []
-    for rel, m in mlp.named_modules():
-        inside = m is mlp or m is e_mod or rel.startswith(e_rel + ".")
-        if inside or not calls.get(m) or not all(same(c.x, call.x) for c in calls[m]):
-            continue
-        weight = m._parameters.get("weight")
-        if isinstance(m, LINEARS) and type(m).forward in (nn.Linear.forward, Conv1D.forward):
-            linears.append(rel)  # returns W x (+ b): hooked like a dense first linear
-        elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
-            routers.append(f"{rel}.weight")
-    n_experts = e_mod.get_parameter(params[0].removeprefix(e_rel + ".")).shape[0]
-    router_linears = [rel for rel in linears if mlp.get_submodule(rel).weight.shape[0] == n_experts]
-    if not routers and not router_linears:
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' with no router (E, {hidden}) reading its input")
-    parts = MoeParts(
-        experts=f"{name}.{e_rel}",
-        params=tuple(f"{name}.{p}" for p in routers + params),
-        transposed=tuple(f"{name}.{p}" for p in transposed),
-        routers=tuple(f"{name}.{p}" for p in routers),
-        router_linears=tuple(f"{name}.{p}" for p in router_linears),
-    )
-    check_moe_exact(name, mlp, call, linears, parts, hidden)
-    return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
-
-
-def expert_weights(name: str, e_rel: str, experts: nn.Module, hidden: int) -> tuple[list[str], list[str], str]:
-    """(first expert weights, those stored (E, in, out), the output weight) of a fused experts module."""
-    stored = getattr(experts, "is_transposed", None)
-    params, transposed, others = [], [], []
-    for attr, p in experts.named_parameters(recurse=False):
-        if p.ndim != 3:
-            continue
-        if attr not in moe.FIRST_EXPERT_NAMES:
-            others.append(f"{e_rel}.{attr}")
-            continue
-        t = stored if isinstance(stored, bool) else p.shape[2] != hidden and p.shape[1] == hidden
-        if (p.shape[1] if t else p.shape[2]) != hidden:
-            raise Refusal(f"has experts '{e_rel}' whose {attr} {tuple(p.shape)} does not read the hidden size {hidden}")
-        params.append(f"{e_rel}.{attr}")
-        if t:
-            transposed.append(f"{e_rel}.{attr}")
-    if not params or len(others) != 1:
-        raise Refusal(
-            f"has experts '{e_rel}' in '{name}' with input weights [{', '.join(params)}] and other 3-D weights "
-            f"[{', '.join(others)}], not input projections and one output projection"
-        )
-    return params, transposed, others[0]
-
-
-def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
-    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
-    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
-    rows = call.x.reshape(-1, hidden)
-    a, v = moe.map_factors(rows[0], rows[-1])
-    prefix = name + "."
-    updates = {p.removeprefix(prefix): moe.param_update(mlp.get_parameter(p.removeprefix(prefix)),
-                                                        p in parts.transposed, a, v) for p in parts.params}  # fmt: skip
-
-    def add(module, args, output):
-        weight = module.weight.T if isinstance(module, Conv1D) else module.weight
-        u = (weight.detach().to(moe.MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
-        return output + (args[0].to(moe.MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
-
-    transposed = {p.removeprefix(prefix) for p in parts.transposed}
-    try:
-        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
-            with moe.swapped(mlp, updates, transposed):
-                out = copied(mlp(call.x))
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
-    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
-    if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
-        readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
-        raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
-                      f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
-
-
 def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
     """The MLP's output must be its output projection's, up to a constant factor."""
     dtype = m.dtype
@@ -405,6 +362,26 @@ def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Modu
     if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
         firsts = ", ".join(rel for rel, m in mlp.named_modules() if m in kept)
         raise Refusal(f"has an MLP '{name}' whose input reaches its output other than through {firsts}")
+
+
+def low_precision(name: str, mlp: nn.Module, call: Call, calls: dict) -> tuple[tuple[str, str], ...]:
+    """(path relative to the block, dtype) of the MLP's parts that compute in a lower precision than its input: a
+    parameter kept in float32 in a float64 model, or a module returning float32 (DeepSeek's and ERNIE's routers)."""
+    eps = torch.finfo(call.x.dtype).eps if call.x.is_floating_point() else 0.0
+    found: dict[str, torch.dtype] = {}
+    for rel, m in mlp.named_modules():
+        path = f"{name}.{rel}" if rel else name
+        dtypes = [p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()]
+        dtypes += [d for c in calls.get(m, []) if m is not mlp for d in c.dtypes]
+        low = [d for d in dtypes if torch.finfo(d).eps > eps]
+        if low:
+            found[path] = max(low, key=lambda d: torch.finfo(d).eps)
+    return tuple((path, str(d).removeprefix("torch.")) for path, d in found.items())
+
+
+def is_mixer(m: nn.Module) -> bool:
+    """A contextual layer by its class name (an attention beside the MLP in a parallel block reads its input too)."""
+    return not mixer_kind(m).startswith("other")
 
 
 def mixer_kind(mixer: nn.Module) -> str:

@@ -108,7 +108,7 @@ class SequentialRun:
             else:
                 hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
             hooks += [(m, self.attn_hook(b, scale)) for m, scale in b.mixer_branches]
-            hooks.append((b.mlp_branch, self.branch_hook(b)))
+            hooks += [(m, self.branch_hook(b)) for m in b.mlp_branches]
             if self.residual == "fold":
                 hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
             hooks.append((b.module, self.block_hook(b)))
@@ -118,7 +118,7 @@ class SequentialRun:
         return not self.suspended
 
     def pre_hooks(self) -> list:
-        return [(b.part(b.family.mlp), self.moe_hook(b)) for b in self.chosen if b.moe]
+        return [(b.part(rel), self.moe_hook(b)) for b in self.chosen if b.moe for rel in b.mlp_modules]
 
     def moe_hook(self, b: Block):
         """Build every ΔW of an MoE block from its input z0 and apply them all as the input map (batch 1)."""
@@ -127,19 +127,26 @@ class SequentialRun:
             if self.suspended:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            z0 = self.seen[b.index]["z0"] = last(x, self.batch)  # (1, in)
-            z_ctx = self.targets[b.index].z_ctx
-            check_norm(z0[0].norm(), b.full(b.family.mlp))
-            a, v = map_factors(z_ctx[0], z0[0])
-            for path, m in b.first.items():
-                self.low_rank[path] = rank_one_rows(arch.weight_out_in(m, b.family), z_ctx, z0, path)
-            for path in b.params:
-                weight = b.module.get_parameter(path.removeprefix(b.path + "."))
-                self.params[path] = param_update(weight, path in b.transposed, a, v)
-            new = mapped(x, a, v)
+            seen = self.seen[b.index]
+            if "map" not in seen:  # the first MLP module of the block to run builds the updates; all map z alike
+                seen["map"] = self.build_map(b, x)
+            new = mapped(x, *seen["map"])
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return hook
+
+    def build_map(self, b: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every ΔW of an MoE block from its input x (z0 at the last token); returns the map's (a, v)."""
+        z0 = self.seen[b.index]["z0"] = last(x, self.batch)  # (1, in)
+        z_ctx = self.targets[b.index].z_ctx
+        check_norm(z0[0].norm(), b.full(b.family.mlp))
+        a, v = map_factors(z_ctx[0], z0[0])
+        for path, m in b.first.items():
+            self.low_rank[path] = rank_one_rows(arch.weight_out_in(m, b.family), z_ctx, z0, path)
+        for path in b.params:
+            weight = b.module.get_parameter(path.removeprefix(b.path + "."))
+            self.params[path] = param_update(weight, path in b.transposed, a, v)
+        return a, v
 
     def first_hook(self, b: Block, path: str):
         def hook(module, args, output):
@@ -164,13 +171,18 @@ class SequentialRun:
         return hook
 
     def branch_hook(self, b: Block):
-        """Record the MLP branch's output with ΔW, and re-run it without ΔW on the last token."""
+        """Record the MLP branch's output with ΔW (summed over the MLPs side by side), and once all have run,
+        re-run it without ΔW on the last token."""
 
         def hook(module, args, output):
             if self.suspended:
                 return None
             seen = self.seen[b.index]
-            seen["branch"] = last(hidden(output), self.batch)
+            y = last(hidden(output), self.batch)
+            seen["branch"] = seen["branch"] + y if "branch" in seen else y
+            seen["branches"] = seen.get("branches", 0) + 1
+            if seen["branches"] < len(b.family.mlp_parts) + 1:
+                return None
             self.suspended = True
             try:
                 y = b.run_mlp(seen["z0"].to(hidden(output).dtype)[:, None])  # (B, 1, in)

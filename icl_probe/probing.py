@@ -1,0 +1,94 @@
+"""The structural rule's probe run: the calls it records, and the comparisons its checks make on them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEARS = (nn.Linear, Conv1D)
+# A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
+# matches the MLP at z only to float32 rounding; a reader left out would miss by far more.
+MOE_CHECK_TOLERANCE = 1e-5
+
+
+class Refusal(Exception):
+    """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
+
+
+@dataclass
+class Call:
+    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
+
+    order: int
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    dtypes: tuple[torch.dtype, ...] = ()  # of every floating-point tensor it returned (a router's logits and weights)
+    inputs: int = 1  # how many tensors it was called with (positional or keyword)
+
+
+@contextmanager
+def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
+    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
+    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
+    order = itertools.count()
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("hidden_states")
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+        n = sum(isinstance(t, torch.Tensor) for t in (*args, *kwargs.values()))
+        calls[module].append(Call(next(order), copied(x), copied(output), dtypes, n))
+
+    handles = []
+    try:
+        for m in calls:
+            handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def copied(value: object) -> torch.Tensor | None:
+    """The hidden-state tensor of a module input or output, copied (some blocks add to theirs in place)."""
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value.detach().clone() if isinstance(value, torch.Tensor) else None
+
+
+def linears_in(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, LINEARS)]
+
+
+def is_norm(m: nn.Module) -> bool:
+    return "norm" in type(m).__name__.lower() and not linears_in(m)
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal tensors; of two dtypes, equal in the less precise (a router kept in float32 reads a cast input)."""
+    if a is None or b is None or a.numel() != b.numel():
+        return False
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        low = a.dtype if torch.finfo(a.dtype).eps > torch.finfo(b.dtype).eps else b.dtype
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a.reshape(b.shape), b)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> float:
+    """‖a − b‖ relative to `scale` (default the larger norm), in float64; inf when the sizes differ."""
+    if a.numel() != b.numel():
+        return float("inf")
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    scale = max(float(a.norm()), float(b.norm())) if scale is None else scale
+    return float((a - b).norm() / max(scale, 1e-30))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far a sum recomputed in float64 may sit from the model's own (its rounding, summed in another order)."""
+    return min(0.05, 256 * torch.finfo(dtype).eps)

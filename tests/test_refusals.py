@@ -1,0 +1,213 @@
+"""The last refusals: families whose blocks the structural rule now reads, on tiny float64 models, and the ones it
+still refuses with the obstacle named.
+
+The MLP and router paths below are written out by hand from transformers' modeling files; every check hooks the
+model itself (the MLP's own output, the router's own output) with the patch applied as weights, not icl-probe's
+records. A router kept in float32 (its `gate.weight` or its output) sets a floor on mlp_branch_error: float32's
+machine epsilon, read here from the parameter's or output's dtype.
+"""
+
+import functools
+
+import pytest
+import torch
+from tiny import last_outputs
+
+from icl_probe import analyze, coverage, export_patch, load_patch, replay
+from icl_probe.capture import last_logits
+from icl_probe.errors import ModelError
+from icl_probe.hooks import hooked
+from icl_probe.patching import applied
+from icl_probe.report import legend
+
+CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
+
+SIDE_BY_SIDE = ("block_sparse_moe", "shared_mlp")  # GraniteMoE's experts and the shared MLP beside them
+GRANITE_ROUTERS = {0: "block_sparse_moe.router", 1: "block_sparse_moe.router"}
+# model type → (MLP modules, {layer: router module} of its MoE layers, what the rule could not read before)
+NEW = {
+    "doge": (("mlp",), {}, "learned residual weights"),
+    "minimax": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "scaled residuals"),
+    "inkling_text": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "convolutions after attention and MLP"),
+    "jetmoe": (("mlp",), {0: "mlp.router", 1: "mlp.router"}, "experts split in two 3-D modules"),
+    "llama4_text": (("feed_forward",), {0: "feed_forward.router", 1: "feed_forward.router"}, "experts' input scaled"),
+    "axk2": (("mlp",), {1: "mlp.gate"}, "a gated norm before attention; a float32 router"),
+    "granitemoeshared": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts"),
+    "granitemoehybrid": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts, Mamba mixers"),
+    "dbrx": (("ffn",), {0: "ffn.router", 1: "ffn.router"}, "fused norm-attention-norm; experts stacked in 2-D"),
+}
+LAYERS = {"dbrx": "transformer.blocks"}  # the others keep their blocks in model.layers
+
+
+def layer(name: str, i: int) -> str:
+    return f"{LAYERS.get(name, 'model.layers')}.{i}"
+
+
+NAMES = list(NEW)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+@functools.cache
+def model_of(name: str):
+    return coverage.tiny_model(name)
+
+
+@functools.cache
+def analysis_of(name: str):
+    return analyze(model_of(name), coverage.char_tokenizer(), CONTEXT, QUERY)
+
+
+def float32_floor(model, name: str) -> float | None:
+    """float32's epsilon if some router of the family keeps its weight or its output in float32, else None."""
+    _, routers, _ = NEW[name]
+    dtypes = set()
+    for i, rel in routers.items():
+        router = model.get_submodule(f"{layer(name, i)}.{rel}")
+        dtypes |= {p.dtype for p in router.parameters()}
+        dtypes |= {t.dtype for t in router_outputs(model, name, {i: rel})[i] if t.is_floating_point()}
+    return torch.finfo(torch.float32).eps if torch.float32 in dtypes else None
+
+
+def router_outputs(model, name: str, routers: dict, ids=(5, 6, 7)) -> dict[int, list[torch.Tensor]]:
+    """Every per-token tensor a router returns (logits, scores, chosen experts), at the last token of `ids`."""
+    seen = {}
+
+    def record(i):
+        def hook(module, args, output):
+            outs = output if isinstance(output, tuple) else (output,)
+            per_token = [t for t in outs if isinstance(t, torch.Tensor) and t.ndim >= 2]  # (…, T, E or k)
+            seen[i] = [t.reshape(-1, t.shape[-1])[-1].clone() for t in per_token]
+
+        return hook
+
+    with (
+        torch.no_grad(),
+        hooked([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
+    ):
+        last_logits(model, list(ids))
+    return seen
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analyze_is_exact(name):
+    model, doc = model_of(name), analysis_of(name).to_dict()
+    assert doc["logits"]["kl_no_context"] > 1e-3  # the context matters, so exactness means something
+    assert doc["logits"]["kl_patched"] < 1e-10
+    assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
+    floor = float32_floor(model, name)
+    limit = doc["precision_limit"]
+    assert (limit is None) == (floor is None)
+    bound = 1e-9 if floor is None else limit["mlp_branch_error_floor"]
+    if floor is not None:  # the reported floor is the float32 part's epsilon, and the legend says so
+        assert limit["mlp_branch_error_floor"] == floor and limit["dtype"] == "float32"
+        assert "router computes in float32: mlp_branch_error floor ≈ 1e-7" in legend(doc, wide=False)
+    assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < bound
+    assert sorted(i for i, layer in enumerate(doc["layers"]) if layer["moe"]) == sorted(NEW[name][1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_mlp_and_its_routing_under_the_patch_are_the_with_context_ones(name):
+    # Theorem 2.2 from outside: the MLP module's output at the last token, hooked by its hand-written path, is the
+    # same with the context and in the query alone with the patch applied as weights; so are the router's outputs
+    # (logits, and the chosen experts where it returns them).
+    model, result = model_of(name), analysis_of(name)
+    mlps, routers, _ = NEW[name]
+    prompt = result.prompt
+    paths = [f"{layer(name, i)}.{mlp}" for i in range(2) for mlp in mlps]
+    ctx, ctx_routes = last_outputs(model, paths, prompt.full), router_outputs(model, name, routers, prompt.full)
+    with applied(model, result.patch):
+        seen = last_outputs(model, paths, prompt.query_only)
+        routes = router_outputs(model, name, routers, prompt.query_only)
+    # applied as weights, a float32 router reproduces its with-context logits to float32 rounding only
+    bound = 1e-9 if float32_floor(model, name) is None else 1e-6
+    for path in paths:
+        assert float((seen[path] - ctx[path]).norm() / ctx[path].norm()) < bound, path
+    for i in routers:
+        for got, want in zip(routes[i], ctx_routes[i]):
+            if got.is_floating_point():
+                assert float((got.double() - want.double()).norm() / want.double().norm()) < bound
+            else:
+                assert set(got.tolist()) == set(want.tolist())  # the with-context experts
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_native_export_then_replay(tmp_path, name):
+    model, tok = model_of(name), coverage.char_tokenizer()
+    path = tmp_path / "patch.safetensors"
+    exported = export_patch(model, tok, CONTEXT, QUERY, output=path)
+    assert exported.kl_stored < 1e-10
+    doc = replay(model, tok, load_patch(path), context=CONTEXT).to_dict()
+    assert doc["kl_patched"] < 1e-10 and doc["top1_match"]
+
+
+def test_a_float64_family_reports_no_precision_limit():
+    assert analysis_of("doge").to_dict()["precision_limit"] is None
+
+
+@pytest.mark.parametrize(
+    ("name", "obstacle"),
+    [
+        ("rwkv", "reads other positions"),  # the channel mix's token shift
+        ("mamba", "no MLP after a contextual layer"),
+        ("falcon_mamba", "no MLP after a contextual layer"),
+        ("deepseek_v4", "several residual streams"),  # hyper-connections
+    ],
+)
+def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
+    with pytest.raises(ModelError) as e:
+        analyze(coverage.tiny_model(name), coverage.char_tokenizer(), CONTEXT, QUERY)
+    assert obstacle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_float32_router_output_sets_the_floor():
+    # the precision floor is read from what a router returns: ERNIE's returns float32 logits in a float64 model
+    model = coverage.tiny_model("ernie4_5_moe")
+    outs = router_outputs(model, "ernie4_5_moe", {1: "mlp.gate"})[1]
+    assert outs[0].dtype == torch.float32
+    doc = analyze(model, coverage.char_tokenizer(), CONTEXT, QUERY).to_dict()
+    assert doc["precision_limit"]["parts"][0]["kind"] == "router" and doc["precision_limit"]["dtype"] == "float32"
+    assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < doc["precision_limit"]["mlp_branch_error_floor"]
+
+
+def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
+    # GraniteMoE with a shared MLP: the router, every expert and the shared MLP's input_linear read the same z, and
+    # each gets ΔW = W (zC − z0) z0ᵀ / ‖z0‖², computed densely here from the MLP inputs hooked in the with-context
+    # run and in the query-alone run with the patch applied as weights (z0 there: the patch acts inside the MLP).
+    model, result = model_of("granitemoeshared"), analysis_of("granitemoeshared")
+    paths = {i: f"model.layers.{i}.block_sparse_moe" for i in range(2)}
+    z_ctx = mlp_inputs(model, paths, result.prompt.full)
+    with applied(model, result.patch):
+        z0 = mlp_inputs(model, paths, result.prompt.query_only)
+    for i in range(2):
+        dz, n2 = z_ctx[i] - z0[i], float(z0[i] @ z0[i])
+        shared = f"model.layers.{i}.shared_mlp.input_linear"
+        w = model.get_submodule(shared).weight.detach()
+        delta = result.patch.low_rank[shared]
+        torch.testing.assert_close(delta.u @ delta.v.T, torch.outer(w @ dz, z0[i]) / n2, rtol=1e-9, atol=1e-14)
+        experts = f"model.layers.{i}.block_sparse_moe.experts.gate_up_proj"
+        weight, factors = model.get_parameter(experts).detach(), result.patch.params[experts]
+        for e in range(weight.shape[0]):
+            expected = torch.outer(weight[e] @ dz, z0[i]) / n2
+            torch.testing.assert_close(factors.u[e] @ factors.v.T, expected, rtol=1e-9, atol=1e-14)
+
+
+def mlp_inputs(model, paths: dict[int, str], ids: list[int]) -> dict[int, torch.Tensor]:
+    """Each module's input at the last token, (hidden,) float64."""
+    seen = {}
+
+    def record(i):
+        def hook(module, args, output):
+            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
+
+        return hook
+
+    with torch.no_grad(), hooked([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
+        last_logits(model, ids)
+    return seen
