@@ -75,6 +75,7 @@ class Heads:
         for s in self.layers:
             entry = asdict(s)
             entry.pop("inner")
+            entry.pop("pieces")
             layers.append(entry)
         return {
             "schema": SCHEMA, "icl_probe_version": __version__, "model": self.model, "model_type": self.model_type,
@@ -124,7 +125,7 @@ def heads(
         table = None
         if knockout:
             queries = held_out(model, tokenizer, context, template, pairs, prompt, attention)
-            scored_on = "held-out task queries" if pairs else "the prompt (target: its with-context top-1)"
+            scored_on = "held-out task queries" if pairs else "the prompt, its in-context top-1 as target"
             table = knockout_table(model, chosen, attention, splits, queries, knockout, draws, seed, scored_on)
     return Heads(
         model_name(model), model.config.model_type, len(select_blocks(model, None)), str(model.dtype).split(".")[-1],
@@ -324,6 +325,16 @@ def score_knockout(model, chosen, attention, heads_set, queries: list[Query]) ->
     }
 
 
+def single_head_kl(model: nn.Module, attention: dict[int, HeadParts], splits: list[LayerSplit], main: Query) -> None:
+    """knockout_kl: KL(icl ‖ that head alone knocked out) on the analysed prompt, for every attention head."""
+    for s in splits:
+        for entry in s.heads:
+            entry["knockout_kl"] = None
+            if isinstance(entry["head"], int):
+                with knocked_out(attention, [(s.layer, entry["head"])], main.values):
+                    entry["knockout_kl"] = kl_divergence(main.icl, last_logits(model, main.prompt.full))
+
+
 def knockout_sets(splits, sizes, draws: int, seed: int) -> list[tuple[str, int, int | None, list]]:
     """(ranking, k, draw, heads): top-k by share_delta_w_model, by induction score, and k random heads per draw."""
     heads_all = attention_heads(splits)
@@ -343,6 +354,7 @@ def knockout_sets(splits, sizes, draws: int, seed: int) -> list[tuple[str, int, 
 def knockout_table(model, chosen, attention, splits, queries, sizes, draws, seed, scored_on: str) -> dict:
     """The knockout rows, with the clean run (k = 0) and the zero-shot accuracy as references."""
     clean = score_knockout(model, chosen, attention, [], queries)
+    single_head_kl(model, attention, splits, queries[0])
     zero_hits = [int(q.zero.argmax()) == q.target_id for q in queries]
     rows = []
     for ranking, k, draw, chosen_heads in knockout_sets(splits, sizes, draws, seed):

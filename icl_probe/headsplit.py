@@ -12,7 +12,7 @@ The norms run here as float64 functions of our own, checked against the model's 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -184,6 +184,7 @@ class LayerSplit:
     share_delta_w_sum: float  # Σ_h share_delta_w + share_delta_w_gap
     heads: list[dict]
     inner: list[float]
+    pieces: dict | None = field(default=None, repr=False)  # float64 vectors for tests: delta_a (H, d), delta_b, z
     delta_w_norm_patch: float | None = None  # ‖ΔW‖_F of the engine's patch (Σ first linears), to check against
 
 
@@ -235,6 +236,8 @@ def split_layer(
         float(dy.sum(0).norm()), float(delta_b.norm()), w["norm"], z_split.nodes, z_split.error,
         b_error, float((z_split.difference - dz).norm() / dz.norm()) if dz.norm() > 0 else 0.0,
         shares["w_gap"], shares["b_gap"], sum(shares["w"]) + shares["w_gap"], entries, w["inner"][:H].tolist(),
+        pieces={"delta_a": dy, "delta_b": b_pieces, "z": z_split.pieces, "z_difference": z_split.difference,
+                "x_C": x_C, "x_0": x_0},
     )  # fmt: skip
 
 
