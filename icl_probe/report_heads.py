@@ -63,7 +63,8 @@ def print_heads(console: Console, doc: dict) -> None:
     """The heads report: per-layer top heads, top heads of the model, correlation, knockout."""
     task = f"task {doc['task']}, " if doc["task"] else ""
     console.print(f"{doc['model']}: which attention heads write the context into the weights")
-    console.print(f"{task}query {doc['query']!r}; eager attention, residual bias; shares are ⟨piece, whole⟩/‖whole‖²")
+    console.print(f"{task}query {doc['query']!r}; eager attention, residual bias")
+    console.print("share of X = ⟨head's piece of X, X⟩ / ‖X‖²; they sum to 1 over a layer's heads")
     console.print(layer_table(doc))
     entries = attention_entries(doc)
     by_w = sorted(entries, key=lambda e: -e[1]["share_delta_w_model"])[:TOP_HEADS]
@@ -71,11 +72,11 @@ def print_heads(console: Console, doc: dict) -> None:
     console.print(heads_table(f"Top {TOP_HEADS} heads by share of the model's ΔW", by_w))
     console.print(heads_table(f"Top {TOP_HEADS} heads by induction score", by_ind))
     c = doc["correlation"]
-    console.print(f"induction score vs share of the model's ΔW, {c['n']} heads: "
+    console.print(f"induction score vs model ΔW share, {c['n']} heads: "
                   f"Pearson {fmt(c['pearson'], 2)}, Spearman {fmt(c['spearman'], 2)}")  # fmt: skip
     worst = max(layer["quadrature_error"] for layer in doc["layers"])
     gap = max(layer["delta_z_model_gap"] for layer in doc["layers"])
-    console.print(f"IG completeness error ≤ {fmt(worst, 2)} (float64); the model's own z differs by ≤ {fmt(gap, 2)}")
+    console.print(f"IG completeness error ≤ {fmt(worst, 2)}; the model's own Δz differs by ≤ {fmt(gap, 2)}")
     ko = doc["knockout"]
     if ko:
         console.print(knockout_table(ko))
