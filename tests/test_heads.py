@@ -261,3 +261,52 @@ def test_cli_end_to_end(tmp_path):
     assert {r["ranking"] for r in doc["knockout"]["rows"]} == {"delta_w", "induction", "random"}
     bad = cli("heads", "-m", folder, "--knockout", "99")
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "larger than" in bad.stderr
+
+
+def hand_built_induction_model():
+    """A 2-layer GPT-2 whose layer-0 head 0 attends to the previous token and copies it into a block of the
+    residual stream, and whose layer-1 head 0 attends where that copied token equals the current one: an
+    induction head by construction. Every other weight is 0 (head 1 of each layer attends uniformly)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    V, L = len(char_tokenizer().get_vocab()), 80
+    d = 2 * V + L + (2 * V + L) % 2
+    hd = d // 2
+    TOK, POS, PREV = 0, V, V + L  # block offsets in the residual stream
+    config = GPT2Config(vocab_size=V, n_positions=L, n_embd=d, n_layer=2, n_head=2, n_inner=4,
+                        attn_implementation="eager")  # fmt: skip
+    model = GPT2LMHeadModel(config).double().eval()
+    eye = torch.eye
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+        model.transformer.wte.weight[:, TOK : TOK + V] = eye(V)
+        model.transformer.wpe.weight[:, POS : POS + L] = eye(L)
+        qkv0 = model.transformer.h[0].attn.c_attn.weight  # Conv1D (in, 3 d): x @ W
+        qkv0[POS : POS + L, 0:L] = 2.0 * eye(L)  # q_i = position i
+        qkv0[POS : POS + L - 1, d + 1 : d + L] = eye(L - 1)  # k_j = position j + 1: q_i · k_j peaks at j = i − 1
+        qkv0[TOK : TOK + V, 2 * d : 2 * d + V] = eye(V)  # v = the token
+        model.transformer.h[0].attn.c_proj.weight[0:V, PREV : PREV + V] = eye(V) / 12  # into the PREV block
+        qkv1 = model.transformer.h[1].attn.c_attn.weight
+        qkv1[TOK : TOK + V, 0:V] = 3.0 * eye(V)  # q = the current token
+        qkv1[PREV : PREV + V, d : d + V] = eye(V)  # k = the previous token copied by layer 0
+    assert hd >= max(V, L)
+    return model
+
+
+def test_hand_built_induction_head_ranks_first():
+    from icl_probe.headscores import induction_scores
+    from icl_probe.headsplit import head_parts
+
+    model, tok = hand_built_induction_model(), char_tokenizer()
+    ids = repeated_sequences(tok, model.config.vocab_size, [], 32, 4, seed=1)
+    parts = {b.index: head_parts(b, model.config) for b in select_blocks(model, None)}
+    found = induction_scores(model, parts, ids, 0, 32)
+    induction = torch.stack([found.induction[i] for i in (0, 1)])  # (layer, head)
+    previous = torch.stack([found.previous_token[i] for i in (0, 1)])
+    assert int(induction.argmax()) == 2 and float(induction[1, 0]) > 0.9  # layer 1, head 0
+    assert float(induction.flatten().sort().values[-2]) < 0.2
+    assert int(previous.argmax()) == 0 and float(previous[0, 0]) > 0.9  # layer 0, head 0
