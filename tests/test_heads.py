@@ -183,7 +183,7 @@ def test_knockout_against_a_forward_written_here():
             model(input_ids=torch.tensor([prompt.query_only]))
         icl = model(input_ids=torch.tensor([prompt.full])).logits[0, -1]
 
-    def knocked(heads_set):
+    def knocked(heads_set, run=None):
         def pre(i, hs):
             def hook(module, args):
                 x = args[0].clone()
@@ -197,19 +197,31 @@ def test_knockout_against_a_forward_written_here():
                    for i in {j for j, _ in heads_set}]  # fmt: skip
         try:
             with torch.no_grad():
-                return model(input_ids=torch.tensor([prompt.full])).logits[0, -1]
+                return run() if run else model(input_ids=torch.tensor([prompt.full])).logits[0, -1]
         finally:
             for handle in handles:
                 handle.remove()
 
+    def remaining(heads_set) -> float:
+        """‖ΔW‖_F over all layers of the update solved on targets captured under the knockout."""
+        chosen = select_blocks(model, None)
+        targets, _ = knocked(heads_set, lambda: capture_targets(model, chosen, prompt.full))
+        run = SequentialRun(chosen, targets, "bias", 1)
+        with torch.no_grad(), hooked(run.hooks()):
+            forward(model, torch.tensor([prompt.query_only]), use_cache=False)
+        return sum(float((d.u @ d.v.T).pow(2).sum()) for d in run.patch(0).low_rank.values()) ** 0.5
+
+    clean = result.knockout["clean"]
+    assert abs(clean["delta_w_norm"] - sum(s.delta_w_norm**2 for s in result.layers) ** 0.5) < 1e-9
     for row in result.knockout["rows"]:
         logits = knocked([tuple(h) for h in row["heads"]])
         assert abs(row["kl"] - kl_divergence(icl, logits)) < 1e-12
         assert row["accuracy"] == float(int(logits.argmax()) == int(icl.argmax()))
+        assert abs(row["delta_w_norm"] - remaining([tuple(h) for h in row["heads"]])) < 1e-9 * row["delta_w_norm"]
     for s in result.layers:
         for e in s.heads:
             assert abs(e["knockout_kl"] - kl_divergence(icl, knocked([(s.layer, e["head"])]))) < 1e-12
-    assert result.knockout["clean"]["kl"] < 1e-12 and result.knockout["clean"]["accuracy"] == 1.0
+    assert clean["kl"] < 1e-12 and clean["accuracy"] == 1.0
 
 
 def test_non_attention_mixer_is_one_unit(monkeypatch):
