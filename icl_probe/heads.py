@@ -125,7 +125,7 @@ def heads(
         table = None
         if knockout:
             queries = held_out(model, tokenizer, context, template, pairs, prompt, attention)
-            scored_on = "held-out task queries" if pairs else "the prompt, its in-context top-1 as target"
+            scored_on = "held-out task queries" if pairs else "the prompt's in-context top-1"
             table = knockout_table(model, chosen, attention, splits, queries, knockout, draws, seed, scored_on)
     return Heads(
         model_name(model), model.config.model_type, len(select_blocks(model, None)), str(model.dtype).split(".")[-1],

@@ -80,6 +80,8 @@ def print_heads(console: Console, doc: dict) -> None:
     ko = doc["knockout"]
     if ko:
         console.print(knockout_table(ko))
-        console.print(f"scored on {ko['scored_on']} ({ko['n_queries']}); accuracy in context "
-                      f"{fmt(ko['clean']['accuracy'], 2)}, zero-shot {fmt(ko['zero_shot_accuracy'], 2)}")  # fmt: skip
+        n = ko["n_queries"]
+        queries = f"{n} quer{'y' if n == 1 else 'ies'}"
+        console.print(f"accuracy in context {fmt(ko['clean']['accuracy'], 2)}, zero-shot "
+                      f"{fmt(ko['zero_shot_accuracy'], 2)}, on {ko['scored_on']} ({queries})")  # fmt: skip
         console.print("KL(in context ‖ knocked out); ΔW left = ‖ΔW‖ after knockout / before")
