@@ -738,34 +738,66 @@ def prefix_agreement(agree: int, n: int, what: str = "patched") -> Text:
                          f" of the {what} continuation equal the with-context one")  # fmt: skip
 
 
-def print_modules(console: Console, doc: dict) -> None:
-    """The `modules` document: one row per group of layers built alike, paths relative to their block."""
-    keys = ("attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm")
-    heads = ("mixer", "pre-MLP norm", "MLP first", "MLP output", "post-MLP norm")
+MODULE_KEYS = ("attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm")
+MODULE_HEADS = ("mixer", "pre-MLP norm", "MLP first", "MLP output", "post-MLP norm")
+
+
+def module_groups(doc: dict) -> dict[tuple, list[int]]:
+    """(block pattern, the paths relative to the block, one per key) → the layers built alike."""
     groups: dict[tuple, list[int]] = {}
     for layer in doc["layers"]:
-        rel = {k: relative(layer.get(k), layer["block"]) for k in keys}
+        rel = {k: relative(layer.get(k), layer["block"]) for k in MODULE_KEYS}
         if layer.get("moe"):  # the router and fused expert weights read the MLP input too
             first = [*layer["mlp_first"], *(p for p in layer["moe"]["params"] if p not in layer["mlp_first"])]
             rel["mlp_first"] = relative(first, layer["block"])
         if layer.get("mixer") not in (None, "attention"):
             rel["attention"] += f"\n({layer['mixer']})"
         block = layer["block"].removesuffix(f".{layer['layer']}") + ".N"
-        groups.setdefault((block, *(rel[k] for k in keys)), []).append(layer["layer"])
+        groups.setdefault((block, *(rel[k] for k in MODULE_KEYS)), []).append(layer["layer"])
+    return groups
+
+
+def modules_table(title: str, heads: list[str], rows: list[list[str]]) -> Table:
+    """One row per group of layers; every path whole on its own line (a cell never wraps)."""
+    table = Table(title=title, title_justify="left")
+    for head in heads:
+        table.add_column(head, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def modules_list(title: str, heads: list[str], rows: list[list[str]]) -> Group:
+    """The same rows as a list, one path per line, for consoles too narrow for the table."""
+    width = max(map(len, heads[1:]))
+    lines = [Text(title, style="italic")]
+    for layers, *cells in rows:
+        lines.append(Text(f"layers {layers}", style="bold"))
+        for head, cell in zip(heads[1:], cells):
+            for i, path in enumerate(cell.split("\n")):
+                lines.append(Text(f"  {head if i == 0 else '':<{width}}  {path}", no_wrap=True, overflow="ignore"))
+    return Group(*lines)
+
+
+def print_modules(console: Console, doc: dict) -> None:
+    """The `modules` document: one row per group of layers built alike, paths relative to their block.
+
+    Paths are never split: a table when it fits the console, else a list with one path per line.
+    """
+    groups = module_groups(doc)
     blocks = {key[0] for key in groups}
-    shown = [i for i, k in enumerate(keys) if k != "post_mlp_norm" or any(g[1 + i] != "—" for g in groups)]
-    table = Table(title=f"{doc['model']} ({doc['model_type']}, family {doc['family']})", title_justify="left")
-    for col in ("layers", *(["block"] if len(blocks) > 1 else []), *(heads[i] for i in shown)):
-        table.add_column(col, overflow="fold")
-    for (block, *rel), layers in groups.items():
-        table.add_row(span_list(layers), *([block] if len(blocks) > 1 else []), *(rel[i] for i in shown))
-    console.print(table)
+    shown = [i for i, k in enumerate(MODULE_KEYS) if k != "post_mlp_norm" or any(g[1 + i] != "—" for g in groups)]
+    heads = ["layers", *(["block"] if len(blocks) > 1 else []), *(MODULE_HEADS[i] for i in shown)]
+    rows = [[span_list(layers), *([block] if len(blocks) > 1 else []), *(rel[i] for i in shown)]
+            for (block, *rel), layers in groups.items()]  # fmt: skip
+    title = f"{doc['model']} ({doc['model_type']}, family {doc['family']})"
+    console.print(first_fitting(console, modules_table(title, heads, rows), modules_list(title, heads, rows)))
     parallel = {True: "yes", False: "no", None: "unknown"}[doc["parallel"]]
     formats = ", ".join(name for name, ok in doc["formats"].items() if ok)
     if len(blocks) == 1:
         console.print(f"blocks: {blocks.pop()} (paths are relative to the block)")
     console.print(f"MLP reads the block input (parallel): {parallel}")
-    if not any(k == "post_mlp_norm" for k in (keys[i] for i in shown)):
+    if not any(k == "post_mlp_norm" for k in (MODULE_KEYS[i] for i in shown)):
         console.print("post-MLP norm: none")
     console.print(f"--residual fold: {doc['fold'] or 'not available'}")
     console.print(f"patch formats: {formats}")
