@@ -131,6 +131,9 @@ def accuracy_bars(ax, doc: dict, methods: list[str]) -> None:
     values = [doc["accuracy"][m] for m in methods]
     bars = ax.bar(range(len(methods)), values, color="#3b528b", edgecolor="black", linewidth=0.8)
     ax.bar_label(bars, [f"{v:.2f}\n{round(v * n)}/{n}" for v in values], padding=2, fontsize=8)
+    zeros = [i for i, v in enumerate(values) if v == 0]
+    ax.plot(zeros, [0] * len(zeros), linestyle="none", marker="_", markersize=24, markeredgewidth=3, color="#3b528b",
+            zorder=3, clip_on=False)  # a bar of height 0, drawn as a thick stub on the axis  # fmt: skip
     ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(-0.02, 1.18)  # room above 1 for the labels; a zero bar's edge stays off the axis line
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1])

@@ -710,8 +710,9 @@ def print_generation(console: Console, gen: dict) -> None:
     percent = f" ({gen['agreement']:.0%})" if gen["agreement"] is not None else ""
     how = "patch held fixed" if gen["mode"] == "fixed" else "recomputed per token"
     style = "bold green" if n and agree == n else "bold red"
-    console.print(Text.assemble(f"position-wise match ({how}): ", (f"{agree} of {n} tokens{percent}", style),
-                                " match the context, each step teacher-forced on the with-context text"))  # fmt: skip
+    console.print(Text.assemble(f"position-wise match ({how}): ", (f"{agree} of {n} tokens{percent}", style)))
+    note = "teacher-forced: each step's patched top-1 against the with-context token"
+    console.print(Text(note, style="dim"))
     text = "".join(t["token"] for t in gen["tokens"])
     console.print(text_line(console, "with context", text, None))
     if gen["first_mismatch"] is not None:
