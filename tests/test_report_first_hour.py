@@ -65,6 +65,18 @@ def test_analyze_gradient_shows_every_alignment_at_80_columns(tiny_llama_dir, tm
     assert f"uses the target token {doc['target']['token']!r}" in legend
 
 
+def test_analyze_plot_gets_a_gradient_panel_and_no_empty_one(tiny_llama_dir, tmp_path):
+    from PIL import Image
+
+    args = ("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY)
+    for extra, height in ((["--gradient"], 1300), ([], 900)):
+        png = tmp_path / f"a{height}.png"
+        result = run(*args, *extra, "--plot", png)
+        assert result.exit_code == 0, result.output
+        with Image.open(png) as image:  # 900 px of main panels, and 400 for the gradient's; none for what was not run
+            assert image.format == "PNG" and image.size == (1200, height)
+
+
 def test_columns_variable_sets_the_width_of_piped_output(tiny_llama_dir):
     wide = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, columns=160).stdout
     assert max(map(len, wide.splitlines())) > WIDTH  # 160 columns: the wide table
