@@ -43,6 +43,7 @@ class Dynamics:
     gradient_alignment: list[dict] | None
     finetune: dict | None
     ablation: dict
+    num_layers: int | None = None  # the model's, so a report can tell when only some layers were patched
     extra: dict = field(default_factory=dict)
 
     def to_dict(self, text: bool = True) -> dict:
@@ -54,6 +55,7 @@ class Dynamics:
             "icl_probe_version": __version__,
             "model": self.model,
             "model_type": self.model_type,
+            "num_layers": self.num_layers,
             "dtype": self.dtype,
             "examples": self.examples if text else None,
             "query": self.query if text else None,
@@ -115,6 +117,7 @@ def dynamics(
         gradient_alignment=aligned,
         finetune=None,
         ablation=ablation(model, chosen, full, prompt.query_only, logits_ctx[-1]),
+        num_layers=model.config.get_text_config().num_hidden_layers,
     )
     if finetune_steps:
         result.finetune = finetune(

@@ -19,7 +19,6 @@ DYNAMICS_SCHEMA = "icl-probe.dynamics/1"
 ANALYSIS_SCHEMA = "icl-probe.analysis/2"
 DPI = 100
 DYNAMICS_SIZE = (12, 9)  # inches: 1200 × 900 pixels at DPI
-ANALYSIS_SIZE = (12, 13)  # inches: 1200 × 1300 pixels at DPI
 MAX_LEGEND_LAYERS = 8  # more layers than this get a colorbar instead of a legend
 FLOOR = 1e-16  # zeros (and smaller) are drawn here on log axes
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -53,19 +52,23 @@ def plot_dynamics(doc: dict, path: str | Path) -> None:
 
 
 def plot_analysis(doc: dict, path: str | Path) -> None:
-    """Write a PNG (1200×1300 px) of an `icl-probe.analysis/2` document to `path`, atomically.
+    """Write a PNG of an `icl-probe.analysis/2` document to `path`, atomically: 1200 px wide, 900 px high,
+    plus 400 px for each of the gradient alignment (with --gradient) and the per-layer ablation (with it).
 
-    Panels: relative ‖ΔW‖, ‖Δb‖ and ‖ΔA‖, the per-block errors per layer; the ablation KLs; the per-layer ablation.
+    Panels: relative ‖ΔW‖, ‖Δb‖ and ‖ΔA‖, the per-block errors per layer; the ablation KLs; then, when the
+    document has them, ∇cos per module and layer, and the per-layer ablation. Absent parts get no panel.
     """
     check_schema(doc, ANALYSIS_SCHEMA)
-    fig = new_figure(ANALYSIS_SIZE)
-    grid = fig.add_gridspec(3, 2)
-    axes = [fig.add_subplot(grid[i, j]) for i in range(2) for j in range(2)] + [fig.add_subplot(grid[2, :])]
+    layers = doc["layers"]
+    extras = [plot_gradient] * has_gradient(layers) + [plot_layer_ablation] * (doc.get("layer_ablation") is not None)
+    fig = new_figure(analysis_size(len(extras)))
+    grid = fig.add_gridspec(2 + len(extras), 2)
+    axes = [fig.add_subplot(grid[i, j]) for i in range(2) for j in range(2)]
+    axes += [fig.add_subplot(grid[2 + i, :]) for i in range(len(extras))]
     fig.suptitle(
         f"icl-probe analyze — {label(doc['model'])} ({doc['model_type']}, {doc['dtype']}, residual={doc['residual']})"
-        f"\n{CAPTION}"
+        f"\n{caption(layers, doc.get('num_layers'))}"
     )
-    layers = doc["layers"]
     plot_relative_norms(axes[0], layers)
     bars_by_layer(
         axes[1],
@@ -83,35 +86,82 @@ def plot_analysis(doc: dict, path: str | Path) -> None:
         "(c) errors per block",
     )
     plot_ablation(axes[3], doc["ablation"], doc["logits"]["kl_no_context"])
-    plot_layer_ablation(axes[4], doc.get("layer_ablation"), doc["logits"]["kl_no_context"])
+    for ax, letter, extra in zip(axes[4:], "ef", extras):
+        extra(ax, doc, f"({letter})")
     save(fig, path)
+
+
+def caption(layers: list[dict], num_layers: int | None) -> str:
+    """What KL(context ‖ patched) proves: the plumbing when every layer is patched, nothing when only some are."""
+    if num_layers is None or len(layers) >= num_layers:
+        return CAPTION
+    return (f"only {len(layers)} of {num_layers} layers patched: the others run on the query alone, so KL(context ‖ "
+            "patched) is not expected to be 0")  # fmt: skip
+
+
+def analysis_size(extra_rows: int) -> tuple[float, float]:
+    """Inches: 12 wide; 9 high for the four main panels, and 4 more per full-width panel below them."""
+    return (12, 9 + 4 * extra_rows)
+
+
+def has_gradient(layers: list[dict]) -> bool:
+    return any(m.get("gradient_alignment") is not None for x in layers for m in x["modules"].values())
 
 
 def plot_transfer(doc: dict, path: str | Path) -> None:
-    """Accuracy per method as bars (the largest K), and with a sweep, accuracy against K."""
-    from .transfer import LABELS, METHODS, SCHEMA
+    """Accuracy per method as labelled bars (the largest K), and with a sweep, accuracy against K."""
+    from .transfer import METHODS, SCHEMA
 
     check_schema(doc, SCHEMA)
     sweep = doc["sweep"]
-    fig = new_figure((12, 5) if len(sweep) > 1 else (8, 5))
-    axes = fig.subplots(1, 2 if len(sweep) > 1 else 1, squeeze=False)[0]
+    fig = new_figure((14, 5.5) if len(sweep) > 1 else (8, 5.5))
+    axes = fig.subplots(1, 2 if len(sweep) > 1 else 1, squeeze=False, width_ratios=[1, 1.3][: 1 + (len(sweep) > 1)])[0]
     methods = [m for m in METHODS if doc["accuracy"][m] is not None]
-    axes[0].bar(range(len(methods)), [doc["accuracy"][m] for m in methods], color="#3b528b")
-    axes[0].set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right", fontsize=8)
-    axes[0].set_ylim(0, 1)
-    axes[0].set_ylabel("first-token accuracy, held-out queries")
-    axes[0].set_title(f"{doc['model']} · {doc['task']} · K={doc['calibration']}", fontsize=10)
+    accuracy_bars(axes[0], doc, methods)
     if len(sweep) > 1:
-        ks = [e["calibration"] for e in sweep]
-        for i, m in enumerate(methods):
-            axes[1].plot(ks, [e["accuracy"][m] for e in sweep], marker="osD^v*Px"[i % 8], label=LABELS[m])
-        axes[1].set_xscale("log", base=2)
-        axes[1].set_xticks(ks, [str(k) for k in ks])
-        axes[1].set_ylim(0, 1)
-        axes[1].set_xlabel("calibration queries K")
-        axes[1].set_title("accuracy against K", fontsize=10)
-        axes[1].legend(fontsize=8)
+        accuracy_sweep(axes[1], doc, methods)
     save(fig, path)
+
+
+def accuracy_bars(ax, doc: dict, methods: list[str]) -> None:
+    """A bar per method, each labelled with its accuracy and count of n; a bar of 0 shows as a line and its label."""
+    from .transfer import LABELS
+
+    n = doc["n_heldout"]
+    values = [doc["accuracy"][m] for m in methods]
+    bars = ax.bar(range(len(methods)), values, color="#3b528b", edgecolor="black", linewidth=0.8)
+    ax.bar_label(bars, [f"{v:.2f}\n{round(v * n)}/{n}" for v in values], padding=2, fontsize=8)
+    zeros = [i for i, v in enumerate(values) if v == 0]
+    ax.plot(zeros, [0] * len(zeros), linestyle="none", marker="_", markersize=24, markeredgewidth=3, color="#3b528b",
+            zorder=3, clip_on=False)  # a bar of height 0, drawn as a thick stub on the axis  # fmt: skip
+    ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(-0.02, 1.18)  # room above 1 for the labels; a zero bar's edge stays off the axis line
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+    ax.axhline(0, color="grey", linewidth=0.6)
+    ax.set_ylabel("first-token accuracy, held-out queries")
+    ax.set_title(f"{doc['model']} · {doc['task']} · K={doc['calibration']} · n={n} held-out queries", fontsize=10)
+
+
+def accuracy_sweep(ax, doc: dict, methods: list[str]) -> None:
+    """Accuracy against K, one line per method; equal lines stay visible through their styles and hollow markers
+    of decreasing size, the axis is padded past 0 and 1, and the legend sits outside the axes."""
+    from .transfer import LABELS
+
+    sweep = doc["sweep"]
+    ks = [e["calibration"] for e in sweep]
+    for i, m in enumerate(methods):
+        s = style(i, len(methods))
+        ax.plot(ks, [e["accuracy"][m] for e in sweep], label=LABELS[m], color=s["color"], marker=s["marker"],
+                linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=12 - i, markerfacecolor="none",
+                markeredgewidth=1.5, linewidth=1.5)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(-0.06, 1.06)
+    ax.set_xlabel("calibration queries K")
+    ax.set_ylabel("first-token accuracy")
+    ax.set_title(f"accuracy against K (n={doc['n_heldout']} held-out queries)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 def check_schema(doc: dict, schema: str) -> None:
@@ -203,20 +253,30 @@ def plot_by_layer(ax, series: dict[int, tuple[list, list]], ylabel: str, title: 
 
 
 def plot_target(ax, doc: dict) -> None:
-    """The target's probability against the examples, and KL(context ‖ patched) on a second, log axis."""
+    """The target's probability against the examples, and KL(context ‖ patched) on a second, log axis.
+
+    A KL of exactly 0 cannot sit on a log axis: it is drawn at FLOOR with a hollow marker, and the legend says so.
+    The legend sits below the axes, clear of both curves.
+    """
     prefixes = doc["prefixes"]
     xs = [p["examples"] for p in prefixes]
     title = f"(c) probability of the target {label(doc['target']['token'], 20)!r} after the update"
     setup(ax, "in-context examples", "p(target | query alone, ΔW, Δb)", title)
     handles = ax.plot(xs, [p["target_prob"] for p in prefixes], label="target probability", **style(0, 2, "cividis"))
     ax.set_ylim(0, 1.05)
-    kl = [(p["examples"], max(p["kl_patched"], FLOOR)) for p in prefixes if p.get("kl_patched") is not None]
+    kl = [(p["examples"], p["kl_patched"]) for p in prefixes if p.get("kl_patched") is not None]
     if kl:
         twin = ax.twinx()
-        handles += twin.plot(*zip(*kl), label="KL(context ‖ patched)", **style(1, 2, "cividis"))
+        line = style(1, 2, "cividis")
+        handles += twin.plot([x for x, _ in kl], [max(y, FLOOR) for _, y in kl], label="KL(context ‖ patched)", **line)
+        zeros = [x for x, y in kl if y <= 0]
+        if zeros:
+            marker = {"color": line["color"], "marker": "o", "markerfacecolor": "white", "linestyle": "none"}
+            handles += twin.plot(zeros, [FLOOR] * len(zeros), markersize=8, label="KL = 0 exactly, drawn at 1e-16",
+                                 **marker)  # fmt: skip
         twin.set_yscale("log")
         twin.set_ylabel("KL (nats, log)")
-    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncols=len(handles))
 
 
 def plot_alignments(ax, gradient: list[dict] | None, finetune: dict | None) -> None:
@@ -283,7 +343,8 @@ def lines_by_layer(ax, xs: list[int], series: dict[str, list], ylabel: str, titl
 
 def plot_ablation(ax, ablation: dict, kl_no_context: float) -> None:
     """The KL to the with-context output of each ablation, on a log axis, with the no-context KL for reference."""
-    setup(ax, "update applied to the query alone", "KL(context ‖ patched), nats (log)", "(d) ablation")
+    xlabel = "update applied to the query alone, as weights\n(which rounds differently from the sequential run)"
+    setup(ax, xlabel, "KL(context ‖ patched), nats (log)", "(d) ablation")
     names = [k for k in ABLATIONS if k in ablation]
     kls = [max(ablation[k]["kl"], FLOOR) for k in names]
     for i, kl in enumerate(kls):
@@ -298,18 +359,42 @@ def plot_ablation(ax, ablation: dict, kl_no_context: float) -> None:
     ax.legend(fontsize=8, loc="upper right")
 
 
-def plot_layer_ablation(ax, rows: list[dict] | None, kl_no_context: float) -> None:
+def plot_layer_ablation(ax, doc: dict, letter: str) -> None:
     """Per-layer KL with that layer's update removed and with it alone, on a log axis."""
-    title = "(e) per-layer ablation: the update without one layer, and that layer's update alone"
+    rows, kl_no_context = doc["layer_ablation"], doc["logits"]["kl_no_context"]
+    title = f"{letter} per-layer ablation: the update without one layer, and that layer's update alone"
     ylabel = "KL(context ‖ patched), nats (log)"
-    if rows is None:
-        setup(ax, "layer", ylabel, title)
-        return empty(ax, "layer ablation not computed")
     names = {"without": "all layers but this one", "alone": "this layer alone"}
     series = {name: [r[k]["kl"] for r in rows] for k, name in names.items()}
     lines_by_layer(ax, [r["layer"] for r in rows], series, ylabel, title)
     ax.axhline(max(kl_no_context, FLOOR), color="black", linestyle=":", linewidth=1, label="no context (no update)")
     ax.legend(fontsize=8)
+
+
+def plot_gradient(ax, doc: dict, letter: str) -> None:
+    """∇cos = cos_F(ΔW, −∇W L) per layer, one hatched bar per first linear, on a linear axis around 0."""
+    layers = doc["layers"]
+    names = list(dict.fromkeys(path.rsplit(".", 1)[-1] for x in layers for path in x["modules"]))
+    target = (doc.get("target") or {}).get("token")
+    of = f" of the target {label(repr(target), 24)}" if target is not None else ""
+    setup(
+        ax, "layer", "∇cos (1: ΔW points down the loss)", f"{letter} gradient alignment ∇cos = cos_F(ΔW, −∇W loss{of})"
+    )
+    width = 0.8 / max(len(names), 1)
+    values = []
+    for i, name in enumerate(names):
+        points = [(x["layer"] + (i - (len(names) - 1) / 2) * width, m["gradient_alignment"])
+                  for x in layers for path, m in x["modules"].items()
+                  if path.rsplit(".", 1)[-1] == name and m.get("gradient_alignment") is not None]  # fmt: skip
+        if points:
+            colour = style(i, len(names), "cividis")["color"]
+            ax.bar(*zip(*points), width=width, label=name, color=colour, hatch=HATCHES[i % len(HATCHES)],
+                   edgecolor="black", linewidth=0.3)  # fmt: skip
+            values += [y for _, y in points]
+    ax.axhline(0, color="grey", linewidth=0.6)
+    top = max(map(abs, values), default=1.0) * 1.3 or 1.0
+    ax.set_ylim(-top, top)  # symmetric: the sign reads at a glance
+    ax.legend(fontsize=8, ncols=len(names), loc="upper left")
 
 
 def setup(ax, xlabel: str, ylabel: str, title: str) -> None:

@@ -2,6 +2,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.pop("COLUMNS", None)  # piped CLI output is 160 wide unless a test sets COLUMNS itself
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -151,15 +151,15 @@ def test_the_report_fits_and_names_the_first_mismatch(tmp_path, tokenizer, width
     model = tiny_model("llama")
     analysis = analyze(model, tokenizer, CONTEXT, QUERY, generate=N).to_dict()
     lines = render(print_with_positions, analysis, width)
-    first = next(i for i, line in enumerate(lines) if line.startswith("generation (recomputed per token): "))
-    assert f"{N} of {N} tokens (100%) match the context" in lines[first]
-    assert lines[first + 1].startswith("with context ")
+    first = next(i for i, line in enumerate(lines) if line.startswith("position-wise match (recomputed per token): "))
+    assert lines[first].endswith(f"{N} of {N} tokens (100%)") and lines[first + 1].startswith("teacher-forced: ")
+    assert lines[first + 2].startswith("with context ")
     path = tmp_path / "p.safetensors"
     export_patch(model, tokenizer, CONTEXT, QUERY, output=path)
     fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()
     fixed["generation"]["tokens"][1]["patched_token"] = "a long token " * 4  # the line must wrap, not overflow
     lines = render(print_replay, fixed, width)
-    start = next(i for i, line in enumerate(lines) if line.startswith("generation (patch held fixed): "))
+    start = next(i for i, line in enumerate(lines) if line.startswith("position-wise match (patch held fixed): "))
     assert any(line.startswith("first mismatch at token 1: context ") for line in lines[start:])
     assert all(len(line.rstrip()) <= width for line in lines[start:])
 

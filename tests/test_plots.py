@@ -1,4 +1,5 @@
-"""The PNG figures of dynamics and analysis documents: size, not blank, written atomically, and matplotlib optional."""
+"""The PNG figures of dynamics, analysis and transfer documents: size, not blank, written atomically, matplotlib
+optional, and what each panel shows (read back from the Figure's axes)."""
 
 import random
 import sys
@@ -98,6 +99,21 @@ def analysis_doc(num_layers: int, layer_ablation: bool = True) -> dict:
     return doc
 
 
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """Every Figure the plots save during the test, in order (the PNG is still written)."""
+    from icl_probe import plots
+
+    saved, save = [], plots.save
+
+    def recording(fig, path):
+        saved.append(fig)
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "save", recording)
+    return saved
+
+
 def check_png(path, size: tuple[int, int]) -> None:
     """A PNG of the given pixel size with plenty of ink and colour in it."""
     with Image.open(path) as image:
@@ -110,20 +126,128 @@ def check_png(path, size: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("num_layers", [2, 30])
 @pytest.mark.parametrize("extras", [True, False])
-def test_dynamics_png(tmp_path, num_layers, extras):
+def test_dynamics_png(tmp_path, figures, num_layers, extras):
     path = tmp_path / "dynamics.png"
     plot_dynamics(dynamics_doc(num_layers, extras=extras), path)
     check_png(path, (1200, 900))
+    (ax,) = [ax for ax in figures[-1].axes if ax.get_title().startswith("(c)")]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["target probability", "KL(context ‖ patched)"]
     assert [p.name for p in tmp_path.iterdir()] == ["dynamics.png"]
 
 
-@pytest.mark.parametrize("num_layers", [2, 30])
-@pytest.mark.parametrize("layer_ablation", [True, False])
-def test_analysis_png(tmp_path, num_layers, layer_ablation):
+@pytest.mark.parametrize(
+    ("num_layers", "layer_ablation", "gradient"), [(30, True, True), (2, False, False), (2, True, False)]
+)
+def test_analysis_png(tmp_path, figures, num_layers, layer_ablation, gradient):
+    """Four panels, then a full-width row each for the gradient alignment and the per-layer ablation, if present."""
+    doc = analysis_doc(num_layers, layer_ablation)
+    if not gradient:
+        for layer in doc["layers"]:
+            for m in layer["modules"].values():
+                m["gradient_alignment"] = None
     path = tmp_path / "analysis.png"
-    plot_analysis(analysis_doc(num_layers, layer_ablation), path)
-    check_png(path, (1200, 1300))
+    plot_analysis(doc, path)
+    check_png(path, (1200, 900 + 400 * (gradient + layer_ablation)))
     assert [p.name for p in tmp_path.iterdir()] == ["analysis.png"]
+    titles = [ax.get_title() for ax in figures[-1].axes]
+    assert len(titles) == 4 + gradient + layer_ablation
+    assert any("gradient alignment" in t for t in titles) is gradient
+    assert any("per-layer ablation" in t for t in titles) is layer_ablation
+    texts = [t.get_text() for ax in figures[-1].axes for t in ax.texts]
+    assert not any("not computed" in t for t in texts)  # an absent part gets no panel at all
+    assert "Δb closes the gap at every block" in figures[-1].get_suptitle()  # no num_layers: not known partial
+
+
+def test_gradient_panel_draws_each_alignment(figures, tmp_path):
+    doc = analysis_doc(5, layer_ablation=False) | {"target": {"token": " hot", "id": 42}}
+    plot_analysis(doc, tmp_path / "a.png")
+    check_png(tmp_path / "a.png", (1200, 1300))
+    (ax,) = [ax for ax in figures[-1].axes if "gradient alignment" in ax.get_title()]
+    assert "' hot'" in ax.get_title()
+    drawn = sorted(round(bar.get_height(), 12) for bar in ax.patches)
+    wanted = sorted(round(m["gradient_alignment"], 12) for layer in doc["layers"] for m in layer["modules"].values()
+                    if m["gradient_alignment"] is not None)  # fmt: skip
+    assert drawn == wanted
+    low, high = ax.get_ylim()
+    assert low == -high and high > max(map(abs, wanted))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gate_proj", "up_proj"]
+
+
+def test_partial_patch_caption(figures, tmp_path):
+    doc = analysis_doc(3) | {"num_layers": 30}
+    plot_analysis(doc, tmp_path / "a.png")
+    title = figures[-1].get_suptitle()
+    assert "only 3 of 30 layers patched" in title and "not expected to be 0" in title
+    assert "Δb closes the gap at every block" not in title
+
+
+def legend_box(ax):
+    return ax.get_legend().get_window_extent()
+
+
+def test_dynamics_target_panel_notes_zero_kl_and_keeps_its_legend_off_the_data(figures, tmp_path):
+    doc = dynamics_doc(2)
+    for p in doc["prefixes"][1:]:
+        p["kl_patched"] = 0.0
+    plot_dynamics(doc, tmp_path / "d.png")
+    check_png(tmp_path / "d.png", (1200, 900))
+    fig = figures[-1]
+    fig.canvas.draw()
+    (ax,) = [ax for ax in fig.axes if ax.get_title().startswith("(c)")]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["target probability", "KL(context ‖ patched)", "KL = 0 exactly, drawn at 1e-16"]
+    assert legend_box(ax).y1 <= ax.get_window_extent().y0  # below the axes, so it covers no curve
+
+
+def transfer_doc(sweep: bool = True) -> dict:
+    """A synthetic `icl-probe.transfer/1` document: zero accuracies, and lines that coincide at 0 and at 1."""
+    from icl_probe.transfer import METHODS, SCHEMA
+
+    def accuracy(k: int) -> dict:
+        values = {"zero_shot": 0.0, "icl": 1.0, "own_patch": 1.0, "single_patch": 0.0, "mean_patch": 0.25,
+                  "joint_patch": 0.5 if k > 1 else 0.25, "thought_patch": 0.0, "task_vector": 0.75}  # fmt: skip
+        return {m: values[m] for m in METHODS}
+
+    ks = [1, 2, 4] if sweep else [4]
+    entries = [{"calibration": k, "accuracy": accuracy(k)} for k in ks]
+    return {"schema": SCHEMA, "model": "tiny/llama", "task": "antonyms", "calibration": ks[-1], "n_heldout": 8,
+            "accuracy": entries[-1]["accuracy"], "sweep": entries}  # fmt: skip
+
+
+@pytest.mark.parametrize("sweep", [True, False])
+def test_transfer_bars_are_labelled_with_value_and_n_and_zeros_show(figures, tmp_path, sweep):
+    from icl_probe.plots import plot_transfer
+
+    doc = transfer_doc(sweep)
+    plot_transfer(doc, tmp_path / "t.png")
+    with Image.open(tmp_path / "t.png") as image:
+        assert image.size == ((1400, 550) if sweep else (800, 550))
+    bars = figures[-1].axes[0]
+    labels = [t.get_text() for t in bars.texts]
+    assert labels == [f"{v:.2f}\n{round(v * 8)}/8" for v in doc["accuracy"].values()]
+    assert "0.00\n0/8" in labels and "n=8" in bars.get_title()
+    assert bars.get_ylim()[0] < 0 < 1 < bars.get_ylim()[1]  # a zero bar's edge and the labels above 1 show
+    assert all(bar.get_edgecolor()[3] > 0 and bar.get_linewidth() > 0 for bar in bars.patches)
+    (stubs,) = [line for line in bars.get_lines() if line.get_marker() == "_"]  # a zero bar: a thick stub at 0
+    zeros = [i for i, v in enumerate(doc["accuracy"].values()) if v == 0]
+    assert list(stubs.get_xdata()) == zeros and set(stubs.get_ydata()) == {0} and stubs.get_markeredgewidth() >= 2
+
+
+def test_transfer_sweep_lines_stay_visible_and_the_legend_is_outside(figures, tmp_path):
+    from icl_probe.plots import plot_transfer
+
+    plot_transfer(transfer_doc(), tmp_path / "t.png")
+    fig = figures[-1]
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    low, high = ax.get_ylim()
+    assert low < 0 and high > 1  # lines at 0 and 1 are not drawn on the axes' edges
+    lines = ax.get_lines()
+    assert len({(line.get_marker(), line.get_linestyle(), line.get_markersize()) for line in lines}) == len(lines)
+    on_one = [line for line in lines if list(line.get_ydata()) == [1.0, 1.0, 1.0]]
+    assert len(on_one) == 2 and on_one[0].get_markersize() != on_one[1].get_markersize()  # in context, own patch
+    assert legend_box(ax).x0 >= ax.get_window_extent().x1  # right of the axes, over no line
+    assert legend_box(ax).x1 <= fig.bbox.x1 + 1  # and inside the figure
 
 
 def test_overwrite_is_atomic(tmp_path):
@@ -131,7 +255,7 @@ def test_overwrite_is_atomic(tmp_path):
     path = tmp_path / "analysis.png"
     path.write_bytes(b"old")
     plot_analysis(analysis_doc(2), path)
-    check_png(path, (1200, 1300))
+    check_png(path, (1200, 1700))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.png"]
 
 

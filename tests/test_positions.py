@@ -203,7 +203,7 @@ def run(*args):
 def test_cli_analyze_export_and_replay(tiny_llama_dir, tmp_path):
     code, out, err = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--positions", "all")
     assert code == 0, err
-    assert "solved at all 5 query positions" in out and "greedy generation agrees" in out
+    assert "solved at all 5 query positions" in out and "prefix agreement (free-running greedy): first" in out
     code, out, err = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY,
                          "--positions", "all", "--json", "-")  # fmt: skip
     doc = json.loads(out)

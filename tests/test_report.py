@@ -136,10 +136,31 @@ def test_text_not_stored(tiny_doc):
     assert text.count("(text not stored)") == 2
 
 
+def without_gradient(doc: dict) -> dict:
+    layers = [{**layer, "modules": {p: {**m, "gradient_alignment": None} for p, m in layer["modules"].items()}}
+              for layer in doc["layers"]]  # fmt: skip
+    return {**doc, "layers": layers, "target": None}
+
+
 def test_narrow_table_has_a_column_per_module_and_a_bar():
-    text = render(print_analysis, synthetic_analysis(), 80)
+    text = render(print_analysis, without_gradient(synthetic_analysis()), 80)
     assert all(name in text for name in MODULES) and "█" in text
-    assert "∇cos" not in text.split("‖ΔW‖/‖W‖: relative")[0]  # the narrow table leaves out the wide figures
+    table = text.split("‖ΔW‖/‖W‖: relative")[0]
+    assert "‖zC−z0‖" not in table and "∇cos" not in table  # the narrow table leaves out the wide figures
+
+
+def test_narrow_table_shows_each_modules_gradient_alignment():
+    doc = synthetic_analysis()
+    text = render(print_analysis, doc, 80)
+    check_lines(text, 80)
+    table, legend = text.split("‖ΔW‖/‖W‖: relative")
+    assert table.count("∇cos") == len(MODULES) and "wide view" not in text
+    for layer, line in zip(doc["layers"], table.splitlines()[-len(doc["layers"]) - 1 :]):
+        cells = line.replace("│", " ").split()
+        expected = [fmt(layer["modules"][f"model.layers.{layer['layer']}.mlp.{m}"]["gradient_alignment"])
+                    for m in MODULES]  # fmt: skip
+        assert cells[0] == str(layer["layer"]) and cells[-len(MODULES) :] == expected, line
+    assert "∇cos: cos_F(ΔW, −∇W loss of the target)" in " ".join(legend.split())
 
 
 def test_narrow_table_falls_back_to_the_largest_module_when_columns_cannot_fit():
@@ -151,6 +172,21 @@ def test_narrow_table_falls_back_to_the_largest_module_when_columns_cannot_fit()
     text = render(print_analysis, doc, 80)
     check_lines(text, 80)
     assert "max" in text and "0.04" in text and "0.01" not in text
+
+
+def test_narrow_table_falls_back_to_the_mean_alignment_when_columns_cannot_fit():
+    doc = synthetic_analysis(4)
+    for layer in doc["layers"]:
+        layer["modules"] = {f"model.layers.{layer['layer']}.mlp.a_rather_long_projection_{k}": {
+            "delta_w_norm": 1.0, "weight_norm": 30.0, "relative_norm": 0.01 * (k + 1), "rank": 1,
+            "gradient_alignment": 0.01 * (k + 1) * (layer["layer"] + 1)} for k in range(4)}  # fmt: skip
+    text = render(print_analysis, doc, 80)
+    check_lines(text, 80)
+    table, legend = text.split("‖ΔW‖/‖W‖: relative")
+    assert "max" in table and "mean" in table and "projection" not in table
+    assert "∇cos: cos_F(ΔW, −∇W loss of the target), mean over modules" in " ".join(legend.split())
+    for layer in doc["layers"]:  # mean of 0.01..0.04 times (layer + 1)
+        assert fmt(0.025 * (layer["layer"] + 1)) in text
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -161,8 +161,8 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
     """(output, status) consoles; with `--json -` everything but the JSON goes to stderr."""
     err = Console(stderr=True)
     out = Console()
-    if not out.is_terminal:  # piped or logged: no terminal width to respect, so don't crush the tables
-        out = Console(width=160)
+    if not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        out = Console(width=160)  # piped or logged with no width given: don't crush the tables
     return (err if json_path == "-" else out), err
 
 
