@@ -53,7 +53,7 @@ def parse_knockout(text: str) -> tuple[int, ...] | None:
     return sizes
 
 
-@app.command()
+@app.command(short_help="Which attention heads write the context into ΔW and Δb.")
 def heads(
     model: ModelOpt = DEFAULT_MODEL,
     context: ContextOpt = None,
