@@ -135,19 +135,15 @@ def test_theory_dynamics_demo(runner):
     assert f"(implicit update: {doc['finetune']['implicit_query_loss']:.2f})" in text
 
 
-def test_prose_quotes_the_checked_table():
-    """The README's opening paragraph and docs/cli.md repeat the demo's row of the "Measured" table."""
+def test_prose_quotes_the_checked_tables():
+    """The README's opening paragraph, docs/cli.md and docs/theory.md's prose repeat rows of the checked tables."""
     _, _, _, kl_alone, _, delta_w_only = ANALYZE_ROWS[0]
-    assert ANALYZE_COMMANDS[0] == [
-        "analyze",
-        "--context",
-        DEMO_CONTEXT,
-        "--query",
-        DEMO_QUERY,
-    ]  # what a bare analyze runs
-    assert f"the query alone is at KL = {kl_alone}, and ΔW alone, without Δb, is at KL = {delta_w_only}" in prose(
-        "README.md"
-    )
-    assert f"ΔW alone gives KL {delta_w_only} (top-1 lost), against {kl_alone} for the query alone" in prose(
-        "docs/cli.md"
-    )
+    assert ANALYZE_COMMANDS[0] == ["analyze", "--context", DEMO_CONTEXT, "--query", DEMO_QUERY]  # a bare analyze
+    readme = f"the query alone is at KL = {kl_alone}, and ΔW alone, without Δb, is at KL = {delta_w_only}"
+    assert readme in prose("README.md")
+    cli = f"ΔW alone gives KL {delta_w_only} (top-1 lost), against {kl_alone} for the query alone"
+    assert cli in prose("docs/cli.md")
+    smol, _, gemma = ([cell.split(",")[0] for cell in row] for row in ABLATION_ROWS)
+    assert smol[1:3] == [kl_alone, delta_w_only]  # the theory table's demo row is the README's
+    theory = f"(KL {smol[2]} against {smol[1]}); on Gemma 3 they halve the KL ({gemma[2]} against {gemma[1]})"
+    assert theory in prose("docs/theory.md")
