@@ -60,9 +60,12 @@ def test_readme_analyze_table(runner, row, args):
 @pytest.mark.parametrize("args", commands("README.md", "positions"), ids=model_of)
 def test_readme_positions_all(runner, args):
     """README, "Whole-query patches": the worst KL over the query's positions is below 1e-6 in float32."""
-    positions = runner.json(args)["positions"]
+    doc = runner.json(args)
+    positions = doc["positions"]
     assert max(row["kl"] for row in positions["per_position"]) < 1e-6
     assert all(row["top1_match"] for row in positions["per_position"])
+    assert all(layer["dependent_positions"] == [] for layer in doc["layers"])
+    assert positions["worst_block_error"]["value"] < 1e-5
 
 
 @pytest.mark.parametrize(("row", "args"), list(zip(ABLATION_ROWS, ABLATION_COMMANDS)), ids=lambda r: r[0][:9])
