@@ -86,3 +86,11 @@ def test_every_doc_link_points_to_a_file():
     for doc in DOCS.glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             assert (doc.parent / target).is_file(), f"{doc.name} links to a missing {target}"
+
+
+def test_docs_name_no_issue_numbers():
+    """A reader has no issue tracker: the README and docs/ say what a figure or choice is, not which issue asked."""
+    for doc in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = doc.read_text(encoding="utf-8")
+        found = re.findall(r"(?<!safetensors )\bissues? #?\d+", text, re.I)  # an upstream bug report is a reference
+        assert not found, f"{doc.name} names {found}"

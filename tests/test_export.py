@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from doc_commands import commands, number, table_after
 from safetensors.torch import load_file
 from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
@@ -26,10 +27,23 @@ from icl_probe.patching import Patch, applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 KL_LIMIT = 1e-5  # the issue's bar for every format
-REAL_KL_LIMIT = 1e-9  # README.md: SmolLM2's figures are float32 rounding (about 1e-11, varying between machines)
-# README.md, "Measured": each format's size on disk and its dense ΔW, rounded to kB or MB
-README_SIZES = {"native-bias": (592e3, 212e6), "native-fold": (779e3, 319e6), "peft": (788e3, 319e6),
-                "merged": (542e6, None)}  # fmt: skip
+REAL_KL_LIMIT = 1e-9  # README.md's export table: SmolLM2's KLs are float32 rounding, "< 1e-9" (measured ~1e-11)
+EXPORTS = ["native-bias", "native-fold", "peft", "merged"]  # the README table's rows, and its commands, in order
+UNITS = {"KB": 1e3, "MB": 1e6}
+
+
+def readme_sizes() -> dict[str, tuple[float, float | None]]:
+    """README.md's export table: each format's size on disk and its dense ΔW in bytes, as printed (kB or MB)."""
+    rows = table_after("README.md", "| format | KL as written | KL loaded back | size | dense ΔW |")
+    assert len(rows) == len(EXPORTS) and all(row[1] == "< 1e-9" and row[2].startswith("< 1e-9") for row in rows)
+
+    def size(cell: str) -> float | None:
+        return number(cell) * UNITS[cell.split()[-1]] if cell else None
+
+    return {which: (size(row[3]), size(row[4])) for which, row in zip(EXPORTS, rows, strict=True)}
+
+
+README_SIZES = readme_sizes()
 
 
 def logits_of(model, ids):
@@ -388,7 +402,16 @@ def test_smollm2_merged_checkpoint(smollm2):
     assert kl_divergence(with_context, logits_of(model, prompt.query_only)) > 1  # the in-memory model is unpatched
 
 
-@pytest.mark.parametrize("which", list(README_SIZES))
+def test_readme_export_commands_are_the_fixtures():
+    """The README's export commands, in the table's row order, are the four exports the `smollm2` fixture makes."""
+    exports = [args for args in commands("README.md", "export-table") if args[0] == "export-patch"]
+    kinds = [(args[args.index("--format") + 1] if "--format" in args else "native") for args in exports]
+    folds = ["--residual" in args and args[args.index("--residual") + 1] == "fold" for args in exports]
+    assert kinds == ["native", "native", "peft", "merged"] and folds == [False, True, False, False]
+    assert all("--context" not in args and "--model" not in args for args in exports)  # the SmolLM2 demo
+
+
+@pytest.mark.parametrize("which", EXPORTS)
 def test_smollm2_export_figures_in_the_readme(smollm2, which):
     export = smollm2[2][which]
     assert export.kl_patched == 0.0  # analyze's own run: the last block's Δb restores the with-context state

@@ -226,8 +226,8 @@ def test_cli_errors_are_one_line(tiny_llama_dir):
 
 # ---- the real models ------------------------------------------------------------------------------------------
 
+# The antonym demo (`analyze --positions all`) is tests/test_doc_figures.py's: it runs the README's commands.
 PROMPTS = {
-    "antonyms": ("hot -> cold\nbig -> small\nfast -> slow\nup -> down\n", "happy ->"),
     "capitals": ("France: Paris\nJapan: Tokyo\nItaly: Rome\nEgypt: Cairo\n", "Germany:"),
     "sentence": ("Q: What is the capital of France?\nA: Paris\n", "Q: What is the capital of Germany?\nA:"),
 }

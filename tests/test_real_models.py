@@ -1,6 +1,7 @@
-"""The real SmolLM2-135M and Gemma 3 270M, loaded once per session: exact replay on three ICL prompts, the
-figures of README.md's "Measured" table, a cross-check against an independent implementation
-(tests/data/reference), and generation agreement in float32 and bf16 ("Precision and generation")."""
+"""The real SmolLM2-135M and Gemma 3 270M, loaded once per session: exact replay and rank-1 updates on three ICL
+prompts, a cross-check against an independent implementation (tests/data/reference), and generation agreement
+in float32 and bf16 ("Precision and generation"). The figures of README.md's "Measured" table are checked by
+tests/test_doc_figures.py, which runs the commands printed under it."""
 
 import copy
 import json
@@ -18,15 +19,6 @@ PROMPTS = {
 }
 EXPECTED_TOP1 = {"antonyms": " sad", "capitals": " Berlin", "plurals": " mice"}
 REFERENCE = Path(__file__).parent / "data" / "reference"
-# README.md, "Measured": (KL(context ‖ query alone), ΔW-only KL), printed to two decimals.
-README_TABLE = {
-    ("smollm2-135m", "antonyms"): (8.63, 8.92),
-    ("smollm2-135m", "capitals"): (7.38, 6.03),
-    ("smollm2-135m", "plurals"): (12.26, 10.52),
-    ("gemma3-270m", "antonyms"): (4.32, 2.13),
-    ("gemma3-270m", "capitals"): (4.23, 4.95),
-    ("gemma3-270m", "plurals"): (8.95, 5.02),
-}
 
 
 @pytest.mark.parametrize("model_name", ["smollm2-135m", "gemma3-270m"])
@@ -37,14 +29,12 @@ def test_patched_query_reproduces_context(real_models, model_name, prompt):
     result = icl_probe.analyze(model, tokenizer, context, query)
     doc = result.to_dict()
     logits = doc["logits"]
-    kl_no_context, kl_delta_w_only = README_TABLE[model_name, prompt]
-    assert logits["kl_no_context"] == pytest.approx(kl_no_context, abs=0.005)  # the context changes the answer ...
+    assert logits["kl_no_context"] > 1  # the context changes the answer ...
     # ... and the patched query alone gives it back bit for bit: the last block's Δb restores the with-context
     # hidden state exactly, and only the last position's logits are computed. This proves the plumbing.
     assert logits["kl_patched"] == 0.0
     assert logits["top1_match"]
     assert logits["top_k"]["patched"][0]["token"] == EXPECTED_TOP1[prompt]
-    assert doc["ablation"]["delta_w_only"]["kl"] == pytest.approx(kl_delta_w_only, abs=0.005)  # what ΔW alone carries
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-5  # the theorem, to float32 rounding
     reported = {path: m["rank"] for layer in doc["layers"] for path, m in layer["modules"].items()}
     for path, delta in result.patch.low_rank.items():
