@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import input_device
+from .capture import model_inputs
 from .errors import UsageError
 from .inputs import Prompt
 from .lowrank import MATH_DTYPE
@@ -41,8 +41,7 @@ def train_loss(model: nn.Module, data: list[tuple]) -> torch.Tensor:
     """Mean cross-entropy of every example's target tokens, each predicted from the tokens before it."""
     losses = []
     for ids, start in data:
-        ids_t = torch.tensor([ids], device=input_device(model))
-        logits = model(input_ids=ids_t, use_cache=False).logits[0]  # (T, vocab)
+        logits = model(**model_inputs(model, [ids]), use_cache=False).logits[0]  # (T, vocab)
         labels = torch.tensor(ids[start:], device=logits.device)
         losses.append(nn.functional.cross_entropy(at_least_float32(logits[start - 1 : -1]), labels, reduction="sum"))
     return torch.stack(losses).sum() / sum(len(ids) - start for ids, start in data)
@@ -88,7 +87,7 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
             with torch.no_grad():
                 for w, g in zip(weights.values(), grads):
                     w.sub_(lr * g)
-                logits = model(input_ids=torch.tensor([prompt.query_only], device=input_device(model)), use_cache=False)
+                logits = model(**model_inputs(model, [prompt.query_only]), use_cache=False)
                 rows.append(
                     {
                         "step": step,

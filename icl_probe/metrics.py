@@ -14,6 +14,7 @@ from torch import nn
 from .arch import Block
 from .capture import forward, last_logits
 from .errors import InputError
+from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .patching import Patch, applied, applied_rows
 
@@ -68,18 +69,18 @@ def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict
     return {"token": tokenizer.decode([token_id]), "id": token_id}
 
 
-def static_logits(model: nn.Module, patch: Patch, ids: list[int]) -> torch.Tensor:
+def static_logits(model: nn.Module, patch: Patch, ids: Ids) -> torch.Tensor:
     """The next-token logits after `ids` with `patch` applied at every position (as replay applies it)."""
     with torch.no_grad(), applied(model, patch):
         return last_logits(model, ids)
 
 
-def static_logits_rows(model: nn.Module, patches: list[Patch], ids: list[int]) -> torch.Tensor:
+def static_logits_rows(model: nn.Module, patches: list[Patch], ids: Ids) -> torch.Tensor:
     """static_logits for several patches, (len(patches), vocab): one batch when none has a dense update."""
     if any(p.dense or p.params for p in patches):  # MoE weights cannot differ per row: one row at a time
         return torch.stack([static_logits(model, p, ids) for p in patches])
     with torch.no_grad(), applied_rows(model, patches):
-        return forward(model, torch.tensor([ids] * len(patches)), use_cache=False)
+        return forward(model, [ids] * len(patches), use_cache=False)
 
 
 def split_patch(patch: Patch, keep) -> Patch:
@@ -108,7 +109,7 @@ def ablation_scores(ctx: torch.Tensor, logits: torch.Tensor, both=None) -> dict:
     }
 
 
-def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx, both=None) -> dict:
+def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids, ctx, both=None) -> dict:
     """KL and top-1 agreement with the patch applied statically as ΔW only, as Δb only, and whole.
 
     "Δb" is the residual term however it is realised: a bias, or its fold into the output projection or a
@@ -121,7 +122,7 @@ def in_block(b: Block, path: str) -> bool:
     return path == b.path or path.startswith(b.path + ".")
 
 
-def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx: torch.Tensor) -> list:
+def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids, ctx: torch.Tensor) -> list:
     """Per chosen layer: the static patch without that layer's updates, and with that layer's alone."""
     parts = []
     for b in chosen:
@@ -136,7 +137,7 @@ def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: lis
     ]
 
 
-def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], target_id: int) -> dict[str, torch.Tensor]:
+def target_gradients(model: nn.Module, chosen: list[Block], ids: Ids, target_id: int) -> dict[str, torch.Tensor]:
     """∇_W L for every first linear W of `chosen`, (out, in) float64; L = −log p(target | ids), model unpatched.
 
     One backward pass; only those weights take gradients, and every requires_grad flag is restored.
@@ -179,7 +180,7 @@ def gradient_cosine(delta: LowRank, grad: torch.Tensor) -> float | None:
     return -inner / norms if norms else None
 
 
-def gradient_alignment(model, chosen: list[Block], patch: Patch, ids: list[int], target_id: int) -> list[dict]:
+def gradient_alignment(model, chosen: list[Block], patch: Patch, ids: Ids, target_id: int) -> list[dict]:
     """Per layer and first linear, cos_F(ΔW, −∇_W L) for the patch's ΔW (see `target_gradients`)."""
     grads = target_gradients(model, chosen, ids, target_id)
     return [
