@@ -8,7 +8,7 @@ bit afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -67,6 +67,23 @@ def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def sgd(weights: dict[str, torch.Tensor], losses: list[Callable[[], torch.Tensor]], lr: float, probe) -> list[dict]:
+    """One plain SGD step on `weights` per loss closure, in order; returns probe(step, loss before it) after each.
+
+    The weights are changed in place: call it inside `trainable`, which restores them.
+    """
+    rows = []
+    for step, loss_fn in enumerate(losses, start=1):
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, list(weights.values()))
+        with torch.no_grad():
+            for w, g in zip(weights.values(), grads):
+                w.sub_(lr * g)
+            rows.append(probe(step, float(loss)))
+    return rows
+
+
 def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: Prompt, target_id, patch: Patch,
              steps: int, lr: float) -> dict:  # fmt: skip
     """K SGD steps; per step the training loss (before the step), the query's target loss and per-layer alignment.
@@ -79,23 +96,18 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
     data = training_data(tokenizer, examples, template, prompt.prefix)
     weights = {path: m.weight for b in chosen for path, m in b.first.items()}
     start = {path: w.detach().to(MATH_DTYPE, copy=True) for path, w in weights.items()}
-    rows = []
-    with trainable(model, list(weights.values())), torch.enable_grad():
-        for step in range(1, steps + 1):
-            loss = train_loss(model, data)
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            with torch.no_grad():
-                for w, g in zip(weights.values(), grads):
-                    w.sub_(lr * g)
-                logits = model(**model_inputs(model, [prompt.query_only]), use_cache=False)
-                rows.append(
-                    {
-                        "step": step,
-                        "train_loss": float(loss),
-                        "query_loss": cross_entropy(logits.logits[0, -1], target_id),
-                        "alignment": layer_alignments(chosen, weights, start, patch),
-                    }
-                )
+
+    def probe(step: int, loss: float) -> dict:
+        logits = model(**model_inputs(model, [prompt.query_only]), use_cache=False)
+        return {
+            "step": step,
+            "train_loss": loss,
+            "query_loss": cross_entropy(logits.logits[0, -1], target_id),
+            "alignment": layer_alignments(chosen, weights, start, patch),
+        }
+
+    with trainable(model, list(weights.values())):
+        rows = sgd(weights, [lambda: train_loss(model, data)] * steps, lr, probe)
     return {"steps": rows, "lr": lr}
 
 
