@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from ..dynamics import dynamics as run_dynamics
+from ..dynamics import dynamics_trials
 from ..errors import UsageError
 from ..models import DEFAULT_MODEL
 from ..report import print_dynamics
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
+from ..trials_report import plot_trials, print_trials
 from .app import (
     ContextFileOpt,
     ContextOpt,
@@ -110,6 +112,10 @@ def dynamics(
         int, typer.Option("--finetune-steps", min=0, help="Also fine-tune the first linears for K SGD steps.")
     ] = 0,
     lr: Annotated[float, typer.Option("--lr", help="The fine-tuning learning rate (plain SGD), above 0.")] = 1e-3,
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="Draw N sets of --demos examples and a held-out query from the task.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the --trials draws.")] = 0,
     wide: WideOpt = False,
     json_path: JsonOpt = None,
     no_text: NoTextOpt = False,
@@ -139,6 +145,24 @@ def dynamics(
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
         template = unescape(template)
+        if trials is not None:
+            check_template(template)
+            chosen_task = pick_task(task, task_file)
+            if chosen_task is None or context is not None or query is not None or query_input is not None:
+                raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file, "
+                                 "and no --context, --query or --query-input")  # fmt: skip
+            m, tokenizer = load(
+                status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder)
+            )
+            with status.status(f"Running {trials} trials…"):
+                first, summary = dynamics_trials(m, tokenizer, chosen_task, template, demos or DEMO_DEMOS, trials,
+                                                 seed, layers=layers, gradient=gradient, finetune_steps=finetune_steps,
+                                                 lr=lr)  # fmt: skip
+            doc = {**first.to_dict(), "trials": summary}
+            show(out, doc, json_path, lambda console, d: print_trials(console, d["trials"]), text=not no_text)
+            if plot is not None:
+                plot_trials(summary, plot)
+            return
         examples, query, target = examples_and_query(
             task, task_file, template, demos, separator, context, query, query_input, target
         )
