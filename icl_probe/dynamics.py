@@ -227,6 +227,11 @@ def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demo
         results.append(dynamics(model, tokenizer, examples, query, spaces + pairs[-1][1], template=template, **options))
     docs = [r.to_dict(text=False) for r in results]
     summary = {"n": trials, "seed": seed, "demos": demos, "task": task.name, "prefixes": trial_prefixes(model, docs)}
+    summary["query_loss"] = {
+        "implicit": mean_se([d["finetune"]["implicit_query_loss"] if d["finetune"] else None for d in docs]),
+        "finetune": mean_se([d["finetune"]["steps"][-1]["query_loss"] if d["finetune"] else None for d in docs]),
+    }
+    summary["ablation_kl"] = {k: mean_se([d["ablation"][k]["kl"] for d in docs]) for k in docs[0]["ablation"]}
     return results[0], summary
 
 

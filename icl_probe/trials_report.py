@@ -38,6 +38,9 @@ def print_trials(out: Console, trials: dict) -> None:
         layers.add_row(str(entry["layer"]), pm(entry["prop31_error"], 2), pm(entry.get("gradient_alignment"), 2),
                        pm(entry.get("finetune_alignment"), 2))  # fmt: skip
     out.print(layers)
+    loss, kl = trials["query_loss"], trials["ablation_kl"]
+    out.print(f"query loss, implicit update {pm(loss['implicit'])}, fine-tuned {pm(loss['finetune'])}")
+    out.print(f"ablation KL: ΔW only {pm(kl['delta_w_only'])}, Δb only {pm(kl['bias_only'])}, both {pm(kl['both'])}")
 
 
 def plot_trials(trials: dict, path: str | Path) -> None:

@@ -41,6 +41,10 @@ def test_trial_means_equal_separate_runs():
             assert got["se"] == pytest.approx(math.sqrt(sum((s - mean) ** 2 for s in steps) / 2 / 3), rel=1e-9)
     last = summary["prefixes"][-1]["layers"][1]["finetune_alignment"]
     assert last["mean"] == pytest.approx(sum(d["finetune"]["steps"][-1]["alignment"]["1"] for d in docs) / 3)
+    tuned = [d["finetune"]["steps"][-1]["query_loss"] for d in docs]
+    assert summary["query_loss"]["finetune"]["mean"] == pytest.approx(sum(tuned) / 3, rel=1e-12)
+    kls = [d["ablation"]["delta_w_only"]["kl"] for d in docs]
+    assert summary["ablation_kl"]["delta_w_only"]["mean"] == pytest.approx(sum(kls) / 3, rel=1e-12)
     # top-1 with the full context, by a plain forward
     right = 0
     for d in docs:
