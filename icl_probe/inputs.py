@@ -91,6 +91,7 @@ def as_inputs(rows: list) -> dict[str, torch.Tensor]:
 
 def tokenize(tokenizer, context: str, query: str) -> Prompt:
     """prefix = the special tokens the tokenizer puts in front; context and query without specials."""
+    check_tokenizer(tokenizer)
     check_text(context, "context")
     check_text(query, "query")
     q = tokenizer(query, add_special_tokens=False)["input_ids"]
@@ -98,11 +99,20 @@ def tokenize(tokenizer, context: str, query: str) -> Prompt:
     return Prompt(special_prefix(tokenizer, query, q), list(c), list(q))
 
 
+def check_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise InputError(
+            "this model has no tokenizer: it reads input vectors, not text (a model from icl-probe regression "
+            "train); measure it with icl-probe regression run --model DIR"
+        )
+
+
 def special_prefix(tokenizer, text: str, ids: list[int]) -> list[int]:
     """The ids the tokenizer puts in front of `text` by default (e.g. [bos] for Gemma, [] for SmolLM2).
 
     Raises InputError if `ids` (the text without specials) do not appear whole in the text with specials.
     """
+    check_tokenizer(tokenizer)
     with_specials = list(tokenizer(text)["input_ids"])
     for k in range(len(with_specials) - len(ids) + 1):
         if with_specials[k : k + len(ids)] == list(ids):

@@ -159,7 +159,9 @@ def test_bad_inputs_are_one_line_errors(folder, prompt):
     for args in (["regression", "train", "-o", str(folder), "--d", "0"],
                  ["regression", "train", "-o", str(folder) + "/new", "--n", "0"],
                  ["regression", "run", "--model", str(folder), "--trials", "1"],
-                 ["regression", "run", "--model", str(folder) + "/missing"]):  # fmt: skip
+                 ["regression", "run", "--model", str(folder) + "/missing"],
+                 ["analyze", "--model", str(folder)],
+                 ["dynamics", "--model", str(folder), "--task", "antonyms", "--query-input", "hot"]):  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code != 0 and "Traceback" not in result.output, args
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("icl-probe: error:"), result.stderr
