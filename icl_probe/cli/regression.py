@@ -23,7 +23,7 @@ app.add_typer(group, name="regression")
 def train(
     output: Annotated[str, typer.Option("--output", "-o", help="The folder to write the model to.")],
     seed: Annotated[int, typer.Option(help="Seeds the weights and the training prompts.")] = 0,
-    steps: Annotated[int, typer.Option(help="Adam steps, each on a fresh batch of prompts.")] = 3000,
+    steps: Annotated[int, typer.Option(help="Adam steps, each on a fresh batch of prompts.")] = 5000,
     batch: Annotated[int, typer.Option(help="Prompts per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam's learning rate.")] = 1e-3,
     d: Annotated[int, typer.Option("--d", help="The dimension of x and w.")] = 2,
