@@ -81,6 +81,17 @@ def unescape(template: str) -> str:
     return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def run_trials(status, loading: tuple, task, template: str, demos: int | None, trials: int, seed: int, **options):
+    """The `dynamics --trials` document: the first trial's, with the trials' summary under `trials`."""
+    if task is None:
+        raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file")
+    check_template(template)
+    m, tokenizer = load(status, *loading)
+    with status.status(f"Running {trials} trials…"):
+        first, summary = dynamics_trials(m, tokenizer, task, template, demos or DEMO_DEMOS, trials, seed, **options)
+    return {**first.to_dict(), "trials": summary}
+
+
 @app.command()
 def dynamics(
     model: ModelOpt = DEFAULT_MODEL,
@@ -146,22 +157,16 @@ def dynamics(
         query = pick_text(query, query_file, "query")
         template = unescape(template)
         if trials is not None:
-            check_template(template)
-            chosen_task = pick_task(task, task_file)
-            if chosen_task is None or context is not None or query is not None or query_input is not None:
+            if context is not None or query is not None or query_input is not None:
                 raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file, "
                                  "and no --context, --query or --query-input")  # fmt: skip
-            m, tokenizer = load(
-                status, model, dtype, device, trust_remote_code, (device_map, max_memory, offload_folder)
-            )
-            with status.status(f"Running {trials} trials…"):
-                first, summary = dynamics_trials(m, tokenizer, chosen_task, template, demos or DEMO_DEMOS, trials,
-                                                 seed, layers=layers, gradient=gradient, finetune_steps=finetune_steps,
-                                                 lr=lr)  # fmt: skip
-            doc = {**first.to_dict(), "trials": summary}
+            placement = (device_map, max_memory, offload_folder)
+            doc = run_trials(status, (model, dtype, device, trust_remote_code, placement), pick_task(task, task_file),
+                             template, demos, trials, seed, layers=layers, gradient=gradient,
+                             finetune_steps=finetune_steps, lr=lr)  # fmt: skip
             show(out, doc, json_path, lambda console, d: print_trials(console, d["trials"]), text=not no_text)
             if plot is not None:
-                plot_trials(summary, plot)
+                plot_trials(doc["trials"], plot)
             return
         examples, query, target = examples_and_query(
             task, task_file, template, demos, separator, context, query, query_input, target
