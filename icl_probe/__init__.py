@@ -9,6 +9,7 @@ from .analysis import Analysis, analyze
 from .dynamics import Dynamics, dynamics  # the function shadows the submodule as an attribute; import it by path
 from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
 from .export import Export, export_patch
+from .inputs import Vectors
 from .models import load_model
 from .patchfile import load_patch
 from .replay import Replay, replay
@@ -16,6 +17,6 @@ from .replay import Replay, replay
 __version__ = "0.1.0"
 __all__ = [
     "Analysis", "Dynamics", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError",
-    "Replay", "UsageError", "analyze", "dynamics", "export_patch", "load_model", "load_patch", "replay",
+    "Replay", "UsageError", "Vectors", "analyze", "dynamics", "export_patch", "load_model", "load_patch", "replay",
     "__version__",
 ]  # fmt: skip
