@@ -69,9 +69,7 @@ def test_trials_refuse_bad_counts_and_need_a_task(tmp_path):
 def test_cli_trials_json_and_plot(tmp_path):
     model, tok = tiny_model("gpt2"), char_tokenizer()
     folder = save_tiny(model, tok, tmp_path / "m")
-    (tmp_path / "t.json").write_text(
-        json.dumps(dict(TASK.pairs))
-    )
+    (tmp_path / "t.json").write_text(json.dumps(dict(TASK.pairs)))
     args = ["dynamics", "--model", folder, "--task-file", str(tmp_path / "t.json"), "--template", TEMPLATE,
             "--demos", "2", "--trials", "2", "--no-gradient", "--json", str(tmp_path / "d.json"),
             "--plot", str(tmp_path / "d.png")]  # fmt: skip
