@@ -10,6 +10,7 @@ from .dynamics import Dynamics, dynamics  # the function shadows the submodule a
 from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
 from .export import Export, export_patch
 from .heads import Heads, heads  # the function shadows the submodule as an attribute; import it by path
+from .inputs import Vectors
 from .models import load_model
 from .patchfile import load_patch
 from .replay import Replay, replay
@@ -17,7 +18,7 @@ from .replay import Replay, replay
 __version__ = "0.1.0"
 __all__ = [
     "Analysis", "Dynamics", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError",
-    "Heads", "Replay", "UsageError", "analyze", "dynamics", "export_patch", "heads", "load_model", "load_patch",
-    "replay",
+    "Heads", "Replay", "UsageError", "Vectors", "analyze", "dynamics", "export_patch", "heads", "load_model",
+    "load_patch", "replay",
     "__version__",
 ]  # fmt: skip

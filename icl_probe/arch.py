@@ -124,6 +124,10 @@ def bloom_variant(config) -> dict:
     return {}
 
 
+def regression_variant(config) -> dict:
+    return {"pre_mlp_norm": "ln_2" if config.pre_ln else None}
+
+
 def gemma4_variant(config) -> dict:
     if config.enable_moe_block:
         raise ModelError(
@@ -319,6 +323,15 @@ FAMILIES: tuple[Family, ...] = (
         fold_note=FALCON_H1_FOLD_NOTE,
         mixer="mamba+attention",
         mixer_parts=(("mamba", "ssm_out_multiplier"), ("self_attn", "attention_out_multiplier")),
+    ),
+    Family(  # icl_probe/toy.py, the paper's in-context regression model; its MLP may have no skip around it
+        "icl_regression",
+        ("icl_regression",),
+        layers="layers",
+        first=("mlp.fc1",),
+        down="mlp.fc2",
+        attn="attn",
+        variant=regression_variant,
     ),
 )
 

@@ -18,7 +18,7 @@ from . import arch
 from .arch import Block
 from .errors import InputError
 from .hooks import hidden, hooked
-from .inputs import Prompt, parse_layers
+from .inputs import Ids, Prompt, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
 from .moe import Route, routing_hook
 from .progress import Steps
@@ -57,14 +57,21 @@ def check_length(model: nn.Module, prompt: Prompt) -> None:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (the CPU if accelerate has offloaded the embedding)."""
-    device = model.get_input_embeddings().weight.device
+    """Where inputs go: the embedding's device (the CPU if accelerate has offloaded it; a vector model's first
+    parameter's if it has no embedding)."""
+    embedding = model.get_input_embeddings()
+    device = embedding.weight.device if embedding is not None else next(model.parameters()).device
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def forward(model: nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Next-token logits after each row of `ids` (B, T), shape (B, vocab); only the last position's logits."""
-    out = model(input_ids=ids.to(input_device(model)), logits_to_keep=1, **kwargs)
+def model_inputs(model: nn.Module, rows: list) -> dict[str, torch.Tensor]:
+    """Rows of token ids or of `Vectors`, all of one length, as the model's input_ids or inputs_embeds."""
+    return {k: v.to(input_device(model)) for k, v in as_inputs(rows).items()}
+
+
+def forward(model: nn.Module, rows: list, **kwargs) -> torch.Tensor:
+    """Next-token logits (or outputs) after each row (token ids or Vectors), shape (B, vocab); the last position's."""
+    out = model(**model_inputs(model, rows), logits_to_keep=1, **kwargs)
     return out.logits[:, -1]
 
 
@@ -80,9 +87,9 @@ def returned_cache(out):
     return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
-def last_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
-    """The next-token logits after `ids`, shape (vocab,)."""
-    return forward(model, torch.tensor([ids]), use_cache=False)[0]
+def last_logits(model: nn.Module, ids) -> torch.Tensor:
+    """The next-token logits after `ids` (token ids or Vectors), shape (vocab,)."""
+    return forward(model, [ids], use_cache=False)[0]
 
 
 def last(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -127,7 +134,7 @@ def summed(store: dict, key: str, scale: float, pick):
     return hook
 
 
-def capture_targets(model: nn.Module, chosen: list[Block], ids: list[int]) -> tuple[dict[int, Target], torch.Tensor]:
+def capture_targets(model: nn.Module, chosen: list[Block], ids: Ids) -> tuple[dict[int, Target], torch.Tensor]:
     """Run the full prompt once: each chosen block's Target (B = 1) and the next-token logits (vocab,)."""
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, 1)):
@@ -143,22 +150,24 @@ def accepts_positions(model: nn.Module) -> bool:
 def cache_croppable(model: nn.Module, length: int) -> bool:
     """Whether a KV cache of `length` tokens can be cut back: every mixer is attention (a convolution's or a
     state-space layer's state cannot be rewound), and no sliding window shorter than it drops states."""
+    if not getattr(model.config, "use_cache", True):  # a model that keeps no KV cache runs each prompt whole
+        return False
     window = getattr(model.config, "sliding_window", None)
     attention_only = all(getattr(b.family, "mixer", "attention") == "attention" for b in arch.blocks(model))
     return attention_only and (window is None or length <= window)
 
 
-def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, query: list[int]):
+def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, query: Ids):
     """Targets and logits (1, vocab) of the query run after a copy of `cache` with its last `remove` tokens dropped."""
     cropped = copy.deepcopy(cache)
     cropped.crop(-remove)  # transformers takes the number of tokens to drop, negated
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, 1)):
-        logits = forward(model, torch.tensor([query]), **with_cache(model, cropped), use_cache=True)
+        logits = forward(model, [query], **with_cache(model, cropped), use_cache=True)
     return {i: Target(**d) for i, d in seen.items()}, logits
 
 
-def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int], query: list[int]):
+def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int], query: Ids):
     """Targets and logits (B, vocab) of the query after every cut of `cache`, as one batch.
 
     Row i attends to the cached tokens before cuts[i] (a padding mask hides the rest) and places the query
@@ -173,13 +182,13 @@ def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int]
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     with hooked(target_hooks(chosen, seen, batch)):
         positions = (ends + torch.arange(q)).to(device)  # (B, q)
-        logits = forward(model, torch.tensor([query] * batch), **with_cache(model, rows), use_cache=True,
+        logits = forward(model, [query] * batch, **with_cache(model, rows), use_cache=True,
                          attention_mask=keep.long().to(device), position_ids=positions)  # fmt: skip
     return {i: Target(**d) for i, d in seen.items()}, logits
 
 
 def capture_prefixes(
-    model: nn.Module, chosen: list[Block], head: list[int], cuts: list[int], query: list[int]
+    model: nn.Module, chosen: list[Block], head: Ids, cuts: list[int], query: Ids
 ) -> tuple[dict[int, Target], torch.Tensor]:
     """Targets and logits of `head[:c] + query` for every cut c, with `head` run only once.
 
@@ -190,8 +199,7 @@ def capture_prefixes(
     """
     if cache_croppable(model, len(head) + len(query)):
         with torch.no_grad():
-            ids = torch.tensor([head], device=input_device(model))
-            cache = returned_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
+            cache = returned_cache(model(**model_inputs(model, [head]), use_cache=True, logits_to_keep=1))
         if accepts_positions(model):
             return capture_masked(model, chosen, cache, cuts, query)
         rows = [capture_cached(model, chosen, cache, len(head) - c, query) for c in cuts]
@@ -229,9 +237,9 @@ def rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])[keep].to(MATH_DTYPE, copy=True)
 
 
-def position_logits(model: nn.Module, ids: list[int], k: int) -> torch.Tensor:
+def position_logits(model: nn.Module, ids: Ids, k: int) -> torch.Tensor:
     """The next-token logits after each of the last k positions of `ids`, shape (k, vocab)."""
-    out = model(input_ids=torch.tensor([ids], device=input_device(model)), logits_to_keep=k, use_cache=False)
+    out = model(**model_inputs(model, [ids]), logits_to_keep=k, use_cache=False)
     return out.logits[0, -k:]
 
 
@@ -247,7 +255,7 @@ def capture_positions(
     return {i: PositionTargets(**d) for i, d in seen.items()}, logits
 
 
-def greedy(model: nn.Module, ids: list[int], n: int, eos: int | None, steps: Steps | None = None) -> list[int]:
+def greedy(model: nn.Module, ids: Ids, n: int, eos: int | None, steps: Steps | None = None) -> list[int]:
     """Up to n argmax tokens after `ids`, stopping after eos; no KV cache, so any hooks see every position.
 
     Each token is a step of `steps`; the tokens an eos leaves out count as done."""

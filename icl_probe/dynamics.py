@@ -9,20 +9,32 @@ step from the previous prefix, and how far that step is from Proposition 3.1's g
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import arch
-from .capture import Target, capture_prefixes, capture_targets, check_length, model_name, select_blocks
+from .capture import capture_prefixes, capture_targets, check_length, model_name, select_blocks
 from .errors import InputError, UsageError
 from .finetune import finetune
 from .inputs import Prompt, tokenize
-from .lowrank import MATH_DTYPE, kl_divergence, matvec
-from .metrics import ablation, cross_entropy, gradient_alignment, pick_target, prob
+from .lowrank import kl_divergence
+from .metrics import (
+    ablation,
+    ablation_rows,
+    cross_entropy,
+    gradient_alignment,
+    layer_series,
+    pick_target,
+    prob,
+    static_logits_rows,
+    weight_norm,
+)
 from .progress import Progress
-from .tasks import Example
+from .tasks import Example, Task, format_example, query_for
 from .update import solve
 
 SCHEMA = "icl-probe.dynamics/1"
@@ -103,6 +115,9 @@ def dynamics(
         solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
         wanted = pick_target(tokenizer, target, logits_ctx[-1])
         rows = prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, logits_0, wanted["id"])
+        only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
+        for row, logits in zip(rows[1:], static_logits_rows(model, only, prompt.query_only)):
+            row["delta_w_only_top1_id"] = int(logits.argmax())
     full = solution.patches[-1]
     aligned = gradient_alignment(model, chosen, full, prompt.query_only, wanted["id"]) if gradient else None
     result = Dynamics(
@@ -155,6 +170,8 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
             "context_tokens": 0,
             "kl_patched": None,
             "top1": tokenizer.decode([int(logits_0.argmax())]),
+            "top1_id": int(logits_0.argmax()),
+            "delta_w_only_top1_id": None,
             "target_prob": prob(logits_0, target_id),
             "layers": [],
         }
@@ -167,56 +184,12 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
                 "context_tokens": cut,
                 "kl_patched": kl_divergence(logits_ctx[i], solution.logits[i]),
                 "top1": tokenizer.decode([int(logits_ctx[i].argmax())]),
+                "top1_id": int(logits_ctx[i].argmax()),
                 "target_prob": prob(logits_ctx[i], target_id),
                 "layers": [layer_row(b, series[b.index], i) for b in chosen],
             }
         )
     return rows
-
-
-def layer_series(b: arch.Block, target: Target, start: Target, solution) -> dict:
-    """One layer's figures at every prefix i = 1..n at once: 1/‖z0_i‖², and per first linear `module_series`."""
-    n = len(solution.patches)
-    z0 = torch.cat([solution.records[i][b.index].z0 for i in range(n)])  # (n, in) float64
-    z_ctx = torch.cat([start.z_ctx, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
-    dz = (z_ctx[1:] - z_ctx[:-1]).T  # (in, n)
-    modules = {}
-    for path, m in b.first.items():
-        deltas = [solution.patches[i].low_rank[path] for i in range(n)]
-        u = torch.stack([d.u[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, out): ΔW_i = u_i v_iᵀ
-        v = torch.stack([d.v[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, in)
-        moves = matvec(arch.weight_out_in(m, b.family), dz).T  # (n, out): W (zC_i − zC_{i−1})
-        modules[path] = module_series(u, v, moves, z0)
-    return {"learning_rate": 1.0 / (z0 * z0).sum(-1), "modules": modules}
-
-
-def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: torch.Tensor) -> dict:
-    """‖ΔW_i‖, the step S_i = ΔW_i − ΔW_{i−1} (ΔW_0 = 0), its cosine with S_{i−1}, and Proposition 3.1's error.
-
-    Every norm comes from the factors, batched over the prefixes: a difference of nearly equal updates takes
-    its norm from the QR core R_u R_vᵀ (`lowrank.LowRank.core`), so no digits are lost to cancellation.
-    Proposition 3.1 predicts S_i = W (zC_i − zC_{i−1}) z0_iᵀ / ‖z0_i‖²; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
-    """
-    zero = torch.zeros_like(u[:1])
-    u_prev, v_prev = torch.cat([zero, u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
-    step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
-    step_norm = core_norm(step_u, step_v)  # (n,)
-    predicted = moves / (z0 * z0).sum(-1, keepdim=True)  # (n, out), with v = z0_i
-    miss_u = torch.cat([step_u, -predicted[..., None]], -1)  # (n, out, 3): S_i − P_i as factors
-    miss_v = torch.cat([step_v, z0[..., None]], -1)
-    # ⟨S_i, S_{i−1}⟩_F = trace((U_iᵀ U_{i−1}) (V_{i−1}ᵀ V_i)), for i ≥ 1
-    inner = torch.einsum("nab,nba->n", step_u[1:].mT @ step_u[:-1], step_v[:-1].mT @ step_v[1:])
-    return {
-        "delta_w_norm": u.norm(dim=-1) * v.norm(dim=-1),
-        "step_norm": step_norm,
-        "prop31_error": core_norm(miss_u, miss_v) / step_norm,  # inf or nan where the step is 0: reported as None
-        "step_inner": inner,  # [i − 1] is ⟨S_i, S_{i−1}⟩
-    }
-
-
-def core_norm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """‖u vᵀ‖_F for batches u (n, out, r), v (n, in, r), from the r×r cores of their QR decompositions."""
-    return torch.linalg.matrix_norm(torch.linalg.qr(u).R @ torch.linalg.qr(v).R.mT)
 
 
 def layer_row(b: arch.Block, series: dict, i: int) -> dict:
@@ -235,3 +208,86 @@ def layer_row(b: arch.Block, series: dict, i: int) -> dict:
             "prop31_error": error if step else None,
         }
     return {"layer": b.index, "learning_rate": float(series["learning_rate"][i]), "modules": modules}
+
+
+# ---- trials ------------------------------------------------------------------------------------------------
+
+
+def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demos: int, trials: int, seed: int = 0,
+                    **options) -> tuple[Dynamics, dict]:  # fmt: skip
+    """`dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one model load).
+
+    Returns the first trial's Dynamics and the `trials` part of the document: per prefix and layer the mean and
+    standard error over trials (`mean_se`), and the fraction of trials answered correctly. `options` go to
+    `dynamics`.
+    """
+    if trials < 2 or not 1 <= demos < len(task.pairs):
+        raise UsageError(f"--trials needs ≥ 2 trials and 1 ≤ --demos < {len(task.pairs)} (the task's pairs, one "
+                         f"held out as the query), not {trials} and {demos}")  # fmt: skip
+    rng = random.Random(seed)
+    results = []
+    for _ in range(trials):
+        pairs = rng.sample(task.pairs, demos + 1)
+        examples = [Example(format_example(template, x, y), x, y) for x, y in pairs[:-1]]
+        query, spaces = query_for(template, pairs[-1][0])
+        results.append(dynamics(model, tokenizer, examples, query, spaces + pairs[-1][1], template=template, **options))
+    docs = [r.to_dict(text=False) for r in results]
+    summary = {"n": trials, "seed": seed, "demos": demos, "task": task.name, "prefixes": trial_prefixes(model, docs)}
+    summary["query_loss"] = {
+        "implicit": mean_se([d["finetune"]["implicit_query_loss"] if d["finetune"] else None for d in docs]),
+        "finetune": mean_se([d["finetune"]["steps"][-1]["query_loss"] if d["finetune"] else None for d in docs]),
+    }
+    summary["ablation_kl"] = {k: mean_se([d["ablation"][k]["kl"] for d in docs]) for k in docs[0]["ablation"]}
+    return results[0], summary
+
+
+def trial_prefixes(model: nn.Module, docs: list[dict]) -> list[dict]:
+    """Per prefix i = 0..n: correct fractions, and per layer the mean ± SE of the figures over the trials' docs."""
+    ids, n = [d["target"]["id"] for d in docs], len(docs[0]["prefixes"])
+    rows = []
+    for i in range(n):
+        prefixes = [d["prefixes"][i] for d in docs]
+        only = None if i == 0 else fraction(p["delta_w_only_top1_id"] == t for p, t in zip(prefixes, ids))
+        layers = [[p["layers"][k] for p in prefixes] for k in range(len(prefixes[0]["layers"]))]
+        rows.append({
+            "examples": i,
+            "correct_context": fraction(p["top1_id"] == t for p, t in zip(prefixes, ids)),
+            "correct_query_alone": fraction(d["prefixes"][0]["top1_id"] == t for d, t in zip(docs, ids)),
+            "correct_delta_w_only": only,
+            "layers": [trial_layer(model, entries, docs, k, i == n - 1) for k, entries in enumerate(layers)],
+        })  # fmt: skip
+    return rows
+
+
+def trial_layer(model: nn.Module, entries: list[dict], docs: list[dict], k: int, last: bool) -> dict:
+    """One layer at one prefix over the trials: step_norm, its ratio to ‖W‖, prop31_error; at the full context
+    also the gradient and fine-tuning alignments."""
+    paths = list(entries[0]["modules"])
+    w = sum(weight_norm(model.get_submodule(p).weight) ** 2 for p in paths) ** 0.5
+    steps = [sum(m["step_norm"] ** 2 for m in e["modules"].values()) ** 0.5 for e in entries]
+    errors = [max((m["prop31_error"] for m in e["modules"].values() if m["prop31_error"] is not None), default=None)
+              for e in entries]  # fmt: skip
+    out = {"layer": entries[0]["layer"], "step_norm": mean_se(steps), "step_relative": mean_se([s / w for s in steps]),
+           "prop31_error": mean_se(errors)}  # fmt: skip
+    if last:
+        grads = [d["gradient_alignment"][k]["modules"] if d["gradient_alignment"] else {} for d in docs]
+        out["gradient_alignment"] = mean_se([sum(g.values()) / len(g) if g and None not in g.values() else None
+                                             for g in grads])  # fmt: skip
+        tuned = [d["finetune"]["steps"][-1]["alignment"][str(out["layer"])] if d["finetune"] else None for d in docs]
+        out["finetune_alignment"] = mean_se(tuned)
+    return out
+
+
+def mean_se(values: list[float | None]) -> dict:
+    """{mean, se, n} over the values that are not None; se = sample standard deviation / √n (None below n = 2)."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "se": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else None
+    return {"mean": mean, "se": se, "n": len(xs)}
+
+
+def fraction(flags) -> float:
+    flags = list(flags)
+    return sum(flags) / len(flags)

@@ -8,14 +8,14 @@ bit afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .arch import Block
-from .capture import input_device
+from .capture import model_inputs
 from .errors import UsageError
 from .inputs import Prompt
 from .lowrank import MATH_DTYPE
@@ -42,8 +42,7 @@ def train_loss(model: nn.Module, data: list[tuple]) -> torch.Tensor:
     """Mean cross-entropy of every example's target tokens, each predicted from the tokens before it."""
     losses = []
     for ids, start in data:
-        ids_t = torch.tensor([ids], device=input_device(model))
-        logits = model(input_ids=ids_t, use_cache=False).logits[0]  # (T, vocab)
+        logits = model(**model_inputs(model, [ids]), use_cache=False).logits[0]  # (T, vocab)
         labels = torch.tensor(ids[start:], device=logits.device)
         losses.append(nn.functional.cross_entropy(at_least_float32(logits[start - 1 : -1]), labels, reduction="sum"))
     return torch.stack(losses).sum() / sum(len(ids) - start for ids, start in data)
@@ -69,6 +68,23 @@ def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def sgd(weights: dict[str, torch.Tensor], losses: list[Callable[[], torch.Tensor]], lr: float, probe) -> list[dict]:
+    """One plain SGD step on `weights` per loss closure, in order; returns probe(step, loss before it) after each.
+
+    The weights are changed in place: call it inside `trainable`, which restores them.
+    """
+    rows = []
+    for step, loss_fn in enumerate(losses, start=1):
+        with torch.enable_grad():
+            loss = loss_fn()
+            grads = torch.autograd.grad(loss, list(weights.values()))
+        with torch.no_grad():
+            for w, g in zip(weights.values(), grads):
+                w.sub_(lr * g)
+            rows.append(probe(step, float(loss)))
+    return rows
+
+
 def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: Prompt, target_id, patch: Patch,
              steps: int, lr: float, progress: Progress | None = None) -> dict:  # fmt: skip
     """K SGD steps; per step the training loss (before the step), the query's target loss and per-layer alignment.
@@ -82,23 +98,21 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
     data = training_data(tokenizer, examples, template, prompt.prefix)
     weights = {path: m.weight for b in chosen for path, m in b.first.items()}
     start = {path: w.detach().to(MATH_DTYPE, copy=True) for path, w in weights.items()}
-    rows = []
-    with trainable(model, list(weights.values())), torch.enable_grad():
-        for step in Steps(progress, "fine-tuning steps", steps).each(range(1, steps + 1)):
-            loss = train_loss(model, data)
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            with torch.no_grad():
-                for w, g in zip(weights.values(), grads):
-                    w.sub_(lr * g)
-                logits = model(input_ids=torch.tensor([prompt.query_only], device=input_device(model)), use_cache=False)
-                rows.append(
-                    {
-                        "step": step,
-                        "train_loss": float(loss),
-                        "query_loss": cross_entropy(logits.logits[0, -1], target_id),
-                        "alignment": layer_alignments(chosen, weights, start, patch),
-                    }
-                )
+
+    counter = Steps(progress, "fine-tuning steps", steps)
+
+    def probe(step: int, loss: float) -> dict:
+        counter.step()
+        logits = model(**model_inputs(model, [prompt.query_only]), use_cache=False)
+        return {
+            "step": step,
+            "train_loss": loss,
+            "query_loss": cross_entropy(logits.logits[0, -1], target_id),
+            "alignment": layer_alignments(chosen, weights, start, patch),
+        }
+
+    with trainable(model, list(weights.values())):
+        rows = sgd(weights, [lambda: train_loss(model, data)] * steps, lr, probe)
     return {"steps": rows, "lr": lr}
 
 

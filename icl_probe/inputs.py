@@ -1,4 +1,9 @@
-"""User inputs: reading prompt text, tokenizing it with the fixed prefix rule, parsing --layers."""
+"""User inputs: reading prompt text, tokenizing it with the fixed prefix rule, prompts given as vectors, --layers.
+
+A prompt reaches the engine as token ids (text, tokenized; the model embeds them) or as `Vectors`, input
+vectors a continuous-input model reads directly (passed as `inputs_embeds`). Both are sequences that slice
+and concatenate alike, so every part of the engine takes either.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,88 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .errors import InputError, UsageError
 
 DEMO_CONTEXT = "hot -> cold\nbig -> small\nfast -> slow\nup -> down\n"
 DEMO_QUERY = "happy ->"
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """Token ids split so that the query's tokens are identical with and without the context."""
+class Vectors:
+    """A prompt (or part of one) given as input vectors, shape (T, d): slices and `+` as a list of token ids does.
 
-    prefix: list[int]
-    context: list[int]
-    query: list[int]
+    ctx = Vectors(torch.randn(50, 3)); query = Vectors(torch.randn(1, 3))
+    (ctx[:10] + query).data.shape  # (11, 3)
+    """
+
+    def __init__(self, data: torch.Tensor):
+        if data.ndim != 2:
+            raise InputError(f"input vectors must have shape (tokens, width), not {tuple(data.shape)}")
+        self.data = data
 
     @property
-    def full(self) -> list[int]:
+    def width(self) -> int:
+        return self.data.shape[-1]
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, index: slice) -> Vectors:
+        if not isinstance(index, slice):
+            raise TypeError("Vectors take slices; index .data for one vector")
+        return Vectors(self.data[index])
+
+    def __add__(self, other) -> Vectors:
+        if isinstance(other, list) and not other:  # an empty list of ids: no prefix
+            return self
+        if not isinstance(other, Vectors):
+            return NotImplemented
+        if other.width != self.width:
+            raise InputError(f"cannot join input vectors of width {self.width} and {other.width}; give one width")
+        return Vectors(torch.cat([self.data, other.data.to(self.data.dtype)]))
+
+    def __radd__(self, other) -> Vectors:
+        if isinstance(other, list) and not other:
+            return self
+        return NotImplemented
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vectors) and torch.equal(self.data, other.data)
+
+    __hash__ = None
+
+
+Ids = list[int] | Vectors  # a prompt's token ids, or its input vectors
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids (or input vectors) split so that the query's are identical with and without the context."""
+
+    prefix: list[int] | Vectors
+    context: list[int] | Vectors
+    query: list[int] | Vectors
+
+    @property
+    def full(self) -> list[int] | Vectors:
         return self.prefix + self.context + self.query
 
     @property
-    def query_only(self) -> list[int]:
+    def query_only(self) -> list[int] | Vectors:
         return self.prefix + self.query
+
+
+def as_inputs(rows: list) -> dict[str, torch.Tensor]:
+    """Rows of equal length as model input: token ids → input_ids (B, T), Vectors → inputs_embeds (B, T, d)."""
+    if rows and isinstance(rows[0], Vectors):
+        return {"inputs_embeds": torch.stack([r.data for r in rows])}
+    return {"input_ids": torch.tensor(rows)}
 
 
 def tokenize(tokenizer, context: str, query: str) -> Prompt:
     """prefix = the special tokens the tokenizer puts in front; context and query without specials."""
+    check_tokenizer(tokenizer)
     check_text(context, "context")
     check_text(query, "query")
     q = tokenizer(query, add_special_tokens=False)["input_ids"]
@@ -38,11 +100,20 @@ def tokenize(tokenizer, context: str, query: str) -> Prompt:
     return Prompt(special_prefix(tokenizer, query, q), list(c), list(q))
 
 
+def check_tokenizer(tokenizer) -> None:
+    if tokenizer is None:
+        raise InputError(
+            "this model has no tokenizer: it reads input vectors, not text (a model from icl-probe regression "
+            "train); measure it with icl-probe regression run --model DIR"
+        )
+
+
 def special_prefix(tokenizer, text: str, ids: list[int]) -> list[int]:
     """The ids the tokenizer puts in front of `text` by default (e.g. [bos] for Gemma, [] for SmolLM2).
 
     Raises InputError if `ids` (the text without specials) do not appear whole in the text with specials.
     """
+    check_tokenizer(tokenizer)
     with_specials = list(tokenizer(text)["input_ids"])
     for k in range(len(with_specials) - len(ids) + 1):
         if with_specials[k : k + len(ids)] == list(ids):

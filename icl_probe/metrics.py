@@ -11,10 +11,12 @@ import weakref
 import torch
 from torch import nn
 
+from . import arch
 from .arch import Block
-from .capture import forward, last_logits
+from .capture import Target, forward, last_logits
 from .errors import InputError
-from .lowrank import MATH_DTYPE, LowRank, kl_divergence
+from .inputs import Ids
+from .lowrank import MATH_DTYPE, LowRank, kl_divergence, matvec
 from .patching import Patch, applied, applied_rows
 
 
@@ -68,18 +70,18 @@ def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict
     return {"token": tokenizer.decode([token_id]), "id": token_id}
 
 
-def static_logits(model: nn.Module, patch: Patch, ids: list[int]) -> torch.Tensor:
+def static_logits(model: nn.Module, patch: Patch, ids: Ids) -> torch.Tensor:
     """The next-token logits after `ids` with `patch` applied at every position (as replay applies it)."""
     with torch.no_grad(), applied(model, patch):
         return last_logits(model, ids)
 
 
-def static_logits_rows(model: nn.Module, patches: list[Patch], ids: list[int]) -> torch.Tensor:
+def static_logits_rows(model: nn.Module, patches: list[Patch], ids: Ids) -> torch.Tensor:
     """static_logits for several patches, (len(patches), vocab): one batch when none has a dense update."""
     if any(p.dense or p.params for p in patches):  # MoE weights cannot differ per row: one row at a time
         return torch.stack([static_logits(model, p, ids) for p in patches])
     with torch.no_grad(), applied_rows(model, patches):
-        return forward(model, torch.tensor([ids] * len(patches)), use_cache=False)
+        return forward(model, [ids] * len(patches), use_cache=False)
 
 
 def split_patch(patch: Patch, keep) -> Patch:
@@ -108,7 +110,7 @@ def ablation_scores(ctx: torch.Tensor, logits: torch.Tensor, both=None) -> dict:
     }
 
 
-def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx, both=None) -> dict:
+def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids, ctx, both=None) -> dict:
     """KL and top-1 agreement with the patch applied statically as ΔW only, as Δb only, and whole.
 
     "Δb" is the residual term however it is realised: a bias, or its fold into the output projection or a
@@ -121,7 +123,7 @@ def in_block(b: Block, path: str) -> bool:
     return path == b.path or path.startswith(b.path + ".")
 
 
-def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: list[int], ctx: torch.Tensor) -> list:
+def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids, ctx: torch.Tensor) -> list:
     """Per chosen layer: the static patch without that layer's updates, and with that layer's alone."""
     parts = []
     for b in chosen:
@@ -136,7 +138,7 @@ def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: lis
     ]
 
 
-def target_gradients(model: nn.Module, chosen: list[Block], ids: list[int], target_id: int) -> dict[str, torch.Tensor]:
+def target_gradients(model: nn.Module, chosen: list[Block], ids: Ids, target_id: int) -> dict[str, torch.Tensor]:
     """∇_W L for every first linear W of `chosen`, (out, in) float64; L = −log p(target | ids), model unpatched.
 
     One backward pass; only those weights take gradients, and every requires_grad flag is restored.
@@ -179,7 +181,7 @@ def gradient_cosine(delta: LowRank, grad: torch.Tensor) -> float | None:
     return -inner / norms if norms else None
 
 
-def gradient_alignment(model, chosen: list[Block], patch: Patch, ids: list[int], target_id: int) -> list[dict]:
+def gradient_alignment(model, chosen: list[Block], patch: Patch, ids: Ids, target_id: int) -> list[dict]:
     """Per layer and first linear, cos_F(ΔW, −∇_W L) for the patch's ΔW (see `target_gradients`)."""
     grads = target_gradients(model, chosen, ids, target_id)
     return [
@@ -198,3 +200,51 @@ def weight_norm(weight: torch.Tensor) -> float:
         norm = float(torch.linalg.vector_norm(weight.detach(), dtype=MATH_DTYPE))
         entry = _NORMS[id(weight)] = (weakref.ref(weight), weight._version, norm)
     return entry[2]
+
+
+# ---- the update as the context grows (dynamics, regression) -------------------------------------------------
+
+
+def layer_series(b: arch.Block, target: Target, start: Target, solution) -> dict:
+    """One layer's figures at every prefix i = 1..n at once: 1/‖z0_i‖², and per first linear `module_series`."""
+    n = len(solution.patches)
+    z0 = torch.cat([solution.records[i][b.index].z0 for i in range(n)])  # (n, in) float64
+    z_ctx = torch.cat([start.z_ctx, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
+    dz = (z_ctx[1:] - z_ctx[:-1]).T  # (in, n)
+    modules = {}
+    for path, m in b.first.items():
+        deltas = [solution.patches[i].low_rank[path] for i in range(n)]
+        u = torch.stack([d.u[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, out): ΔW_i = u_i v_iᵀ
+        v = torch.stack([d.v[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, in)
+        moves = matvec(arch.weight_out_in(m, b.family), dz).T  # (n, out): W (zC_i − zC_{i−1})
+        modules[path] = module_series(u, v, moves, z0)
+    return {"learning_rate": 1.0 / (z0 * z0).sum(-1), "modules": modules}
+
+
+def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: torch.Tensor) -> dict:
+    """‖ΔW_i‖, the step S_i = ΔW_i − ΔW_{i−1} (ΔW_0 = 0), its cosine with S_{i−1}, and Proposition 3.1's error.
+
+    Every norm comes from the factors, batched over the prefixes: a difference of nearly equal updates takes
+    its norm from the QR core R_u R_vᵀ (`lowrank.LowRank.core`), so no digits are lost to cancellation.
+    Proposition 3.1 predicts S_i = W (zC_i − zC_{i−1}) z0_iᵀ / ‖z0_i‖²; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
+    """
+    zero = torch.zeros_like(u[:1])
+    u_prev, v_prev = torch.cat([zero, u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
+    step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
+    step_norm = core_norm(step_u, step_v)  # (n,)
+    predicted = moves / (z0 * z0).sum(-1, keepdim=True)  # (n, out), with v = z0_i
+    miss_u = torch.cat([step_u, -predicted[..., None]], -1)  # (n, out, 3): S_i − P_i as factors
+    miss_v = torch.cat([step_v, z0[..., None]], -1)
+    # ⟨S_i, S_{i−1}⟩_F = trace((U_iᵀ U_{i−1}) (V_{i−1}ᵀ V_i)), for i ≥ 1
+    inner = torch.einsum("nab,nba->n", step_u[1:].mT @ step_u[:-1], step_v[:-1].mT @ step_v[1:])
+    return {
+        "delta_w_norm": u.norm(dim=-1) * v.norm(dim=-1),
+        "step_norm": step_norm,
+        "prop31_error": core_norm(miss_u, miss_v) / step_norm,  # inf or nan where the step is 0: reported as None
+        "step_inner": inner,  # [i − 1] is ⟨S_i, S_{i−1}⟩
+    }
+
+
+def core_norm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """‖u vᵀ‖_F for batches u (n, out, r), v (n, in, r), from the r×r cores of their QR decompositions."""
+    return torch.linalg.matrix_norm(torch.linalg.qr(u).R @ torch.linalg.qr(v).R.mT)

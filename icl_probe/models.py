@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import toy
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
 from .progress import Progress, Steps
@@ -61,7 +62,10 @@ def load_model(
     check_device(device)
     folder = resolve_folder(name, on_convert, progress)
     placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code, placement if device_map else {})
+    if toy.is_toy(folder):  # `icl-probe regression train`'s model: no tokenizer, it reads input vectors
+        model, tokenizer = toy.load(folder, torch_dtype), None
+    else:
+        model, tokenizer = load_folder(folder, name, torch_dtype, trust_remote_code, placement if device_map else {})
     if device_map is None:
         model.to(device)
     model.eval()

@@ -23,6 +23,7 @@ from .arch import Block
 from .capture import Target, forward, last, summed
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
+from .inputs import Ids
 from .lowrank import LowRank, add_rounded, check_norm, matvec, update_dtype
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, pre_hooked, routing_hook
 from .patching import Patch
@@ -273,14 +274,14 @@ def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> 
 
 
 def solve(
-    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: list[int], residual: str, batch: int = 1
+    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: Ids, residual: str, batch: int = 1
 ) -> Solution:
     """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`."""
     if any(b.moe for b in chosen):
         return solve_moe(model, chosen, targets, query, residual, batch)
     run = SequentialRun(chosen, targets, residual, batch)
     with hooked(run.hooks()):
-        logits = forward(model, torch.tensor([query] * batch), use_cache=False)
+        logits = forward(model, [query] * batch, use_cache=False)
     records = {b.index: run.record(b) for b in chosen}
     return Solution(
         patches=[run.patch(i) for i in range(batch)],
@@ -298,7 +299,7 @@ def row_record(r: LayerRecord, i: int) -> LayerRecord:
 
 
 def solve_moe(
-    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: list[int], residual: str, batch: int
+    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: Ids, residual: str, batch: int
 ) -> Solution:
     """`solve` for blocks with MoE MLPs: one row at a time, each with the routing of the query alone recorded."""
     routes = routing(model, chosen, query)
@@ -306,7 +307,7 @@ def solve_moe(
     for i in range(batch):
         run = SequentialRun(chosen, {k: t.row(i) for k, t in targets.items()}, residual, 1)
         with hooked(run.hooks()), pre_hooked(run.pre_hooks()):
-            logits = forward(model, torch.tensor([query]), use_cache=False)
+            logits = forward(model, [query], use_cache=False)
         records = {b.index: run.record(b) for b in chosen}
         for k, r in records.items():
             r.route_no_context = routes.get(k)
@@ -314,12 +315,12 @@ def solve_moe(
     return Solution([r[0] for r in rows], [r[1] for r in rows], torch.cat([r[2] for r in rows]))
 
 
-def routing(model: nn.Module, chosen: list[Block], ids: list[int]) -> dict[int, Route]:
+def routing(model: nn.Module, chosen: list[Block], ids: Ids) -> dict[int, Route]:
     """The experts each chosen MoE block picks at the last token of `ids`, unpatched."""
     seen: dict[int, dict] = {b.index: {} for b in chosen}
     hooks = [(b.part(b.moe.experts), routing_hook(seen[b.index], "route", 1)) for b in chosen if b.moe]
     with torch.no_grad(), hooked(hooks):
-        forward(model, torch.tensor([ids]), use_cache=False)
+        forward(model, [ids], use_cache=False)
     return {k: d["route"] for k, d in seen.items() if d.get("route") is not None}
 
 

@@ -7,7 +7,19 @@ from typer.testing import CliRunner
 
 from icl_probe.cli import app
 
-ORDER = ["analyze", "dynamics", "transfer", "heads", "export-patch", "replay", "batch", "merge", "modules", "tasks"]
+ORDER = [
+    "analyze",
+    "dynamics",
+    "transfer",
+    "heads",
+    "regression",
+    "export-patch",
+    "replay",
+    "batch",
+    "merge",
+    "modules",
+    "tasks",
+]
 
 
 def help_text(*args: str) -> str:

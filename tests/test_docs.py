@@ -14,7 +14,7 @@ DOCS = ROOT / "docs"
 
 
 def help_text(*args: str) -> str:
-    result = CliRunner().invoke(app, [*args, "-h"])
+    result = CliRunner().invoke(app, [*(w for a in args for w in a.split()), "-h"])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -28,9 +28,18 @@ def section(text: str, title: str) -> list[str]:
 
 
 def commands() -> list[str]:
-    """The command names `icl-probe -h` lists."""
+    """The command names `icl-probe -h` lists; a group's as "group sub" (e.g. "regression run")."""
     rows = section(help_text(), "Commands:")
-    return [row.split()[0] for row in rows if row.startswith("  ") and not row.startswith("   ")]
+    names = [row.split()[0] for row in rows if row.startswith("  ") and not row.startswith("   ")]
+    return [name for group in names for name in subcommands(group)]
+
+
+def subcommands(name: str) -> list[str]:
+    text = help_text(name)
+    if "Commands:" not in text.splitlines():
+        return [name]
+    rows = section(text, "Commands:")
+    return [f"{name} {row.split()[0]}" for row in rows if row.startswith("  ") and not row.startswith("   ")]
 
 
 def long_options(command: str) -> list[str]:

@@ -38,7 +38,19 @@ def usage_errors() -> Iterator[None]:
 
 
 # The order `icl-probe --help` lists the commands in: the main experiment first, then its companions.
-ORDER = ("analyze", "dynamics", "transfer", "heads", "export-patch", "replay", "batch", "merge", "modules", "tasks")
+ORDER = (
+    "analyze",
+    "dynamics",
+    "transfer",
+    "heads",
+    "regression",
+    "export-patch",
+    "replay",
+    "batch",
+    "merge",
+    "modules",
+    "tasks",
+)
 
 
 class OneLineGroup(TyperGroup):

@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from ..dynamics import dynamics as run_dynamics
+from ..dynamics import dynamics_trials
 from ..errors import UsageError
 from ..models import DEFAULT_MODEL
 from ..report import print_dynamics
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
+from ..trials_report import plot_trials, print_trials
 from .app import (
     Command,
     ContextFileOpt,
@@ -81,6 +83,18 @@ def unescape(template: str) -> str:
     return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def run_trials(status, loading: tuple, task, template: str, demos: int | None, trials: int, seed: int, counted: bool,
+               **options):  # fmt: skip
+    """The `dynamics --trials` document: the first trial's, with the trials' summary under `trials`."""
+    if task is None:
+        raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file")
+    check_template(template)
+    m, tokenizer = load(status, *loading, counted=counted)
+    with status.status(f"Running {trials} trials…"):
+        first, summary = dynamics_trials(m, tokenizer, task, template, demos or DEMO_DEMOS, trials, seed, **options)
+    return {**first.to_dict(), "trials": summary}
+
+
 @app.command(cls=Command, short_help="How the implicit update grows as examples accumulate.")
 def dynamics(
     model: ModelOpt = DEFAULT_MODEL,
@@ -112,6 +126,10 @@ def dynamics(
         int, typer.Option("--finetune-steps", min=0, help="Also fine-tune the first linears for K SGD steps.")
     ] = 0,
     lr: Annotated[float, typer.Option("--lr", help="The fine-tuning learning rate (plain SGD), above 0.")] = 1e-3,
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="Draw N sets of --demos examples and a held-out query from the task.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the --trials draws.")] = 0,
     wide: WideOpt = False,
     json_path: JsonOpt = None,
     no_text: NoTextOpt = False,
@@ -141,6 +159,18 @@ def dynamics(
         context = pick_text(context, context_file, "context")
         query = pick_text(query, query_file, "query")
         template, separator = unescape(template), unescape(separator)
+        if trials is not None:
+            if context is not None or query is not None or query_input is not None:
+                raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file, "
+                                 "and no --context, --query or --query-input")  # fmt: skip
+            placement = (device_map, max_memory, offload_folder)
+            doc = run_trials(status, (model, dtype, device, trust_remote_code, placement), pick_task(task, task_file),
+                             template, demos, trials, seed, json_path != "-", layers=layers, gradient=gradient,
+                             finetune_steps=finetune_steps, lr=lr)  # fmt: skip
+            show(out, doc, json_path, lambda console, d: print_trials(console, d["trials"]), text=not no_text)
+            if plot is not None:
+                plot_trials(doc["trials"], plot)
+            return
         examples, query, target = examples_and_query(
             task, task_file, template, demos, separator, context, query, query_input, target
         )
