@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import ModelError
-from .fileio import temporary
+from .fileio import temporary, usual_mode
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ def join_parts(model: PartedModel, parts: list[Path], target: Path) -> Path:
         if size != model.size or digest.hexdigest() != model.sha256:
             raise refused(model, f"its {len(parts)} parts join to {size} bytes with sha256 {digest.hexdigest()[:16]}…, "
                           f"not the pinned {model.size} bytes, {model.sha256[:16]}…")  # fmt: skip
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp's 0600 would hide the cache from other users
         os.replace(tmp, target)
     return target
 

@@ -6,6 +6,7 @@ module registers its commands on `app`.
 
 from . import batch as _batch  # noqa: F401 - registers batch and merge
 from . import commands, sweep  # noqa: F401 - registers the commands
+from . import study as _study  # noqa: F401 - registers study
 from . import transfer as _transfer  # noqa: F401 - registers transfer
 from .app import app
 
