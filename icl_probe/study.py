@@ -96,7 +96,7 @@ def make_spec(file_fields: dict, **flags) -> StudySpec:
 def check_spec(spec: StudySpec) -> None:
     unknown = [e for e in spec.experiments if e not in EXPERIMENTS]
     if unknown or not spec.experiments:
-        raise UsageError(f"unknown experiment {unknown[0] if unknown else '(none)'}; use {', '.join(EXPERIMENTS)}")
+        raise UsageError(f"unknown experiment {unknown[0] if unknown else None!r}; use {', '.join(EXPERIMENTS)}")
     for name in ("trials", "demos", "calibration", "queries", "analyze_queries"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise UsageError(f"the study's {name} must be a positive integer, not {getattr(spec, name)!r}")

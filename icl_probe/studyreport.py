@@ -41,7 +41,7 @@ def summarise(spec, lines: list[dict]) -> dict:
     return {
         "schema": SCHEMA,
         "icl_probe_version": __version__,
-        "spec": asdict(spec),
+        "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()},
         "environment": environment(),
         "cells": {"total": len(spec.cells()), "done": len(cells), "failed": len(lines) - len(cells),
                   "errors": [{"id": line["id"], "error": line["error"]} for line in lines if "error" in line]},
