@@ -204,7 +204,10 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     from .studyreport import summarise, write_report
 
     out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the study folder {out}: {e.strerror or e}; give a folder path") from None
     atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
     journal = out / JOURNAL
     done = written_ids(journal, lambda m: say(f"warning: {m}"))

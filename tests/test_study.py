@@ -168,3 +168,8 @@ def test_bad_specs_are_one_line(tmp_path):
         make_spec({}, models=["llama"], tasks=["antonyms"], experiments="analyse")
     result = CliRunner().invoke(app, ["study", "--models", "llama", "--tasks", "nope", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "unknown task 'nope'" in result.stderr
+    (tmp_path / "file").write_text("")
+    args = ["study", "--models", "llama", "--tasks", "antonyms", "-o", str(tmp_path / "file")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "cannot create the study folder" in result.stderr
+    assert result.stderr.count("\n") == 1

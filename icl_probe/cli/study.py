@@ -20,7 +20,9 @@ def study(
     output: Annotated[str, typer.Option("--output", "-o", help="The study folder (created; rerun to resume).")],
     models: Annotated[str | None, typer.Option("--models", help="Models, comma-separated.")] = None,
     tasks: Annotated[str | None, typer.Option("--tasks", help="Built-in tasks, comma-separated.")] = None,
-    trials: Annotated[int | None, typer.Option("--trials", min=1, help="Trials (shuffled splits) per cell.")] = None,
+    trials: Annotated[
+        int | None, typer.Option("--trials", min=1, help="Trials (shuffled splits) per model and task.")
+    ] = None,
     spec: Annotated[str | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override it.")] = None,
     experiments: Annotated[
         str | None, typer.Option("--experiments", help="Any of transfer,analyze,dynamics (default: all).")
