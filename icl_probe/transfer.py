@@ -266,7 +266,7 @@ def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: l
         kl={m: results[m]["kl"] for m in METHODS},
         single_patch_spread={key: spread([s[key] for s in singles]) for key in ("accuracy", "kl")},
         task_vector_layer=layer,
-        task_vector_calibration=fit,
+        task_vector_calibration={key: fit[key] for key in ("accuracy", "kl")},
         thought_lambda=statistics.median(alphas.values()),
         thought_lambda_by_layer=alphas,
         thought_cross_validated=cross_validated,
