@@ -117,11 +117,11 @@ def plot_transfer(doc: dict, path: str | Path) -> None:
 def plot_study(summary: dict, path: str | Path) -> None:
     """Zero-shot and in-context accuracy per (model, task) of an `icl-probe.study/1` summary, with Wilson bars."""
     check_schema(summary, "icl-probe.study/1")
-    groups = [g for g in summary["groups"] if g["transfer"]]
+    groups = [g for g in summary["groups"] if g["icl"]]
     fig = new_figure((max(6.0, 0.9 * len(groups)), 5))
     ax = fig.subplots()
     for shift, method, color in ((-0.2, "zero_shot", "#9ecae1"), (0.2, "icl", "#3b528b")):
-        cells = [g["transfer"]["accuracy"][method] for g in groups]
+        cells = [g["icl"][method] for g in groups]
         p = [c["p"] for c in cells]
         errors = [[max(0.0, c["p"] - c["low"]) for c in cells], [max(0.0, c["high"] - c["p"]) for c in cells]]
         xs = [i + shift for i in range(len(groups))]

@@ -20,17 +20,21 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import tomllib
+import torch
 
 from .analysis import analyze
 from .batch import line_writer, safe_name, written_ids
+from .capture import check_length, last_logits
 from .dynamics import dynamics
 from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
+from .inputs import tokenize
 from .models import load_model
-from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, query_for, target_text, task_examples
+from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_for, target_text, task_examples
 from .transfer import transfer
 
 EXPERIMENTS = ("transfer", "analyze", "dynamics")
+KNOWN_EXPERIMENTS = (*EXPERIMENTS, "icl")  # icl: zero-shot and in-context hits alone, without transfer's patches
 CELL_SCHEMA = "icl-probe.study-cell/1"
 JOURNAL = "cells.jsonl"
 
@@ -94,9 +98,9 @@ def make_spec(file_fields: dict, **flags) -> StudySpec:
 
 
 def check_spec(spec: StudySpec) -> None:
-    unknown = [e for e in spec.experiments if e not in EXPERIMENTS]
+    unknown = [e for e in spec.experiments if e not in KNOWN_EXPERIMENTS]
     if unknown or not spec.experiments:
-        raise UsageError(f"unknown experiment {unknown[0] if unknown else None!r}; use {', '.join(EXPERIMENTS)}")
+        raise UsageError(f"unknown experiment {unknown[0] if unknown else None!r}; use {', '.join(KNOWN_EXPERIMENTS)}")
     for name in ("trials", "demos", "calibration", "queries", "analyze_queries"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise UsageError(f"the study's {name} must be a positive integer, not {getattr(spec, name)!r}")
@@ -135,6 +139,8 @@ def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int) -> d
         doc["transfer"] = transfer(model, tokenizer, task, demos=spec.demos, calibration=spec.calibration,
                                    heldout=spec.queries, layers=spec.layers).to_dict()  # fmt: skip
         seconds["transfer"] = time.perf_counter() - t0
+    elif "icl" in spec.experiments:
+        doc["icl"] = icl_hits(model, tokenizer, context, held)
     if "analyze" in spec.experiments:
         chosen = held[: spec.analyze_queries]
         doc["analyze"] = [analyze_row(model, tokenizer, context, x, spec.layers) for x, _ in chosen]
@@ -148,6 +154,19 @@ def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int) -> d
 
 def spec_model(model) -> str:
     return getattr(model, "icl_probe_name", None) or model.config.name_or_path
+
+
+def icl_hits(model, tokenizer, context: str, held) -> dict:
+    """Zero-shot and in-context first-token hits on the held-out queries: two forward passes each."""
+    hits = {"zero_shot": [], "icl": []}
+    with torch.no_grad():
+        for x, y in held:
+            prompt = tokenize(tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0])
+            check_length(model, prompt)
+            target = first_target_id(tokenizer, target_text(DEFAULT_TEMPLATE, y))
+            hits["zero_shot"].append(int(last_logits(model, prompt.query_only).argmax()) == target)
+            hits["icl"].append(int(last_logits(model, prompt.full).argmax()) == target)
+    return {"hits": hits}
 
 
 def analyze_row(model, tokenizer, context: str, x: str, layers: str) -> dict:

@@ -75,8 +75,27 @@ def model_cost(cells: list[dict], lines: list[dict]) -> dict:
 
 def group(model: str, task: str, cells: list[dict]) -> dict:
     """One (model, task) row pooled over its trials; task "all" pools every task of the model."""
-    return {"model": model, "task": task, "trials": len(cells), "transfer": transfer_stats(cells),
-            "analyze": analyze_stats(cells), "dynamics": dynamics_stats(cells)}  # fmt: skip
+    stats = {"icl": icl_stats(cells), "transfer": transfer_stats(cells), "analyze": analyze_stats(cells),
+             "dynamics": dynamics_stats(cells)}  # fmt: skip
+    return {"model": model, "task": task, "trials": len(cells), **stats}
+
+
+def cell_hits(cell: dict) -> dict | None:
+    """The cell's per-query hits by method: transfer's, or the icl experiment's (zero_shot and icl only)."""
+    source = cell.get("transfer") or cell.get("icl")
+    return None if source is None else source["hits"]
+
+
+def icl_stats(cells: list[dict]) -> dict | None:
+    """Zero-shot and in-context accuracy, and the paired test of the two."""
+    hits = [h for c in cells if (h := cell_hits(c)) is not None]
+    if not hits:
+        return None
+    zero = [x for h in hits for x in h["zero_shot"]]
+    icl = [x for h in hits for x in h["icl"]]
+    test = mcnemar(icl, zero)
+    return {"zero_shot": wilson(sum(zero), len(zero)), "icl": wilson(sum(icl), len(icl)),
+            "paired": {**test, "significant": test["p"] < ALPHA}}  # fmt: skip
 
 
 def pooled_hits(cells: list[dict], method: str) -> list[bool] | None:
@@ -148,7 +167,7 @@ def write_report(summary: dict, out: Path) -> None:
     from .errors import UsageError
     from .plots import plot_study
 
-    plot = "accuracy.png" if any(g["transfer"] for g in summary["groups"]) else None
+    plot = "accuracy.png" if any(g["icl"] for g in summary["groups"]) else None
     if plot is not None:
         try:
             plot_study(summary, out / plot)
@@ -221,8 +240,8 @@ def exactness_table(summary: dict) -> list[str]:
 
 
 def icl_table(summary: dict) -> list[str]:
-    rows = [[g["model"], g["task"], ci(t["accuracy"]["zero_shot"]), ci(t["accuracy"]["icl"]),
-             paired(t["paired"].get("icl-zero_shot"))] for g in summary["groups"] if (t := g["transfer"])]  # fmt: skip
+    rows = [[g["model"], g["task"], ci(t["zero_shot"]), ci(t["icl"]), paired(t["paired"])]
+            for g in summary["groups"] if (t := g["icl"])]  # fmt: skip
     return table("ICL itself", ["model", "task", "zero-shot", "in context", "paired"], rows)
 
 

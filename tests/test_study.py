@@ -143,6 +143,19 @@ def test_trials_differ_and_seeds_repeat(tmp_path):
     assert "transfer" not in a[0] and "dynamics" not in a[0]
 
 
+def test_icl_alone_gives_transfers_hits(tmp_path):
+    """The cheap icl experiment (two forward passes per query) against transfer's own zero-shot and icl hits."""
+    base = dict(models=["qwen2"], tasks=["antonyms"], trials=1, queries=4, analyze_queries=1)
+    cheap = run_study(make_spec({}, experiments=["icl"], **base), tmp_path / "i", say=lambda _: None,
+                      loader=tiny_loader([]))  # fmt: skip
+    full = run_study(make_spec({}, experiments=["transfer"], **base), tmp_path / "t", say=lambda _: None,
+                     loader=tiny_loader([]))  # fmt: skip
+    cell = json.loads(next((tmp_path / "i" / "cells").glob("*.json")).read_text())
+    twin = json.loads(next((tmp_path / "t" / "cells").glob("*.json")).read_text())
+    assert cell["icl"]["hits"] == {m: twin["transfer"]["hits"][m] for m in ("zero_shot", "icl")}
+    assert cheap["groups"][0]["icl"] == full["groups"][0]["icl"] and cheap["groups"][0]["transfer"] is None
+
+
 def test_cli_study_with_a_spec_file(tmp_path):
     folder = save_tiny(tiny_model("llama", torch.float32), char_tokenizer(), tmp_path / "m")
     spec = tmp_path / "study.toml"
