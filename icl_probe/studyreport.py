@@ -37,7 +37,8 @@ def summarise(spec, lines: list[dict]) -> dict:
     for model in spec.models:
         mine = [c for c in cells if c["model"] == model]
         groups += [group(model, task, [c for c in mine if c["task"] == task]) for task in spec.tasks]
-        groups.append(group(model, "all", mine))
+        if len(spec.tasks) > 1:
+            groups.append(group(model, "all", mine))
     return {
         "schema": SCHEMA,
         "icl_probe_version": __version__,
