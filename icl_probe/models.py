@@ -25,12 +25,13 @@ import torch
 from . import toy
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
+from .packaged import PARTED, assembled
 from .progress import Progress, Steps
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ALIASES = ("smollm2-135m", "gemma3-270m")
+ALIASES = ("smollm2-135m", "gemma3-270m", *PARTED)
 HINT = f"give a built-in name ({', '.join(ALIASES)}), a save_pretrained folder, a .gguf file or a hub id owner/name"
 HUB_TIMEOUT = 3.0  # seconds for the reachability probe; transformers' own retries take closer to a minute
 
@@ -96,6 +97,9 @@ def resolve_folder(
         return cached_gguf(embedded_smollm2(), on_convert, progress)
     if name == "gemma3-270m":
         return cached_gguf(embedded_gemma3(), on_convert, progress)
+    if name in PARTED:
+        gguf = assembled(PARTED[name], cache_dir() / "gguf", indexed_sha256, record_sha256)
+        return cached_gguf(gguf, on_convert, progress)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -216,13 +220,18 @@ def gguf_sha256(path: Path) -> str:
     if digest is not None:
         return digest
     digest = sha256_file(path)
+    record_sha256(path, digest)
+    return digest
+
+
+def record_sha256(path: Path, digest: str) -> None:
+    """Remember the file's sha256 for its current (resolved path, size, mtime_ns)."""
     stat = path.stat()
     index = read_index()
     index[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     with contextlib.suppress(OSError, InputError):  # only a cache: an unwritable one costs a re-hash next time
         index_path().parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(index_path(), json.dumps(index, indent=1, sort_keys=True) + "\n")
-    return digest
 
 
 def indexed_sha256(path: Path) -> str | None:

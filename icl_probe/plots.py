@@ -164,6 +164,26 @@ def accuracy_sweep(ax, doc: dict, methods: list[str]) -> None:
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
+def plot_study(summary: dict, path: str | Path) -> None:
+    """Zero-shot and in-context accuracy per (model, task) of an `icl-probe.study/1` summary, with Wilson bars."""
+    check_schema(summary, "icl-probe.study/1")
+    groups = [g for g in summary["groups"] if g["icl"]]
+    fig = new_figure((max(6.0, 0.9 * len(groups)), 5))
+    ax = fig.subplots()
+    for shift, method, color in ((-0.2, "zero_shot", "#9ecae1"), (0.2, "icl", "#3b528b")):
+        cells = [g["icl"][method] for g in groups]
+        p = [c["p"] for c in cells]
+        errors = [[max(0.0, c["p"] - c["low"]) for c in cells], [max(0.0, c["high"] - c["p"]) for c in cells]]
+        xs = [i + shift for i in range(len(groups))]
+        ax.bar(xs, p, width=0.4, yerr=errors, capsize=3, color=color, label=method.replace("_", "-"))
+    ax.set_xticks(range(len(groups)), [label(f"{g['model']} · {g['task']}", 40) for g in groups], rotation=40,
+                  ha="right", fontsize=8)  # fmt: skip
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("first-token accuracy, held-out queries (95% Wilson)")
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
 def check_schema(doc: dict, schema: str) -> None:
     found = doc.get("schema") if isinstance(doc, dict) else None
     if found != schema:

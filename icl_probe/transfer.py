@@ -94,6 +94,7 @@ class Entry:
     thought_lambda_by_layer: dict[int, float]
     thought_cross_validated: bool
     joint_calibration_kl: float | None
+    hits: dict = field(default_factory=dict)  # per method, whether each held-out query's top-1 is its target
     patches: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -134,6 +135,7 @@ class Transfer:
             "n_heldout": len(self.heldout_inputs),
             "accuracy": final.accuracy,
             "kl": final.kl,
+            "hits": final.hits,
             "task_vector_layer": final.task_vector_layer,
             "thought_lambda": final.thought_lambda,
             "own_patch_check": self.own_patch_check,
@@ -232,10 +234,10 @@ def prepare(model: nn.Module, tokenizer, chosen: list[Block], context: str, temp
 
 
 def score(logits: list[torch.Tensor], queries: list[Query]) -> dict:
-    """{accuracy: first-token accuracy, kl: mean KL(icl ‖ logits)} over `queries`."""
+    """{accuracy: first-token accuracy, kl: mean KL(icl ‖ logits), hits: per query} over `queries`."""
     hits = [int(lg.argmax()) == q.target_id for lg, q in zip(logits, queries)]
     kls = [kl_divergence(q.icl, lg) for lg, q in zip(logits, queries)]
-    return {"accuracy": sum(hits) / len(hits), "kl": sum(kls) / len(kls)}
+    return {"accuracy": sum(hits) / len(hits), "kl": sum(kls) / len(kls), "hits": hits}
 
 
 def own_patch_check(tests: list[Query]) -> dict:
@@ -272,11 +274,12 @@ def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: l
         kl={m: results[m]["kl"] for m in METHODS},
         single_patch_spread={key: spread([s[key] for s in singles]) for key in ("accuracy", "kl")},
         task_vector_layer=layer,
-        task_vector_calibration=fit,
+        task_vector_calibration={key: fit[key] for key in ("accuracy", "kl")},
         thought_lambda=statistics.median(alphas.values()),
         thought_lambda_by_layer=alphas,
         thought_cross_validated=cross_validated,
         joint_calibration_kl=joint[1] if joint else None,
+        hits={m: results[m].get("hits") for m in METHODS},
         patches={
             "mean_patch": mean,
             "joint_patch": joint[0] if joint else None,

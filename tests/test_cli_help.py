@@ -8,18 +8,9 @@ from typer.testing import CliRunner
 from icl_probe.cli import app
 
 ORDER = [
-    "analyze",
-    "dynamics",
-    "transfer",
-    "heads",
-    "regression",
-    "export-patch",
-    "replay",
-    "batch",
-    "merge",
-    "modules",
-    "tasks",
-]
+    "analyze", "dynamics", "transfer", "heads", "regression", "study", "export-patch", "replay", "batch", "merge",
+    "modules", "tasks",
+]  # fmt: skip
 
 
 def help_text(*args: str) -> str:

@@ -42,8 +42,8 @@ def test_mistyped_name_fails_at_once_with_the_closest_alias(online, monkeypatch)
     with pytest.raises(ModelError) as e:
         models.load_model("smollm2-153m")
     assert str(e.value) == (
-        "unknown model 'smollm2-153m'; did you mean smollm2-135m? give a built-in name (smollm2-135m, gemma3-270m), "
-        "a save_pretrained folder, a .gguf file or a hub id owner/name"
+        "unknown model 'smollm2-153m'; did you mean smollm2-135m? give a built-in name (smollm2-135m, gemma3-270m, "
+        "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), a save_pretrained folder, a .gguf file or a hub id owner/name"
     )
 
 

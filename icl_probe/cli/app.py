@@ -39,18 +39,9 @@ def usage_errors() -> Iterator[None]:
 
 # The order `icl-probe --help` lists the commands in: the main experiment first, then its companions.
 ORDER = (
-    "analyze",
-    "dynamics",
-    "transfer",
-    "heads",
-    "regression",
-    "export-patch",
-    "replay",
-    "batch",
-    "merge",
-    "modules",
-    "tasks",
-)
+    "analyze", "dynamics", "transfer", "heads", "regression", "study", "export-patch", "replay", "batch", "merge",
+    "modules", "tasks",
+)  # fmt: skip
 
 
 class OneLineGroup(TyperGroup):
@@ -105,7 +96,9 @@ app = typer.Typer(
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="smollm2-135m, gemma3-270m, a save_pretrained folder, a .gguf file or a hub id."
+        "--model",
+        "-m",
+        help="smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b or -1.5b, a save_pretrained folder, a .gguf or a hub id.",
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16.")]

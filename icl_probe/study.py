@@ -1,0 +1,294 @@
+"""`study`: the tool's experiments over a grid of models × tasks × trials, resumable, with one JSON per cell.
+
+A cell is (model, task, trial). Trial t shuffles the task's pairs with a seed made of (seed, task, t), the same
+for every model, and splits them into the context's demonstrations, transfer's calibration pool and the held-out
+queries. Each cell runs `transfer` on the held-out queries, `analyze` on the first few, and `dynamics` on the
+first. Finished cells are journalled with the batch machinery (`DIR/cells.jsonl`: one fsynced line per cell, a
+torn last line cut away on resume) and also written to `DIR/cells/<id>.json`; `summarise` pools them
+(icl_probe.stats) into `DIR/summary.json`, and `studyreport` writes `DIR/report.md`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import tomllib
+import torch
+
+from .analysis import analyze
+from .batch import line_writer, safe_name, written_ids
+from .capture import check_length, last_logits
+from .dynamics import dynamics
+from .errors import IclProbeError, InputError, UsageError
+from .fileio import atomic_write_text
+from .inputs import tokenize
+from .models import load_model
+from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_for, target_text, task_examples
+from .transfer import transfer
+
+EXPERIMENTS = ("transfer", "analyze", "dynamics")
+KNOWN_EXPERIMENTS = (*EXPERIMENTS, "icl")  # icl: zero-shot and in-context hits alone, without transfer's patches
+CELL_SCHEMA = "icl-probe.study-cell/1"
+JOURNAL = "cells.jsonl"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study runs; every field can come from a TOML or JSON spec file, flags override it."""
+
+    models: tuple[str, ...]
+    tasks: tuple[str, ...]
+    trials: int = 1
+    experiments: tuple[str, ...] = EXPERIMENTS
+    demos: int = 5
+    calibration: int = 4
+    queries: int = 20  # held-out queries transfer scores per trial
+    analyze_queries: int = 5  # of those, how many analyze runs on (exactness, ablation)
+    finetune_steps: int = 0  # dynamics' fine-tuning comparison (0: gradient alignment only)
+    layers: str = "all"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(model, task, trial) in run order: a model's cells together, so that it is loaded once."""
+        return [(m, t, k) for m in self.models for t in self.tasks for k in range(self.trials)]
+
+
+def cell_id(model: str, task: str, trial: int) -> str:
+    return f"{model}/{task}/{trial}"
+
+
+def read_spec(path: str | Path) -> dict:
+    """The fields a TOML (.toml) or JSON spec file sets; a one-line InputError for a bad file or unknown key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except OSError as e:
+        raise InputError(f"cannot read the study spec {path}: {e.strerror or e}") from None
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"the study spec {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    known = {f.name for f in fields(StudySpec)}
+    if not isinstance(data, dict) or set(data) - known:
+        extra = sorted(set(data) - known) if isinstance(data, dict) else ["(not a table)"]
+        raise InputError(f"the study spec {path} has unknown key {extra[0]!r}; it takes {', '.join(sorted(known))}")
+    return data
+
+
+def make_spec(file_fields: dict, **flags) -> StudySpec:
+    """A checked StudySpec from a spec file's fields, with the flags that were given (not None) on top."""
+    merged = {**file_fields, **{k: v for k, v in flags.items() if v is not None}}
+    for key in ("models", "tasks", "experiments"):
+        if isinstance(merged.get(key), str):
+            merged[key] = [x.strip() for x in merged[key].split(",") if x.strip()]
+        if key in merged:
+            merged[key] = tuple(merged[key])
+    if not merged.get("models") or not merged.get("tasks"):
+        raise UsageError("a study needs models and tasks: give --models M1,M2 and --tasks T1,T2, or a --spec file")
+    spec = StudySpec(**merged)
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: StudySpec) -> None:
+    unknown = [e for e in spec.experiments if e not in KNOWN_EXPERIMENTS]
+    if unknown or not spec.experiments:
+        raise UsageError(f"unknown experiment {unknown[0] if unknown else None!r}; use {', '.join(KNOWN_EXPERIMENTS)}")
+    for name in ("trials", "demos", "calibration", "queries", "analyze_queries"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise UsageError(f"the study's {name} must be a positive integer, not {getattr(spec, name)!r}")
+    if spec.analyze_queries > spec.queries:
+        raise UsageError(f"analyze_queries ({spec.analyze_queries}) cannot exceed queries ({spec.queries})")
+    need = spec.demos + spec.calibration + spec.queries
+    for name in spec.tasks:
+        n = len(builtin_task(name).pairs)
+        if n < need:
+            raise UsageError(f"task {name} has {n} pairs; demos + calibration + queries = {need} do not fit")
+
+
+# --- one cell -------------------------------------------------------------------------------------------------
+
+
+def trial_task(task: Task, seed: int, trial: int) -> Task:
+    """The task's pairs shuffled for this trial: the same order for every model."""
+    pairs = list(task.pairs)
+    random.Random(f"{seed}:{task.name}:{trial}").shuffle(pairs)
+    return Task(task.name, tuple(pairs), task.description)
+
+
+def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int) -> dict:
+    """One cell's document: its split, and what each experiment of the spec found on it."""
+    task = trial_task(builtin_task(task_name), spec.seed, trial)
+    start = spec.demos + spec.calibration
+    held = task.pairs[start : start + spec.queries]
+    examples = task_examples(task, DEFAULT_TEMPLATE, spec.demos)
+    context = "".join(e.text for e in examples)
+    doc = {"schema": CELL_SCHEMA, "id": cell_id(spec_model(model), task_name, trial), "model": spec_model(model),
+           "task": task_name, "trial": trial, "demos": [e.input for e in examples],
+           "heldout": [x for x, _ in held]}  # fmt: skip
+    seconds = {}
+    if "transfer" in spec.experiments:
+        t0 = time.perf_counter()
+        doc["transfer"] = transfer(model, tokenizer, task, demos=spec.demos, calibration=spec.calibration,
+                                   heldout=spec.queries, layers=spec.layers).to_dict()  # fmt: skip
+        seconds["transfer"] = time.perf_counter() - t0
+    elif "icl" in spec.experiments:
+        doc["icl"] = icl_hits(model, tokenizer, context, held)
+    if "analyze" in spec.experiments:
+        chosen = held[: spec.analyze_queries]
+        doc["analyze"] = [analyze_row(model, tokenizer, context, x, spec.layers) for x, _ in chosen]
+    if "dynamics" in spec.experiments:
+        t0 = time.perf_counter()
+        doc["dynamics"] = dynamics_row(model, tokenizer, examples, held[0], spec)
+        seconds["dynamics"] = time.perf_counter() - t0
+    doc["seconds"] = seconds
+    return doc
+
+
+def spec_model(model) -> str:
+    return getattr(model, "icl_probe_name", None) or model.config.name_or_path
+
+
+def icl_hits(model, tokenizer, context: str, held) -> dict:
+    """Zero-shot and in-context first-token hits on the held-out queries: two forward passes each."""
+    hits = {"zero_shot": [], "icl": []}
+    with torch.no_grad():
+        for x, y in held:
+            prompt = tokenize(tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0])
+            check_length(model, prompt)
+            target = first_target_id(tokenizer, target_text(DEFAULT_TEMPLATE, y))
+            hits["zero_shot"].append(int(last_logits(model, prompt.query_only).argmax()) == target)
+            hits["icl"].append(int(last_logits(model, prompt.full).argmax()) == target)
+    return {"hits": hits}
+
+
+def analyze_row(model, tokenizer, context: str, x: str, layers: str) -> dict:
+    """analyze's exactness and ablation figures for one held-out query, and its time."""
+    t0 = time.perf_counter()
+    doc = analyze(model, tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0], layers=layers).to_dict()
+    return {
+        "input": x,
+        "kl_patched": doc["logits"]["kl_patched"],
+        "kl_no_context": doc["logits"]["kl_no_context"],
+        "top1_match": doc["logits"]["top1_match"],
+        "mlp_branch_error": max(layer["mlp_branch_error"] for layer in doc["layers"]),
+        "delta_w_only": doc["ablation"]["delta_w_only"],
+        "bias_only": doc["ablation"]["bias_only"],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def dynamics_row(model, tokenizer, examples, pair: tuple[str, str], spec: StudySpec) -> dict:
+    """dynamics' step norms, Proposition 3.1's error above the first patched layer and the alignments."""
+    x, y = pair
+    query, target = query_for(DEFAULT_TEMPLATE, x)[0], target_text(DEFAULT_TEMPLATE, y)
+    doc = dynamics(model, tokenizer, examples, query, target=target, layers=spec.layers,
+                   finetune_steps=spec.finetune_steps, template=DEFAULT_TEMPLATE).to_dict()  # fmt: skip
+    steps = [mean_of(m["step_norm"] for layer in p["layers"] for m in layer["modules"].values())
+             for p in doc["prefixes"][1:]]  # fmt: skip
+    first = min(layer["layer"] for layer in doc["prefixes"][-1]["layers"])
+    prop31 = [m["prop31_error"] for p in doc["prefixes"][1:] for layer in p["layers"] if layer["layer"] > first
+              for m in layer["modules"].values() if m["prop31_error"] is not None]  # fmt: skip
+    grad = [v for layer in doc["gradient_alignment"] or [] for v in layer["modules"].values() if v is not None]
+    finetune = None
+    if doc["finetune"]:
+        finetune = mean_of(v for v in doc["finetune"]["steps"][-1]["alignment"].values() if v is not None)
+    return {"input": x, "step_norms": steps, "step_decay": steps[-1] / steps[0] if steps[0] else None,
+            "prop31_error_max": max(prop31, default=None), "gradient_alignment": mean_of(grad),
+            "finetune_alignment": finetune}  # fmt: skip
+
+
+def mean_of(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+Say = Callable[[str], None]
+
+
+def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_model) -> dict:
+    """Run every cell of `spec` not yet in OUT/cells.jsonl, one model loaded at a time; returns the summary.
+
+    `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
+    """
+    from .studyreport import summarise, write_report
+
+    out = Path(out)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the study folder {out}: {e.strerror or e}; give a folder path") from None
+    atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
+    journal = out / JOURNAL
+    done = written_ids(journal, lambda m: say(f"warning: {m}"))
+    todo = [c for c in spec.cells() if cell_id(*c) not in done]
+    clock = Clock(len(spec.cells()), len(spec.cells()) - len(todo))
+    with line_writer(journal) as write:
+        for name in dict.fromkeys(m for m, _, _ in todo):
+            t0 = time.perf_counter()
+            say(f"loading {name} ({spec.dtype})…")
+            model, tokenizer = loader(name, dtype=spec.dtype)
+            model.icl_probe_name = name
+            load_seconds = time.perf_counter() - t0
+            for _, task, trial in [c for c in todo if c[0] == name]:
+                line = run_logged(model, tokenizer, spec, task, trial, out)
+                line["load_seconds"] = load_seconds
+                write(line)
+                say(clock.tick(line["id"], line.get("seconds_total", 0.0), "error" in line))
+            del model, tokenizer
+            gc.collect()
+    summary = summarise(spec, read_journal(journal))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_report(summary, out)
+    return summary
+
+
+def run_logged(model, tokenizer, spec: StudySpec, task: str, trial: int, out: Path) -> dict:
+    """The journal line of one cell: {"id", "result", ...} or {"id", "error"}; the cell's JSON file is written."""
+    cid = cell_id(spec_model(model), task, trial)
+    t0 = time.perf_counter()
+    try:
+        doc = run_cell(model, tokenizer, spec, task, trial)
+    except IclProbeError as e:
+        return {"id": cid, "error": str(e), "seconds_total": time.perf_counter() - t0}
+    doc["seconds_total"] = time.perf_counter() - t0
+    doc["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    atomic_write_text(out / "cells" / f"{safe_name(cid)}.json", json.dumps(doc, indent=2) + "\n")
+    return {"id": cid, "result": doc, "seconds_total": doc["seconds_total"]}
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The journal's complete lines (a torn one is already cut away by `written_ids`)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Clock:
+    """Progress lines with an ETA from the mean time of the cells run so far in this process."""
+
+    def __init__(self, total: int, already: int):
+        self.total, self.count, self.ran, self.spent = total, already, 0, 0.0
+
+    def tick(self, cid: str, seconds: float, failed: bool) -> str:
+        self.count += 1
+        self.ran += 1
+        self.spent += seconds
+        eta = self.spent / self.ran * (self.total - self.count)
+        state = "failed" if failed else f"{seconds:.1f} s"
+        return f"[{self.count}/{self.total}] {cid}: {state}; ETA {clock_text(eta)}"
+
+
+def clock_text(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
