@@ -107,7 +107,7 @@ def test_analyze_is_exact(name):
     bound = 1e-9 if floor is None else limit["mlp_branch_error_floor"]
     if floor is not None:  # the reported floor is the float32 part's epsilon, and the legend says so
         assert limit["mlp_branch_error_floor"] == floor and limit["dtype"] == "float32"
-        assert "router computes in float32: mlp_branch_error floor ≈ 1e-7" in legend(doc, wide=False)
+        assert "router computes in float32: mlp_branch_error floor ≈ 1e-7" in legend(doc, wide=False, shown=[])
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < bound
     assert sorted(i for i, layer in enumerate(doc["layers"]) if layer["moe"]) == sorted(NEW[name][1])
 

@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # Noise: notes about the libraries' own machinery that a user of icl-probe can do nothing about.
-NOISE: tuple[str, ...] = ()
+# A kernel that falls back to its PyTorch reference (Mamba's and short convolutions' CUDA kernels on the CPU)
+# computes the same values: nothing to act on.
+NOISE: tuple[str, ...] = ("is falling back to its reference PyTorch implementation",)
 
 
 def say(message: str) -> None:
