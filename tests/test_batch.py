@@ -155,6 +155,7 @@ def test_bad_lines_are_reported_and_skipped(tiny_llama_dir, tmp_path):
     assert "2 done, 0 skipped (already in the output), 2 failed (error lines), 3 bad input lines" in result.stderr
 
 
+@pytest.mark.slow  # several processes
 def test_sigkill_then_rerun_gives_every_id_once(tiny_llama_dir, tiny, tmp_path):
     n = 150
     source = write_jsonl(tmp_path / "in.jsonl", many(n))
@@ -173,6 +174,7 @@ def test_sigkill_then_rerun_gives_every_id_once(tiny_llama_dir, tiny, tmp_path):
     assert sorted(line["id"] for line in read_jsonl(out)) == sorted(f"p{i}" for i in range(n))
 
 
+@pytest.mark.slow  # several processes
 def test_torchrun_two_processes_then_merge(tiny_llama_dir, tmp_path):
     rows = [*many(5), "not json\n", {"id": "p0", "context": "dup\n", "query": "q"}]
     source = write_jsonl(tmp_path / "in.jsonl", rows)

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real models in subprocesses: left out of ./run test-quick
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

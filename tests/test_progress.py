@@ -70,6 +70,7 @@ def test_finetuning_counts_its_steps(tiny):
     seen.check("fine-tuning steps", 3, len(doc.finetune["steps"]))
 
 
+@pytest.mark.slow
 def test_transfer_counts_queries_and_methods(tiny):
     seen = Recorder()
     doc = transfer(*tiny, builtin_task("antonyms"), demos=2, calibration=[1, 2], heldout=2, progress=seen).to_dict()
