@@ -24,6 +24,7 @@ import torch
 
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
+from .fingerprint import remember_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +64,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.icl_probe_name = name
+    remember_checkpoint(model, folder, torch_dtype, cache_dir() / "fingerprints.json")  # the fingerprint's cache
     return model, tokenizer
 
 
