@@ -17,7 +17,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import input_device, position_logits, right_padded
+from .capture import input_device, right_padded
 from .errors import MathError
 from .hooks import hidden, hooked
 from .lowrank import MATH_DTYPE, LowRank, matvec
@@ -190,20 +190,27 @@ class PositionsRun:
         return seen, delta
 
     def verify(self, chosen: list[Block]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows."""
+        """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows.
+
+        The sequences run as the rows of one right-padded pass, as in `capture`, so the check sees the
+        activations of the same shapes the fit was made on.
+        """
+        ids, lasts = right_padded([s.ids for s in self.sequences])
+        ks = [len(s.rows) - s.held for s in self.sequences]  # logits kept per sequence: its last k positions
+        first = min(int(last) + 1 - k for last, k in zip(lasts, ks))
         seen: dict[int, dict] = {b.index: {} for b in chosen}
-        outs, logits = {b.index: [] for b in chosen}, []
-        for sequence in self.sequences:
-            hooks = [(b.module, recorder(seen[b.index], "h")) for b in chosen]
-            with applied(self.model, self.patch), hooked(hooks):
-                logits.append(position_logits(self.model, sequence.ids, len(sequence.rows) - sequence.held))
-            for b in chosen:
-                outs[b.index].append(seen[b.index]["h"][0, sequence.rows])
+        hooks = [(b.module, recorder(seen[b.index], "h", batch=len(ids))) for b in chosen]
+        with applied(self.model, self.patch), hooked(hooks):
+            out = self.model(input_ids=ids.to(input_device(self.model)), logits_to_keep=ids.shape[1] - first,
+                             use_cache=False).logits  # fmt: skip
+        logits = torch.cat([out[i, int(last) + 1 - k - first : int(last) + 1 - first] for i, (last, k)
+                            in enumerate(zip(lasts, ks))])  # fmt: skip
         errors = {}
         for b in chosen:
-            out = self.targets[b.index].out
-            errors[b.index] = (torch.cat(outs[b.index]) - out).norm(dim=-1) / out.norm(dim=-1)
-        return errors, torch.cat(logits)
+            h = torch.cat([seen[b.index]["h"][i, s.rows] for i, s in enumerate(self.sequences)])
+            out_ctx = self.targets[b.index].out
+            errors[b.index] = (h - out_ctx).norm(dim=-1) / out_ctx.norm(dim=-1)
+        return errors, logits
 
 
 def run_until(model: nn.Module, ids: torch.Tensor, hooks: list, stop: nn.Module, patch: Patch) -> None:
