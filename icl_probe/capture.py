@@ -92,6 +92,39 @@ def last_logits(model: nn.Module, ids) -> torch.Tensor:
     return forward(model, [ids], use_cache=False)[0]
 
 
+def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists of any lengths as one (B, T) batch, each padded on the right with its own last token,
+    and each row's last real position (B,). Attention is causal, so a row's real positions run as they do alone:
+    its padding comes after them."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + r[-1:] * (width - len(r)) for r in rows]), torch.tensor([len(r) - 1 for r in rows])
+
+
+def last_logits_rows(model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
+    """last_logits of each token id list in `rows`, in one right-padded pass: (B, vocab)."""
+    ids, lasts = right_padded(rows)
+    first = int(lasts.min())
+    out = model(input_ids=ids.to(input_device(model)), logits_to_keep=ids.shape[1] - first, use_cache=False)
+    return out.logits[torch.arange(len(rows)), lasts - first]
+
+
+def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list[list[int]]) -> tuple[list, torch.Tensor]:
+    """capture_targets for several prompts in one right-padded pass: a {block: Target} per row, logits (B, vocab).
+
+    Mixture-of-experts blocks record their routing per prompt, so they run one prompt at a time.
+    """
+    if any(b.moe for b in chosen):
+        runs = [capture_targets(model, chosen, r) for r in rows]
+        return [t for t, _ in runs], torch.stack([lg for _, lg in runs])
+    ids, lasts = right_padded(rows)
+    pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[torch.arange(len(rows)), lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
+    seen: dict[int, dict] = {b.index: {} for b in chosen}
+    with hooked(recording_hooks(chosen, seen, pick)):
+        logits = last_logits_rows(model, rows)
+    targets = {i: Target(**d) for i, d in seen.items()}
+    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
+
+
 def last(x: torch.Tensor, batch: int) -> torch.Tensor:
     """The last position of a (B, T, d) (or OPT's MLP (B·T, d)) activation, as a float64 copy, (B, d).
 

@@ -25,6 +25,7 @@ import torch
 from . import toy
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
+from .fingerprint import remember_checkpoint
 from .packaged import PARTED, assembled
 from .progress import Progress, Steps
 
@@ -71,6 +72,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.icl_probe_name = name
+    remember_checkpoint(model, folder, torch_dtype, cache_dir() / "fingerprints.json")  # the fingerprint's cache
     return model, tokenizer
 
 

@@ -1,10 +1,11 @@
-"""The native patch format, version 3: one float32 `.safetensors` file with string metadata.
+"""The native patch format, version 4: one float32 `.safetensors` file with string metadata.
 
 The versions differ in their fingerprint and in what they may hold. Version 1 hashed only the weights
 the patch changes, all of their values; version 2 covers every parameter of the model (name, shape and
-a strided sample of 4096 values); version 3 samples 256 values per parameter (4% of a forward pass on
-SmolLM2, where 4096 cost 16%) and may also hold updates of mixture-of-experts weights
-(`.delta_param_u/_v`, factors with an expert axis). Versions 1 and 2 still load and are checked their way.
+a strided sample of 4096 values); version 3 samples 256 values per parameter and may also hold updates
+of mixture-of-experts weights (`.delta_param_u/_v`, factors with an expert axis); version 4 hashes every
+value of every parameter with xxh3_128 (icl_probe.fingerprint), so one changed value anywhere is seen.
+Versions 1 to 3 still load, are checked their way, and replay adds a one-line note.
 
 `save_patch` writes a Patch, `load_patch` reads one back and checks everything the file alone can
 tell (format version, metadata keys, tensor names, dtypes, shapes, finiteness); `check_fits` then
@@ -27,17 +28,20 @@ from torch import nn
 from . import arch
 from .errors import PatchError
 from .fileio import atomic_write, check_writable
+from .fingerprint import fingerprint
 from .hooks import current_weight
 from .lowrank import MATH_DTYPE, LowRank
 from .moe import ParamLowRank
 from .patching import Patch
 
-FORMAT = "icl-probe.patch/3"  # version 2's layout, a lighter fingerprint, and mixture-of-experts parameter updates
+FORMAT = "icl-probe.patch/4"  # version 3's layout; the fingerprint hashes every value (icl_probe.fingerprint)
+V3_FORMAT = "icl-probe.patch/3"  # its fingerprint samples FINGERPRINT_SAMPLES values per parameter
 V2_FORMAT = "icl-probe.patch/2"  # its fingerprint samples V2_FINGERPRINT_SAMPLES values per parameter
 LEGACY_FORMAT = "icl-probe.patch/1"  # same layout; its fingerprint covers only the touched weights
-READABLE = (LEGACY_FORMAT, V2_FORMAT, FORMAT)
+READABLE = (LEGACY_FORMAT, V2_FORMAT, V3_FORMAT, FORMAT)
+PARAM_FORMATS = (V3_FORMAT, FORMAT)  # the versions that may hold mixture-of-experts parameter updates
 FORMAT_PREFIX = "icl-probe.patch/"
-FINGERPRINT_SAMPLES = 256  # values sampled per parameter, at a fixed stride (4% of a forward pass on SmolLM2)
+FINGERPRINT_SAMPLES = 256  # version 3's values sampled per parameter, at a fixed stride
 V2_FINGERPRINT_SAMPLES = 4096
 REQUIRED_KEYS = (
     "format", "model", "model_type", "model_fingerprint", "layers", "residual", "positions", "dtype",
@@ -53,7 +57,7 @@ FILE_DTYPE = torch.float32
 
 
 def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
-    """Write `patch` as a native v3 file (atomically; refuses an existing file unless `force`); returns its size."""
+    """Write `patch` as a native file (atomically; refuses an existing file unless `force`); returns its size."""
     path = check_writable(path, force)
     data = serialize(patch)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
@@ -63,7 +67,7 @@ def save_patch(patch: Patch, path: str | Path, force: bool = False) -> int:
 def serialize(patch: Patch) -> bytes:
     """The file's bytes: the same patch always gives the same bytes."""
     metadata = dict(patch.metadata)
-    if patch.params:  # only version 3 may hold parameter updates
+    if patch.params and metadata.get("format") not in PARAM_FORMATS:  # only versions 3 and 4 hold parameter updates
         metadata["format"] = FORMAT
     check_metadata(metadata, "the patch to write")
     return canonical_header(save(to_tensors(patch), metadata=metadata))
@@ -106,7 +110,7 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def load_patch(path: str | Path) -> Patch:
-    """Read and check a native patch file (v3, v2 or v1); the Patch holds float64 tensors and the file's metadata.
+    """Read and check a native patch file (v4, v3, v2 or v1); the Patch holds float64 tensors and the file's metadata.
 
     Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
     """
@@ -190,10 +194,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], whe
     groups: dict[str, dict[str, torch.Tensor]] = {U: {}, V: {}, RESIDUAL: {}, DENSE: {}, PU: {}, PV: {}}
     for name, t in sorted(tensors.items()):
         base, _, kind = name.rpartition(".")
-        if not base or kind not in groups or (kind in (PU, PV) and metadata.get("format") != FORMAT):
+        if not base or kind not in groups or (kind in (PU, PV) and metadata.get("format") not in PARAM_FORMATS):
             raise PatchError(
                 f"{where} holds an unknown tensor {name!r}; names end in .{U}, .{V}, .{RESIDUAL} or .{DENSE} "
-                f"(and .{PU}, .{PV} in format {FORMAT})"
+                f"(and .{PU}, .{PV} in formats {V3_FORMAT} and {FORMAT})"
             )
         check_tensor(name, t, where)
         groups[kind][base] = t.to(MATH_DTYPE)
@@ -264,8 +268,8 @@ def touched_parameters(patch: Patch) -> list[str]:
     return sorted({f"{path}.weight" for path in patch.low_rank} | set(patch.dense) | set(patch.params))
 
 
-def fingerprint(model: nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
-    """sha256 over every parameter, by name: the name, the shape, then a strided sample of its values.
+def sampled_fingerprint(model: nn.Module, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """Formats v2 and v3's fingerprint: sha256 over every parameter's name, shape and a strided sample of values.
 
     The sample is at most `samples` values at a fixed stride, as float32 LE bytes, so the same weights
     loaded in float32 or float64 give the same hash, and the cost does not grow with the weights' size.
@@ -301,13 +305,19 @@ def legacy_fingerprint(model: nn.Module, patch: Patch) -> str:
 
 
 def fingerprint_note(patch: Patch) -> str | None:
-    """A one-line note for a v1 patch, whose fingerprint is the older, narrower kind; None otherwise."""
-    if patch.metadata.get("format") != LEGACY_FORMAT:
-        return None
-    return (
-        "this is a format v1 patch: its fingerprint covers only the weights it changes, not the layers below "
-        "that shape every z; export it again for a whole-model fingerprint"
-    )
+    """A one-line note for a v1–v3 patch, whose fingerprint is an older, narrower kind; None otherwise."""
+    fmt = patch.metadata.get("format")
+    if fmt == LEGACY_FORMAT:
+        return (
+            "this is a format v1 patch: its fingerprint covers only the weights it changes, not the layers below "
+            "that shape every z; export it again for a whole-model fingerprint"
+        )
+    if fmt in (V2_FORMAT, V3_FORMAT):
+        return (
+            f"this is a format v{fmt[-1]} patch: its fingerprint samples each weight, so a few changed values "
+            "can pass unseen; export it again for a fingerprint of every value"
+        )
+    return None
 
 
 def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str = "the patch") -> bool:
@@ -365,8 +375,10 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
     fmt = patch.metadata.get("format")
     if fmt == LEGACY_FORMAT:
         actual = legacy_fingerprint(model, patch)
+    elif fmt in (V2_FORMAT, V3_FORMAT):
+        actual = sampled_fingerprint(model, V2_FINGERPRINT_SAMPLES if fmt == V2_FORMAT else FINGERPRINT_SAMPLES)
     else:
-        actual = fingerprint(model, V2_FINGERPRINT_SAMPLES if fmt == V2_FORMAT else FINGERPRINT_SAMPLES)
+        actual = fingerprint(model)
     if actual != expected:
         dtype = str(model.dtype).removeprefix("torch.")
         made_in = patch.metadata.get("dtype", dtype)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import input_device, position_logits
+from .capture import input_device, right_padded
 from .errors import MathError
 from .hooks import hidden, hooked
 from .lowrank import MATH_DTYPE, LowRank, matvec
@@ -101,12 +101,12 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once the block of interest has run."""
 
 
-def recorder(seen: dict, key: str, from_input: bool = False):
-    """A hook saving its module's input or output as a float64 copy of shape (n, d)."""
+def recorder(seen: dict, key: str, from_input: bool = False, batch: int = 1):
+    """A hook saving its module's input or output as a float64 copy of shape (batch, n, d)."""
 
     def hook(module, args, output):
         x = args[0] if from_input else hidden(output)
-        seen[key] = x.reshape(-1, x.shape[-1]).to(MATH_DTYPE, copy=True)
+        seen[key] = x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE, copy=True)
 
     return hook
 
@@ -138,15 +138,13 @@ class PositionsRun:
     def capture(self, hooks: list, stop: nn.Module) -> dict:
         """Run each sequence with the patch so far, recording `hooks` = [(module, key, from_input)] up to `stop`.
 
-        Returns each key's fitted rows of every sequence, concatenated: (n, d) float64.
+        Returns each key's fitted rows of every sequence, concatenated: (n, d) float64. The sequences run as the
+        rows of one right-padded pass (capture.right_padded), which leaves each one's real positions as they are.
         """
-        rows: dict[str, list] = {}
-        for sequence in self.sequences:
-            seen: dict = {}
-            run_until(self.model, sequence.ids, [(m, recorder(seen, k, x)) for m, k, x in hooks], stop, self.patch)
-            for key, x in seen.items():
-                rows.setdefault(key, []).append(x[sequence.rows])
-        return {key: torch.cat(parts) for key, parts in rows.items()}
+        ids, _ = right_padded([s.ids for s in self.sequences])
+        seen: dict = {}
+        run_until(self.model, ids, [(m, recorder(seen, k, x, len(ids))) for m, k, x in hooks], stop, self.patch)
+        return {key: torch.cat([x[i, s.rows] for i, s in enumerate(self.sequences)]) for key, x in seen.items()}
 
     def unheld(self, t: torch.Tensor) -> torch.Tensor:
         """t with its held rows zeroed: the prefix holds the same states with and without the context."""
@@ -192,31 +190,38 @@ class PositionsRun:
         return seen, delta
 
     def verify(self, chosen: list[Block]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows."""
+        """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows.
+
+        The sequences run as the rows of one right-padded pass, as in `capture`, so the check sees the
+        activations of the same shapes the fit was made on.
+        """
+        ids, lasts = right_padded([s.ids for s in self.sequences])
+        ks = [len(s.rows) - s.held for s in self.sequences]  # logits kept per sequence: its last k positions
+        first = min(int(last) + 1 - k for last, k in zip(lasts, ks))
         seen: dict[int, dict] = {b.index: {} for b in chosen}
-        outs, logits = {b.index: [] for b in chosen}, []
-        for sequence in self.sequences:
-            hooks = [(b.module, recorder(seen[b.index], "h")) for b in chosen]
-            with applied(self.model, self.patch), hooked(hooks):
-                logits.append(position_logits(self.model, sequence.ids, len(sequence.rows) - sequence.held))
-            for b in chosen:
-                outs[b.index].append(seen[b.index]["h"][sequence.rows])
+        hooks = [(b.module, recorder(seen[b.index], "h", batch=len(ids))) for b in chosen]
+        with applied(self.model, self.patch), hooked(hooks):
+            out = self.model(input_ids=ids.to(input_device(self.model)), logits_to_keep=ids.shape[1] - first,
+                             use_cache=False).logits  # fmt: skip
+        logits = torch.cat([out[i, int(last) + 1 - k - first : int(last) + 1 - first] for i, (last, k)
+                            in enumerate(zip(lasts, ks))])  # fmt: skip
         errors = {}
         for b in chosen:
-            out = self.targets[b.index].out
-            errors[b.index] = (torch.cat(outs[b.index]) - out).norm(dim=-1) / out.norm(dim=-1)
-        return errors, torch.cat(logits)
+            h = torch.cat([seen[b.index]["h"][i, s.rows] for i, s in enumerate(self.sequences)])
+            out_ctx = self.targets[b.index].out
+            errors[b.index] = (h - out_ctx).norm(dim=-1) / out_ctx.norm(dim=-1)
+        return errors, logits
 
 
-def run_until(model: nn.Module, ids: list[int], hooks: list, stop: nn.Module, patch: Patch) -> None:
-    """Run `ids` with `patch` applied and `hooks` registered, ending the forward pass once `stop` has run."""
+def run_until(model: nn.Module, ids: torch.Tensor, hooks: list, stop: nn.Module, patch: Patch) -> None:
+    """Run `ids` (B, T) with `patch` applied and `hooks` registered, ending the forward pass once `stop` has run."""
 
     def halt(module, args, output):
         raise StopForward
 
     try:
         with applied(model, patch), hooked([*hooks, (stop, halt)]):
-            model(input_ids=torch.tensor([ids], device=input_device(model)), use_cache=False, logits_to_keep=1)
+            model(input_ids=ids.to(input_device(model)), use_cache=False, logits_to_keep=1)
     except StopForward:
         pass
 

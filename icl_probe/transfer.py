@@ -16,7 +16,6 @@ mean KL(in-context ‖ method). Nothing is tuned on the held-out queries. The me
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,17 +28,18 @@ from .capture import (
     Target,
     capture_positions,
     capture_targets,
+    capture_targets_rows,
     check_length,
-    last_logits,
+    last_logits_rows,
     model_name,
+    right_padded,
     select_blocks,
 )
 from .errors import UsageError
 from .hooks import hidden, hooked, with_hidden
 from .inputs import Prompt, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, kl_divergence, matvec
-from .metrics import static_logits
-from .patching import Patch
+from .patching import Patch, applied
 from .positions import PositionsRun, Sequence, solve_joint
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
@@ -168,9 +168,9 @@ def transfer(
     context = "".join(format_example(template, x, y) for x, y in task.pairs[:demos])
     chosen = select_blocks(model, layers)
     with torch.no_grad():
-        queries = Steps(progress, "queries", len(pool) + len(held))
-        calib = [prepare(model, tokenizer, chosen, context, template, pair) for pair in queries.each(pool)]
-        tests = [prepare(model, tokenizer, chosen, context, template, pair) for pair in queries.each(held)]
+        steps = Steps(progress, "queries", len(pool) + len(held))
+        queries = prepare_all(model, tokenizer, chosen, context, template, [*pool, *held], steps)
+        calib, tests = queries[: len(pool)], queries[len(pool) :]
         base = {
             "zero_shot": score([q.zero for q in tests], tests),
             "icl": score([q.icl for q in tests], tests),
@@ -212,25 +212,30 @@ def split_pairs(task: Task, demos: int, sizes: list[int], heldout: int | None) -
 
 def prepare(model: nn.Module, tokenizer, chosen: list[Block], context: str, template: str, pair) -> Query:
     """A pair as a query: its prompt and target token, the runs with and without context, and its own patch."""
-    x, y = pair
-    query, _ = query_for(template, x)
-    prompt = tokenize(tokenizer, context, query)
-    check_length(model, prompt)
-    targets, icl = capture_targets(model, chosen, prompt.full)
-    alone, zero = capture_targets(model, chosen, prompt.query_only)
-    solution = solve(model, chosen, targets, prompt.query_only, "bias")
-    return Query(
-        input=x,
-        output=y,
-        prompt=prompt,
-        target_id=first_target_id(tokenizer, target_text(template, y)),
-        icl=icl,
-        zero=zero,
-        targets=targets,
-        out0={i: t.out for i, t in alone.items()},
-        patch=solution.patches[0],
-        own=solution.logits[0],
-    )
+    return prepare_all(model, tokenizer, chosen, context, template, [pair])[0]
+
+
+def prepare_all(model: nn.Module, tokenizer, chosen: list[Block], context: str, template: str, pairs,
+                steps: Steps | None = None) -> list[Query]:  # fmt: skip
+    """prepare for every pair, each a step of `steps`. The queries alone run as the rows of one pass; each prompt
+    with context runs alone, and so does each query's own sequential solve (its hooks act at its last token): the
+    own patch reproduces the with-context logits bit for bit only when both come from passes of the same shape."""
+    prompts = [tokenize(tokenizer, context, query_for(template, x)[0]) for x, _ in pairs]
+    for prompt in prompts:
+        check_length(model, prompt)
+    targets, icl = zip(*[capture_targets(model, chosen, p.full) for p in prompts])
+    alone, zero = capture_targets_rows(model, chosen, [p.query_only for p in prompts])
+    queries = []
+    for (x, y), prompt, t, a, lg_icl, lg_zero in zip(pairs, prompts, targets, alone, icl, zero):
+        solution = solve(model, chosen, t, prompt.query_only, "bias")
+        queries.append(Query(
+            input=x, output=y, prompt=prompt, target_id=first_target_id(tokenizer, target_text(template, y)),
+            icl=lg_icl, zero=lg_zero, targets=t, out0={i: a[i].out for i in a},
+            patch=solution.patches[0], own=solution.logits[0],
+        ))  # fmt: skip
+        if steps is not None:
+            steps.step()
+    return queries
 
 
 def score(logits: list[torch.Tensor], queries: list[Query]) -> dict:
@@ -248,7 +253,9 @@ def own_patch_check(tests: list[Query]) -> dict:
 
 
 def patched(model: nn.Module, patch: Patch, tests: list[Query]) -> dict:
-    return score([static_logits(model, patch, q.prompt.query_only) for q in tests], tests)
+    """score() of the queries alone with `patch` applied at every position, as the rows of one pass."""
+    with torch.no_grad(), applied(model, patch):
+        return score(list(last_logits_rows(model, [q.prompt.query_only for q in tests])), tests)
 
 
 def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: list[Query], base: dict,
@@ -368,53 +375,81 @@ def choose_alpha(z: torch.Tensor, ts: list[torch.Tensor], groups: torch.Tensor) 
     """The α of ALPHAS with the least leave-one-query-out relative error (DEFAULT_ALPHA with one query)."""
     if int(groups.max()) == 0:
         return DEFAULT_ALPHA
-    errors = {alpha: cross_validation_error(z, ts, groups, alpha) for alpha in ALPHAS}
+    errors = cross_validation_errors(z, ts, groups)
     return min(errors, key=errors.get)
 
 
-def cross_validation_error(z: torch.Tensor, ts: list[torch.Tensor], groups: torch.Tensor, alpha: float) -> float:
-    """The relative error of the ridge fit on each query's positions when that query is left out of the fit."""
-    error = total = 0.0
+def cross_validation_errors(z: torch.Tensor, ts: list[torch.Tensor], groups: torch.Tensor) -> dict[float, float]:
+    """Per α of ALPHAS, the relative error of the ridge fit on each query's positions when that query is left out.
+
+    Works on the captured z (n, in) and targets t (n, out) alone: per fold one Gram matrix serves every α and
+    every target (the modules sharing the input), so the cost is a few small solves, never a forward pass.
+    """
+    z = z.to(MATH_DTYPE)
+    t = torch.cat([t.to(MATH_DTYPE) for t in ts], 1)  # (n, Σ out)
+    errors, total = dict.fromkeys(ALPHAS, 0.0), float(t.pow(2).sum())
     for g in range(int(groups.max()) + 1):
         test = groups == g
-        fits = [ridge(z[~test], t[~test], alpha) for t in ts]
-        for fit, t in zip(fits, ts):
-            error += float((fit.apply(z[test]) - t[test]).pow(2).sum())
-            total += float(t[test].pow(2).sum())
-    return error / total if total else 0.0
+        fit_z, fit_t = z[~test], t[~test]
+        gram = fit_z @ fit_z.T  # (m, m)
+        eye, mean = torch.eye(len(fit_z), dtype=MATH_DTYPE), gram.diagonal().mean()
+        coef = z[test] @ fit_z.T  # (n_g, m): ΔW z = Tᵀ (G + λI)⁻¹ Z z
+        for alpha in ALPHAS:
+            u = torch.linalg.solve(gram + alpha * mean * eye, fit_t)  # (m, Σ out)
+            errors[alpha] += float((coef @ u - t[test]).pow(2).sum())
+    return {alpha: e / total if total else 0.0 for alpha, e in errors.items()}
+
+
+def cross_validation_error(z: torch.Tensor, ts: list[torch.Tensor], groups: torch.Tensor, alpha: float) -> float:
+    """cross_validation_errors for one α."""
+    return cross_validation_errors(z, ts, groups)[alpha]
 
 
 # ---- the task vector -------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def added_at_last(block: Block, vector: torch.Tensor):
-    """Add `vector` (hidden,) to one block's output at the last position only."""
+def shift_hook(rows: torch.Tensor, lasts: torch.Tensor, vector: torch.Tensor):
+    """A block hook adding `vector` (hidden,) to its output at the last real position of the given batch rows."""
 
     def hook(module, args, output):
         h = hidden(output)
         shift = torch.zeros(h.shape, dtype=MATH_DTYPE, device=h.device)
-        shift[:, -1] = vector.to(h.device)
+        shift[rows, lasts[rows]] = vector.to(h.device, MATH_DTYPE)
         return with_hidden(output, add_rounded(h, shift))
 
-    with hooked([(block.module, hook)]):
-        yield
+    return hook
 
 
 def task_vector(model: nn.Module, chosen: list[Block], calib: list[Query]) -> tuple[int, torch.Tensor, dict]:
     """(layer, vector, its calibration score): the mean with-minus-without-context block output at the last token,
-    at the layer where adding it gives the best calibration accuracy (then the least calibration KL)."""
+    at the layer where adding it gives the best calibration accuracy (then the least calibration KL).
+
+    Every layer is scored in one pass: a block of K rows per layer, each block's vector added at its own layer."""
+    vectors = {
+        b.index: torch.stack([q.targets[b.index].out[0] - q.out0[b.index][0] for q in calib]).mean(0) for b in chosen
+    }  # (hidden,) per layer
+    scores = vector_scores(model, chosen, vectors, calib)
     best = None
     for b in chosen:
-        vector = torch.stack([q.targets[b.index].out[0] - q.out0[b.index][0] for q in calib]).mean(0)  # (hidden,)
-        s = vector_score(model, chosen, b.index, vector, calib)
+        s = scores[b.index]
         key = (s["accuracy"], -s["kl"])
         if best is None or key > best[0]:
-            best = (key, b.index, vector, s)
+            best = (key, b.index, vectors[b.index], s)
     return best[1:]
 
 
 def vector_score(model: nn.Module, chosen: list[Block], layer: int, vector: torch.Tensor, queries: list[Query]) -> dict:
-    block = next(b for b in chosen if b.index == layer)
-    with added_at_last(block, vector):
-        return score([last_logits(model, q.prompt.query_only) for q in queries], queries)
+    """score() of the queries alone with `vector` added at layer `layer`'s output at the last position."""
+    return vector_scores(model, chosen, {layer: vector}, queries)[layer]
+
+
+def vector_scores(model: nn.Module, chosen: list[Block], vectors: dict, queries: list[Query]) -> dict[int, dict]:
+    """vector_score for every (layer, vector) of `vectors`, in one right-padded pass of len(vectors) · K rows."""
+    k, blocks = len(queries), {b.index: b for b in chosen}
+    rows = [q.prompt.query_only for _ in vectors for q in queries]
+    _, lasts = right_padded(rows)
+    hooks = [(blocks[layer].module, shift_hook(torch.arange(j * k, (j + 1) * k), lasts, vector))
+             for j, (layer, vector) in enumerate(vectors.items())]  # fmt: skip
+    with hooked(hooks):
+        logits = last_logits_rows(model, rows)
+    return {layer: score(list(logits[j * k : (j + 1) * k]), queries) for j, layer in enumerate(vectors)}

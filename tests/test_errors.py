@@ -456,8 +456,8 @@ def test_non_finite_patch(patch_file, tmp_path, value):
 
 
 def test_unknown_patch_format_version(patch_file, tmp_path):
-    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: m.update(format="icl-probe.patch/4"))
-    assert_error(replay(path), 1, "icl-probe.patch/4", "upgrade icl-probe")
+    path = edited_patch(patch_file, tmp_path, edit_metadata=lambda m: m.update(format="icl-probe.patch/5"))
+    assert_error(replay(path), 1, "icl-probe.patch/5", "upgrade icl-probe")
 
 
 def test_patch_missing_metadata_keys(patch_file, tmp_path):

@@ -69,7 +69,7 @@ def test_native_metadata(tmp_path):
     result = export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors", layers="1")
     meta = load_patch(tmp_path / "p.safetensors").metadata
     assert set(meta) == set(REQUIRED_KEYS) | {"solved_at"} and meta["solved_at"] == "last"
-    assert meta["format"] == "icl-probe.patch/3"
+    assert meta["format"] == "icl-probe.patch/4"
     assert meta["model_type"] == "llama" and meta["dtype"] == "float32"
     assert json.loads(meta["layers"]) == [1] == result.layers
     assert meta["residual"] == "bias" and meta["positions"] == "last"

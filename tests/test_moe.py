@@ -234,7 +234,7 @@ def test_native_export_then_replay(tmp_path, name):
     exported = export_patch(model, tok, CONTEXT, QUERY, output=path)
     assert exported.kl_stored < 1e-10
     with safe_open(str(path), framework="pt") as f:
-        assert f.metadata()["format"] == "icl-probe.patch/3"
+        assert f.metadata()["format"] == "icl-probe.patch/4"
         experts = MOE[name][3]
         u = f.get_tensor(f"model.layers.{MOE[name][0][-1]}.{experts}.delta_param_u")
     assert u.ndim == 3 and u.shape[-1] == 1  # (E, out, r): factors with an expert axis, not dense slices
@@ -248,11 +248,11 @@ def test_native_export_then_replay(tmp_path, name):
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]
 
 
-def test_a_dense_patch_of_an_moe_family_is_format_3_without_parameter_tensors(tmp_path):
+def test_a_dense_patch_of_an_moe_family_is_format_4_without_parameter_tensors(tmp_path):
     model = model_of("deepseek_v3")  # layer 0 is dense
     export_patch(model, coverage.char_tokenizer(), CONTEXT, QUERY, output=tmp_path / "p.safetensors", layers="0")
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
-        assert f.metadata()["format"] == "icl-probe.patch/3"
+        assert f.metadata()["format"] == "icl-probe.patch/4"
         assert not any(name.endswith((".delta_param_u", ".delta_param_v")) for name in f.keys())
 
 

@@ -26,6 +26,7 @@ from icl_probe.patchfile import (
     fingerprint_note,
     legacy_fingerprint,
     load_patch,
+    sampled_fingerprint,
     save_patch,
     serialize,
 )
@@ -35,11 +36,15 @@ GOLDEN = GOLDEN_DIR / "patch-v1.safetensors"
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 
 
-def golden_patch():
+def golden_module():
     spec = importlib.util.spec_from_file_location("make_golden", GOLDEN_DIR / "make_golden.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.golden_patch()
+    return module
+
+
+def golden_patch():
+    return golden_module().golden_patch()
 
 
 def raw_header(data: bytes) -> dict:
@@ -66,6 +71,16 @@ def good_tensors():
 
 def test_writing_the_golden_patch_gives_the_golden_bytes():
     assert serialize(golden_patch()) == GOLDEN.read_bytes()
+
+
+def test_the_v4_golden_patch_gives_its_bytes_and_loads_without_a_note():
+    patch = golden_module().golden_patch_v4()
+    assert serialize(patch) == (GOLDEN_DIR / "patch-v4.safetensors").read_bytes()
+    loaded = load_patch(GOLDEN_DIR / "patch-v4.safetensors")
+    assert loaded.metadata["format"] == "icl-probe.patch/4" and fingerprint_note(loaded) is None
+    v1 = load_patch(GOLDEN)
+    for path, delta in loaded.low_rank.items():
+        assert torch.equal(delta.u, v1.low_rank[path].u) and torch.equal(delta.v, v1.low_rank[path].v)
 
 
 def test_golden_header_follows_the_spec():
@@ -170,14 +185,25 @@ def sampled_spec(model, samples: int = FINGERPRINT_SAMPLES) -> str:
     return digest.hexdigest()
 
 
-def test_fingerprint_covers_every_layer_below_the_patch():
+def test_v3_fingerprint_covers_every_layer_below_the_patch():
     model = tiny_model("llama", torch.float32)
     expected = sampled_spec(model)
-    assert fingerprint(model) == expected
-    assert fingerprint(copy.deepcopy(model).double()) == expected  # the same weights, loaded as float64
+    assert sampled_fingerprint(model) == expected
+    assert sampled_fingerprint(copy.deepcopy(model).double()) == expected  # the same weights, loaded as float64
     with torch.no_grad():
         model.model.embed_tokens.weight[0, 0] += 1  # embeddings shape every z and Δb, so they count
-    assert fingerprint(model) != expected
+    assert sampled_fingerprint(model) != expected
+
+
+def test_v4_patches_are_checked_with_every_value():
+    model = tiny_model("llama", torch.float32)
+    patch = analyze(model, char_tokenizer(), CONTEXT, QUERY).patch
+    patch.metadata = {**good_metadata(), "format": "icl-probe.patch/4", "model_fingerprint": fingerprint(model)}
+    assert check_fits(model, patch) is True and fingerprint_note(patch) is None
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[5, 7] += 2.0**-10  # one value, missed by a strided sample
+    with pytest.raises(PatchError, match="was made for other weights"):
+        check_fits(model, patch)
 
 
 def test_v2_patches_are_checked_with_their_4096_sample_fingerprint(tmp_path):
@@ -208,7 +234,10 @@ def test_v1_patches_still_load_with_a_note(tmp_path):
     assert "format v1 patch: its fingerprint covers only the weights it changes" in fingerprint_note(patch)
     doc = icl_probe.replay(model, char_tokenizer(), patch).to_dict()
     assert doc["notes"] == [fingerprint_note(patch)] and doc["patch"]["fingerprint_checked"]
-    patch.metadata["format"] = "icl-probe.patch/2"
+    for version in (2, 3):
+        patch.metadata["format"] = f"icl-probe.patch/{version}"
+        assert f"format v{version} patch: its fingerprint samples each weight" in fingerprint_note(patch)
+    patch.metadata["format"] = "icl-probe.patch/4"
     assert fingerprint_note(patch) is None
 
 
@@ -308,8 +337,8 @@ def test_non_finite_values(tmp_path, value):
 
 
 def test_unknown_format_version(tmp_path):
-    meta = {**good_metadata(), "format": "icl-probe.patch/4"}
-    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/4', which this icl-probe cannot read.*upgrade"):
+    meta = {**good_metadata(), "format": "icl-probe.patch/5"}
+    with pytest.raises(PatchError, match=r"format 'icl-probe.patch/5', which this icl-probe cannot read.*upgrade"):
         load_patch(write_tensors(tmp_path / "p.safetensors", good_tensors(), meta))
 
 

@@ -19,6 +19,7 @@ from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..inputs import fusion_warning, read_query, read_text
 from ..models import load_model
+from ..threads import fit_threads
 from .progress import working
 from .thirdparty import one_line_warnings
 
@@ -153,13 +154,26 @@ def print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+THREADS: dict[str, int | None] = {"requested": None}  # --threads, applied when a command loads its model
+
+
 @app.callback()
 def root(
     version: Annotated[
         bool, typer.Option("--version", callback=print_version, is_eager=True, help="Show the version and exit.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for torch (default: OMP_NUM_THREADS, or cores / "
+            "LOCAL_WORLD_SIZE under torchrun, else every core).",
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025)."""
+    THREADS["requested"] = threads
 
 
 def consoles(json_path: str | None) -> tuple[Console, Console]:
@@ -227,6 +241,7 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     if device_map is None and (max_memory or offload):
         raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     where = f"device map {device_map}" if device_map else device
+    fit_threads(THREADS["requested"])
     with working(status, f"Loading {model} ({dtype}, {where})…", counted) as work:
 
         def converting(folder) -> None:

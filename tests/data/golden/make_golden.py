@@ -1,4 +1,4 @@
-"""How tests/data/golden/patch-v1.safetensors was made; run this file to write it again.
+"""How tests/data/golden/patch-v1.safetensors and patch-v4.safetensors were made; run this file to write them again.
 
 The golden patch is built by hand, not by analyze, so that its bytes depend on the native format
 alone (no BLAS rounding): every value is a small dyadic fraction, exact in float32. It holds one of
@@ -19,6 +19,7 @@ from icl_probe.patchfile import save_patch
 from icl_probe.patching import Patch
 
 GOLDEN = Path(__file__).with_name("patch-v1.safetensors")
+GOLDEN_V4 = Path(__file__).with_name("patch-v4.safetensors")
 
 
 def ramp(*shape: int, start: float = -1.0) -> torch.Tensor:
@@ -56,6 +57,14 @@ def golden_patch() -> Patch:
     )
 
 
+def golden_patch_v4() -> Patch:
+    """The same updates in format 4, whose fingerprint is xxh3_128: 32 hex digits."""
+    patch = golden_patch()
+    patch.metadata.update({"format": "icl-probe.patch/4", "model_fingerprint": "0" * 32})
+    return patch
+
+
 if __name__ == "__main__":
-    size = save_patch(golden_patch(), GOLDEN, force=True)
-    print(f"wrote {GOLDEN} ({size} bytes)")
+    for path, patch in [(GOLDEN, golden_patch()), (GOLDEN_V4, golden_patch_v4())]:
+        size = save_patch(patch, path, force=True)
+        print(f"wrote {path} ({size} bytes)")
