@@ -23,7 +23,7 @@ import tomllib
 import torch
 
 from .analysis import analyze
-from .batch import line_writer, safe_name, written_ids
+from .batch import drop_errors, line_writer, safe_name, written_ids
 from .capture import check_length, last_logits
 from .dynamics import dynamics
 from .errors import IclProbeError, InputError, UsageError
@@ -229,7 +229,9 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
         raise InputError(f"cannot create the study folder {out}: {e.strerror or e}; give a folder path") from None
     atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
     journal = out / JOURNAL
-    done = written_ids(journal, lambda m: say(f"warning: {m}"))
+    done, failed = written_ids(journal, lambda m: say(f"warning: {m}"))
+    if failed:  # a cell that failed before is run again, as batch retries its failed lines
+        drop_errors(journal, failed)
     todo = [c for c in spec.cells() if cell_id(*c) not in done]
     clock = Clock(len(spec.cells()), len(spec.cells()) - len(todo))
     with line_writer(journal) as write:

@@ -108,6 +108,17 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path):
     check_summary(summary, tmp_path)
 
 
+def test_a_cell_that_failed_before_is_run_again(tmp_path):
+    spec = make_spec({}, models=["llama"], **{**SMALL, "tasks": ["antonyms"], "trials": 1})
+    journal = tmp_path / JOURNAL
+    tmp_path.mkdir(exist_ok=True)
+    journal.write_text(json.dumps({"id": "llama/antonyms/0", "error": "an earlier failure"}) + "\n")
+    calls = []
+    run_study(spec, tmp_path, say=lambda _: None, loader=tiny_loader(calls))
+    docs = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert calls == ["llama"] and [d["id"] for d in docs] == ["llama/antonyms/0"] and "error" not in docs[0]
+
+
 def check_summary(summary: dict, folder) -> None:
     """The pooled accuracies recount the cells' per-query hits; the report shows them."""
     assert summary == json.loads((folder / "summary.json").read_text())
