@@ -41,7 +41,7 @@ def run_fresh(args: list[str]) -> tuple[dict, str]:
     """(the exit code and heavy modules loaded, stdout) of `icl-probe ARGS` in a fresh interpreter."""
     env = {"PYTHONPATH": str(ROOT), "COLUMNS": "80", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT
     )
     return json.loads(done.stderr.strip().splitlines()[-1]), done.stdout
 
@@ -91,6 +91,6 @@ def test_a_fresh_library_import_is_light_until_a_name_is_used():
         "import sys, icl_probe; before = 'torch' in sys.modules; icl_probe.analyze; "
         "from icl_probe import heads; print(before, 'torch' in sys.modules, callable(heads), type(heads).__name__)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.stdout.split() == ["False", "True", "True", "function"], done.stderr
