@@ -16,6 +16,7 @@ from torch import nn
 
 from .arch import Block
 from .capture import capture_targets, check_length, forward, last, last_logits, model_name, select_blocks
+from .defaults import KNOCKOUT_SIZES
 from .errors import InputError, ModelError, UsageError
 from .headscores import (
     INDUCTION_LENGTH,
@@ -37,7 +38,6 @@ from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, query_for, target_te
 from .update import SequentialRun, solve
 
 SCHEMA = "icl-probe.heads/1"
-KNOCKOUT_SIZES = (1, 2, 4, 8)
 
 
 @dataclass

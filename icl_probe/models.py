@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from . import toy
+from .defaults import DEFAULT_MODEL
 from .errors import InputError, ModelError, UsageError
 from .fileio import atomic_write_text, remove_stale, temporary, terminate_cleanly
 from .fingerprint import remember_checkpoint
 from .packaged import PARTED, assembled
 from .progress import Progress, Steps
 
-DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m", "gemma3-270m", *PARTED)

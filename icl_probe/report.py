@@ -16,9 +16,6 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from .transfer import LABELS as TRANSFER_LABELS
-from .transfer import METHODS as TRANSFER_METHODS
-
 WIDE_WIDTH = 140  # wide=None shows every figure from this many columns on
 BAR_CELLS = 8
 EIGHTHS = " ▏▎▍▌▋▊▉█"
@@ -834,6 +831,9 @@ def fmt_g(x: float | None) -> str:
 
 def print_transfer(console: Console, doc: dict) -> None:
     """A row per method: accuracy and mean KL, one column pair per calibration size."""
+    from .transfer import LABELS as TRANSFER_LABELS  # in the body: `icl-probe tasks` prints without torch
+    from .transfer import METHODS as TRANSFER_METHODS
+
     console.print(
         f"{doc['model']} on {doc['task']}: {doc['demos']} examples in context, "
         f"{doc['n_heldout']} held-out queries, first-token accuracy and mean KL(in context ‖ method)"

@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InputError, UsageError
-from .inputs import read_text
 
 DEFAULT_TEMPLATE = "{input} -> {output}\n"
 SCHEMA = "icl-probe.tasks/1"
@@ -84,6 +83,8 @@ def tasks_document() -> dict:
 
 def load_task_file(path: str | Path) -> Task:
     """A task from a JSON file: a list of {"input", "output"} objects, or one {input: output} object."""
+    from .inputs import read_text  # here, not at the top: `icl-probe tasks` runs without torch
+
     where = f"task file {path}"
     text = read_text(path, "task").removeprefix("\ufeff")  # a BOM is legal in UTF-8 files but not in JSON
     try:

@@ -17,8 +17,6 @@ from typer.core import TyperCommand, TyperGroup
 from .. import __version__
 from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
-from ..inputs import fusion_warning, read_query, read_text
-from ..models import load_model
 from ..threads import fit_threads
 from .progress import working
 from .thirdparty import one_line_warnings
@@ -186,10 +184,13 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
 
 
 @contextmanager
-def one_line_errors(debug: bool) -> Iterator[None]:
-    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); warnings too."""
+def one_line_errors(debug: bool, transformers: bool = True) -> Iterator[None]:
+    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); warnings too.
+
+    `transformers=False`: for a command that never imports it, whose start-up must not pay for it (`tasks`).
+    """
     try:
-        with one_line_warnings():
+        with one_line_warnings(transformers):
             yield
     except typer.Exit:
         raise
@@ -227,6 +228,8 @@ def pick_text(text: str | None, path: str | None, what: str) -> str | None:
         raise UsageError(f"give --{what} or --{what}-file, not both")
     if path is None:
         return text
+    from ..inputs import read_query, read_text  # in the body: --help and --version start without torch
+
     return read_query(path) if what == "query" else read_text(path, what)
 
 
@@ -241,6 +244,8 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     if device_map is None and (max_memory or offload):
         raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     where = f"device map {device_map}" if device_map else device
+    from ..models import load_model  # in the body: --help and --version start without torch
+
     fit_threads(THREADS["requested"])
     with working(status, f"Loading {model} ({dtype}, {where})…", counted) as work:
 
@@ -277,6 +282,8 @@ def pick_prompt(context, context_file, query, query_file) -> tuple[str | None, s
 
 def warn_fusion(context: str | None, query: str | None) -> None:
     """One line on stderr when the context and query would fuse into one token run."""
+    from ..inputs import fusion_warning  # in the body: --help and --version start without torch
+
     warning = fusion_warning(context, query) if context is not None and query is not None else None
     if warning:
         print(f"icl-probe: warning: {warning}", file=sys.stderr)

@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..batch import check_batch_paths, merge_parts, part_path, run_batch
+from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..models import DEFAULT_MODEL
 from .app import (
     DebugOpt,
     DeviceOpt,
@@ -78,6 +77,8 @@ def batch(
 
 def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):
     """`batch` (also `analyze --batch` and `export-patch --batch`): load once, run every line, print the summary."""
+    from ..batch import check_batch_paths, part_path, run_batch  # here: --help starts without torch
+
     rank, world_size = share()
     output = str(part_path(output, rank, world_size)) if output != "-" else output
     check_batch_paths(input_path, output, patches)
@@ -134,6 +135,8 @@ def merge(
     with the same WORLD_SIZE to finish it). Lines are copied as they are, in input order with --input.
     The file is written atomically; the parts are kept.
     """
+    from ..batch import merge_parts  # here: --help starts without torch
+
     with one_line_errors(debug):
         summary = merge_parts(output, input_path, force=force)
         for message in summary["warnings"]:

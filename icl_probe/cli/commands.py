@@ -1,4 +1,7 @@
-"""The single-prompt commands: analyze, export-patch, replay, modules, and the task list."""
+"""The single-prompt commands: analyze, export-patch, replay, modules, and the task list.
+
+The library's engine (torch) is imported in the commands' bodies, so that --help starts at once.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,8 @@ from typing import Annotated
 
 import typer
 
-from ..analysis import analyze as run_analysis
-from ..arch import describe as describe_modules
-from ..batch import BATCH_RESULTS, check_batch_paths
+from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..export import FORMATS
-from ..export import export_patch as run_export
-from ..models import DEFAULT_MODEL
-from ..patchfile import load_patch
-from ..replay import replay as run_replay
 from ..report import print_export, print_modules, print_replay, print_tasks, print_with_positions
 from ..tasks import tasks_document
 from .app import (
@@ -147,6 +143,8 @@ def analyze(
     --generate N follows the with-context greedy continuation for N tokens, solves the update again for
     each token's text, and reports the fraction of tokens the patched query alone predicts alike.
     """
+    from ..analysis import analyze as run_analysis
+
     placement = (device_map, max_memory, offload_folder)
     if batch is not None or output is not None:
         with one_line_errors(debug):
@@ -241,6 +239,10 @@ def export_patch(
     replay`; peft writes a LoRA adapter (r=1) for peft or transformers' load_adapter; merged writes a
     complete checkpoint with the update added to its weights. An existing output is kept unless --force.
     """
+    from ..batch import BATCH_RESULTS, check_batch_paths
+    from ..export import FORMATS
+    from ..export import export_patch as run_export
+
     placement = (device_map, max_memory, offload_folder)
     if batch is not None:
         with one_line_errors(debug):
@@ -318,6 +320,9 @@ def replay(
     reports the fraction the patched query alone predicts alike (the patch held fixed, or with
     --recompute solved again for each token's text).
     """
+    from ..patchfile import load_patch
+    from ..replay import replay as run_replay
+
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
@@ -356,6 +361,8 @@ def modules(
     and output projection, the norm after it, and the block. Use it to see the names before
     choosing --layers, and whether --residual fold and the peft and merged formats are available.
     """
+    from ..arch import describe as describe_modules
+
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_json_path(json_path, force)
@@ -367,6 +374,6 @@ def modules(
 def tasks(json_path: JsonOpt = None, force: ForceOpt = False, debug: DebugOpt = False) -> None:
     """List the built-in ICL tasks that --task takes, with their sizes and a sample pair."""
     out, _ = consoles(json_path)
-    with one_line_errors(debug):
+    with one_line_errors(debug, transformers=False):
         check_json_path(json_path, force)
         show(out, tasks_document(), json_path, print_tasks)

@@ -6,10 +6,8 @@ from typing import Annotated
 
 import typer
 
+from ..defaults import DEFAULT_MODEL, KNOCKOUT_SIZES
 from ..errors import UsageError
-from ..heads import KNOCKOUT_SIZES
-from ..heads import heads as run_heads
-from ..models import DEFAULT_MODEL
 from ..report_heads import print_heads
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
 from .app import (
@@ -90,6 +88,8 @@ def heads(
     query positions by their no-context values and reports the in-context accuracy, the KL and the ΔW that
     remains, against k random heads. Δb closes the gap at every block by construction (see docs/theory.md).
     """
+    from ..heads import heads as run_heads  # here: --help starts without torch
+
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)

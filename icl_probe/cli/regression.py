@@ -9,10 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import toy
 from ..errors import UsageError
 from ..fileio import check_writable
-from ..regression import regression as run_regression
 from .app import DebugOpt, ForceOpt, JsonOpt, PlotOpt, app, check_outputs, consoles, one_line_errors, show
 
 group = typer.Typer(help="The paper's experiment: in-context linear regression (Figures 2-4).", no_args_is_help=True)
@@ -42,6 +40,8 @@ def train(
 
     Writes config.json (with the training log), model.safetensors and checkpoints/ into --output.
     """
+    from .. import toy  # here: --help starts without torch
+
     out, _ = consoles(None)
     with one_line_errors(debug):
         if Path(output).exists() and not Path(output).is_dir():
@@ -70,6 +70,8 @@ def run(
     debug: DebugOpt = False,
 ) -> None:
     """Figures 2-4 and Proposition 3.1's error, computed by the engine (in float64), mean ± SE over trials."""
+    from ..regression import regression as run_regression  # here: --help starts without torch
+
     out, _ = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..study import make_spec, read_spec, run_study
 from .app import DebugOpt, app, one_line_errors
 
 
@@ -41,6 +40,8 @@ def study(
     DIR/summary.json (icl-probe.study/1, docs/schemas.md) and DIR/report.md with the tables, 95% Wilson
     intervals, standard errors and paired tests. Each model is loaded once; progress and an ETA go to stderr.
     """
+    from ..study import make_spec, read_spec, run_study  # here: --help starts without torch
+
     with one_line_errors(debug):
         fields = read_spec(spec) if spec is not None else {}
         chosen = make_spec(fields, models=split(models), tasks=split(tasks), trials=trials,

@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..dynamics import dynamics as run_dynamics
-from ..dynamics import dynamics_trials
+from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..models import DEFAULT_MODEL
 from ..report import print_dynamics
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
 from ..trials_report import plot_trials, print_trials
@@ -86,6 +84,8 @@ def unescape(template: str) -> str:
 def run_trials(status, loading: tuple, task, template: str, demos: int | None, trials: int, seed: int, counted: bool,
                **options):  # fmt: skip
     """The `dynamics --trials` document: the first trial's, with the trials' summary under `trials`."""
+    from ..dynamics import dynamics_trials  # here: --help starts without torch
+
     if task is None:
         raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file")
     check_template(template)
@@ -151,6 +151,8 @@ def dynamics(
     picture). Adds the alignment with the target loss's gradient and, with --finetune-steps, with
     explicit fine-tuning on the same examples. With no task or context, runs the antonym demo.
     """
+    from ..dynamics import dynamics as run_dynamics  # here: --help starts without torch
+
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)

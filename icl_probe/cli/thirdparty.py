@@ -43,13 +43,17 @@ class OneLine(logging.Handler):
 
 
 @contextmanager
-def one_line_warnings() -> Iterator[None]:
-    """Within: Python warnings and transformers' log warnings print as one `icl-probe: warning:` line each."""
-    from transformers.utils import logging as hf_logging
+def one_line_warnings(transformers: bool = True) -> Iterator[None]:
+    """Within: Python warnings and transformers' log warnings print as one `icl-probe: warning:` line each.
 
+    `transformers=False` leaves transformers' logger alone, for commands that never import it (`tasks`).
+    """
     handler, root = OneLine(level=logging.WARNING), logging.getLogger()
-    hf_logging.disable_default_handler()
-    hf_logging.add_handler(handler)  # transformers' logger does not pass its records on to the root logger
+    if transformers:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.add_handler(handler)  # transformers' logger does not pass its records on to the root logger
     root.addHandler(handler)  # the loggers that do: accelerate, peft, huggingface_hub
     shown = warnings.showwarning
     warnings.showwarning = show_warning
@@ -58,5 +62,6 @@ def one_line_warnings() -> Iterator[None]:
     finally:
         warnings.showwarning = shown
         root.removeHandler(handler)
-        hf_logging.remove_handler(handler)
-        hf_logging.enable_default_handler()
+        if transformers:
+            hf_logging.remove_handler(handler)
+            hf_logging.enable_default_handler()

@@ -6,11 +6,10 @@ from typing import Annotated
 
 import typer
 
+from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..models import DEFAULT_MODEL
 from ..report import print_transfer
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
-from ..transfer import transfer as run_transfer
 from .app import (
     Command,
     DebugOpt,
@@ -86,6 +85,8 @@ def transfer(
     their mean, a joint patch exact on all calibration queries, Mazzawi et al.'s thought patch and
     Hendel et al.'s task vector. Nothing is tuned on the held-out queries. See docs/transfer.md.
     """
+    from ..transfer import transfer as run_transfer  # here: --help starts without torch
+
     out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)

@@ -1,0 +1,7 @@
+"""Defaults that the command line shows in its options, kept free of torch so that `--help` starts at once.
+
+Their modules re-export them: `models.DEFAULT_MODEL`, `heads.KNOCKOUT_SIZES`.
+"""
+
+DEFAULT_MODEL = "smollm2-135m"
+KNOCKOUT_SIZES = (1, 2, 4, 8)  # heads: how many of the top heads each knockout removes
