@@ -65,7 +65,7 @@ def own_runs(model, tok):
             targets, _ = capture_targets(model, chosen, prompt.full)
         run = SequentialRun(chosen, targets, "bias", 1)
         with hooked(run.hooks() + hooks("zero")):
-            forward(model, torch.tensor([prompt.query_only]), use_cache=False)
+            forward(model, [prompt.query_only], use_cache=False)
     return chosen, targets, run, seen
 
 
@@ -208,7 +208,7 @@ def test_knockout_against_a_forward_written_here():
         targets, _ = knocked(heads_set, lambda: capture_targets(model, chosen, prompt.full))
         run = SequentialRun(chosen, targets, "bias", 1)
         with torch.no_grad(), hooked(run.hooks()):
-            forward(model, torch.tensor([prompt.query_only]), use_cache=False)
+            forward(model, [prompt.query_only], use_cache=False)
         return sum(float((d.u @ d.v.T).pow(2).sum()) for d in run.patch(0).low_rank.values()) ** 0.5
 
     clean = result.knockout["clean"]
