@@ -33,13 +33,13 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def real_models():
     """The real SmolLM2-135M and Gemma 3 270M, each loaded once per session on first use."""
-    import icl_probe
+    from icl_probe.models import load_model  # bound now: a test may stand in for the CLI's load_model later
 
     loaded = {}
 
     def get(name):
         if name not in loaded:
-            loaded[name] = icl_probe.load_model(name)
+            loaded[name] = load_model(name)
         return loaded[name]
 
     return get

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -105,12 +104,12 @@ class Runner:
         if key not in self.docs:
             from pytest import MonkeyPatch
 
+            import icl_probe.models as models  # the CLI imports load_model from here when a command loads a model
             from icl_probe.cli import app
 
-            cli = sys.modules["icl_probe.cli.app"]  # the module: the package's `app` attribute is the Typer app
             path = self.tmp_path / f"doc{len(self.docs)}.json"
             with MonkeyPatch.context() as patch:
-                patch.setattr(cli, "load_model", self.load)
+                patch.setattr(models, "load_model", self.load)
                 result = CliRunner().invoke(app, [*args, "--json", str(path)])
             assert result.exit_code == 0, f"icl-probe {' '.join(args)}: {result.output}"
             self.docs[key] = json.loads(path.read_text(encoding="utf-8"))
