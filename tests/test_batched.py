@@ -1,13 +1,18 @@
 """Batched prompts: every row of `analyze_rows` equals its own unbatched `analyze`, family by family (float64)."""
 
 import functools
+import json
 
 import pytest
 import torch
 from tiny import char_tokenizer, tiny_model
 
+from icl_probe import batch
 from icl_probe.analysis import analyze
+from icl_probe.batch import run_batch
 from icl_probe.batched import analyze_rows
+from icl_probe.cli import batch as cli_batch
+from icl_probe.errors import UsageError
 from icl_probe.lowrank import kl_divergence
 from icl_probe.metrics import static_logits
 
@@ -81,3 +86,41 @@ def test_options_per_row_match():
 
 def dense(delta) -> torch.Tensor:
     return delta.u @ delta.v.T
+
+
+def test_run_batch_rows_equal_one_at_a_time_and_a_bad_line_fails_alone(tmp_path):
+    """run_batch with batches of 3: the same documents as batch size 1 (within rounding, float64), and a line
+    too long for the model fails alone, its batch run again one line at a time."""
+    model, tok = model_of("llama"), tokenizer_for("llama")
+    rows = [{"id": i, "context": f"{i} -> {i + 1}\n" * (1 + i % 3), "query": f"{i + 2} ->"} for i in range(5)]
+    rows[1]["context"] = "3 -> 4\n" * 60  # longer than the model's 256 positions
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    outs = {}
+    for size in (1, 3):
+        outs[size] = tmp_path / f"out{size}.jsonl"
+        summary = run_batch(model, tok, source, outs[size], batch_size=size)
+        assert (summary["done"], summary["failed"]) == (4, 1)
+    one, batched = ([json.loads(x) for x in outs[s].read_text().splitlines()] for s in (1, 3))
+    assert [line["id"] for line in batched] == list(range(5))  # input order within and across batches
+    assert "error" in batched[1] and batched[1] == one[1]
+    for a, b in zip(one, batched):
+        if "error" in a:
+            continue
+        la, lb = a["result"]["logits"], b["result"]["logits"]
+        assert lb["kl_patched"] == pytest.approx(la["kl_patched"], abs=1e-12)
+        for which in ("context", "no_context", "patched"):
+            pa, pb = la["top_k"][which], lb["top_k"][which]
+            assert [t["id"] for t in pa] == [t["id"] for t in pb]
+            assert [t["prob"] for t in pb] == pytest.approx([t["prob"] for t in pa], rel=1e-9)
+
+
+def test_batch_size_must_be_positive(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "context": "a", "query": "b"}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match="--batch-size"):
+        run_batch(model_of("llama"), tokenizer_for("llama"), source, tmp_path / "o.jsonl", batch_size=0)
+
+
+def test_cli_default_is_the_library_default():
+    assert cli_batch.DEFAULT_BATCH_SIZE == batch.DEFAULT_BATCH_SIZE

@@ -1,0 +1,114 @@
+"""Batched prompts: `analyze --batch` one prompt at a time against B prompts per pass, side by side in one process.
+
+Each arm runs the same N prompts through `run_batch` (the code `analyze --batch` runs: results written as
+fsync'd JSONL lines) on SmolLM2-135M in float32, with --batch-size 1 and with each B. The limit is the
+forward passes a batch of B cannot avoid, without hooks or update math: the prompts with context, the queries
+alone, and the queries alone again for the ablation's four rows (ΔW only, Δb only, both, unpatched), each
+as right-padded passes of B prompts. Two prompt sets:
+- demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
+- long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying.
+
+    python benchmarks/bench_batch.py [--demo N] [--long N] [--sizes 1,8,32] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import icl_probe
+from icl_probe.batch import run_batch
+from icl_probe.capture import last_logits_rows
+from icl_probe.inputs import tokenize
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analyze import long_context  # noqa: E402
+
+MODEL = "smollm2-135m"
+LONG_TOKENS = 500
+
+
+def demo_prompts(n: int) -> list[tuple[str, str]]:
+    pairs = builtin_task("antonyms").pairs
+    out = []
+    for i in range(n):
+        demos = [pairs[(i + j) % len(pairs)] for j in range(4)]
+        x, _ = pairs[(i + 4) % len(pairs)]
+        out.append(("".join(format_example(DEFAULT_TEMPLATE, a, b) for a, b in demos), f"{x} ->"))
+    return out
+
+
+def long_prompts(tokenizer, n: int) -> list[tuple[str, str]]:
+    context = long_context(tokenizer, LONG_TOKENS)
+    pairs = builtin_task("antonyms").pairs
+    return [(context, f"{pairs[i % len(pairs)][0]} ->") for i in range(n)]
+
+
+def timed_batch(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "in.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "context": c, "query": q}) + "\n"
+                                  for i, (c, q) in enumerate(prompts)), encoding="utf-8")  # fmt: skip
+        start = time.perf_counter()
+        summary = run_batch(model, tok, source, Path(tmp) / "out.jsonl", batch_size=size)
+        seconds = time.perf_counter() - start
+    assert summary["done"] == len(prompts), summary
+    return seconds
+
+
+def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
+    """The right-padded passes of analyze_rows alone: full prompts, queries, and the ablation's 4 rows each."""
+    tokenized = [tokenize(tok, c, q) for c, q in prompts]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(tokenized), size):
+            chunk = tokenized[i : i + size]
+            last_logits_rows(model, [p.full for p in chunk])
+            last_logits_rows(model, [p.query_only for p in chunk])
+            last_logits_rows(model, [p.query_only for p in chunk for _ in range(4)])
+    return time.perf_counter() - start
+
+
+def measure(model, tok, name: str, prompts: list, sizes: list[int]) -> list[dict]:
+    timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
+    rows = []
+    one = timed_batch(model, tok, prompts, 1)
+    for size in sizes:
+        s = one if size == 1 else timed_batch(model, tok, prompts, size)
+        limit = timed_passes(model, tok, prompts, size)
+        rows.append({"prompts": name, "n": len(prompts), "batch_size": size, "s": s,
+                     "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s,
+                     "limit_s": limit, "over_limit": s / limit})  # fmt: skip
+        print(f"{name:5s} n={len(prompts):3d} B={size:3d}: {len(prompts) / s:7.2f} prompts/s, "
+              f"×{one / s:5.2f} vs B=1, {s / limit:5.2f}× its passes alone", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
+    parser.add_argument("--long", type=int, default=64, help="~500-token prompts (0 to skip)")
+    parser.add_argument("--sizes", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, tok = icl_probe.load_model(MODEL)
+    print(f"{MODEL} float32, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    if args.demo:
+        rows += measure(model, tok, "demo", demo_prompts(args.demo), sizes)
+    if args.long:
+        rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
