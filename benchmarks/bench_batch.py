@@ -8,7 +8,11 @@ as right-padded passes of B prompts. Two prompt sets:
 - demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
 - long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying.
 
-    python benchmarks/bench_batch.py [--demo N] [--long N] [--sizes 1,8,32] [--json PATH]
+Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
+patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
+tests/test_batched.py). --quick: 4 demo prompts and 2 long ones, B = 1 and 2.
+
+    python benchmarks/bench_batch.py [--demo N] [--long N] [--sizes 1,8,32] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ def long_prompts(tokenizer, n: int) -> list[tuple[str, str]]:
     return [(context, f"{pairs[i % len(pairs)][0]} ->") for i in range(n)]
 
 
-def timed_batch(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
+PROB_TOL = 1e-5  # float32 rounding of differently shaped passes
+
+
+def timed_batch(model, tok, prompts: list[tuple[str, str]], size: int) -> tuple[float, list[dict]]:
+    """Seconds for run_batch over `prompts` with batch size `size`, and its result lines."""
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "in.jsonl"
         source.write_text("".join(json.dumps({"id": i, "context": c, "query": q}) + "\n"
@@ -59,8 +67,23 @@ def timed_batch(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
         start = time.perf_counter()
         summary = run_batch(model, tok, source, Path(tmp) / "out.jsonl", batch_size=size)
         seconds = time.perf_counter() - start
+        lines = [json.loads(x) for x in (Path(tmp) / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert summary["done"] == len(prompts), summary
-    return seconds
+    return seconds, lines
+
+
+def agreement(one: list[dict], other: list[dict]) -> dict:
+    """Same top-1 tokens and the largest top-k probability difference between two runs' result lines."""
+    same, worst = True, 0.0
+    for a, b in zip(one, other, strict=True):
+        for which in ("context", "no_context", "patched"):
+            ta, tb = a["result"]["logits"]["top_k"][which], b["result"]["logits"]["top_k"][which]
+            same = same and ta[0]["id"] == tb[0]["id"]
+            if [t["id"] for t in ta] == [t["id"] for t in tb]:
+                worst = max(worst, *(abs(x["prob"] - y["prob"]) for x, y in zip(ta, tb)))
+            else:
+                worst = float("inf")
+    return {"same_top1": same, "max_prob_diff": worst, "ok": same and worst < PROB_TOL}
 
 
 def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
@@ -79,15 +102,17 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
 def measure(model, tok, name: str, prompts: list, sizes: list[int]) -> list[dict]:
     timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
     rows = []
-    one = timed_batch(model, tok, prompts, 1)
+    one, lines_one = timed_batch(model, tok, prompts, 1)
     for size in sizes:
-        s = one if size == 1 else timed_batch(model, tok, prompts, size)
+        s, lines = (one, lines_one) if size == 1 else timed_batch(model, tok, prompts, size)
         limit = timed_passes(model, tok, prompts, size)
+        check = agreement(lines_one, lines)
         rows.append({"prompts": name, "n": len(prompts), "batch_size": size, "s": s,
                      "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s,
-                     "limit_s": limit, "over_limit": s / limit})  # fmt: skip
+                     "limit_s": limit, "over_limit": s / limit, **check})  # fmt: skip
         print(f"{name:5s} n={len(prompts):3d} B={size:3d}: {len(prompts) / s:7.2f} prompts/s, "
-              f"×{one / s:5.2f} vs B=1, {s / limit:5.2f}× its passes alone", flush=True)  # fmt: skip
+              f"×{one / s:5.2f} vs B=1, {s / limit:5.2f}× its passes alone, "
+              f"Δp ≤ {check['max_prob_diff']:.1e}", flush=True)  # fmt: skip
     return rows
 
 
@@ -96,8 +121,11 @@ def main() -> None:
     parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
     parser.add_argument("--long", type=int, default=64, help="~500-token prompts (0 to skip)")
     parser.add_argument("--sizes", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="4 demo and 2 long prompts, B = 1 and 2")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
+    if args.quick:
+        args.demo, args.long, args.sizes = 4, 2, "1,2"
     sizes = [int(s) for s in args.sizes.split(",")]
     model, tok = icl_probe.load_model(MODEL)
     print(f"{MODEL} float32, {torch.get_num_threads()} threads", flush=True)
@@ -107,7 +135,9 @@ def main() -> None:
     if args.long:
         rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
+    if not all(r["ok"] for r in rows):
+        sys.exit("batched results differ from one-at-a-time beyond rounding")
 
 
 if __name__ == "__main__":

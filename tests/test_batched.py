@@ -26,7 +26,8 @@ PROMPTS = [
 KL_LIMIT = 1e-9
 FAMILIES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias"), ("gemma3_text", "fold"),
             ("gpt2", "bias"), ("gpt2", "fold"), ("qwen2", "bias"), ("opt", "bias"), ("falcon", "bias"),
-            ("gpt_neox", "bias")]  # fmt: skip
+            ("gpt_neox", "bias"), ("lfm2", "bias"), ("falcon_h1", "bias"), ("qwen3_next", "bias"),
+            ("jamba-moe", "bias")]  # fmt: skip  # convolution, linear attention; Mamba and MoE row by row
 
 
 @functools.cache
@@ -61,12 +62,13 @@ def test_each_row_is_its_unbatched_run(name, residual):
             assert top(row, which) == top(alone, which)
         for part in ("delta_w_only", "bias_only", "both"):
             assert row.ablation[part]["kl"] == pytest.approx(alone.ablation[part]["kl"], rel=1e-6, abs=1e-12)
+        rel = 1e-9
         for mine_layer, their_layer in zip(row.layers, alone.layers):
             assert mine_layer.block_error == pytest.approx(their_layer.block_error, abs=1e-12)
-            assert mine_layer.mlp_branch_error == pytest.approx(their_layer.mlp_branch_error, rel=1e-9, abs=1e-12)
-            assert mine_layer.dz_norm == pytest.approx(their_layer.dz_norm, rel=1e-9)
+            assert mine_layer.mlp_branch_error == pytest.approx(their_layer.mlp_branch_error, rel=rel, abs=1e-12)
+            assert mine_layer.dz_norm == pytest.approx(their_layer.dz_norm, rel=rel)
         for path, delta in alone.patch.low_rank.items():
-            assert torch.allclose(dense(row.patch.low_rank[path]), dense(delta), rtol=1e-9, atol=1e-12)
+            assert torch.allclose(dense(row.patch.low_rank[path]), dense(delta), rtol=rel, atol=1e-12)
 
 
 def test_options_per_row_match():
