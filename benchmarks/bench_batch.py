@@ -1,10 +1,10 @@
 """Batched prompts: `analyze --batch` one prompt at a time against B prompts per pass, side by side in one process.
 
-Each arm runs the same N prompts through `run_batch` (the code `analyze --batch` runs: results written as
-fsync'd JSONL lines) on SmolLM2-135M in float32, with --batch-size 1 and with each B. The limit is the
-forward passes a batch of B cannot avoid, without hooks or update math: the prompts with context, the queries
-alone, and the queries alone again for the ablation's four rows (ΔW only, Δb only, both, unpatched), each
-as right-padded passes of B prompts. Two prompt sets:
+Each arm runs the same N prompts (arms interleaved, median of --repeat) through `run_batch` (the code
+`analyze --batch` runs: results written as fsync'd JSONL lines) on SmolLM2-135M in float32, with
+--batch-size 1 and with each B. The limit is the forward passes a batch of B cannot avoid, without hooks or
+update math: the prompts with context, the queries alone, and the queries alone again for the ablation's
+four rows (ΔW only, Δb only, both, unpatched), each as right-padded passes of B prompts. Two prompt sets:
 - demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
 - long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -99,15 +100,22 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
     return time.perf_counter() - start
 
 
-def measure(model, tok, name: str, prompts: list, sizes: list[int]) -> list[dict]:
+def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int) -> list[dict]:
+    """Each size's seconds (run_batch, and its passes alone), the arms interleaved in each repeat; medians."""
     timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
+    runs: dict[int, list] = {size: [] for size in sizes}
+    lines: dict[int, list] = {}
+    for r in range(repeat):
+        for size in sizes if r % 2 == 0 else sizes[::-1]:
+            s, lines[size] = timed_batch(model, tok, prompts, size)
+            runs[size].append((s, timed_passes(model, tok, prompts, size)))
+    one = statistics.median(s for s, _ in runs[1])
     rows = []
-    one, lines_one = timed_batch(model, tok, prompts, 1)
     for size in sizes:
-        s, lines = (one, lines_one) if size == 1 else timed_batch(model, tok, prompts, size)
-        limit = timed_passes(model, tok, prompts, size)
-        check = agreement(lines_one, lines)
-        rows.append({"prompts": name, "n": len(prompts), "batch_size": size, "s": s,
+        s = statistics.median(s for s, _ in runs[size])
+        limit = statistics.median(p for _, p in runs[size])
+        check = agreement(lines[1], lines[size])
+        rows.append({"prompts": name, "n": len(prompts), "batch_size": size, "repeat": repeat, "s": s,
                      "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s,
                      "limit_s": limit, "over_limit": s / limit, **check})  # fmt: skip
         print(f"{name:5s} n={len(prompts):3d} B={size:3d}: {len(prompts) / s:7.2f} prompts/s, "
@@ -121,19 +129,20 @@ def main() -> None:
     parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
     parser.add_argument("--long", type=int, default=64, help="~500-token prompts (0 to skip)")
     parser.add_argument("--sizes", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats, arms interleaved; medians reported")
     parser.add_argument("--quick", action="store_true", help="4 demo and 2 long prompts, B = 1 and 2")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if args.quick:
-        args.demo, args.long, args.sizes = 4, 2, "1,2"
-    sizes = [int(s) for s in args.sizes.split(",")]
+        args.demo, args.long, args.sizes, args.repeat = 4, 2, "1,2", 1
+    sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})  # B = 1 is the reference
     model, tok = icl_probe.load_model(MODEL)
     print(f"{MODEL} float32, {torch.get_num_threads()} threads", flush=True)
     rows = []
     if args.demo:
-        rows += measure(model, tok, "demo", demo_prompts(args.demo), sizes)
+        rows += measure(model, tok, "demo", demo_prompts(args.demo), sizes, args.repeat)
     if args.long:
-        rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes)
+        rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     if not all(r["ok"] for r in rows):
