@@ -2,7 +2,8 @@
 
 An input line is {"id", "context", "query"} or {"id", "task", "query_input", "demos"?, "template"?}, with
 optional "layers" and "residual". Each output line is {"id", "result": <analysis document>} or {"id", "error"}.
-A line is one os.write to an O_APPEND file, then fsync: a killed run loses at most the line in progress, and
+Lines run in batches of B prompts (batched.py), written as each batch ends. A line is one os.write to an
+O_APPEND file, then fsync: a killed run loses at most the batch in progress, and
 a rerun cuts away a torn last line, skips the ids already done and runs again those with an error line.
 Processes split the input by line (index % world_size == rank), each into its own part `NAME.rank{R}.jsonl`;
 `merge_parts` joins the parts.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .analysis import analyze
+from .batched import analyze_rows
 from .errors import IclProbeError, InputError, UsageError
 from .export import export_patch
 from .fileio import atomic_write, check_writable
@@ -31,6 +33,7 @@ KNOWN_KEYS = ("id", *PROMPT_KEYS, *TASK_KEYS, "layers", "residual")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 120  # characters of a patch file's stem; file systems allow 255 bytes
 
+DEFAULT_BATCH_SIZE = 8  # prompts per forward pass: past ~8 short prompts the passes stop getting cheaper per row
 BATCH_RESULTS = "results.jsonl"  # export-patch --batch FOLDER: the result lines beside the patches
 
 
@@ -292,16 +295,20 @@ def run_batch(
     on_progress: Progress | None = None,
     on_warning: Warn | None = None,
     retry_failed: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict:
     """Analyze this rank's share of the input's lines, appending one result or error line each to the output.
 
     Ids already in the output with a result are skipped; an id with an error line is run again (its error
     line removed first) unless `retry_failed` is False, when it is skipped too. With `patches`, each line's
     native patch is also written to PATCHES/<id>.safetensors (replacing one left by an interrupted run).
-    `output_path` is this process's file (see `part_path`), or '-' for stdout. Returns the counts: done,
-    skipped, failed, retried, bad_lines.
+    `output_path` is this process's file (see `part_path`), or '-' for stdout. Lines run `batch_size` at a
+    time as the rows of shared forward passes (batched.py); a batch that fails runs again one line at a time,
+    so a bad line fails alone. Returns the counts: done, skipped, failed, retried, bad_lines.
     """
     check_share(rank, world_size, output_path)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
     check_patch_options(patches, top_k, gradient, per_layer_ablation)
     check_batch_paths(input_path, output_path, patches)
     warnings: list[str] = []
@@ -327,10 +334,17 @@ def run_batch(
     progress = on_progress or (lambda done, total: None)
     progress(len(mine) - len(todo), len(mine))
     with line_writer(output_path) as write:
-        for job in todo:
-            line = run_job(model, tokenizer, job, options, patches, names, input_path)
-            write(line)
-            counts["failed" if "error" in line else "done"] += 1
+        pending_ids = {job.id for job in todo}
+        for start in range(0, len(mine), batch_size):
+            # batches are fixed slices of this rank's lines, whatever is done already: a resumed line is computed
+            # in the same batch as in an uninterrupted run, so its result is the same to the last bit
+            chunk = mine[start : start + batch_size]
+            if not any(job.id in pending_ids for job in chunk):
+                continue
+            lines = run_chunk(model, tokenizer, chunk, options, patches, names, input_path, pending_ids)
+            for line in lines:
+                write(line)
+                counts["failed" if "error" in line else "done"] += 1
             progress(len(mine) - len(todo) + counts["done"] + counts["failed"], len(mine))
     return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
             "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
@@ -359,6 +373,61 @@ def check_patch_options(patches, top_k: int, gradient: bool, per_layer_ablation:
         raise UsageError("--patches reports export-patch's analysis; drop --top-k, --gradient and --layer-ablation")
 
 
+def run_chunk(model, tokenizer, chunk: list[Job], options: dict, patches, names, input_path, pending: set) -> list:
+    """The output lines of the `pending` jobs of a batch, in order: the jobs that share layers and residual run as
+    the rows of one `analyze_rows` (done ones too, so that each row's batch is as before); a line that cannot be
+    read fails alone, and a group that fails runs its pending jobs one at a time."""
+    if len(chunk) == 1:
+        return [run_job(model, tokenizer, chunk[0], options, patches, names, input_path)]
+    lines: dict[int, dict] = {}
+    groups: dict[str, list[tuple]] = {}  # (index in chunk, job, (context, query), (layers, residual))
+    for n, job in enumerate(chunk):
+        try:
+            prompt = line_prompt(job.fields)
+            layers, residual = line_options(job.fields, options["layers"], options["residual"])
+            if patches is not None and names[job.id].startswith("ERROR: "):
+                raise InputError(names[job.id].removeprefix("ERROR: "))
+        except IclProbeError as e:
+            lines[n] = error_line(job, e, input_path)
+            continue
+        groups.setdefault(json.dumps([layers, residual]), []).append((n, job, prompt, (layers, residual)))
+    for group in groups.values():
+        for n, line in run_group(model, tokenizer, group, options, patches, names, input_path, pending):
+            lines[n] = line
+    return [lines[n] for n in range(len(chunk)) if chunk[n].id in pending]
+
+
+def run_group(model, tokenizer, group: list, options: dict, patches, names, input_path, pending: set) -> list:
+    """(index, line) for a group of jobs with the same layers and residual, batched, or one at a time on failure
+    (only the pending ones then)."""
+    layers, residual = group[0][3]
+    try:
+        results = analyze_rows(model, tokenizer, [prompt for _, _, prompt, _ in group], layers=layers,
+                               residual=residual, top_k=options["top_k"], gradient=options["gradient"],
+                               per_layer_ablation=options["per_layer_ablation"])  # fmt: skip
+    except IclProbeError:  # e.g. one prompt too long or not finite: each line then reports its own error
+        return [(n, run_job(model, tokenizer, job, options, patches, names, input_path))
+                for n, job, _, _ in group if job.id in pending]  # fmt: skip
+    lines = []
+    for (n, job, (context, query), _), result in zip(group, results):
+        if job.id not in pending:
+            continue
+        if patches is None:
+            lines.append((n, {"id": job.id, "result": result.to_dict(text=options["text"])}))
+            continue
+        try:
+            export = export_patch(model, tokenizer, context, query, output=Path(patches) / names[job.id],
+                                  residual=residual, layers=layers, force=True, analysis=result)  # fmt: skip
+            lines.append((n, {"id": job.id, "result": result.to_dict(text=options["text"]), "patch": export.to_dict()}))
+        except IclProbeError as e:
+            lines.append((n, error_line(job, e, input_path)))
+    return lines
+
+
+def error_line(job: Job, e: Exception, input_path) -> dict:
+    return {"id": job.id, "error": f"{input_path}: line {job.line}: {one_line(str(e))}"}
+
+
 def run_job(model, tokenizer, job: Job, options: dict, patches, names, input_path) -> dict:
     """One output line: {"id", "result"} (and "patch" with `patches`), or {"id", "error"} naming the line."""
     try:
@@ -375,7 +444,7 @@ def run_job(model, tokenizer, job: Job, options: dict, patches, names, input_pat
                               residual=residual, layers=layers, force=True)  # fmt: skip
         return {"id": job.id, "result": export.analysis.to_dict(text=options["text"]), "patch": export.to_dict()}
     except IclProbeError as e:
-        return {"id": job.id, "error": f"{input_path}: line {job.line}: {one_line(str(e))}"}
+        return error_line(job, e, input_path)
 
 
 def one_line(message: str) -> str:

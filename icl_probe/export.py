@@ -75,8 +75,12 @@ def export_patch(
     store_context: bool = False,
     force: bool = False,
     positions: str = "last",
+    analysis: Analysis | None = None,
 ) -> Export:
     """Analyze `context` + `query` (the antonym demo if both are None) and write the update to `output`.
+
+    `analysis`, if given, is that prompt's analysis already run with these options (a batch's row): it is used
+    instead of running analyze again.
 
     `residual` defaults to bias for native and fold for peft and merged (which need it), and to fold with
     `positions="all"` (the update solved at every query position). An existing output is refused unless
@@ -89,7 +93,8 @@ def export_patch(
     check_foldable(model, format, positions)
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
-    result = analyze(model, tokenizer, context, query, layers=layers, residual=residual, positions=positions)
+    result = analysis or analyze(model, tokenizer, context, query, layers=layers, residual=residual,
+                                 positions=positions)  # fmt: skip
     patch = result.patch
     patch.metadata = patch_metadata(model, result, context, query, store_context)
     file_bytes, apply = WRITERS[format](model, tokenizer, patch, output, force)

@@ -20,11 +20,11 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last, summed
+from .capture import Target, forward, input_device, last, right_padded, summed
 from .errors import MathError
 from .hooks import hidden, hooked, with_hidden
 from .inputs import Ids
-from .lowrank import LowRank, add_rounded, check_norm, matvec, update_dtype
+from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, matvec, update_dtype
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, pre_hooked, routing_hook
 from .patching import Patch
 
@@ -92,8 +92,9 @@ def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, w
 class SequentialRun:
     """The hooks of the sequential run over `chosen` blocks, for `batch` rows of the query."""
 
-    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int):
+    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int, lasts=None):
         self.chosen, self.targets, self.residual, self.batch = chosen, targets, residual, batch
+        self.lasts = lasts  # (B,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, RowUpdates] = {}
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
         self.dense_rows: dict[str, torch.Tensor] = {}  # norm weight path → δ (B, hidden)
@@ -114,6 +115,12 @@ class SequentialRun:
                 hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
             hooks.append((b.module, self.block_hook(b)))
         return hooks
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's last real position of a (B, T, d) (or OPT's (B·T, d)) activation, as a float64 copy, (B, d)."""
+        if self.lasts is None:
+            return last(x, self.batch)
+        return at_lasts(x.reshape(self.batch, -1, x.shape[-1]), self.lasts).to(MATH_DTYPE, copy=True)
 
     def live(self) -> bool:
         return not self.suspended
@@ -154,7 +161,7 @@ class SequentialRun:
             if self.suspended:
                 return None
             z = args[0]
-            z0 = self.seen[b.index]["z0"] = last(z, self.batch)
+            z0 = self.seen[b.index]["z0"] = self.last(z)
             weight = arch.weight_out_in(module, b.family)
             delta = self.low_rank[path] = rank_one_rows(weight, self.targets[b.index].z_ctx, z0, path)
             return add_rounded(output, delta.apply(z))
@@ -163,7 +170,7 @@ class SequentialRun:
 
     def attn_hook(self, b: Block, scale: float):
         """Record the mixer branch at the last token (summed over its parts, for Falcon-H1's Mamba + attention)."""
-        record = summed(self.seen[b.index], "attn", scale, lambda x: last(x, self.batch))
+        record = summed(self.seen[b.index], "attn", scale, self.last)
 
         def hook(module, args, output):
             if not self.suspended:
@@ -179,7 +186,7 @@ class SequentialRun:
             if self.suspended:
                 return None
             seen = self.seen[b.index]
-            y = last(hidden(output), self.batch)
+            y = self.last(hidden(output))
             seen["branch"] = seen["branch"] + y if "branch" in seen else y
             seen["branches"] = seen.get("branches", 0) + 1
             if seen["branches"] < len(b.family.mlp_parts) + 1:
@@ -207,7 +214,7 @@ class SequentialRun:
             h = hidden(output)  # (B, T, hidden)
             target = self.targets[b.index]
             work = update_dtype()
-            delta_b = target.out.to(work) - last(h, self.batch).to(work)  # (B, hidden)
+            delta_b = target.out.to(work) - self.last(h).to(work)  # (B, hidden)
             seen = self.seen[b.index]
             seen["delta_b"] = delta_b.to(target.out.dtype)
             if self.residual == "bias":
@@ -215,7 +222,7 @@ class SequentialRun:
                 new = add_rounded(h, delta_b[:, None])
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
-            error = (last(new, self.batch) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
+            error = (self.last(new) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
             seen["block_error"] = error
             return with_hidden(output, new)
 
@@ -233,16 +240,21 @@ class SequentialRun:
         if b.family.fold == "norm-scale":
             n = arch.rms_normalised(b.part(b.fold_target), p)  # (B, T, hidden), float64
             path = b.full(f"{b.fold_target}.weight")
-            seen["fold_min_abs_normalised"] = n[:, -1].abs().amin(-1)
-            delta = self.dense_rows[path] = norm_scale_fold(delta_b, n[:, -1], path)  # (B, hidden)
+            n_last = self.at_last(n)
+            seen["fold_min_abs_normalised"] = n_last.abs().amin(-1)
+            delta = self.dense_rows[path] = norm_scale_fold(delta_b, n_last, path)  # (B, hidden)
             return n * delta[:, None]
         path = b.full(b.family.down)
-        p_last = p[:, -1].to(update_dtype())  # (B, in)
+        p_last = self.at_last(p).to(update_dtype())  # (B, in)
         p_sq = (p_last * p_last).sum(-1)
         for norm in p_sq.sqrt():
             check_norm(norm, path)
         fold = self.low_rank[path] = RowUpdates(delta_b / b.scale / p_sq[:, None], p_last.clone())
         return b.scale * fold.apply(p)
+
+    def at_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's last real position of a (B, T, d) tensor, (B, d), in its dtype."""
+        return x[:, -1] if self.lasts is None else at_lasts(x, self.lasts)
 
     def patch(self, i: int) -> Patch:
         """Row i's updates as a Patch."""
@@ -258,6 +270,11 @@ class SequentialRun:
         keys = ("z0", "attn", "branch", "branch0", "delta_b", "block_error")
         fold = seen.get("fold_min_abs_normalised")
         return LayerRecord(*(seen[k] for k in keys), fold_min_abs_normalised=fold, route_patched=seen.get("route"))
+
+
+def at_lasts(x: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
+    """Row b's position lasts[b] of a (B, T, d) tensor, (B, d)."""
+    return x[torch.arange(x.shape[0], device=x.device), lasts.to(x.device)]
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
@@ -282,6 +299,26 @@ def solve(
     run = SequentialRun(chosen, targets, residual, batch)
     with hooked(run.hooks()):
         logits = forward(model, [query] * batch, use_cache=False)
+    records = {b.index: run.record(b) for b in chosen}
+    return Solution(
+        patches=[run.patch(i) for i in range(batch)],
+        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(batch)],
+        logits=logits,
+    )
+
+
+def solve_rows(
+    model: nn.Module, chosen: list[Block], targets: dict[int, Target], queries: list[Ids], residual: str
+) -> Solution:
+    """`solve` for rows that are different queries, each reaching its own row of `targets`, in one right-padded
+    pass (no MoE blocks). Causal attention keeps a row's real positions as they run alone: its padding (its own
+    last token repeated) comes after them, and every read is at the row's own last real position."""
+    ids, lasts = right_padded([list(q) for q in queries])
+    batch, first = len(queries), int(lasts.min())
+    run = SequentialRun(chosen, targets, residual, batch, lasts)
+    with hooked(run.hooks()):
+        out = model(input_ids=ids.to(input_device(model)), logits_to_keep=ids.shape[1] - first, use_cache=False)
+    logits = out.logits[torch.arange(batch), lasts - first]
     records = {b.index: run.record(b) for b in chosen}
     return Solution(
         patches=[run.patch(i) for i in range(batch)],

@@ -60,3 +60,14 @@ def test_bench_analyze_quick(tmp_path):
     assert export["export_vs_analyze"] > 0 and export["replay_vs_analyze"] > 0 and export["fingerprint_vs_forward"] > 0
     assert 0 < export["size_ratio"] < 1 and sweep["speedup"] > 0
     assert len(doc["table"]) >= 16 and all(row["measured"] for row in doc["table"])
+
+
+def test_bench_batch_quick(tmp_path):
+    """Batched and one-at-a-time runs give the same top-1 and top-k probabilities within float32 rounding."""
+    out = tmp_path / "batch.json"
+    run = run_quick("bench_batch.py", out, OMP_NUM_THREADS="1")
+    assert "prompts/s" in run.stdout
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert {(r["prompts"], r["batch_size"]) for r in rows} == {("demo", 1), ("demo", 2), ("long", 1), ("long", 2)}
+    assert all(r["ok"] and r["same_top1"] and r["max_prob_diff"] < 1e-5 for r in rows)
+    assert all(r["prompts_per_s"] > 0 and r["limit_s"] > 0 for r in rows)

@@ -29,6 +29,16 @@ from .app import (
 )
 from .progress import working
 
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        metavar="B",
+        help="With --batch: prompts per forward pass, each row equal to its own run; 1 runs them one at a time.",
+    ),
+]
+DEFAULT_BATCH_SIZE = 8  # = icl_probe.batch.DEFAULT_BATCH_SIZE, written out so that --help needs no torch
+
 
 @app.command(cls=PlainUsage, short_help="Analyze every prompt of a JSONL file with one model load.")
 def batch(
@@ -54,6 +64,7 @@ def batch(
             "--retry-failed/--no-retry-failed", help="On a rerun, run again the ids whose result is an error line."
         ),
     ] = True,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     no_text: NoTextOpt = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -72,7 +83,7 @@ def batch(
     with one_line_errors(debug):
         run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
                   residual=residual, top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
-                  text=not no_text, retry_failed=retry_failed)  # fmt: skip
+                  text=not no_text, retry_failed=retry_failed, batch_size=batch_size)  # fmt: skip
 
 
 def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):

@@ -47,7 +47,7 @@ from .app import (
     pick_text,
     show,
 )
-from .batch import run_jsonl
+from .batch import DEFAULT_BATCH_SIZE, BatchSizeOpt, run_jsonl
 from .progress import working
 
 PositionsOpt = Annotated[
@@ -115,6 +115,7 @@ def analyze(
     ] = False,
     top_k: TopKOpt = 5,
     batch: BatchOpt = None,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     output: Annotated[
         str | None,
         typer.Option("--output", "-o", help="With --batch: the results JSONL file (resumed if it exists), or '-'."),
@@ -155,7 +156,7 @@ def analyze(
             check_batch_options(batch, output, single)
             run_jsonl(batch, output, None, model, dtype, device, trust_remote_code, placement, layers=layers,
                       residual=residual or "bias", top_k=top_k, gradient=gradient,
-                      per_layer_ablation=layer_ablation, text=not no_text)  # fmt: skip
+                      per_layer_ablation=layer_ablation, text=not no_text, batch_size=batch_size)  # fmt: skip
         return
     out, status = consoles(json_path)
     with one_line_errors(debug):
@@ -223,6 +224,7 @@ def export_patch(
         bool, typer.Option("--store-context", help="Keep the context text in the patch's metadata.")
     ] = False,
     batch: BatchOpt = None,
+    batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
     force: ForceOpt = False,
     json_path: JsonOpt = None,
     dtype: DtypeOpt = "float32",
@@ -255,7 +257,7 @@ def export_patch(
             Path(output).mkdir(exist_ok=True)
             results = str(Path(output) / BATCH_RESULTS)
             run_jsonl(batch, results, output, model, dtype, device, trust_remote_code, placement, layers=layers,
-                      residual=residual or "bias")  # fmt: skip
+                      residual=residual or "bias", batch_size=batch_size)  # fmt: skip
         return
     out, status = consoles(json_path)
     with one_line_errors(debug):

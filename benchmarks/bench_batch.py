@@ -1,0 +1,153 @@
+"""Batched prompts: `analyze --batch` one prompt at a time against B prompts per pass, side by side in one process.
+
+Each arm runs the same N prompts (arms interleaved, median of --repeat) through `run_batch` (the code
+`analyze --batch` runs: results written as fsync'd JSONL lines) on SmolLM2-135M in float32, with
+--batch-size 1 and with each B. The limit is the forward passes a batch of B cannot avoid, without hooks or
+update math: the prompts with context, the queries alone, and the queries alone again for the ablation's
+four rows (ΔW only, Δb only, both, unpatched), each as right-padded passes of B prompts. Two prompt sets:
+- demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
+- long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying.
+
+Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
+patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
+tests/test_batched.py). --quick: 4 demo prompts and 2 long ones, B = 1 and 2.
+
+    python benchmarks/bench_batch.py [--demo N] [--long N] [--sizes 1,8,32] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import icl_probe
+from icl_probe.batch import run_batch
+from icl_probe.capture import last_logits_rows
+from icl_probe.inputs import tokenize
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_analyze import long_context  # noqa: E402
+
+MODEL = "smollm2-135m"
+LONG_TOKENS = 500
+
+
+def demo_prompts(n: int) -> list[tuple[str, str]]:
+    pairs = builtin_task("antonyms").pairs
+    out = []
+    for i in range(n):
+        demos = [pairs[(i + j) % len(pairs)] for j in range(4)]
+        x, _ = pairs[(i + 4) % len(pairs)]
+        out.append(("".join(format_example(DEFAULT_TEMPLATE, a, b) for a, b in demos), f"{x} ->"))
+    return out
+
+
+def long_prompts(tokenizer, n: int) -> list[tuple[str, str]]:
+    context = long_context(tokenizer, LONG_TOKENS)
+    pairs = builtin_task("antonyms").pairs
+    return [(context, f"{pairs[i % len(pairs)][0]} ->") for i in range(n)]
+
+
+PROB_TOL = 1e-5  # float32 rounding of differently shaped passes
+
+
+def timed_batch(model, tok, prompts: list[tuple[str, str]], size: int) -> tuple[float, list[dict]]:
+    """Seconds for run_batch over `prompts` with batch size `size`, and its result lines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "in.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "context": c, "query": q}) + "\n"
+                                  for i, (c, q) in enumerate(prompts)), encoding="utf-8")  # fmt: skip
+        start = time.perf_counter()
+        summary = run_batch(model, tok, source, Path(tmp) / "out.jsonl", batch_size=size)
+        seconds = time.perf_counter() - start
+        lines = [json.loads(x) for x in (Path(tmp) / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert summary["done"] == len(prompts), summary
+    return seconds, lines
+
+
+def agreement(one: list[dict], other: list[dict]) -> dict:
+    """Same top-1 tokens and the largest top-k probability difference between two runs' result lines."""
+    same, worst = True, 0.0
+    for a, b in zip(one, other, strict=True):
+        for which in ("context", "no_context", "patched"):
+            ta, tb = a["result"]["logits"]["top_k"][which], b["result"]["logits"]["top_k"][which]
+            same = same and ta[0]["id"] == tb[0]["id"]
+            if [t["id"] for t in ta] == [t["id"] for t in tb]:
+                worst = max(worst, *(abs(x["prob"] - y["prob"]) for x, y in zip(ta, tb)))
+            else:
+                worst = float("inf")
+    return {"same_top1": same, "max_prob_diff": worst, "ok": same and worst < PROB_TOL}
+
+
+def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
+    """The right-padded passes of analyze_rows alone: full prompts, queries, and the ablation's 4 rows each."""
+    tokenized = [tokenize(tok, c, q) for c, q in prompts]
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(tokenized), size):
+            chunk = tokenized[i : i + size]
+            last_logits_rows(model, [p.full for p in chunk])
+            last_logits_rows(model, [p.query_only for p in chunk])
+            last_logits_rows(model, [p.query_only for p in chunk for _ in range(4)])
+    return time.perf_counter() - start
+
+
+def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int) -> list[dict]:
+    """Each size's seconds (run_batch, and its passes alone), the arms interleaved in each repeat; medians."""
+    timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
+    runs: dict[int, list] = {size: [] for size in sizes}
+    lines: dict[int, list] = {}
+    for r in range(repeat):
+        for size in sizes if r % 2 == 0 else sizes[::-1]:
+            s, lines[size] = timed_batch(model, tok, prompts, size)
+            runs[size].append((s, timed_passes(model, tok, prompts, size)))
+    one = statistics.median(s for s, _ in runs[1])
+    rows = []
+    for size in sizes:
+        s = statistics.median(s for s, _ in runs[size])
+        limit = statistics.median(p for _, p in runs[size])
+        check = agreement(lines[1], lines[size])
+        rows.append({"prompts": name, "n": len(prompts), "batch_size": size, "repeat": repeat, "s": s,
+                     "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s,
+                     "limit_s": limit, "over_limit": s / limit, **check})  # fmt: skip
+        print(f"{name:5s} n={len(prompts):3d} B={size:3d}: {len(prompts) / s:7.2f} prompts/s, "
+              f"×{one / s:5.2f} vs B=1, {s / limit:5.2f}× its passes alone, "
+              f"Δp ≤ {check['max_prob_diff']:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
+    parser.add_argument("--long", type=int, default=64, help="~500-token prompts (0 to skip)")
+    parser.add_argument("--sizes", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats, arms interleaved; medians reported")
+    parser.add_argument("--quick", action="store_true", help="4 demo and 2 long prompts, B = 1 and 2")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    if args.quick:
+        args.demo, args.long, args.sizes, args.repeat = 4, 2, "1,2", 1
+    sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})  # B = 1 is the reference
+    model, tok = icl_probe.load_model(MODEL)
+    print(f"{MODEL} float32, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    if args.demo:
+        rows += measure(model, tok, "demo", demo_prompts(args.demo), sizes, args.repeat)
+    if args.long:
+        rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
+    if not all(r["ok"] for r in rows):
+        sys.exit("batched results differ from one-at-a-time beyond rounding")
+
+
+if __name__ == "__main__":
+    main()
