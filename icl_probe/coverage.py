@@ -307,8 +307,12 @@ def main(argv: list[str] | None = None) -> None:
     types = args.types.split(",") if args.types else causal_types()
     if args.sample:
         types = sorted(random.Random(0).sample(types, min(args.sample, len(types))))
-    transformers.logging.set_verbosity_error()
-    rows = measure(types)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # 169 models' construction notes would bury the table
+    try:
+        rows = measure(types)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
