@@ -33,7 +33,7 @@ from .metrics import (
     static_logits_rows,
     weight_norm,
 )
-from .progress import Progress
+from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
 from .update import solve
 
@@ -214,19 +214,19 @@ def layer_row(b: arch.Block, series: dict, i: int) -> dict:
 
 
 def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demos: int, trials: int, seed: int = 0,
-                    **options) -> tuple[Dynamics, dict]:  # fmt: skip
+                    progress: Progress | None = None, **options) -> tuple[Dynamics, dict]:  # fmt: skip
     """`dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one model load).
 
     Returns the first trial's Dynamics and the `trials` part of the document: per prefix and layer the mean and
-    standard error over trials (`mean_se`), and the fraction of trials answered correctly. `options` go to
-    `dynamics`.
+    standard error over trials (`mean_se`), and the fraction of trials answered correctly. Each trial is a step
+    of `progress`; `options` go to `dynamics`.
     """
     if trials < 2 or not 1 <= demos < len(task.pairs):
         raise UsageError(f"--trials needs ≥ 2 trials and 1 ≤ --demos < {len(task.pairs)} (the task's pairs, one "
                          f"held out as the query), not {trials} and {demos}")  # fmt: skip
     rng = random.Random(seed)
     results = []
-    for _ in range(trials):
+    for _ in Steps(progress, "trials", trials).each(range(trials)):
         pairs = rng.sample(task.pairs, demos + 1)
         examples = [Example(format_example(template, x, y), x, y) for x, y in pairs[:-1]]
         query, spaces = query_for(template, pairs[-1][0])

@@ -34,6 +34,7 @@ from .headsplit import HeadParts, LayerSplit, head_parts, pre_mlp_norm, split_la
 from .hooks import hooked
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, special_prefix, tokenize
 from .lowrank import MATH_DTYPE, kl_divergence
+from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, query_for, target_text, task_examples
 from .update import SequentialRun, solve
 
@@ -99,13 +100,15 @@ def heads(
     knockout: tuple[int, ...] | None = KNOCKOUT_SIZES,
     draws: int = 3,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> Heads:
     """Split each layer's Δa, Δb and ΔW by attention head, score the heads, and knock out the top ones.
 
     The prompt is `context` + `query` (the antonym demo if neither), or with `task` its first `demos` pairs as
     context and the next pair as the query; the knockout scores the next `heldout` pairs (or, without a task,
     the prompt itself against its with-context top-1). `knockout` lists the set sizes k (None: no knockout).
-    The model is left unchanged (its attention implementation is restored).
+    The model is left unchanged (its attention implementation is restored). Its stages (the split, the scores,
+    the knockout) are the steps of `progress`.
     """
     context, query, pairs = pick_prompt(context, query, task, template, demos, heldout)
     prompt = tokenize(tokenizer, context, query)
@@ -119,14 +122,18 @@ def heads(
             f"knockout k = {max(knockout)} is larger than the {total} attention heads of the chosen layers"
         )
     with torch.no_grad(), eager(model):
+        stages = Steps(progress, "stages (split, scores, knockout)", 3 if knockout else 2)
         splits = split_prompt(model, chosen, parts, prompt)
+        stages.step()
         scores = head_scores(model, tokenizer, attention)
         annotate(splits, scores)
+        stages.step()
         table = None
         if knockout:
             queries = held_out(model, tokenizer, context, template, pairs, prompt, attention)
             scored_on = "held-out task queries" if pairs else "the prompt's in-context top-1"
             table = knockout_table(model, chosen, attention, splits, queries, knockout, draws, seed, scored_on)
+            stages.step()
     return Heads(
         model_name(model), model.config.model_type, len(select_blocks(model, None)), str(model.dtype).split(".")[-1],
         context, query, task.name if task else None, prompt, splits,

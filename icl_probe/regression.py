@@ -28,6 +28,7 @@ from .finetune import layer_alignments, sgd, trainable
 from .inputs import Prompt, Vectors
 from .lowrank import MATH_DTYPE
 from .metrics import ablation_rows, layer_series, static_logits_rows, weight_norm
+from .progress import Progress, Steps
 from .update import solve
 
 SCHEMA = "icl-probe.regression/1"
@@ -222,8 +223,10 @@ def mean_se(x: torch.Tensor) -> tuple[list, list]:
     return mean.tolist(), torch.where(count > 1, se, torch.nan).tolist()
 
 
-def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None = None, val_trials: int = 100) -> dict:
-    """The `icl-probe.regression/1` document for the model `icl-probe regression train` saved in `folder`."""
+def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None = None, val_trials: int = 100,
+               progress: Progress | None = None) -> dict:  # fmt: skip
+    """The `icl-probe.regression/1` document for the model `icl-probe regression train` saved in `folder`; each
+    trial is a step of `progress`."""
     if trials < 2 or val_trials < 1:
         raise UsageError(f"--trials must be ≥ 2 (a standard error needs two) and --val-trials ≥ 1, not {trials}")
     if lr is not None and not lr > 0:
@@ -234,7 +237,8 @@ def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None =
     rule = "grid" if lr is None else "given"
     lr = choose_lr(model, chosen, seed, c.n) if lr is None else lr
     tokens, _, ys = toy.sample(torch.Generator().manual_seed(seed), trials, c.n, c.d, dtype=torch.float64)
-    rows = [run_trial(model, chosen, t, float(y), lr) for t, y in zip(tokens, ys)]
+    counter = Steps(progress, "trials", trials)
+    rows = [run_trial(model, chosen, t, float(y), lr) for t, y in counter.each(zip(tokens, ys))]
     stacked = {k: torch.stack([vars(r)[k] for r in rows]) for k in vars(rows[0])}
     norms = torch.tensor([[weight_norm(m.weight) for m in b.first.values()] for b in chosen]).pow(2).sum(-1).sqrt()
     return {

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ModelError, UsageError
+from .progress import Progress, Steps
 
 MODEL_TYPE = "icl_regression"
 WEIGHTS = "model.safetensors"
@@ -162,8 +163,9 @@ def build(config: ToyConfig, seed: int) -> ToyRegression:
     return ToyRegression(config)
 
 
-def train(config: ToyConfig, steps: int, seed: int = 0, batch: int = 64, lr: float = 1e-3, checkpoints: int = 10):
-    """Adam on fresh prompts each step, seeded and deterministic on one thread.
+def train(config: ToyConfig, steps: int, seed: int = 0, batch: int = 64, lr: float = 1e-3, checkpoints: int = 10,
+          progress: Progress | None = None):  # fmt: skip
+    """Adam on fresh prompts each step, seeded and deterministic on one thread; each step reported to `progress`.
 
     Returns (model, log, states): the log has per checkpoint its step and mean training loss since the last
     one; states are the weights at each checkpoint step (the first is step 0, before training).
@@ -178,7 +180,7 @@ def train(config: ToyConfig, steps: int, seed: int = 0, batch: int = 64, lr: flo
     marks = sorted({round(steps * k / checkpoints) for k in range(1, checkpoints + 1)})
     log, states, window, started = [], [snapshot(model)], [], time.perf_counter()
     log.append({"step": 0, "train_loss": None})
-    for step in range(1, steps + 1):
+    for step in Steps(progress, "training steps", steps).each(range(1, steps + 1)):
         tokens, _, y = sample(gen, batch, config.n, config.d)
         loss = (prediction(model(inputs_embeds=tokens, logits_to_keep=1).logits[:, -1], config.d) - y).pow(2).mean()
         opt.zero_grad()

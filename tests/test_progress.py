@@ -151,3 +151,35 @@ def test_eta_is_known_when_each_step_takes_minutes():
         clock[0] += 60.0
     clock[0] -= 60.0
     assert work.tasks[0].time_remaining == pytest.approx(2 * 60.0)  # 2 steps left at 1 step a minute
+
+
+def test_toy_training_counts_its_steps():
+    from icl_probe import toy
+
+    seen = Recorder()
+    toy.train(toy.ToyConfig(d=2, n=3, intermediate_size=8), steps=4, batch=4, checkpoints=2, progress=seen)
+    seen.check("training steps", 4, 4)
+
+
+def test_regression_and_dynamics_trials_count_their_trials(tmp_path):
+    from icl_probe import toy
+    from icl_probe.dynamics import dynamics_trials
+    from icl_probe.regression import regression
+    from icl_probe.tasks import Task
+
+    model, states = toy.train(toy.ToyConfig(d=2, n=3, intermediate_size=8), steps=2, batch=4, checkpoints=1)
+    seen = Recorder()
+    regression(str(toy.save(model, states, tmp_path / "toy")), trials=3, lr=0.05, val_trials=2, progress=seen)
+    seen.check("trials", 3, 3)
+    task = Task("tiny", (("ab", "c"), ("de", "f"), ("gh", "i"), ("jk", "l")))
+    seen = Recorder()
+    dynamics_trials(tiny_model("llama"), char_tokenizer(), task, "{input} {output}\n", 2, 3, progress=seen)
+    seen.check("trials", 3, 3)
+
+
+def test_heads_counts_its_stages():
+    from icl_probe.heads import heads
+
+    seen = Recorder()
+    heads(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, knockout=(1,), draws=1, progress=seen)
+    seen.check("stages (split, scores, knockout)", 3, 3)

@@ -35,6 +35,7 @@ from .app import (
     pick_prompt,
     show,
 )
+from .progress import working
 from .sweep import unescape
 
 
@@ -100,11 +101,11 @@ def heads(
         text_context, text_query = pick_prompt(context, context_file, query, query_file)
         if chosen_task is not None and text_context is not None:
             raise UsageError("give --task (or --task-file) or --context and --query, not both")
-        m, tokenizer = load(status, model, dtype, device, trust_remote_code)
-        with status.status("Splitting the update by head…"):
+        m, tokenizer = load(status, model, dtype, device, trust_remote_code, counted=json_path != "-")
+        with working(status, "Splitting the update by head…", json_path != "-") as work:
             result = run_heads(m, tokenizer, text_context, text_query, task=chosen_task, template=template,
                                demos=demos, heldout=heldout, layers=layers, knockout=sizes, draws=draws,
-                               seed=seed)  # fmt: skip
+                               seed=seed, progress=work)  # fmt: skip
         doc = result.to_dict()
         show(out, doc, json_path, print_heads)
         if plot is not None:

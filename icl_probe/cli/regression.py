@@ -12,6 +12,7 @@ from rich.table import Table
 from ..errors import UsageError
 from ..fileio import check_writable
 from .app import DebugOpt, ForceOpt, JsonOpt, PlotOpt, app, check_outputs, consoles, one_line_errors, show
+from .progress import working
 
 group = typer.Typer(help="The paper's experiment: in-context linear regression (Figures 2-4).", no_args_is_help=True)
 app.add_typer(group, name="regression", short_help="The paper's own experiment: in-context linear regression.")
@@ -42,7 +43,7 @@ def train(
     """
     from .. import toy  # here: --help starts without torch
 
-    out, _ = consoles(None)
+    out, status = consoles(None)
     with one_line_errors(debug):
         if Path(output).exists() and not Path(output).is_dir():
             raise UsageError(f"--output {output} is a file; give a folder")
@@ -50,7 +51,9 @@ def train(
         check_writable(f"{output}/model.safetensors", force)
         config = toy.ToyConfig(d=d, n=n, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden,
                                intermediate_size=mlp_width, pre_ln=pre_ln, mlp_skip=mlp_skip)  # fmt: skip
-        model, states = toy.train(config, steps, seed=seed, batch=batch, lr=lr, checkpoints=checkpoints)
+        with working(status, f"Training the toy model ({steps} steps)…") as work:
+            model, states = toy.train(config, steps, seed=seed, batch=batch, lr=lr, checkpoints=checkpoints,
+                                      progress=work)  # fmt: skip
         toy.save(model, states, output)
         log = config.training["log"]
         out.print(f"trained in {config.training['seconds']:.1f} s; training loss {log[1]['train_loss']:.4g} "
@@ -72,10 +75,11 @@ def run(
     """Figures 2-4 and Proposition 3.1's error, computed by the engine (in float64), mean ± SE over trials."""
     from ..regression import regression as run_regression  # here: --help starts without torch
 
-    out, _ = consoles(json_path)
+    out, status = consoles(json_path)
     with one_line_errors(debug):
         check_outputs(json_path, plot, force)
-        doc = run_regression(model, trials=trials, seed=seed, lr=lr, val_trials=val_trials)
+        with working(status, f"Running {trials} trials…", json_path != "-") as work:
+            doc = run_regression(model, trials=trials, seed=seed, lr=lr, val_trials=val_trials, progress=work)
         show(out, doc, json_path, print_regression)
         if plot is not None:
             from ..regression_plots import plot_regression

@@ -90,8 +90,9 @@ def run_trials(status, loading: tuple, task, template: str, demos: int | None, t
         raise UsageError("--trials draws its examples and queries from a task: give --task or --task-file")
     check_template(template)
     m, tokenizer = load(status, *loading, counted=counted)
-    with status.status(f"Running {trials} trials…"):
-        first, summary = dynamics_trials(m, tokenizer, task, template, demos or DEMO_DEMOS, trials, seed, **options)
+    with working(status, f"Running {trials} trials…", counted) as work:
+        first, summary = dynamics_trials(m, tokenizer, task, template, demos or DEMO_DEMOS, trials, seed,
+                                         progress=work, **options)  # fmt: skip
     return {**first.to_dict(), "trials": summary}
 
 
