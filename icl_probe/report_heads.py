@@ -85,3 +85,5 @@ def print_heads(console: Console, doc: dict) -> None:
         console.print(f"accuracy in context {fmt(ko['clean']['accuracy'], 2)}, zero-shot "
                       f"{fmt(ko['zero_shot_accuracy'], 2)}, on {ko['scored_on']} ({queries})")  # fmt: skip
         console.print("KL(in context ‖ knocked out); ΔW left = ‖ΔW‖ after knockout / before")
+    console.print("The pieces split the update the sequential run solved: Δb closes the gap at every block by "
+                  "construction; analyze's mlp err tests the theorem.")  # fmt: skip
