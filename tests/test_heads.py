@@ -266,7 +266,7 @@ def test_cli_end_to_end(tmp_path):
     print_heads(console, doc)
     lines = console.export_text().splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 80 and not any("…" in line for line in lines)
-    assert "Δb closes the gap at every block by construction" in " ".join(lines)
+    assert "Δb closes the gap at every block by construction" in " ".join(line.strip() for line in lines)
     assert doc["schema"] == "icl-probe.heads/1" and png.stat().st_size > 0
     keys = {"head", "delta_a_norm", "share_delta_a", "share_delta_w", "share_delta_b", "induction_score",
             "previous_token_score", "context_attention"}  # fmt: skip
