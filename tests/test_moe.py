@@ -5,10 +5,9 @@ The router paths and MoE layers below are written out by hand from transformers'
 hooks the model itself (the router's own output, the MLP module's input), not icl-probe's routing report.
 """
 
-import functools
-
 import pytest
 import torch
+from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
 from safetensors import safe_open
 from tiny import last_outputs
 
@@ -44,25 +43,6 @@ NAMES = list(MOE)
 # a matrix-vector product's relative error in its weight's dtype, with margin: float64's 1e-9 as elsewhere in this
 # file, and float32's eps (1.2e-7) times the sqrt of a tiny model's widths (~10) with a 4x margin
 PRODUCT_RTOL = {torch.float64: 1e-9, torch.float32: 5e-6}
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """As the coverage table runs them: some families build masks and rotary tables in the default dtype."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
-@functools.cache
-def model_of(name: str):
-    return coverage.tiny_model(name)
-
-
-@functools.cache
-def analysis_of(name: str):
-    return analyze(model_of(name), coverage.char_tokenizer(), CONTEXT, QUERY)
 
 
 def block(name: str, i: int) -> str:

@@ -7,10 +7,9 @@ records. A router kept in float32 (its `gate.weight` or its output) sets a floor
 machine epsilon, read here from the parameter's or output's dtype.
 """
 
-import functools
-
 import pytest
 import torch
+from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
 from tiny import last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
@@ -44,24 +43,6 @@ def layer(name: str, i: int) -> str:
 
 
 NAMES = list(NEW)
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
-
-
-@functools.cache
-def model_of(name: str):
-    return coverage.tiny_model(name)
-
-
-@functools.cache
-def analysis_of(name: str):
-    return analyze(model_of(name), coverage.char_tokenizer(), CONTEXT, QUERY)
 
 
 def float32_floor(model, name: str) -> float | None:
