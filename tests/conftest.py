@@ -50,3 +50,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_models" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def runner(real_models, tmp_path_factory):
+    """Runs the commands the docs print through the real CLI, with the session's real models (doc_commands.py)."""
+    from doc_commands import Runner
+
+    return Runner(real_models, tmp_path_factory.mktemp("doc-commands"))

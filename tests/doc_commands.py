@@ -84,6 +84,9 @@ def agrees(got: float, figure: str) -> bool:
     return abs(got - number(figure)) <= max(half_unit(figure), 0.005 * abs(number(figure))) * (1 + 1e-9)
 
 
+MODELS = {"SmolLM2-135M": "smollm2-135m", "Gemma 3 270M": "gemma3-270m"}  # the docs' names → aliases
+
+
 class Runner:
     """Runs icl-probe commands through the CLI's real code with each real model loaded once per session.
 

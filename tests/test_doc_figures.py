@@ -9,7 +9,7 @@ The dynamics table is tests/test_real_dynamics.py's; the export table's sizes ar
 import re
 
 import pytest
-from doc_commands import Runner, agrees, commands, markdown, number, table_after
+from doc_commands import MODELS, agrees, commands, markdown, number, table_after
 
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY
 
@@ -17,12 +17,6 @@ ANALYZE_ROWS = table_after("README.md", "`icl-probe analyze`, float32, CPU, all 
 ANALYZE_COMMANDS = commands("README.md", "analyze-table")
 ABLATION_ROWS = table_after("docs/theory.md", "Measured in float32 on the CPU:")
 ABLATION_COMMANDS = commands("docs/theory.md", "ablation-table")
-MODELS = {"SmolLM2-135M": "smollm2-135m", "Gemma 3 270M": "gemma3-270m"}
-
-
-@pytest.fixture(scope="module")
-def runner(real_models, tmp_path_factory):
-    return Runner(real_models, tmp_path_factory.mktemp("doc-figures"))
 
 
 def model_of(args: list[str]) -> str:

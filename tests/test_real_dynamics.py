@@ -10,16 +10,10 @@ import math
 import statistics
 
 import pytest
-from doc_commands import Runner, agrees, commands, table_after
+from doc_commands import MODELS, agrees, commands, table_after
 
 ROWS = table_after("README.md", "| model | task (query) | step norm")
 COMMANDS = commands("README.md", "dynamics-table")
-MODELS = {"SmolLM2-135M": "smollm2-135m", "Gemma 3 270M": "gemma3-270m"}
-
-
-@pytest.fixture(scope="module")
-def runner(real_models, tmp_path_factory):
-    return Runner(real_models, tmp_path_factory.mktemp("dynamics-table"))
 
 
 def rss(layer: dict, key: str) -> float:
