@@ -82,8 +82,12 @@ def test_the_commands_print_no_third_party_text(tiny_llama_dir, tmp_path):
     assert done.stderr == "", done.stderr
 
 
-def test_other_libraries_warnings_become_one_line(capsys):
+@pytest.mark.parametrize("propagates", [False, True], ids=["default", "CI=1"])
+def test_other_libraries_warnings_become_one_line(capsys, monkeypatch, propagates):
+    """Once each, also where CI=1 makes transformers pass its records on to the root logger too."""
     from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", propagates)
 
     handlers = list(logging.getLogger().handlers)  # pytest's own
     with one_line_warnings():
@@ -100,3 +104,4 @@ def test_other_libraries_warnings_become_one_line(capsys):
     ]
     assert logging.getLogger().handlers == handlers
     assert warnings.showwarning is not None and hf_logging.get_logger("transformers").handlers  # restored
+    assert logging.getLogger("transformers").propagate is propagates

@@ -49,11 +49,15 @@ def one_line_warnings(transformers: bool = True) -> Iterator[None]:
     `transformers=False` leaves transformers' logger alone, for commands that never import it (`tasks`).
     """
     handler, root = OneLine(level=logging.WARNING), logging.getLogger()
+    library = logging.getLogger("transformers")
+    propagates = library.propagate
     if transformers:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_default_handler()
-        hf_logging.add_handler(handler)  # transformers' logger does not pass its records on to the root logger
+        hf_logging.add_handler(handler)
+        # transformers passes its records on to the root logger only where CI=1 is set: never twice here
+        library.propagate = False
     root.addHandler(handler)  # the loggers that do: accelerate, peft, huggingface_hub
     shown = warnings.showwarning
     warnings.showwarning = show_warning
@@ -65,3 +69,4 @@ def one_line_warnings(transformers: bool = True) -> Iterator[None]:
         if transformers:
             hf_logging.remove_handler(handler)
             hf_logging.enable_default_handler()
+            library.propagate = propagates
