@@ -1,4 +1,9 @@
-"""The exceptions icl-probe raises. The CLI turns each into one line on stderr."""
+"""The exceptions icl-probe raises. The CLI turns each into one line on stderr.
+
+Messages name the library's parameters, in backticks: `` `layers` `` alone, or with the value that fixes the
+problem, as Python would write it (`` `positions="all"` ``, `` `generate=0` ``, `` `store_context=True` ``).
+The CLI's one boundary (cli/app.py `as_flags`) words each as its flag: `--layers`, `--positions all`.
+"""
 
 
 class IclProbeError(Exception):

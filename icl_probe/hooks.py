@@ -1,21 +1,29 @@
-"""Forward hooks that live inside context managers, so they are always removed.
+"""Forward hooks that live inside context managers, so they are always removed, and the one recorder.
 
-    with hooked([(model.model.layers[3], record)]):
+    with recording([Tap(block.mlp.up_proj, "z", "input"), Tap(block, "h")], read=last_token) as seen:
         model(input_ids)
+    seen["z"], seen["h"]
 
-A hook is `fn(module, args, output) -> new output or None`, as in torch. Decoder blocks return
-a tensor in transformers v5 and a tuple in v4; `hidden` and `with_hidden` hide the difference.
+Every capture in the package goes through `recording` (in the spirit of baukit's `TraceDict`): taps name
+a module and which side of it to read, the values are what `read` returns, and taps that share a key are
+summed. `hooked` and `pre_hooked` register hooks that change what a module computes (the patches).
+A hook is `fn(module, args, output) -> new output or None`, as in torch. Decoder blocks return a tensor in
+transformers v5 and a tuple in v4; `hidden` and `with_hidden` hide the difference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import functools
+import operator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 Hook = Callable[[nn.Module, tuple, object], object]
+PreHook = Callable[[nn.Module, tuple, dict], object]  # returns (args, kwargs) to change the call, or None
 
 
 @contextmanager
@@ -26,6 +34,138 @@ def hooked(hooks: Iterable[tuple[nn.Module, Hook]]) -> Iterator[None]:
         for module, fn in hooks:
             handles.append(module.register_forward_hook(fn))
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def pre_hooked(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
+    """Register forward pre-hooks `fn(module, args, kwargs)` for the duration of the block, then remove them all."""
+    handles = []
+    try:
+        for module, fn in hooks:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- the recorder -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a module, as a "call" tap sees it: its positional and keyword arguments and its output."""
+
+    args: tuple
+    kwargs: dict
+    output: object
+
+    @property
+    def input(self) -> torch.Tensor | None:
+        """The hidden-state input: the first positional argument, or `hidden_states=`."""
+        return self.args[0] if self.args else self.kwargs.get("hidden_states")
+
+
+@dataclass(frozen=True, eq=False)
+class Tap:
+    """Where the recorder reads: a module's "input" (hidden-state input), "output" (hidden-state output) or
+    "call" (the whole `Call`). Taps sharing a key are summed, each times its scale; `read` overrides the
+    recording's reader for this tap."""
+
+    module: nn.Module
+    key: Hashable
+    side: str = "output"
+    scale: float = 1.0
+    read: Callable | None = None
+
+
+class StopForward(Exception):
+    """Raised by the recorder's stop hook to end a forward pass once the module of interest has run."""
+
+
+@dataclass
+class Recording:
+    """What the taps saw. `rec[key]` is the last value read at the key's taps (summed over them, each times its
+    scale); `rec.log` lists every (key, value) read, in call order, when the recording keeps a log."""
+
+    taps: list[Tap]
+    last: dict[int, object] = field(default_factory=dict)  # tap index → the last value it read
+    log: list[tuple[Hashable, object]] | None = None
+
+    def __getitem__(self, key: Hashable) -> object:
+        values = [t.scale * self.last[i] if t.scale != 1.0 else self.last[i]
+                  for i, t in enumerate(self.taps) if t.key == key and i in self.last]  # fmt: skip
+        if not values:
+            raise KeyError(key)
+        return functools.reduce(operator.add, values)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return any(t.key == key and i in self.last for i, t in enumerate(self.taps))
+
+    def get(self, key: Hashable, default: object = None) -> object:
+        return self[key] if key in self else default
+
+    def keys(self) -> list[Hashable]:
+        """The keys read so far, each once, in the order of the taps."""
+        return list(dict.fromkeys(t.key for i, t in enumerate(self.taps) if i in self.last))
+
+
+def tapped(tap: Tap, args: tuple, kwargs: dict, output: object) -> object:
+    """The value a tap reads from one call, before its reader: a tensor, or the whole Call."""
+    call = Call(args, kwargs, output)
+    if tap.side == "call":
+        return call
+    return call.input if tap.side == "input" else hidden(output)
+
+
+@contextmanager
+def recording(
+    taps: Iterable[Tap],
+    read: Callable = lambda x: x.detach().clone(),
+    *,
+    stop: nn.Module | None = None,
+    active: Callable[[], bool] = lambda: True,
+    log: bool = False,
+) -> Iterator[Recording]:
+    """Record what the taps read during the forward passes run inside the block, then remove every hook.
+
+    `read(x)` turns each tensor (or Call, for "call" taps) into the stored value; the default is a detached
+    copy (a copy, because some blocks add to their outputs in place after the hook has read them); "call"
+    taps keep the Call unless they have a reader of their own. `active()`
+    is asked at every call (False: nothing is read). With `stop`, the forward pass ends once that module has
+    run, and the block carries on after the model call. `log=True` also keeps every value in call order.
+    """
+    taps = list(taps)
+    rec = Recording(taps, log=[] if log else None)
+
+    def hook_for(i: int, tap: Tap):
+        reader = tap.read or (read if tap.side != "call" else lambda call: call)  # a Call is kept as it is
+
+        def hook(module, args, kwargs, output):
+            if active():
+                value = rec.last[i] = reader(tapped(tap, args, kwargs, output))
+                if rec.log is not None:
+                    rec.log.append((tap.key, value))
+
+        return hook
+
+    def halt(module, args, output):
+        raise StopForward
+
+    handles = []
+    try:
+        for i, tap in enumerate(taps):
+            handles.append(tap.module.register_forward_hook(hook_for(i, tap), with_kwargs=True))
+        if stop is not None:
+            handles.append(stop.register_forward_hook(halt))
+        try:
+            yield rec
+        except StopForward:
+            if stop is None:
+                raise
     finally:
         for handle in handles:
             handle.remove()

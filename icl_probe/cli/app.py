@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -195,7 +196,7 @@ def one_line_errors(debug: bool, transformers: bool = True) -> Iterator[None]:
     except typer.Exit:
         raise
     except IclProbeError as e:
-        fail(str(e), e.exit_code, debug)
+        fail(as_flags(str(e)), e.exit_code, debug)
     except KeyboardInterrupt:
         fail("interrupted", 130, debug)
     except BrokenPipeError:  # the reader of `--json -` went away (e.g. `| head`): stop quietly, as SIGPIPE would
@@ -203,6 +204,22 @@ def one_line_errors(debug: bool, transformers: bool = True) -> Iterator[None]:
         raise typer.Exit(141) from None
     except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become a line
         fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 1, debug)
+
+
+PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")  # `layers`, `positions="all"`: errors.py's wording
+
+
+def as_flags(message: str) -> str:
+    """A library message with each parameter it names worded as the CLI's flag: `positions="all"` → --positions all,
+    `layers` → --layers, `store_context=True` → --store-context."""
+
+    def flag(m: re.Match) -> str:
+        name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        if value is None or value == "True":
+            return name
+        return f"{name} {value.strip(chr(34) + chr(39))}"
+
+    return PARAMETER.sub(flag, message)
 
 
 def fail(message: str, code: int, debug: bool) -> None:
