@@ -4,7 +4,7 @@ import icl_probe
 model, tokenizer = icl_probe.load_model("smollm2-135m")
 result = icl_probe.analyze(model, tokenizer, context="hot -> cold\\n", query="big ->")
 
-The names below load on first use (PEP 562), so that `icl-probe --help` starts without torch.
+The names below load on first use (PEP 562), so that the command line's help starts without torch.
 """
 
 import importlib

@@ -1,6 +1,6 @@
 """The coverage table: every decoder-only causal-LM type in the installed transformers, measured through `analyze`.
 
-    python -m icl_probe.coverage [--json PATH] [--sample N] [--types a,b]
+    python -m icl_probe.coverage -h   # its options: a JSON copy of the rows, a sample of N types, chosen types
 
 For each model type in transformers' causal-LM mapping, the type's default config is shrunk (2 layers, hidden
 size 32, small heads, MLPs, experts and state sizes), a float64 model is built from it with its weights redrawn
@@ -15,7 +15,7 @@ so that the context matters, and `analyze` runs on a short prompt. Each type end
 - not built: no tiny config or model could be made, and why (including > 20 s to build);
 - out of scope: encoder-decoder and encoder-only (masked-LM) types.
 
-The markdown table goes to stdout; --json writes the rows.
+The markdown table goes to stdout; `main` also writes the rows as JSON when asked.
 """
 
 from __future__ import annotations

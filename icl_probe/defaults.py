@@ -1,4 +1,4 @@
-"""Defaults that the command line shows in its options, kept free of torch so that `--help` starts at once.
+"""Defaults that the command line shows in its options, kept free of torch so that its help starts at once.
 
 Their modules re-export them: `models.DEFAULT_MODEL`, `heads.KNOCKOUT_SIZES`.
 """

@@ -222,7 +222,7 @@ def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demo
     of `progress`; `options` go to `dynamics`.
     """
     if trials < 2 or not 1 <= demos < len(task.pairs):
-        raise UsageError(f"--trials needs ≥ 2 trials and 1 ≤ --demos < {len(task.pairs)} (the task's pairs, one "
+        raise UsageError(f"`trials` needs ≥ 2 trials and 1 ≤ `demos` < {len(task.pairs)} (the task's pairs, one "
                          f"held out as the query), not {trials} and {demos}")  # fmt: skip
     rng = random.Random(seed)
     results = []

@@ -2,7 +2,8 @@
 
 Messages name the library's parameters, in backticks: `` `layers` `` alone, or with the value that fixes the
 problem, as Python would write it (`` `positions="all"` ``, `` `generate=0` ``, `` `store_context=True` ``).
-The CLI's one boundary (cli/app.py `as_flags`) words each as its flag: `--layers`, `--positions all`.
+The CLI's one boundary (cli/app.py `as_flags`) words each as its flag: the name with dashes for underscores,
+then the value without quotes (nothing for `=True`, a `no-` prefix for `=False`).
 """
 
 

@@ -88,7 +88,7 @@ def export_patch(
     """
     residual = resolve_residual(format, residual, positions)
     if output is None:
-        raise UsageError("give an output path with --output")
+        raise UsageError("give an output path with `output`")
     output = check_writable(output, force, directory=format != "native")
     check_foldable(model, format, positions)
     if context is None and query is None:
@@ -140,8 +140,8 @@ def resolve_residual(format: str, residual: str | None, positions: str = "last")
         return None if positions == "all" else "bias" if format == "native" else "fold"
     if format != "native" and residual != "fold":
         raise UsageError(
-            f"--format {format} needs --residual fold: weights alone cannot add a bias to a block's output; "
-            f"drop --residual {residual}"
+            f'`format="{format}"` needs `residual="fold"`: weights alone cannot add a bias to a block\'s output; '
+            f'drop `residual="{residual}"`'
         )
     return residual
 
@@ -151,24 +151,24 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
     family = model_family(model)
     if format == "peft" and positions == "all":
         raise PatchError(
-            "--format peft writes rank-1 adapters, and --positions all gives an update of rank k (one per query "
-            "position); use --format native or --format merged"
+            '`format="peft"` writes rank-1 adapters, and `positions="all"` gives an update of rank k (one per query '
+            'position); use `format="native"` or `format="merged"`'
         )
     if format in ("peft", "merged") and any(b.moe for b in arch.blocks(model)):
         raise PatchError(
-            f"--format {format} needs the residual term Δb folded into the weights, and {family.name}'s "
+            f'`format="{format}"` needs the residual term Δb folded into the weights, and {family.name}\'s '
             "mixture-of-experts MLPs add a routed sum of experts, so Δb folds into no one weight (peft's "
-            "target_parameters could hold each expert's rank-1 ΔW, not Δb); use --format native"
+            'target_parameters could hold each expert\'s rank-1 ΔW, not Δb); use `format="native"`'
         )
     if format == "peft" and family.fold != "linear":
         raise PatchError(
-            f"--format peft cannot carry the residual term of {family.name}: a LoRA adapter only changes linear "
-            f"layers, and {family.fold_note}; use --format merged or --format native"
+            f'`format="peft"` cannot carry the residual term of {family.name}: a LoRA adapter only changes linear '
+            f'layers, and {family.fold_note}; use `format="merged"` or `format="native"`'
         )
     if format == "merged" and family.fold is None:
         raise PatchError(
-            f"--format merged needs the residual term folded into the weights, and --residual fold is not "
-            f"available for {family.name}: {family.fold_note}; use --format native"
+            f'`format="merged"` needs the residual term folded into the weights, and `residual="fold"` is not '
+            f'available for {family.name}: {family.fold_note}; use `format="native"`'
         )
 
 
@@ -230,15 +230,15 @@ def check_linear_only(patch: Patch) -> None:
     """A LoRA adapter changes linear weights only: no residual bias, no dense (e.g. norm-scale) delta."""
     for path in sorted(patch.dense):
         raise PatchError(
-            f"--format peft cannot express the update to {path}: a LoRA adapter only changes linear layers, and "
-            "this residual fold is a dense change to a norm's scale; use --format merged or --format native"
+            f'`format="peft"` cannot express the update to {path}: a LoRA adapter only changes linear layers, and '
+            'this residual fold is a dense change to a norm\'s scale; use `format="merged"` or `format="native"`'
         )
     if patch.residual:
-        raise PatchError("--format peft cannot carry a residual bias; use --residual fold")
+        raise PatchError('`format="peft"` cannot carry a residual bias; use `residual="fold"`')
     for path, delta in patch.low_rank.items():
         if delta.u.shape[1] != 1:
             raise PatchError(
-                f"--format peft writes rank-1 adapters, but the update to {path} has rank {delta.u.shape[1]}"
+                f'`format="peft"` writes rank-1 adapters, but the update to {path} has rank {delta.u.shape[1]}'
             )
 
 
@@ -360,7 +360,7 @@ def read_merged(folder: Path, names: set[str]) -> dict[str, torch.Tensor]:
 def merged_deltas(model: nn.Module, patch: Patch) -> dict[str, torch.Tensor]:
     """Each touched parameter's dense delta in its stored layout and dtype (merging needs ΔW densely)."""
     if patch.residual:
-        raise PatchError("--format merged cannot carry a residual bias; use --residual fold")
+        raise PatchError('`format="merged"` cannot carry a residual bias; use `residual="fold"`')
     conv1d = model_family(model).conv1d
     deltas = {name: d.to(MATH_DTYPE) for name, d in patch.dense.items()}
     for path, delta in patch.low_rank.items():

@@ -33,7 +33,7 @@ def check_writable(path: str | Path, force: bool, directory: bool = False) -> Pa
     elif path.is_dir():
         raise InputError(f"cannot write {path}: it is a folder; give a file path")
     elif path.exists() and not force:
-        raise InputError(f"{path} already exists; pass --force to overwrite it")
+        raise InputError(f"{path} already exists; pass `force=True` to overwrite it")
     folder = path.parent
     if not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
@@ -52,11 +52,11 @@ def check_folder_output(path: Path, force: bool) -> None:
     if not path.is_dir():
         return
     if not force:
-        raise InputError(f"{path} already exists; pass --force to replace it")
+        raise InputError(f"{path} already exists; pass `force=True` to replace it")
     if any(path.iterdir()) and not any((path / m).is_file() for m in OUTPUT_MARKERS):
         raise InputError(
             f"will not replace the folder {path}: it holds neither {' nor '.join(OUTPUT_MARKERS)}, so it is not "
-            "an adapter or merged model written before, and --force would delete all of it; give a new folder path"
+            "an adapter or merged model written before, and `force=True` would delete all of it; give a new folder path"
         )
 
 

@@ -28,7 +28,7 @@ from .tasks import Example, query_for, target_text
 def training_data(tokenizer, examples: list[Example], template: str | None, prefix: list[int]) -> list[tuple]:
     """Per example, (ids, first target position): prefix + query tokens + target tokens."""
     if template is None or any(e.input is None for e in examples):
-        raise UsageError("--finetune-steps needs the examples from a task (--task or --task-file) and its --template")
+        raise UsageError("`finetune_steps` needs the examples from a task (`task` or `task_file`) and its `template`")
     data = []
     for e in examples:
         query, _ = query_for(template, e.input)
@@ -94,7 +94,7 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
     `patch`, over all first linears of the layer.
     """
     if steps < 0 or not lr > 0:
-        raise UsageError(f"--finetune-steps must be ≥ 0 and --lr > 0, not {steps} and {lr}")
+        raise UsageError(f"`finetune_steps` must be ≥ 0 and `lr` > 0, not {steps} and {lr}")
     data = training_data(tokenizer, examples, template, prompt.prefix)
     weights = {path: m.weight for b in chosen for path, m in b.first.items()}
     start = {path: w.detach().to(MATH_DTYPE, copy=True) for path, w in weights.items()}

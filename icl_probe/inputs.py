@@ -1,4 +1,4 @@
-"""User inputs: reading prompt text, tokenizing it with the fixed prefix rule, prompts given as vectors, --layers.
+"""User inputs: reading prompt text, tokenizing it with the fixed prefix rule, prompts given as vectors, `layers`.
 
 A prompt reaches the engine as token ids (text, tokenized; the model embeds them) or as `Vectors`, input
 vectors a continuous-input model reads directly (passed as `inputs_embeds`). Both are sequences that slice
@@ -104,7 +104,7 @@ def check_tokenizer(tokenizer) -> None:
     if tokenizer is None:
         raise InputError(
             "this model has no tokenizer: it reads input vectors, not text (a model from icl-probe regression "
-            "train); measure it with icl-probe regression run --model DIR"
+            "train); measure it with icl-probe regression run `model=DIR`"
         )
 
 
@@ -134,7 +134,7 @@ def shorten(ids: list[int], keep: int = 8) -> str:
 
 def check_text(text: str | None, what: str) -> None:
     if text is None or not text.strip():
-        raise InputError(f"the {what} is empty; give some text with --{what} or --{what}-file")
+        raise InputError(f"the {what} is empty; give some text with `{what}` or `{what}_file`")
 
 
 def read_text(path: str | Path, what: str) -> str:

@@ -88,7 +88,7 @@ def check_device(device: str) -> None:
     if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise ModelError(f"device '{device}' asked for, but no CUDA device is available; use --device cpu")
+        raise ModelError(f"device '{device}' asked for, but no CUDA device is available; use `device=\"cpu\"`")
 
 
 def resolve_folder(
@@ -382,7 +382,7 @@ def model_load_error(e: Exception, folder: str, name: str) -> ModelError:
     if "trust_remote_code" in text or "contains custom code" in text:
         return ModelError(
             f"{name} needs its own Python code to load (auto_map in config.json), which icl-probe does not run "
-            "by default; read that code and pass --trust-remote-code only if you trust it"
+            "by default; read that code and pass `trust_remote_code=True` only if you trust it"
         )
     if "ignore_mismatched_sizes" in text:
         return ModelError(f"the checkpoint of {name} has weights whose shapes differ from its config.json")

@@ -134,7 +134,7 @@ def check_file(path: Path) -> None:
     if path.is_dir():
         raise PatchError(
             f"patch {path} is a folder; give a native .safetensors patch file "
-            "(a --format peft folder loads with peft, a merged one with --model)"
+            '(a `format="peft"` folder loads with peft, a merged one with `model`)'
         )
 
 
@@ -383,10 +383,10 @@ def check_fingerprint(model: nn.Module, patch: Patch, force: bool, where: str, m
         dtype = str(model.dtype).removeprefix("torch.")
         made_in = patch.metadata.get("dtype", dtype)
         if made_in != dtype:  # the same weights rounded to another dtype hash differently
-            made_for = f"it was made with {made_in} weights: load the model with --dtype {made_in}"
+            made_for = f'it was made with {made_in} weights: load the model with `dtype="{made_in}"`'
         raise PatchError(
             f"{where} was made for other weights: fingerprint {expected[:12]}… expected, this model "
-            f"({dtype}) gives {actual[:12]}…; {made_for}, or pass --skip-fingerprint to apply it anyway"
+            f"({dtype}) gives {actual[:12]}…; {made_for}, or pass `skip_fingerprint=True` to apply it anyway"
         )
     return True
 
@@ -396,4 +396,4 @@ def describe_origin(patch: Patch) -> str:
     if "model" not in meta:
         return "use the model it was computed on"
     origin = f"{meta['model']} ({meta.get('model_type', '?')}, {meta.get('dtype', '?')})"
-    return f"it was made for {origin}: load that with --model"
+    return f"it was made for {origin}: load that with `model`"

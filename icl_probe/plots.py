@@ -53,7 +53,7 @@ def plot_dynamics(doc: dict, path: str | Path) -> None:
 
 def plot_analysis(doc: dict, path: str | Path) -> None:
     """Write a PNG of an `icl-probe.analysis/2` document to `path`, atomically: 1200 px wide, 900 px high,
-    plus 400 px for each of the gradient alignment (with --gradient) and the per-layer ablation (with it).
+    plus 400 px for each of the gradient alignment (with `gradient`) and the per-layer ablation (with it).
 
     Panels: relative ‖ΔW‖, ‖Δb‖ and ‖ΔA‖, the per-block errors per layer; the ablation KLs; then, when the
     document has them, ∇cos per module and layer, and the per-layer ablation. Absent parts get no panel.
@@ -197,7 +197,7 @@ def new_figure(size: tuple[float, float]):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise UsageError("--plot needs matplotlib: pip install 'icl-probe[plot]'") from e
+        raise UsageError("`plot` needs matplotlib: pip install 'icl-probe[plot]'") from e
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -303,7 +303,7 @@ def plot_alignments(ax, gradient: list[dict] | None, finetune: dict | None) -> N
     """Per-layer cosine alignments of ΔW with the gradient and with fine-tuning's update at its last step."""
     setup(ax, "layer", "cosine alignment", "(d) alignment of ΔW with gradient descent")
     if gradient is None and finetune is None:
-        return empty(ax, "not computed (use --gradient / --finetune-steps)")
+        return empty(ax, "not computed (use gradient / finetune_steps)")
     series = {}
     if gradient is not None:
         means = [(g["layer"], mean(g["modules"].values())) for g in gradient]

@@ -1,4 +1,4 @@
-"""The `heads --plot` figure: heatmaps (layer × head) of the share of ΔW, the induction score and the knockout
+"""The heads figure (`plot_heads`): heatmaps (layer × head) of the share of ΔW, the induction score and the knockout
 effect, side by side, each with labelled axes and a colour bar. Reads the `icl-probe.heads/1` document only."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def plot_heads(doc: dict, path: str | Path) -> None:
         layers, rows = grid(doc, key)
         finite = [abs(v) for row in rows for v in row if not math.isnan(v)]
         if not finite:
-            ax.text(0.5, 0.5, "not measured (run with --knockout)", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "not measured (run with knockout)", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
             continue
         top = max(finite) or 1.0

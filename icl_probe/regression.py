@@ -228,9 +228,9 @@ def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None =
     """The `icl-probe.regression/1` document for the model `icl-probe regression train` saved in `folder`; each
     trial is a step of `progress`."""
     if trials < 2 or val_trials < 1:
-        raise UsageError(f"--trials must be ≥ 2 (a standard error needs two) and --val-trials ≥ 1, not {trials}")
+        raise UsageError(f"`trials` must be ≥ 2 (a standard error needs two) and `val_trials` ≥ 1, not {trials}")
     if lr is not None and not lr > 0:
-        raise UsageError(f"--lr must be > 0, not {lr}")
+        raise UsageError(f"`lr` must be > 0, not {lr}")
     torch.set_num_threads(1)
     model = toy.load(folder, torch.float64)
     c, chosen = model.config, select_blocks(model, "all")

@@ -1,4 +1,4 @@
-"""The `regression run --plot` PNG: the paper's Figures 2, 3 and 4, drawn from an `icl-probe.regression/1` document.
+"""The regression PNG (`plot_regression`): the paper's Figures 2, 3 and 4, from an `icl-probe.regression/1` document.
 
 Reads the document only; computes nothing but the bands (mean ± standard error).
 """

@@ -122,20 +122,20 @@ def replay(
 
 
 def recompute_context(patch: Patch, context: str | None, generate: int) -> str:
-    """The context that --recompute solves from: the one given, else the patch's stored one; refused if unusable."""
+    """The context that `recompute` solves from: the one given, else the patch's stored one; refused if unusable."""
     meta = patch.metadata
     if generate <= 0:
-        raise UsageError("--recompute solves the update again at each generated token; pass --generate N")
+        raise UsageError("`recompute` solves the update again at each generated token; pass `generate=N`")
     if meta.get("solved_at", "last") != "last" or "layers" not in meta or "residual" not in meta:
         raise UsageError(
-            "--recompute solves the update at the last token, for the layers and residual mode in the patch's "
-            "metadata; this patch was solved at every position or has no such metadata: drop --recompute"
+            "`recompute` solves the update at the last token, for the layers and residual mode in the patch's "
+            "metadata; this patch was solved at every position or has no such metadata: drop `recompute`"
         )
     context = context if context is not None else meta.get("context")
     if context is None:
         raise UsageError(
-            "--recompute needs the context: pass --context (or --context-file), "
-            "or export the patch with --store-context"
+            "`recompute` needs the context: pass `context` (or `context_file`), "
+            "or export the patch with `store_context=True`"
         )
     return context
 
@@ -149,7 +149,7 @@ def replay_prompt(tokenizer, patch: Patch, query: str | None, context: str | Non
         ids = tokenizer(query, add_special_tokens=False)["input_ids"]
         return Prompt(special_prefix(tokenizer, query, ids), [], list(ids))
     if "query_token_ids" not in patch.metadata:
-        raise UsageError("this patch carries no query; pass --query")
+        raise UsageError("this patch carries no query; pass `query`")
     where = "the patch"
     prefix, ids = (
         int_list(patch.metadata, "prefix_token_ids", where),
@@ -164,20 +164,20 @@ def replay_prompt(tokenizer, patch: Patch, query: str | None, context: str | Non
 def check_prompt(model: nn.Module, prompt: Prompt, generate: int, with_context: bool) -> None:
     """Token ids inside the vocabulary, and prompt + generated tokens within the model's positions."""
     if generate < 0:
-        raise UsageError(f"--generate must be 0 or more, not {generate}")
+        raise UsageError(f"`generate` must be 0 or more, not {generate}")
     if not prompt.query:
-        raise InputError("the query has no tokens; give a longer --query")
+        raise InputError("the query has no tokens; give a longer `query`")
     vocab = model.get_input_embeddings().weight.shape[0]
     bad = [i for i in prompt.full if not 0 <= i < vocab]
     if bad:
-        raise InputError(f"token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1}); pass --query")
+        raise InputError(f"token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1}); pass `query`")
     check_length(model, prompt)
     limit = getattr(model.config, "max_position_embeddings", None)
     longest = len(prompt.full if with_context else prompt.query_only) + generate
     if generate and limit is not None and longest > limit:
         raise InputError(
             f"the prompt and {generate} generated tokens make {longest} tokens but the model takes at most "
-            f"{limit}; pass a smaller --generate"
+            f"{limit}; pass a smaller `generate`"
         )
 
 

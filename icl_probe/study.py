@@ -91,7 +91,7 @@ def make_spec(file_fields: dict, **flags) -> StudySpec:
         if key in merged:
             merged[key] = tuple(merged[key])
     if not merged.get("models") or not merged.get("tasks"):
-        raise UsageError("a study needs models and tasks: give --models M1,M2 and --tasks T1,T2, or a --spec file")
+        raise UsageError("a study needs models and tasks: give `models=M1,M2` and `tasks=T1,T2`, or a `spec` file")
     spec = StudySpec(**merged)
     check_spec(spec)
     return spec

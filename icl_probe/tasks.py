@@ -68,7 +68,7 @@ def builtin_task(name: str) -> Task:
 
 
 def tasks_document() -> dict:
-    """The built-in tasks as JSON-ready data, for `icl-probe tasks --json`."""
+    """The built-in tasks as JSON-ready data (what `icl-probe tasks` writes as JSON)."""
     tasks = []
     for name in builtin_names():
         task = builtin_task(name)
@@ -103,9 +103,9 @@ def load_task_file(path: str | Path) -> Task:
 
 
 def pick_task(name: str | None, path: str | Path | None) -> Task | None:
-    """The task chosen by --task (a built-in name) or --task-file (a path); None when neither is given."""
+    """The task chosen by `name` (a built-in task) or `path` (a task file); None when neither is given."""
     if name is not None and path is not None:
-        raise UsageError("give --task or --task-file, not both")
+        raise UsageError("give `task` or `task_file`, not both")
     if name is not None:
         return builtin_task(name)
     if path is not None:
@@ -225,7 +225,7 @@ def task_examples(task: Task, template: str, demos: int | None = None) -> list[E
     """The first `demos` pairs of the task (all if None) as demonstrations filled into the template."""
     n = len(task.pairs)
     if demos is not None and not 1 <= demos <= n:
-        raise UsageError(f"--demos {demos} is out of range: task {task.name} has {n} pairs; give 1 to {n}")
+        raise UsageError(f"`demos={demos}` is out of range: task {task.name} has {n} pairs; give 1 to {n}")
     chosen = task.pairs if demos is None else task.pairs[:demos]
     return [Example(format_example(template, x, y), x, y) for x, y in chosen]
 

@@ -4,7 +4,7 @@ Threads that outnumber the cores slow down far more than the sharing alone expla
 parallel region for a thread that is not running), so under `torchrun --nproc_per_node N` on one machine
 each rank takes cores / N. The rule, first match wins:
 
-1. an explicit request (`--threads N`, `fit_threads(N)`);
+1. an explicit request (`fit_threads(N)`, which the command line's threads option calls);
 2. `OMP_NUM_THREADS`, which torch already honours: left as it is;
 3. `LOCAL_WORLD_SIZE` = N > 1 (set by torchrun): max(1, cores // N);
 4. otherwise torch's default, every core this process may run on.

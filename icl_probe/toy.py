@@ -64,11 +64,12 @@ def check_config(c: ToyConfig) -> None:
     if not 1 <= c.n <= MAX_N:
         raise UsageError(f"N (context pairs) must be in 1..{MAX_N}, not {c.n}")
     if c.num_hidden_layers < 1 or c.num_attention_heads < 1 or c.intermediate_size < 1:
-        raise UsageError("--layers, --heads and --mlp-width must be ≥ 1")
+        raise UsageError("`num_hidden_layers`, `num_attention_heads` and `intermediate_size` must be ≥ 1")
     if c.hidden_size < c.d + 1:
-        raise UsageError(f"--hidden must be ≥ d + 1 = {c.d + 1} (a token [x; y] must fit), not {c.hidden_size}")
+        raise UsageError(f"`hidden_size` must be ≥ d + 1 = {c.d + 1} (a token [x; y] must fit), not {c.hidden_size}")
     if c.hidden_size % c.num_attention_heads:
-        raise UsageError(f"--hidden {c.hidden_size} must be divisible by --heads {c.num_attention_heads}")
+        h, heads = c.hidden_size, c.num_attention_heads
+        raise UsageError(f"`hidden_size={h}` must be divisible by `num_attention_heads={heads}`")
 
 
 class ToyAttention(nn.Module):
@@ -171,7 +172,7 @@ def train(config: ToyConfig, steps: int, seed: int = 0, batch: int = 64, lr: flo
     one; states are the weights at each checkpoint step (the first is step 0, before training).
     """
     if steps < 1 or batch < 1 or checkpoints < 1 or not lr > 0:
-        raise UsageError(f"--steps, --batch and --checkpoints must be ≥ 1 and --lr > 0, not {steps}, {batch}, "
+        raise UsageError(f"`steps`, `batch` and `checkpoints` must be ≥ 1 and `lr` > 0, not {steps}, {batch}, "
                          f"{checkpoints} and {lr}")  # fmt: skip
     torch.set_num_threads(1)
     model = build(config, seed)

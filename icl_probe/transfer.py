@@ -8,7 +8,7 @@ mean KL(in-context ‖ method). Nothing is tuned on the held-out queries. The me
 - own_patch: each query's own last-token patch, which reproduces icl exactly (checked);
 - single_patch: one calibration query's patch on every held-out query (mean and spread over the calibration);
 - mean_patch: the average of the calibration patches, as concatenated factors;
-- joint_patch: one update exact at the last token of all K calibration queries (the `--positions all` fit);
+- joint_patch: one update exact at the last token of all K calibration queries (the `positions="all"` fit);
 - thought_patch: per layer a ridge fit over every calibration position, and the mean residual term;
 - task_vector: Hendel et al.'s mean residual-stream difference at the last position, at the best layer.
 """
@@ -196,13 +196,13 @@ def transfer(
 def split_pairs(task: Task, demos: int, sizes: list[int], heldout: int | None) -> tuple[list, list]:
     """(calibration pool, held-out pairs), disjoint from each other and from the context's pairs."""
     if demos < 1 or not sizes or sizes[0] < 1 or (heldout is not None and heldout < 1):
-        raise UsageError("--demos, --calibration and --heldout must be at least 1")
+        raise UsageError("`demos`, `calibration` and `heldout` must be at least 1")
     n, kmax = len(task.pairs), sizes[-1]
     rest = n - demos - kmax
     if rest < (heldout or 1):
         need = demos + kmax + (heldout or 1)
         raise UsageError(
-            f"task {task.name} has {n} pairs, but --demos {demos}, --calibration {kmax} and "
+            f"task {task.name} has {n} pairs, but `demos={demos}`, `calibration={kmax}` and "
             f"{heldout or 1} held-out quer{'y' if (heldout or 1) == 1 else 'ies'} need {need}; give smaller numbers"
         )
     pool = list(task.pairs[demos : demos + kmax])

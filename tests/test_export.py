@@ -107,7 +107,7 @@ def test_sizes_and_kl(tmp_path):
 def test_existing_output_is_refused_before_any_work(tmp_path):
     path = tmp_path / "p.safetensors"
     path.write_bytes(b"keep")
-    with pytest.raises(InputError, match="already exists; pass --force"):
+    with pytest.raises(InputError, match="already exists; pass `force=True`"):
         export_patch(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, output=path)
     assert path.read_bytes() == b"keep"
     export_patch(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, output=path, force=True)
@@ -180,7 +180,7 @@ def test_peft_adapter_loads_with_transformers_load_adapter(tiny_peft):
 
 
 def test_peft_needs_fold(tmp_path):
-    with pytest.raises(UsageError, match="--format peft needs --residual fold"):
+    with pytest.raises(UsageError, match='`format="peft"` needs `residual="fold"`'):
         export_patch(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, output=tmp_path / "a", format="peft",
                      residual="bias")  # fmt: skip
     assert not (tmp_path / "a").exists()
@@ -188,7 +188,7 @@ def test_peft_needs_fold(tmp_path):
 
 def test_peft_is_refused_for_gemma3_with_a_clear_error(tmp_path):
     # Gemma 3 normalises its MLP output, so Δb cannot become a linear LoRA update.
-    with pytest.raises(PatchError, match="--format peft cannot carry the residual term of gemma.*normalised"):
+    with pytest.raises(PatchError, match='`format="peft"` cannot carry the residual term of gemma.*normalised'):
         export_patch(tiny_model("gemma3_text"), char_tokenizer(bos=True), CONTEXT, QUERY, output=tmp_path / "a",
                      format="peft")  # fmt: skip
     assert os.listdir(tmp_path) == []

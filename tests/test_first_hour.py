@@ -233,7 +233,7 @@ def test_force_replaces_a_folder_output_and_its_absence_keeps_it(llama, tokenize
     export(llama, tokenizer, folder, format, query="qq ->")
     (folder / "stale.bin").write_bytes(b"from an older export")
     before = contents(folder)
-    with pytest.raises(InputError, match=f"^{folder} already exists; pass --force to replace it$"):
+    with pytest.raises(InputError, match=f"^{folder} already exists; pass `force=True` to replace it$"):
         export(llama, tokenizer, folder, format)
     assert contents(folder) == before
     result = export(llama, tokenizer, folder, format, force=True)

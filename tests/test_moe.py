@@ -242,7 +242,7 @@ def test_peft_and_merged_are_refused_in_one_line(tmp_path, format):
         export_patch(model_of("mixtral"), coverage.char_tokenizer(), CONTEXT, QUERY, output=tmp_path / "p",
                      format=format)  # fmt: skip
     message = str(info.value)
-    assert "mixture-of-experts" in message and "--format native" in message and "\n" not in message
+    assert "mixture-of-experts" in message and '`format="native"`' in message and "\n" not in message
     assert not (tmp_path / "p").exists()
 
 

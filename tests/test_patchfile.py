@@ -251,7 +251,7 @@ def fitted_patch(model, tmp_path, **kwargs):
 def test_fingerprint_mismatch_is_refused_unless_forced(tmp_path):
     patch = fitted_patch(tiny_model("llama", torch.float32), tmp_path)
     other = tiny_model("llama", torch.float32, seed=1)  # same shapes, other weights
-    with pytest.raises(PatchError, match=r"made for other weights: fingerprint [0-9a-f]{12}… expected.*--skip-finger"):
+    with pytest.raises(PatchError, match=r"made for other weights: fingerprint [0-9a-f]{12}… expected.*`skip_fingerp"):
         check_fits(other, patch)
     assert check_fits(other, patch, force=True) is False
     assert check_fits(tiny_model("llama", torch.float32), patch) is True
@@ -448,7 +448,7 @@ def test_fuzzed_files_give_a_clean_error_or_a_valid_patch(tmp_path, data):
 def test_existing_file_is_refused_without_force(tmp_path):
     path = tmp_path / "p.safetensors"
     path.write_bytes(b"keep me")
-    with pytest.raises(InputError, match="already exists; pass --force"):
+    with pytest.raises(InputError, match="already exists; pass `force=True`"):
         save_patch(golden_patch(), path)
     assert path.read_bytes() == b"keep me"
     save_patch(golden_patch(), path, force=True)
@@ -481,5 +481,5 @@ def test_fingerprint_mismatch_from_another_dtype_says_which(tmp_path):
     model = tiny_model("llama", torch.float32)
     patch = fitted_patch(model, tmp_path)
     patch.metadata["dtype"] = "float32"
-    with pytest.raises(PatchError, match="made with float32 weights: load the model with --dtype float32"):
+    with pytest.raises(PatchError, match='made with float32 weights: load the model with `dtype="float32"`'):
         check_fits(copy.deepcopy(model).bfloat16(), patch)

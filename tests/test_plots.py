@@ -271,7 +271,7 @@ def test_missing_matplotlib_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UsageError, match=r"pip install 'icl-probe\[plot\]'"):
         plot_dynamics(dynamics_doc(2), tmp_path / "dynamics.png")
-    with pytest.raises(UsageError, match="--plot needs matplotlib"):
+    with pytest.raises(UsageError, match="`plot` needs matplotlib"):
         plot_analysis(analysis_doc(2), tmp_path / "analysis.png")
     assert list(tmp_path.iterdir()) == []
 

@@ -263,7 +263,7 @@ def test_family_without_fold_has_no_joint_patch():
 
 def test_too_few_pairs_is_one_line():
     model, tok = tiny_model("llama", torch.float64), char_tokenizer()
-    with pytest.raises(UsageError, match="has 26 pairs, but --demos 10, --calibration 16 and 1 held-out query need 27"):
+    with pytest.raises(UsageError, match="has 26 pairs, but `demos=10`, `calibration=16` and 1 held-out query need 27"):
         transfer(model, tok, TASK, demos=10, calibration=16)
 
 

@@ -58,7 +58,7 @@ def test_trial_means_equal_separate_runs():
 
 def test_trials_refuse_bad_counts_and_need_a_task(tmp_path):
     model, tok = tiny_model("llama"), char_tokenizer()
-    with pytest.raises(UsageError, match="--trials"):
+    with pytest.raises(UsageError, match="`trials`"):
         dynamics_trials(model, tok, TASK, TEMPLATE, demos=6, trials=3)
     folder = save_tiny(model, tok, tmp_path / "m")
     result = CliRunner().invoke(app, ["dynamics", "--model", folder, "--trials", "2", "--context", "ab c\n",

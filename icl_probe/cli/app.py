@@ -207,17 +207,29 @@ def one_line_errors(debug: bool, transformers: bool = True) -> Iterator[None]:
 
 
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")  # `layers`, `positions="all"`: errors.py's wording
+# The parameters whose flag has another name: the library's field or argument name → the flag's (before dashes).
+FLAG_NAMES = {
+    "json_path": "json",
+    "num_hidden_layers": "layers",  # the toy model's config (`regression train`)
+    "num_attention_heads": "heads",
+    "hidden_size": "hidden",
+    "intermediate_size": "mlp_width",
+}
 
 
 def as_flags(message: str) -> str:
     """A library message with each parameter it names worded as the CLI's flag: `positions="all"` → --positions all,
-    `layers` → --layers, `store_context=True` → --store-context."""
+    `layers` → --layers, `store_context=True` → --store-context, `gradient=False` → --no-gradient; FLAG_NAMES
+    gives the flags named otherwise than their parameter (`json_path` → --json)."""
 
     def flag(m: re.Match) -> str:
-        name, value = "--" + m.group(1).replace("_", "-"), m.group(2)
+        name, value = m.group(1), m.group(2)
+        name = FLAG_NAMES.get(name, name).replace("_", "-")
+        if value == "False":
+            return f"--no-{name}"
         if value is None or value == "True":
-            return name
-        return f"{name} {value.strip(chr(34) + chr(39))}"
+            return f"--{name}"
+        return f"--{name} {value.strip(chr(34) + chr(39))}"
 
     return PARAMETER.sub(flag, message)
 
