@@ -80,10 +80,11 @@ class BlockCapture:
 class SequentialRun:
     """The sequential run over `chosen` blocks, for `batch` rows of the query (docs/theory.md, "sequential order").
 
-    At each block, in order: (1) the first linears read z0 (the blocks below already patched), build ΔW with
-    ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (`build_hook`; an MoE block maps its input, `map_hook`);
-    the taps record the attention and MLP branches; at the block output, (2) the MLP re-runs without ΔW at z0
-    (`rerun_mlp`) and (3) Δb = h_ctx − h at the last token is added as a bias or a fold (`block_hook`).
+    At each block, in order (`build_hook`, or `map_hook` for an MoE block, then `block_hook`):
+    1. read z0 at the first linears (the blocks below are already patched);
+    2. build ΔW with ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (taps record the branches);
+    3. at the block output, re-run the MLP without ΔW at z0 (`rerun_mlp`);
+    4. add Δb = h_ctx − h at the last token, as a bias or a fold.
 
         run = SequentialRun(chosen, targets, "bias", 1)
         with run.running():
@@ -115,15 +116,15 @@ class SequentialRun:
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
         (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
+        rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
+        route = lambda call: routing_of(call.args, self.batch)  # noqa: E731
         taps = []
         for b in self.chosen:
             taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
             taps += [Tap(m, (b.index, "branch"), read=self.last) for m in b.mlp_branches]
-            if self.residual == "fold":  # (B, T, in), as the module reads it
-                read = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
-                taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=read))
+            if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
+                taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
-                route = lambda call: routing_of(call.args, self.batch)  # noqa: E731
                 taps.append(Tap(b.part(b.moe.experts), (b.index, "route"), "call", read=route))
         return taps
 
@@ -141,7 +142,7 @@ class SequentialRun:
         return x[:, -1] if self.lasts is None else at_lasts(x, self.lasts)
 
     def build_hook(self, b: Block, path: str):
-        """Step 1 at a first linear: read z0, build ΔW (a row per row) and add ΔW x at every position."""
+        """Steps 1 and 2 at a first linear: read z0, build ΔW (a row per row), add ΔW x at every position."""
 
         def hook(module, args, output):
             if self.suspended:
@@ -155,7 +156,7 @@ class SequentialRun:
         return hook
 
     def map_hook(self, b: Block):
-        """Step 1 in an MoE block: every ΔW from its input z0, applied together as the input map (batch 1)."""
+        """Steps 1 and 2 in an MoE block: every ΔW from its input z0, applied together as the input map (batch 1)."""
 
         def hook(module, args, kwargs):
             if self.suspended:
@@ -185,7 +186,7 @@ class SequentialRun:
         return a, v
 
     def rerun_mlp(self, b: Block) -> torch.Tensor:
-        """Step 2: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended)."""
+        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended)."""
         cap = self.captures[b.index]
         self.suspended = True
         try:
@@ -195,7 +196,7 @@ class SequentialRun:
         return last(hidden(y), self.batch)
 
     def block_hook(self, b: Block):
-        """Steps 2 and 3 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
+        """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
         the last token, as a bias or a fold."""
 
         def hook(module, args, output):

@@ -216,6 +216,31 @@ def test_batched_core_norms_are_the_dense_norms(data, rows, out, inp, r):
         assert abs(float(norms[b]) ** 2 - float((u @ v.T).pow(2).sum())) <= c * size**2
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])  # gpt2: Conv1D stores W as (in, out)
+def test_the_engines_updates_are_the_dense_formulas_for_each_row(name):
+    from icl_probe.capture import Target, capture_targets, select_blocks
+    from icl_probe.update import solve_rows
+
+    model, ids = tiny_model(name, torch.float64), [[5, 9, 13, 7, 21, 30], [5, 40, 22, 30]]
+    queries = [[5, 21, 30], [5, 30]]
+    chosen = select_blocks(model, None)
+    keys = ("z_ctx", "attn", "branch", "out")
+    with torch.no_grad():
+        rows = [capture_targets(model, chosen, r)[0] for r in ids]
+        targets = {b.index: Target(*(torch.cat([vars(t[b.index])[k] for t in rows]) for k in keys)) for b in chosen}
+        solution = solve_rows(model, chosen, targets, queries, "fold")
+    for i, (patch, records) in enumerate(zip(solution.patches, solution.records)):
+        for b in chosen:
+            z0, z_ctx = records[b.index].z0[0], targets[b.index].z_ctx[i]
+            for path, m in b.first.items():
+                w = m.weight.detach().T if name == "gpt2" else m.weight.detach()  # (out, in), formed here on purpose
+                want = torch.outer(w @ (z_ctx - z0), z0) / z0.dot(z0)  # Dherin et al., Theorem 2.2
+                torch.testing.assert_close(dense(patch.low_rank[path]), want, rtol=1e-10, atol=1e-12)
+            fold = dense(patch.low_rank[b.full(b.family.down)])  # ΔW_down p_last = Δb, and rank 1 along p_last
+            assert int(torch.linalg.matrix_rank(fold, rtol=1e-10)) == 1
+            assert float(records[b.index].block_error[0]) < 1e-12
+
+
 # ---- apply, then remove ----------------------------------------------------------------------------
 
 
