@@ -123,15 +123,14 @@ TOP = [
 ]
 INNER = [  # parts of the top-level components above, printed indented under them
     (capture, "last", "capture: float64 copies of targets"),
-    (update, "rank_one_rows", "solve: ΔW build (W (zC − z0))"),
+    (update, "rank_one_update", "solve: ΔW build (W (zC − z0))"),
     (Block, "run_mlp", "solve: branch0 MLP re-run"),
-    (update.SequentialRun, "first_hook", "solve: ΔW hooks, all"),
-    (update.SequentialRun, "block_hook", "solve: Δb hooks"),
-    (update.SequentialRun, "branch_hook", "solve: branch hooks (incl. re-run)"),
+    (update.SequentialRun, "build_hook", "solve: ΔW hooks, all"),
+    (update.SequentialRun, "block_hook", "solve: Δb hooks (incl. re-run)"),
     (analysis, "weight_norm", "reports: weight_norm"),
-    (patching, "rows_low_rank_hook", "ablation: ΔW row hooks"),
+    (patching, "low_rank_hook", "ablation: ΔW row hooks"),
 ]
-FACTORIES = {"first_hook", "block_hook", "branch_hook", "rows_low_rank_hook"}  # they return the hook to time
+FACTORIES = {"build_hook", "block_hook", "low_rank_hook"}  # they return the hook to time
 
 
 @contextlib.contextmanager

@@ -477,17 +477,45 @@ def blocks(model: nn.Module) -> list[Block]:
 
 
 def weight_out_in(module: nn.Module, family: Family) -> torch.Tensor:
-    """The module's weight in the math's (out, in) orientation; Conv1D stores it transposed."""
+    """The module's weight in the math's (out, in) orientation, checked against the module's own sizes."""
     weight = current_weight(module)  # offloaded modules keep their values in accelerate's map
-    return weight.T if family.conv1d else weight
+    return oriented(weight, family, linear_shape(module))
+
+
+def oriented(weight: torch.Tensor, family: Family, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A linear weight (or a tensor shaped like one) flipped between its stored layout and the math's (out, in).
+
+    GPT-2's Conv1D stores its weight as (in, out), so the flip is the same transpose both ways; other linears
+    store (out, in). With `shape`, the result must have that shape, as nanoGPT's `from_pretrained` checks.
+    """
+    flipped = weight.T if family.conv1d else weight
+    if shape is not None and tuple(flipped.shape) != tuple(shape):
+        raise ModelError(
+            f"a {family.name} weight of shape {tuple(weight.shape)} does not give the expected {tuple(shape)}; "
+            "its row in icl_probe/arch.py's table says the wrong layout (conv1d)"
+        )
+    return flipped
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of an nn.Linear (out_features, in_features) or a Conv1D (nf, nx); None for other modules."""
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return (module.out_features, module.in_features)
+    if hasattr(module, "nf") and hasattr(module, "nx"):
+        return (module.nf, module.nx)
+    return None
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """An RMSNorm's ε: `eps`, or `variance_epsilon` (Llama-style), or 1e-6 when it names neither."""
+    eps = getattr(norm, "eps", None)
+    return getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
 
 
 def rms_normalised(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """An RMSNorm's input normalised before its scale, in float64: y / sqrt(mean(y²) + eps)."""
-    eps = getattr(norm, "eps", None)
-    eps = getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
     y = y.to(torch.float64)
-    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
 
 
 def describe(model: nn.Module) -> dict:

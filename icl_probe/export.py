@@ -361,12 +361,13 @@ def merged_deltas(model: nn.Module, patch: Patch) -> dict[str, torch.Tensor]:
     """Each touched parameter's dense delta in its stored layout and dtype (merging needs ΔW densely)."""
     if patch.residual:
         raise PatchError('`format="merged"` cannot carry a residual bias; use `residual="fold"`')
-    conv1d = model_family(model).conv1d
+    family = model_family(model)
     deltas = {name: d.to(MATH_DTYPE) for name, d in patch.dense.items()}
     for path, delta in patch.low_rank.items():
         delta_w = delta.u.to(MATH_DTYPE) @ delta.v.to(MATH_DTYPE).T  # (out, in)
         name = f"{path}.weight"
-        deltas[name] = deltas.get(name, 0) + (delta_w.T if conv1d else delta_w)  # Conv1D stores (in, out)
+        stored = arch.oriented(delta_w, family, model.get_parameter(name).shape)  # Conv1D stores (in, out)
+        deltas[name] = deltas.get(name, 0) + stored
     return {name: d.to(model.get_parameter(name).dtype) for name, d in deltas.items()}
 
 

@@ -14,12 +14,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import arch
 from .arch import Block
 from .capture import model_inputs
 from .errors import UsageError
 from .inputs import Prompt
 from .lowrank import MATH_DTYPE
-from .metrics import at_least_float32, cross_entropy, orient
+from .metrics import at_least_float32, cross_entropy
 from .patching import Patch
 from .progress import Progress, Steps
 from .tasks import Example, query_for, target_text
@@ -122,7 +123,7 @@ def layer_alignments(chosen: list[Block], weights: dict, start: dict, patch: Pat
     for b in chosen:
         inner = sq_ft = sq_dw = 0.0
         for path in b.first:
-            moved = orient(weights[path].detach().to(MATH_DTYPE) - start[path], b.family)
+            moved = arch.oriented(weights[path].detach().to(MATH_DTYPE) - start[path], b.family)
             delta = patch.low_rank[path]
             inner += float(torch.trace(delta.u.T @ moved @ delta.v))
             sq_ft += float(moved.norm()) ** 2

@@ -207,7 +207,7 @@ def split_prompt(model: nn.Module, chosen: list[Block], parts: dict, prompt: Pro
     with hooked(split_hooks(chosen, parts, ctx, weights=True)):
         targets, _ = capture_targets(model, chosen, prompt.full)
     run = SequentialRun(chosen, targets, "bias", 1)
-    with hooked(run.hooks() + split_hooks(chosen, parts, zero, weights=False)):
+    with run.running(), hooked(split_hooks(chosen, parts, zero, weights=False)):
         forward(model, [prompt.query_only], use_cache=False)
     patch = run.patch(0)
     splits = []

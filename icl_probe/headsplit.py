@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import Block, weight_out_in
+from .arch import Block, norm_eps, weight_out_in
 from .capture import Target
 from .errors import ModelError
 from .lowrank import MATH_DTYPE
@@ -95,8 +95,7 @@ def norm64(norm: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor]:
         bias = norm.bias.detach().to(MATH_DTYPE) if norm.bias is not None else None
         shape, eps = norm.normalized_shape, norm.eps
         return lambda y: nn.functional.layer_norm(y, shape, w, bias, eps)
-    eps = getattr(norm, "eps", None)
-    eps = getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
+    eps = norm_eps(norm)
     one = torch.ones(1, dtype=MATH_DTYPE)
     candidates = [one] if w is None else [w, 1.0 + w]
     probe = torch.randn(

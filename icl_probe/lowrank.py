@@ -43,30 +43,62 @@ MIN_Z0_NORM = 1e-6  # below this ‖z0‖, dividing by ‖z0‖² amplifies nois
 
 @dataclass
 class LowRank:
-    """ΔW = u @ vᵀ in the math's (out, in) orientation; u is (out, r), v is (in, r)."""
+    """ΔW = u @ vᵀ in the math's (out, in) orientation; u is (out, r), v is (in, r).
+
+    With a leading batch axis, u (B, out, r) and v (B, in, r), row b of a batch gets its own ΔW_b = u_b v_bᵀ.
+    """
 
     u: torch.Tensor
     v: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.u.shape[0], self.v.shape[0])
+        """(out, in) of one ΔW."""
+        return (self.u.shape[-2], self.v.shape[-2])
+
+    @property
+    def batched(self) -> bool:
+        return self.u.ndim == 3
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW x for x of shape (..., in), returned as (..., out) in float64."""
+        """ΔW x for x of shape (..., in), returned as (..., out) in float64. Batched, row b of x, whose shape is
+        (B, ..., in) (or OPT's (B·T, in)), gets ΔW_b."""
         work = update_dtype()
-        coef = x.to(work) @ self.v.to(x.device, work)  # (..., r)
-        return coef @ self.u.to(x.device, work).T
+        v, u = self.v.to(x.device, work), self.u.to(x.device, work)
+        xw = x.reshape(self.u.shape[0], -1, x.shape[-1]) if self.batched else x  # (B, T, in) when batched
+        y = (xw.to(work) @ v) @ u.mT  # (..., r), then (..., out)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def row(self, i: int) -> LowRank:
+        """Row i of a batched update, on the CPU (patches live there; hooks move them to each module's device)."""
+        return LowRank(self.u[i].cpu(), self.v[i].cpu().clone())
+
+    @staticmethod
+    def stacked(rows: list[LowRank | None], shape: tuple[int, int]) -> LowRank:
+        """Updates of shape (out, in), one per row, as a batched update padded with zeros to the largest rank, in
+        float64; a missing row is zero."""
+        rank = max((d.u.shape[1] for d in rows if d is not None), default=1)
+        u = torch.zeros(len(rows), shape[0], rank, dtype=MATH_DTYPE)  # (B, out, r)
+        v = torch.zeros(len(rows), shape[1], rank, dtype=MATH_DTYPE)  # (B, in, r)
+        for i, d in enumerate(rows):
+            if d is not None:
+                u[i, :, : d.u.shape[1]], v[i, :, : d.v.shape[1]] = d.u, d.v
+        return LowRank(u, v)
 
     def frobenius_norm(self) -> float:
-        """‖u vᵀ‖_F; for r > 1 from the r×r core, so that a difference of nearly equal updates keeps its digits."""
-        if self.u.shape[1] <= 1:
+        """‖u vᵀ‖_F of one (unbatched) update; for r > 1 from the r×r core, so that a difference of nearly equal
+        updates keeps its digits."""
+        if self.u.shape[-1] <= 1:
             return frobenius_inner(self, self) ** 0.5
-        return float(torch.linalg.matrix_norm(self.core()))
+        return float(self.core_norm())
 
     def core(self) -> torch.Tensor:
-        """R_u R_vᵀ (r×r), from the QR decompositions u = Q_u R_u and v = Q_v R_v: u vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ."""
-        return torch.linalg.qr(self.u.to(MATH_DTYPE)).R @ torch.linalg.qr(self.v.to(MATH_DTYPE)).R.T
+        """R_u R_vᵀ (..., r, r), from the QR decompositions u = Q_u R_u and v = Q_v R_v: u vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ."""
+        return torch.linalg.qr(self.u.to(MATH_DTYPE)).R @ torch.linalg.qr(self.v.to(MATH_DTYPE)).R.mT
+
+    def core_norm(self) -> torch.Tensor:
+        """‖u vᵀ‖_F from the core, float64: a 0-d tensor, or (B,) for a batched update."""
+        return torch.linalg.matrix_norm(self.core())
 
     def rank(self, rtol: float = 1e-10) -> int:
         """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions."""
@@ -77,16 +109,25 @@ class LowRank:
 
 
 def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> LowRank:
-    """The rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0.
+    """The theorem's rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0.
 
-    weight is (out, in) in any dtype; z_ctx and z0 are (in,). The result is float64.
+    weight is (out, in) in any dtype. z_ctx and z0 are (in,), giving u (out, 1), v (in, 1); or rows (B, in),
+    giving a batched update u (B, out, 1), v (B, in, 1) with a ΔW per row. The result is float64.
     """
     z0 = z0.to(update_dtype())
-    dz = z_ctx.to(update_dtype()) - z0  # (in,)
-    z0_sq = torch.dot(z0, z0)
-    check_norm(z0_sq.sqrt(), where)
-    u = matvec(weight, dz) / z0_sq  # (out,)
-    return LowRank(u[:, None], z0[:, None].clone())
+    dz = z_ctx.to(update_dtype()) - z0  # (..., in)
+    u = matvec(weight, dz.movedim(-1, 0)).movedim(0, -1)  # W (z_ctx − z0), (..., out)
+    return rank_one_map(u, z0, where)
+
+
+def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
+    """The rank-1 ΔW with ΔW p = target: u = target / ‖p‖², v = p, for target (..., out) and p (..., in), with the
+    shapes and batching of `rank_one_update`."""
+    p = p.to(update_dtype())
+    p_sq = (p * p).sum(-1, keepdim=True)  # (..., 1)
+    for norm in p_sq.sqrt().reshape(-1):
+        check_norm(norm, where)
+    return LowRank((target.to(update_dtype()) / p_sq)[..., None], p[..., None].clone())
 
 
 MATVEC_BLOCK = 1 << 22  # weight elements lifted to float32 at a time: a 16 MB copy at most, whatever W's size
@@ -113,22 +154,14 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.device, update_dtype())
 
 
-def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
-    """The rank-1 ΔW with ΔW p = target: u = target / ‖p‖², v = p."""
-    p = p.to(update_dtype())
-    p_sq = torch.dot(p, p)
-    check_norm(p_sq.sqrt(), where)
-    return LowRank((target.to(update_dtype()) / p_sq)[:, None], p[:, None].clone())
-
-
 def check_norm(norm: torch.Tensor, where: str) -> None:
     """Refuse to divide by a vanishing or non-finite norm."""
     if not torch.isfinite(norm):
-        raise MathError(f"non-finite activations at {where}; run with --dtype float32 or float64")
+        raise MathError(f'non-finite activations at {where}; run with `dtype="float32"` or float64')
     if norm < MIN_Z0_NORM:
         raise MathError(
             f"the input at {where} has norm {float(norm):.3g} (< {MIN_Z0_NORM:g}): the update would divide by ~0; "
-            "leave this layer out with --layers (or, if a float16 model overflowed, use --dtype float32)"
+            'leave this layer out with `layers` (or, if a float16 model overflowed, use `dtype="float32"`)'
         )
 
 

@@ -160,17 +160,12 @@ def target_gradients(model: nn.Module, chosen: list[Block], ids: Ids, target_id:
         for p, flag in flags.items():
             p.requires_grad_(flag)
     family = chosen[0].family if chosen else None
-    return {path: orient(g, family).to(MATH_DTYPE) for path, g in zip(weights, grads)}
+    return {path: arch.oriented(g, family).to(MATH_DTYPE) for path, g in zip(weights, grads)}
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """x in float32, or in float64 if it already is: a loss never rounds a float64 model's logits down."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def orient(grad: torch.Tensor, family) -> torch.Tensor:
-    """A weight-shaped tensor in the math's (out, in) orientation (Conv1D stores (in, out))."""
-    return grad.T if family is not None and family.conv1d else grad
 
 
 def gradient_cosine(delta: LowRank, grad: torch.Tensor) -> float | None:
@@ -231,7 +226,7 @@ def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: tor
     zero = torch.zeros_like(u[:1])
     u_prev, v_prev = torch.cat([zero, u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
     step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
-    step_norm = core_norm(step_u, step_v)  # (n,)
+    step_norm = LowRank(step_u, step_v).core_norm()  # (n,)
     predicted = moves / (z0 * z0).sum(-1, keepdim=True)  # (n, out), with v = z0_i
     miss_u = torch.cat([step_u, -predicted[..., None]], -1)  # (n, out, 3): S_i − P_i as factors
     miss_v = torch.cat([step_v, z0[..., None]], -1)
@@ -240,11 +235,6 @@ def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: tor
     return {
         "delta_w_norm": u.norm(dim=-1) * v.norm(dim=-1),
         "step_norm": step_norm,
-        "prop31_error": core_norm(miss_u, miss_v) / step_norm,  # inf or nan where the step is 0: reported as None
+        "prop31_error": LowRank(miss_u, miss_v).core_norm() / step_norm,  # inf or nan where the step is 0: None
         "step_inner": inner,  # [i − 1] is ⟨S_i, S_{i−1}⟩
     }
-
-
-def core_norm(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """‖u vᵀ‖_F for batches u (n, out, r), v (n, in, r), from the r×r cores of their QR decompositions."""
-    return torch.linalg.matrix_norm(torch.linalg.qr(u).R @ torch.linalg.qr(v).R.mT)

@@ -18,7 +18,7 @@ from torch import nn
 from . import arch
 from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
-from .lowrank import MATH_DTYPE, LowRank, add_rounded, update_dtype
+from .lowrank import MATH_DTYPE, LowRank, add_rounded
 from .moe import ParamLowRank, swapped
 
 Apply = Callable[[], AbstractContextManager]  # enters a patched state of a model, e.g. lambda: applied(m, p)
@@ -37,7 +37,8 @@ class Patch:
 
 
 def low_rank_hook(delta: LowRank):
-    """A forward hook adding ΔW x to a linear module's output at every position."""
+    """A forward hook adding ΔW x to a linear module's output at every position (row b's ΔW_b to row b of the
+    batch, for a batched update)."""
 
     def hook(module, args, output):
         return add_rounded(output, delta.apply(args[0]))
@@ -85,28 +86,6 @@ def replaced(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None
                 model.get_parameter(name).copy_(original)
 
 
-def stacked_low_rank(deltas: list[LowRank | None], out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row factors padded to one rank: u (B, out, r), v (B, in, r) in float64; a missing row is zero."""
-    rank = max((d.u.shape[1] for d in deltas if d is not None), default=1)
-    u = torch.zeros(len(deltas), out, rank, dtype=MATH_DTYPE)
-    v = torch.zeros(len(deltas), inp, rank, dtype=MATH_DTYPE)
-    for i, d in enumerate(deltas):
-        if d is not None:
-            u[i, :, : d.u.shape[1]], v[i, :, : d.v.shape[1]] = d.u, d.v
-    return u, v
-
-
-def rows_low_rank_hook(u: torch.Tensor, v: torch.Tensor):
-    """A forward hook adding row b's ΔW_b x to row b of a linear module's output (B, T, out), every position."""
-
-    def hook(module, args, output):
-        x = args[0].reshape(u.shape[0], -1, args[0].shape[-1]).to(update_dtype())  # (B, T, in)
-        delta = torch.einsum("bti,bir,bor->bto", x, v.to(x.device, x.dtype), u.to(x.device, x.dtype))
-        return add_rounded(output, delta.reshape(*output.shape))
-
-    return hook
-
-
 @contextmanager
 def applied_rows(model: nn.Module, patches: list[Patch]) -> Iterator[None]:
     """Run a batch whose row b has patches[b] applied (low-rank and residual updates; dense ones are refused)."""
@@ -117,8 +96,8 @@ def applied_rows(model: nn.Module, patches: list[Patch]) -> Iterator[None]:
     hooks = []
     for path in sorted({p for patch in patches for p in patch.low_rank}):
         some = next(patch.low_rank[path] for patch in patches if path in patch.low_rank)
-        u, v = stacked_low_rank([patch.low_rank.get(path) for patch in patches], some.shape[0], some.shape[1])
-        hooks.append((model.get_submodule(path), rows_low_rank_hook(u, v)))
+        delta = LowRank.stacked([patch.low_rank.get(path) for patch in patches], some.shape)
+        hooks.append((model.get_submodule(path), low_rank_hook(delta)))
     for path in sorted({p for patch in patches for p in patch.residual}):
         some = next(patch.residual[path] for patch in patches if path in patch.residual)
         rows = torch.stack([patch.residual.get(path, torch.zeros_like(some)).to(MATH_DTYPE) for patch in patches])

@@ -245,7 +245,7 @@ def norm_fold(norm: nn.Module, m: torch.Tensor, y_new: torch.Tensor, where: str)
     each direction t_j = y_new,j / g' the mean square of m_j's, and then m'_j = sqrt(μ_j + eps) t_j, of m_j's size.
     Returns (the dense change of the norm's weight (hidden,), m' (n, hidden), the positions left dependent).
     """
-    eps = norm_eps(norm)
+    eps = arch.norm_eps(norm)
     g0 = norm_scale(norm, eps)  # (hidden,)
     g = reference_scale(g0, y_new)
     live = g != 0  # a coordinate whose scale stays 0 outputs 0, and its target is 0
@@ -310,11 +310,6 @@ def positive_solution(a: torch.Tensor, b: torch.Tensor, where: str) -> torch.Ten
         f"cannot fold the residual term into {where}: no positive scale realises it at every position; "
         "use --positions last, or leave this layer out with --layers"
     )
-
-
-def norm_eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "eps", None)
-    return getattr(norm, "variance_epsilon", 1e-6) if eps is None else eps
 
 
 def norm_scale(norm: nn.Module, eps: float) -> torch.Tensor:

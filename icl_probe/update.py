@@ -13,6 +13,8 @@ a batch with MoE blocks is solved one row at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +22,12 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, input_device, last, right_padded, summed
+from .capture import Target, forward, input_device, last, right_padded
 from .errors import MathError
-from .hooks import hidden, hooked, with_hidden
+from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, matvec, update_dtype
-from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, pre_hooked, routing_hook
+from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
+from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_of
 from .patching import Patch
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -59,62 +61,75 @@ class Solution:
     logits: torch.Tensor
 
 
-class RowUpdates:
-    """Rank-1 updates with a row each, ΔW_b = u_b v_bᵀ: u (B, out), v (B, in), applied row by row."""
+@dataclass
+class BlockCapture:
+    """What the sequential run computes at one block as it runs, at every row's last real token: float64 (B, d).
 
-    def __init__(self, u: torch.Tensor, v: torch.Tensor):
-        self.u, self.v = u, v
+    The branches it records (attention, MLP with ΔW, an MoE block's routing) are in the run's `Recording`.
+    """
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """ΔW_b x_b for x of shape (B, T, in) (or OPT's (B·T, in)), in float64 of x's shape with out last."""
-        batch = self.u.shape[0]
-        xb = x.reshape(batch, -1, x.shape[-1]).to(update_dtype())  # (B, T, in)
-        coef = torch.einsum("bti,bi->bt", xb, self.v.to(xb.device))  # (B, T)
-        y = coef[..., None] * self.u[:, None, :].to(xb.device)  # (B, T, out)
-        return y.reshape(*x.shape[:-1], -1)
-
-    def row(self, i: int) -> LowRank:
-        """Row i's update on the CPU (patches live there; hooks move them to each module's device)."""
-        return LowRank(self.u[i][:, None].cpu(), self.v[i][:, None].cpu().clone())
-
-
-def rank_one_rows(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> RowUpdates:
-    """Per row, the rank-1 ΔW with ΔW z0 = W (z_ctx − z0): u = W (z_ctx − z0) / ‖z0‖², v = z0. (B, in) → (B, out)."""
-    z0 = z0.to(update_dtype())
-    z0_sq = (z0 * z0).sum(-1)  # (B,)
-    for n in z0_sq.sqrt():
-        check_norm(n, where)
-    dz = z_ctx.to(update_dtype()) - z0  # (B, in)
-    u = matvec(weight, dz.T).T / z0_sq[:, None]  # (B, out)
-    return RowUpdates(u, z0.clone())
+    z0: torch.Tensor | None = None  # the MLP input, read from the patched query-alone run
+    dtype: torch.dtype | None = None  # the MLP input's dtype, which the re-run without ΔW is given z0 in
+    branch0: torch.Tensor | None = None  # the MLP branch without ΔW, at z0
+    delta_b: torch.Tensor | None = None
+    block_error: torch.Tensor | None = None  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
+    fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
+    input_map: tuple[torch.Tensor, torch.Tensor] | None = None  # an MoE block's (a, v): x → x + a (vᵀ x)
 
 
 class SequentialRun:
-    """The hooks of the sequential run over `chosen` blocks, for `batch` rows of the query."""
+    """The sequential run over `chosen` blocks, for `batch` rows of the query (docs/theory.md, "sequential order").
+
+    At each block, in order (`build_hook`, or `map_hook` for an MoE block, then `block_hook`):
+    1. read z0 at the first linears (the blocks below are already patched);
+    2. build ΔW with ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (taps record the branches);
+    3. at the block output, re-run the MLP without ΔW at z0 (`rerun_mlp`);
+    4. add Δb = h_ctx − h at the last token, as a bias or a fold.
+
+        run = SequentialRun(chosen, targets, "bias", 1)
+        with run.running():
+            model(input_ids)
+        run.patch(0), run.record(chosen[0])
+    """
 
     def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int, lasts=None):
         self.chosen, self.targets, self.residual, self.batch = chosen, targets, residual, batch
         self.lasts = lasts  # (B,) each row's last real position in a right-padded batch; None: the last one
-        self.low_rank: dict[str, RowUpdates] = {}
+        self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
         self.dense_rows: dict[str, torch.Tensor] = {}  # norm weight path → δ (B, hidden)
         self.params: dict[str, ParamLowRank] = {}  # MoE weight path → ΔW factors (B = 1)
-        self.seen: dict[int, dict] = {b.index: {} for b in chosen}
-        self.suspended = False  # set while re-running the MLP unpatched
+        self.captures = {b.index: BlockCapture() for b in chosen}
+        self.seen: Recording | None = None  # the taps' values, keyed (block index, "attn" | "branch" | ...)
+        self.suspended = False  # set while re-running the MLP without ΔW
 
-    def hooks(self) -> list:
-        hooks = []
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The run's taps and hooks, for the forward pass of the query rows inside the block."""
+        build = [(m, self.build_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()]
+        maps = [(b.part(rel), self.map_hook(b)) for b in self.chosen if b.moe for rel in b.mlp_modules]
+        blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
+        with recording(self.taps(), active=self.live) as seen, hooked(build + blocks), pre_hooked(maps):
+            self.seen = seen
+            yield
+
+    def taps(self) -> list[Tap]:
+        """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
+        (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
+        rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
+        route = lambda call: routing_of(call.args, self.batch)  # noqa: E731
+        taps = []
         for b in self.chosen:
-            if b.moe:  # its first linears are updated with the rest of the block, through its input
-                hooks.append((b.part(b.moe.experts), routing_hook(self.seen[b.index], "route", 1, self.live)))
-            else:
-                hooks += [(m, self.first_hook(b, path)) for path, m in b.first.items()]
-            hooks += [(m, self.attn_hook(b, scale)) for m, scale in b.mixer_branches]
-            hooks += [(m, self.branch_hook(b)) for m in b.mlp_branches]
-            if self.residual == "fold":
-                hooks.append((b.part(b.fold_target), self.fold_input_hook(b)))
-            hooks.append((b.module, self.block_hook(b)))
-        return hooks
+            taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
+            taps += [Tap(m, (b.index, "branch"), read=self.last) for m in b.mlp_branches]
+            if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
+                taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
+            if b.moe:
+                taps.append(Tap(b.part(b.moe.experts), (b.index, "route"), "call", read=route))
+        return taps
+
+    def live(self) -> bool:
+        return not self.suspended
 
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's last real position of a (B, T, d) (or OPT's (B·T, d)) activation, as a float64 copy, (B, d)."""
@@ -122,108 +137,81 @@ class SequentialRun:
             return last(x, self.batch)
         return at_lasts(x.reshape(self.batch, -1, x.shape[-1]), self.lasts).to(MATH_DTYPE, copy=True)
 
-    def live(self) -> bool:
-        return not self.suspended
+    def at_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's last real position of a (B, T, d) tensor, (B, d), in its dtype."""
+        return x[:, -1] if self.lasts is None else at_lasts(x, self.lasts)
 
-    def pre_hooks(self) -> list:
-        return [(b.part(rel), self.moe_hook(b)) for b in self.chosen if b.moe for rel in b.mlp_modules]
+    def build_hook(self, b: Block, path: str):
+        """Steps 1 and 2 at a first linear: read z0, build ΔW (a row per row), add ΔW x at every position."""
 
-    def moe_hook(self, b: Block):
-        """Build every ΔW of an MoE block from its input z0 and apply them all as the input map (batch 1)."""
+        def hook(module, args, output):
+            if self.suspended:
+                return None
+            z, cap = args[0], self.captures[b.index]
+            cap.z0, cap.dtype = self.last(z), z.dtype
+            weight = arch.weight_out_in(module, b.family)
+            delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
+            return add_rounded(output, delta.apply(z))
+
+        return hook
+
+    def map_hook(self, b: Block):
+        """Steps 1 and 2 in an MoE block: every ΔW from its input z0, applied together as the input map (batch 1)."""
 
         def hook(module, args, kwargs):
             if self.suspended:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            seen = self.seen[b.index]
-            if "map" not in seen:  # the first MLP module of the block to run builds the updates; all map z alike
-                seen["map"] = self.build_map(b, x)
-            new = mapped(x, *seen["map"])
+            cap = self.captures[b.index]
+            if cap.input_map is None:  # the first MLP module of the block to run builds the updates; all map z alike
+                cap.input_map = self.build_map(b, x)
+            new = mapped(x, *cap.input_map)
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return hook
 
     def build_map(self, b: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ΔW of an MoE block from its input x (z0 at the last token); returns the map's (a, v)."""
-        z0 = self.seen[b.index]["z0"] = last(x, self.batch)  # (1, in)
+        cap = self.captures[b.index]
+        z0 = cap.z0 = self.last(x)  # (1, in)
+        cap.dtype = x.dtype
         z_ctx = self.targets[b.index].z_ctx
         check_norm(z0[0].norm(), b.full(b.family.mlp))
         a, v = map_factors(z_ctx[0], z0[0])
         for path, m in b.first.items():
-            self.low_rank[path] = rank_one_rows(arch.weight_out_in(m, b.family), z_ctx, z0, path)
+            self.low_rank[path] = rank_one_update(arch.weight_out_in(m, b.family), z_ctx, z0, path)
         for path in b.params:
             weight = b.module.get_parameter(path.removeprefix(b.path + "."))
             self.params[path] = param_update(weight, path in b.transposed, a, v)
         return a, v
 
-    def first_hook(self, b: Block, path: str):
-        def hook(module, args, output):
-            if self.suspended:
-                return None
-            z = args[0]
-            z0 = self.seen[b.index]["z0"] = self.last(z)
-            weight = arch.weight_out_in(module, b.family)
-            delta = self.low_rank[path] = rank_one_rows(weight, self.targets[b.index].z_ctx, z0, path)
-            return add_rounded(output, delta.apply(z))
-
-        return hook
-
-    def attn_hook(self, b: Block, scale: float):
-        """Record the mixer branch at the last token (summed over its parts, for Falcon-H1's Mamba + attention)."""
-        record = summed(self.seen[b.index], "attn", scale, self.last)
-
-        def hook(module, args, output):
-            if not self.suspended:
-                record(module, args, output)
-
-        return hook
-
-    def branch_hook(self, b: Block):
-        """Record the MLP branch's output with ΔW (summed over the MLPs side by side), and once all have run,
-        re-run it without ΔW on the last token."""
-
-        def hook(module, args, output):
-            if self.suspended:
-                return None
-            seen = self.seen[b.index]
-            y = self.last(hidden(output))
-            seen["branch"] = seen["branch"] + y if "branch" in seen else y
-            seen["branches"] = seen.get("branches", 0) + 1
-            if seen["branches"] < len(b.family.mlp_parts) + 1:
-                return None
-            self.suspended = True
-            try:
-                y = b.run_mlp(seen["z0"].to(hidden(output).dtype)[:, None])  # (B, 1, in)
-            finally:
-                self.suspended = False
-            seen["branch0"] = last(hidden(y), self.batch)
-
-        return hook
-
-    def fold_input_hook(self, b: Block):
-        def hook(module, args, output):
-            if not self.suspended:  # (B, T, in): the input of the fold's target module at every position
-                self.seen[b.index]["p"] = args[0].reshape(self.batch, -1, args[0].shape[-1])
-
-        return hook
+    def rerun_mlp(self, b: Block) -> torch.Tensor:
+        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended)."""
+        cap = self.captures[b.index]
+        self.suspended = True
+        try:
+            y = b.run_mlp(cap.z0.to(cap.dtype)[:, None])  # (B, 1, in)
+        finally:
+            self.suspended = False
+        return last(hidden(y), self.batch)
 
     def block_hook(self, b: Block):
-        """Δb = what remains of h_ctx − h at the last token; realise it as a bias or a fold."""
+        """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
+        the last token, as a bias or a fold."""
 
         def hook(module, args, output):
+            cap, target = self.captures[b.index], self.targets[b.index]
+            cap.branch0 = self.rerun_mlp(b)
             h = hidden(output)  # (B, T, hidden)
-            target = self.targets[b.index]
             work = update_dtype()
             delta_b = target.out.to(work) - self.last(h).to(work)  # (B, hidden)
-            seen = self.seen[b.index]
-            seen["delta_b"] = delta_b.to(target.out.dtype)
+            cap.delta_b = delta_b.to(target.out.dtype)
             if self.residual == "bias":
                 self.residual_rows[b.path] = delta_b
                 new = add_rounded(h, delta_b[:, None])
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
-            error = (self.last(new) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
-            seen["block_error"] = error
+            cap.block_error = (self.last(new) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
             return with_hidden(output, new)
 
         return hook
@@ -235,26 +223,17 @@ class SequentialRun:
         δ on the post-MLP norm's weight with n_last ⊙ δ = Δb, n the normalised MLP output before its scale
         (whether the norm scales by w or by 1 + w, the effect of w → w + δ is n ⊙ δ).
         """
-        seen = self.seen[b.index]
-        p = seen["p"]  # (B, T, in)
+        p = self.seen[(b.index, "p")]  # (B, T, in)
         if b.family.fold == "norm-scale":
             n = arch.rms_normalised(b.part(b.fold_target), p)  # (B, T, hidden), float64
             path = b.full(f"{b.fold_target}.weight")
             n_last = self.at_last(n)
-            seen["fold_min_abs_normalised"] = n_last.abs().amin(-1)
+            self.captures[b.index].fold_min_abs_normalised = n_last.abs().amin(-1)
             delta = self.dense_rows[path] = norm_scale_fold(delta_b, n_last, path)  # (B, hidden)
             return n * delta[:, None]
         path = b.full(b.family.down)
-        p_last = self.at_last(p).to(update_dtype())  # (B, in)
-        p_sq = (p_last * p_last).sum(-1)
-        for norm in p_sq.sqrt():
-            check_norm(norm, path)
-        fold = self.low_rank[path] = RowUpdates(delta_b / b.scale / p_sq[:, None], p_last.clone())
+        fold = self.low_rank[path] = rank_one_map(delta_b / b.scale, self.at_last(p), path)
         return b.scale * fold.apply(p)
-
-    def at_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row's last real position of a (B, T, d) tensor, (B, d), in its dtype."""
-        return x[:, -1] if self.lasts is None else at_lasts(x, self.lasts)
 
     def patch(self, i: int) -> Patch:
         """Row i's updates as a Patch."""
@@ -266,10 +245,12 @@ class SequentialRun:
         )
 
     def record(self, b: Block) -> LayerRecord:
-        seen = self.seen[b.index]
-        keys = ("z0", "attn", "branch", "branch0", "delta_b", "block_error")
-        fold = seen.get("fold_min_abs_normalised")
-        return LayerRecord(*(seen[k] for k in keys), fold_min_abs_normalised=fold, route_patched=seen.get("route"))
+        """What the run saw at block b, for every row."""
+        cap, key = self.captures[b.index], b.index
+        return LayerRecord(
+            cap.z0, self.seen[(key, "attn")], self.seen[(key, "branch")], cap.branch0, cap.delta_b, cap.block_error,
+            fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
+        )  # fmt: skip
 
 
 def at_lasts(x: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
@@ -284,8 +265,8 @@ def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> 
         k = int(n_last.abs().amin(0).argmin())
         raise MathError(
             f"cannot fold Δb into {where}: coordinate {k} of the normalised MLP output is {smallest:.3g} "
-            f"(< {MIN_FOLD_NORMALISED:g}), so the fold would divide by ~0; use --residual bias, or leave this "
-            "layer out with --layers"
+            f'(< {MIN_FOLD_NORMALISED:g}), so the fold would divide by ~0; use `residual="bias"`, or leave this '
+            "layer out with `layers`"
         )
     return delta_b / n_last
 
@@ -297,7 +278,7 @@ def solve(
     if any(b.moe for b in chosen):
         return solve_moe(model, chosen, targets, query, residual, batch)
     run = SequentialRun(chosen, targets, residual, batch)
-    with hooked(run.hooks()):
+    with run.running():
         logits = forward(model, [query] * batch, use_cache=False)
     records = {b.index: run.record(b) for b in chosen}
     return Solution(
@@ -316,7 +297,7 @@ def solve_rows(
     ids, lasts = right_padded([list(q) for q in queries])
     batch, first = len(queries), int(lasts.min())
     run = SequentialRun(chosen, targets, residual, batch, lasts)
-    with hooked(run.hooks()):
+    with run.running():
         out = model(input_ids=ids.to(input_device(model)), logits_to_keep=ids.shape[1] - first, use_cache=False)
     logits = out.logits[torch.arange(batch), lasts - first]
     records = {b.index: run.record(b) for b in chosen}
@@ -343,7 +324,7 @@ def solve_moe(
     rows = []
     for i in range(batch):
         run = SequentialRun(chosen, {k: t.row(i) for k, t in targets.items()}, residual, 1)
-        with hooked(run.hooks()), pre_hooked(run.pre_hooks()):
+        with run.running():
             logits = forward(model, [query], use_cache=False)
         records = {b.index: run.record(b) for b in chosen}
         for k, r in records.items():
@@ -354,11 +335,11 @@ def solve_moe(
 
 def routing(model: nn.Module, chosen: list[Block], ids: Ids) -> dict[int, Route]:
     """The experts each chosen MoE block picks at the last token of `ids`, unpatched."""
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    hooks = [(b.part(b.moe.experts), routing_hook(seen[b.index], "route", 1)) for b in chosen if b.moe]
-    with torch.no_grad(), hooked(hooks):
+    route = lambda call: routing_of(call.args, 1)  # noqa: E731
+    taps = [Tap(b.part(b.moe.experts), b.index, "call", read=route) for b in chosen if b.moe]
+    with torch.no_grad(), recording(taps) as seen:
         forward(model, [ids], use_cache=False)
-    return {k: d["route"] for k, d in seen.items() if d.get("route") is not None}
+    return {k: seen[k] for k in seen.keys() if seen[k] is not None}
 
 
 ROUTE_RTOL = 1e-5  # routing weights of the patched run within this of the with-context ones (float32 routers)

@@ -239,7 +239,7 @@ def test_norm_scale_fold_refuses_a_vanishing_coordinate():
     down = model.model.layers[1].mlp.down_proj
     with torch.no_grad():
         down.weight[3].zero_()  # coordinate 3 of the MLP output is exactly 0 at every position
-    with pytest.raises(MathError, match=r"coordinate 3 of the normalised MLP output is 0 .*--residual bias"):
+    with pytest.raises(MathError, match=r'coordinate 3 of the normalised MLP output is 0 .*`residual="bias"`'):
         analyze(model, tokenizer_for("gemma2"), CONTEXT, QUERY, residual="fold")
     doc = analyze(model, tokenizer_for("gemma2"), CONTEXT, QUERY, residual="bias").to_dict()
     assert doc["logits"]["kl_patched"] < 1e-10 and doc["layers"][1]["fold_min_abs_normalised"] is None

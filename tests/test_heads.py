@@ -64,7 +64,7 @@ def own_runs(model, tok):
         with hooked(hooks("ctx")):
             targets, _ = capture_targets(model, chosen, prompt.full)
         run = SequentialRun(chosen, targets, "bias", 1)
-        with hooked(run.hooks() + hooks("zero")):
+        with run.running(), hooked(hooks("zero")):
             forward(model, [prompt.query_only], use_cache=False)
     return chosen, targets, run, seen
 
@@ -207,7 +207,7 @@ def test_knockout_against_a_forward_written_here():
         chosen = select_blocks(model, None)
         targets, _ = knocked(heads_set, lambda: capture_targets(model, chosen, prompt.full))
         run = SequentialRun(chosen, targets, "bias", 1)
-        with torch.no_grad(), hooked(run.hooks()):
+        with torch.no_grad(), run.running():
             forward(model, [prompt.query_only], use_cache=False)
         return sum(float((d.u @ d.v.T).pow(2).sum()) for d in run.patch(0).low_rank.values()) ** 0.5
 

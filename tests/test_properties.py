@@ -18,7 +18,7 @@ from tiny import tiny_model
 
 from icl_probe.errors import MathError, PatchError, UsageError
 from icl_probe.inputs import parse_layers
-from icl_probe.lowrank import MIN_Z0_NORM, LowRank, alignment, frobenius_inner, rank_one_update
+from icl_probe.lowrank import MIN_Z0_NORM, LowRank, alignment, frobenius_inner, rank_one_map, rank_one_update
 from icl_probe.patchfile import READABLE, REQUIRED_KEYS, load_patch, save_patch
 from icl_probe.patching import Patch, applied
 
@@ -132,6 +132,113 @@ def test_apply_equals_the_dense_product_at_every_position(data, out, inp, r, lea
     bound = 4 * (inp + r) * U64 * (x.abs() @ (delta.v.abs() @ delta.u.abs().T))
     assert got.shape == (*lead, out)
     assert ((got - want).abs() <= bound).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    data=st.data(),
+    rows=st.integers(1, 4),
+    out=dims,
+    inp=dims,
+    weight_dtype=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_batched_update_is_the_theorems_update_of_each_row(data, rows, out, inp, weight_dtype):
+    w = data.draw(tensors((out, inp), weight_dtype))
+    z_ctx, z0 = data.draw(tensors((rows, inp))), data.draw(tensors((rows, inp)))
+    assume(bool(((z0 * z0).sum(-1).sqrt() >= MIN_Z0_NORM).all()))
+    delta = rank_one_update(w, z_ctx, z0, "here")
+    assert delta.u.shape == (rows, out, 1) and delta.v.shape == (rows, inp, 1)
+    work_u = U64 if weight_dtype == torch.float64 else U32
+    c = (inp + 2) * work_u + 4 * (inp + 2) * U64  # as in test_update_maps_z0_to_w_dz_or_refuses
+    for b in range(rows):
+        dz = z_ctx[b] - z0[b]
+        # Dherin et al., Theorem 2.2, formed densely for this row alone
+        want = torch.outer(w.double() @ dz, z0[b]) / z0[b].dot(z0[b])
+        bound = c * torch.outer(w.double().abs() @ dz.abs(), z0[b].abs()) / z0[b].dot(z0[b])
+        assert ((dense(delta.row(b)) - want).abs() <= bound).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), t=st.integers(1, 3), out=dims, inp=dims, r=st.integers(1, 3))
+def test_batched_apply_is_each_rows_dense_product(data, rows, t, out, inp, r):
+    delta = LowRank(data.draw(tensors((rows, out, r))), data.draw(tensors((rows, inp, r))))
+    x = data.draw(tensors((rows, t, inp)))
+    got = delta.apply(x)
+    assert got.shape == (rows, t, out)
+    assert torch.equal(delta.apply(x.reshape(rows * t, inp)), got.reshape(rows * t, out))  # OPT's (B·T, in)
+    for b in range(rows):
+        u, v = delta.u[b], delta.v[b]
+        bound = 4 * (inp + r) * U64 * (x[b].abs() @ (v.abs() @ u.abs().T))
+        assert ((got[b] - x[b] @ (u @ v.T).T).abs() <= bound).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(), out=dims, inp=dims, ranks=st.lists(st.one_of(st.none(), st.integers(1, 3)), min_size=1, max_size=4)
+)
+def test_stacked_updates_apply_as_each_row_alone(data, out, inp, ranks):
+    rows = [None if r is None else LowRank(data.draw(tensors((out, r))), data.draw(tensors((inp, r)))) for r in ranks]
+    stacked = LowRank.stacked(rows, (out, inp))
+    x = data.draw(tensors((len(rows), 2, inp)))
+    got = stacked.apply(x)
+    for b, d in enumerate(rows):
+        if d is None:
+            assert torch.equal(got[b], torch.zeros(2, out, dtype=torch.float64))  # a missing row is no update
+            continue
+        bound = 4 * (inp + d.u.shape[1]) * U64 * (x[b].abs() @ (d.v.abs() @ d.u.abs().T))
+        assert ((got[b] - x[b] @ dense(d).T).abs() <= bound).all()
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), out=dims, inp=dims)
+def test_batched_rank_one_map_takes_each_p_to_its_target(data, rows, out, inp):
+    p, target = data.draw(tensors((rows, inp))), data.draw(tensors((rows, out)))
+    assume(bool(((p * p).sum(-1).sqrt() >= MIN_Z0_NORM).all()))
+    fold = rank_one_map(target, p, "model.layers.0.mlp.down_proj")
+    got = fold.apply(p[:, None])[:, 0]  # (B, out): row b's ΔW_b at its own p_b
+    # ΔW_b p_b = target_b (p_b·p_b) / ‖p_b‖²: two dot products of length inp, then a division and a product
+    bound = 4 * (inp + 2) * U64 * target.abs()
+    assert ((got - target).abs() <= bound).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 4), out=dims, inp=dims, r=st.integers(1, 4))
+def test_batched_core_norms_are_the_dense_norms(data, rows, out, inp, r):
+    delta = LowRank(data.draw(tensors((rows, out, r))), data.draw(tensors((rows, inp, r))))
+    norms = delta.core_norm()
+    assert norms.shape == (rows,)
+    for b in range(rows):
+        u, v = delta.u[b], delta.v[b]
+        size = float(
+            u.norm() * v.norm()
+        )  # the error is relative to the factors, as in test_factor_norms_equal_dense_norms
+        c = 8 * (out + inp + 2 * r) * U64
+        assert abs(float(norms[b]) ** 2 - float((u @ v.T).pow(2).sum())) <= c * size**2
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])  # gpt2: Conv1D stores W as (in, out)
+def test_the_engines_updates_are_the_dense_formulas_for_each_row(name):
+    from icl_probe.capture import Target, capture_targets, select_blocks
+    from icl_probe.update import solve_rows
+
+    model, ids = tiny_model(name, torch.float64), [[5, 9, 13, 7, 21, 30], [5, 40, 22, 30]]
+    queries = [[5, 21, 30], [5, 30]]
+    chosen = select_blocks(model, None)
+    keys = ("z_ctx", "attn", "branch", "out")
+    with torch.no_grad():
+        rows = [capture_targets(model, chosen, r)[0] for r in ids]
+        targets = {b.index: Target(*(torch.cat([vars(t[b.index])[k] for t in rows]) for k in keys)) for b in chosen}
+        solution = solve_rows(model, chosen, targets, queries, "fold")
+    for i, (patch, records) in enumerate(zip(solution.patches, solution.records)):
+        for b in chosen:
+            z0, z_ctx = records[b.index].z0[0], targets[b.index].z_ctx[i]
+            for path, m in b.first.items():
+                w = m.weight.detach().T if name == "gpt2" else m.weight.detach()  # (out, in), formed here on purpose
+                want = torch.outer(w @ (z_ctx - z0), z0) / z0.dot(z0)  # Dherin et al., Theorem 2.2
+                torch.testing.assert_close(dense(patch.low_rank[path]), want, rtol=1e-10, atol=1e-12)
+            fold = dense(patch.low_rank[b.full(b.family.down)])  # ΔW_down p_last = Δb, and rank 1 along p_last
+            assert int(torch.linalg.matrix_rank(fold, rtol=1e-10)) == 1
+            assert float(records[b.index].block_error[0]) < 1e-12
 
 
 # ---- apply, then remove ----------------------------------------------------------------------------
