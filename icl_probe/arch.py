@@ -40,7 +40,7 @@ class Family:
     post_mlp_norm: str | None = None  # a norm on the MLP output before the residual add
     attn: str = "self_attn"  # the module whose output is the attention branch added to the residual
     branch: str | None = None  # the module whose output is the MLP branch, if not post_mlp_norm or mlp
-    fold: str | None = "linear"  # how --residual fold is realised: "linear" (into down), "norm-scale", None
+    fold: str | None = "linear"  # how residual="fold" is realised: "linear" (into down), "norm-scale", None
     fold_note: str = LINEAR_FOLD_NOTE  # why fold is (not) available, for docs and errors
     branch_scale: str | None = None  # config attribute multiplying the MLP branch before the residual add
     conv1d: bool = False  # GPT-2's Conv1D stores weights as (in, out)
@@ -339,10 +339,10 @@ GENERIC_RULE = (
     "other types are read from their structure: one ModuleList of blocks, each adding a contextual layer's branch "
     "and a dense MLP's branch to its residual stream"
 )
-GENERIC_FOLD_NOTE = "the structural rule offers --residual bias only; a row in icl_probe/arch.py's table adds fold"
+GENERIC_FOLD_NOTE = 'the structural rule offers `residual="bias"` only; a row in icl_probe/arch.py\'s table adds fold'
 MOE_FOLD_NOTE = (
     "its mixture-of-experts MLP adds a routed sum of experts, so Δb folds into no single linear layer "
-    "(--residual bias is exact)"
+    '(`residual="bias"` is exact)'
 )
 
 
@@ -422,7 +422,7 @@ class Block:
 
     @property
     def fold_target(self) -> str | None:
-        """The module --residual fold changes: the output projection, or the post-MLP norm."""
+        """The module residual="fold" changes: the output projection, or the post-MLP norm."""
         return {"linear": self.family.down, "norm-scale": self.family.post_mlp_norm}.get(self.family.fold)
 
     def run_mlp(self, z: torch.Tensor) -> torch.Tensor:

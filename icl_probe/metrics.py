@@ -65,7 +65,7 @@ def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict
     else:
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise InputError(f"the target {target!r} has no tokens; give a non-empty --target")
+            raise InputError(f"the target {target!r} has no tokens; give a non-empty `target`")
         token_id = ids[0]
     return {"token": tokenizer.decode([token_id]), "id": token_id}
 

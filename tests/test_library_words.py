@@ -27,10 +27,6 @@ TEMPORARY_OTHER_HELPERS = {
     "batch.py": "rep",
     "report.py": "rep",
     "trials_report.py": "rep",
-    "arch.py": "upd",
-    "lowrank.py": "upd",
-    "metrics.py": "upd",
-    "update.py": "upd",
     "heads.py": "rec",
     "positions.py": "rec",
 }
