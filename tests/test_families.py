@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
+from helpers import last_outputs
 from safetensors.torch import load_file
-from tiny import char_tokenizer, last_outputs, save_tiny, tiny_model
+from tiny import char_tokenizer, save_tiny, tiny_model, tokenizer_for
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -99,10 +100,6 @@ def model_of(name: str):
     return tiny_model(name, torch.float64)
 
 
-def tokenizer_for(name: str):
-    return char_tokenizer(bos=name.startswith("gemma"))
-
-
 @functools.cache
 def analysis_of(name: str, residual: str):
     return analyze(model_of(name), tokenizer_for(name), CONTEXT, QUERY, residual=residual)
@@ -125,7 +122,7 @@ def test_analyze_is_exact(name, residual):
 
 @pytest.mark.parametrize(("name", "residual"), residual_modes(TABLE) + [(n, "bias") for n in GENERIC])
 def test_analyze_is_exact_at_hidden_size_64(name, residual):
-    # Issue 4's own setting (hidden size 64); the other tests use hidden size 32, as STYLE.md does.
+    # Twice the hidden size the other tests use (32, as STYLE.md does): exactness does not hang on one width.
     model = tiny_model(name, torch.float64, hidden_size=64)
     doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY, residual=residual).to_dict()
     assert doc["logits"]["kl_no_context"] > 1e-2

@@ -8,8 +8,8 @@ hooks the model itself (the router's own output, the MLP module's input), not ic
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
+from helpers import last_outputs
 from safetensors import safe_open
-from tiny import last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
 from icl_probe.capture import last_logits
