@@ -1,7 +1,10 @@
-"""Helpers the test files share: the CLI as a user runs it, and plain-torch expectations (last-token logits and
-module outputs) that use no icl-probe code, so that the tests compare the package with something independent."""
+"""Helpers the test files share: the CLI as a user runs it, and expectations in plain torch (last-token logits,
+forward hooks, module outputs) that run no icl-probe code, so that tests compare the package with something else."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from typer.testing import CliRunner, Result
@@ -34,23 +37,34 @@ def last_logits(model, ids: list[int], dtype: torch.dtype | None = None) -> torc
     return logits if dtype is None else logits.to(dtype)
 
 
+@contextlib.contextmanager
+def forward_hooks(pairs: list[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """torch forward hooks (module, hook(module, args, output)) registered for the block and always removed."""
+    handles = [module.register_forward_hook(hook) for module, hook in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hidden(output) -> torch.Tensor:
+    """The hidden-state tensor of a module's output: the output itself, or the first of a tuple."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
 def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
-    """Each module's output at the last token of `ids`, read by torch forward hooks of this function's own
-    around one plain forward: no icl-probe code runs."""
+    """Each module's output at the last token of `ids`, read by torch forward hooks of this module's own around
+    one plain forward: no icl-probe code runs."""
     seen = {}
 
     def record(path):
         def hook(module, args, output):
-            y = output if isinstance(output, torch.Tensor) else output[0]  # some modules return (hidden, ...)
+            y = hidden(output)
             seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
 
         return hook
 
-    handles = [model.get_submodule(p).register_forward_hook(record(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks([(model.get_submodule(p), record(p)) for p in paths]):
+        last_logits(model, ids)
     return seen

@@ -8,14 +8,12 @@ hooks the model itself (the router's own output, the MLP module's input), not ic
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from helpers import last_outputs
+from helpers import forward_hooks, last_logits, last_outputs
 from safetensors import safe_open
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
-from icl_probe.capture import last_logits
 from icl_probe.dynamics import dynamics
 from icl_probe.errors import ModelError, PatchError
-from icl_probe.hooks import hooked
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import Patch, applied, applied_rows
 from icl_probe.update import solve
@@ -61,7 +59,10 @@ def last_token_routes(model, name: str, ids: list[int]) -> dict[int, set[int]]:
 
         return hook
 
-    with torch.no_grad(), hooked([(model.get_submodule(f"{block(name, i)}.{router}"), record(i)) for i in layers]):
+    with (
+        torch.no_grad(),
+        forward_hooks([(model.get_submodule(f"{block(name, i)}.{router}"), record(i)) for i in layers]),
+    ):
         last_logits(model, ids)
     return seen
 
@@ -77,7 +78,7 @@ def mlp_inputs(model, name: str, ids: list[int]) -> dict[int, torch.Tensor]:
 
         return hook
 
-    with torch.no_grad(), hooked([(model.get_submodule(f"{block(name, i)}.{mlp}"), record(i)) for i in layers]):
+    with torch.no_grad(), forward_hooks([(model.get_submodule(f"{block(name, i)}.{mlp}"), record(i)) for i in layers]):
         last_logits(model, ids)
     return seen
 

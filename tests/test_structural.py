@@ -11,14 +11,13 @@ import re
 
 import pytest
 import torch
-from helpers import last_outputs
+from helpers import forward_hooks, last_outputs
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from icl_probe import analyze, arch, coverage, export_patch, load_patch, replay
 from icl_probe.errors import ModelError
-from icl_probe.hooks import hooked
 from icl_probe.patching import applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
@@ -340,7 +339,7 @@ def test_reading_is_cached_per_model():
     model = tiny_model("lfm2")
     first = arch.blocks(model)
     calls = []
-    with hooked([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
+    with forward_hooks([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
         again = arch.blocks(model)
     assert not calls and [b.family for b in again] == [b.family for b in first]
 

@@ -11,12 +11,10 @@ machine epsilon, read here from the parameter's or output's dtype.
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from helpers import last_outputs
+from helpers import forward_hooks, last_logits, last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
-from icl_probe.capture import last_logits
 from icl_probe.errors import ModelError
-from icl_probe.hooks import hooked
 from icl_probe.patching import applied
 from icl_probe.report import legend
 
@@ -71,7 +69,7 @@ def router_outputs(model, name: str, routers: dict, ids=(5, 6, 7)) -> dict[int, 
 
     with (
         torch.no_grad(),
-        hooked([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
+        forward_hooks([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
     ):
         last_logits(model, list(ids))
     return seen
@@ -190,6 +188,6 @@ def mlp_inputs(model, paths: dict[int, str], ids: list[int]) -> dict[int, torch.
 
         return hook
 
-    with torch.no_grad(), hooked([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
+    with torch.no_grad(), forward_hooks([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
         last_logits(model, ids)
     return seen
