@@ -30,6 +30,11 @@ def run_parts(*args) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def state(model) -> dict[str, torch.Tensor]:
+    """A copy of every tensor in the model's state dict, to check later that it was left bit for bit as it was."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def last_logits(model, ids: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """The logits after `ids` from one plain forward of the whole sequence, shape (vocab,), in `dtype` if given."""
     with torch.no_grad():
@@ -66,5 +71,21 @@ def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Ten
         return hook
 
     with forward_hooks([(model.get_submodule(p), record(p)) for p in paths]):
+        last_logits(model, ids)
+    return seen
+
+
+def last_inputs(model, paths: dict, ids: list[int]) -> dict:
+    """Each module's input at the last token of `ids`, (hidden,) float64, under its key in `paths` ({key: path}),
+    read the same way as last_outputs."""
+    seen = {}
+
+    def record(key):
+        def hook(module, args, output):
+            seen[key] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
+
+        return hook
+
+    with forward_hooks([(model.get_submodule(path), record(key)) for key, path in paths.items()]):
         last_logits(model, ids)
     return seen

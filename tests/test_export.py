@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from doc_commands import commands, number, table_after
-from helpers import last_logits, run_parts
+from helpers import last_logits, run_parts, state
 from safetensors.torch import load_file
 from tiny import char_tokenizer, tiny_model
 
@@ -43,10 +43,6 @@ def readme_sizes() -> dict[str, tuple[float, float | None]]:
 
 
 README_SIZES = readme_sizes()
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def assert_unchanged(model, before):

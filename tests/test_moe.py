@@ -8,7 +8,7 @@ hooks the model itself (the router's own output, the MLP module's input), not ic
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from helpers import forward_hooks, last_logits, last_outputs
+from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 from safetensors import safe_open
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
@@ -70,17 +70,7 @@ def last_token_routes(model, name: str, ids: list[int]) -> dict[int, set[int]]:
 def mlp_inputs(model, name: str, ids: list[int]) -> dict[int, torch.Tensor]:
     """Each MoE layer's MLP input at the last token, (hidden,) float64."""
     layers, mlp, *_ = MOE[name]
-    seen = {}
-
-    def record(i):
-        def hook(module, args, output):
-            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
-
-        return hook
-
-    with torch.no_grad(), forward_hooks([(model.get_submodule(f"{block(name, i)}.{mlp}"), record(i)) for i in layers]):
-        last_logits(model, ids)
-    return seen
+    return last_inputs(model, {i: f"{block(name, i)}.{mlp}" for i in layers}, ids)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_parts
+from helpers import run_parts, state
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, export_patch, load_patch, replay
@@ -25,10 +25,6 @@ from icl_probe.replay import patch_summary
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 EXACT = ["llama", "gpt2", "gemma3_text", "olmo2", "phi", "opt", "bloom", "granite"]
 NORM_IN_FLOAT32 = ("gemma3_text", "olmo2")  # their RMSNorms compute in float32 even in a float64 model
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("model_type", EXACT)

@@ -11,7 +11,7 @@ machine epsilon, read here from the parameter's or output's dtype.
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from helpers import forward_hooks, last_logits, last_outputs
+from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
 from icl_probe.errors import ModelError
@@ -162,9 +162,9 @@ def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
     # run and in the query-alone run with the patch applied as weights (z0 there: the patch acts inside the MLP).
     model, result = model_of("granitemoeshared"), analysis_of("granitemoeshared")
     paths = {i: f"model.layers.{i}.block_sparse_moe" for i in range(2)}
-    z_ctx = mlp_inputs(model, paths, result.prompt.full)
+    z_ctx = last_inputs(model, paths, result.prompt.full)
     with applied(model, result.patch):
-        z0 = mlp_inputs(model, paths, result.prompt.query_only)
+        z0 = last_inputs(model, paths, result.prompt.query_only)
     for i in range(2):
         dz, n2 = z_ctx[i] - z0[i], float(z0[i] @ z0[i])
         shared = f"model.layers.{i}.shared_mlp.input_linear"
@@ -176,18 +176,3 @@ def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
         for e in range(weight.shape[0]):
             expected = torch.outer(weight[e] @ dz, z0[i]) / n2
             torch.testing.assert_close(factors.u[e] @ factors.v.T, expected, rtol=1e-9, atol=1e-14)
-
-
-def mlp_inputs(model, paths: dict[int, str], ids: list[int]) -> dict[int, torch.Tensor]:
-    """Each module's input at the last token, (hidden,) float64."""
-    seen = {}
-
-    def record(i):
-        def hook(module, args, output):
-            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
-
-        return hook
-
-    with torch.no_grad(), forward_hooks([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
-        last_logits(model, ids)
-    return seen
