@@ -1,5 +1,5 @@
 """The coverage table's tiny float64 models, built and analysed once per test session, for the test files that
-check families one by one (test_moe.py, test_refusals.py)."""
+check families one by one (test_moe.py, test_unusual_blocks.py)."""
 
 import functools
 

@@ -5,7 +5,8 @@ import copy
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from helpers import last_logits
+from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze
@@ -14,15 +15,6 @@ from icl_probe.dynamics import dynamics
 EXAMPLES = ["ab c\n", "de f\n", "gh i\n", "jk l\n"]
 QUERY = "mn"
 FAMILIES = ["llama", "gpt2", "gemma3_text", "opt"]
-
-
-def tokenizer_for(family):
-    return char_tokenizer(bos=family.startswith("gemma"))
-
-
-def last_logits(model, text_ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([text_ids])).logits[0, -1].to(torch.float64)
 
 
 def kl(p_logits, q_logits):
@@ -52,7 +44,7 @@ def statically_patched(model, patch, text_ids, keep):
         patched.get_submodule(p).register_forward_hook(add_to_output(b)) for p, b in patch.residual.items() if keep(p)
     ]
     try:
-        return last_logits(patched, text_ids)
+        return last_logits(patched, text_ids, torch.float64)
     finally:
         for handle in handles:
             handle.remove()
@@ -84,7 +76,7 @@ def setup(request):
     family = request.param
     model, tok = tiny_model(family), tokenizer_for(family)
     context = "".join(EXAMPLES)
-    ctx = last_logits(model, tok(context + QUERY)["input_ids"])
+    ctx = last_logits(model, tok(context + QUERY)["input_ids"], torch.float64)
     return model, tok, context, ctx, tok(QUERY)["input_ids"]
 
 

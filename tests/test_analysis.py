@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import tiny_model, tokenizer_for
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from icl_probe import analyze
@@ -10,10 +10,6 @@ from icl_probe.errors import ModelError
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 FAMILIES = ["llama", "gemma3_text"]
-
-
-def tokenizer_for(model_type):
-    return char_tokenizer(bos=model_type.startswith("gemma"))
 
 
 def dense_ranks(model, result) -> dict[str, int]:

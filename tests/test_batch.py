@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import run
 
 import icl_probe
 from icl_probe.batch import run_batch
-from icl_probe.cli import app
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 
 BIN = Path(sys.executable).parent
@@ -23,10 +22,6 @@ PROMPTS = [
     {"id": "b", "context": "xy -> yx\n", "query": "pq ->", "layers": "-1", "residual": "fold"},
     {"id": 3, "task": "antonyms", "demos": 3, "query_input": "happy"},
 ]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
 
 
 def write_jsonl(path, rows) -> Path:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import tiny_model, tokenizer_for
 
 from icl_probe import batch
 from icl_probe.analysis import analyze
@@ -33,10 +33,6 @@ FAMILIES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias"), ("gem
 @functools.cache
 def model_of(name: str):
     return tiny_model(name, torch.float64)
-
-
-def tokenizer_for(name: str):
-    return char_tokenizer(bos=name.startswith("gemma"))
 
 
 @pytest.mark.parametrize(("name", "residual"), FAMILIES)

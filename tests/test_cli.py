@@ -2,9 +2,7 @@
 
 import json
 
-from typer.testing import CliRunner
-
-from icl_probe.cli import app
+from helpers import run
 
 TOP_KEYS = {"schema", "model", "model_type", "num_layers", "dtype", "residual", "prefix_tokens", "context_tokens",
             "query_tokens", "layers", "logits"}  # fmt: skip
@@ -12,10 +10,6 @@ LAYER_KEYS = {"layer", "z0_norm", "dz_norm", "z_cosine", "attention_delta_norm",
               "residual_delta_norm", "block_error", "modules"}  # fmt: skip
 MODULE_KEYS = {"delta_w_norm", "weight_norm", "relative_norm", "rank", "gradient_alignment"}
 LOGIT_KEYS = {"kl_patched", "kl_no_context", "top1_match", "max_logit_error", "top_k"}
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
 
 
 def test_demo_json_has_the_schema(tiny_llama_dir):

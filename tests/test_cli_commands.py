@@ -1,24 +1,20 @@
-"""The dynamics and tasks commands end to end through CliRunner, and the first-hour CLI behaviour of issue 9."""
+"""The dynamics and tasks commands end to end through CliRunner, and the CLI's shared behaviour: prompt files and
+warnings, JSON to a pipe, --version and -h, option bounds, the non-finite diagnosis and a closed pipe."""
 
 import json
 
 import pytest
 import torch
+from helpers import run
 from PIL import Image
 from tiny import tiny_model
-from typer.testing import CliRunner
 
 import icl_probe
 from icl_probe import analysis
-from icl_probe.cli import app
 from icl_probe.errors import MathError
 from icl_probe.tasks import builtin_names
 
 EXAMPLES = "ab c\nde f\ngh i\n"
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
 
 
 def one_error_line(result, code: int) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from helpers import last_logits
+from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze
@@ -21,10 +22,6 @@ QUERY = "mn"
 FAMILIES = ["llama", "gpt2", "gemma3_text", "opt"]
 PAIRS = (("ab", "c"), ("de", "f"), ("gh", "i"), ("jk", "l"))
 REFERENCE = Path(__file__).parent / "data" / "reference" / "smollm2-135m-dynamics-antonyms.json"
-
-
-def tokenizer_for(family):
-    return char_tokenizer(bos=family.startswith("gemma"))
 
 
 @cache
@@ -43,11 +40,6 @@ def ids(tok, text):
     return tok(text)["input_ids"]  # with the tokenizer's specials (Gemma's <bos>)
 
 
-def logits_after(model, text_ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([text_ids])).logits[0, -1]
-
-
 def dense(analysis, path):
     d = analysis.patch.low_rank[path]
     return d.u @ d.v.T  # (out, in)
@@ -63,7 +55,7 @@ def z_last(model, path, text_ids):
     module = model.get_submodule(path)
     handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     try:
-        logits_after(model, text_ids)
+        last_logits(model, text_ids)
     finally:
         handle.remove()
     return seen[0][-1].to(torch.float64)
@@ -84,7 +76,7 @@ def module_paths(doc):
 def test_sweep_equals_separate_analyses(family):
     model, tok, doc, analyses = sweep(family)
     target = doc["target"]["id"]
-    alone = logits_after(model, ids(tok, QUERY))
+    alone = last_logits(model, ids(tok, QUERY))
     assert doc["prefixes"][0]["top1"] == tok.decode([int(alone.argmax())])
     assert doc["prefixes"][0]["target_prob"] == pytest.approx(float(torch.softmax(alone, -1)[target]), rel=1e-9)
     for i, (row, a) in enumerate(zip(doc["prefixes"][1:], analyses[1:]), start=1):
@@ -92,7 +84,7 @@ def test_sweep_equals_separate_analyses(family):
         assert row["examples"] == i
         assert row["context_tokens"] == len(ad["context_tokens"])
         assert row["kl_patched"] < 1e-12 and ad["logits"]["kl_patched"] < 1e-12
-        ctx = logits_after(model, ids(tok, "".join(EXAMPLES[:i]) + QUERY))
+        ctx = last_logits(model, ids(tok, "".join(EXAMPLES[:i]) + QUERY))
         assert row["top1"] == ad["logits"]["top_k"]["context"][0]["token"] == tok.decode([int(ctx.argmax())])
         assert row["target_prob"] == pytest.approx(float(torch.softmax(ctx, -1)[target]), rel=1e-9)
         for ours, theirs in zip(row["layers"], ad["layers"], strict=True):
@@ -220,7 +212,7 @@ def test_finetune_against_one_sgd_step_by_hand(family):
     with torch.no_grad():
         for path, g in grads.items():
             tuned.get_submodule(path).weight.sub_(lr * g)
-    query_ce = -torch.log_softmax(logits_after(tuned, ids(tok, query)), dim=-1)[doc["target"]["id"]]
+    query_ce = -torch.log_softmax(last_logits(tuned, ids(tok, query)), dim=-1)[doc["target"]["id"]]
     assert steps[0]["query_loss"] == pytest.approx(float(query_ce), rel=1e-9)
 
     full = analyze(model, tok, "".join(e.text for e in examples), query)
@@ -231,7 +223,7 @@ def test_finetune_against_one_sgd_step_by_hand(family):
         norms = (sum(float(m.norm()) ** 2 for m in moved) * sum(float(d.norm()) ** 2 for d in deltas)) ** 0.5
         assert steps[0]["alignment"][str(layer)] == pytest.approx(inner / norms, abs=1e-10), layer
 
-    ctx = logits_after(model, ids(tok, "".join(e.text for e in examples) + query))
+    ctx = last_logits(model, ids(tok, "".join(e.text for e in examples) + query))
     implicit = -torch.log_softmax(ctx, dim=-1)[doc["target"]["id"]]
     assert doc["finetune"]["implicit_query_loss"] == pytest.approx(float(implicit), rel=1e-9)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import COMMON, VOCAB, char_tokenizer, save_tiny, tiny_model
@@ -24,10 +25,6 @@ from typer.testing import CliRunner
 from icl_probe.cli import app
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\n", "xy ->"
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
 
 
 def analyze(model: str, *args: str):
@@ -239,7 +236,7 @@ def test_unwritable_model_cache():
 
 
 def test_an_mlp_reading_other_positions_is_unsupported(tmp_path):
-    # Most types the table does not list are read by the rule (tests/test_structural.py, tests/test_refusals.py);
+    # Most types the table does not list are read by the rule (tests/test_structural.py, tests/test_unusual_blocks.py);
     # RWKV's channel mix shifts in the previous token, so no weight update at one position can reproduce it.
     config = AutoConfig.for_model("rwkv", vocab_size=COMMON["vocab_size"], hidden_size=32, num_hidden_layers=2,
                                   attention_hidden_size=32, intermediate_size=64, context_length=256)  # fmt: skip

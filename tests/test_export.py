@@ -12,12 +12,11 @@ import os
 import pytest
 import torch
 from doc_commands import commands, number, table_after
+from helpers import last_logits, run_parts, state
 from safetensors.torch import load_file
 from tiny import char_tokenizer, tiny_model
-from typer.testing import CliRunner
 
 from icl_probe import export_patch, load_patch, replay
-from icl_probe.cli import app
 from icl_probe.errors import InputError, PatchError, UsageError
 from icl_probe.export import adapter_tensors, read_adapter, write_adapter
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY
@@ -26,7 +25,7 @@ from icl_probe.patchfile import REQUIRED_KEYS, fingerprint
 from icl_probe.patching import Patch, applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
-KL_LIMIT = 1e-5  # the issue's bar for every format
+KL_LIMIT = 1e-5  # the bar every export format meets on the tiny models
 REAL_KL_LIMIT = 1e-9  # README.md's export table: SmolLM2's KLs are float32 rounding, "< 1e-9" (measured ~1e-11)
 EXPORTS = ["native-bias", "native-fold", "peft", "merged"]  # the README table's rows, and its commands, in order
 UNITS = {"KB": 1e3, "MB": 1e6}
@@ -44,15 +43,6 @@ def readme_sizes() -> dict[str, tuple[float, float | None]]:
 
 
 README_SIZES = readme_sizes()
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def assert_unchanged(model, before):
@@ -165,10 +155,10 @@ def test_peft_adapter_loads_with_peft_and_reproduces_the_context(tiny_peft):
 
     model, result, folder = tiny_peft
     prompt = result.analysis.prompt
-    with_context = logits_of(model, prompt.full)
+    with_context = last_logits(model, prompt.full)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(folder))
-    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < KL_LIMIT
-    assert kl_divergence(with_context, logits_of(model, prompt.query_only)) > 1e-2  # and the base did not change
+    assert kl_divergence(with_context, last_logits(peft_model, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, last_logits(model, prompt.query_only)) > 1e-2  # and the base did not change
 
 
 def test_peft_adapter_loads_with_transformers_load_adapter(tiny_peft):
@@ -176,7 +166,7 @@ def test_peft_adapter_loads_with_transformers_load_adapter(tiny_peft):
     prompt = result.analysis.prompt
     base = copy.deepcopy(model)
     base.load_adapter(str(folder))
-    assert kl_divergence(logits_of(model, prompt.full), logits_of(base, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(last_logits(model, prompt.full), last_logits(base, prompt.query_only)) < KL_LIMIT
 
 
 def test_peft_needs_fold(tmp_path):
@@ -221,10 +211,10 @@ def test_conv1d_adapter_sets_fan_in_fan_out_and_matches_the_hooks(tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     ids = list(range(3, 12))
     with torch.no_grad(), applied(model, read_adapter(tmp_path, patch.metadata)):
-        hooked = logits_of(model, ids)
+        hooked = last_logits(model, ids)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path))
-    torch.testing.assert_close(logits_of(peft_model, ids), hooked, rtol=0, atol=1e-5)
-    assert (hooked - logits_of(model, ids)).abs().max() > 1e-2  # the update matters
+    torch.testing.assert_close(last_logits(peft_model, ids), hooked, rtol=0, atol=1e-5)
+    assert (hooked - last_logits(model, ids)).abs().max() > 1e-2  # the update matters
 
 
 def test_adapter_tensors_zero_update_stays_finite():
@@ -249,7 +239,7 @@ def test_merged_checkpoint_loads_and_reproduces_the_context(tmp_path):
     loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert loaded_tok(QUERY)["input_ids"] == tok(QUERY)["input_ids"]
     prompt = result.analysis.prompt
-    assert kl_divergence(logits_of(model, prompt.full), logits_of(merged, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(last_logits(model, prompt.full), last_logits(merged, prompt.query_only)) < KL_LIMIT
     touched = {f"{p}.weight" for p in result.analysis.patch.low_rank}
     assert len(touched) == 6  # gate, up and down of both layers
     for name, value in merged.state_dict().items():
@@ -268,7 +258,7 @@ def test_merged_for_gemma3_folds_into_the_norm_scale(tmp_path):
     ]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float64).eval()
     prompt = result.analysis.prompt
-    assert kl_divergence(logits_of(model, prompt.full), logits_of(merged, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(last_logits(model, prompt.full), last_logits(merged, prompt.query_only)) < KL_LIMIT
 
 
 @pytest.mark.parametrize("family", ["gpt2", "phi3", "gpt_neox"])
@@ -283,11 +273,11 @@ def test_peft_and_merged_for_conv1d_fused_and_parallel_blocks(tmp_path, family):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is (family == "gpt2")
     prompt = peft_export.analysis.prompt
-    with_context = logits_of(model, prompt.full)
+    with_context = last_logits(model, prompt.full)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "peft"))
-    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, last_logits(peft_model, prompt.query_only)) < KL_LIMIT
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert kl_divergence(with_context, logits_of(merged, prompt.query_only)) < KL_LIMIT
+    assert kl_divergence(with_context, last_logits(merged, prompt.query_only)) < KL_LIMIT
     assert peft_export.kl_stored < KL_LIMIT and merged_export.kl_stored < KL_LIMIT
 
 
@@ -310,41 +300,42 @@ def test_failed_merged_write_leaves_nothing_and_the_model_unchanged(tmp_path, mo
 # ---- the CLI -------------------------------------------------------------------------------------
 
 
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def test_cli_export_then_replay(tiny_llama_dir, tmp_path):
     patch = tmp_path / "p.safetensors"
-    code, out, err = run("export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch)
+    code, out, err = run_parts(
+        "export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch
+    )
     assert code == 0, err
     assert "Wrote a native patch" in out and "Layers patched: 0–1" in out and "as dense ΔW" in out
     first = patch.read_bytes()
-    code, out, err = run("export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch)
+    code, out, err = run_parts(
+        "export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch
+    )
     assert code == 1 and err.strip().count("\n") == 0 and "already exists; pass --force" in err
-    code, *_ = run("export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch, "--force")
+    code, *_ = run_parts(
+        "export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch, "--force"
+    )
     assert code == 0 and patch.read_bytes() == first
-    code, out, err = run("replay", patch, "--context", CONTEXT, "--generate", "3", "--json", "-")
+    code, out, err = run_parts("replay", patch, "--context", CONTEXT, "--generate", "3", "--json", "-")
     assert code == 0, err
     doc = json.loads(out)  # stdout is pure JSON
     assert doc["schema"] == "icl-probe.replay/1" and doc["kl_patched"] < 1e-6 and doc["top1_match"]
     assert len(doc["generated"]["patched"]["token_ids"]) == 3
-    code, out, err = run("replay", patch, "--generate", "2")
+    code, out, err = run_parts("replay", patch, "--generate", "2")
     assert code == 0 and "query alone, patched" in out and "greedy continuations" in out
 
 
 def test_cli_errors_are_one_line(tiny_llama_dir, tmp_path):
-    code, _, err = run("export-patch", "-m", tiny_llama_dir, "-o", tmp_path / "x", "--format", "onnx")
+    code, _, err = run_parts("export-patch", "-m", tiny_llama_dir, "-o", tmp_path / "x", "--format", "onnx")
     assert code == 2 and "unknown --format 'onnx'" in err and err.strip().count("\n") == 0
-    code, _, err = run("export-patch", "-m", tiny_llama_dir, "-o", tmp_path / "x", "--format", "peft",
-                       "--residual", "bias")  # fmt: skip
+    code, _, err = run_parts("export-patch", "-m", tiny_llama_dir, "-o", tmp_path / "x", "--format", "peft",
+                             "--residual", "bias")  # fmt: skip
     assert code == 2 and "needs --residual fold" in err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x80\x04K\x01.")
-    code, _, err = run("replay", bad)
+    code, _, err = run_parts("replay", bad)
     assert code == 1 and "never loads" in err and "Traceback" not in err and err.strip().count("\n") == 0
-    code, _, err = run("replay", tmp_path / "missing.safetensors")
+    code, _, err = run_parts("replay", tmp_path / "missing.safetensors")
     assert code == 1 and "patch file not found" in err
 
 
@@ -367,7 +358,7 @@ def smollm2(real_models, tmp_path_factory):
         if name in before:
             assert torch.equal(p, before[name]), name
     prompt = exports["native-bias"].analysis.prompt
-    return model, tok, exports, prompt, logits_of(model, prompt.full)
+    return model, tok, exports, prompt, last_logits(model, prompt.full)
 
 
 @pytest.mark.parametrize("which", ["native-bias", "native-fold"])
@@ -386,11 +377,11 @@ def test_smollm2_peft_with_peft_and_load_adapter(smollm2):
     model, _, exports, prompt, with_context = smollm2
     folder = exports["peft"].output
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), folder)
-    assert kl_divergence(with_context, logits_of(peft_model, prompt.query_only)) < REAL_KL_LIMIT
+    assert kl_divergence(with_context, last_logits(peft_model, prompt.query_only)) < REAL_KL_LIMIT
     del peft_model
     base = copy.deepcopy(model)
     base.load_adapter(folder)
-    assert kl_divergence(with_context, logits_of(base, prompt.query_only)) < REAL_KL_LIMIT
+    assert kl_divergence(with_context, last_logits(base, prompt.query_only)) < REAL_KL_LIMIT
 
 
 def test_smollm2_merged_checkpoint(smollm2):
@@ -398,8 +389,8 @@ def test_smollm2_merged_checkpoint(smollm2):
 
     model, _, exports, prompt, with_context = smollm2
     merged = AutoModelForCausalLM.from_pretrained(exports["merged"].output).eval()
-    assert kl_divergence(with_context, logits_of(merged, prompt.query_only)) < REAL_KL_LIMIT
-    assert kl_divergence(with_context, logits_of(model, prompt.query_only)) > 1  # the in-memory model is unpatched
+    assert kl_divergence(with_context, last_logits(merged, prompt.query_only)) < REAL_KL_LIMIT
+    assert kl_divergence(with_context, last_logits(model, prompt.query_only)) > 1  # the in-memory model is unpatched
 
 
 def test_readme_export_commands_are_the_fixtures():

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import run
 from rich.console import Console
-from tiny import char_tokenizer, tiny_model
-from typer.testing import CliRunner
+from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, export_patch, replay
 from icl_probe.capture import greedy, select_blocks
-from icl_probe.cli import app
 from icl_probe.generation import recompute_generation
 from icl_probe.inputs import tokenize
 from icl_probe.report import print_replay, print_with_positions
@@ -20,10 +19,6 @@ from icl_probe.report import print_replay, print_with_positions
 CONTEXT, QUERY = "ab:c\nde:f\n", "gh:"
 N = 6
 SPECIALS = {0, 1, 2}  # <unk>, <bos>, <eos>: their text would not tokenize back to the same id
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe")
 
 
 def assert_error(result, code: int, *fragments: str) -> None:
@@ -37,7 +32,7 @@ def assert_error(result, code: int, *fragments: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
 def test_recompute_agrees_and_matches_a_slow_loop_of_fresh_analyses(family):
-    model, tok = tiny_model(family), char_tokenizer(bos=family.startswith("gemma"))
+    model, tok = tiny_model(family), tokenizer_for(family)
     gen = analyze(model, tok, CONTEXT, QUERY, generate=N).to_dict()["generation"]
     assert gen["mode"] == "recompute"
     assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
@@ -181,7 +176,9 @@ def test_cli_replay_recompute_with_given_and_stored_context(tiny_llama_dir, tmp_
     assert docs[0]["generation"] == docs[1]["generation"]
     fixed = json.loads(run("replay", plain, "--context", CONTEXT, "--generate", 3, "--json", "-").stdout)
     assert fixed["generation"]["mode"] == "fixed"
-    assert 0.0 <= fixed["generation"]["agreement"] <= 1.0
+    tokens = fixed["generation"]["tokens"]
+    assert len(tokens) == 3 and tokens[0]["id"] == tokens[0]["patched_id"]  # exact at the query's last token
+    assert fixed["generation"]["agreement"] == sum(t["id"] == t["patched_id"] for t in tokens) / 3
 
 
 def test_cli_bad_generation_input(tiny_llama_dir, tmp_path):

@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+from helpers import run
 from rich.console import Console
-from tiny import char_tokenizer, save_tiny, tiny_model
-from typer.testing import CliRunner
+from tiny import char_tokenizer, save_tiny, tiny_model, tokenizer_for
 
 from icl_probe.capture import capture_targets, forward, select_blocks
-from icl_probe.cli import app
 from icl_probe.errors import InputError, ModelError, UsageError
 from icl_probe.heads import heads
 from icl_probe.headscores import repeated_sequences
@@ -31,7 +30,7 @@ FAMILIES = ("llama", "qwen2", "gemma3_text")  # grouped-query (4 query heads, 2 
 def eager_model(name: str):
     m = tiny_model(name)
     m.set_attn_implementation("eager")
-    return m, char_tokenizer(bos=name.startswith("gemma"))
+    return m, tokenizer_for(name)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -251,15 +250,11 @@ def test_bad_input():
         heads(tiny_model("gpt_neox"), tok, CONTEXT, QUERY, knockout=None)
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe", env={"COLUMNS": "80"})
-
-
 def test_cli_end_to_end(tmp_path):
     folder = save_tiny(tiny_model("llama", torch.float32), char_tokenizer(), tmp_path / "m")
     out, png = tmp_path / "h.json", tmp_path / "h.png"
-    result = cli("heads", "-m", folder, "--context", CONTEXT, "--query", QUERY, "--knockout", "1,2", "--draws", "2",
-                 "--json", out, "--plot", png)  # fmt: skip
+    result = run("heads", "-m", folder, "--context", CONTEXT, "--query", QUERY, "--knockout", "1,2", "--draws", "2",
+                 "--json", out, "--plot", png, columns=80)  # fmt: skip
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     console = Console(width=80, record=True, file=io.StringIO())
@@ -272,7 +267,7 @@ def test_cli_end_to_end(tmp_path):
             "previous_token_score", "context_attention"}  # fmt: skip
     assert keys <= set(doc["layers"][0]["heads"][0])
     assert {r["ranking"] for r in doc["knockout"]["rows"]} == {"delta_w", "induction", "random"}
-    bad = cli("heads", "-m", folder, "--knockout", "99")
+    bad = run("heads", "-m", folder, "--knockout", "99", columns=80)
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "larger than" in bad.stderr
 
 

@@ -90,6 +90,7 @@ def test_other_libraries_warnings_become_one_line(capsys, monkeypatch, propagate
     monkeypatch.setattr(logging.getLogger("transformers"), "propagate", propagates)
 
     handlers = list(logging.getLogger().handlers)  # pytest's own
+    shown, hf_handlers = warnings.showwarning, set(hf_logging.get_logger("transformers").handlers)
     with one_line_warnings():
         warnings.warn_explicit("`x` is deprecated\nand will go", FutureWarning, "/v/site-packages/torch/nn/m.py", 9)
         warnings.warn_explicit("no package here", UserWarning, "<frozen importlib._bootstrap>", 1)
@@ -103,5 +104,5 @@ def test_other_libraries_warnings_become_one_line(capsys, monkeypatch, propagate
         "icl-probe: warning: accelerate: offloading to disk",
     ]
     assert logging.getLogger().handlers == handlers
-    assert warnings.showwarning is not None and hf_logging.get_logger("transformers").handlers  # restored
+    assert warnings.showwarning is shown and set(hf_logging.get_logger("transformers").handlers) == hf_handlers
     assert logging.getLogger("transformers").propagate is propagates

@@ -8,14 +8,12 @@ hooks the model itself (the router's own output, the MLP module's input), not ic
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
+from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 from safetensors import safe_open
-from tiny import last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
-from icl_probe.capture import last_logits
 from icl_probe.dynamics import dynamics
 from icl_probe.errors import ModelError, PatchError
-from icl_probe.hooks import hooked
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import Patch, applied, applied_rows
 from icl_probe.update import solve
@@ -61,7 +59,10 @@ def last_token_routes(model, name: str, ids: list[int]) -> dict[int, set[int]]:
 
         return hook
 
-    with torch.no_grad(), hooked([(model.get_submodule(f"{block(name, i)}.{router}"), record(i)) for i in layers]):
+    with (
+        torch.no_grad(),
+        forward_hooks([(model.get_submodule(f"{block(name, i)}.{router}"), record(i)) for i in layers]),
+    ):
         last_logits(model, ids)
     return seen
 
@@ -69,17 +70,7 @@ def last_token_routes(model, name: str, ids: list[int]) -> dict[int, set[int]]:
 def mlp_inputs(model, name: str, ids: list[int]) -> dict[int, torch.Tensor]:
     """Each MoE layer's MLP input at the last token, (hidden,) float64."""
     layers, mlp, *_ = MOE[name]
-    seen = {}
-
-    def record(i):
-        def hook(module, args, output):
-            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
-
-        return hook
-
-    with torch.no_grad(), hooked([(model.get_submodule(f"{block(name, i)}.{mlp}"), record(i)) for i in layers]):
-        last_logits(model, ids)
-    return seen
+    return last_inputs(model, {i: f"{block(name, i)}.{mlp}" for i in layers}, ids)
 
 
 @pytest.mark.parametrize("name", NAMES)

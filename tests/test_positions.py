@@ -1,4 +1,4 @@
-"""--positions all: the update solved at every query position at once (issue 12).
+"""--positions all: the update solved at every query position at once.
 
 Tiny float64 models reproduce the with-context distribution after every query token (KL < 1e-10); layer 0's
 update is checked against the dense formula ΔW = W (ZC − Z0) (Z0ᵀZ0)⁻¹ Z0ᵀ; repeated tokens give dependent
@@ -10,12 +10,11 @@ import json
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
-from typer.testing import CliRunner
+from helpers import run_parts, state
+from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, export_patch, load_patch, replay
 from icl_probe.capture import capture_positions, position_logits, select_blocks
-from icl_probe.cli import app
 from icl_probe.errors import ModelError, PatchError, UsageError
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
@@ -26,14 +25,6 @@ from icl_probe.replay import patch_summary
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 EXACT = ["llama", "gpt2", "gemma3_text", "olmo2", "phi", "opt", "bloom", "granite"]
 NORM_IN_FLOAT32 = ("gemma3_text", "olmo2")  # their RMSNorms compute in float32 even in a float64 model
-
-
-def tokenizer_for(model_type):
-    return char_tokenizer(bos=model_type.startswith("gemma"))
-
-
-def state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("model_type", EXACT)
@@ -195,32 +186,29 @@ def test_merged_export_and_peft_refusal(tmp_path):
 # ---- the command line -----------------------------------------------------------------------------------------
 
 
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
 def test_cli_analyze_export_and_replay(tiny_llama_dir, tmp_path):
-    code, out, err = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--positions", "all")
+    code, out, err = run_parts(
+        "analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "--positions", "all"
+    )
     assert code == 0, err
     assert "solved at all 5 query positions" in out and "prefix agreement (free-running greedy): first" in out
-    code, out, err = run("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY,
-                         "--positions", "all", "--json", "-")  # fmt: skip
+    code, out, err = run_parts("analyze", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY,
+                               "--positions", "all", "--json", "-")  # fmt: skip
     doc = json.loads(out)
     assert code == 0 and doc["solved_at"] == "all" and doc["positions"]["worst_kl"] < 1e-6
     patch = tmp_path / "p.safetensors"
-    code, out, err = run("export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY, "-o", patch,
-                         "--positions", "all")  # fmt: skip
+    code, out, err = run_parts("export-patch", "-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY,
+                               "-o", patch, "--positions", "all")  # fmt: skip
     assert code == 0, err
-    code, out, err = run("replay", patch, "--context", CONTEXT, "--json", "-")
+    code, out, err = run_parts("replay", patch, "--context", CONTEXT, "--json", "-")
     doc = json.loads(out)
     assert code == 0 and doc["patch"]["solved_at"] == "all" and max(doc["kl_positions"]) < 1e-6
 
 
 def test_cli_errors_are_one_line(tiny_llama_dir):
-    code, _, err = run("analyze", "-m", tiny_llama_dir, "--positions", "every")
+    code, _, err = run_parts("analyze", "-m", tiny_llama_dir, "--positions", "every")
     assert code == 2 and "unknown positions 'every'" in err and err.strip().count("\n") == 0
-    code, _, err = run("analyze", "-m", tiny_llama_dir, "--positions", "all", "--residual", "bias")
+    code, _, err = run_parts("analyze", "-m", tiny_llama_dir, "--positions", "all", "--residual", "bias")
     assert code == 2 and "drop --residual bias" in err and err.strip().count("\n") == 0
 
 

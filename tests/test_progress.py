@@ -4,15 +4,15 @@ columns wide, and draws none with `--json -`."""
 import json
 import re
 from collections import defaultdict
+from functools import partial
 
 import pytest
 import torch
+from helpers import run
 from tiny import char_tokenizer, tiny_model
-from typer.testing import CliRunner
 
 import icl_probe
 from icl_probe import models
-from icl_probe.cli import app
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 from icl_probe.transfer import transfer
 
@@ -94,11 +94,7 @@ def frames(stderr: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]", ANSI.sub("", stderr)) if line.strip()]
 
 
-def run(*args: str, terminal: bool = True):
-    env = TERMINAL if terminal else {}
-    result = CliRunner().invoke(app, [str(a) for a in args], prog_name="icl-probe", env=env)
-    assert result.exit_code == 0, result.output
-    return result
+tty = partial(run, env=TERMINAL, check=True)  # the CLI on an 80-column terminal; it must exit 0
 
 
 COMMANDS = {
@@ -114,11 +110,11 @@ COMMANDS = {
 @pytest.mark.parametrize("name", COMMANDS)
 def test_bars_with_counts_and_eta_on_stderr_and_none_with_json_stdout(name, tiny_llama_dir):
     args, job, total = COMMANDS[name]
-    drawn = frames(run(*args, "-m", tiny_llama_dir).stderr)
+    drawn = frames(tty(*args, "-m", tiny_llama_dir).stderr)
     bars = [line for line in drawn if line.lstrip().startswith(job)]
     assert bars and re.search(rf"\b{total}/{total} eta \d+:\d\d:\d\d$", bars[-1]), drawn
     assert all(len(line) <= 80 for line in drawn), drawn
-    quiet = run(*args, "-m", tiny_llama_dir, "--json", "-")
+    quiet = tty(*args, "-m", tiny_llama_dir, "--json", "-")
     assert job not in quiet.stderr and "eta" not in quiet.stderr
     json.loads(quiet.stdout)
 
@@ -126,15 +122,15 @@ def test_bars_with_counts_and_eta_on_stderr_and_none_with_json_stdout(name, tiny
 def test_batch_draws_a_bar_of_lines(tiny_llama_dir, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "context": CONTEXT, "query": QUERY}) + "\n" for i in range(2)))
-    drawn = frames(run("batch", source, "-o", tmp_path / "out.jsonl", "-m", tiny_llama_dir, "--layers", "-1").stderr)
+    drawn = frames(tty("batch", source, "-o", tmp_path / "out.jsonl", "-m", tiny_llama_dir, "--layers", "-1").stderr)
     assert any(re.search(r"^\s*lines .* 2/2 eta", line) for line in drawn), drawn
-    to_stdout = run("batch", source, "-o", "-", "-m", tiny_llama_dir, "--layers", "-1")
+    to_stdout = tty("batch", source, "-o", "-", "-m", tiny_llama_dir, "--layers", "-1")
     assert not any(re.search(r"^\s*lines .*/2 eta", line) for line in frames(to_stdout.stderr))
 
 
 def test_no_bars_when_stderr_is_not_a_terminal(tiny_llama_dir):
     args, job, _ = COMMANDS["analyze --generate"]
-    assert job not in run(*args, "-m", tiny_llama_dir, terminal=False).stderr
+    assert job not in run(*args, "-m", tiny_llama_dir, check=True).stderr
 
 
 def test_eta_is_known_when_each_step_takes_minutes():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from helpers import last_logits
+from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze, export_patch, load_patch, replay
@@ -16,10 +17,6 @@ from icl_probe.patching import applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 CASES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias")]
-
-
-def tokenizer_for(model_type):
-    return char_tokenizer(bos=model_type.startswith("gemma"))
 
 
 def ids_probs(entries):
@@ -41,8 +38,8 @@ def test_export_then_replay_gives_the_figures_of_analyze(tmp_path, model_type, r
     tol = 1e-12 if dtype == torch.float64 else 1e-9
     rounding = 1e-12 if dtype == torch.float64 else 1e-6  # a few float32 ulps (1.2e-7) of the logits, relative
     assert got["kl_no_context"] == pytest.approx(want["kl_no_context"], rel=rounding)
-    plain = torch.log_softmax(plain_logits(model, exported.analysis.prompt.query_only).double(), -1)
-    ctx = torch.log_softmax(plain_logits(model, exported.analysis.prompt.full).double(), -1)
+    plain = torch.log_softmax(last_logits(model, exported.analysis.prompt.query_only).double(), -1)
+    ctx = torch.log_softmax(last_logits(model, exported.analysis.prompt.full).double(), -1)
     assert want["kl_no_context"] == pytest.approx(float((ctx.exp() * (ctx - plain)).sum()), rel=rounding)
     assert got["kl_patched"] == pytest.approx(want["kl_patched"], abs=tol)
     assert got["kl_patched"] < (1e-10 if dtype == torch.float64 else 1e-6)
@@ -51,11 +48,6 @@ def test_export_then_replay_gives_the_figures_of_analyze(tmp_path, model_type, r
         want_ids, want_p = ids_probs(want["top_k"][key])
         assert got_ids == want_ids
         torch.testing.assert_close(got_p, want_p, rtol=0, atol=1e-6)
-
-
-def plain_logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
 def add_to_block_output(delta_b):
@@ -83,7 +75,7 @@ def dense_patched_logits(model, patch, ids):
     blocks = [(patched.get_submodule(p), b) for p, b in patch.residual.items()]
     handles = [block.register_forward_hook(add_to_block_output(b)) for block, b in blocks]
     try:
-        return plain_logits(patched, ids)
+        return last_logits(patched, ids)
     finally:
         for h in handles:
             h.remove()
@@ -100,7 +92,7 @@ def test_replay_matches_the_patch_applied_densely_by_hand(model_type, residual, 
     got = replay(model, tok, patch, query=query, context=context).to_dict()
     query_ids, full_ids = tok(query)["input_ids"], tok(context + query)["input_ids"]
     assert got["prefix_tokens"] + got["query_tokens"] == query_ids
-    ctx, dense = plain_logits(model, full_ids), dense_patched_logits(model, patch, query_ids)
+    ctx, dense = last_logits(model, full_ids), dense_patched_logits(model, patch, query_ids)
     want_kl = kl_divergence(ctx, dense)
     if query == QUERY:
         assert want_kl < 1e-10 and got["kl_patched"] < 1e-10

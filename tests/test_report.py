@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 from rich.console import Console
-from tiny import char_tokenizer, tiny_model
+from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, replay
 from icl_probe.report import (
@@ -213,7 +213,7 @@ def test_wide_is_automatic_from_140_columns(tiny_doc):
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_fold_shows_the_folded_modules_and_the_norm_scale(model_type):
     torch.manual_seed(0)
-    model, tok = tiny_model(model_type, torch.float32), char_tokenizer(bos=model_type.startswith("gemma"))
+    model, tok = tiny_model(model_type, torch.float32), tokenizer_for(model_type)
     doc = analyze(model, tok, "ab\ncd\n", "ef", residual="fold").to_dict()
     for width, wide in [(80, False), (80, True), (160, True)]:
         text = render(print_analysis, doc, width, wide=wide)

@@ -79,8 +79,9 @@ def test_library_names_resolve_lazily_and_functions_shadow_their_modules():
     assert icl_probe.dynamics is sys.modules["icl_probe.dynamics"].dynamics
     assert icl_probe.analyze is sys.modules["icl_probe.analysis"].analyze
     assert icl_probe.load_model is sys.modules["icl_probe.models"].load_model
-    for name in icl_probe.__all__:
-        assert getattr(icl_probe, name) is not None, name
+    for name in (n for n in icl_probe.__all__ if not n.startswith("__")):
+        value = getattr(icl_probe, name)  # the class or function its module defines under that name
+        assert getattr(sys.modules[value.__module__], name) is value, name
     assert set(icl_probe.__all__) <= set(dir(icl_probe))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         icl_probe.nope  # noqa: B018

@@ -1,4 +1,4 @@
-"""Issue 11's families on tiny random float64 models: the structural rule (and the new table rows) give an exact
+"""Families read by the structural rule, and five table rows, on tiny random float64 models: they give an exact
 `analyze`, the theorem's MLP-branch identity, and module maps written out by hand from transformers' modeling
 files; layouts the rule cannot see are refused in one line naming what was found. The mixture-of-experts
 families are in tests/test_moe.py; here, the hybrids' MoE layers and the coverage sample.
@@ -11,13 +11,13 @@ import re
 
 import pytest
 import torch
-from tiny import char_tokenizer, last_outputs, tiny_model
+from helpers import forward_hooks, last_outputs
+from tiny import char_tokenizer, tiny_model, tokenizer_for
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from icl_probe import analyze, arch, coverage, export_patch, load_patch, replay
 from icl_probe.errors import ModelError
-from icl_probe.hooks import hooked
 from icl_probe.patching import applied
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
@@ -83,10 +83,6 @@ def default_dtype_for(name: str):
 @functools.cache
 def model_of(name: str):
     return tiny_model(name, torch.float64)
-
-
-def tokenizer_for(name: str):
-    return char_tokenizer(bos=name.startswith("gemma"))
 
 
 @functools.cache
@@ -243,7 +239,7 @@ def test_layouts_left_to_the_remainder_are_exact_without_their_row(name):
     # Two mixers summed (Falcon-H1), per-layer inputs after the MLP (Gemma 4), scaled residuals (Granite): the
     # rule updates the MLP and leaves the rest of the block to Δb, which is exact without the table's row.
     model = renamed(name)
-    doc = analyze(model, char_tokenizer(bos=name.startswith("gemma")), CONTEXT, QUERY).to_dict()
+    doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY).to_dict()
     assert doc["logits"]["kl_no_context"] > 1e-3 and doc["logits"]["kl_patched"] < 1e-10
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-9
@@ -343,7 +339,7 @@ def test_reading_is_cached_per_model():
     model = tiny_model("lfm2")
     first = arch.blocks(model)
     calls = []
-    with hooked([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
+    with forward_hooks([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
         again = arch.blocks(model)
     assert not calls and [b.family for b in again] == [b.family for b in first]
 

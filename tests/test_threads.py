@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import run
 
-from icl_probe.cli import app
 from icl_probe.errors import UsageError
 from icl_probe.threads import ThreadPlan, plan_threads
 
@@ -30,15 +29,11 @@ def test_zero_threads_is_refused():
         plan_threads(0, {}, 2)
 
 
-def run(*args):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def test_threads_option_sets_torch_threads_for_the_command(tiny_llama_dir):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        result = run("--threads", "1", "modules", "--model", str(tiny_llama_dir))
+        result = run("--threads", "1", "modules", "--model", str(tiny_llama_dir), catch_exceptions=False)
         assert result.exit_code == 0, result.output
         assert torch.get_num_threads() == 1
     finally:
@@ -46,5 +41,5 @@ def test_threads_option_sets_torch_threads_for_the_command(tiny_llama_dir):
 
 
 def test_threads_below_one_is_a_usage_error():
-    result = run("--threads", "0", "tasks")
+    result = run("--threads", "0", "tasks", catch_exceptions=False)
     assert result.exit_code == 2 and "--threads" in result.output

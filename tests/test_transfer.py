@@ -1,4 +1,4 @@
-"""transfer (issue 12): every method checked against a direct, independent computation on a tiny float64 model.
+"""transfer: every method checked against a direct, independent computation on a tiny float64 model.
 
 The independent computations build prompts by hand, read activations with their own hooks, form every update
 densely and apply it to a copy of the model's weights. `own_patch == icl` is also checked on SmolLM2-135M with
@@ -11,6 +11,7 @@ import statistics
 
 import pytest
 import torch
+from helpers import last_logits
 from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
@@ -42,11 +43,6 @@ def setup():
 
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def logits(model, token_ids):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([token_ids])).logits[0, -1]
 
 
 def block_outputs(model, token_ids):
@@ -93,7 +89,7 @@ def scores(tok, context, pairs, patched_logits):
     hits, kls = [], []
     for (x, y), lg in zip(pairs, patched_logits):
         hits.append(int(lg.argmax()) == ids(tok, y)[0])
-        kls.append(kl_divergence(logits(MODEL[0], ids(tok, context + f"{x}=")), lg))
+        kls.append(kl_divergence(last_logits(MODEL[0], ids(tok, context + f"{x}=")), lg))
     return sum(hits) / len(hits), sum(kls) / len(kls)
 
 
@@ -110,8 +106,8 @@ def test_zero_shot_and_icl(setup):
     doc = result.to_dict()
     assert doc["schema"] == "icl-probe.transfer/1" and doc["n_heldout"] == HELDOUT
     assert doc["heldout_inputs"] == [x for x, _ in held] and doc["calibration_inputs"] == [x for x, _ in PAIRS[3:6]]
-    zero = scores(tok, context, held, [logits(model, ids(tok, f"{x}=")) for x, _ in held])
-    icl = scores(tok, context, held, [logits(model, ids(tok, context + f"{x}=")) for x, _ in held])
+    zero = scores(tok, context, held, [last_logits(model, ids(tok, f"{x}=")) for x, _ in held])
+    icl = scores(tok, context, held, [last_logits(model, ids(tok, context + f"{x}=")) for x, _ in held])
     assert (doc["accuracy"]["zero_shot"], doc["kl"]["zero_shot"]) == pytest.approx(zero, abs=1e-12)
     assert doc["accuracy"]["icl"] == icl[0] and doc["kl"]["icl"] == 0.0
 
@@ -130,7 +126,7 @@ def test_single_patch_against_dense_patches_of_analyze(setup):
     for x, _ in calib:
         patch = analyze(model, tok, context, f"{x}=").patch  # the query's own update, by the public API
         dense = dense_model(model, patch)
-        per_patch.append(scores(tok, context, held, [logits(dense, ids(tok, f"{h}=")) for h, _ in held]))
+        per_patch.append(scores(tok, context, held, [last_logits(dense, ids(tok, f"{h}=")) for h, _ in held]))
     entry = result.to_dict()["sweep"][-1]
     assert entry["accuracy"]["single_patch"] == pytest.approx(statistics.fmean(a for a, _ in per_patch), abs=1e-12)
     assert entry["kl"]["single_patch"] == pytest.approx(statistics.fmean(k for _, k in per_patch), rel=1e-8)
@@ -148,7 +144,7 @@ def test_mean_patch_against_the_dense_average(setup):
             mean.get_submodule(path).weight += sum(p.low_rank[path].u @ p.low_rank[path].v.T for p in patches) / K
     for path in patches[0].residual:
         add_bias(mean.get_submodule(path), sum(p.residual[path] for p in patches) / K)
-    want = scores(tok, context, held, [logits(mean, ids(tok, f"{h}=")) for h, _ in held])
+    want = scores(tok, context, held, [last_logits(mean, ids(tok, f"{h}=")) for h, _ in held])
     entry = result.to_dict()["sweep"][-1]
     assert (entry["accuracy"]["mean_patch"], entry["kl"]["mean_patch"]) == pytest.approx(want, rel=1e-8)
     stored = result.entries[-1].patches["mean_patch"]
@@ -161,7 +157,10 @@ def test_joint_patch_is_exact_on_every_calibration_query_and_minimum_norm(setup)
     patch = entry.patches["joint_patch"]
     dense = dense_model(model, patch)
     for x, _ in calib:  # exact on each calibration query at once
-        assert kl_divergence(logits(model, ids(tok, context + f"{x}=")), logits(dense, ids(tok, f"{x}="))) < 1e-10
+        assert (
+            kl_divergence(last_logits(model, ids(tok, context + f"{x}=")), last_logits(dense, ids(tok, f"{x}=")))
+            < 1e-10
+        )
     assert entry.joint_calibration_kl < 1e-10
     # layer 0 sees no patch below it: ΔW = W (ZC − Z0) Z0⁺ over the K last positions
     z0 = torch.stack([mlp_inputs(model, ids(tok, f"{x}="), 0)[-1] for x, _ in calib], 1)  # (in, K)
@@ -169,7 +168,7 @@ def test_joint_patch_is_exact_on_every_calibration_query_and_minimum_norm(setup)
     gate = model.model.layers[0].mlp.gate_proj
     delta = patch.low_rank["model.layers.0.mlp.gate_proj"]
     torch.testing.assert_close(delta.u @ delta.v.T, gate.weight @ (zc - z0) @ torch.linalg.pinv(z0))
-    want = scores(tok, context, held, [logits(dense, ids(tok, f"{h}=")) for h, _ in held])
+    want = scores(tok, context, held, [last_logits(dense, ids(tok, f"{h}=")) for h, _ in held])
     assert (entry.accuracy["joint_patch"], entry.kl["joint_patch"]) == pytest.approx(want, rel=1e-8)
 
 
@@ -224,7 +223,7 @@ def test_task_vector_against_hooks_of_its_own(setup):
 
         handle = model.model.layers[layer].register_forward_hook(hook)
         try:
-            return logits(model, ids(tok, f"{x}="))
+            return last_logits(model, ids(tok, f"{x}="))
         finally:
             handle.remove()
 

@@ -4,7 +4,7 @@ update, the ablation and fine-tuning's training loss."""
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import tiny_model, tokenizer_for
 
 from icl_probe.capture import capture_prefixes, capture_targets, select_blocks
 from icl_probe.errors import InputError
@@ -33,7 +33,7 @@ def run(model, prompt: Prompt, cuts: list[int]):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_on_vectors_equals_engine_on_ids(family):
-    model, tok = tiny_model(family), char_tokenizer(bos=family.startswith("gemma"))
+    model, tok = tiny_model(family), tokenizer_for(family)
     p = tokenize(tok, CONTEXT, QUERY)
     vectors = Prompt(*(as_vectors(model, part) for part in (p.prefix, p.context, p.query)))
     cuts = [len(p.prefix) + c for c in (5, 10, 15)]

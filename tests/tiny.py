@@ -44,7 +44,7 @@ CONFIGS: dict[str, dict] = {
     "glm": {"head_dim": 8, "pad_token_id": 0},
     "exaone4": {"head_dim": 8, "sliding_window": 64, "sliding_window_pattern": 2},
     "smollm3": {"pad_token_id": 0},
-    # issue 11: read by the structural rule
+    # read by the structural rule
     "nemotron": {"head_dim": 8},
     "arcee": {},
     "glm4": {"head_dim": 8, "pad_token_id": 0},
@@ -55,14 +55,14 @@ CONFIGS: dict[str, dict] = {
     "gpt_bigcode": {"n_inner": 64},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 64},
     "persimmon": {},
-    # issue 11: hybrids, read by the structural rule (a short convolution, gated linear attention, Mamba)
+    # hybrids, read by the structural rule (a short convolution, gated linear attention, Mamba)
     "lfm2": {"layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False},
     "qwen3_next": {"head_dim": 8, "layer_types": ["linear_attention", "full_attention"], "mlp_only_layers": [0, 1],
                    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
                    "linear_num_value_heads": 4},
     "jamba": {"num_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False,
               "mamba_d_state": 8, "mamba_dt_rank": 4},
-    # issue 11: table rows
+    # table rows
     "codegen": {"n_inner": 64, "rotary_dim": 4},
     "mpt": {"expansion_ratio": 2, "max_seq_len": 256},
     "xglm": {"ffn_dim": 64},
@@ -70,7 +70,7 @@ CONFIGS: dict[str, dict] = {
                     "vocab_size_per_layer_input": len(VOCAB)},
     "falcon_h1": {"head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,
                   "mamba_chunk_size": 8},
-    # issue 11: hybrids with mixture-of-experts layers (router, fused experts, shared expert)
+    # hybrids with mixture-of-experts layers (router, fused experts, shared expert)
     "jamba-moe": {"model_type": "jamba", "num_experts": 4, "attn_layer_period": 2, "attn_layer_offset": 1,
                   "use_mamba_kernels": False, "mamba_d_state": 8, "mamba_dt_rank": 4},
     "qwen3_next-moe": {"model_type": "qwen3_next", "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
@@ -86,6 +86,11 @@ def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+
+
+def tokenizer_for(family: str) -> PreTrainedTokenizerFast:
+    """The character tokenizer as the family's own would tokenize: with a <bos> in front for Gemma."""
+    return char_tokenizer(bos=family.startswith("gemma"))
 
 
 WIDTHS = (
@@ -136,22 +141,3 @@ def save_tiny(model, tokenizer, folder) -> str:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-def last_outputs(model, paths: list[str], ids: list[int]) -> dict[str, torch.Tensor]:
-    """Each module's output at the last token of `ids` (hooked by path, independently of icl-probe's hooks)."""
-    from icl_probe.capture import last_logits
-    from icl_probe.hooks import hidden, hooked
-
-    seen = {}
-
-    def record(path):
-        def hook(module, args, output):
-            y = hidden(output)
-            seen[path] = y.reshape(-1, y.shape[-1])[-1].clone()
-
-        return hook
-
-    with torch.no_grad(), hooked([(model.get_submodule(p), record(p)) for p in paths]):
-        last_logits(model, ids)
-    return seen

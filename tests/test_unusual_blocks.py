@@ -1,5 +1,6 @@
-"""The last refusals: families whose blocks the structural rule now reads, on tiny float64 models, and the ones it
-still refuses with the obstacle named.
+"""Families whose blocks depart from the usual layout (learned or scaled residuals, convolutions, experts split or
+stacked, a shared MLP beside the experts), on tiny float64 models: the structural rule reads them exactly, and the
+layouts it cannot read are refused with the obstacle named.
 
 The MLP and router paths below are written out by hand from transformers' modeling files; every check hooks the
 model itself (the MLP's own output, the router's own output) with the patch applied as weights, not icl-probe's
@@ -10,12 +11,10 @@ machine epsilon, read here from the parameter's or output's dtype.
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from tiny import last_outputs
+from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
-from icl_probe.capture import last_logits
 from icl_probe.errors import ModelError
-from icl_probe.hooks import hooked
 from icl_probe.patching import applied
 from icl_probe.report import legend
 
@@ -23,8 +22,8 @@ CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
 
 SIDE_BY_SIDE = ("block_sparse_moe", "shared_mlp")  # GraniteMoE's experts and the shared MLP beside them
 GRANITE_ROUTERS = {0: "block_sparse_moe.router", 1: "block_sparse_moe.router"}
-# model type → (MLP modules, {layer: router module} of its MoE layers, what the rule could not read before)
-NEW = {
+# model type → (MLP modules, {layer: router module} of its MoE layers, what sets its block apart)
+UNUSUAL = {
     "doge": (("mlp",), {}, "learned residual weights"),
     "minimax": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "scaled residuals"),
     "inkling_text": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "convolutions after attention and MLP"),
@@ -42,12 +41,12 @@ def layer(name: str, i: int) -> str:
     return f"{LAYERS.get(name, 'model.layers')}.{i}"
 
 
-NAMES = list(NEW)
+NAMES = list(UNUSUAL)
 
 
 def float32_floor(model, name: str) -> float | None:
     """float32's epsilon if some router of the family keeps its weight or its output in float32, else None."""
-    _, routers, _ = NEW[name]
+    _, routers, _ = UNUSUAL[name]
     dtypes = set()
     for i, rel in routers.items():
         router = model.get_submodule(f"{layer(name, i)}.{rel}")
@@ -70,7 +69,7 @@ def router_outputs(model, name: str, routers: dict, ids=(5, 6, 7)) -> dict[int, 
 
     with (
         torch.no_grad(),
-        hooked([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
+        forward_hooks([(model.get_submodule(f"{layer(name, i)}.{r}"), record(i)) for i, r in routers.items()]),
     ):
         last_logits(model, list(ids))
     return seen
@@ -90,7 +89,7 @@ def test_analyze_is_exact(name):
         assert limit["mlp_branch_error_floor"] == floor and limit["dtype"] == "float32"
         assert "router computes in float32: mlp_branch_error floor ≈ 1e-7" in legend(doc, wide=False, shown=[])
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < bound
-    assert sorted(i for i, layer in enumerate(doc["layers"]) if layer["moe"]) == sorted(NEW[name][1])
+    assert sorted(i for i, layer in enumerate(doc["layers"]) if layer["moe"]) == sorted(UNUSUAL[name][1])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -99,7 +98,7 @@ def test_the_mlp_and_its_routing_under_the_patch_are_the_with_context_ones(name)
     # same with the context and in the query alone with the patch applied as weights; so are the router's outputs
     # (logits, and the chosen experts where it returns them).
     model, result = model_of(name), analysis_of(name)
-    mlps, routers, _ = NEW[name]
+    mlps, routers, _ = UNUSUAL[name]
     prompt = result.prompt
     paths = [f"{layer(name, i)}.{mlp}" for i in range(2) for mlp in mlps]
     ctx, ctx_routes = last_outputs(model, paths, prompt.full), router_outputs(model, name, routers, prompt.full)
@@ -163,9 +162,9 @@ def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
     # run and in the query-alone run with the patch applied as weights (z0 there: the patch acts inside the MLP).
     model, result = model_of("granitemoeshared"), analysis_of("granitemoeshared")
     paths = {i: f"model.layers.{i}.block_sparse_moe" for i in range(2)}
-    z_ctx = mlp_inputs(model, paths, result.prompt.full)
+    z_ctx = last_inputs(model, paths, result.prompt.full)
     with applied(model, result.patch):
-        z0 = mlp_inputs(model, paths, result.prompt.query_only)
+        z0 = last_inputs(model, paths, result.prompt.query_only)
     for i in range(2):
         dz, n2 = z_ctx[i] - z0[i], float(z0[i] @ z0[i])
         shared = f"model.layers.{i}.shared_mlp.input_linear"
@@ -177,18 +176,3 @@ def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
         for e in range(weight.shape[0]):
             expected = torch.outer(weight[e] @ dz, z0[i]) / n2
             torch.testing.assert_close(factors.u[e] @ factors.v.T, expected, rtol=1e-9, atol=1e-14)
-
-
-def mlp_inputs(model, paths: dict[int, str], ids: list[int]) -> dict[int, torch.Tensor]:
-    """Each module's input at the last token, (hidden,) float64."""
-    seen = {}
-
-    def record(i):
-        def hook(module, args, output):
-            seen[i] = args[0].reshape(-1, args[0].shape[-1])[-1].to(torch.float64).clone()
-
-        return hook
-
-    with torch.no_grad(), hooked([(model.get_submodule(p), record(i)) for i, p in paths.items()]):
-        last_logits(model, ids)
-    return seen

@@ -1,21 +1,21 @@
-"""What a researcher met in the first hour, through the real CLI at 80 columns: the gradient alignment in the
-narrow table, partial patches, module paths kept whole, the two generation measures named apart, and why the
-static ablation is not exactly 0 where the sequential run is."""
+"""The terminal report through the real CLI at 80 columns: the gradient alignment in the narrow table, partial
+patches, module paths kept whole, the two generation measures named apart, and why the static ablation is not
+exactly 0 where the sequential run is."""
 
+import functools
 import io
 import json
 import re
 
+import helpers
 import pytest
 import torch
 from rich.console import Console
 from tiny import char_tokenizer, tiny_model
-from typer.testing import CliRunner
 
 import icl_probe
 from icl_probe.arch import describe
 from icl_probe.capture import last_logits
-from icl_probe.cli import app
 from icl_probe.metrics import static_logits
 from icl_probe.report import fmt, print_analysis, print_modules
 
@@ -23,9 +23,7 @@ CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 WIDTH = 80
 
 
-def run(*args, columns: int = WIDTH):
-    """The CLI as a user runs it, its output piped, in a terminal COLUMNS wide."""
-    return CliRunner(env={"COLUMNS": str(columns)}).invoke(app, [str(a) for a in args], prog_name="icl-probe")
+run = functools.partial(helpers.run, columns=WIDTH)  # the CLI, its output piped, in a terminal 80 columns wide
 
 
 def lines_fit(text: str, width: int = WIDTH) -> None:
@@ -43,7 +41,7 @@ def table_rows(text: str, layers: int) -> list[list[str]]:
     return rows[:layers]
 
 
-# --- 1. analyze --gradient at 80 columns -------------------------------------------------------------------------
+# ---- analyze --gradient at 80 columns --------------------------------------------------------------------------------
 
 
 def test_analyze_gradient_shows_every_alignment_at_80_columns(tiny_llama_dir, tmp_path):
@@ -84,7 +82,7 @@ def test_columns_variable_sets_the_width_of_piped_output(tiny_llama_dir):
     lines_fit(narrow)
 
 
-# --- 4. partial patches ------------------------------------------------------------------------------------------
+# ---- partial patches -------------------------------------------------------------------------------------------------
 
 
 def test_partial_patch_says_kl_is_not_expected_to_be_zero(tiny_llama_dir, tmp_path):
@@ -116,7 +114,7 @@ def test_dynamics_footer_names_its_own_columns(tiny_llama_dir):
         assert ("so KL≈0 proves the plumbing" in text) is not partial
 
 
-# --- 6. modules --------------------------------------------------------------------------------------------------
+# ---- modules ---------------------------------------------------------------------------------------------------------
 
 
 def relative_paths(doc: dict) -> set[str]:
@@ -151,7 +149,7 @@ def test_modules_cli_at_80_columns(tiny_llama_dir):
         assert re.search(rf"(?<!\S){re.escape(path)}(?!\S)", result.stdout), path
 
 
-# --- 9. replay's two generation measures ----------------------------------------------------------------------------
+# ---- replay's two generation measures --------------------------------------------------------------------------------
 
 
 def leading(a: list[int], b: list[int]) -> int:
@@ -178,7 +176,7 @@ def test_replay_names_prefix_agreement_and_position_wise_match(tiny_llama_dir, t
     assert "teacher-forced" in text and "agree on the first" not in text
 
 
-# --- 10. the static ablation's rounding --------------------------------------------------------------------------
+# ---- the static ablation's rounding ----------------------------------------------------------------------------------
 
 
 def test_a_static_row_that_differs_by_rounding_is_explained():
