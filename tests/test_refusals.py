@@ -14,10 +14,10 @@ from tiny import last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
 from icl_probe.capture import last_logits
+from icl_probe.cli.report.analysis import legend
 from icl_probe.errors import ModelError
 from icl_probe.hooks import hooked
 from icl_probe.patching import applied
-from icl_probe.report import legend
 
 CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
 
