@@ -120,7 +120,11 @@ STAGES = {
     "ablation": "ablation batch + query alone unpatched (4 rows)",
     "reports": "layer reports (norms, ranks)",
     "scores": "logit metrics (KL, top-k)",
+    "layer ablation": "per-layer ablation",
+    "generation": "generation",
+    "gradient": "gradient alignment",
 }
+OPTIONAL = {"layer ablation", "generation", "gradient"}  # stages of options the breakdown does not ask for
 
 
 def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[str, float]:
@@ -132,9 +136,10 @@ def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[s
             icl_probe.analyze(model, tokenizer, context, query)
             total = time.perf_counter() - start
         spent = {label: stages.get(name, 0.0) for name, label in STAGES.items()}
-        runs.append({**spent, "other": total - sum(spent.values()), "total": total})
-    labels = [*STAGES.values(), "other", "total"]
-    return {label: statistics.median(r[label] for r in runs) for label in labels}
+        inner = {name: s for name, s in stages.items() if name not in STAGES}  # stages nested in the above
+        runs.append({**spent, **inner, "other": total - sum(spent.values()), "total": total})
+    labels = [*STAGES.values(), *sorted({k for r in runs for k in r} - set(STAGES.values())), "other", "total"]
+    return {label: statistics.median(r.get(label, 0.0) for r in runs) for label in dict.fromkeys(labels)}
 
 
 def overhead(model, tokenizer, context: str, query: str, repeat: int) -> dict:
@@ -429,9 +434,14 @@ def print_breakdown(name: str, o: dict) -> None:
         f" plain full forward {o['full_only_s'] * 1e3:.1f} ms, plain query forward {o['query_only_s'] * 1e3:.1f} ms)"
     )
     print(f"  {'component':<40} {'ms':>8} {'share':>6}")
-    for label in STAGES.values():
+    for label in (label for name, label in STAGES.items() if name not in OPTIONAL or parts[label]):
         print(f"  {label:<40} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
     print(f"  {'other (dataclasses, Analysis)':<40} {parts['other'] * 1e3:>8.2f} {parts['other'] / total:>6.1%}")
+    inner = [label for label in parts if label not in (*STAGES.values(), "other", "total")]
+    if inner:  # stages the engine reports inside the ones above
+        print("  inside the above:")
+    for label in inner:
+        print(f"    {label:<38} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
 
 
 def checks(doc: dict) -> dict[str, bool]:
