@@ -313,16 +313,9 @@ def run_batch(
     check_batch_paths(input_path, output_path, patches)
     warnings: list[str] = []
     warn = collecting(warnings, on_warning)
-    jobs, bad = read_jobs(input_path)
-    for b in bad:
-        if (b.line - 1) % world_size == rank:
-            warn(b.message)
-    mine = [job for job in jobs if (job.line - 1) % world_size == rank]
+    jobs, mine = share(input_path, rank, world_size, warn)
     todo, retried = pending(mine, output_path, retry_failed, warn)
-    names = None
-    if patches is not None:
-        Path(patches).mkdir(exist_ok=True)
-        names = patch_names(jobs)
+    names = patch_folder(patches, jobs)
     options = dict(layers=layers, residual=residual, top_k=top_k, gradient=gradient,
                    per_layer_ablation=per_layer_ablation, text=text)  # fmt: skip
 
@@ -333,6 +326,23 @@ def run_batch(
     return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
             "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
             "retried": len(retried), "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+
+
+def share(input_path: str | Path, rank: int, world_size: int, warn: Warn) -> tuple[list[Job], list[Job]]:
+    """(every job of the input, this rank's share of them: index % world_size == rank); warns of its bad lines."""
+    jobs, bad = read_jobs(input_path)
+    for b in bad:
+        if (b.line - 1) % world_size == rank:
+            warn(b.message)
+    return jobs, [job for job in jobs if (job.line - 1) % world_size == rank]
+
+
+def patch_folder(patches: str | Path | None, jobs: list[Job]) -> dict | None:
+    """With `patches`: create the folder, and name each job's patch file (see `patch_names`)."""
+    if patches is None:
+        return None
+    Path(patches).mkdir(exist_ok=True)
+    return patch_names(jobs)
 
 
 def collecting(warnings: list[str], on_warning: Warn | None) -> Warn:
