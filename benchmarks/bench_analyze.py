@@ -7,8 +7,8 @@ repeat, median of R repeats after one warm-up each, on SmolLM2-135M in float32 o
    query alone), at the 18-token demo and at about 500 context tokens. The plain forwards are what a user
    runs: `model(input_ids)` under `torch.no_grad()`, transformers' defaults otherwise (KV cache built,
    logits at every position). A stricter baseline with `use_cache=False, logits_to_keep=1` is printed beside
-   it. A per-component breakdown times analyze's engine functions by wrapping them from here (monkeypatched
-   for the instrumented runs only; the library carries no timing code).
+   it. A per-stage breakdown reads the seconds analyze's stages report to `icl_probe.timing.timings()`
+   (capture, solve, ablation, reports, scores, ...): the library's public timing seam.
 2. peak memory: each arm runs once in its own fresh subprocess, after the model is loaded and one 2-token
    forward has warmed up the kernels. glibc is told to hand every block of 64 kB or more straight back to
    the OS (MALLOC_MMAP_THRESHOLD_), `malloc_trim` releases what loading left behind, and the kernel's peak
@@ -49,13 +49,13 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe import analysis, capture, models, patching, update
-from icl_probe.arch import Block
+from icl_probe import models
 from icl_probe.export import export_patch, sizes
 from icl_probe.fingerprint import hash_values
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
 from icl_probe.replay import replay
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, format_example
+from icl_probe.timing import timings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dynamics  # noqa: E402 - the prefix sweep's measurement, run here so that one table has every figure
@@ -110,70 +110,36 @@ def median_times(arms: dict, repeat: int) -> dict[str, float]:
 
 # ---- 1. analyze overhead and its breakdown -----------------------------------------------------------------
 
-# (module, attribute, label): functions analyze calls through these namespaces, timed from outside.
-TOP = [
-    (analysis, "tokenize", "tokenize"),
-    (analysis, "select_blocks", "select blocks"),
-    (analysis, "capture_targets", "with-context run + capture"),
-    (analysis, "check_finite", "finiteness checks"),
-    (analysis, "solve_checked", "sequential solve (query alone)"),
-    (analysis, "static_logits_rows", "ablation batch + query alone unpatched (4 rows)"),
-    (analysis, "layer_report", "layer reports (norms, ranks)"),
-    (analysis, "compare_logits", "logit metrics (KL, top-k)"),
-]
-INNER = [  # parts of the top-level components above, printed indented under them
-    (capture, "last", "capture: float64 copies of targets"),
-    (update, "rank_one_update", "solve: ΔW build (W (zC − z0))"),
-    (Block, "run_mlp", "solve: branch0 MLP re-run"),
-    (update.SequentialRun, "build_hook", "solve: ΔW hooks, all"),
-    (update.SequentialRun, "block_hook", "solve: Δb hooks (incl. re-run)"),
-    (analysis, "weight_norm", "reports: weight_norm"),
-    (patching, "low_rank_hook", "ablation: ΔW row hooks"),
-]
-FACTORIES = {"build_hook", "block_hook", "low_rank_hook"}  # they return the hook to time
-
-
-@contextlib.contextmanager
-def timed(spent: dict[str, float], targets: list):
-    """Wrap each (owner, attr) so that its calls (or, for hook factories, its hooks' calls) add to spent[label]."""
-
-    def clock(label, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    def factory(label, make):
-        return lambda *args, **kwargs: clock(label, make(*args, **kwargs))
-
-    originals = [(owner, attr, owner.__dict__[attr]) for owner, attr, _ in targets]
-    try:
-        for owner, attr, label in targets:
-            fn = owner.__dict__[attr]
-            setattr(owner, attr, factory(label, fn) if attr in FACTORIES else clock(label, fn))
-        yield
-    finally:
-        for owner, attr, fn in originals:
-            setattr(owner, attr, fn)
+# stage (icl_probe.timing, reported by analysis.analyze) → label; "other" is the rest of the total
+STAGES = {
+    "tokenize": "tokenize",
+    "select blocks": "select blocks",
+    "capture": "with-context run + capture",
+    "finiteness checks": "finiteness checks",
+    "solve": "sequential solve (query alone)",
+    "ablation": "ablation batch + query alone unpatched (4 rows)",
+    "reports": "layer reports (norms, ranks)",
+    "scores": "logit metrics (KL, top-k)",
+    "layer ablation": "per-layer ablation",
+    "generation": "generation",
+    "gradient": "gradient alignment",
+}
+OPTIONAL = {"layer ablation", "generation", "gradient"}  # stages of options the breakdown does not ask for
 
 
 def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[str, float]:
     """Median seconds per component over `repeat` instrumented analyses; "other" is the rest of the total."""
     runs = []
     for _ in range(repeat):
-        spent: dict[str, float] = {}
-        with timed(spent, TOP + INNER):
+        with timings() as stages:
             start = time.perf_counter()
             icl_probe.analyze(model, tokenizer, context, query)
-            spent["total"] = time.perf_counter() - start
-        spent["other"] = spent["total"] - sum(spent.get(label, 0.0) for _, _, label in TOP)
-        runs.append(spent)
-    labels = [label for _, _, label in TOP + INNER] + ["other", "total"]
-    return {label: statistics.median(r.get(label, 0.0) for r in runs) for label in labels}
+            total = time.perf_counter() - start
+        spent = {label: stages.get(name, 0.0) for name, label in STAGES.items()}
+        inner = {name: s for name, s in stages.items() if name not in STAGES}  # stages nested in the above
+        runs.append({**spent, **inner, "other": total - sum(spent.values()), "total": total})
+    labels = [*STAGES.values(), *sorted({k for r in runs for k in r} - set(STAGES.values())), "other", "total"]
+    return {label: statistics.median(r.get(label, 0.0) for r in runs) for label in dict.fromkeys(labels)}
 
 
 def overhead(model, tokenizer, context: str, query: str, repeat: int) -> dict:
@@ -468,12 +434,14 @@ def print_breakdown(name: str, o: dict) -> None:
         f" plain full forward {o['full_only_s'] * 1e3:.1f} ms, plain query forward {o['query_only_s'] * 1e3:.1f} ms)"
     )
     print(f"  {'component':<40} {'ms':>8} {'share':>6}")
-    for _, _, label in TOP:
+    for label in (label for name, label in STAGES.items() if name not in OPTIONAL or parts[label]):
         print(f"  {label:<40} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
     print(f"  {'other (dataclasses, Analysis)':<40} {parts['other'] * 1e3:>8.2f} {parts['other'] / total:>6.1%}")
-    print("  inside the above:")
-    for _, _, label in INNER:
-        print(f"    {label:<38} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")  # fmt: skip
+    inner = [label for label in parts if label not in (*STAGES.values(), "other", "total")]
+    if inner:  # stages the engine reports inside the ones above
+        print("  inside the above:")
+    for label in inner:
+        print(f"    {label:<38} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
 
 
 def checks(doc: dict) -> dict[str, bool]:

@@ -54,13 +54,14 @@ from .moe import summary as moe_summary
 from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
+from .timing import stage
 from .update import LayerRecord, Solution, moe_report, solve
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
 POSITIONS = ("last", "all")
 PRECISIONS = ("stable", "naive")
-GENERATE_TOKENS = 10  # greedy tokens compared against the with-context continuation, with --positions all
+GENERATE_TOKENS = 10  # greedy tokens compared against the with-context continuation, with positions="all"
 # A norm-scale fold must also reproduce the context when applied as weights (check_static_fold).
 MAX_STATIC_FOLD_KL = 1e-6
 
@@ -78,7 +79,7 @@ class LayerReport:
     block_error: float
     modules: dict[str, dict] = field(default_factory=dict)
     fold_min_abs_normalised: float | None = None  # norm-scale fold only: min_k |n_last,k|
-    # --positions all only: over every position (prefix included) of the query alone
+    # positions="all" only: over every position (prefix included) of the query alone
     block_error_max: float | None = None
     z0_gram_condition: float | None = None  # cond(Z0ᵀ Z0) of the positions ΔW is fitted on
     dependent_positions: list[dict] | None = None  # [{position, modules, block_error}]: what the fit could not match
@@ -103,12 +104,12 @@ class Analysis:
     ablation: dict
     patch: Patch
     layer_ablation: list[dict] | None = None
-    target: dict | None = None  # {token, id}: the token whose loss --gradient differentiates
+    target: dict | None = None  # {token, id}: the token whose loss `gradient` differentiates
     context_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,), the full prompt's
     solved_at: str = "last"  # where the update was solved: the last query position, or all of them
-    positions: dict | None = None  # --positions all: the per-position scores and generation
+    positions: dict | None = None  # positions="all": the per-position scores and generation
     precision: str = "stable"  # stable: float64 update math, rounded once; naive: in the model's dtype
-    generation: Generation | None = None  # --generate N: teacher-forced greedy steps, the update recomputed
+    generation: Generation | None = None  # generate=N: teacher-forced greedy steps, the update recomputed
     precision_limit: dict | None = None  # MLP parts computing below the model's dtype, and the floor they set
 
     def to_dict(self, text: bool = True) -> dict:
@@ -166,85 +167,136 @@ def analyze(
     query position (rank k, residual folded); `residual` defaults to bias, or fold with all.
     `precision="naive"` builds and applies the update in the model's dtype, for comparison studies.
     `generate=N` compares N teacher-forced greedy tokens, the update recomputed at each (reported to
-    `progress`, see progress.py). The model is left unchanged.
+    `progress`, see progress.py). The model is left unchanged; its stages report to icl_probe.timing.
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
     check_options(positions, precision, generate)
-    prompt = tokenize(tokenizer, context, query)
-    check_length(model, prompt)
-    check_generate_length(model, prompt, generate)
-    chosen = select_blocks(model, layers)
-    residual = resolve_residual(chosen, residual, positions)
+    with stage("tokenize"):
+        prompt = tokenize(tokenizer, context, query)
+        check_length(model, prompt)
+        check_generate_length(model, prompt, generate)
+    with stage("select blocks"):
+        chosen = select_blocks(model, layers)
+        residual = resolve_residual(chosen, residual, positions)
+    run = AnalysisInput(context, query, prompt, chosen, residual, top_k, per_layer_ablation, gradient, target)
     if positions == "all":
-        run = PositionsInput(context, query, prompt, chosen, top_k, per_layer_ablation)
-        return analyze_positions(model, tokenizer, run, gradient, target)
+        return analyze_positions(model, tokenizer, run)
+    return analyze_last(model, tokenizer, run, precision, generate, progress)
+
+
+@dataclass
+class AnalysisInput:
+    """What an analysis is given, already checked: the texts, their tokens, the blocks and the options."""
+
+    context: str
+    query: str
+    prompt: Prompt
+    chosen: list[Block]
+    residual: str
+    top_k: int = 5
+    per_layer_ablation: bool = False
+    gradient: bool = False
+    target: str | None = None  # the token whose loss `gradient` differentiates (default: the with-context top-1)
+
+
+def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str, generate: int, progress) -> Analysis:
+    """`analyze` with the update solved at the query's last token: rank 1 per module."""
+    prompt, chosen, residual = run.prompt, run.chosen, run.residual
     with torch.no_grad(), precision_scope(model, precision):
-        if generate:  # the full prompt on a KV cache, which the generated tokens then extend
-            targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None)
-        else:
-            targets, logits_ctx = capture_targets(model, chosen, prompt.full)
-        check_finite(model, prompt, targets, logits_ctx)
-        solution = solve_checked(model, chosen, targets, prompt, residual)
+        with stage("capture"):
+            if generate:  # the full prompt on a KV cache, which the generated tokens then extend
+                targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None)
+            else:
+                targets, logits_ctx = capture_targets(model, chosen, prompt.full)
+        with stage("finiteness checks"):
+            check_finite(model, prompt, targets, logits_ctx)
+        with stage("solve"):
+            solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
-        both = None  # the whole patch's static logits: computed first only where a fold must be checked
-        if residual == "fold" and patch.dense:
-            both = static_logits(model, patch, prompt.query_only)
-            check_static_fold(patch, logits_ctx, both)
-        # the ablation's rows and, as one more row of that batch, the query alone unpatched (an empty patch)
-        rows = static_logits_rows(model, [*ablation_rows(chosen, patch, both), Patch()], prompt.query_only)
-        logits_0 = rows[-1]
-        check_finite_query(model, prompt, logits_0)
-        parts = ablation_scores(logits_ctx, rows[:-1], both)
-        per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx) if per_layer_ablation else None
+        with stage("ablation"):
+            parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
+        per_layer = layer_ablation_of(model, run, patch, logits_ctx)
         generation = None
         if generate:
-            start = Start(targets, logits_ctx, cache, solution.logits[0])
-            generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start, progress)
-    reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
-    wanted = aligned_target(model, tokenizer, chosen, patch, prompt, reports, target, logits_ctx) if gradient else None
+            with stage("generation"):
+                start = Start(targets, logits_ctx, cache, solution.logits[0])
+                generation = recompute_generation(model, tokenizer, prompt, chosen, residual, generate, start, progress)
+    with stage("reports"):
+        reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
+    wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
+    return build_analysis(model, tokenizer, run, reports, (logits_ctx, logits_0, solution.logits[0]), ablation=parts,
+                          patch=patch, layer_ablation=per_layer, target=wanted, precision=precision,
+                          generation=generation, precision_limit=precision_limit(chosen, model.dtype))  # fmt: skip
+
+
+def static_scores(model: nn.Module, prompt: Prompt, chosen: list[Block], patch: Patch, residual: str, logits_ctx):
+    """(the ablation's scores, the query alone's logits): ΔW only, Δb only and both applied as weights, and the
+    query alone unpatched (an empty patch) as one more row of that batch; a norm-scale fold is checked first."""
+    both = None  # the whole patch's static logits: computed first only where a fold must be checked
+    if residual == "fold" and patch.dense:
+        both = static_logits(model, patch, prompt.query_only)
+        check_static_fold(patch, logits_ctx, both)
+    rows = static_logits_rows(model, [*ablation_rows(chosen, patch, both), Patch()], prompt.query_only)
+    logits_0 = rows[-1]
+    check_finite_query(model, prompt, logits_0)
+    return ablation_scores(logits_ctx, rows[:-1], both), logits_0
+
+
+def layer_ablation_of(model: nn.Module, run: AnalysisInput, patch: Patch, logits_ctx) -> list[dict] | None:
+    """The per-layer ablation (each layer's update left out, and alone) if `run` asks for it."""
+    if not run.per_layer_ablation:
+        return None
+    with stage("layer ablation"):
+        return layer_ablation(model, run.chosen, patch, run.prompt.query_only, logits_ctx)
+
+
+def build_analysis(model: nn.Module, tokenizer, run: AnalysisInput, reports, logits: tuple, **fields) -> Analysis:
+    """The Analysis of `run`: the model's facts, the texts, the layer reports, the scores of `logits` (with context,
+    query alone, patched; each (vocab,) at the last position) and the other `fields` of Analysis."""
+    logits_ctx, logits_0, patched = logits
+    with stage("scores"):
+        scores = compare_logits(tokenizer, logits_ctx, logits_0, patched, run.top_k)
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,
         num_layers=model.config.get_text_config().num_hidden_layers,
         dtype=str(model.dtype).removeprefix("torch."),
-        residual=residual,
-        context=context,
-        query=query,
-        prompt=prompt,
+        residual=run.residual,
+        context=run.context,
+        query=run.query,
+        prompt=run.prompt,
         layers=reports,
-        logits=compare_logits(tokenizer, logits_ctx, logits_0, solution.logits[0], top_k),
-        ablation=parts,
-        patch=patch,
-        layer_ablation=per_layer,
-        target=wanted,
+        logits=scores,
         context_logits=logits_ctx,
-        precision=precision,
-        generation=generation,
-        precision_limit=precision_limit(chosen, model.dtype),
+        **fields,
     )
 
 
-def aligned_target(model, tokenizer, chosen, patch: Patch, prompt: Prompt, reports: list, target, logits_ctx) -> dict:
-    """--gradient: pick the target token, and add each module's cos_F(ΔW, −∇W loss) to the reports."""
-    wanted = pick_target(tokenizer, target, logits_ctx)
-    add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
+def aligned_target(model, tokenizer, run: AnalysisInput, patch: Patch, reports: list, logits_ctx) -> dict | None:
+    """With `gradient`: pick the target token, and add each module's cos_F(ΔW, −∇W loss) to the reports."""
+    if not run.gradient:
+        return None
+    with stage("gradient"):
+        wanted = pick_target(tokenizer, run.target, logits_ctx)
+        alignment = gradient_alignment(model, run.chosen, patch, run.prompt.query_only, wanted["id"])
+        add_gradient_alignment(reports, alignment)
     return wanted
 
 
 def check_options(positions: str, precision: str, generate: int) -> None:
-    """Refuse an unknown precision, a negative --generate, and what --positions all does not support."""
+    """Refuse an unknown precision, a negative `generate`, and what positions="all" does not support."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision '{precision}'; use stable or naive")
     if generate < 0:
-        raise UsageError(f"--generate must be 0 or more, not {generate}")
+        raise UsageError(f"`generate` must be 0 or more, not {generate}")
     if positions == "all" and generate:
         raise UsageError(
-            "--generate solves the update at the last token of each text; drop --generate or --positions all "
+            '`generate` solves the update at the last token of each text; drop `generate` or `positions="all"` '
             "(which compares greedy generation on its own)"
         )
     if positions == "all" and precision != "stable":
-        raise UsageError("--precision naive applies to the update solved at the last token; drop --positions all")
+        raise UsageError('`precision="naive"` applies to the update solved at the last token; drop `positions="all"`')
 
 
 def check_generate_length(model: nn.Module, prompt: Prompt, generate: int) -> None:
@@ -254,7 +306,7 @@ def check_generate_length(model: nn.Module, prompt: Prompt, generate: int) -> No
     if generate and limit is not None and longest > limit:
         raise InputError(
             f"the prompt and {generate} generated tokens make {longest + 1} tokens but the model takes at most "
-            f"{limit}; pass a smaller --generate"
+            f"{limit}; pass a smaller `generate`"
         )
 
 
@@ -273,14 +325,14 @@ def resolve_residual(chosen: list[Block], residual: str | None, positions: str) 
         return residual
     if residual not in (None, "fold"):
         raise UsageError(
-            f"--positions all folds the residual term into the weights (a bias is exact at one position only); "
-            f"drop --residual {residual}"
+            f'`positions="all"` folds the residual term into the weights (a bias is exact at one position only); '
+            f'drop `residual="{residual}"`'
         )
     family = chosen[0].family if chosen else None
     if family is not None and family.fold is None:
         raise ModelError(
-            f"--positions all needs the residual term folded into the weights, and {family.name} has no fold: "
-            f"{family.fold_note}; use --positions last"
+            f'`positions="all"` needs the residual term folded into the weights, and {family.name} has no fold: '
+            f'{family.fold_note}; use `positions="last"`'
         )
     return "fold"
 
@@ -290,7 +342,9 @@ def check_residual(chosen: list[Block], residual: str) -> None:
         raise UsageError(f"unknown residual mode '{residual}'; use bias or fold")
     family = chosen[0].family if chosen else None
     if residual == "fold" and family is not None and family.fold is None:
-        raise ModelError(f"--residual fold is not available for {family.name}: {family.fold_note}; use --residual bias")
+        raise ModelError(
+            f'`residual="fold"` is not available for {family.name}: {family.fold_note}; use `residual="bias"`'
+        )
 
 
 def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0=None) -> None:
@@ -320,8 +374,8 @@ def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: 
 def non_finite(model: nn.Module, ids: list[int], which: str, run) -> MathError:
     """The MathError for a forward pass (`run`) that gave inf or NaN, located by running it again with checks."""
     dtype = str(model.dtype).removeprefix("torch.")
-    fix = {"float32": "run with --dtype float64, or check the checkpoint's weights", "float64": "check the "
-           "checkpoint's weights"}.get(dtype, "run with --dtype float32")  # fmt: skip
+    fix = {"float32": "run with `dtype=\"float64\"`, or check the checkpoint's weights", "float64": "check the "
+           "checkpoint's weights"}.get(dtype, "run with `dtype=\"float32\"`")  # fmt: skip
     return MathError(
         f"non-finite activations (inf or NaN) with {which} in {dtype}: they first appear in "
         f"{first_non_finite(model, run)}; {fix}"
@@ -366,7 +420,7 @@ def check_static_fold(patch: Patch, logits_ctx: torch.Tensor, logits_static: tor
         raise MathError(
             f"the norm-scale fold is numerically unstable on this prompt: applied as weights it gives "
             f"KL(context ‖ patched) = {kl:.3g} (> {MAX_STATIC_FOLD_KL:g}); its largest scale change is at "
-            f"{worst}; use --residual bias, or fold fewer layers with --layers (the top layers fold best)"
+            f'{worst}; use `residual="bias"`, or fold fewer layers with `layers` (the top layers fold best)'
         )
 
 
@@ -420,62 +474,37 @@ def add_gradient_alignment(reports: list[LayerReport], alignment: list[dict]) ->
             report.modules[path]["gradient_alignment"] = value
 
 
-# ---- --positions all -------------------------------------------------------------------------------------------
+# ---- positions="all" -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PositionsInput:
-    """What analyze_positions is given, already checked."""
-
-    context: str
-    query: str
-    prompt: Prompt
-    chosen: list[Block]
-    top_k: int
-    per_layer_ablation: bool
-
-
-def analyze_positions(model: nn.Module, tokenizer, run: PositionsInput, gradient: bool, target: str | None) -> Analysis:
+def analyze_positions(model: nn.Module, tokenizer, run: AnalysisInput) -> Analysis:
     """`analyze` with the update solved at every query position: rank k per module, the residual term folded."""
     prompt, chosen = run.prompt, run.chosen
     k = len(prompt.query)
     with torch.no_grad():
-        targets, logits_ctx = capture_positions(model, chosen, prompt)  # (k, vocab)
-        logits_0 = position_logits(model, prompt.query_only, k)
-        check_finite(model, prompt, targets, logits_ctx, logits_0)
-        solution = solve_positions(model, chosen, targets, prompt.query_only, len(prompt.prefix))
+        with stage("capture"):
+            targets, logits_ctx = capture_positions(model, chosen, prompt)  # (k, vocab)
+            logits_0 = position_logits(model, prompt.query_only, k)
+        with stage("finiteness checks"):
+            check_finite(model, prompt, targets, logits_ctx, logits_0)
+        with stage("solve"):
+            solution = solve_positions(model, chosen, targets, prompt.query_only, len(prompt.prefix))
+            solution.patch.metadata = {"solved_at": "all"}
+            check_finite_positions(model, prompt, solution)
         patch, patched = solution.patch, solution.logits
-        patch.metadata = {"solved_at": "all"}
-        check_finite_positions(model, prompt, solution)
-        parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx[-1], patched[-1])
-        per_layer = None
-        if run.per_layer_ablation:
-            per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx[-1])
-        last_patch = solve(model, chosen, last_targets(targets), prompt.query_only, "bias").patches[0]
-        generation = generations(model, tokenizer, prompt, patch, last_patch)
-    reports = [positions_report(b, solution.records[b.index], targets[b.index], patch) for b in chosen]
-    wanted = None
-    if gradient:
-        wanted = aligned_target(model, tokenizer, chosen, patch, prompt, reports, target, logits_ctx[-1])
-    return Analysis(
-        model=model_name(model),
-        model_type=model.config.model_type,
-        num_layers=model.config.get_text_config().num_hidden_layers,
-        dtype=str(model.dtype).removeprefix("torch."),
-        residual="fold",
-        context=run.context,
-        query=run.query,
-        prompt=prompt,
-        layers=reports,
-        logits=compare_logits(tokenizer, logits_ctx[-1], logits_0[-1], patched[-1], run.top_k),
-        ablation=parts,
-        patch=patch,
-        layer_ablation=per_layer,
-        target=wanted,
-        context_logits=logits_ctx[-1],
-        solved_at="all",
-        positions=positions_document(prompt, solution, logits_ctx, logits_0, generation),
-    )
+        with stage("ablation"):
+            parts = ablation(model, chosen, patch, prompt.query_only, logits_ctx[-1], patched[-1])
+        per_layer = layer_ablation_of(model, run, patch, logits_ctx[-1])
+        with stage("generation"):
+            last_patch = solve(model, chosen, last_targets(targets), prompt.query_only, "bias").patches[0]
+            generation = generations(model, tokenizer, prompt, patch, last_patch)
+    with stage("reports"):
+        reports = [positions_report(b, solution.records[b.index], targets[b.index], patch) for b in chosen]
+    wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx[-1])
+    positions = positions_document(prompt, solution, logits_ctx, logits_0, generation)
+    return build_analysis(model, tokenizer, run, reports, (logits_ctx[-1], logits_0[-1], patched[-1]), ablation=parts,
+                          patch=patch, layer_ablation=per_layer, target=wanted, solved_at="all",
+                          positions=positions)  # fmt: skip
 
 
 def last_targets(targets: dict[int, PositionTargets]) -> dict:

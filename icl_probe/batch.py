@@ -180,7 +180,7 @@ def check_batch_paths(input_path: str | Path, output: str | Path, patches: str |
     if patches is not None:
         patches = Path(patches)
         if patches.exists() and not patches.is_dir():
-            raise InputError(f"--patches {patches} is a file; give a folder (it is created if missing)")
+            raise InputError(f"`patches` {patches} is a file; give a folder (it is created if missing)")
         if not patches.parent.is_dir():
             raise InputError(f"cannot create the patch folder {patches}: {patches.parent} does not exist")
 
@@ -308,28 +308,57 @@ def run_batch(
     """
     check_share(rank, world_size, output_path)
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be 1 or more, not {batch_size}")
+        raise UsageError(f"`batch_size` must be 1 or more, not {batch_size}")
     check_patch_options(patches, top_k, gradient, per_layer_ablation)
     check_batch_paths(input_path, output_path, patches)
     warnings: list[str] = []
+    warn = collecting(warnings, on_warning)
+    jobs, mine = share(input_path, rank, world_size, warn)
+    todo, retried = pending(mine, output_path, retry_failed, warn)
+    names = patch_folder(patches, jobs)
+    options = dict(layers=layers, residual=residual, top_k=top_k, gradient=gradient,
+                   per_layer_ablation=per_layer_ablation, text=text)  # fmt: skip
+
+    def run(chunk: list[Job], pending_ids: set) -> list[dict]:
+        return run_chunk(model, tokenizer, chunk, options, patches, names, input_path, pending_ids)
+
+    counts = write_batches(mine, todo, batch_size, output_path, run, on_progress)
+    return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
+            "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
+            "retried": len(retried), "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+
+
+def share(input_path: str | Path, rank: int, world_size: int, warn: Warn) -> tuple[list[Job], list[Job]]:
+    """(every job of the input, this rank's share of them: index % world_size == rank); warns of its bad lines."""
+    jobs, bad = read_jobs(input_path)
+    for b in bad:
+        if (b.line - 1) % world_size == rank:
+            warn(b.message)
+    return jobs, [job for job in jobs if (job.line - 1) % world_size == rank]
+
+
+def patch_folder(patches: str | Path | None, jobs: list[Job]) -> dict | None:
+    """With `patches`: create the folder, and name each job's patch file (see `patch_names`)."""
+    if patches is None:
+        return None
+    Path(patches).mkdir(exist_ok=True)
+    return patch_names(jobs)
+
+
+def collecting(warnings: list[str], on_warning: Warn | None) -> Warn:
+    """warn(message): keep the message in `warnings` and pass it to `on_warning`."""
 
     def warn(message: str) -> None:
         warnings.append(message)
         if on_warning is not None:
             on_warning(message)
 
-    jobs, bad = read_jobs(input_path)
-    for b in bad:
-        if (b.line - 1) % world_size == rank:
-            warn(b.message)
-    mine = [job for job in jobs if (job.line - 1) % world_size == rank]
-    todo, retried = pending(mine, output_path, retry_failed, warn)
-    names = None
-    if patches is not None:
-        Path(patches).mkdir(exist_ok=True)
-        names = patch_names(jobs)
-    options = dict(layers=layers, residual=residual, top_k=top_k, gradient=gradient,
-                   per_layer_ablation=per_layer_ablation, text=text)  # fmt: skip
+    return warn
+
+
+def write_batches(mine: list[Job], todo: list[Job], batch_size: int, output_path, run, on_progress) -> dict:
+    """Append `run(chunk, pending ids)`'s lines for each slice of `batch_size` jobs with a pending one; the counts of
+    lines done and failed."""
     counts = {"done": 0, "failed": 0}
     progress = on_progress or (lambda done, total: None)
     progress(len(mine) - len(todo), len(mine))
@@ -341,14 +370,11 @@ def run_batch(
             chunk = mine[start : start + batch_size]
             if not any(job.id in pending_ids for job in chunk):
                 continue
-            lines = run_chunk(model, tokenizer, chunk, options, patches, names, input_path, pending_ids)
-            for line in lines:
+            for line in run(chunk, pending_ids):
                 write(line)
                 counts["failed" if "error" in line else "done"] += 1
             progress(len(mine) - len(todo) + counts["done"] + counts["failed"], len(mine))
-    return {"input": str(input_path), "output": str(output_path), "rank": rank, "world_size": world_size,
-            "lines": len(mine), "done": counts["done"], "skipped": len(mine) - len(todo), "failed": counts["failed"],
-            "retried": len(retried), "bad_lines": len(warnings), "warnings": warnings}  # fmt: skip
+    return counts
 
 
 def pending(mine: list[Job], output_path: str | Path, retry_failed: bool, warn: Warn) -> tuple[list[Job], set]:
@@ -364,13 +390,13 @@ def check_share(rank: int, world_size: int, output_path: str | Path) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UsageError(f"RANK {rank} and WORLD_SIZE {world_size} do not fit: need 0 <= RANK < WORLD_SIZE")
     if world_size > 1 and str(output_path) == "-":
-        raise UsageError("with many processes each writes its own file; give --output FILE.jsonl, not '-'")
+        raise UsageError("with many processes each writes its own file; give `output=FILE.jsonl`, not '-'")
 
 
 def check_patch_options(patches, top_k: int, gradient: bool, per_layer_ablation: bool) -> None:
     """A patch comes with export-patch's analysis (top 5, no gradient, no per-layer ablation)."""
     if patches is not None and (top_k != 5 or gradient or per_layer_ablation):
-        raise UsageError("--patches reports export-patch's analysis; drop --top-k, --gradient and --layer-ablation")
+        raise UsageError("`patches` reports export-patch's analysis; drop `top_k`, `gradient` and `layer_ablation`")
 
 
 def run_chunk(model, tokenizer, chunk: list[Job], options: dict, patches, names, input_path, pending: set) -> list:

@@ -13,26 +13,38 @@ from its own run by up to 1.5e-7 relative in float64 (logits still within KL 1e-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from . import arch
-from .analysis import Analysis, add_gradient_alignment, analyze, check_residual, check_static_fold, layer_report
+from .analysis import (
+    Analysis,
+    AnalysisInput,
+    aligned_target,
+    analyze,
+    build_analysis,
+    check_residual,
+    check_static_fold,
+    layer_ablation_of,
+    layer_report,
+)
 from .capture import (
     Target,
     capture_targets_rows,
     check_length,
     last_logits,
     last_logits_rows,
-    model_name,
     select_blocks,
 )
 from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
-from .metrics import ablation_rows, ablation_scores, compare_logits, gradient_alignment, layer_ablation, pick_target
+from .metrics import ablation_rows, ablation_scores
 from .patching import Patch, applied, applied_rows
-from .update import solve_rows
+from .timing import stage
+from .update import Solution, solve_rows
 
 
 def analyze_rows(
@@ -59,41 +71,58 @@ def analyze_rows(
     tokenized = [tokenize(tokenizer, c, q) for c, q in prompts]
     for p in tokenized:
         check_length(model, p)
-    queries = [p.query_only for p in tokenized]
+    runs = [AnalysisInput(c, q, p, chosen, residual, top_k, per_layer_ablation, gradient)
+            for (c, q), p in zip(prompts, tokenized)]  # fmt: skip
     with torch.no_grad():
-        rows, logits_ctx = capture_targets_rows(model, chosen, [p.full for p in tokenized])
+        batch = solve_batch(model, runs)
+    return [row_analysis(model, tokenizer, run, batch, i) for i, run in enumerate(runs)]
+
+
+@dataclass
+class Batch:
+    """The shared passes of a batch: per prompt its targets, with-context logits, solution row, the whole patch's
+    static logits where a fold was checked, and its rows of the static pass (the ablation's, then unpatched)."""
+
+    rows: list[dict[int, Target]]
+    logits_ctx: torch.Tensor  # (B, vocab)
+    solution: Solution
+    boths: list[torch.Tensor | None]
+    static: list[torch.Tensor]  # per prompt: (its ablation rows + 1, vocab)
+
+
+def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
+    """Capture every prompt with its context, solve every query alone, and score every ablation row: three passes."""
+    chosen, residual = runs[0].chosen, runs[0].residual
+    queries = [run.prompt.query_only for run in runs]
+    with stage("capture"):
+        rows, logits_ctx = capture_targets_rows(model, chosen, [run.prompt.full for run in runs])
         targets = {b.index: stacked([r[b.index] for r in rows]) for b in chosen}
+    with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
+    with stage("solve"):
         solution = solve_rows(model, chosen, targets, queries, residual)
         finite(solution.logits)
+    with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip
         parts = [[*ablation_rows(chosen, patch, both), Patch()] for patch, both in zip(solution.patches, boths)]
         static = static_rows(model, [p for ps in parts for p in ps], [q for q, ps in zip(queries, parts) for _ in ps])
         finite(static)
-    results, start = [], 0
-    for i, ((context, query), prompt) in enumerate(zip(prompts, tokenized)):
-        logits = static[start : start + len(parts[i])]
-        start += len(parts[i])
-        patch = solution.patches[i]
-        per_layer = None
-        if per_layer_ablation:
-            per_layer = layer_ablation(model, chosen, patch, prompt.query_only, logits_ctx[i])
-        reports = [layer_report(b, solution.records[i][b.index], rows[i][b.index], patch, residual) for b in chosen]
-        wanted = None
-        if gradient:
-            wanted = pick_target(tokenizer, None, logits_ctx[i])
-            add_gradient_alignment(reports, gradient_alignment(model, chosen, patch, prompt.query_only, wanted["id"]))
-        results.append(Analysis(
-            model=model_name(model), model_type=model.config.model_type,
-            num_layers=model.config.get_text_config().num_hidden_layers,
-            dtype=str(model.dtype).removeprefix("torch."), residual=residual, context=context, query=query,
-            prompt=prompt, layers=reports,
-            logits=compare_logits(tokenizer, logits_ctx[i], logits[-1], solution.logits[i], top_k),
-            ablation=ablation_scores(logits_ctx[i], logits[:-1], boths[i]), patch=patch, layer_ablation=per_layer,
-            target=wanted, context_logits=logits_ctx[i], precision_limit=precision_limit(chosen, model.dtype),
-        ))  # fmt: skip
-    return results
+    return Batch(rows, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
+
+
+def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, i: int) -> Analysis:
+    """The Analysis of the batch's row `i`, as `analyze` builds it for that prompt alone."""
+    patch, logits_ctx, static = batch.solution.patches[i], batch.logits_ctx[i], batch.static[i]
+    per_layer = layer_ablation_of(model, run, patch, logits_ctx)
+    with stage("reports"):
+        reports = [layer_report(b, batch.solution.records[i][b.index], batch.rows[i][b.index], patch, run.residual)
+                   for b in run.chosen]  # fmt: skip
+    wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
+    ablation = ablation_scores(logits_ctx, static[:-1], batch.boths[i])
+    return build_analysis(model, tokenizer, run, reports, (logits_ctx, static[-1], batch.solution.logits[i]),
+                          ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted,
+                          precision_limit=precision_limit(run.chosen, model.dtype))  # fmt: skip
 
 
 def stacked(targets: list[Target]) -> Target:

@@ -59,7 +59,7 @@ def test_fold_is_exact_and_adds_output_projection_updates():
 
 def test_fold_is_refused_where_the_table_cannot_tell_how_the_mlp_branch_enters():
     # olmo is not in the table: the generic rule gives exact bias updates but no fold (tests/test_families.py)
-    with pytest.raises(ModelError, match="fold is not available for generic"):
+    with pytest.raises(ModelError, match='`residual="fold"` is not available for generic'):
         analyze(tiny_model("olmo"), tokenizer_for("olmo"), CONTEXT, QUERY, residual="fold")
 
 

@@ -116,7 +116,7 @@ def test_run_batch_rows_equal_one_at_a_time_and_a_bad_line_fails_alone(tmp_path)
 def test_batch_size_must_be_positive(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text('{"id": 1, "context": "a", "query": "b"}\n', encoding="utf-8")
-    with pytest.raises(UsageError, match="--batch-size"):
+    with pytest.raises(UsageError, match="`batch_size`"):
         run_batch(model_of("llama"), tokenizer_for("llama"), source, tmp_path / "o.jsonl", batch_size=0)
 
 

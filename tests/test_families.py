@@ -265,7 +265,7 @@ def test_linear_fold_divides_by_the_branch_multiplier():
 
 @pytest.mark.parametrize("name", GENERIC)
 def test_generic_rule_refuses_fold(name):
-    with pytest.raises(ModelError, match=rf"fold is not available for generic \({name}\).*--residual bias"):
+    with pytest.raises(ModelError, match=rf'fold"` is not available for generic \({name}\).*`residual="bias"`'):
         analyze(model_of(name), tokenizer_for(name), CONTEXT, QUERY, residual="fold")
 
 

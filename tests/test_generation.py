@@ -12,9 +12,10 @@ from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, export_patch, replay
 from icl_probe.capture import greedy, select_blocks
+from icl_probe.cli.report.analysis import print_with_positions
+from icl_probe.cli.report.replay import print_replay
 from icl_probe.generation import recompute_generation
 from icl_probe.inputs import tokenize
-from icl_probe.report import print_replay, print_with_positions
 
 CONTEXT, QUERY = "ab:c\nde:f\n", "gh:"
 N = 6

@@ -13,6 +13,7 @@ from rich.console import Console
 from tiny import char_tokenizer, save_tiny, tiny_model, tokenizer_for
 
 from icl_probe.capture import capture_targets, forward, select_blocks
+from icl_probe.cli.report.heads import print_heads
 from icl_probe.errors import InputError, ModelError, UsageError
 from icl_probe.heads import heads
 from icl_probe.headscores import repeated_sequences
@@ -20,7 +21,6 @@ from icl_probe.headsplit import integrate
 from icl_probe.hooks import hooked
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
-from icl_probe.report_heads import print_heads
 from icl_probe.update import SequentialRun
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\ngh -> hg\n", "ef ->"

@@ -238,7 +238,7 @@ def test_peft_and_merged_are_refused_in_one_line(tmp_path, format):
 
 
 def test_fold_is_refused_in_one_line():
-    with pytest.raises(ModelError, match=r"fold is not available .*mixture-of-experts.*--residual bias"):
+    with pytest.raises(ModelError, match=r'fold"` is not available .*mixture-of-experts.*`residual="bias"`'):
         analyze(model_of("olmoe"), coverage.char_tokenizer(), CONTEXT, QUERY, residual="fold")
 
 

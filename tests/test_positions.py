@@ -125,7 +125,7 @@ def test_position_basis_keeps_positions_in_order():
 def test_fold_is_implied_and_bias_refused():
     model, tok = tiny_model("llama", torch.float64), char_tokenizer()
     assert analyze(model, tok, CONTEXT, QUERY, positions="all", residual="fold").residual == "fold"
-    with pytest.raises(UsageError, match="drop --residual bias"):
+    with pytest.raises(UsageError, match='drop `residual="bias"`'):
         analyze(model, tok, CONTEXT, QUERY, positions="all", residual="bias")
     with pytest.raises(UsageError, match="use last or all"):
         analyze(model, tok, CONTEXT, QUERY, positions="first")
@@ -133,7 +133,7 @@ def test_fold_is_implied_and_bias_refused():
 
 def test_family_without_a_fold_is_refused_in_one_line():
     model, tok = tiny_model("olmo", torch.float64), char_tokenizer()  # read by the structural rule: no fold
-    with pytest.raises(ModelError, match="--positions all needs the residual term folded") as e:
+    with pytest.raises(ModelError, match='`positions="all"` needs the residual term folded') as e:
         analyze(model, tok, CONTEXT, QUERY, positions="all")
     assert "\n" not in str(e.value)
 

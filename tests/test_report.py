@@ -11,16 +11,11 @@ from rich.console import Console
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 
 from icl_probe import analyze, replay
-from icl_probe.report import (
-    fmt,
-    print_analysis,
-    print_dynamics,
-    print_export,
-    print_replay,
-    shorten,
-    sparkline,
-    wrap_phrases,
-)
+from icl_probe.cli.report.analysis import print_analysis
+from icl_probe.cli.report.dynamics import print_dynamics
+from icl_probe.cli.report.export import print_export
+from icl_probe.cli.report.format import fmt, shorten, sparkline, wrap_phrases
+from icl_probe.cli.report.replay import print_replay
 
 WIDTHS = [80, 160]
 MODULES = ("gate_proj", "up_proj")

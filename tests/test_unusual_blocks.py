@@ -14,9 +14,9 @@ from coverage_models import analysis_of, float64_default, model_of  # noqa: F401
 from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay
+from icl_probe.cli.report.analysis import legend
 from icl_probe.errors import ModelError
 from icl_probe.patching import applied
-from icl_probe.report import legend
 
 CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
 

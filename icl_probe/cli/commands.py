@@ -13,7 +13,6 @@ import typer
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..report import print_export, print_modules, print_replay, print_tasks, print_with_positions
 from ..tasks import tasks_document
 from .app import (
     Command,
@@ -49,6 +48,11 @@ from .app import (
 )
 from .batch import DEFAULT_BATCH_SIZE, BatchSizeOpt, run_jsonl
 from .progress import working
+from .report.analysis import print_with_positions
+from .report.export import print_export
+from .report.modules import print_modules
+from .report.replay import print_replay
+from .report.tasks import print_tasks
 
 PositionsOpt = Annotated[
     str,

@@ -8,7 +8,6 @@ import typer
 
 from ..defaults import DEFAULT_MODEL, KNOCKOUT_SIZES
 from ..errors import UsageError
-from ..report_heads import print_heads
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
 from .app import (
     ContextFileOpt,
@@ -36,6 +35,7 @@ from .app import (
     show,
 )
 from .progress import working
+from .report.heads import print_heads
 from .sweep import unescape
 
 

@@ -9,9 +9,8 @@ import typer
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..report import print_dynamics
+from ..plots_trials import plot_trials
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task, query_for, split_context, task_examples
-from ..trials_report import plot_trials, print_trials
 from .app import (
     Command,
     ContextFileOpt,
@@ -45,6 +44,8 @@ from .app import (
     warn_fusion,
 )
 from .progress import working
+from .report.dynamics import print_dynamics
+from .report.trials import print_trials
 
 DEMO_TASK, DEMO_DEMOS, DEMO_INPUT = "antonyms", 5, "happy"
 

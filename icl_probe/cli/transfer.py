@@ -8,7 +8,6 @@ import typer
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from ..report import print_transfer
 from ..tasks import DEFAULT_TEMPLATE, check_template, pick_task
 from .app import (
     Command,
@@ -35,6 +34,7 @@ from .app import (
     show,
 )
 from .progress import working
+from .report.transfer import print_transfer
 from .sweep import unescape
 
 

@@ -1,16 +1,12 @@
-"""`dynamics --trials`: the terminal tables and the PNG of the trials' means and standard errors.
+"""`dynamics --trials`' terminal tables: the trials' means and standard errors.
 
 Reads the `trials` part of an `icl-probe.dynamics/1` document (dynamics.dynamics_trials); computes nothing.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
-
-from .plots import new_figure, save, setup, style
 
 
 def pm(x: dict | None, digits: int = 3) -> str:
@@ -41,31 +37,3 @@ def print_trials(out: Console, trials: dict) -> None:
     loss, kl = trials["query_loss"], trials["ablation_kl"]
     out.print(f"query loss, implicit update {pm(loss['implicit'])}, fine-tuned {pm(loss['finetune'])}")
     out.print(f"ablation KL: ΔW only {pm(kl['delta_w_only'])}, Δb only {pm(kl['bias_only'])}, both {pm(kl['both'])}")
-
-
-def plot_trials(trials: dict, path: str | Path) -> None:
-    """Step relative to ‖W‖ per layer (mean ± SE band), and the fractions answered correctly, over the prefixes."""
-    rows = trials["prefixes"][1:]
-    xs = [r["examples"] for r in rows]
-    fig = new_figure((11, 4.5))
-    left, right = fig.subplots(1, 2)
-    n = len(rows[0]["layers"])
-    for k in range(n):
-        st = style(k, n)
-        cells = [r["layers"][k]["step_relative"] for r in rows]
-        mean = [c["mean"] if c["mean"] is not None else float("nan") for c in cells]
-        se = [c["se"] if c["se"] is not None else 0.0 for c in cells]
-        left.plot(xs, mean, color=st["color"], linewidth=1, label=f"layer {rows[0]['layers'][k]['layer']}")
-        left.fill_between(xs, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
-                          color=st["color"], alpha=0.2)  # fmt: skip
-    left.set_yscale("log")
-    setup(left, "examples in context i", "‖ΔW_i − ΔW_{i−1}‖ / ‖W‖", "step of the implicit update")
-    if n <= 12:
-        left.legend(fontsize=6, ncol=2)
-    for key, text in (("correct_context", "with context"), ("correct_delta_w_only", "ΔW only"),
-                      ("correct_query_alone", "query alone")):  # fmt: skip
-        right.plot(xs, [r[key] for r in rows], marker="o", label=text)
-    setup(right, "examples in context i", "fraction of trials correct (top-1)", "answers")
-    right.legend(fontsize=7)
-    fig.suptitle(f"{trials['n']} trials from {trials['task']} (mean ± SE)", fontsize=10)
-    save(fig, path)
