@@ -29,6 +29,7 @@ from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_of
 from .patching import Patch
+from .timing import stage
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
 # becomes a relative error ε/|n_k| in the folded Δb_k, and the δ_k it adds at every other position
@@ -149,9 +150,11 @@ class SequentialRun:
                 return None
             z, cap = args[0], self.captures[b.index]
             cap.z0, cap.dtype = self.last(z), z.dtype
-            weight = arch.weight_out_in(module, b.family)
-            delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
-            return add_rounded(output, delta.apply(z))
+            with stage("ΔW build"):
+                weight = arch.weight_out_in(module, b.family)
+                delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
+            with stage("ΔW x"):
+                return add_rounded(output, delta.apply(z))
 
         return hook
 
@@ -190,7 +193,8 @@ class SequentialRun:
         cap = self.captures[b.index]
         self.suspended = True
         try:
-            y = b.run_mlp(cap.z0.to(cap.dtype)[:, None])  # (B, 1, in)
+            with stage("branch0 MLP re-run"):
+                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None])  # (B, 1, in)
         finally:
             self.suspended = False
         return last(hidden(y), self.batch)
