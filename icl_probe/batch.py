@@ -497,8 +497,8 @@ def merge_parts(output: str | Path, input_path: str | Path | None = None, force:
     output = Path(output)
     parts = part_files(output)
     if not parts:
-        raise InputError(f"no part files {output.stem}.rank*{output.suffix} beside {output}; run `icl-probe batch "
-                         f"--output {output}` under torchrun first")  # fmt: skip
+        raise InputError(f"no part files {output.stem}.rank*{output.suffix} beside {output}; run the batch with "
+                         f"`output={output}` under torchrun first")  # fmt: skip
     check_writable(output, force)
     lines, warnings = read_parts(parts)
     if input_path is not None:

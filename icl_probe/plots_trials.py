@@ -1,4 +1,4 @@
-"""`dynamics --trials --plot`: the PNG of the trials' means and standard errors.
+"""The PNG of the dynamics trials (`dynamics_trials`): their means and standard errors per prefix and layer.
 
 Reads the `trials` part of an `icl-probe.dynamics/1` document (dynamics.dynamics_trials); computes nothing.
 """

@@ -23,10 +23,6 @@ OTHER_PROGRAMS = {"--no-deps", "--force-reinstall", "--nproc_per_node"}
 # TEMPORARY: modules whose messages their owners (helpers rec, upd and rep) convert on their own branches.
 # Remove each entry when its branch is merged; the list must end empty.
 TEMPORARY_OTHER_HELPERS = {
-    "analysis.py": "rep",
-    "batch.py": "rep",
-    "report.py": "rep",
-    "trials_report.py": "rep",
     "heads.py": "rec",
     "positions.py": "rec",
 }
