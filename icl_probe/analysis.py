@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .arch import Block
 from .capture import (
     PositionTargets,
@@ -55,6 +55,7 @@ from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
 from .update import LayerRecord, Solution, moe_report, solve
+from .version import __version__
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
@@ -113,8 +114,6 @@ class Analysis:
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
-        from . import __version__
-
         return {
             "schema": SCHEMA,
             "icl_probe_version": __version__,
@@ -344,7 +343,7 @@ def first_non_finite(model: nn.Module, run) -> str:
         return hook
 
     hooks = []
-    for b in arch.blocks(model):
+    for b in decoder.blocks(model):
         parts = [rel for rel in (b.family.attn, b.family.mlp) if rel]  # OPT has no MLP module
         hooks += [(b.part(rel), check(f"{b.full(rel)} (layer {b.index})")) for rel in parts]
         hooks.append((b.module, check(f"{b.path} (layer {b.index})")))

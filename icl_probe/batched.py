@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .analysis import Analysis, add_gradient_alignment, analyze, check_residual, check_static_fold, layer_report
 from .capture import (
     Target,
@@ -51,7 +51,7 @@ def analyze_rows(
     one at a time with `analyze` to learn which failed and where.
     """
     chosen = select_blocks(model, layers)
-    if any(b.moe for b in chosen) or any("mamba" in (b.family.mixer or "") for b in arch.blocks(model)):
+    if any(b.moe for b in chosen) or any("mamba" in (b.family.mixer or "") for b in decoder.blocks(model)):
         return [analyze(model, tokenizer, c, q, layers=layers, residual=residual, top_k=top_k, gradient=gradient,
                         per_layer_ablation=per_layer_ablation) for c, q in prompts]  # fmt: skip
     residual = residual or "bias"

@@ -36,6 +36,7 @@ from .metrics import (
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
 from .update import solve
+from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
 
@@ -60,8 +61,6 @@ class Dynamics:
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the examples' and query's texts."""
-        from . import __version__
-
         return {
             "schema": SCHEMA,
             "icl_probe_version": __version__,
@@ -81,7 +80,7 @@ class Dynamics:
         }
 
 
-def dynamics(
+def track_dynamics(
     model: nn.Module,
     tokenizer,
     examples: list[str | Example],
@@ -215,11 +214,11 @@ def layer_row(b: arch.Block, series: dict, i: int) -> dict:
 
 def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demos: int, trials: int, seed: int = 0,
                     progress: Progress | None = None, **options) -> tuple[Dynamics, dict]:  # fmt: skip
-    """`dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one model load).
+    """`track_dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one load).
 
     Returns the first trial's Dynamics and the `trials` part of the document: per prefix and layer the mean and
     standard error over trials (`mean_se`), and the fraction of trials answered correctly. Each trial is a step
-    of `progress`; `options` go to `dynamics`.
+    of `progress`; `options` go to `track_dynamics`.
     """
     if trials < 2 or not 1 <= demos < len(task.pairs):
         raise UsageError(f"--trials needs ≥ 2 trials and 1 ≤ --demos < {len(task.pairs)} (the task's pairs, one "
@@ -230,7 +229,8 @@ def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demo
         pairs = rng.sample(task.pairs, demos + 1)
         examples = [Example(format_example(template, x, y), x, y) for x, y in pairs[:-1]]
         query, spaces = query_for(template, pairs[-1][0])
-        results.append(dynamics(model, tokenizer, examples, query, spaces + pairs[-1][1], template=template, **options))
+        target = spaces + pairs[-1][1]
+        results.append(track_dynamics(model, tokenizer, examples, query, target, template=template, **options))
     docs = [r.to_dict(text=False) for r in results]
     summary = {"n": trials, "seed": seed, "demos": demos, "task": task.name, "prefixes": trial_prefixes(model, docs)}
     summary["query_loss"] = {

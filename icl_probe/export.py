@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import arch
+from . import decoder
 from .analysis import Analysis, analyze
 from .capture import last_logits, position_logits
 from .errors import PatchError, UsageError
@@ -29,6 +29,7 @@ from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
 from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
 from .patching import Apply, Patch, applied, dense_added, replaced
+from .version import __version__
 
 FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -154,7 +155,7 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
             "--format peft writes rank-1 adapters, and --positions all gives an update of rank k (one per query "
             "position); use --format native or --format merged"
         )
-    if format in ("peft", "merged") and any(b.moe for b in arch.blocks(model)):
+    if format in ("peft", "merged") and any(b.moe for b in decoder.blocks(model)):
         raise PatchError(
             f"--format {format} needs the residual term Δb folded into the weights, and {family.name}'s "
             "mixture-of-experts MLPs add a routed sum of experts, so Δb folds into no one weight (peft's "
@@ -174,8 +175,6 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
 
 def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str, store_context: bool) -> dict:
     """The native format's string metadata; no timestamps, so the same inputs give the same file."""
-    from . import __version__
-
     meta = {
         "format": FORMAT,
         "model": result.model,

@@ -37,6 +37,7 @@ from .lowrank import MATH_DTYPE, kl_divergence
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, query_for, target_text, task_examples
 from .update import SequentialRun, solve
+from .version import __version__
 
 SCHEMA = "icl-probe.heads/1"
 
@@ -70,8 +71,6 @@ class Heads:
     knockout: dict | None
 
     def to_dict(self) -> dict:
-        from . import __version__
-
         layers = []
         for s in self.layers:
             entry = asdict(s)
@@ -87,7 +86,7 @@ class Heads:
         }  # fmt: skip
 
 
-def heads(
+def score_heads(
     model: nn.Module,
     tokenizer,
     context: str | None = None,

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from . import arch
+from . import arch, decoder
 from .errors import PatchError
 from .fileio import atomic_write, check_writable
 from .fingerprint import fingerprint
@@ -335,7 +335,7 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
                 f"{where} does not fit this model: {path} is {want[0]}×{want[1]} (out×in) but the patch's "
                 f"update is {delta.shape[0]}×{delta.shape[1]}; {made_for}"
             )
-    transposed = {p for b in arch.blocks(model) for p in b.transposed} if patch.params else set()
+    transposed = {p for b in decoder.blocks(model) for p in b.transposed} if patch.params else set()
     for path, delta in patch.params.items():
         param = find(model.get_parameter, path, where, made_for)
         shape = param.shape if path not in transposed else (*param.shape[:-2], param.shape[-1], param.shape[-2])
@@ -358,7 +358,7 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
 
 def model_family(model: nn.Module) -> arch.Family:
     """The model's architecture-table row, resolved for its config."""
-    return arch.blocks(model)[0].family
+    return decoder.blocks(model)[0].family
 
 
 def find(get, path: str, where: str, made_for: str):

@@ -66,7 +66,7 @@ class Replay:
         }
 
 
-def replay(
+def replay_patch(
     model: nn.Module,
     tokenizer,
     patch: Patch | str | Path,

@@ -25,7 +25,7 @@ import torch
 from .analysis import analyze
 from .batch import drop_errors, line_writer, safe_name, written_ids
 from .capture import check_length, last_logits
-from .dynamics import dynamics
+from .dynamics import track_dynamics
 from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
 from .inputs import tokenize
@@ -189,7 +189,7 @@ def dynamics_row(model, tokenizer, examples, pair: tuple[str, str], spec: StudyS
     """dynamics' step norms, Proposition 3.1's error above the first patched layer and the alignments."""
     x, y = pair
     query, target = query_for(DEFAULT_TEMPLATE, x)[0], target_text(DEFAULT_TEMPLATE, y)
-    doc = dynamics(model, tokenizer, examples, query, target=target, layers=spec.layers,
+    doc = track_dynamics(model, tokenizer, examples, query, target=target, layers=spec.layers,
                    finetune_steps=spec.finetune_steps, template=DEFAULT_TEMPLATE).to_dict()  # fmt: skip
     steps = [mean_of(m["step_norm"] for layer in p["layers"] for m in layer["modules"].values())
              for p in doc["prefixes"][1:]]  # fmt: skip

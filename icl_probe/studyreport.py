@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .fileio import atomic_write_text
 from .stats import mcnemar, mean_se, sign_test, wilson
+from .version import __version__
 
 SCHEMA = "icl-probe.study/1"
 HIT_METHODS = ("zero_shot", "icl", "own_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
@@ -30,8 +31,6 @@ NOTE = ("Δb closes the gap at every block by construction, so KL(context ‖ pa
 
 def summarise(spec, lines: list[dict]) -> dict:
     """The `icl-probe.study/1` document from the spec and the journal's lines."""
-    from . import __version__
-
     cells = [line["result"] for line in lines if "result" in line]
     groups = []
     for model in spec.models:

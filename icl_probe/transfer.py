@@ -44,6 +44,7 @@ from .positions import PositionsRun, Sequence, solve_joint
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
 from .update import solve
+from .version import __version__
 
 SCHEMA = "icl-probe.transfer/1"
 METHODS = ("zero_shot", "icl", "own_patch", "single_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
@@ -118,8 +119,6 @@ class Transfer:
     entries: list[Entry]
 
     def to_dict(self) -> dict:
-        from . import __version__
-
         final = self.entries[-1]
         return {
             "schema": SCHEMA,

@@ -13,9 +13,9 @@ from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 import icl_probe
-from icl_probe.arch import describe
 from icl_probe.capture import last_logits
 from icl_probe.cli import app
+from icl_probe.decoder import describe
 from icl_probe.metrics import static_logits
 from icl_probe.report import fmt, print_analysis, print_modules
 

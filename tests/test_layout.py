@@ -1,0 +1,170 @@
+"""The package's layout: its import graph, read from the source (imports at module level and inside functions,
+relative and absolute), has no cycle; no library module imports the CLI; and no name the package exports is
+also one of its submodules (so that what `icl_probe.X` is never depends on import order).
+
+An import of a name from a package (`from . import __version__`) depends on the package's `__init__`, and that
+`__init__` depends on every submodule it imports, lazily ones included (its `_LAZY` table, read as data).
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def module_names(package: Path) -> dict[str, Path]:
+    """Every module of the package under `package` (a folder with __init__.py): dotted name → file."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def lazy_targets(tree: ast.Module, package: str) -> set[str]:
+    """The submodules an `__init__` imports on first use: the values of its module-level `_LAZY` dict."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_LAZY" for t in node.targets):
+            return {f"{package}.{v.value}" for v in node.value.values if isinstance(v, ast.Constant)}
+    return set()
+
+
+def imported(node: ast.Import | ast.ImportFrom, here: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The package modules one import statement in module `here` depends on."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in modules}
+    if node.level:
+        base = here.split(".") if is_package else here.split(".")[:-1]
+        base = base[: len(base) - node.level + 1]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    if source not in modules:
+        return set()
+    subs = {f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in modules}
+    names = [a.name for a in node.names if f"{source}.{a.name}" not in modules]
+    return subs | ({source} if names or not subs else set())
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """module → the package modules it imports anywhere in its source (itself excluded)."""
+    files = module_names(package)
+    graph = {}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        is_package = path.name == "__init__.py"
+        edges = lazy_targets(tree, name) if is_package else set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= imported(node, name, is_package, set(files))
+        graph[name] = edges - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan's algorithm, iteratively)."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root), on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while not component or component[-1] != node:
+                        component.append(stack.pop()), on_stack.discard(component[-1])
+                    if len(component) > 1:
+                        found.append(one_cycle(graph, set(component)))
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child), on_stack.add(child)
+                work.append((child, iter(sorted(graph[child]))))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+    return found
+
+
+def one_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
+    """A shortest cycle through the component's first module (breadth-first), closed: [a, b, ..., a]."""
+    start = min(component)
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for node in frontier:
+            for child in sorted(graph[node] & component):
+                if child == start:
+                    return paths[node] + [start]
+                if child not in paths:
+                    paths[child] = paths[node] + [child]
+                    nxt.append(child)
+        frontier = nxt
+    raise AssertionError(f"no cycle in component {sorted(component)}")
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    return root / "pkg"
+
+
+def test_the_graph_sees_function_level_relative_and_package_imports(tmp_path):
+    package = write(tmp_path, {
+        "pkg/__init__.py": '_LAZY = {"run": "runner"}\n',
+        "pkg/runner.py": "def run():\n    from . import version\n    from .sub import deep\n",
+        "pkg/version.py": "from pkg import __doc__\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/deep.py": "import pkg.version\nfrom .. import runner\n",
+        "pkg/leaf.py": "import os\nfrom .sub.deep import x\n",
+    })  # fmt: skip
+    graph = import_graph(package)
+    assert graph == {
+        "pkg": {"pkg.runner"}, "pkg.runner": {"pkg.version", "pkg.sub.deep"}, "pkg.version": {"pkg"},
+        "pkg.sub": set(), "pkg.sub.deep": {"pkg.version", "pkg.runner"}, "pkg.leaf": {"pkg.sub.deep"},
+    }  # fmt: skip
+    assert sorted(map(tuple, cycles(graph))) == [("pkg", "pkg.runner", "pkg.version", "pkg")]
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph(ROOT / "icl_probe")
+    assert len(graph) > 40 and graph["icl_probe.cli.app"], "the graph misses modules or edges"
+    found = cycles(graph)
+    assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_no_library_module_imports_the_cli():
+    graph = import_graph(ROOT / "icl_probe")
+    library = {m for m in graph if not m.startswith("icl_probe.cli")}
+    bad = {m: sorted(e for e in graph[m] if e.startswith("icl_probe.cli")) for m in library}
+    assert not {m: e for m, e in bad.items() if e}
+
+
+def test_no_exported_name_is_also_a_submodule():
+    import icl_probe
+
+    submodules = {name.split(".")[1] for name in module_names(ROOT / "icl_probe") if name.count(".") == 1}
+    assert not set(icl_probe.__all__) & submodules
+
+
+@pytest.mark.parametrize("module", ["dynamics", "heads", "replay"])
+def test_a_submodule_stays_a_module_whatever_the_import_order(module):
+    import importlib
+
+    import icl_probe
+
+    for name in icl_probe.__all__:
+        getattr(icl_probe, name)  # every lazy name loaded: none of them may replace the submodule
+    loaded = importlib.import_module(f"icl_probe.{module}")
+    assert getattr(icl_probe, module) is loaded is sys.modules[f"icl_probe.{module}"]
