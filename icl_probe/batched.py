@@ -13,6 +13,8 @@ from its own run by up to 1.5e-7 relative in float64 (logits still within KL 1e-
 
 from __future__ import annotations
 
+__all__ = ["analyze_rows"]
+
 import torch
 from torch import nn
 

@@ -20,6 +20,8 @@ The markdown table goes to stdout; --json writes the rows.
 
 from __future__ import annotations
 
+__all__ = ["CONTEXT", "QUERY", "OVERRIDES", "tiny_settings", "tiny_model", "spread", "char_tokenizer", "main"]
+
 import argparse
 import contextlib
 import json

@@ -15,6 +15,11 @@ docs/patch-format.md is the specification. Files are read only through safetenso
 
 from __future__ import annotations
 
+__all__ = [
+    "FORMAT", "READABLE", "FINGERPRINT_SAMPLES", "REQUIRED_KEYS", "save_patch", "serialize", "load_patch",
+    "int_list", "sampled_fingerprint", "legacy_fingerprint", "fingerprint_note", "check_fits", "model_family"
+]  # fmt: skip
+
 import hashlib
 import json
 import struct
@@ -110,9 +115,19 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def load_patch(path: str | Path) -> Patch:
-    """Read and check a native patch file (v4, v3, v2 or v1); the Patch holds float64 tensors and the file's metadata.
+    """Read and check a native patch file (format v4, v3, v2 or v1).
 
-    Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
+    Args:
+        path: the .safetensors file `export_patch` wrote.
+
+    Returns:
+        A `Patch`: the update's float64 tensors and the file's metadata. Raises PatchError for anything but a
+        complete, finite, well-formed icl-probe patch.
+
+    Example:
+        >>> patch = icl_probe.load_patch("p.safetensors")
+        >>> patch.metadata["model"]
+        'smollm2-135m'
     """
     path = Path(path)
     check_file(path)

@@ -10,6 +10,8 @@ torn last line cut away on resume) and also written to `DIR/cells/<id>.json`; `s
 
 from __future__ import annotations
 
+__all__ = ["JOURNAL", "read_spec", "make_spec", "run_study"]
+
 import gc
 import json
 import random

@@ -7,6 +7,8 @@ same queries (exact McNemar for hits, the exact sign test for KLs).
 
 from __future__ import annotations
 
+__all__ = ["summarise", "write_report"]
+
 import os
 import platform
 import sys

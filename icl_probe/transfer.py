@@ -15,6 +15,8 @@ mean KL(in-context ‖ method). Nothing is tuned on the held-out queries. The me
 
 from __future__ import annotations
 
+__all__ = ["SCHEMA", "METHODS", "LABELS", "ALPHAS", "Transfer", "transfer"]
+
 import statistics
 from dataclasses import dataclass, field
 

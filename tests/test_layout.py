@@ -1,13 +1,16 @@
 """The package's layout: its import graph, read from the source (imports at module level and inside functions,
-relative and absolute), has no cycle; no library module imports the CLI; and no name the package exports is
-also one of its submodules (so that what `icl_probe.X` is never depends on import order).
+relative and absolute), has no cycle; no library module imports the CLI; no name the package exports is also one
+of its submodules (so that what `icl_probe.X` is never depends on import order); and a module's `__all__`, where
+it has one, lists names it defines, among them every name the rest of the package imports from it.
 
 An import of a name from a package (`from . import __version__`) depends on the package's `__init__`, and that
 `__init__` depends on every submodule it imports, lazily ones included (its `_LAZY` table, read as data).
 """
 
 import ast
+import functools
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,16 +35,20 @@ def lazy_targets(tree: ast.Module, package: str) -> set[str]:
     return set()
 
 
+def source_of(node: ast.ImportFrom, here: str, is_package: bool) -> str:
+    """The absolute dotted name a `from ... import` statement in module `here` imports from."""
+    if not node.level:
+        return node.module or ""
+    base = here.split(".") if is_package else here.split(".")[:-1]
+    base = base[: len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imported(node: ast.Import | ast.ImportFrom, here: str, is_package: bool, modules: set[str]) -> set[str]:
     """The package modules one import statement in module `here` depends on."""
     if isinstance(node, ast.Import):
         return {a.name for a in node.names if a.name in modules}
-    if node.level:
-        base = here.split(".") if is_package else here.split(".")[:-1]
-        base = base[: len(base) - node.level + 1]
-        source = ".".join(base + ([node.module] if node.module else []))
-    else:
-        source = node.module or ""
+    source = source_of(node, here, is_package)
     if source not in modules:
         return set()
     subs = {f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in modules}
@@ -49,6 +56,7 @@ def imported(node: ast.Import | ast.ImportFrom, here: str, is_package: bool, mod
     return subs | ({source} if names or not subs else set())
 
 
+@functools.cache
 def import_graph(package: Path) -> dict[str, set[str]]:
     """module → the package modules it imports anywhere in its source (itself excluded)."""
     files = module_names(package)
@@ -168,3 +176,86 @@ def test_a_submodule_stays_a_module_whatever_the_import_order(module):
         getattr(icl_probe, name)  # every lazy name loaded: none of them may replace the submodule
     loaded = importlib.import_module(f"icl_probe.{module}")
     assert getattr(icl_probe, module) is loaded is sys.modules[f"icl_probe.{module}"]
+
+
+def top_level_names(tree: ast.Module) -> tuple[set[str], list[str] | None]:
+    """The names a module binds at top level (definitions, assignments, imports), and its `__all__` if any."""
+    names, listed = set(), None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+            if any(getattr(t, "id", None) == "__all__" for t in targets):
+                listed = [e.value for e in node.value.elts]
+            if any(getattr(t, "id", None) == "_LAZY" for t in targets):  # the package's names loaded on first use
+                names |= {k.value for k in node.value.keys}
+    return names, listed
+
+
+def imported_names() -> dict[str, set[str]]:
+    """module → the names other package modules import from it (`from .m import x`, x not a submodule)."""
+    files = module_names(ROOT / "icl_probe")
+    wanted: dict[str, set[str]] = {}
+    for here, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                source = source_of(node, here, path.name == "__init__.py")
+                if source in files and source != here:
+                    names = {a.name for a in node.names if f"{source}.{a.name}" not in files}
+                    wanted.setdefault(source, set()).update(names)
+    return wanted
+
+
+def test_every_all_lists_defined_names_and_what_the_package_imports():
+    wanted, problems, listed_any = imported_names(), [], 0
+    for name, path in module_names(ROOT / "icl_probe").items():
+        names, listed = top_level_names(ast.parse(path.read_text(encoding="utf-8")))
+        if listed is None:
+            continue
+        listed_any += 1
+        if len(listed) != len(set(listed)):
+            problems.append(f"{name}.__all__ repeats a name")
+        if set(listed) - names:
+            problems.append(f"{name}.__all__ lists names it does not define: {sorted(set(listed) - names)}")
+        if wanted.get(name, set()) - set(listed):
+            problems.append(f"{name}.__all__ lacks names the package imports: {sorted(wanted[name] - set(listed))}")
+    assert not problems, "\n".join(problems)
+    assert listed_any > 30
+
+
+def docstring_sections(doc: str) -> dict[str, list[str]]:
+    """A docstring's `Args:`, `Returns:` and `Example:` sections → their lines, dedented once; a blank line ends one."""
+    sections, current = {}, None
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Returns:", "Example:"):
+            current = sections.setdefault(line.strip()[:-1], [])
+        elif not line.strip():
+            current = None
+        elif current is not None:
+            current.append(line)
+    return {key: textwrap.dedent("\n".join(lines)).splitlines() for key, lines in sections.items()}
+
+
+@pytest.mark.parametrize("name", sorted(set(__import__("icl_probe").__all__) - {"__version__"}))
+def test_every_exported_name_has_a_summary_and_a_three_line_example(name):
+    import inspect
+
+    import icl_probe
+
+    obj = getattr(icl_probe, name)
+    doc = inspect.getdoc(obj)
+    summary, *_ = doc.splitlines()
+    assert summary and summary.endswith("."), f"{name}: the first line is a one-line summary"
+    sections = docstring_sections(doc)
+    example = sections.get("Example", [])
+    assert len(example) == 3 and example[0].startswith(">>> "), f"{name}: a three-line Example"
+    if inspect.isfunction(obj):
+        params = set(inspect.signature(obj).parameters)
+        heads = [line.split(":")[0] for line in sections.get("Args", []) if not line.startswith(" ")]
+        documented = {p.strip() for head in heads for p in head.split(",")}
+        assert documented == params, f"{name}: Args names {sorted(documented)}, the signature {sorted(params)}"
+        assert sections.get("Returns"), f"{name}: a Returns section"
