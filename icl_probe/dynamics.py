@@ -1,4 +1,4 @@
-"""`dynamics`: how the implicit update grows as the context's examples accumulate (the paper's Section 3).
+"""`track_dynamics` (`icl-probe dynamics`): how the implicit update grows as examples accumulate (Section 3).
 
 For every prefix of i examples, i = 0..n, the update is computed exactly as `analyze` computes it.
 The context runs once with a KV cache and every prefix's with-context query runs against the cache

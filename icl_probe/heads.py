@@ -1,5 +1,5 @@
-"""`heads`: which attention heads write the context into the weights, whether they are induction heads, and
-whether knocking them out removes the update and the in-context answer.
+"""`score_heads` (`icl-probe heads`): which attention heads write the context into the weights, whether they
+are induction heads, and whether knocking them out removes the update and the in-context answer.
 
 It runs the engine as `analyze` does (capture.py's with-context pass, update.py's sequential patched run, with
 residual bias) under eager attention, with extra hooks on each block's output projection and pre-MLP norm, and

@@ -1,4 +1,4 @@
-"""`replay`: run a query with a saved patch applied and no context, beside the unpatched query.
+"""`replay_patch` (`icl-probe replay`): a query run with a saved patch and no context, beside the unpatched query.
 
 Given the context too, it also runs the full prompt and scores the patch against it (KL, top-1,
 max |Δlogit|); with `generate`, it continues greedily with the patch held fixed at every step, and

@@ -9,6 +9,7 @@ An import of a name from a package (`from . import __version__`) depends on the 
 
 import ast
 import functools
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -259,3 +260,32 @@ def test_every_exported_name_has_a_summary_and_a_three_line_example(name):
         documented = {p.strip() for head in heads for p in head.split(",")}
         assert documented == params, f"{name}: Args names {sorted(documented)}, the signature {sorted(params)}"
         assert sections.get("Returns"), f"{name}: a Returns section"
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+# The one import up a floor that docs/architecture.md names: `study` writes its report through `studyreport`.
+KNOWN_UPWARD = {("icl_probe.study", "icl_probe.studyreport")}
+
+
+def module_of(path: str) -> str:
+    """The dotted module a path in docs/architecture.md names: `cli/app.py` → icl_probe.cli.app."""
+    parts = path.removeprefix("icl_probe/").removesuffix(".py").split("/")
+    return ".".join(["icl_probe", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def doc_floors() -> list[set[str]]:
+    """docs/architecture.md's floors, top first: the modules each bold-headed paragraph of its floor list names."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("\n## The floors", 1)[1].split("\n## ", 1)[0]
+    blocks = re.split(r"^\*\*", section, flags=re.M)[1:]
+    return [{module_of(p) for p in re.findall(r"`([\w/]+\.py)`", block)} for block in blocks]
+
+
+def test_imports_go_down_the_documented_floors():
+    floors = doc_floors()
+    assert len(floors) == 6 and all(floors), "docs/architecture.md lists six floors, each with its modules"
+    assert sum(map(len, floors)) == len(set().union(*floors)), "a module is on one floor only"
+    level = {m: i for i, floor in enumerate(floors) for m in floor}  # 0: the top floor
+    graph = import_graph(ROOT / "icl_probe")
+    up = sorted(f"{m} -> {e}" for m in graph for e in graph[m] if level.get(e, 99) < level.get(m, -1))
+    assert up == sorted(f"{m} -> {e}" for m, e in KNOWN_UPWARD), "imports up a floor:\n" + "\n".join(up)
