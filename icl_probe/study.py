@@ -32,6 +32,7 @@ from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
 from .inputs import tokenize
 from .models import load_model
+from .studyreport import summarise, write_report
 from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_for, target_text, task_examples
 from .transfer import transfer
 
@@ -222,8 +223,6 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
 
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
     """
-    from .studyreport import summarise, write_report
-
     out = Path(out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)

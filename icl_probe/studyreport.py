@@ -15,7 +15,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .errors import UsageError
 from .fileio import atomic_write_text
+from .plots import plot_study
 from .stats import mcnemar, mean_se, sign_test, wilson
 from .version import __version__
 
@@ -166,9 +168,6 @@ def dynamics_stats(cells: list[dict]) -> dict | None:
 
 def write_report(summary: dict, out: Path) -> None:
     """OUT/report.md (and OUT/accuracy.png when there are transfer cells)."""
-    from .errors import UsageError
-    from .plots import plot_study
-
     plot = "accuracy.png" if any(g["icl"] for g in summary["groups"]) else None
     if plot is not None:
         try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ModelError, UsageError
+from .fileio import atomic_write_text
 from .progress import Progress, Steps
 
 MODEL_TYPE = "icl_regression"
@@ -208,8 +209,6 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def save(model: ToyRegression, states: list[dict], folder: str | Path) -> Path:
     """config.json (with the training log), model.safetensors, and checkpoints/step-K.safetensors."""
     from safetensors.torch import save_file
-
-    from .fileio import atomic_write_text
 
     folder = Path(folder)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
