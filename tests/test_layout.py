@@ -81,7 +81,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             continue
         work = [(root, iter(sorted(graph[root])))]
         index[root] = low[root] = len(index)
-        stack.append(root), on_stack.add(root)
+        stack.append(root)
+        on_stack.add(root)
         while work:
             node, children = work[-1]
             child = next(children, None)
@@ -90,14 +91,16 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if work:
                     low[work[-1][0]] = min(low[work[-1][0]], low[node])
                 if low[node] == index[node]:
-                    component = []
-                    while not component or component[-1] != node:
-                        component.append(stack.pop()), on_stack.discard(component[-1])
+                    component = [stack.pop()]
+                    while component[-1] != node:
+                        component.append(stack.pop())
+                    on_stack.difference_update(component)
                     if len(component) > 1:
                         found.append(one_cycle(graph, set(component)))
             elif child not in index:
                 index[child] = low[child] = len(index)
-                stack.append(child), on_stack.add(child)
+                stack.append(child)
+                on_stack.add(child)
                 work.append((child, iter(sorted(graph[child]))))
             elif child in on_stack:
                 low[node] = min(low[node], index[child])
@@ -123,6 +126,7 @@ def one_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 
 def write(root: Path, files: dict[str, str]) -> Path:
+    """A package on disk from {relative path: source}; returns its folder."""
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text, encoding="utf-8")
