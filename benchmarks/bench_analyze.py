@@ -53,7 +53,7 @@ from icl_probe import models
 from icl_probe.export import export_patch, sizes
 from icl_probe.fingerprint import hash_values
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
-from icl_probe.replay import replay
+from icl_probe.replay import replay_patch
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, format_example
 from icl_probe.timing import timings
 
@@ -326,12 +326,12 @@ def export_replay(model, tokenizer, repeat: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "patch.safetensors"
         written = export_patch(model, tokenizer, output=path, force=True)
-        replayed = replay(model, tokenizer, path)
+        replayed = replay_patch(model, tokenizer, path)
         times = median_times(
             {
                 "analyze": lambda: icl_probe.analyze(model, tokenizer),
                 "export": lambda: export_patch(model, tokenizer, output=path, force=True),
-                "replay": lambda: replay(model, tokenizer, path),
+                "replay": lambda: replay_patch(model, tokenizer, path),
                 "fingerprint": lambda: hash_values(model),
                 "forward": lambda: plain_forwards(model, [prompt.full]),
             },

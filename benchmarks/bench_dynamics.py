@@ -2,7 +2,7 @@
 
 For n antonym examples and the held-out query "happy ->", two arms run interleaved, each warmed up once
 and timed as the median of R repeats:
-- sweep: dynamics(..., gradient=False), every prefix 0..n from one KV-cached context and one batched solve;
+- sweep: track_dynamics(..., gradient=False), every prefix 0..n from one KV-cached context and one batched solve;
 - naive: analyze(context=examples[:i]) for i = 1..n.
 It checks every module's delta_w_norm and every prefix's KL(context ‖ patched) against the naive run, and
 times the engine functions the sweep calls in one extra, instrumented run.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import statistics
@@ -29,10 +28,9 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe.dynamics import dynamics
+from icl_probe import dynamics as dynamics_module
+from icl_probe.dynamics import track_dynamics
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
-
-dynamics_module = importlib.import_module("icl_probe.dynamics")  # icl_probe.dynamics is also the function
 
 HELD_OUT = "happy"
 # The engine functions the sweep calls through the dynamics module's namespace; the rest is "other".
@@ -53,7 +51,7 @@ def load(quick: bool):
 
 
 def sweep(model, tokenizer, texts: list[str]):
-    return dynamics(model, tokenizer, texts, QUERY, gradient=False)
+    return track_dynamics(model, tokenizer, texts, QUERY, gradient=False)
 
 
 def naive(model, tokenizer, texts: list[str]) -> list:

@@ -8,24 +8,23 @@ The names below load on first use (PEP 562), so that the command line's help sta
 """
 
 import importlib
-import sys
-import types
 
 from .errors import IclProbeError, InputError, MathError, ModelError, PatchError, UsageError
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
-    "Analysis", "Dynamics", "Export", "IclProbeError", "InputError", "MathError", "ModelError", "PatchError",
-    "Heads", "Replay", "UsageError", "Vectors", "analyze", "dynamics", "export_patch", "heads", "load_model",
-    "load_patch", "replay",
+    "Analysis", "Dynamics", "Export", "Heads", "Replay", "Vectors",
+    "IclProbeError", "InputError", "MathError", "ModelError", "PatchError", "UsageError",
+    "analyze", "export_patch", "load_model", "load_patch", "replay_patch", "score_heads", "track_dynamics",
     "__version__",
 ]  # fmt: skip
 
-# name -> the submodule that defines it, imported when the name is first asked for
+# name -> the submodule that defines it, imported when the name is first asked for; no name is also a submodule's
+# (tests/test_layout.py), so `icl_probe.dynamics` is always the module and `icl_probe.track_dynamics` the function
 _LAZY = {
-    "Analysis": "analysis", "analyze": "analysis", "Dynamics": "dynamics", "dynamics": "dynamics",
-    "Export": "export", "export_patch": "export", "Heads": "heads", "heads": "heads", "Vectors": "inputs",
-    "load_model": "models", "load_patch": "patchfile", "Replay": "replay", "replay": "replay",
+    "Analysis": "analysis", "analyze": "analysis", "Dynamics": "dynamics", "track_dynamics": "dynamics",
+    "Export": "export", "export_patch": "export", "Heads": "heads", "score_heads": "heads", "Vectors": "inputs",
+    "load_model": "models", "load_patch": "patchfile", "Replay": "replay", "replay_patch": "replay",
 }  # fmt: skip
 
 
@@ -39,16 +38,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """The package, whose functions `heads` and `dynamics` shadow their submodules: importing a submodule must not
-    replace the function (the import system sets the package attribute of each submodule it loads)."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

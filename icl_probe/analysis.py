@@ -13,13 +13,15 @@ With `generate=N` the update is solved again at each of N teacher-forced greedy 
 
 from __future__ import annotations
 
+__all__ = ["Analysis", "analyze", "check_residual", "check_static_fold", "layer_report", "add_gradient_alignment"]
+
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .arch import Block
 from .capture import (
     PositionTargets,
@@ -56,6 +58,7 @@ from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
 from .timing import stage
 from .update import LayerRecord, Solution, moe_report, solve
+from .version import __version__
 
 SCHEMA = "icl-probe.analysis/2"
 RESIDUAL_MODES = ("bias", "fold")
@@ -89,7 +92,15 @@ class LayerReport:
 
 @dataclass
 class Analysis:
-    """What `analyze` found; `.to_dict()` is the `icl-probe.analysis/2` JSON document."""
+    """What `analyze` found: per layer the update and its checks, the logits, the ablation and the patch.
+
+    `.to_dict()` is the `icl-probe.analysis/2` JSON document (docs/schemas.md); `patch` is the update itself.
+
+    Example:
+        >>> result = icl_probe.analyze(model, tokenizer)  # the antonym demo
+        >>> [layer.mlp_branch_error for layer in result.layers]  # the theorem's test: below 1e-5 in float32
+        >>> result.ablation["delta_w_only"]["kl"]  # what ΔW carries without Δb
+    """
 
     model: str
     model_type: str
@@ -114,8 +125,6 @@ class Analysis:
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the context and query texts (token ids stay)."""
-        from . import __version__
-
         return {
             "schema": SCHEMA,
             "icl_probe_version": __version__,
@@ -161,13 +170,26 @@ def analyze(
 ) -> Analysis:
     """Per-layer ΔW and Δb that carry `context` into the weights, and the proof that they do.
 
-    With neither context nor query, runs the built-in antonym demo. `layers` takes a spec such as
-    "all", "3,7", "-4:" or a list of indices. `gradient` adds cos_F(ΔW, −∇_W L) for the loss of
-    `target` (default: the with-context top-1 token). `positions="all"` solves the update at every
-    query position (rank k, residual folded); `residual` defaults to bias, or fold with all.
-    `precision="naive"` builds and applies the update in the model's dtype, for comparison studies.
-    `generate=N` compares N teacher-forced greedy tokens, the update recomputed at each (reported to
-    `progress`, see progress.py). The model is left unchanged; its stages report to icl_probe.timing.
+    Args:
+        model, tokenizer: a causal LM and its tokenizer, as `load_model` returns them; the model is left unchanged.
+        context, query: the prompt's two parts; with neither, the built-in antonym demo.
+        layers: the blocks to patch: a spec such as "all", "3,7", "-4:", or a list of indices (default: all).
+        residual: "bias" or "fold", how Δb enters its block (default: bias; fold with `positions="all"`).
+        top_k: how many top tokens each distribution lists.
+        gradient, target: add cos_F(ΔW, −∇_W L) for the loss of `target` (default: the with-context top-1).
+        per_layer_ablation: add the KL without each layer's patch, and with it alone.
+        positions: "last", or "all" to solve the update at every query position (rank k, residual folded).
+        precision: "stable", or "naive" to build and apply the update in the model's dtype (for comparisons).
+        generate: compare this many teacher-forced greedy tokens, the update recomputed at each.
+        progress: told each generated token (see progress.py). The stages report to icl_probe.timing.
+
+    Returns:
+        An `Analysis`; its `.to_dict()` is the `icl-probe.analysis/2` document (docs/schemas.md).
+
+    Example:
+        >>> model, tokenizer = icl_probe.load_model("smollm2-135m")
+        >>> result = icl_probe.analyze(model, tokenizer, context="hot -> cold\\n", query="big ->")
+        >>> result.to_dict()["logits"]["kl_patched"]  # ≈ 0: Δb closes the gap at every block by construction
     """
     if context is None and query is None:
         context, query = DEMO_CONTEXT, DEMO_QUERY
@@ -398,7 +420,7 @@ def first_non_finite(model: nn.Module, run) -> str:
         return hook
 
     hooks = []
-    for b in arch.blocks(model):
+    for b in decoder.blocks(model):
         parts = [rel for rel in (b.family.attn, b.family.mlp) if rel]  # OPT has no MLP module
         hooks += [(b.part(rel), check(f"{b.full(rel)} (layer {b.index})")) for rel in parts]
         hooks.append((b.module, check(f"{b.path} (layer {b.index})")))

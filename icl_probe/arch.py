@@ -447,11 +447,6 @@ def family_of(model_type: str) -> Family:
     raise unsupported(model_type)
 
 
-def family_for(model: nn.Module) -> Family:
-    """A loaded model's family: its table row resolved for its config, or the structural rule's reading of block 0."""
-    return blocks(model)[0].family
-
-
 def unsupported(model_type: str, reason: str | None = None) -> ModelError:
     why = f": {reason}" if reason else ""
     return ModelError(
@@ -459,13 +454,10 @@ def unsupported(model_type: str, reason: str | None = None) -> ModelError:
     )
 
 
-def blocks(model: nn.Module) -> list[Block]:
-    """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule."""
+def table_blocks(model: nn.Module) -> list[Block]:
+    """Every decoder block of a CausalLM whose model type is in the table, in order, from its row resolved for its
+    config (decoder.blocks is the entry point for any model: it sends the other types to the structural rule)."""
     model_type = model.config.model_type
-    if model_type not in supported_types():
-        from .structure import read_structure  # the rule builds Blocks and Families, so it imports this module
-
-        return read_structure(model)
     family = family_of(model_type).resolved(model.config)
     try:
         layers = model.get_submodule(family.layers)
@@ -516,47 +508,3 @@ def rms_normalised(norm: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """An RMSNorm's input normalised before its scale, in float64: y / sqrt(mean(y²) + eps)."""
     y = y.to(torch.float64)
     return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
-
-
-def describe(model: nn.Module) -> dict:
-    """The `icl-probe.modules/1` document: per layer, the full paths of every module icl-probe hooks."""
-    bs = blocks(model)
-    family = bs[0].family
-    parallel = {b.family.parallel for b in bs}
-    return {
-        "schema": "icl-probe.modules/1",
-        "model": str(getattr(model, "icl_probe_name", model.config.name_or_path)),
-        "model_type": model.config.model_type,
-        "family": family.name,
-        "parallel": parallel.pop() if len(parallel) == 1 else None,
-        "fold": family.fold,
-        "formats": family.formats,
-        "layers": [describe_block(b) for b in bs],
-    }
-
-
-def describe_block(b: Block) -> dict:
-    f = b.family
-
-    def full(rel: str | None) -> str | None:
-        return None if rel is None else b.full(rel)
-
-    return {
-        "layer": b.index,
-        "block": b.path,
-        "mixer": f.mixer,
-        "attention": full(f.attn),
-        "pre_mlp_norm": full(f.pre_mlp_norm),
-        "mlp_first": list(b.first),
-        "mlp_down": full(f.down),
-        "post_mlp_norm": full(f.post_mlp_norm),
-        "mlp_branch": full(f.mlp_branch),
-        "moe": None
-        if f.moe is None
-        else {
-            "experts": full(f.moe.experts),
-            "routers": [full(p) for p in (*f.moe.routers, *f.moe.router_linears)],
-            "params": [full(p) for p in f.moe.params],
-            "transposed": [full(p) for p in f.moe.transposed],
-        },
-    }

@@ -11,6 +11,11 @@ Processes split the input by line (index % world_size == rank), each into its ow
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_BATCH_SIZE", "BATCH_RESULTS", "part_path", "check_batch_paths", "written_ids", "drop_errors",
+    "line_writer", "safe_name", "run_batch", "merge_parts"
+]  # fmt: skip
+
 import json
 import os
 import re

@@ -13,12 +13,14 @@ from its own run by up to 1.5e-7 relative in float64 (logits still within KL 1e-
 
 from __future__ import annotations
 
+__all__ = ["analyze_rows"]
+
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .analysis import (
     Analysis,
     AnalysisInput,
@@ -63,7 +65,7 @@ def analyze_rows(
     one at a time with `analyze` to learn which failed and where.
     """
     chosen = select_blocks(model, layers)
-    if any(b.moe for b in chosen) or any("mamba" in (b.family.mixer or "") for b in arch.blocks(model)):
+    if any(b.moe for b in chosen) or any("mamba" in (b.family.mixer or "") for b in decoder.blocks(model)):
         return [analyze(model, tokenizer, c, q, layers=layers, residual=residual, top_k=top_k, gradient=gradient,
                         per_layer_ablation=per_layer_ablation) for c, q in prompts]  # fmt: skip
     residual = residual or "bias"

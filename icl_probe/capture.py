@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .arch import Block
 from .errors import InputError
 from .hooks import hidden, hooked
@@ -44,7 +44,7 @@ def model_name(model: nn.Module) -> str:
 
 
 def select_blocks(model: nn.Module, layers) -> list[Block]:
-    all_blocks = arch.blocks(model)
+    all_blocks = decoder.blocks(model)
     return [all_blocks[i] for i in parse_layers(layers, len(all_blocks))]
 
 
@@ -186,7 +186,7 @@ def cache_croppable(model: nn.Module, length: int) -> bool:
     if not getattr(model.config, "use_cache", True):  # a model that keeps no KV cache runs each prompt whole
         return False
     window = getattr(model.config, "sliding_window", None)
-    attention_only = all(getattr(b.family, "mixer", "attention") == "attention" for b in arch.blocks(model))
+    attention_only = all(getattr(b.family, "mixer", "attention") == "attention" for b in decoder.blocks(model))
     return attention_only and (window is None or length <= window)
 
 

@@ -20,6 +20,8 @@ The markdown table goes to stdout; `main` also writes the rows as JSON when aske
 
 from __future__ import annotations
 
+__all__ = ["CONTEXT", "QUERY", "OVERRIDES", "tiny_settings", "tiny_model", "spread", "char_tokenizer", "main"]
+
 import argparse
 import contextlib
 import json
@@ -36,7 +38,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.models.auto import modeling_auto
 
-from . import arch
+from . import decoder
 from .analysis import analyze
 from .errors import IclProbeError
 
@@ -240,7 +242,7 @@ def refused(model_type: str, e: IclProbeError) -> Row:
 
 
 def analyzed(model_type: str, model: nn.Module) -> Row:
-    blocks = arch.blocks(model)  # refusals first, as one line
+    blocks = decoder.blocks(model)  # refusals first, as one line
     row = Row(model_type, "failed", family=blocks[0].family.name)
     row.mixers = ", ".join(sorted({b.family.mixer for b in blocks}))
     doc = analyze(model, char_tokenizer(), CONTEXT, QUERY).to_dict()

@@ -3,5 +3,7 @@
 Their modules re-export them: `models.DEFAULT_MODEL`, `heads.KNOCKOUT_SIZES`.
 """
 
+__all__ = ["DEFAULT_MODEL", "KNOCKOUT_SIZES"]
+
 DEFAULT_MODEL = "smollm2-135m"
 KNOCKOUT_SIZES = (1, 2, 4, 8)  # heads: how many of the top heads each knockout removes

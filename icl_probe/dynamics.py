@@ -1,4 +1,4 @@
-"""`dynamics`: how the implicit update grows as the context's examples accumulate (the paper's Section 3).
+"""`track_dynamics` (`icl-probe dynamics`): how the implicit update grows as examples accumulate (Section 3).
 
 For every prefix of i examples, i = 0..n, the update is computed exactly as `analyze` computes it.
 The context runs once with a KV cache and every prefix's with-context query runs against the cache
@@ -8,6 +8,8 @@ step from the previous prefix, and how far that step is from Proposition 3.1's g
 """
 
 from __future__ import annotations
+
+__all__ = ["Dynamics", "track_dynamics", "dynamics_trials"]
 
 import math
 import random
@@ -36,13 +38,22 @@ from .metrics import (
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
 from .update import solve
+from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
 
 
 @dataclass
 class Dynamics:
-    """What `dynamics` found; `.to_dict()` is the `icl-probe.dynamics/1` JSON document."""
+    """What `track_dynamics` found: per prefix of the examples and per layer, the update and its step.
+
+    `.to_dict()` is the `icl-probe.dynamics/1` JSON document (docs/schemas.md).
+
+    Example:
+        >>> sweep = icl_probe.track_dynamics(model, tokenizer, examples, query="happy ->")
+        >>> doc = sweep.to_dict()
+        >>> len(doc["prefixes"]) == len(examples) + 1  # the empty prefix first
+    """
 
     model: str
     model_type: str
@@ -60,8 +71,6 @@ class Dynamics:
 
     def to_dict(self, text: bool = True) -> dict:
         """The JSON document; `text=False` leaves out the examples' and query's texts."""
-        from . import __version__
-
         return {
             "schema": SCHEMA,
             "icl_probe_version": __version__,
@@ -81,7 +90,7 @@ class Dynamics:
         }
 
 
-def dynamics(
+def track_dynamics(
     model: nn.Module,
     tokenizer,
     examples: list[str | Example],
@@ -94,30 +103,30 @@ def dynamics(
     template: str | None = None,
     progress: Progress | None = None,
 ) -> Dynamics:
-    """The implicit update after each prefix of `examples` (strings, or task Examples), for `query`.
+    """The implicit update after each prefix of `examples`, for `query`: the paper's Section 3 dynamics.
 
-    `target` is the text whose first token is scored (default: the full-context top-1 token). With
-    `finetune_steps`, the first linears of the chosen layers are also trained by SGD on the examples
-    (which must come from a task, with `template`), each step reported to `progress` (see progress.py);
-    the model is restored bit for bit afterwards.
+    Args:
+        model, tokenizer: a causal LM and its tokenizer, as `load_model` returns them; restored bit for bit.
+        examples, query: the context's examples (strings, or task Examples) and the query after them.
+        target: the text whose first token is scored (default: the full-context top-1 token).
+        layers: the blocks to patch: a spec such as "all", "3,7", "-4:", or a list of indices (default: all).
+        gradient: add, at the full context, each ΔW's alignment with the gradient of the target's loss.
+        finetune_steps, lr, template: also train the first linears by SGD on the examples (a task's, in its template).
+        progress: told each fine-tuning step (see progress.py).
+
+    Returns:
+        A `Dynamics`; its `.to_dict()` is the `icl-probe.dynamics/1` document (docs/schemas.md).
+
+    Example:
+        >>> examples = ["hot -> cold\\n", "big -> small\\n", "fast -> slow\\n"]
+        >>> sweep = icl_probe.track_dynamics(model, tokenizer, examples, query="happy ->", target=" sad")
+        >>> sweep.to_dict()["prefixes"][-1]["layers"][0]  # the full context's first layer, per module
     """
-    examples = [e if isinstance(e, Example) else Example(e) for e in examples]
-    if not examples:
-        raise UsageError("dynamics needs at least one example")
+    examples = as_examples(examples)
     cuts, prompt = tokenize_prefixes(tokenizer, [e.text for e in examples], query)
     check_length(model, prompt)
     chosen = select_blocks(model, layers)
-    with torch.no_grad():
-        head = prompt.prefix + prompt.context
-        ends = [len(prompt.prefix) + c for c in cuts]
-        targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
-        start, logits_0 = capture_targets(model, chosen, prompt.query_only)
-        solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
-        wanted = pick_target(tokenizer, target, logits_ctx[-1])
-        rows = prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, logits_0, wanted["id"])
-        only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
-        for row, logits in zip(rows[1:], static_logits_rows(model, only, prompt.query_only)):
-            row["delta_w_only_top1_id"] = int(logits.argmax())
+    rows, solution, wanted, logits_ctx = sweep_prefixes(model, tokenizer, chosen, prompt, cuts, target)
     full = solution.patches[-1]
     aligned = gradient_alignment(model, chosen, full, prompt.query_only, wanted["id"]) if gradient else None
     result = Dynamics(
@@ -140,6 +149,30 @@ def dynamics(
         )
         result.finetune["implicit_query_loss"] = cross_entropy(solution.logits[-1], wanted["id"])
     return result
+
+
+def as_examples(examples: list[str | Example]) -> list[Example]:
+    """The examples as task Examples (strings wrapped); at least one, or a UsageError."""
+    if not examples:
+        raise UsageError("dynamics needs at least one example")
+    return [e if isinstance(e, Example) else Example(e) for e in examples]
+
+
+def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt: Prompt, cuts: list[int], target):
+    """Every prefix's update, solved in one batch from one KV-cached pass over the context: the per-prefix rows,
+    the solution, the scored target token and the with-context logits after each prefix."""
+    with torch.no_grad():
+        head = prompt.prefix + prompt.context
+        ends = [len(prompt.prefix) + c for c in cuts]
+        targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
+        start, logits_0 = capture_targets(model, chosen, prompt.query_only)
+        solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
+        wanted = pick_target(tokenizer, target, logits_ctx[-1])
+        rows = prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, logits_0, wanted["id"])
+        only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
+        for row, logits in zip(rows[1:], static_logits_rows(model, only, prompt.query_only)):
+            row["delta_w_only_top1_id"] = int(logits.argmax())
+    return rows, solution, wanted, logits_ctx
 
 
 def tokenize_prefixes(tokenizer, texts: list[str], query: str) -> tuple[list[int], Prompt]:
@@ -215,11 +248,11 @@ def layer_row(b: arch.Block, series: dict, i: int) -> dict:
 
 def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demos: int, trials: int, seed: int = 0,
                     progress: Progress | None = None, **options) -> tuple[Dynamics, dict]:  # fmt: skip
-    """`dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one model load).
+    """`track_dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one load).
 
     Returns the first trial's Dynamics and the `trials` part of the document: per prefix and layer the mean and
     standard error over trials (`mean_se`), and the fraction of trials answered correctly. Each trial is a step
-    of `progress`; `options` go to `dynamics`.
+    of `progress`; `options` go to `track_dynamics`.
     """
     if trials < 2 or not 1 <= demos < len(task.pairs):
         raise UsageError(f"`trials` needs ≥ 2 trials and 1 ≤ `demos` < {len(task.pairs)} (the task's pairs, one "
@@ -230,7 +263,8 @@ def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demo
         pairs = rng.sample(task.pairs, demos + 1)
         examples = [Example(format_example(template, x, y), x, y) for x, y in pairs[:-1]]
         query, spaces = query_for(template, pairs[-1][0])
-        results.append(dynamics(model, tokenizer, examples, query, spaces + pairs[-1][1], template=template, **options))
+        target = spaces + pairs[-1][1]
+        results.append(track_dynamics(model, tokenizer, examples, query, target, template=template, **options))
     docs = [r.to_dict(text=False) for r in results]
     summary = {"n": trials, "seed": seed, "demos": demos, "task": task.name, "prefixes": trial_prefixes(model, docs)}
     summary["query_loss"] = {

@@ -3,6 +3,8 @@ the check that updating them all reproduces the MLP at another input (docs/archi
 
 from __future__ import annotations
 
+__all__ = ["has_experts", "read_moe"]
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D

@@ -8,6 +8,11 @@ update is read back from what was written and scored again (`kl_stored`).
 
 from __future__ import annotations
 
+__all__ = [
+    "FORMATS", "Export", "export_patch", "sizes", "check_linear_only", "write_adapter", "base_reference",
+    "adapter_tensors", "read_adapter"
+]  # fmt: skip
+
 import hashlib
 import json
 import math
@@ -19,16 +24,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import arch
+from . import arch, decoder
 from .analysis import Analysis, analyze
 from .capture import last_logits, position_logits
 from .errors import PatchError, UsageError
 from .fileio import atomic_write_dir, check_writable
+from .fingerprint import fingerprint
 from .inputs import DEMO_CONTEXT, DEMO_QUERY
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence
 from .models import no_progress_bars
-from .patchfile import FORMAT, fingerprint, load_patch, model_family, save_patch
+from .patchfile import FORMAT, load_patch, model_family, save_patch
 from .patching import Apply, Patch, applied, dense_added, replaced
+from .version import __version__
 
 FORMATS = ("native", "peft", "merged")
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -39,7 +46,15 @@ FLOAT32_BYTES = 4
 
 @dataclass
 class Export:
-    """What `export_patch` wrote and measured; sizes are bytes, KLs are KL(context ‖ patched) in nats."""
+    """What `export_patch` wrote and measured; sizes are bytes, KLs are KL(context ‖ patched) in nats.
+
+    `.to_dict()` is the `icl-probe.export/1` JSON document (docs/schemas.md), without the analysis.
+
+    Example:
+        >>> done = icl_probe.export_patch(model, tokenizer, output="p.safetensors")  # the antonym demo
+        >>> done.file_bytes, done.dense_bytes  # the rank-1 file against dense ΔW matrices
+        >>> done.kl_stored  # the update read back from the file
+    """
 
     output: str
     format: str
@@ -77,14 +92,26 @@ def export_patch(
     positions: str = "last",
     analysis: Analysis | None = None,
 ) -> Export:
-    """Analyze `context` + `query` (the antonym demo if both are None) and write the update to `output`.
+    """Analyze `context` + `query` and write the update to `output`, as a patch, an adapter or a checkpoint.
 
-    `analysis`, if given, is that prompt's analysis already run with these options (a batch's row): it is used
-    instead of running analyze again.
+    Args:
+        model, tokenizer: a causal LM and its tokenizer, as `load_model` returns them; the model is left unchanged.
+        context, query: the prompt's two parts; with neither, the built-in antonym demo.
+        output: the file (native) or folder (peft, merged) to write; an existing one is refused unless `force`.
+        format: "native" (a safetensors patch), "peft" (a LoRA adapter, r = 1) or "merged" (a checkpoint).
+        residual: "bias" or "fold" (default: bias for native; fold for peft and merged, and with `positions="all"`).
+        layers: the blocks to patch: a spec such as "all", "3,7", "-4:", or a list of indices (default: all).
+        store_context, force: keep the context's text in the patch; overwrite an existing output.
+        positions: "last", or "all" to solve the update at every query position.
+        analysis: that prompt's analysis, already run with these options (a batch's row), used instead of another.
 
-    `residual` defaults to bias for native and fold for peft and merged (which need it), and to fold with
-    `positions="all"` (the update solved at every query position). An existing output is refused unless
-    `force`. The model is left unchanged.
+    Returns:
+        An `Export`: what was written, its size, and the KL of the written update reloaded.
+
+    Example:
+        >>> done = icl_probe.export_patch(model, tokenizer, "hot -> cold\\n", "big ->", output="p.safetensors")
+        >>> done.kl_stored  # KL(context ‖ patched) with the update read back from the file: ≈ 0
+        >>> patch = icl_probe.load_patch("p.safetensors")
     """
     residual = resolve_residual(format, residual, positions)
     if output is None:
@@ -101,14 +128,26 @@ def export_patch(
     with torch.no_grad(), apply():  # the with-context logits are analyze's: only the patched run is new
         stored = last_logits(model, result.prompt.query_only)
     stored_positions = positions_stored(model, result, apply) if result.solved_at == "all" else None
-    patch_bytes, dense_bytes = sizes(patch)
+    return export_record(output, format, result, file_bytes, stored, stored_positions)
+
+
+def export_record(
+    output: Path,
+    format: str,
+    result: Analysis,
+    file_bytes: int,
+    stored: torch.Tensor,
+    stored_positions: list[float] | None,
+) -> Export:
+    """What was written and measured; `stored` are the patched query's last logits with the update read back."""
+    patch_bytes, dense_bytes = sizes(result.patch)
     return Export(
         output=str(output),
         format=format,
         model=result.model,
         layers=[r.layer for r in result.layers],
         residual=result.residual,
-        modules=len(patch.low_rank) + len(patch.params),
+        modules=len(result.patch.low_rank) + len(result.patch.params),
         patch_bytes=patch_bytes,
         dense_bytes=dense_bytes,
         file_bytes=file_bytes,
@@ -154,7 +193,7 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
             '`format="peft"` writes rank-1 adapters, and `positions="all"` gives an update of rank k (one per query '
             'position); use `format="native"` or `format="merged"`'
         )
-    if format in ("peft", "merged") and any(b.moe for b in arch.blocks(model)):
+    if format in ("peft", "merged") and any(b.moe for b in decoder.blocks(model)):
         raise PatchError(
             f'`format="{format}"` needs the residual term Δb folded into the weights, and {family.name}\'s '
             "mixture-of-experts MLPs add a routed sum of experts, so Δb folds into no one weight (peft's "
@@ -174,8 +213,6 @@ def check_foldable(model: nn.Module, format: str, positions: str = "last") -> No
 
 def patch_metadata(model: nn.Module, result: Analysis, context: str, query: str, store_context: bool) -> dict:
     """The native format's string metadata; no timestamps, so the same inputs give the same file."""
-    from . import __version__
-
     meta = {
         "format": FORMAT,
         "model": result.model,

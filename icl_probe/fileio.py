@@ -8,6 +8,11 @@ no longer runs are stale.
 
 from __future__ import annotations
 
+__all__ = [
+    "check_writable", "atomic_write", "atomic_write_text", "atomic_write_dir", "temporary", "usual_mode",
+    "remove_stale", "terminate_cleanly"
+]  # fmt: skip
+
 import os
 import re
 import shutil

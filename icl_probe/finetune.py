@@ -8,6 +8,8 @@ bit afterwards.
 
 from __future__ import annotations
 
+__all__ = ["trainable", "sgd", "finetune", "layer_alignments"]
+
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 

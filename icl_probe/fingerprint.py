@@ -16,6 +16,8 @@ Hashing SmolLM2-135M's 538 MB takes about 0.1 s, so it is cached twice over:
 
 from __future__ import annotations
 
+__all__ = ["fingerprint", "hash_values", "float32_bytes", "remember_checkpoint"]
+
 import contextlib
 import json
 import weakref

@@ -9,6 +9,8 @@ run (`Family.low_precision`); `analyze` reports them as `precision_limit` and th
 
 from __future__ import annotations
 
+__all__ = ["precision_limit"]
+
 import math
 
 import torch

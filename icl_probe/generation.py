@@ -10,6 +10,11 @@ that token); the query alone, which is short, runs whole at every step.
 
 from __future__ import annotations
 
+__all__ = [
+    "Generation", "cached_step", "Start", "teacher_forced", "recompute_generation", "fixed_generation",
+    "leading_agreement", "continuation"
+]  # fmt: skip
+
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -1,5 +1,5 @@
-"""`heads`: which attention heads write the context into the weights, whether they are induction heads, and
-whether knocking them out removes the update and the in-context answer.
+"""`score_heads` (`icl-probe heads`): which attention heads write the context into the weights, whether they
+are induction heads, and whether knocking them out removes the update and the in-context answer.
 
 It runs the engine as `analyze` does (capture.py's with-context pass, update.py's sequential patched run, with
 residual bias) under eager attention, with extra hooks on each block's output projection and pre-MLP norm, and
@@ -37,6 +37,7 @@ from .lowrank import MATH_DTYPE, kl_divergence
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, query_for, target_text, task_examples
 from .update import SequentialRun, solve
+from .version import __version__
 
 SCHEMA = "icl-probe.heads/1"
 
@@ -54,7 +55,15 @@ class Query:
 
 @dataclass
 class Heads:
-    """What `heads` found; `.to_dict()` is the `icl-probe.heads/1` JSON document."""
+    """What `score_heads` found: per layer each head's share of the update, the scores and the knockout.
+
+    `.to_dict()` is the `icl-probe.heads/1` JSON document (docs/schemas.md).
+
+    Example:
+        >>> found = icl_probe.score_heads(model, tokenizer, knockout=(1, 2))
+        >>> found.knockout  # the top k heads knocked out, beside random sets of k heads
+        >>> found.to_dict()["induction"]
+    """
 
     model: str
     model_type: str
@@ -70,8 +79,6 @@ class Heads:
     knockout: dict | None
 
     def to_dict(self) -> dict:
-        from . import __version__
-
         layers = []
         for s in self.layers:
             entry = asdict(s)
@@ -87,7 +94,7 @@ class Heads:
         }  # fmt: skip
 
 
-def heads(
+def score_heads(
     model: nn.Module,
     tokenizer,
     context: str | None = None,
@@ -104,23 +111,28 @@ def heads(
 ) -> Heads:
     """Split each layer's Δa, Δb and ΔW by attention head, score the heads, and knock out the top ones.
 
-    The prompt is `context` + `query` (the antonym demo if neither), or with `task` its first `demos` pairs as
-    context and the next pair as the query; the knockout scores the next `heldout` pairs (or, without a task,
-    the prompt itself against its with-context top-1). `knockout` lists the set sizes k (None: no knockout).
-    The model is left unchanged (its attention implementation is restored). Its stages (the split, the scores,
-    the knockout) are the steps of `progress`.
+    Args:
+        model, tokenizer: a causal LM and its tokenizer, as `load_model` returns them; the model is left unchanged.
+        context, query: the prompt's two parts; with neither (and no task), the built-in antonym demo.
+        task, template: a task whose first `demos` pairs are the context and the next pair the query.
+        demos, heldout: the task's pairs in the context; the next pairs the knockout scores.
+        layers: the blocks to split: a spec such as "all", "3,7", "-4:", or a list of indices (default: all).
+        knockout, draws, seed: the head-set sizes k to knock out (None: no knockout); random sets drawn per k.
+        progress: told each stage (the split, the scores, the knockout; see progress.py).
+
+    Returns:
+        A `Heads`; its `.to_dict()` is the `icl-probe.heads/1` document (docs/schemas.md).
+
+    Example:
+        >>> model, tokenizer = icl_probe.load_model("smollm2-135m")
+        >>> found = icl_probe.score_heads(model, tokenizer, knockout=None)
+        >>> found.to_dict()["layers"][0]  # layer 0's Δa, Δb and ΔW, and their split by head
     """
     context, query, pairs = pick_prompt(context, query, task, template, demos, heldout)
     prompt = tokenize(tokenizer, context, query)
     check_length(model, prompt)
     chosen = select_blocks(model, layers)
-    parts = check_blocks(model, chosen)
-    attention = {i: p for i, p in parts.items() if p is not None}
-    total = sum(p.num_heads for p in attention.values())
-    if knockout and max(knockout) > total:
-        raise UsageError(
-            f"knockout k = {max(knockout)} is larger than the {total} attention heads of the chosen layers"
-        )
+    parts, attention = attention_parts(model, chosen, knockout)
     with torch.no_grad(), eager(model):
         stages = Steps(progress, "stages (split, scores, knockout)", 3 if knockout else 2)
         splits = split_prompt(model, chosen, parts, prompt)
@@ -140,6 +152,19 @@ def heads(
         {"length": scores["length"], "sequences": scores["sequences"], "seed": scores["seed"], "protocol": PROTOCOL},
         correlation(splits), table,
     )  # fmt: skip
+
+
+def attention_parts(model: nn.Module, chosen: list[Block], knockout: tuple[int, ...] | None) -> tuple[dict, dict]:
+    """Each chosen block's head parts (None without attention heads), and those with heads; a UsageError if a
+    knockout size is larger than the chosen layers' heads."""
+    parts = check_blocks(model, chosen)
+    attention = {i: p for i, p in parts.items() if p is not None}
+    total = sum(p.num_heads for p in attention.values())
+    if knockout and max(knockout) > total:
+        raise UsageError(
+            f"knockout k = {max(knockout)} is larger than the {total} attention heads of the chosen layers"
+        )
+    return parts, attention
 
 
 def pick_prompt(context, query, task, template, demos, heldout) -> tuple[str, str, list | None]:

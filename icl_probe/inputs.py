@@ -7,6 +7,11 @@ and concatenate alike, so every part of the engine takes either.
 
 from __future__ import annotations
 
+__all__ = [
+    "DEMO_CONTEXT", "DEMO_QUERY", "Vectors", "Ids", "Prompt", "as_inputs", "tokenize", "special_prefix",
+    "check_text", "read_text", "reencode", "read_query", "fusion_warning", "parse_layers"
+]  # fmt: skip
+
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +27,13 @@ DEMO_QUERY = "happy ->"
 class Vectors:
     """A prompt (or part of one) given as input vectors, shape (T, d): slices and `+` as a list of token ids does.
 
-    ctx = Vectors(torch.randn(50, 3)); query = Vectors(torch.randn(1, 3))
-    (ctx[:10] + query).data.shape  # (11, 3)
+    Args:
+        data: the vectors, shape (T, d), one per position; other shapes raise InputError.
+
+    Example:
+        >>> ctx, query = icl_probe.Vectors(torch.randn(50, 3)), icl_probe.Vectors(torch.randn(1, 3))
+        >>> (ctx[:10] + query).data.shape
+        torch.Size([11, 3])
     """
 
     def __init__(self, data: torch.Tensor):

@@ -6,6 +6,12 @@ it left out, and score the query alone against the with-context distribution.
 
 from __future__ import annotations
 
+__all__ = [
+    "compare_logits", "top_tokens", "prob", "cross_entropy", "pick_target", "static_logits", "static_logits_rows",
+    "ablation_rows", "ablation_scores", "ablation", "layer_ablation", "at_least_float32",
+    "gradient_alignment", "weight_norm", "layer_series"
+]  # fmt: skip
+
 import weakref
 
 import torch

@@ -9,6 +9,11 @@ missing network fails at once in one line instead of after transformers' retries
 
 from __future__ import annotations
 
+__all__ = [
+    "cache_dir", "load_model", "resolve_folder", "sha256_file", "index_path", "record_sha256", "indexed_sha256",
+    "convert_gguf", "no_gguf_bar", "no_progress_bars"
+]  # fmt: skip
+
 import contextlib
 import difflib
 import functools
@@ -54,11 +59,21 @@ def load_model(
 ):
     """(model, tokenizer) for a named model, a save_pretrained folder, a .gguf file or a hub id.
 
-    The model is in eval mode, in `dtype` on `device`, or split by accelerate with `device_map`
-    ("auto" or a dict), `max_memory` ({"cpu": "2GiB"}) and `offload_folder` for what goes to disk.
-    `model.icl_probe_name` records `name`. `on_convert(folder)` is called just before a GGUF file
-    is converted (once; later loads use `folder`), and the conversion's tensors are counted to `progress`
-    (see progress.py).
+    Args:
+        name: "smollm2-135m", "gemma3-270m", a folder, a .gguf file or a hub id; `model.icl_probe_name` records it.
+        dtype, device: the weights' dtype ("float32", "bfloat16", ...) and torch device.
+        trust_remote_code: run the code a folder or hub id ships (off unless you trust it).
+        on_convert: called with the cache folder just before a GGUF file is converted (once; later loads use it).
+        device_map, max_memory, offload_folder: split by accelerate ("auto" or a dict; {"cpu": "2GiB"}; disk).
+        progress: told each converted tensor (see progress.py).
+
+    Returns:
+        (model, tokenizer): the model in eval mode, and its tokenizer.
+
+    Example:
+        >>> model, tokenizer = icl_probe.load_model("smollm2-135m")
+        >>> model.config.num_hidden_layers
+        30
     """
     torch_dtype = parse_dtype(dtype)
     check_device(device)

@@ -7,6 +7,8 @@ part order into the cache, and the result must match a sha256 pinned here before
 
 from __future__ import annotations
 
+__all__ = ["PartedModel", "PARTED", "INSTALL_COMMANDS", "assembled"]
+
 import hashlib
 import os
 import re

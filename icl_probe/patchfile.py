@@ -15,6 +15,11 @@ docs/patch-format.md is the specification. Files are read only through safetenso
 
 from __future__ import annotations
 
+__all__ = [
+    "FORMAT", "READABLE", "FINGERPRINT_SAMPLES", "REQUIRED_KEYS", "save_patch", "serialize", "load_patch",
+    "int_list", "sampled_fingerprint", "legacy_fingerprint", "fingerprint_note", "check_fits", "model_family"
+]  # fmt: skip
+
 import hashlib
 import json
 import struct
@@ -25,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
-from . import arch
+from . import arch, decoder
 from .errors import PatchError
 from .fileio import atomic_write, check_writable
 from .fingerprint import fingerprint
@@ -110,9 +115,19 @@ def canonical_header(data: bytes) -> bytes:
 
 
 def load_patch(path: str | Path) -> Patch:
-    """Read and check a native patch file (v4, v3, v2 or v1); the Patch holds float64 tensors and the file's metadata.
+    """Read and check a native patch file (format v4, v3, v2 or v1).
 
-    Raises PatchError for anything but a complete, finite, well-formed icl-probe patch.
+    Args:
+        path: the .safetensors file `export_patch` wrote.
+
+    Returns:
+        A `Patch`: the update's float64 tensors and the file's metadata. Raises PatchError for anything but a
+        complete, finite, well-formed icl-probe patch.
+
+    Example:
+        >>> patch = icl_probe.load_patch("p.safetensors")
+        >>> patch.metadata["model"]
+        'smollm2-135m'
     """
     path = Path(path)
     check_file(path)
@@ -335,7 +350,7 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
                 f"{where} does not fit this model: {path} is {want[0]}×{want[1]} (out×in) but the patch's "
                 f"update is {delta.shape[0]}×{delta.shape[1]}; {made_for}"
             )
-    transposed = {p for b in arch.blocks(model) for p in b.transposed} if patch.params else set()
+    transposed = {p for b in decoder.blocks(model) for p in b.transposed} if patch.params else set()
     for path, delta in patch.params.items():
         param = find(model.get_parameter, path, where, made_for)
         shape = param.shape if path not in transposed else (*param.shape[:-2], param.shape[-1], param.shape[-2])
@@ -358,7 +373,7 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
 
 def model_family(model: nn.Module) -> arch.Family:
     """The model's architecture-table row, resolved for its config."""
-    return arch.blocks(model)[0].family
+    return decoder.blocks(model)[0].family
 
 
 def find(get, path: str, where: str, made_for: str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import arch
+from . import decoder
 from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import MATH_DTYPE, LowRank, add_rounded
@@ -111,6 +111,6 @@ def applied(model: nn.Module, patch: Patch) -> Iterator[None]:
     """Run the model with the patch applied; the model is unchanged afterwards."""
     hooks = [(model.get_submodule(p), low_rank_hook(d)) for p, d in patch.low_rank.items()]
     hooks += [(model.get_submodule(p), residual_hook(b)) for p, b in patch.residual.items()]
-    transposed = {p for b in arch.blocks(model) for p in b.transposed} if patch.params else set()
+    transposed = {p for b in decoder.blocks(model) for p in b.transposed} if patch.params else set()
     with dense_added(model, patch.dense), hooked(hooks), swapped(model, patch.params, transposed):
         yield

@@ -7,6 +7,11 @@ line style, marker or hatch as well as colour, and colours come from viridis/civ
 
 from __future__ import annotations
 
+__all__ = [
+    "plot_dynamics", "plot_analysis", "plot_transfer", "plot_study", "check_schema", "new_figure", "save", "label",
+    "style", "setup"
+]  # fmt: skip
+
 import math
 import warnings
 from collections.abc import Iterable

@@ -3,6 +3,8 @@ effect, side by side, each with labelled axes and a colour bar. Reads the `icl-p
 
 from __future__ import annotations
 
+__all__ = ["plot_heads"]
+
 import math
 from pathlib import Path
 

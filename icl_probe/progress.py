@@ -11,6 +11,8 @@ step; `job` names what is counted ("queries", "generated tokens"). No terminal c
 
 from __future__ import annotations
 
+__all__ = ["Progress", "Steps"]
+
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 

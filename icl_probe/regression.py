@@ -15,6 +15,8 @@ online query loss after N pairs is lowest.
 
 from __future__ import annotations
 
+__all__ = ["trial_prompt", "run_trial", "finetuned", "regression"]
+
 from dataclasses import dataclass
 
 import torch

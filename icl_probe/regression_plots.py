@@ -5,6 +5,8 @@ Reads the document only; computes nothing but the bands (mean ± standard error)
 
 from __future__ import annotations
 
+__all__ = ["plot_regression"]
+
 from pathlib import Path
 
 from .plots import check_schema, new_figure, save, setup, style

@@ -1,4 +1,4 @@
-"""`replay`: run a query with a saved patch applied and no context, beside the unpatched query.
+"""`replay_patch` (`icl-probe replay`): a query run with a saved patch and no context, beside the unpatched query.
 
 Given the context too, it also runs the full prompt and scores the patch against it (KL, top-1,
 max |Δlogit|); with `generate`, it continues greedily with the patch held fixed at every step, and
@@ -7,6 +7,8 @@ with `recompute`, solved again for each step's text.
 """
 
 from __future__ import annotations
+
+__all__ = ["Replay", "replay_patch", "patch_summary"]
 
 import hashlib
 import json
@@ -32,7 +34,15 @@ NO_GENERATION = {"patched": None, "context": None, "no_context": None, "agree_to
 
 @dataclass
 class Replay:
-    """What `replay` found; `.to_dict()` is the `icl-probe.replay/1` JSON document (unknown values are None)."""
+    """What `replay_patch` found: the patched query's logits, against the with-context run when one is given.
+
+    `.to_dict()` is the `icl-probe.replay/1` JSON document (docs/schemas.md); unknown values are None.
+
+    Example:
+        >>> result = icl_probe.replay_patch(model, tokenizer, "p.safetensors", context="hot -> cold\\n")
+        >>> result.logits["kl_patched"]  # KL(context ‖ patched query)
+        >>> result.to_dict()["generated"]
+    """
 
     model: str
     model_type: str
@@ -66,7 +76,7 @@ class Replay:
         }
 
 
-def replay(
+def replay_patch(
     model: nn.Module,
     tokenizer,
     patch: Patch | str | Path,
@@ -78,12 +88,24 @@ def replay(
     recompute: bool = False,
     progress: Progress | None = None,
 ) -> Replay:
-    """Run `query` (default: the patch's) with `patch` (a Patch or a native file) applied, without context.
+    """Run `query` with `patch` applied, without the context: the patch checked first, the model left unchanged.
 
-    Checks names and shapes, and the fingerprint unless `skip_fingerprint`. With a context and `generate`,
-    compares N teacher-forced greedy steps with the with-context run; `recompute` solves the update again
-    at each step (the context defaults to the one stored in the patch). The generated tokens are reported to
-    `progress` (see progress.py). The model is left bit-for-bit unchanged.
+    Args:
+        model, tokenizer: a causal LM and its tokenizer, as `load_model` returns them; left bit-for-bit unchanged.
+        patch: a Patch (`load_patch`) or the path of a native patch file; its names and shapes are checked.
+        query, context: the query to run (default: the patch's); the context of the run it is scored against.
+        generate, top_k: greedy tokens to generate (with a context: teacher-forced, compared); top tokens listed.
+        skip_fingerprint: apply a patch made for other weights (its fingerprint is not checked).
+        recompute: solve the update again at each generated token (the context defaults to the patch's).
+        progress: told each generated token (see progress.py).
+
+    Returns:
+        A `Replay`; its `.to_dict()` is the `icl-probe.replay/1` document (docs/schemas.md).
+
+    Example:
+        >>> patch = icl_probe.load_patch("p.safetensors")
+        >>> result = icl_probe.replay_patch(model, tokenizer, patch, context="hot -> cold\\n", generate=5)
+        >>> result.to_dict()["kl_patched"]  # KL(context ‖ patched query)
     """
     if not isinstance(patch, Patch):
         patch = load_patch(patch)
@@ -98,13 +120,8 @@ def replay(
         steps = Steps(progress, "greedy tokens", generate * (3 if context is not None else 2))
         generated = generations(model, tokenizer, prompt, lambda: applied(model, patch), generate, context is not None,
                                 steps)  # fmt: skip
-    generation = None
-    if recompute:
-        chosen = select_blocks(model, json.loads(meta["layers"]))
-        generation = recompute_generation(model, tokenizer, prompt, chosen, meta["residual"], generate,
-                                          progress=progress)  # fmt: skip
-    elif generate and context is not None:
-        generation = fixed_generation(model, tokenizer, prompt, lambda: applied(model, patch), generate, progress)
+    generation = compared_generation(model, tokenizer, prompt, patch, context is not None, generate, recompute,
+                                     progress)  # fmt: skip
     return Replay(
         model=str(getattr(model, "icl_probe_name", model.config.name_or_path)),
         model_type=model.config.model_type,
@@ -119,6 +136,19 @@ def replay(
         notes=[note] if (note := fingerprint_note(patch)) else [],
         generation=generation,
     )
+
+
+def compared_generation(model: nn.Module, tokenizer, prompt: Prompt, patch: Patch, with_context: bool, generate: int,
+                        recompute: bool, progress: Progress | None) -> Generation | None:  # fmt: skip
+    """The teacher-forced comparison with the with-context run, the update recomputed at each token or held fixed;
+    None without a context or generated tokens."""
+    if recompute:
+        chosen = select_blocks(model, json.loads(patch.metadata["layers"]))
+        return recompute_generation(model, tokenizer, prompt, chosen, patch.metadata["residual"], generate,
+                                    progress=progress)  # fmt: skip
+    if generate and with_context:
+        return fixed_generation(model, tokenizer, prompt, lambda: applied(model, patch), generate, progress)
+    return None
 
 
 def recompute_context(patch: Patch, context: str | None, generate: int) -> str:

@@ -5,6 +5,8 @@ Plain Python floats, no dependencies: the study's counts are small (tens to hund
 
 from __future__ import annotations
 
+__all__ = ["wilson", "mean_se", "binomial_two_sided", "mcnemar", "sign_test"]
+
 import math
 import statistics
 

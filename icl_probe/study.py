@@ -10,6 +10,8 @@ torn last line cut away on resume) and also written to `DIR/cells/<id>.json`; `s
 
 from __future__ import annotations
 
+__all__ = ["JOURNAL", "read_spec", "make_spec", "run_study"]
+
 import gc
 import json
 import random
@@ -25,11 +27,12 @@ import torch
 from .analysis import analyze
 from .batch import drop_errors, line_writer, safe_name, written_ids
 from .capture import check_length, last_logits
-from .dynamics import dynamics
+from .dynamics import track_dynamics
 from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
 from .inputs import tokenize
 from .models import load_model
+from .studyreport import summarise, write_report
 from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_for, target_text, task_examples
 from .transfer import transfer
 
@@ -189,7 +192,7 @@ def dynamics_row(model, tokenizer, examples, pair: tuple[str, str], spec: StudyS
     """dynamics' step norms, Proposition 3.1's error above the first patched layer and the alignments."""
     x, y = pair
     query, target = query_for(DEFAULT_TEMPLATE, x)[0], target_text(DEFAULT_TEMPLATE, y)
-    doc = dynamics(model, tokenizer, examples, query, target=target, layers=spec.layers,
+    doc = track_dynamics(model, tokenizer, examples, query, target=target, layers=spec.layers,
                    finetune_steps=spec.finetune_steps, template=DEFAULT_TEMPLATE).to_dict()  # fmt: skip
     steps = [mean_of(m["step_norm"] for layer in p["layers"] for m in layer["modules"].values())
              for p in doc["prefixes"][1:]]  # fmt: skip
@@ -220,8 +223,6 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
 
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
     """
-    from .studyreport import summarise, write_report
-
     out = Path(out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)

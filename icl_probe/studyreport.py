@@ -7,14 +7,19 @@ same queries (exact McNemar for hits, the exact sign test for KLs).
 
 from __future__ import annotations
 
+__all__ = ["summarise", "write_report"]
+
 import os
 import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from .errors import UsageError
 from .fileio import atomic_write_text
+from .plots import plot_study
 from .stats import mcnemar, mean_se, sign_test, wilson
+from .version import __version__
 
 SCHEMA = "icl-probe.study/1"
 HIT_METHODS = ("zero_shot", "icl", "own_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
@@ -30,8 +35,6 @@ NOTE = ("Δb closes the gap at every block by construction, so KL(context ‖ pa
 
 def summarise(spec, lines: list[dict]) -> dict:
     """The `icl-probe.study/1` document from the spec and the journal's lines."""
-    from . import __version__
-
     cells = [line["result"] for line in lines if "result" in line]
     groups = []
     for model in spec.models:
@@ -165,9 +168,6 @@ def dynamics_stats(cells: list[dict]) -> dict | None:
 
 def write_report(summary: dict, out: Path) -> None:
     """OUT/report.md (and OUT/accuracy.png when there are transfer cells)."""
-    from .errors import UsageError
-    from .plots import plot_study
-
     plot = "accuracy.png" if any(g["icl"] for g in summary["groups"]) else None
     if plot is not None:
         try:

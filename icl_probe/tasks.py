@@ -7,6 +7,12 @@ Templates are filled by plain string splitting, never str.format, so inputs may 
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_TEMPLATE", "Task", "Example", "builtin_names", "builtin_task", "tasks_document", "load_task_file",
+    "pick_task", "check_template", "format_example", "query_for", "target_text", "task_examples", "split_context",
+    "first_target_id"
+]  # fmt: skip
+
 import difflib
 import json
 import re

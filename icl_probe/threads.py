@@ -14,6 +14,8 @@ each rank takes cores / N. The rule, first match wins:
 
 from __future__ import annotations
 
+__all__ = ["ThreadPlan", "plan_threads", "fit_threads"]
+
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -19,6 +19,8 @@ one head, no LayerNorm, no skip around the MLP, d = 2, N = 50. The architecture 
 
 from __future__ import annotations
 
+__all__ = ["ToyConfig", "prediction", "sample", "train", "save", "is_toy", "load"]
+
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, ModelError, UsageError
+from .fileio import atomic_write_text
 from .progress import Progress, Steps
 
 MODEL_TYPE = "icl_regression"
@@ -207,8 +210,6 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def save(model: ToyRegression, states: list[dict], folder: str | Path) -> Path:
     """config.json (with the training log), model.safetensors, and checkpoints/step-K.safetensors."""
     from safetensors.torch import save_file
-
-    from .fileio import atomic_write_text
 
     folder = Path(folder)
     (folder / "checkpoints").mkdir(parents=True, exist_ok=True)

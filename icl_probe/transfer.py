@@ -15,6 +15,8 @@ mean KL(in-context ‖ method). Nothing is tuned on the held-out queries. The me
 
 from __future__ import annotations
 
+__all__ = ["SCHEMA", "METHODS", "LABELS", "ALPHAS", "Transfer", "transfer"]
+
 import statistics
 from dataclasses import dataclass, field
 
@@ -44,6 +46,7 @@ from .positions import PositionsRun, Sequence, solve_joint
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
 from .update import solve
+from .version import __version__
 
 SCHEMA = "icl-probe.transfer/1"
 METHODS = ("zero_shot", "icl", "own_patch", "single_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
@@ -118,8 +121,6 @@ class Transfer:
     entries: list[Entry]
 
     def to_dict(self) -> dict:
-        from . import __version__
-
         final = self.entries[-1]
         return {
             "schema": SCHEMA,

@@ -10,7 +10,7 @@ from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze
-from icl_probe.dynamics import dynamics
+from icl_probe.dynamics import track_dynamics
 
 EXAMPLES = ["ab c\n", "de f\n", "gh i\n", "jk l\n"]
 QUERY = "mn"
@@ -95,7 +95,7 @@ def test_ablation_matches_a_patch_applied_by_hand(setup):
 def test_dynamics_ablation_is_the_full_context_patch_by_hand(setup):
     model, tok, context, ctx, query_ids = setup
     patch = analyze(model, tok, context, QUERY).patch
-    ours = dynamics(model, tok, EXAMPLES, QUERY, gradient=False).to_dict()["ablation"]
+    ours = track_dynamics(model, tok, EXAMPLES, QUERY, gradient=False).to_dict()["ablation"]
     expected = independent_ablation(model, patch, query_ids, ctx)
     for part in ("delta_w_only", "bias_only", "both"):
         assert_scores_match(ours[part], expected[part])

@@ -234,7 +234,7 @@ def test_export_patch_batch_writes_one_patch_per_id_into_a_folder(tiny_llama_dir
                                                          "results.jsonl"]  # fmt: skip
     lines = {line["id"]: line for line in read_jsonl(folder / "results.jsonl")}
     # replayed independently of the batch: the stored patch reproduces the with-context run of its line
-    replayed = icl_probe.replay(*tiny, icl_probe.load_patch(folder / "a.safetensors"), PROMPTS[0]["query"],
+    replayed = icl_probe.replay_patch(*tiny, icl_probe.load_patch(folder / "a.safetensors"), PROMPTS[0]["query"],
                                 context=PROMPTS[0]["context"])  # fmt: skip
     assert replayed.to_dict()["kl_patched"] < 1e-6 and replayed.to_dict()["top1_match"]
     assert lines["a"]["patch"]["kl_stored"] < 1e-6

@@ -47,7 +47,7 @@ def test_offloaded_analysis_is_exact_and_equals_the_whole_model(models):
 def test_patch_from_the_whole_model_replays_on_the_split_one(models, tmp_path):
     whole, split, tok = models
     exported = icl_probe.export_patch(whole, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
-    doc = icl_probe.replay(split, tok, tmp_path / "p.safetensors", context=CONTEXT).to_dict()
+    doc = icl_probe.replay_patch(split, tok, tmp_path / "p.safetensors", context=CONTEXT).to_dict()
     assert doc["patch"]["fingerprint_checked"]  # read from the offloaded weights
     assert doc["kl_patched"] < 1e-12 and doc["top1_match"]
     assert abs(doc["kl_patched"] - exported.kl_stored) < 1e-10
@@ -60,7 +60,7 @@ def test_float32_patch_applies_to_float64_weights(models):
     for delta in patch.low_rank.values():
         delta.u, delta.v = delta.u.float(), delta.v.float()
     patch.residual = {path: b.float() for path, b in patch.residual.items()}
-    doc = icl_probe.replay(whole, tok, patch, query=QUERY, context=CONTEXT).to_dict()
+    doc = icl_probe.replay_patch(whole, tok, patch, query=QUERY, context=CONTEXT).to_dict()
     assert doc["kl_patched"] < 1e-9  # float32 factors: rounding of the factors only
 
 

@@ -103,3 +103,30 @@ def test_docs_name_no_issue_numbers():
         text = doc.read_text(encoding="utf-8")
         found = re.findall(r"(?<!safetensors )\bissues? #?\d+", text, re.I)  # an upstream bug report is a reference
         assert not found, f"{doc.name} names {found}"
+
+
+def architecture_paths() -> list[str]:
+    """Every file path docs/architecture.md names in backticks (`cli/app.py`, `tests/test_layout.py`)."""
+    return re.findall(r"`([\w/]+\.py)`", (DOCS / "architecture.md").read_text(encoding="utf-8"))
+
+
+def test_architecture_names_only_files_that_exist():
+    top = ("icl_probe/", "tests/", "benchmarks/")
+    paths = architecture_paths()
+    missing = [p for p in paths if not (ROOT / p if p.startswith(top) else ROOT / "icl_probe" / p).is_file()]
+    assert len(paths) > 50 and not missing, f"docs/architecture.md names files that do not exist: {missing}"
+
+
+def test_architecture_places_every_module():
+    named = {p.removeprefix("icl_probe/") for p in architecture_paths()}
+    modules = {str(p.relative_to(ROOT / "icl_probe")) for p in (ROOT / "icl_probe").rglob("*.py")} - {"__init__.py"}
+    assert not modules - named, f"docs/architecture.md does not place: {sorted(modules - named)}"
+
+
+def test_python_api_in_the_docs_is_exported():
+    """Every `icl_probe.NAME` the README and docs/ call is a name the package exports."""
+    import icl_probe
+
+    for doc in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        called = set(re.findall(r"\bicl_probe\.(\w+)\(", doc.read_text(encoding="utf-8")))
+        assert called <= set(icl_probe.__all__), f"{doc.name} calls {sorted(called - set(icl_probe.__all__))}"

@@ -13,7 +13,7 @@ from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
 from icl_probe import analyze
-from icl_probe.dynamics import dynamics
+from icl_probe.dynamics import track_dynamics
 from icl_probe.errors import UsageError
 from icl_probe.tasks import DEFAULT_TEMPLATE, Task, task_examples
 
@@ -28,7 +28,7 @@ REFERENCE = Path(__file__).parent / "data" / "reference" / "smollm2-135m-dynamic
 def sweep(family):
     """A tiny float64 model, its dynamics document, and one separate `analyze` per prefix (index 0: None)."""
     model, tok = tiny_model(family), tokenizer_for(family)
-    doc = dynamics(model, tok, EXAMPLES, QUERY).to_dict()
+    doc = track_dynamics(model, tok, EXAMPLES, QUERY).to_dict()
     analyses = [None] + [analyze(model, tok, "".join(EXAMPLES[:i]), QUERY) for i in range(1, len(EXAMPLES) + 1)]
     return model, tok, doc, analyses
 
@@ -146,7 +146,7 @@ def test_gradient_alignment_matches_autograd(family, target):
     model.get_input_embeddings().weight.requires_grad_(False)  # a mixed pattern of flags to keep
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    doc = dynamics(model, tok, EXAMPLES, QUERY, target=target).to_dict()
+    doc = track_dynamics(model, tok, EXAMPLES, QUERY, target=target).to_dict()
     full = analyze(model, tok, "".join(EXAMPLES), QUERY, gradient=True, target=target)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
@@ -193,7 +193,7 @@ def test_finetune_against_one_sgd_step_by_hand(family):
     model.get_input_embeddings().weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    doc = dynamics(model, tok, examples, query, finetune_steps=5, lr=lr, template=DEFAULT_TEMPLATE).to_dict()
+    doc = track_dynamics(model, tok, examples, query, finetune_steps=5, lr=lr, template=DEFAULT_TEMPLATE).to_dict()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
 
@@ -231,10 +231,10 @@ def test_finetune_against_one_sgd_step_by_hand(family):
 def test_finetune_needs_task_examples_and_template(tokenizer):
     model = tiny_model("llama")
     with pytest.raises(UsageError, match="template"):
-        dynamics(model, tokenizer, EXAMPLES, QUERY, finetune_steps=2, template=DEFAULT_TEMPLATE)
+        track_dynamics(model, tokenizer, EXAMPLES, QUERY, finetune_steps=2, template=DEFAULT_TEMPLATE)
     examples = task_examples(Task("tiny", PAIRS), DEFAULT_TEMPLATE)
     with pytest.raises(UsageError, match="template"):
-        dynamics(model, tokenizer, examples, "mn ->", finetune_steps=2)
+        track_dynamics(model, tokenizer, examples, "mn ->", finetune_steps=2)
 
 
 # --- the real SmolLM2-135M against an independent implementation -------------------------------------------
@@ -243,7 +243,7 @@ def test_finetune_needs_task_examples_and_template(tokenizer):
 def test_real_smollm2_agrees_with_independent_reference(real_models):
     ref = json.loads(REFERENCE.read_text())
     model, tokenizer = real_models("smollm2-135m")
-    doc = dynamics(model, tokenizer, ref["examples"], ref["query"], target=ref["target"]).to_dict()
+    doc = track_dynamics(model, tokenizer, ref["examples"], ref["query"], target=ref["target"]).to_dict()
     assert doc["target"]["id"] == ref["target_id"]
     assert len(doc["prefixes"]) == len(ref["prefixes"]) == len(ref["examples"]) + 1
     for ours, theirs in zip(doc["prefixes"], ref["prefixes"], strict=True):

@@ -16,7 +16,7 @@ from helpers import last_logits, run_parts, state
 from safetensors.torch import load_file
 from tiny import char_tokenizer, tiny_model
 
-from icl_probe import export_patch, load_patch, replay
+from icl_probe import export_patch, load_patch, replay_patch
 from icl_probe.errors import InputError, PatchError, UsageError
 from icl_probe.export import adapter_tensors, read_adapter, write_adapter
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY
@@ -364,7 +364,7 @@ def smollm2(real_models, tmp_path_factory):
 @pytest.mark.parametrize("which", ["native-bias", "native-fold"])
 def test_smollm2_native_replay(smollm2, which):
     model, tok, exports, prompt, with_context = smollm2
-    doc = replay(model, tok, exports[which].output, context=DEMO_CONTEXT).to_dict()
+    doc = replay_patch(model, tok, exports[which].output, context=DEMO_CONTEXT).to_dict()
     assert doc["patch"]["fingerprint_checked"] and doc["top1_match"]
     assert doc["kl_patched"] < REAL_KL_LIMIT and KL_LIMIT < doc["kl_no_context"]
     assert doc["top_k"]["patched"][0]["token"] == " sad"

@@ -17,7 +17,7 @@ from tiny import char_tokenizer, save_tiny, tiny_model, tokenizer_for
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from icl_probe import analyze, arch, export_patch, load_patch, replay
+from icl_probe import analyze, arch, decoder, export_patch, load_patch, replay_patch
 from icl_probe.cli import app
 from icl_probe.errors import IclProbeError, MathError, ModelError
 from icl_probe.lowrank import kl_divergence
@@ -184,7 +184,7 @@ def test_mlp_branch_matches_the_context_under_the_patch(name):
 @pytest.mark.parametrize("name", TABLE + GENERIC)
 def test_module_map(name):
     block, attn, first, down, pre, post = EXPECTED[name]
-    doc = arch.describe(model_of(name))
+    doc = decoder.describe(model_of(name))
     layer = doc["layers"][0]
     full = lambda rel: None if rel is None else f"{block}.{rel}"  # noqa: E731
     assert (layer["block"], layer["attention"], layer["mlp_down"]) == (block, full(attn), full(down))
@@ -282,8 +282,8 @@ def test_opt_post_layernorm_variant_refuses_fold():
             do_layer_norm_before=False,
         )  # fmt: skip
     )
-    assert arch.family_for(model).fold is None
-    assert arch.describe(model)["layers"][0]["pre_mlp_norm"] is None
+    assert decoder.family_for(model).fold is None
+    assert decoder.describe(model)["layers"][0]["pre_mlp_norm"] is None
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3", "some_new_moe"])
@@ -297,7 +297,7 @@ def test_unknown_layout_names_the_type_and_the_supported_families():
     config = AutoConfig.for_model("mamba", vocab_size=103, hidden_size=32, num_hidden_layers=2, state_size=8)
     model = AutoModelForCausalLM.from_config(config)  # Mamba blocks have no MLP after their mixer
     with pytest.raises(ModelError) as info:
-        arch.blocks(model)
+        decoder.blocks(model)
     message = str(info.value)
     assert "'mamba' is not supported: block backbone.layers.0 has only 'mixer' (mamba), no MLP" in message
     assert "gpt2" in message and "olmo2" in message
@@ -315,7 +315,7 @@ def test_native_export_then_replay(tmp_path, name, residual):
     path = tmp_path / "patch.safetensors"
     exported = export_patch(model, tok, CONTEXT, QUERY, output=path, residual=residual)
     loaded = load_patch(path)
-    doc = replay(model, tok, loaded, context=CONTEXT).to_dict()
+    doc = replay_patch(model, tok, loaded, context=CONTEXT).to_dict()
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]  # float32 factors on a float64 model
     original = exported.analysis.patch
     assert sorted(loaded.low_rank) == sorted(original.low_rank) and sorted(loaded.dense) == sorted(original.dense)

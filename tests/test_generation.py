@@ -10,7 +10,7 @@ from helpers import run
 from rich.console import Console
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 
-from icl_probe import analyze, export_patch, replay
+from icl_probe import analyze, export_patch, replay_patch
 from icl_probe.capture import greedy, select_blocks
 from icl_probe.cli.report.analysis import print_with_positions
 from icl_probe.cli.report.replay import print_replay
@@ -109,14 +109,15 @@ def test_replay_fixed_and_recompute(tmp_path, tokenizer, residual):
     model = tiny_model("llama")
     path = tmp_path / "p.safetensors"
     export_patch(model, tokenizer, CONTEXT, QUERY, output=path, residual=residual, layers="-1")
-    fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()["generation"]
+    fixed = replay_patch(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()["generation"]
     assert fixed["mode"] == "fixed" and len(fixed["tokens"]) == N
     assert fixed["tokens"][0]["id"] == fixed["tokens"][0]["patched_id"]  # exact at the query's last token
-    recomputed = replay(model, tokenizer, path, context=CONTEXT, generate=N, recompute=True).to_dict()
+    recomputed = replay_patch(model, tokenizer, path, context=CONTEXT, generate=N, recompute=True).to_dict()
     want = analyze(model, tokenizer, CONTEXT, QUERY, generate=N, residual=residual, layers="-1").to_dict()
     want = want["generation"]
     assert recomputed["generation"] == want
-    assert replay(model, tokenizer, path, generate=N).to_dict()["generation"] is None  # no context, nothing to match
+    alone = replay_patch(model, tokenizer, path, generate=N).to_dict()
+    assert alone["generation"] is None  # no context, nothing to match
 
 
 def test_cli_analyze_generate(tiny_llama_dir):
@@ -152,7 +153,7 @@ def test_the_report_fits_and_names_the_first_mismatch(tmp_path, tokenizer, width
     assert lines[first + 2].startswith("with context ")
     path = tmp_path / "p.safetensors"
     export_patch(model, tokenizer, CONTEXT, QUERY, output=path)
-    fixed = replay(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()
+    fixed = replay_patch(model, tokenizer, path, context=CONTEXT, generate=N).to_dict()
     fixed["generation"]["tokens"][1]["patched_token"] = "a long token " * 4  # the line must wrap, not overflow
     lines = render(print_replay, fixed, width)
     start = next(i for i, line in enumerate(lines) if line.startswith("position-wise match (patch held fixed): "))

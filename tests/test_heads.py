@@ -15,7 +15,7 @@ from tiny import char_tokenizer, save_tiny, tiny_model, tokenizer_for
 from icl_probe.capture import capture_targets, forward, select_blocks
 from icl_probe.cli.report.heads import print_heads
 from icl_probe.errors import InputError, ModelError, UsageError
-from icl_probe.heads import heads
+from icl_probe.heads import score_heads
 from icl_probe.headscores import repeated_sequences
 from icl_probe.headsplit import integrate
 from icl_probe.hooks import hooked
@@ -71,7 +71,7 @@ def own_runs(model, tok):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_split_against_dense_computations(name):
     model, tok = eager_model(name)
-    result = heads(model, tok, CONTEXT, QUERY, knockout=None)
+    result = score_heads(model, tok, CONTEXT, QUERY, knockout=None)
     chosen, targets, run, seen = own_runs(model, tok)
     gemma = name.startswith("gemma")
     patch = run.patch(0)
@@ -168,7 +168,7 @@ def test_scores_against_attention_weights():
 
 def test_knockout_against_a_forward_written_here():
     model, tok = eager_model("llama")
-    result = heads(model, tok, CONTEXT, QUERY, knockout=(2,), draws=1)
+    result = score_heads(model, tok, CONTEXT, QUERY, knockout=(2,), draws=1)
     prompt = tokenize(tok, CONTEXT, QUERY)
     k = len(prompt.query)
     H = model.config.num_attention_heads
@@ -229,7 +229,7 @@ def test_non_attention_mixer_is_one_unit(monkeypatch):
     swapped = {**tiny.CONFIGS["lfm2"], "model_type": "lfm2", "layer_types": ["full_attention", "conv"]}
     monkeypatch.setitem(tiny.CONFIGS, "lfm2-attention-first", swapped)  # the conv layer then sees the context
     model, tok = tiny_model("lfm2-attention-first"), char_tokenizer()
-    result = heads(model, tok, CONTEXT, QUERY, knockout=None)
+    result = score_heads(model, tok, CONTEXT, QUERY, knockout=None)
     attention, conv = result.layers
     assert [e["head"] for e in conv.heads] == [conv.mixer] and conv.mixer != "attention"
     assert conv.delta_w_norm > 1e-3 and conv.quadrature_error < 1e-6
@@ -242,12 +242,12 @@ def test_non_attention_mixer_is_one_unit(monkeypatch):
 def test_bad_input():
     model, tok = tiny_model("lfm2"), char_tokenizer()
     with pytest.raises(InputError, match="no attention heads"):
-        heads(model, tok, CONTEXT, QUERY, layers="0", knockout=None)
+        score_heads(model, tok, CONTEXT, QUERY, layers="0", knockout=None)
     llama, tok = eager_model("llama")
     with pytest.raises(UsageError, match="larger than the 8 attention heads"):
-        heads(llama, tok, CONTEXT, QUERY, knockout=(9,))
+        score_heads(llama, tok, CONTEXT, QUERY, knockout=(9,))
     with pytest.raises(ModelError, match="parallel"):
-        heads(tiny_model("gpt_neox"), tok, CONTEXT, QUERY, knockout=None)
+        score_heads(tiny_model("gpt_neox"), tok, CONTEXT, QUERY, knockout=None)
 
 
 def test_cli_end_to_end(tmp_path):

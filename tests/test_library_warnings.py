@@ -52,10 +52,10 @@ def test_generation_dynamics_and_replay_raise_no_warning(family, tmp_path):
     query, patch = query_for(DEFAULT_TEMPLATE, "happy")[0], tmp_path / "p.safetensors"
     with caught() as (raised, logged):
         icl_probe.analyze(model, tokenizer, CONTEXT, QUERY, generate=3)
-        icl_probe.dynamics(model, tokenizer, examples, query, finetune_steps=1, template=DEFAULT_TEMPLATE)
+        icl_probe.track_dynamics(model, tokenizer, examples, query, finetune_steps=1, template=DEFAULT_TEMPLATE)
         icl_probe.export_patch(model, tokenizer, CONTEXT, QUERY, output=patch, store_context=True)
-        icl_probe.replay(model, tokenizer, patch, context=CONTEXT, generate=3)
-        icl_probe.replay(model, tokenizer, patch, context=CONTEXT, generate=3, recompute=True)
+        icl_probe.replay_patch(model, tokenizer, patch, context=CONTEXT, generate=3)
+        icl_probe.replay_patch(model, tokenizer, patch, context=CONTEXT, generate=3, recompute=True)
     assert [f"{w.category.__name__}: {w.message}" for w in raised] == [] and logged == []
 
 

@@ -11,8 +11,8 @@ from coverage_models import analysis_of, float64_default, model_of  # noqa: F401
 from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 from safetensors import safe_open
 
-from icl_probe import analyze, coverage, export_patch, load_patch, replay
-from icl_probe.dynamics import dynamics
+from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
+from icl_probe.dynamics import track_dynamics
 from icl_probe.errors import ModelError, PatchError
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import Patch, applied, applied_rows
@@ -189,7 +189,7 @@ def test_a_batch_is_solved_row_by_row():
 def test_dynamics_and_gradient_run_on_mixture_of_experts_models(name):
     # The prefix sweep solves its batch row by row; --gradient covers the nn.Linear first linears (shared experts).
     examples = ["ab -> ba\n", "cd -> dc\n", "xy -> yx\n"]
-    doc = dynamics(model_of(name), coverage.char_tokenizer(), examples, QUERY).to_dict()
+    doc = track_dynamics(model_of(name), coverage.char_tokenizer(), examples, QUERY).to_dict()
     assert all(p["kl_patched"] < 1e-10 for p in doc["prefixes"][1:])
     result = analyze(model_of(name), coverage.char_tokenizer(), CONTEXT, QUERY, gradient=True).to_dict()
     assert sorted(result["layers"][-1]["modules"]) == [f"model.layers.1.{rel}" for rel in sorted(SHARED.get(name, []))]
@@ -215,7 +215,7 @@ def test_native_export_then_replay(tmp_path, name):
     for p, delta in original.params.items():
         torch.testing.assert_close(loaded.params[p].u, delta.u.float(), rtol=0, atol=0, check_dtype=False)
         torch.testing.assert_close(loaded.params[p].v, delta.v.float(), rtol=0, atol=0, check_dtype=False)
-    doc = replay(model, tok, loaded, context=CONTEXT).to_dict()
+    doc = replay_patch(model, tok, loaded, context=CONTEXT).to_dict()
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]
 
 

@@ -232,7 +232,7 @@ def test_v1_patches_still_load_with_a_note(tmp_path):
     assert patch.metadata["format"] == "icl-probe.patch/1"
     assert check_fits(model, patch) is True  # checked the v1 way
     assert "format v1 patch: its fingerprint covers only the weights it changes" in fingerprint_note(patch)
-    doc = icl_probe.replay(model, char_tokenizer(), patch).to_dict()
+    doc = icl_probe.replay_patch(model, char_tokenizer(), patch).to_dict()
     assert doc["notes"] == [fingerprint_note(patch)] and doc["patch"]["fingerprint_checked"]
     for version in (2, 3):
         patch.metadata["format"] = f"icl-probe.patch/{version}"

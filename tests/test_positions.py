@@ -13,7 +13,7 @@ import torch
 from helpers import run_parts, state
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 
-from icl_probe import analyze, export_patch, load_patch, replay
+from icl_probe import analyze, export_patch, load_patch, replay_patch
 from icl_probe.capture import capture_positions, position_logits, select_blocks
 from icl_probe.errors import ModelError, PatchError, UsageError
 from icl_probe.inputs import tokenize
@@ -161,7 +161,7 @@ def test_export_then_replay_is_exact_at_every_position(tmp_path, model_type):
     assert max(exported.kl_stored_positions) < 1e-10  # float32 factors, a float64 model
     meta = load_patch(path).metadata
     assert meta["solved_at"] == "all" and meta["residual"] == "fold" and meta["positions"] == "last"
-    doc = replay(model, tok, path, context=CONTEXT).to_dict()
+    doc = replay_patch(model, tok, path, context=CONTEXT).to_dict()
     assert doc["patch"]["solved_at"] == "all"
     assert len(doc["kl_positions"]) == len(QUERY) and max(doc["kl_positions"]) < 1e-10
 

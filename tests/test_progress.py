@@ -53,12 +53,12 @@ def test_replay_counts_the_greedy_runs_and_the_comparison(tiny, tmp_path):
     patch = tmp_path / "p.safetensors"
     icl_probe.export_patch(*tiny, CONTEXT, QUERY, output=patch)
     seen = Recorder()
-    result = icl_probe.replay(*tiny, patch, context=CONTEXT, generate=3, progress=seen)
+    result = icl_probe.replay_patch(*tiny, patch, context=CONTEXT, generate=3, progress=seen)
     runs = [result.generated[k]["token_ids"] for k in ("patched", "no_context", "context")]
     seen.check("greedy tokens", 9, sum(len(ids) for ids in runs))  # patched, query alone, with context
     seen.check("generated tokens", 3, len(result.generation.context_ids))
     nothing = Recorder()
-    icl_probe.replay(*tiny, patch, context=CONTEXT, progress=nothing)
+    icl_probe.replay_patch(*tiny, patch, context=CONTEXT, progress=nothing)
     assert nothing.calls == {}  # no bar for a job of no steps
 
 
@@ -66,7 +66,7 @@ def test_finetuning_counts_its_steps(tiny):
     seen = Recorder()
     examples = task_examples(builtin_task("antonyms"), DEFAULT_TEMPLATE, 2)
     query = query_for(DEFAULT_TEMPLATE, "happy")[0]
-    doc = icl_probe.dynamics(*tiny, examples, query, finetune_steps=3, template=DEFAULT_TEMPLATE, progress=seen)
+    doc = icl_probe.track_dynamics(*tiny, examples, query, finetune_steps=3, template=DEFAULT_TEMPLATE, progress=seen)
     seen.check("fine-tuning steps", 3, len(doc.finetune["steps"]))
 
 
@@ -174,8 +174,8 @@ def test_regression_and_dynamics_trials_count_their_trials(tmp_path):
 
 
 def test_heads_counts_its_stages():
-    from icl_probe.heads import heads
+    from icl_probe.heads import score_heads
 
     seen = Recorder()
-    heads(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, knockout=(1,), draws=1, progress=seen)
+    score_heads(tiny_model("llama"), char_tokenizer(), CONTEXT, QUERY, knockout=(1,), draws=1, progress=seen)
     seen.check("stages (split, scores, knockout)", 3, 3)

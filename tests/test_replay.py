@@ -10,7 +10,7 @@ from helpers import last_logits
 from tiny import tiny_model, tokenizer_for
 from transformers.pytorch_utils import Conv1D
 
-from icl_probe import analyze, export_patch, load_patch, replay
+from icl_probe import analyze, export_patch, load_patch, replay_patch
 from icl_probe.errors import InputError, PatchError
 from icl_probe.lowrank import kl_divergence
 from icl_probe.patching import applied
@@ -30,7 +30,7 @@ def test_export_then_replay_gives_the_figures_of_analyze(tmp_path, model_type, r
     path = tmp_path / "p.safetensors"
     exported = export_patch(model, tok, CONTEXT, QUERY, output=path, residual=residual)
     want = exported.analysis.to_dict()["logits"]
-    got = replay(model, tok, path, context=CONTEXT).to_dict()
+    got = replay_patch(model, tok, path, context=CONTEXT).to_dict()
     assert got["top1_match"] is want["top1_match"] is True
     # The file holds float32 factors, analyze used float64 ones: the figures agree to float32 rounding.
     # (analyze runs the query alone unpatched as one row of its ablation batch, replay on its own: a batch
@@ -89,7 +89,7 @@ def test_replay_matches_the_patch_applied_densely_by_hand(model_type, residual, 
     # On its own prompt the patch is exact; on another one it is not, and the KLs must still agree.
     model, tok = tiny_model(model_type, torch.float64), tokenizer_for(model_type)
     patch = analyze(model, tok, CONTEXT, QUERY, residual=residual).patch
-    got = replay(model, tok, patch, query=query, context=context).to_dict()
+    got = replay_patch(model, tok, patch, query=query, context=context).to_dict()
     query_ids, full_ids = tok(query)["input_ids"], tok(context + query)["input_ids"]
     assert got["prefix_tokens"] + got["query_tokens"] == query_ids
     ctx, dense = last_logits(model, full_ids), dense_patched_logits(model, patch, query_ids)
@@ -113,7 +113,7 @@ def test_model_is_unchanged_bit_for_bit_and_unhooked(tmp_path):
     patch = load_patch(tmp_path / "p.safetensors")
     patch.dense["model.layers.0.input_layernorm.weight"] = torch.full((32,), 0.1, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    replay(model, tok, patch, context=CONTEXT, generate=3, skip_fingerprint=True)
+    replay_patch(model, tok, patch, context=CONTEXT, generate=3, skip_fingerprint=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not any(m._forward_hooks for m in model.modules())
@@ -122,7 +122,7 @@ def test_model_is_unchanged_bit_for_bit_and_unhooked(tmp_path):
 def test_without_context_the_scores_are_null(tmp_path):
     model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
-    doc = replay(model, tok, tmp_path / "p.safetensors").to_dict()
+    doc = replay_patch(model, tok, tmp_path / "p.safetensors").to_dict()
     assert doc["schema"] == "icl-probe.replay/1"
     assert doc["query"] == QUERY and doc["query_tokens"] == tok(QUERY)["input_ids"]
     assert doc["kl_patched"] is doc["kl_no_context"] is doc["top1_match"] is doc["max_logit_error"] is None
@@ -135,8 +135,8 @@ def test_without_context_the_scores_are_null(tmp_path):
 def test_patched_top_k_without_context_matches_the_with_context_run(tmp_path):
     model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
-    alone = replay(model, tok, tmp_path / "p.safetensors").to_dict()
-    full = replay(model, tok, tmp_path / "p.safetensors", context=CONTEXT).to_dict()
+    alone = replay_patch(model, tok, tmp_path / "p.safetensors").to_dict()
+    full = replay_patch(model, tok, tmp_path / "p.safetensors", context=CONTEXT).to_dict()
     assert alone["top_k"]["patched"] == full["top_k"]["patched"]
     assert [e["id"] for e in alone["top_k"]["patched"]] == [e["id"] for e in full["top_k"]["context"]]
     assert full["context_matches_patch"] is True
@@ -145,7 +145,7 @@ def test_patched_top_k_without_context_matches_the_with_context_run(tmp_path):
 def test_another_query_and_context(tmp_path):
     model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
-    doc = replay(model, tok, tmp_path / "p.safetensors", query="mn ->", context="ef -> fe\n").to_dict()
+    doc = replay_patch(model, tok, tmp_path / "p.safetensors", query="mn ->", context="ef -> fe\n").to_dict()
     assert doc["query"] == "mn ->" and doc["context_matches_patch"] is False
     assert doc["kl_patched"] > 1e-6  # the patch is exact only for its own prompt
 
@@ -164,7 +164,7 @@ def test_generation_matches_transformers_greedy_with_the_patch_held_fixed(tmp_pa
     tok.eos_token = None  # generate all n tokens, as model.generate does with eos_token_id=None
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
     patch = load_patch(tmp_path / "p.safetensors")
-    doc = replay(model, tok, patch, context=CONTEXT, generate=6).to_dict()
+    doc = replay_patch(model, tok, patch, context=CONTEXT, generate=6).to_dict()
     gen, query_ids = doc["generated"], tok(QUERY)["input_ids"]
     context_ids = tok(CONTEXT)["input_ids"] + query_ids
     with torch.no_grad(), applied(model, patch):
@@ -183,7 +183,7 @@ def test_generation_stops_after_eos(tmp_path):
     model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
     patch = load_patch(tmp_path / "p.safetensors")
-    doc = replay(model, tok, patch, generate=40).to_dict()
+    doc = replay_patch(model, tok, patch, generate=40).to_dict()
     eos, query_ids = tok.eos_token_id, tok(QUERY)["input_ids"]
 
     def until_eos(ids):
@@ -202,7 +202,7 @@ def test_generation_past_the_model_positions_is_refused(tmp_path):
     model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
     with pytest.raises(InputError, match=r"make 288 tokens but the model takes at most 256"):
-        replay(model, tok, tmp_path / "p.safetensors", context=CONTEXT, generate=256)
+        replay_patch(model, tok, tmp_path / "p.safetensors", context=CONTEXT, generate=256)
 
 
 def test_replay_on_other_weights_is_refused(tmp_path):
@@ -210,8 +210,8 @@ def test_replay_on_other_weights_is_refused(tmp_path):
     export_patch(tiny_model("llama", torch.float32), tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
     other = tiny_model("llama", torch.float32, seed=3)
     with pytest.raises(PatchError, match="made for other weights"):
-        replay(other, tok, tmp_path / "p.safetensors")
-    doc = replay(other, tok, tmp_path / "p.safetensors", skip_fingerprint=True).to_dict()
+        replay_patch(other, tok, tmp_path / "p.safetensors")
+    doc = replay_patch(other, tok, tmp_path / "p.safetensors", skip_fingerprint=True).to_dict()
     assert doc["patch"]["fingerprint_checked"] is False
 
 
@@ -221,11 +221,11 @@ def test_stored_query_ids_outside_the_vocabulary(tmp_path):
     patch = load_patch(tmp_path / "p.safetensors")
     patch.metadata["query_token_ids"] = "[5, 100000]"
     with pytest.raises(InputError, match=r"token id 100000 is outside this model's vocabulary"):
-        replay(model, tok, patch)
+        replay_patch(model, tok, patch)
 
 
 def test_empty_query_is_refused(tmp_path):
     model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "p.safetensors")
     with pytest.raises(InputError, match="the query is empty"):
-        replay(model, tok, tmp_path / "p.safetensors", query="  ")
+        replay_patch(model, tok, tmp_path / "p.safetensors", query="  ")

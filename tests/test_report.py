@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 
-from icl_probe import analyze, replay
+from icl_probe import analyze, replay_patch
 from icl_probe.cli.report.analysis import print_analysis
 from icl_probe.cli.report.dynamics import print_dynamics
 from icl_probe.cli.report.export import print_export
@@ -306,7 +306,7 @@ def replay_doc(tiny_doc):
     torch.manual_seed(0)
     model, tok = tiny_model("llama", torch.float32), char_tokenizer()
     patch = analyze(model, tok, "ab\ncd\n", "ef").patch
-    return replay(model, tok, patch, query="ef", context="ab\ncd\n", generate=4).to_dict()
+    return replay_patch(model, tok, patch, query="ef", context="ab\ncd\n", generate=4).to_dict()
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -14,11 +14,11 @@ from rich.console import Console
 from tiny import char_tokenizer, tiny_model
 
 import icl_probe
-from icl_probe.arch import describe
 from icl_probe.capture import last_logits
 from icl_probe.cli.report.analysis import print_analysis
 from icl_probe.cli.report.format import fmt
 from icl_probe.cli.report.modules import print_modules
+from icl_probe.decoder import describe
 from icl_probe.metrics import static_logits
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"

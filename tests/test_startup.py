@@ -71,12 +71,9 @@ def test_tasks_without_torch_lists_the_built_in_tasks():
     assert json.loads(stdout) == tasks_document()  # the same document as the library computes in this process
 
 
-def test_library_names_resolve_lazily_and_functions_shadow_their_modules():
-    import icl_probe.dynamics
-    import icl_probe.heads  # importing the submodule must not replace the function of the same name
-
-    assert icl_probe.heads is sys.modules["icl_probe.heads"].heads
-    assert icl_probe.dynamics is sys.modules["icl_probe.dynamics"].dynamics
+def test_library_names_resolve_lazily():
+    assert icl_probe.score_heads is sys.modules["icl_probe.heads"].score_heads
+    assert icl_probe.track_dynamics is sys.modules["icl_probe.dynamics"].track_dynamics
     assert icl_probe.analyze is sys.modules["icl_probe.analysis"].analyze
     assert icl_probe.load_model is sys.modules["icl_probe.models"].load_model
     for name in (n for n in icl_probe.__all__ if not n.startswith("__")):
@@ -90,7 +87,7 @@ def test_library_names_resolve_lazily_and_functions_shadow_their_modules():
 def test_a_fresh_library_import_is_light_until_a_name_is_used():
     code = (
         "import sys, icl_probe; before = 'torch' in sys.modules; icl_probe.analyze; "
-        "from icl_probe import heads; print(before, 'torch' in sys.modules, callable(heads), type(heads).__name__)"
+        "from icl_probe import score_heads as f; print(before, 'torch' in sys.modules, callable(f), type(f).__name__)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})  # fmt: skip

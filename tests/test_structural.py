@@ -16,7 +16,7 @@ from tiny import char_tokenizer, tiny_model, tokenizer_for
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from icl_probe import analyze, arch, coverage, export_patch, load_patch, replay
+from icl_probe import analyze, coverage, decoder, export_patch, load_patch, replay_patch
 from icl_probe.errors import ModelError
 from icl_probe.patching import applied
 
@@ -108,7 +108,7 @@ def test_analyze_is_exact(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_module_map(name):
-    doc = arch.describe(model_of(name))
+    doc = decoder.describe(model_of(name))
     assert doc["family"] == TABLE.get(name, f"generic ({name})")
     assert doc["parallel"] == (name in PARALLEL)
     assert doc["fold"] == ("linear" if TABLE.get(name) in ("gptj", "mpt", "xglm") else None)
@@ -162,7 +162,7 @@ def test_mlp_branch_matches_the_context_under_the_patch(name):
 def test_hybrid_native_export_then_replay(tmp_path, name):
     model, tok = model_of(name), tokenizer_for(name)
     export_patch(model, tok, CONTEXT, QUERY, output=tmp_path / "patch.safetensors")
-    doc = replay(model, tok, load_patch(tmp_path / "patch.safetensors"), context=CONTEXT).to_dict()
+    doc = replay_patch(model, tok, load_patch(tmp_path / "patch.safetensors"), context=CONTEXT).to_dict()
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]  # float32 factors on a float64 model
 
 
@@ -172,7 +172,7 @@ def test_the_mixer_change_is_the_whole_mixer_branch(name):
     # Falcon-H1 that is ssm_out_multiplier · Mamba-2 + attention_out_multiplier · attention, which no module outputs.
     model = model_of(name)
     doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY).to_dict()
-    kinds = [layer["mixer"] for layer in arch.describe(model)["layers"]]
+    kinds = [layer["mixer"] for layer in decoder.describe(model)["layers"]]
     for layer, kind in zip(doc["layers"], kinds):
         assert layer["mixer"] == kind
         assert layer["residual_delta_norm"] == pytest.approx(layer["attention_delta_norm"], rel=1e-9, abs=1e-12)
@@ -183,7 +183,7 @@ def test_the_mixer_change_is_the_whole_mixer_branch(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rule_reads_the_same_structure_in_lower_precision(dtype):
     for name in [n for n in NAMES if n not in TABLE]:
-        assert arch.describe(tiny_model(name, dtype))["layers"] == arch.describe(model_of(name))["layers"], name
+        assert decoder.describe(tiny_model(name, dtype))["layers"] == decoder.describe(model_of(name))["layers"], name
 
 
 # ---- the rule against the table, and what it refuses ----------------------------------------------------
@@ -205,13 +205,13 @@ def test_rule_agrees_with_the_table_where_it_can_see(name):
     # Sandwich norms (Gemma 2), post-MLP norms (OLMo2), parallel blocks and GPT-2's Conv1D are read from the
     # structure alone to the same modules as the hand-written rows.
     keys = ("mixer", "attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm", "mlp_branch")
-    by_table = arch.describe(model_of(name) if name in EXPECTED else tiny_model(name))
-    by_rule = arch.describe(renamed(name))
+    by_table = decoder.describe(model_of(name) if name in EXPECTED else tiny_model(name))
+    by_rule = decoder.describe(renamed(name))
     assert by_rule["family"].startswith("generic") and by_rule["parallel"] == by_table["parallel"]
     for a, b in zip(by_table["layers"], by_rule["layers"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
     model = renamed(name)
-    assert arch.blocks(model)[0].family.conv1d == (name == "gpt2")
+    assert decoder.blocks(model)[0].family.conv1d == (name == "gpt2")
     doc = analyze(model, tokenizer_for(name), CONTEXT, QUERY).to_dict()  # and the rule's reading is exact
     assert doc["logits"]["kl_patched"] < 1e-12 and max(x["mlp_branch_error"] for x in doc["layers"]) < 1e-9
 
@@ -227,7 +227,7 @@ def test_layouts_the_rule_cannot_see_are_refused_in_one_line(name):
     # Linears with no MLP module, an MLP that adds the residual itself: each has a table row, and without it the
     # rule says what it found.
     with pytest.raises(ModelError) as info:
-        arch.blocks(renamed(name))
+        decoder.blocks(renamed(name))
     message = str(info.value)
     assert message.startswith(f"model type '{name}_unlisted' is not supported: ") and "\n" not in message
     assert "supported: " in message and "gpt2" in message  # the table's types, and the rule, are named
@@ -243,7 +243,7 @@ def test_layouts_left_to_the_remainder_are_exact_without_their_row(name):
     assert doc["logits"]["kl_no_context"] > 1e-3 and doc["logits"]["kl_patched"] < 1e-10
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-9
-    assert arch.blocks(model)[0].family.name == f"generic ({name}_unlisted)"
+    assert decoder.blocks(model)[0].family.name == f"generic ({name}_unlisted)"
 
 
 class TwoOutputs(nn.Module):
@@ -297,7 +297,7 @@ def test_ambiguous_structure_is_refused_in_one_line(change, found):
     model = tiny_model("helium")
     change(model)
     with pytest.raises(ModelError) as info:
-        arch.blocks(model)
+        decoder.blocks(model)
     message = str(info.value)
     assert message.startswith("model type 'helium' is not supported: ") and "\n" not in message
     assert re.search(found, message), message
@@ -321,7 +321,7 @@ def test_a_module_list_that_does_not_run_is_not_the_decoder():
     # A multimodal model also holds its encoders' layers; the decoder blocks are the list that input ids run.
     model = tiny_model("helium")
     model.model.extra = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
-    assert [b.path for b in arch.blocks(model)] == ["model.layers.0", "model.layers.1"]
+    assert [b.path for b in decoder.blocks(model)] == ["model.layers.0", "model.layers.1"]
 
 
 def test_gemma4_with_its_expert_block_is_refused():
@@ -332,15 +332,15 @@ def test_gemma4_with_its_expert_block_is_refused():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma4_text", **config))
     refusal = r"^model type 'gemma4_text' with enable_moe_block=True is a mixture-of-experts model .* own rank-1 update"
     with pytest.raises(ModelError, match=refusal):
-        arch.blocks(model)
+        decoder.blocks(model)
 
 
 def test_reading_is_cached_per_model():
     model = tiny_model("lfm2")
-    first = arch.blocks(model)
+    first = decoder.blocks(model)
     calls = []
     with forward_hooks([(model.model.layers[0], lambda m, a, o: calls.append(1))]):
-        again = arch.blocks(model)
+        again = decoder.blocks(model)
     assert not calls and [b.family for b in again] == [b.family for b in first]
 
 

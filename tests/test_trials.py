@@ -11,7 +11,7 @@ from tiny import char_tokenizer, save_tiny, tiny_model
 from typer.testing import CliRunner
 
 from icl_probe.cli import app
-from icl_probe.dynamics import dynamics, dynamics_trials
+from icl_probe.dynamics import dynamics_trials, track_dynamics
 from icl_probe.errors import UsageError
 from icl_probe.tasks import Example, Task, format_example, query_for
 
@@ -28,7 +28,7 @@ def test_trial_means_equal_separate_runs():
         pairs = rng.sample(TASK.pairs, 4)
         examples = [Example(format_example(TEMPLATE, x, y), x, y) for x, y in pairs[:-1]]
         query, spaces = query_for(TEMPLATE, pairs[-1][0])
-        docs.append(dynamics(model, tok, examples, query, spaces + pairs[-1][1], finetune_steps=1, lr=1e-2,
+        docs.append(track_dynamics(model, tok, examples, query, spaces + pairs[-1][1], finetune_steps=1, lr=1e-2,
                              template=TEMPLATE).to_dict())  # fmt: skip
     assert first.to_dict()["prefixes"] == docs[0]["prefixes"]
     for i in (1, 3):

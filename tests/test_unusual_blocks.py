@@ -13,7 +13,7 @@ import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
 from helpers import forward_hooks, last_inputs, last_logits, last_outputs
 
-from icl_probe import analyze, coverage, export_patch, load_patch, replay
+from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
 from icl_probe.cli.report.analysis import legend
 from icl_probe.errors import ModelError
 from icl_probe.patching import applied
@@ -123,7 +123,7 @@ def test_native_export_then_replay(tmp_path, name):
     path = tmp_path / "patch.safetensors"
     exported = export_patch(model, tok, CONTEXT, QUERY, output=path)
     assert exported.kl_stored < 1e-10
-    doc = replay(model, tok, load_patch(path), context=CONTEXT).to_dict()
+    doc = replay_patch(model, tok, load_patch(path), context=CONTEXT).to_dict()
     assert doc["kl_patched"] < 1e-10 and doc["top1_match"]
 
 

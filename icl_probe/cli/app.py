@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from .. import __version__
 from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..threads import fit_threads
+from ..version import __version__
 from .progress import working
 from .thirdparty import one_line_warnings
 

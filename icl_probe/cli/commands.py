@@ -327,7 +327,7 @@ def replay(
     --recompute solved again for each token's text).
     """
     from ..patchfile import load_patch
-    from ..replay import replay as run_replay
+    from ..replay import replay_patch as run_replay
 
     out, status = consoles(json_path)
     with one_line_errors(debug):
@@ -367,7 +367,7 @@ def modules(
     and output projection, the norm after it, and the block. Use it to see the names before
     choosing --layers, and whether --residual fold and the peft and merged formats are available.
     """
-    from ..arch import describe as describe_modules
+    from ..decoder import describe as describe_modules
 
     out, status = consoles(json_path)
     with one_line_errors(debug):

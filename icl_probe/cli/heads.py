@@ -89,7 +89,7 @@ def heads(
     query positions by their no-context values and reports the in-context accuracy, the KL and the ΔW that
     remains, against k random heads. Δb closes the gap at every block by construction (see docs/theory.md).
     """
-    from ..heads import heads as run_heads  # here: --help starts without torch
+    from ..heads import score_heads as run_heads  # here: --help starts without torch
 
     out, status = consoles(json_path)
     with one_line_errors(debug):

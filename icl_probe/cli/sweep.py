@@ -153,7 +153,7 @@ def dynamics(
     picture). Adds the alignment with the target loss's gradient and, with --finetune-steps, with
     explicit fine-tuning on the same examples. With no task or context, runs the antonym demo.
     """
-    from ..dynamics import dynamics as run_dynamics  # here: --help starts without torch
+    from ..dynamics import track_dynamics as run_dynamics  # here: --help starts without torch
 
     out, status = consoles(json_path)
     with one_line_errors(debug):
