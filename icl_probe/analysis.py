@@ -13,7 +13,10 @@ With `generate=N` the update is solved again at each of N teacher-forced greedy 
 
 from __future__ import annotations
 
-__all__ = ["Analysis", "analyze", "check_residual", "check_static_fold", "layer_report", "add_gradient_alignment"]
+__all__ = [
+    "Analysis", "AnalysisInput", "analyze", "build_analysis", "aligned_target", "layer_ablation_of", "check_residual",
+    "check_static_fold", "layer_report", "add_gradient_alignment"
+]  # fmt: skip
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
