@@ -164,7 +164,7 @@ def test_pick_task(tmp_path):
     assert pick_task(None, None) is None
     assert pick_task("antonyms", None) == builtin_task("antonyms")
     assert pick_task(None, path).pairs == (("a", "b"),)
-    with pytest.raises(UsageError, match="give --task or --task-file, not both"):
+    with pytest.raises(UsageError, match="give `task` or `task_file`, not both"):
         pick_task("antonyms", path)
 
 
@@ -218,7 +218,7 @@ def test_task_examples():
     assert task_examples(task, DEFAULT_TEMPLATE, 2) == [Example("a -> b\n", "a", "b"), Example("c -> d\n", "c", "d")]
     assert len(task_examples(task, QA_TEMPLATE, None)) == 3
     for demos in (0, 4, -1):
-        with pytest.raises(UsageError, match=rf"--demos {demos} is out of range: task t has 3 pairs; give 1 to 3"):
+        with pytest.raises(UsageError, match=rf"`demos={demos}` is out of range: task t has 3 pairs; give 1 to 3"):
             task_examples(task, DEFAULT_TEMPLATE, demos)
 
 
