@@ -154,7 +154,7 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
 
 
 @contextmanager
-def one_line_errors(ctx) -> Iterator[None]:
+def one_line_errors(ctx: typer.Context) -> Iterator[None]:
     """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); with --debug (recorded in
     `ctx.meta` by the root or the command) the traceback first. Typer's own exceptions pass to `usage_errors`."""
     try:

@@ -101,12 +101,8 @@ def analyze(
     top_k: TopKOpt = 5,
     batch: BatchOpt = None, batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE, output: ResultsOpt = None,
     wide: WideOpt = False,
-    json_path: JsonOpt = None,
-    no_text: NoTextOpt = False,
-    plot: PlotOpt = None,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    json_path: JsonOpt = None, no_text: NoTextOpt = False, plot: PlotOpt = None, force: ForceOpt = False,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
@@ -131,8 +127,8 @@ def analyze(
     unused = {"--target": target, "--json": json_path, "--plot": plot, "--generate": generate or None,
               "--positions": unless(positions, "last"), "--precision": unless(precision, "stable")}  # fmt: skip
     check_batch_options(batch, output, prompt, unused)
-    run_jsonl(batch, output, None, *loading, **{**options, "residual": residual or "bias"}, text=not no_text,
-              batch_size=batch_size)  # fmt: skip
+    options["residual"] = residual or "bias"
+    run_jsonl(batch, output, None, *loading, text=not no_text, batch_size=batch_size, **options)
 
 
 def analyze_prompt(loading: tuple, prompt: tuple, outputs: tuple, wide: bool, **options) -> None:
@@ -189,10 +185,8 @@ def export_patch(
     positions: PositionsOpt = Positions.last,
     store_context: StoreContextOpt = False,
     batch: BatchOpt = None, batch_size: BatchSizeOpt = DEFAULT_BATCH_SIZE,
-    force: ForceOpt = False,
-    json_path: JsonOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    force: ForceOpt = False, json_path: JsonOpt = None,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
@@ -273,11 +267,9 @@ def replay(
     generate: FixedGenerateOpt = 0,
     recompute: RecomputeOpt = False,
     top_k: TopKOpt = 5,
-    json_path: JsonOpt = None,
-    force: ForceOpt = False,
+    json_path: JsonOpt = None, force: ForceOpt = False,
     skip_fingerprint: SkipFingerprintOpt = False,
-    dtype: PatchDtypeOpt = None,
-    device: DeviceOpt = "cpu",
+    dtype: PatchDtypeOpt = None, device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None, max_memory: MaxMemoryOpt = None, offload_folder: OffloadOpt = None,
     trust_remote_code: TrustOpt = False,
     debug: DebugOpt = False,
