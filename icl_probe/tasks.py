@@ -245,13 +245,14 @@ DEMO_TASK, DEMO_DEMOS, DEMO_INPUT = "antonyms", 5, "happy"  # the demo: `happy -
 
 
 def pick_examples(task: str | None = None, task_file: str | Path | None = None, context: str | None = None,
-                  query: str | None = None, query_input: str | None = None, template: str = DEFAULT_TEMPLATE,
+                  query: str | None = None, query_input: str | None = None, *, template: str = DEFAULT_TEMPLATE,
                   demos: int | None = None, separator: str = "\n",
                   target: str | None = None) -> tuple[list[Example], str, str | None]:  # fmt: skip
-    """(examples, query, target) from a task or a context: the query given, or built from `query_input`.
+    """(examples, query, target) from a task (a built-in name or a file) or a context cut after each `separator`,
+    the query given or built from `query_input`. The first `demos` examples (all if None) are kept.
 
-    With a task and `query_input`, the target defaults to the first token of the task's answer to it. With
-    neither a task nor a context, the demo: the antonym task's first five pairs, and the query `happy ->`.
+    With a task and `query_input`, the target defaults to the task's answer to it, after the template's spaces
+    (" dry"). With neither a task nor a context: the antonym task's first five pairs, and the query `happy ->`.
     """
     check_template(template)
     chosen = pick_task(task, task_file)

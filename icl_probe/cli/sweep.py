@@ -107,8 +107,8 @@ def dynamics(
     if trials is not None:
         return run_trials(loading, outputs, (task, task_file), (context, query, query_input), template, demos,
                           trials, seed, **options)  # fmt: skip
-    examples, query, target = pick_examples(task, task_file, context, query, query_input, template, demos,
-                                            separator, target)  # fmt: skip
+    examples, query, target = pick_examples(task, task_file, context, query, query_input, template=template,
+                                            demos=demos, separator=separator, target=target)  # fmt: skip
     run_prefixes(loading, outputs, wide, examples, query, target=target, template=template, **options)
 
 
