@@ -108,14 +108,14 @@ def load_task_file(path: str | Path) -> Task:
     return Task(Path(path).stem, pairs, f"from {path}")
 
 
-def pick_task(name: str | None, path: str | Path | None) -> Task | None:
-    """The task chosen by `name` (a built-in task) or `path` (a task file); None when neither is given."""
-    if name is not None and path is not None:
+def pick_task(task: str | None, task_file: str | Path | None) -> Task | None:
+    """The task chosen by name (a built-in task) or by file; None when neither is given."""
+    if task is not None and task_file is not None:
         raise UsageError("give `task` or `task_file`, not both")
-    if name is not None:
-        return builtin_task(name)
-    if path is not None:
-        return load_task_file(path)
+    if task is not None:
+        return builtin_task(task)
+    if task_file is not None:
+        return load_task_file(task_file)
     return None
 
 
@@ -243,6 +243,43 @@ def split_context(context: str, separator: str = "\n") -> list[Example]:
     pieces = context.split(separator)
     texts = [piece + separator for piece in pieces[:-1]] + [pieces[-1]]
     return [Example(text) for text in texts if text]
+
+
+# --- a sweep's examples and query -----------------------------------------------------------------------------
+
+DEMO_TASK, DEMO_DEMOS, DEMO_INPUT = "antonyms", 5, "happy"  # the demo: `happy ->` after five antonyms
+
+
+def pick_examples(task: str | None = None, task_file: str | Path | None = None, context: str | None = None,
+                  query: str | None = None, query_input: str | None = None, *, template: str = DEFAULT_TEMPLATE,
+                  demos: int | None = None, separator: str = "\n",
+                  target: str | None = None) -> tuple[list[Example], str, str | None]:  # fmt: skip
+    """(examples, query, target) from a task (a built-in name or a file) or a context cut after each `separator`,
+    the query given or built from `query_input`. The first `demos` examples (all if None) are kept.
+
+    With a task and `query_input`, the target defaults to the task's answer to it, after the template's spaces
+    (" dry"). With neither a task nor a context: the antonym task's first five pairs, and the query `happy ->`.
+    """
+    check_template(template)
+    chosen = pick_task(task, task_file)
+    if chosen is not None and context is not None:
+        raise UsageError("give a task (`task` or `task_file`) or a `context`, not both")
+    if chosen is None and context is None:
+        if query is not None or query_input is not None:
+            raise UsageError("give the examples with `task`, `task_file` or `context`")
+        chosen, demos, query_input = builtin_task(DEMO_TASK), demos or DEMO_DEMOS, DEMO_INPUT
+    if (query is None) == (query_input is None):
+        raise UsageError("give the query with `query` or `query_input` (not both)")
+    if chosen is not None:
+        examples = task_examples(chosen, template, demos)
+    else:
+        examples = split_context(context, separator)[:demos] if demos else split_context(context, separator)
+    if query_input is not None:
+        query, spaces = query_for(template, query_input)
+        answer = dict(chosen.pairs).get(query_input) if chosen is not None else None
+        if target is None and answer is not None:
+            target = spaces + answer  # the first token of what the template puts after the query
+    return examples, query, target
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------

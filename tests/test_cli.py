@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from helpers import run
 
 TOP_KEYS = {"schema", "model", "model_type", "num_layers", "dtype", "residual", "prefix_tokens", "context_tokens",
@@ -53,3 +54,50 @@ def test_context_and_query_files(tiny_llama_dir, tmp_path):
                   "--query-file", tmp_path / "q.txt", "--json", "-")  # fmt: skip
     by_text = run("analyze", "--model", tiny_llama_dir, "--context", "ab -> ba\n", "--query", "cd ->", "--json", "-")
     assert json.loads(by_file.stdout) == json.loads(by_text.stdout)
+
+
+def test_debug_shows_the_traceback_at_the_root_or_after_the_command(tmp_path):
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    line = f"icl-probe: error: {taken} already exists; pass --force to overwrite it"
+    for args in (["--debug", "tasks", "--json", taken], ["tasks", "--json", taken, "--debug"]):
+        result = run(*args)
+        assert result.exit_code == 1 and "Traceback" in result.stderr, args
+        assert result.stderr.splitlines()[-1] == line
+    plain = run("tasks", "--json", taken)
+    assert plain.exit_code == 1 and plain.stderr == line + "\n"
+
+
+def test_debug_reaches_a_subgroup_command(tmp_path):
+    result = run("--debug", "regression", "run", "--model", tmp_path / "missing")
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"icl-probe: error: cannot read {tmp_path / 'missing'}")
+
+
+def test_choices_are_the_library_s():
+    from icl_probe.analysis import POSITIONS, PRECISIONS, RESIDUAL_MODES
+    from icl_probe.cli.options import Format, Positions, Precision, Residual
+    from icl_probe.export import FORMATS
+
+    for choice, library in ((Residual, RESIDUAL_MODES), (Positions, POSITIONS), (Precision, PRECISIONS),
+                            (Format, FORMATS)):  # fmt: skip
+        assert tuple(c.value for c in choice) == library
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "choices"),
+    [
+        (["analyze", "--residual", "x"], "--residual", "'bias', 'fold'"),
+        (["batch", "in.jsonl", "-o", "-", "--residual", "x"], "--residual", "'bias', 'fold'"),
+        (["export-patch", "-o", "p", "--residual", "x"], "--residual", "'bias', 'fold'"),
+        (["analyze", "--positions", "x"], "--positions", "'last', 'all'"),
+        (["export-patch", "-o", "p", "--positions", "x"], "--positions", "'last', 'all'"),
+        (["analyze", "--precision", "x"], "--precision", "'stable', 'naive'"),
+        (["export-patch", "-o", "p", "--format", "x"], "--format", "'native', 'peft', 'merged'"),
+    ],
+)
+def test_a_bad_choice_is_one_usage_line_naming_the_choices(args, flag, choices):
+    result = run(*args)
+    command = f"icl-probe {args[0]} --help"
+    line = f"icl-probe: error: Invalid value for '{flag}': 'x' is not one of {choices}; see '{command}'\n"
+    assert result.exit_code == 2 and result.stderr == line

@@ -294,7 +294,8 @@ def test_unknown_device_is_usage(llama):
 
 
 def test_unknown_residual_mode_is_usage(llama):
-    assert_error(analyze(llama, "--context", CONTEXT, "--query", QUERY, "--residual", "x"), 2, "residual mode")
+    assert_error(analyze(llama, "--context", CONTEXT, "--query", QUERY, "--residual", "x"), 2,
+                 "Invalid value for '--residual': 'x' is not one of 'bias', 'fold'")  # fmt: skip
 
 
 def test_unknown_option_is_usage(llama):

@@ -186,7 +186,8 @@ def test_cli_replay_recompute_with_given_and_stored_context(tiny_llama_dir, tmp_
 def test_cli_bad_generation_input(tiny_llama_dir, tmp_path):
     prompt = ["-m", tiny_llama_dir, "--context", CONTEXT, "--query", QUERY]
     assert_error(run("analyze", *prompt, "--generate", -1), 2, "--generate")
-    assert_error(run("analyze", *prompt, "--precision", "fast"), 2, "unknown precision 'fast'")
+    assert_error(run("analyze", *prompt, "--precision", "fast"), 2,
+                 "Invalid value for '--precision': 'fast' is not one of 'stable', 'naive'")  # fmt: skip
     assert_error(run("analyze", *prompt, "--positions", "all", "--generate", 2), 2, "--generate", "--positions all")
     patch = tmp_path / "p.safetensors"
     assert run("export-patch", *prompt, "-o", patch).exit_code == 0

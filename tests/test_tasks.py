@@ -18,6 +18,7 @@ from icl_probe.tasks import (
     first_target_id,
     format_example,
     load_task_file,
+    pick_examples,
     pick_task,
     query_for,
     split_context,
@@ -243,6 +244,37 @@ def test_split_context_round_trip(context, separator):
     assert all(texts)
     assert all(t.endswith(separator) for t in texts[:-1])
     assert all(separator not in t[: -len(separator)] for t in texts)
+
+
+# --- a sweep's examples and query -----------------------------------------------------------------------------
+
+
+def test_pick_examples_from_a_task_a_context_or_the_demo(tmp_path):
+    examples, query, target = pick_examples()  # the demo: five antonyms, then `happy ->` (not in the task)
+    assert [e.text for e in examples] == ["hot -> cold\n", "big -> small\n", "fast -> slow\n", "up -> down\n",
+                                          "old -> new\n"]  # fmt: skip
+    assert (query, target) == ("happy ->", None)
+    examples, query, target = pick_examples(task="antonyms", demos=2, query_input="wet", template="{input}: {output};")
+    assert [e.text for e in examples] == ["hot: cold;", "big: small;"] and (query, target) == ("wet:", " dry")
+    path = write(tmp_path, {"ab": "ba"})
+    assert pick_examples(task_file=path, query_input="ab", target="x")[1:] == ("ab ->", "x")  # a given target stays
+    examples, query, target = pick_examples(context="a;b;c", separator=";", demos=2, query="d")
+    assert [e.text for e in examples] == ["a;", "b;"] and (query, target) == ("d", None)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"task": "antonyms", "context": "a\n"}, "give a task (`task` or `task_file`) or a `context`, not both"),
+        ({"query": "b"}, "give the examples with `task`, `task_file` or `context`"),
+        ({"context": "a\n"}, "give the query with `query` or `query_input` (not both)"),
+        ({"task": "antonyms", "query": "b", "query_input": "c"}, "give the query with `query` or `query_input`"),
+    ],
+)  # fmt: skip
+def test_pick_examples_refusals_name_its_parameters(given, message):
+    with pytest.raises(UsageError) as e:
+        pick_examples(**given)
+    assert message in str(e.value)
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------

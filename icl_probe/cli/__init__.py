@@ -1,7 +1,7 @@
 """The `icl-probe` command line: parse options, call the library, print. Errors become one line.
 
-`app.py` holds the shared options and the one boundary where errors become a line; each command
-module registers its commands on `app`.
+`app.py` holds the app and the one boundary where errors become a line, `options.py` the options that
+several commands share (each declared once); each command module registers its commands on `app`.
 """
 
 from . import batch as _batch  # noqa: F401 - registers batch and merge

@@ -1,4 +1,8 @@
-"""The command line's shared parts: the typer app, the options every command takes, one-line errors, output."""
+"""The command line's shared parts: the typer app, its one error boundary, loading, and output.
+
+The boundary is `OneLineGroup.invoke`: every command runs inside it, and every failure becomes one line on
+stderr (`one_line_errors`), with the traceback under --debug. The options live in `options.py`.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..threads import fit_threads
 from ..version import __version__
+from .options import DEBUG, DebugOpt
 from .progress import working
 from .thirdparty import one_line_warnings
 
@@ -33,7 +38,9 @@ def usage_errors() -> Iterator[None]:
             raise
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx is not None else "icl-probe"
-        print(f"icl-probe: error: {one_line(e.format_message()).rstrip('.')}; see '{command} --help'", file=sys.stderr)
+        # a bad choice reads "'x' is not one of 'bias', 'fold'", as click words it, without pydantic's prefix
+        message = one_line(e.format_message()).replace("Value error, ", "").rstrip(".")
+        print(f"icl-probe: error: {message}; see '{command} --help'", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
 
 
@@ -45,7 +52,8 @@ ORDER = (
 
 
 class OneLineGroup(TyperGroup):
-    """The command group, with usage errors caught where click raises them: parsing and dispatch."""
+    """The command group: usage errors caught where click raises them (parsing and dispatch), and the one error
+    boundary around every command it runs."""
 
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
@@ -56,12 +64,19 @@ class OneLineGroup(TyperGroup):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx):
-        with usage_errors():
+        with one_line_errors(ctx), usage_errors():
             return super().invoke(ctx)
 
 
 class Command(TyperCommand):
-    r"""A command whose --help shows a default's newline or tab escaped, as typed in a shell ('\n'), not blank."""
+    r"""A command whose --help shows a default's newline or tab escaped, as typed in a shell ('\n'), not blank,
+    and whose run prints other libraries' warnings as one line each."""
+
+    transformers = True  # whether its warnings include transformers' log records (which imports transformers)
+
+    def invoke(self, ctx):
+        with one_line_warnings(self.transformers):
+            return super().invoke(ctx)
 
     def format_options(self, ctx, formatter) -> None:
         write_dl = formatter.write_dl
@@ -74,6 +89,12 @@ class Command(TyperCommand):
 
 def escape_controls(text: str) -> str:
     return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
+class Instant(Command):
+    """A command that never imports transformers (`tasks`), whose start-up must not pay for it."""
+
+    transformers = False
 
 
 class PlainUsage(Command):
@@ -92,59 +113,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model",
-        "-m",
-        help="smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b or -1.5b, a save_pretrained folder, a .gguf or a hub id.",
-    ),
-]
-DtypeOpt = Annotated[str, typer.Option(help="float32, float64, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
-ContextOpt = Annotated[str | None, typer.Option("--context", help="The in-context examples, as text.")]
-ContextFileOpt = Annotated[str | None, typer.Option("--context-file", help="Read the context from a UTF-8 file.")]
-QueryOpt = Annotated[str | None, typer.Option("--query", help="The query whose next token is predicted.")]
-QueryFileOpt = Annotated[str | None, typer.Option("--query-file", help="Read the query from a UTF-8 file.")]
-LayersOpt = Annotated[str, typer.Option(help="Layers to patch: all, 5, 3,7, 10:20, -1, -4: (Python index and slice).")]
-ResidualOpt = Annotated[
-    str,
-    typer.Option(help="bias: add Δb to each block output; fold: fold it into the weights (output projection or norm)."),
-]
-JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the JSON document to PATH, or to stdout with '-'.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", min=1, max=1000, help="How many top tokens to list (1 to 1000).")]
-TrustOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow a model's own code to run (off by default).")
-]
-TaskOpt = Annotated[str | None, typer.Option("--task", help="A built-in task (see `icl-probe tasks`).")]
-TaskFileOpt = Annotated[
-    str | None,
-    typer.Option("--task-file", help='A JSON task: a list of {"input", "output"} objects, or {input: output}.'),
-]
-TemplateOpt = Annotated[str, typer.Option("--template", help="How a pair becomes an example; {input} before {output}.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback on errors.")]
-
-
-WideOpt = Annotated[
-    bool, typer.Option("--wide", help="Show every column (the default when the terminal has 140 columns or more).")
-]
-NoTextOpt = Annotated[
-    bool,
-    typer.Option("--no-text", help="Leave the prompt text out of the JSON (token ids stay): for private prompts."),
-]
-PlotOpt = Annotated[str | None, typer.Option("--plot", metavar="PNG", help="Also draw the figures into a PNG file.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-DeviceMapOpt = Annotated[
-    str | None, typer.Option("--device-map", help="Split the model across devices with accelerate, e.g. auto.")
-]
-MaxMemoryOpt = Annotated[
-    list[str] | None,
-    typer.Option("--max-memory", metavar="DEVICE=SIZE", help="With --device-map: a device's budget, e.g. cpu=2GiB."),
-]
-OffloadOpt = Annotated[
-    str | None, typer.Option("--offload-folder", help="With --device-map: where weights that fit nowhere go.")
-]
 
 
 def print_version(value: bool) -> None:
@@ -170,6 +138,7 @@ def root(
             "LOCAL_WORLD_SIZE under torchrun, else every core).",
         ),  # fmt: skip
     ] = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Measure how a prompt's context becomes a low-rank update of an LLM's MLP weights (Dherin et al., 2025)."""
     THREADS["requested"] = threads
@@ -185,25 +154,23 @@ def consoles(json_path: str | None) -> tuple[Console, Console]:
 
 
 @contextmanager
-def one_line_errors(debug: bool, transformers: bool = True) -> Iterator[None]:
-    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); warnings too.
-
-    `transformers=False`: for a command that never imports it, whose start-up must not pay for it (`tasks`).
-    """
+def one_line_errors(ctx: typer.Context) -> Iterator[None]:
+    """Turn every failure into one line on stderr and an exit code (2 usage, 1 otherwise); with --debug (recorded in
+    `ctx.meta` by the root or the command) the traceback first. Typer's own exceptions pass to `usage_errors`."""
     try:
-        with one_line_warnings(transformers):
-            yield
-    except typer.Exit:
+        yield
+    except (typer.Exit, typer.TyperException):
         raise
     except IclProbeError as e:
-        fail(as_flags(str(e)), e.exit_code, debug)
+        fail(as_flags(str(e)), e.exit_code, ctx.meta.get(DEBUG, False))
     except KeyboardInterrupt:
-        fail("interrupted", 130, debug)
+        fail("interrupted", 130, ctx.meta.get(DEBUG, False))
     except BrokenPipeError:  # the reader of `--json -` went away (e.g. `| head`): stop quietly, as SIGPIPE would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
     except Exception as e:  # noqa: BLE001 - the one boundary where unexpected errors become a line
-        fail(f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it", 1, debug)
+        message = f"internal error: {type(e).__name__}: {e}; rerun with --debug and report it"
+        fail(message, 1, ctx.meta.get(DEBUG, False))
 
 
 PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")  # `layers`, `positions="all"`: errors.py's wording
@@ -249,6 +216,11 @@ def check_json_path(json_path: str | None, force: bool) -> None:
     """Refuse an existing --json file (without --force) or an unwritable one before any work is done."""
     if json_path not in (None, "-"):
         check_writable(json_path, force)
+
+
+def unescape(template: str) -> str:
+    r"""A template typed in a shell as '{input} -> {output}\n' means a newline: turn \n and \t into their characters."""
+    return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def pick_text(text: str | None, path: str | None, what: str) -> str | None:

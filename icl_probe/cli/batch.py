@@ -11,7 +11,8 @@ from rich.console import Console
 
 from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
-from .app import (
+from .app import PlainUsage, app, load
+from .options import (
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -19,13 +20,10 @@ from .app import (
     LayersOpt,
     ModelOpt,
     NoTextOpt,
-    PlainUsage,
+    Residual,
     ResidualOpt,
     TopKOpt,
     TrustOpt,
-    app,
-    load,
-    one_line_errors,
 )
 from .progress import working
 
@@ -48,7 +46,7 @@ def batch(
     ],
     model: ModelOpt = DEFAULT_MODEL,
     layers: LayersOpt = "all",
-    residual: ResidualOpt = "bias",
+    residual: ResidualOpt = Residual.bias,
     top_k: TopKOpt = 5,
     gradient: Annotated[bool, typer.Option("--gradient", help="Also align each ΔW with −∇W (see analyze).")] = False,
     layer_ablation: Annotated[
@@ -80,10 +78,9 @@ def batch(
     accelerate launch each process takes the lines whose index % WORLD_SIZE == RANK and writes
     NAME.rankR.jsonl; join them with `icl-probe merge`.
     """
-    with one_line_errors(debug):
-        run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
-                  residual=residual, top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
-                  text=not no_text, retry_failed=retry_failed, batch_size=batch_size)  # fmt: skip
+    run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, layers=layers,
+              residual=residual or "bias", top_k=top_k, gradient=gradient, per_layer_ablation=layer_ablation,
+              text=not no_text, retry_failed=retry_failed, batch_size=batch_size)  # fmt: skip
 
 
 def run_jsonl(input_path, output, patches, model, dtype, device, trust_remote_code, placement=(None,) * 3, **options):
@@ -148,13 +145,12 @@ def merge(
     """
     from ..batch import merge_parts  # here: --help starts without torch
 
-    with one_line_errors(debug):
-        summary = merge_parts(output, input_path, force=force)
-        for message in summary["warnings"]:
-            warn(message)
-        checked = f", every id of {input_path} present once" if input_path else ", no id twice"
-        print(
-            f"icl-probe merge: {len(summary['parts'])} parts, {summary['lines']} lines ({summary['results']} results, "
-            f"{summary['errors']} errors){checked} → {summary['output']}",
-            file=sys.stderr,
-        )
+    summary = merge_parts(output, input_path, force=force)
+    for message in summary["warnings"]:
+        warn(message)
+    checked = f", every id of {input_path} present once" if input_path else ", no id twice"
+    print(
+        f"icl-probe merge: {len(summary['parts'])} parts, {summary['lines']} lines ({summary['results']} results, "
+        f"{summary['errors']} errors){checked} → {summary['output']}",
+        file=sys.stderr,
+    )

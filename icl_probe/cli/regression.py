@@ -11,14 +11,15 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..fileio import check_writable
-from .app import DebugOpt, ForceOpt, JsonOpt, PlotOpt, app, check_outputs, consoles, one_line_errors, show
+from .app import Command, app, check_outputs, consoles, show
+from .options import DebugOpt, ForceOpt, JsonOpt, PlotOpt
 from .progress import working
 
 group = typer.Typer(help="The paper's experiment: in-context linear regression (Figures 2-4).", no_args_is_help=True)
 app.add_typer(group, name="regression", short_help="The paper's own experiment: in-context linear regression.")
 
 
-@group.command("train")
+@group.command("train", cls=Command)
 def train(
     output: Annotated[str, typer.Option("--output", "-o", help="The folder to write the model to.")],
     seed: Annotated[int, typer.Option(help="Seeds the weights and the training prompts.")] = 0,
@@ -44,23 +45,22 @@ def train(
     from .. import toy  # here: --help starts without torch
 
     out, status = consoles(None)
-    with one_line_errors(debug):
-        if Path(output).exists() and not Path(output).is_dir():
-            raise UsageError(f"--output {output} is a file; give a folder")
-        Path(output).mkdir(parents=True, exist_ok=True)
-        check_writable(f"{output}/model.safetensors", force)
-        config = toy.ToyConfig(d=d, n=n, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden,
-                               intermediate_size=mlp_width, pre_ln=pre_ln, mlp_skip=mlp_skip)  # fmt: skip
-        with working(status, f"Training the toy model ({steps} steps)…") as work:
-            model, states = toy.train(config, steps, seed=seed, batch=batch, lr=lr, checkpoints=checkpoints,
-                                      progress=work)  # fmt: skip
-        toy.save(model, states, output)
-        log = config.training["log"]
-        out.print(f"trained in {config.training['seconds']:.1f} s; training loss {log[1]['train_loss']:.4g} "
-                  f"(first {log[1]['step']} steps) → {log[-1]['train_loss']:.4g} (last)\nwrote {output}")  # fmt: skip
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"--output {output} is a file; give a folder")
+    Path(output).mkdir(parents=True, exist_ok=True)
+    check_writable(f"{output}/model.safetensors", force)
+    config = toy.ToyConfig(d=d, n=n, num_hidden_layers=layers, num_attention_heads=heads, hidden_size=hidden,
+                           intermediate_size=mlp_width, pre_ln=pre_ln, mlp_skip=mlp_skip)  # fmt: skip
+    with working(status, f"Training the toy model ({steps} steps)…") as work:
+        model, states = toy.train(config, steps, seed=seed, batch=batch, lr=lr, checkpoints=checkpoints,
+                                  progress=work)  # fmt: skip
+    toy.save(model, states, output)
+    log = config.training["log"]
+    out.print(f"trained in {config.training['seconds']:.1f} s; training loss {log[1]['train_loss']:.4g} "
+              f"(first {log[1]['step']} steps) → {log[-1]['train_loss']:.4g} (last)\nwrote {output}")  # fmt: skip
 
 
-@group.command("run")
+@group.command("run", cls=Command)
 def run(
     model: Annotated[str, typer.Option("--model", "-m", help="A folder written by regression train.")],
     trials: Annotated[int, typer.Option(help="Independent prompts (w, xs, query) for Figures 3 and 4.")] = 100,
@@ -76,15 +76,14 @@ def run(
     from ..regression import regression as run_regression  # here: --help starts without torch
 
     out, status = consoles(json_path)
-    with one_line_errors(debug):
-        check_outputs(json_path, plot, force)
-        with working(status, f"Running {trials} trials…", json_path != "-") as work:
-            doc = run_regression(model, trials=trials, seed=seed, lr=lr, val_trials=val_trials, progress=work)
-        show(out, doc, json_path, print_regression)
-        if plot is not None:
-            from ..regression_plots import plot_regression
+    check_outputs(json_path, plot, force)
+    with working(status, f"Running {trials} trials…", json_path != "-") as work:
+        doc = run_regression(model, trials=trials, seed=seed, lr=lr, val_trials=val_trials, progress=work)
+    show(out, doc, json_path, print_regression)
+    if plot is not None:
+        from ..regression_plots import plot_regression
 
-            plot_regression(doc, plot)
+        plot_regression(doc, plot)
 
 
 def print_regression(out: Console, doc: dict) -> None:

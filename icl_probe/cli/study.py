@@ -7,14 +7,15 @@ from typing import Annotated
 
 import typer
 
-from .app import DebugOpt, app, one_line_errors
+from .app import Command, app
+from .options import DebugOpt
 
 
 def split(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
-@app.command(short_help="Run the experiments over a grid of models × tasks × trials.")
+@app.command(cls=Command, short_help="Run the experiments over a grid of models × tasks × trials.")
 def study(
     output: Annotated[str, typer.Option("--output", "-o", help="The study folder (created; rerun to resume).")],
     models: Annotated[str | None, typer.Option("--models", help="Models, comma-separated.")] = None,
@@ -42,12 +43,11 @@ def study(
     """
     from ..study import make_spec, read_spec, run_study  # here: --help starts without torch
 
-    with one_line_errors(debug):
-        fields = read_spec(spec) if spec is not None else {}
-        chosen = make_spec(fields, models=split(models), tasks=split(tasks), trials=trials,
-                           experiments=split(experiments), queries=queries, analyze_queries=analyze_queries,
-                           dtype=dtype, seed=seed)  # fmt: skip
-        summary = run_study(chosen, output, say=lambda line: print(line, file=sys.stderr, flush=True))
-        cells = summary["cells"]
-        print(f"{cells['done']} of {cells['total']} cells done, {cells['failed']} failed; "
-              f"report: {output}/report.md")  # fmt: skip
+    fields = read_spec(spec) if spec is not None else {}
+    chosen = make_spec(fields, models=split(models), tasks=split(tasks), trials=trials,
+                       experiments=split(experiments), queries=queries, analyze_queries=analyze_queries,
+                       dtype=dtype, seed=seed)  # fmt: skip
+    summary = run_study(chosen, output, say=lambda line: print(line, file=sys.stderr, flush=True))
+    cells = summary["cells"]
+    print(f"{cells['done']} of {cells['total']} cells done, {cells['failed']} failed; "
+          f"report: {output}/report.md")  # fmt: skip
