@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_TEMPLATE", "Task", "Example", "builtin_names", "builtin_task", "tasks_document", "load_task_file",
     "pick_task", "check_template", "format_example", "query_for", "target_text", "task_examples", "split_context",
-    "first_target_id"
+    "first_target_id", "DEMO_TASK", "DEMO_DEMOS", "DEMO_INPUT", "pick_examples"
 ]  # fmt: skip
 
 import difflib
