@@ -293,3 +293,39 @@ def test_imports_go_down_the_documented_floors():
     graph = import_graph(ROOT / "icl_probe")
     up = sorted(f"{m} -> {e}" for m in graph for e in graph[m] if level.get(e, 99) < level.get(m, -1))
     assert up == sorted(f"{m} -> {e}" for m, e in KNOWN_UPWARD), "imports up a floor:\n" + "\n".join(up)
+
+
+# ---- size and capture ---------------------------------------------------------------------------------------
+
+LONGEST_FUNCTION = 60  # lines from `def` to the last line, docstring included (issue: the engine made simple)
+
+
+def functions(package: Path):
+    """(path, name, lines) of every function and method in the package's source."""
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(package), node.name, node.end_lineno - node.lineno + 1
+
+
+def test_the_function_scan_counts_lines_from_def_to_the_end(tmp_path):
+    package = write(tmp_path, {"pkg/__init__.py": "", "pkg/m.py": "def f():\n    '''doc'''\n\n    return 1\n"})
+    assert list(functions(package)) == [(Path("m.py"), "f", 4)]
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = [f"{path}:{name} ({n} lines)" for path, name, n in functions(ROOT / "icl_probe") if n > LONGEST_FUNCTION]
+    assert not long, long
+
+
+def test_only_hooks_py_registers_hooks():
+    """Every capture goes through hooks.recording and every edit through hooks.hooked / pre_hooked: no other
+    module registers a torch hook of its own (moe.swapped's weight swap excepted, named here)."""
+    allowed = {Path("hooks.py"), Path("moe.py")}
+    found = sorted(
+        str(path.relative_to(ROOT / "icl_probe"))
+        for path in (ROOT / "icl_probe").rglob("*.py")
+        if re.search(r"register_forward(_pre)?_hook", path.read_text())
+        and path.relative_to(ROOT / "icl_probe") not in allowed
+    )
+    assert not found, found
