@@ -22,10 +22,10 @@ from . import arch
 from .arch import Block
 from .capture import Target, forward, input_device, last, right_padded, summed
 from .errors import MathError
-from .hooks import hidden, hooked, with_hidden
+from .hooks import hidden, hooked, pre_hooked, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, matvec, update_dtype
-from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, pre_hooked, routing_hook
+from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_hook
 from .patching import Patch
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k

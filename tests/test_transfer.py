@@ -15,6 +15,7 @@ from tiny import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from icl_probe.cli import app
+from icl_probe.cli.app import as_flags
 from icl_probe.errors import UsageError
 from icl_probe.lowrank import kl_divergence
 from icl_probe.tasks import Task, builtin_task
@@ -263,8 +264,9 @@ def test_family_without_fold_has_no_joint_patch():
 
 def test_too_few_pairs_is_one_line():
     model, tok = tiny_model("llama", torch.float64), char_tokenizer()
-    with pytest.raises(UsageError, match="has 26 pairs, but --demos 10, --calibration 16 and 1 held-out query need 27"):
+    with pytest.raises(UsageError) as error:
         transfer(model, tok, TASK, demos=10, calibration=16)
+    assert "has 26 pairs, but --demos 10, --calibration 16 and 1 held-out query need 27" in as_flags(str(error.value))
 
 
 def test_cli(tiny_llama_dir, tmp_path):
