@@ -5,7 +5,8 @@ that can be one, with any MLP beside it on the same input), the contextual layer
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
 MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py), and the block carries
 one residual stream. The rest of the block is left to Δb, its remainder. What does not fit is refused in one
-line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py records the run.
+line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe
+run keeps of each call.
 """
 
 from __future__ import annotations
