@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import Tap
+from .hooks import Tap, hooked, pre_hooked
 from .lowrank import MATH_DTYPE, matvec, update_dtype
 
 FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "v1", "w3", "input_linear", "fc1", "wi", "w13")
@@ -131,7 +131,7 @@ def swapped(model: nn.Module, updates: dict[str, ParamLowRank], transposed: set[
         scope.append((model.get_submodule(owner), attr, delta, path in transposed))
     saved: dict[tuple[nn.Module, str], nn.Parameter] = {}
 
-    def install(module, args):
+    def install(module, args, kwargs):
         for owner, attr, delta, t in scopes[module]:
             original = owner._parameters[attr]
             saved[(owner, attr)] = original
@@ -142,15 +142,10 @@ def swapped(model: nn.Module, updates: dict[str, ParamLowRank], transposed: set[
             if (owner, attr) in saved:
                 owner._parameters[attr] = saved.pop((owner, attr))
 
-    handles = []
     try:
-        for module in scopes:
-            handles.append(module.register_forward_pre_hook(install))
-            handles.append(module.register_forward_hook(restore))
-        yield
+        with pre_hooked([(m, install) for m in scopes]), hooked([(m, restore) for m in scopes]):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
         for module in scopes:
             restore(module)
 
