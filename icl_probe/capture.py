@@ -3,6 +3,7 @@
 A target is what one block computes at the query's last token when the context is present: its
 MLP input z_ctx, its attention branch, its MLP branch and its output. Targets are batched (a row
 per prompt), so a prefix sweep captures every prefix of a context in one pass over a KV cache.
+Every capture reads a block through `block_taps` and hooks.recording, and builds its Target from the Recording.
 """
 
 from __future__ import annotations
@@ -27,13 +28,32 @@ from .progress import Steps
 
 
 @dataclass
-class Target:
-    """With-context activations of one block at the query's last token, float64, shape (B, d)."""
+class Activations:
+    """With-context activations of one block, float64, a row per prompt or position, shape (n, d): its MLP input
+    z_ctx, its mixer (attention) branch, its MLP branch and its output."""
 
     z_ctx: torch.Tensor
     attn: torch.Tensor
     branch: torch.Tensor
     out: torch.Tensor
+
+    @classmethod
+    def stacked(cls, parts: list) -> Activations:
+        """The rows of several as one, in order (a Target's route is not kept)."""
+        cat = torch.cat
+        return cls(z_ctx=cat([t.z_ctx for t in parts]), attn=cat([t.attn for t in parts]),
+                   branch=cat([t.branch for t in parts]), out=cat([t.out for t in parts]))  # fmt: skip
+
+    @classmethod
+    def recorded(cls, rec: Recording, i: int) -> Activations:
+        """Block i's activations from a recording of its `block_taps`."""
+        return cls(z_ctx=rec[i, "z_ctx"], attn=rec[i, "attn"], branch=rec[i, "branch"], out=rec[i, "out"])
+
+
+@dataclass
+class Target(Activations):
+    """With-context activations of one block at the query's last token, float64, shape (B, d)."""
+
     route: Route | None = None  # an MoE block's experts and weights at the last token
 
     def row(self, i: int) -> Target:
@@ -41,17 +61,11 @@ class Target:
         return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)), route=route)
 
     @classmethod
-    def stacked(cls, targets: list[Target]) -> Target:
-        """The rows of several Targets as one Target, in order; their routes are not kept."""
-        cat = torch.cat
-        return cls(z_ctx=cat([t.z_ctx for t in targets]), attn=cat([t.attn for t in targets]),
-                   branch=cat([t.branch for t in targets]), out=cat([t.out for t in targets]))  # fmt: skip
-
-    @classmethod
     def recorded(cls, rec: Recording, i: int) -> Target:
-        """Block i's Target from a recording of its `block_taps` (and its routing tap, if any)."""
-        return cls(z_ctx=rec[i, "z_ctx"], attn=rec[i, "attn"], branch=rec[i, "branch"], out=rec[i, "out"],
-                   route=rec.get((i, "route")))  # fmt: skip
+        """Block i's Target from a recording of its `block_taps` and its routing tap, if any."""
+        target = super().recorded(rec, i)
+        target.route = rec.get((i, "route"))
+        return target
 
 
 def block_taps(b: Block) -> list[Tap]:
@@ -262,33 +276,16 @@ def capture_prefixes(
 
 
 @dataclass
-class PositionTargets:
+class PositionTargets(Activations):
     """With-context activations of one block at the prefix and every query position, float64, shape (n, d).
 
     Row j is position j of the query alone (prefix + query): the prefix rows are the full prompt's first
     positions, the query rows its last ones.
     """
 
-    z_ctx: torch.Tensor
-    attn: torch.Tensor
-    branch: torch.Tensor
-    out: torch.Tensor
-
     def last(self) -> Target:
         """The last position's targets, as the last-token engine takes them (B = 1)."""
         return Target(*(x[-1:] for x in (self.z_ctx, self.attn, self.branch, self.out)))
-
-    @classmethod
-    def stacked(cls, targets: list[PositionTargets]) -> PositionTargets:
-        """The rows of several PositionTargets as one, in order."""
-        cat = torch.cat
-        return cls(z_ctx=cat([t.z_ctx for t in targets]), attn=cat([t.attn for t in targets]),
-                   branch=cat([t.branch for t in targets]), out=cat([t.out for t in targets]))  # fmt: skip
-
-    @classmethod
-    def recorded(cls, rec: Recording, i: int) -> PositionTargets:
-        """Block i's PositionTargets from a recording of its `block_taps`."""
-        return cls(z_ctx=rec[i, "z_ctx"], attn=rec[i, "attn"], branch=rec[i, "branch"], out=rec[i, "out"])
 
 
 def rows(x: torch.Tensor, keep: list[int]) -> torch.Tensor:
