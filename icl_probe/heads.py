@@ -116,11 +116,7 @@ def heads(
     chosen = select_blocks(model, layers)
     parts = check_blocks(model, chosen)
     attention = {i: p for i, p in parts.items() if p is not None}
-    total = sum(p.num_heads for p in attention.values())
-    if knockout and max(knockout) > total:
-        raise UsageError(
-            f"knockout k = {max(knockout)} is larger than the {total} attention heads of the chosen layers"
-        )
+    check_knockout(knockout, attention)
     with torch.no_grad(), eager(model):
         stages = Steps(progress, "stages (split, scores, knockout)", 3 if knockout else 2)
         splits = split_prompt(model, chosen, parts, prompt)
@@ -155,6 +151,15 @@ def pick_prompt(context, query, task, template, demos, heldout) -> tuple[str, st
     examples = task_examples(task, template, demos)
     pairs = list(task.pairs[demos : demos + max(heldout, 1)])
     return "".join(e.text for e in examples), query_for(template, pairs[0][0])[0], pairs
+
+
+def check_knockout(knockout: tuple[int, ...] | None, attention: dict[int, HeadParts]) -> None:
+    """Refuse a knockout set larger than the chosen layers' attention heads."""
+    total = sum(p.num_heads for p in attention.values())
+    if knockout and max(knockout) > total:
+        raise UsageError(
+            f"knockout k = {max(knockout)} is larger than the {total} attention heads of the chosen layers"
+        )
 
 
 def check_blocks(model: nn.Module, chosen: list[Block]) -> dict[int, HeadParts | None]:
