@@ -40,7 +40,7 @@ from .capture import (
 from .errors import InputError, MathError, ModelError, UsageError
 from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
-from .hooks import current_weight, hidden, hooked
+from .hooks import Tap, current_weight, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
 from .lowrank import kl_divergence, naive_precision
 from .metrics import (
@@ -413,23 +413,14 @@ def first_non_finite(model: nn.Module, run) -> str:
     `run` may register hooks of its own (the sequential update): the checks then search the run that
     failed, patched, rather than an unpatched one that may well be finite.
     """
-    found: list[str] = []
-
-    def check(path: str):
-        def hook(module, args, output):
-            if not found and not torch.isfinite(hidden(output)).all():
-                found.append(path)
-
-        return hook
-
-    hooks = []
+    taps = []
     for b in decoder.blocks(model):
         parts = [rel for rel in (b.family.attn, b.family.mlp) if rel]  # OPT has no MLP module
-        hooks += [(b.part(rel), check(f"{b.full(rel)} (layer {b.index})")) for rel in parts]
-        hooks.append((b.module, check(f"{b.path} (layer {b.index})")))
-    with hooked(hooks):
+        taps += [Tap(b.part(rel), f"{b.full(rel)} (layer {b.index})") for rel in parts]
+        taps.append(Tap(b.module, f"{b.path} (layer {b.index})"))
+    with recording(taps, read=lambda x: not bool(torch.isfinite(x).all()), log=True) as seen:
         run()
-    return found[0] if found else "the final norm or output layer"
+    return next((path for path, bad in seen.log if bad), "the final norm or output layer")
 
 
 def check_static_fold(patch: Patch, logits_ctx: torch.Tensor, logits_static: torch.Tensor) -> None:

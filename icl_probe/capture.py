@@ -3,12 +3,15 @@
 A target is what one block computes at the query's last token when the context is present: its
 MLP input z_ctx, its attention branch, its MLP branch and its output. Targets are batched (a row
 per prompt), so a prefix sweep captures every prefix of a context in one pass over a KV cache.
+Every capture reads a block through `block_taps` and hooks.recording, and builds its Target from the Recording.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,26 +20,78 @@ from torch import nn
 from . import decoder
 from .arch import Block
 from .errors import InputError
-from .hooks import hidden, hooked
+from .hooks import Recording, Tap, recording
 from .inputs import Ids, Prompt, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
-from .moe import Route, routing_hook
+from .moe import Route, routing_tap
 from .progress import Steps
 
 
 @dataclass
-class Target:
-    """With-context activations of one block at the query's last token, float64, shape (B, d)."""
+class Activations:
+    """With-context activations of one block, float64, a row per prompt or position, shape (n, d): its MLP input
+    z_ctx, its mixer (attention) branch, its MLP branch and its output."""
 
     z_ctx: torch.Tensor
     attn: torch.Tensor
     branch: torch.Tensor
     out: torch.Tensor
+
+    @classmethod
+    def stacked(cls, parts: list) -> Activations:
+        """The rows of several as one, in order (a Target's route is not kept)."""
+        cat = torch.cat
+        return cls(z_ctx=cat([t.z_ctx for t in parts]), attn=cat([t.attn for t in parts]),
+                   branch=cat([t.branch for t in parts]), out=cat([t.out for t in parts]))  # fmt: skip
+
+    @classmethod
+    def recorded(cls, rec: Recording, i: int) -> Activations:
+        """Block i's activations from a recording of its `block_taps`."""
+        return cls(z_ctx=rec[i, "z_ctx"], attn=rec[i, "attn"], branch=rec[i, "branch"], out=rec[i, "out"])
+
+
+@dataclass
+class Target(Activations):
+    """With-context activations of one block at the query's last token, float64, shape (B, d)."""
+
     route: Route | None = None  # an MoE block's experts and weights at the last token
 
     def row(self, i: int) -> Target:
         route = None if self.route is None else self.route.row(i)
         return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)), route=route)
+
+    @classmethod
+    def recorded(cls, rec: Recording, i: int) -> Target:
+        """Block i's Target from a recording of its `block_taps` and its routing tap, if any."""
+        target = super().recorded(rec, i)
+        target.route = rec.get((i, "route"))
+        return target
+
+
+def block_taps(b: Block) -> list[Tap]:
+    """Where a block's Target is read, keyed (b.index, field): its z reader's input (z_ctx), its mixer branches
+    summed with their scales (attn), its MLP branches summed (branch) and its output (out)."""
+    i = b.index
+    return [
+        Tap(b.z_reader, (i, "z_ctx"), "input"),
+        *(Tap(m, (i, "attn"), scale=scale) for m, scale in b.mixer_branches),
+        *(Tap(m, (i, "branch")) for m in b.mlp_branches),
+        Tap(b.module, (i, "out")),
+    ]
+
+
+@contextmanager
+def recording_targets(chosen: list[Block], batch: int) -> Iterator[Recording]:
+    """Record every chosen block's Target at the last token of each of `batch` rows, and each MoE block's routing."""
+    taps = [t for b in chosen for t in block_taps(b)]
+    taps += [routing_tap(b.part(b.moe.experts), (b.index, "route"), batch) for b in chosen if b.moe]
+    with recording(taps, read=lambda x: last(x, batch)) as rec:
+        yield rec
+
+
+def targets_of(rec: Recording, chosen: list[Block]) -> dict[int, Target]:
+    """Each chosen block's Target from a recording of its taps."""
+    return {b.index: Target.recorded(rec, b.index) for b in chosen}
 
 
 def model_name(model: nn.Module) -> str:
@@ -118,10 +173,9 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list[list[
         return [t for t, _ in runs], torch.stack([lg for _, lg in runs])
     ids, lasts = right_padded(rows)
     pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[torch.arange(len(rows)), lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(recording_hooks(chosen, seen, pick)):
+    with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
         logits = last_logits_rows(model, rows)
-    targets = {i: Target(**d) for i, d in seen.items()}
+    targets = targets_of(rec, chosen)
     return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
 
 
@@ -133,46 +187,11 @@ def last(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.reshape(batch, -1, x.shape[-1])[:, -1].to(MATH_DTYPE, copy=True)
 
 
-def target_hooks(chosen: list[Block], seen: dict[int, dict], batch: int) -> list:
-    """Hooks recording z_ctx, attention branch, MLP branch and block output at the last token (and MoE routing)."""
-    routes = [(b.part(b.moe.experts), routing_hook(seen[b.index], "route", batch)) for b in chosen if b.moe]
-    return recording_hooks(chosen, seen, lambda x: last(x, batch)) + routes
-
-
-def recording_hooks(chosen: list[Block], seen: dict[int, dict], pick) -> list:
-    """Hooks storing pick(activation) of each block's z (MLP input), attention branch, MLP branch and output."""
-
-    def record(block: Block, key: str, from_input: bool):
-        def hook(module, args, output):
-            seen[block.index][key] = pick(args[0] if from_input else hidden(output))
-
-        return hook
-
-    hooks = []
-    for b in chosen:
-        hooks.append((b.z_reader, record(b, "z_ctx", True)))
-        hooks += [(m, summed(seen[b.index], "attn", scale, pick)) for m, scale in b.mixer_branches]
-        hooks += [(m, summed(seen[b.index], "branch", 1.0, pick)) for m in b.mlp_branches]
-        hooks.append((b.module, record(b, "out", False)))
-    return hooks
-
-
-def summed(store: dict, key: str, scale: float, pick):
-    """A forward hook adding scale · pick(output) to store[key]: a mixer branch that is a sum of module outputs."""
-
-    def hook(module, args, output):
-        value = scale * pick(hidden(output)) if scale != 1.0 else pick(hidden(output))
-        store[key] = store[key] + value if key in store else value
-
-    return hook
-
-
 def capture_targets(model: nn.Module, chosen: list[Block], ids: Ids) -> tuple[dict[int, Target], torch.Tensor]:
     """Run the full prompt once: each chosen block's Target (B = 1) and the next-token logits (vocab,)."""
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(target_hooks(chosen, seen, 1)):
+    with recording_targets(chosen, 1) as rec:
         logits = last_logits(model, ids)
-    return {i: Target(**d) for i, d in seen.items()}, logits
+    return targets_of(rec, chosen), logits
 
 
 def accepts_positions(model: nn.Module) -> bool:
@@ -194,10 +213,9 @@ def capture_cached(model: nn.Module, chosen: list[Block], cache, remove: int, qu
     """Targets and logits (1, vocab) of the query run after a copy of `cache` with its last `remove` tokens dropped."""
     cropped = copy.deepcopy(cache)
     cropped.crop(-remove)  # transformers takes the number of tokens to drop, negated
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(target_hooks(chosen, seen, 1)):
+    with recording_targets(chosen, 1) as rec:
         logits = forward(model, [query], **with_cache(model, cropped), use_cache=True)
-    return {i: Target(**d) for i, d in seen.items()}, logits
+    return targets_of(rec, chosen), logits
 
 
 def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int], query: Ids):
@@ -212,12 +230,11 @@ def capture_masked(model: nn.Module, chosen: list[Block], cache, cuts: list[int]
     device = input_device(model)
     ends = torch.tensor(cuts)[:, None]  # (B, 1)
     keep = torch.cat([torch.arange(length)[None, :] < ends, torch.ones(batch, q, dtype=torch.bool)], dim=1)
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(target_hooks(chosen, seen, batch)):
+    with recording_targets(chosen, batch) as rec:
         positions = (ends + torch.arange(q)).to(device)  # (B, q)
         logits = forward(model, [query] * batch, **with_cache(model, rows), use_cache=True,
                          attention_mask=keep.long().to(device), position_ids=positions)  # fmt: skip
-    return {i: Target(**d) for i, d in seen.items()}, logits
+    return targets_of(rec, chosen), logits
 
 
 def capture_prefixes(
@@ -239,8 +256,7 @@ def capture_prefixes(
     else:
         rows = [capture_targets(model, chosen, head[:c] + query) for c in cuts]
         rows = [(targets, logits[None]) for targets, logits in rows]
-    keys = ("z_ctx", "attn", "branch", "out")
-    targets = {b.index: Target(*(torch.cat([vars(r[0][b.index])[k] for r in rows]) for k in keys)) for b in chosen}
+    targets = {b.index: Target.stacked([r[0][b.index] for r in rows]) for b in chosen}
     return targets, torch.cat([r[1] for r in rows])
 
 
@@ -248,17 +264,12 @@ def capture_prefixes(
 
 
 @dataclass
-class PositionTargets:
+class PositionTargets(Activations):
     """With-context activations of one block at the prefix and every query position, float64, shape (n, d).
 
     Row j is position j of the query alone (prefix + query): the prefix rows are the full prompt's first
     positions, the query rows its last ones.
     """
-
-    z_ctx: torch.Tensor
-    attn: torch.Tensor
-    branch: torch.Tensor
-    out: torch.Tensor
 
     def last(self) -> Target:
         """The last position's targets, as the last-token engine takes them (B = 1)."""
@@ -282,10 +293,9 @@ def capture_positions(
     """Run the full prompt once: each chosen block's PositionTargets, and the query positions' logits (k, vocab)."""
     n_full, n_prefix, k = len(prompt.full), len(prompt.prefix), len(prompt.query)
     keep = list(range(n_prefix)) + list(range(n_full - k, n_full))
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(recording_hooks(chosen, seen, lambda x: rows(x, keep))):
+    with recording([t for b in chosen for t in block_taps(b)], read=lambda x: rows(x, keep)) as rec:
         logits = position_logits(model, prompt.full, k)
-    return {i: PositionTargets(**d) for i, d in seen.items()}, logits
+    return {b.index: PositionTargets.recorded(rec, b.index) for b in chosen}, logits
 
 
 def greedy(model: nn.Module, ids: Ids, n: int, eos: int | None, steps: Steps | None = None) -> list[int]:

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from . import moe
 from .hooks import hooked
 from .moe import MoeParts
-from .probing import LINEARS, MOE_CHECK_TOLERANCE, Call, Refusal, copied, is_norm, relative_error, same, tolerance
+from .probing import LINEARS, MOE_CHECK_TOLERANCE, ProbeCall, Refusal, copied, is_norm, relative_error, same, tolerance
 
 
 def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -31,7 +31,9 @@ def has_experts(m: nn.Module) -> bool:
     return any(expert_tensors(sub) for sub in m.modules())
 
 
-def read_moe(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, MoeParts]:
+def read_moe(
+    name: str, mlp: nn.Module, call: ProbeCall, calls: dict, hidden: int
+) -> tuple[tuple[str, ...], str, MoeParts]:
     """(first linears, expert output weight, MoeParts) of a mixture-of-experts MLP, checked on the probe run.
 
     The experts' input weights are the 3-D weights that read the hidden size (named as input projections,
@@ -111,7 +113,9 @@ def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -
     return t if (rows if t else cols) == hidden and (cols if t else rows) != hidden else None
 
 
-def check_moe_exact(name: str, mlp: nn.Module, call: Call, linears: list[str], parts: MoeParts, hidden: int) -> None:
+def check_moe_exact(
+    name: str, mlp: nn.Module, call: ProbeCall, linears: list[str], parts: MoeParts, hidden: int
+) -> None:
     """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
     to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
     rows = call.x.reshape(-1, hidden)

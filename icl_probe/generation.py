@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import Target, input_device, last_logits, returned_cache, target_hooks, with_cache
-from .hooks import hooked
+from .capture import Target, input_device, last_logits, recording_targets, returned_cache, targets_of, with_cache
 from .inputs import Prompt
 from .lowrank import kl_divergence
 from .patching import Apply
@@ -70,11 +69,10 @@ class Generation:
 
 def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
     """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache."""
-    seen: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(target_hooks(chosen, seen, 1)):
+    with recording_targets(chosen, 1) as rec:
         out = model(input_ids=torch.tensor([ids], device=input_device(model)), **with_cache(model, cache),
                     use_cache=True, logits_to_keep=1)  # fmt: skip
-    return {i: Target(**d) for i, d in seen.items()}, out.logits[0, -1], returned_cache(out)
+    return targets_of(rec, chosen), out.logits[0, -1], returned_cache(out)
 
 
 @dataclass

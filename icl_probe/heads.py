@@ -2,7 +2,7 @@
 are induction heads, and whether knocking them out removes the update and the in-context answer.
 
 It runs the engine as `analyze` does (capture.py's with-context pass, update.py's sequential patched run, with
-residual bias) under eager attention, with extra hooks on each block's output projection and pre-MLP norm, and
+residual bias) under eager attention, with extra taps on each block's output projection and pre-MLP norm, and
 splits each layer's Δa, Δb and ΔW by head at the query's last token (headsplit.py). Then it scores every head
 on repeated random sequences, and knocks out sets of heads (headscores.py).
 """
@@ -28,10 +28,10 @@ from .headscores import (
     induction_scores,
     knocked_out,
     repeated_sequences,
-    weights_hook,
+    weights_tap,
 )
-from .headsplit import HeadParts, LayerSplit, head_parts, pre_mlp_norm, split_layer
-from .hooks import hooked
+from .headsplit import HeadCapture, HeadParts, LayerSplit, head_parts, pre_mlp_norm, split_layer
+from .hooks import Tap, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, special_prefix, tokenize
 from .lowrank import MATH_DTYPE, kl_divergence
 from .progress import Progress, Steps
@@ -176,7 +176,7 @@ def pick_prompt(context, query, task, template, demos, heldout) -> tuple[str, st
     if context is not None or query is not None:
         raise UsageError("give a task or a context and query, not both")
     if len(task.pairs) < demos + 1:
-        raise UsageError(f"task {task.name} has {len(task.pairs)} pairs; --demos {demos} leaves none to query")
+        raise UsageError(f"task {task.name} has {len(task.pairs)} pairs; `demos={demos}` leaves none to query")
     examples = task_examples(task, template, demos)
     pairs = list(task.pairs[demos : demos + max(heldout, 1)])
     return "".join(e.text for e in examples), query_for(template, pairs[0][0])[0], pairs
@@ -197,7 +197,7 @@ def check_blocks(model: nn.Module, chosen: list[Block]) -> dict[int, HeadParts |
         kinds = sorted({b.family.mixer for b in chosen})
         raise InputError(
             f"the chosen layers have no attention heads (their mixers: {', '.join(kinds)}); choose layers with "
-            "attention with --layers"
+            "attention with `layers`"
         )
     return parts
 
@@ -205,41 +205,40 @@ def check_blocks(model: nn.Module, chosen: list[Block]) -> dict[int, HeadParts |
 # ---- the split ----------------------------------------------------------------------------------------------
 
 
-def split_hooks(chosen: list[Block], parts: dict, store: dict[int, dict], weights: bool) -> list:
-    """Hooks recording, at the last token, each head's output (o_proj input) and the pre-MLP norm's input."""
-
-    def record(i: int, key: str):
-        def hook(module, args, output):
-            store[i][key] = last(args[0], 1)[0].cpu()
-
-        return hook
-
-    hooks = []
+def split_taps(chosen: list[Block], parts: dict, weights: bool) -> list[Tap]:
+    """Taps of each block's HeadCapture, keyed (layer, field): each head's output (o_proj input), the pre-MLP
+    norm's input and, with `weights`, the attention weights at the last position."""
+    taps = []
     for b in chosen:
         p = parts[b.index]
         if p is not None:
-            hooks.append((p.o_proj, record(b.index, "o")))
+            taps.append(Tap(p.o_proj, (b.index, "o"), "input"))
             if weights:
-                hooks.append((p.attention, weights_hook(store[b.index], "weights", lambda w: w[0, :, -1].cpu())))
-        hooks.append((pre_mlp_norm(b) or b.z_reader, record(b.index, "r_mid")))
-    return hooks
+                taps.append(weights_tap(p.attention, (b.index, "weights"), lambda w: w[0, :, -1].cpu()))
+        taps.append(Tap(pre_mlp_norm(b) or b.z_reader, (b.index, "r_mid"), "input"))
+    return taps
+
+
+def at_last_token(x: torch.Tensor) -> torch.Tensor:
+    """The split's reader: the last position of a one-row activation, float64 on the CPU, (d,)."""
+    return last(x, 1)[0].cpu()
 
 
 def split_prompt(model: nn.Module, chosen: list[Block], parts: dict, prompt: Prompt) -> list[LayerSplit]:
-    """The engine's two runs with the split's hooks, then every layer's split; context attention mass added."""
-    ctx: dict[int, dict] = {b.index: {} for b in chosen}
-    zero: dict[int, dict] = {b.index: {} for b in chosen}
-    with hooked(split_hooks(chosen, parts, ctx, weights=True)):
+    """The engine's two runs with the split's taps, then every layer's split; context attention mass added."""
+    with recording(split_taps(chosen, parts, weights=True), at_last_token) as seen:
         targets, _ = capture_targets(model, chosen, prompt.full)
+    ctx = {b.index: HeadCapture.recorded(seen, b.index) for b in chosen}
     run = SequentialRun(chosen, targets, "bias", 1)
-    with run.running(), hooked(split_hooks(chosen, parts, zero, weights=False)):
+    with run.running(), recording(split_taps(chosen, parts, weights=False), at_last_token) as seen:
         forward(model, [prompt.query_only], use_cache=False)
+    zero = {b.index: HeadCapture.recorded(seen, b.index) for b in chosen}
     patch = run.patch(0)
     splits = []
     for b in chosen:
         s = split_layer(b, parts[b.index], ctx[b.index], zero[b.index], targets[b.index], run.record(b))
         s.delta_w_norm_patch = sum(patch.low_rank[p].frobenius_norm() ** 2 for p in b.first) ** 0.5
-        weights = ctx[b.index].get("weights")  # (H, T) at the last position
+        weights = ctx[b.index].weights  # (H, T) at the last position
         start = len(prompt.prefix)
         for h, entry in enumerate(s.heads):
             mass = float(weights[h, start : start + len(prompt.context)].sum()) if weights is not None else None
@@ -308,17 +307,10 @@ def correlation(splits: list[LayerSplit]) -> dict:
 def query_values(model: nn.Module, attention: dict[int, HeadParts], prompt: Prompt) -> tuple[dict, torch.Tensor]:
     """The no-context run's o_proj input at the k query positions per layer, and its next-token logits."""
     k = len(prompt.query)
-    store: dict[int, torch.Tensor] = {}
-
-    def record(i):
-        def hook(module, args, output):
-            store[i] = args[0][0, -k:].detach().clone()
-
-        return hook
-
-    with hooked([(p.o_proj, record(i)) for i, p in attention.items()]):
+    taps = [Tap(p.o_proj, i, "input") for i, p in attention.items()]
+    with recording(taps, read=lambda x: x[0, -k:].detach().clone()) as seen:
         logits = last_logits(model, prompt.query_only)
-    return store, logits
+    return {i: seen[i] for i in attention}, logits
 
 
 def held_out(model, tokenizer, context, template, pairs, prompt, attention) -> list[Query]:

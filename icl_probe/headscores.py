@@ -18,9 +18,8 @@ from torch import nn
 
 from .capture import input_device
 from .headsplit import HeadParts
-from .hooks import hooked
+from .hooks import Tap, pre_hooked, recording
 from .lowrank import MATH_DTYPE
-from .moe import pre_hooked
 
 INDUCTION_LENGTH = 32  # T: random tokens per copy
 INDUCTION_SEQUENCES = 8
@@ -49,15 +48,18 @@ def eager(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
-def weights_hook(store: dict, key: str, pick):
-    """A forward hook storing pick(attention weights (B, H, T, T)) of an attention module, if it returns them."""
+def weights_tap(module: nn.Module, key, pick) -> Tap:
+    """A "call" tap on an attention module reading pick(its attention weights (B, H, T, T), float64) under `key`,
+    or None when it returns no weights."""
 
-    def hook(module, args, output):
+    def read(call) -> torch.Tensor | None:
+        output = call.output
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if isinstance(weights, torch.Tensor) and weights.ndim == 4:
-            store[key] = pick(weights.detach().to(MATH_DTYPE))
+            return pick(weights.detach().to(MATH_DTYPE))
+        return None
 
-    return hook
+    return Tap(module, key, "call", read=read)
 
 
 @dataclass
@@ -86,14 +88,16 @@ def induction_scores(
     model: nn.Module, parts: dict[int, HeadParts], ids: torch.Tensor, prefix_len: int, length: int
 ) -> HeadScores:
     """Both scores of every head of `parts` from one (eager) forward pass over `ids` (B, P + 2T)."""
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [(p.attention, weights_hook(seen, i, lambda w: w)) for i, p in parts.items()]
-    with torch.no_grad(), eager(model), hooked(hooks):
+    taps = [weights_tap(p.attention, i, lambda w: w) for i, p in parts.items()]
+    with torch.no_grad(), eager(model), recording(taps) as seen:
         model(input_ids=ids.to(input_device(model)), use_cache=False, logits_to_keep=1)
     P, T = prefix_len, length
     j = torch.arange(T)
     induction, previous = {}, {}
-    for i, w in seen.items():  # w: (B, H, L, L)
+    for i in parts:
+        w = seen.get(i)  # (B, H, L, L), or None if the module returned no weights
+        if w is None:
+            continue
         induction[i] = w[:, :, P + T + j, P + j + 1].mean(dim=(0, 2)).cpu()
         q = torch.arange(P + 1, P + 2 * T)
         previous[i] = w[:, :, q, q - 1].mean(dim=(0, 2)).cpu()

@@ -21,6 +21,7 @@ from torch import nn
 from .arch import Block, norm_eps, weight_out_in
 from .capture import Target
 from .errors import ModelError
+from .hooks import Recording
 from .lowrank import MATH_DTYPE
 from .update import LayerRecord
 
@@ -40,6 +41,21 @@ class HeadParts:
     num_heads: int
     head_dim: int
     num_key_value_heads: int | None
+
+
+@dataclass
+class HeadCapture:
+    """What one run shows of a block at the last token, float64 on the CPU: its heads' outputs (the output
+    projection's input, (H·dh,); None for one unit), the pre-MLP norm's input (d,), the attention weights (H, T)."""
+
+    o: torch.Tensor | None
+    r_mid: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    @classmethod
+    def recorded(cls, rec: Recording, i: int) -> HeadCapture:
+        """Block i's HeadCapture from a recording of heads.split_taps."""
+        return cls(o=rec.get((i, "o")), r_mid=rec[i, "r_mid"], weights=rec.get((i, "weights")))
 
 
 def head_parts(b: Block, config) -> HeadParts | None:
@@ -187,25 +203,30 @@ class LayerSplit:
     delta_w_norm_patch: float | None = None  # ‖ΔW‖_F of the engine's patch (Σ first linears), to check against
 
 
+def head_changes(b: Block, parts: HeadParts | None, ctx: HeadCapture, zero: HeadCapture, target: Target,
+                 rec: LayerRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable]:  # fmt: skip
+    """(y_C, y_0 (d,), each head's Δy_h (H, d), the post-attention norm g as a float64 function): the attention
+    output with and without the context, and its change split by head (one unit: the mixer branch, H = 1)."""
+    if parts is None:  # one unit: the mixer branch as the block adds it
+        y_C, y_0 = target.attn[0].cpu(), rec.attn[0].cpu()
+        return y_C, y_0, (y_C - y_0)[None], lambda y: y
+    W = weight_out_in(parts.o_proj, b.family).detach().to(MATH_DTYPE).cpu()  # (d, H·dh)
+    bias = getattr(parts.o_proj, "bias", None)
+    bias = torch.zeros(W.shape[0], dtype=MATH_DTYPE) if bias is None else bias.detach().to(MATH_DTYPE).cpu()
+    H, dh = parts.num_heads, parts.head_dim
+    dy = torch.einsum("dhk,hk->hd", W.view(-1, H, dh), (ctx.o - zero.o).view(H, dh))  # (H, d)
+    return W @ ctx.o + bias, W @ zero.o + bias, dy, norm64(post_attention_norm(b))
+
+
 def split_layer(
-    b: Block, parts: HeadParts | None, ctx: dict, zero: dict, target: Target, rec: LayerRecord
+    b: Block, parts: HeadParts | None, ctx: HeadCapture, zero: HeadCapture, target: Target, rec: LayerRecord
 ) -> LayerSplit:
     """Split Δa, Δb and ΔW of block b by head from the captured values of both runs (float64, CPU)."""
     s = float(b.scale)
-    if parts is not None:
-        W = weight_out_in(parts.o_proj, b.family).detach().to(MATH_DTYPE).cpu()  # (d, H·dh)
-        bias = getattr(parts.o_proj, "bias", None)
-        bias = torch.zeros(W.shape[0], dtype=MATH_DTYPE) if bias is None else bias.detach().to(MATH_DTYPE).cpu()
-        y_C, y_0 = W @ ctx["o"] + bias, W @ zero["o"] + bias  # (d,)
-        H, dh = parts.num_heads, parts.head_dim
-        dy = torch.einsum("dhk,hk->hd", W.view(-1, H, dh), (ctx["o"] - zero["o"]).view(H, dh))  # (H, d)
-        g = norm64(post_attention_norm(b))
-    else:  # one unit: the mixer branch as the block adds it
-        y_C, y_0 = target.attn[0].cpu(), rec.attn[0].cpu()
-        dy, g, H = (y_C - y_0)[None], (lambda y: y), 1
-    d = y_C.shape[0]
+    y_C, y_0, dy, g = head_changes(b, parts, ctx, zero, target, rec)
+    H, d = dy.shape
     pre = norm64(pre_mlp_norm(b))
-    r_C, r_0 = ctx["r_mid"] - s * g(y_C), zero["r_mid"] - s * g(y_0)  # the block input at the last token
+    r_C, r_0 = ctx.r_mid - s * g(y_C), zero.r_mid - s * g(y_0)  # the block input at the last token
     x_C, x_0 = torch.cat([r_C, y_C]), torch.cat([r_0, y_0])
     gap = torch.cat([r_C - r_0, torch.zeros(d, dtype=MATH_DTYPE)])
     directions = torch.cat([torch.cat([torch.zeros_like(dy), dy], 1), gap[None]])  # (H + 1, 2d)

@@ -94,31 +94,37 @@ class Recording:
     taps: list[Tap]
     last: dict[int, object] = field(default_factory=dict)  # tap index → the last value it read
     log: list[tuple[Hashable, object]] | None = None
+    where: dict[Hashable, list[int]] = field(init=False, repr=False)  # key → the indices of its taps
+
+    def __post_init__(self) -> None:
+        self.where = {}
+        for i, t in enumerate(self.taps):
+            self.where.setdefault(t.key, []).append(i)
 
     def __getitem__(self, key: Hashable) -> object:
-        values = [t.scale * self.last[i] if t.scale != 1.0 else self.last[i]
-                  for i, t in enumerate(self.taps) if t.key == key and i in self.last]  # fmt: skip
+        values = [self.taps[i].scale * self.last[i] if self.taps[i].scale != 1.0 else self.last[i]
+                  for i in self.where.get(key, ()) if i in self.last]  # fmt: skip
         if not values:
             raise KeyError(key)
         return functools.reduce(operator.add, values)
 
     def __contains__(self, key: Hashable) -> bool:
-        return any(t.key == key and i in self.last for i, t in enumerate(self.taps))
+        return any(i in self.last for i in self.where.get(key, ()))
 
     def get(self, key: Hashable, default: object = None) -> object:
         return self[key] if key in self else default
 
     def keys(self) -> list[Hashable]:
         """The keys read so far, each once, in the order of the taps."""
-        return list(dict.fromkeys(t.key for i, t in enumerate(self.taps) if i in self.last))
+        return [key for key, indices in self.where.items() if any(i in self.last for i in indices)]
 
 
 def tapped(tap: Tap, args: tuple, kwargs: dict, output: object) -> object:
     """The value a tap reads from one call, before its reader: a tensor, or the whole Call."""
+    if tap.side == "output":  # the common case, without building a Call
+        return hidden(output)
     call = Call(args, kwargs, output)
-    if tap.side == "call":
-        return call
-    return call.input if tap.side == "input" else hidden(output)
+    return call if tap.side == "call" else call.input
 
 
 @contextmanager

@@ -14,13 +14,14 @@ applied as weights (`swapped`): W + ΔW swapped in while the MLP holding it runs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .hooks import Tap, hooked, pre_hooked
 from .lowrank import MATH_DTYPE, matvec, update_dtype
 
 FIRST_EXPERT_NAMES = ("gate_up_proj", "up_proj", "gate_proj", "w1", "v1", "w3", "input_linear", "fc1", "wi", "w13")
@@ -130,7 +131,7 @@ def swapped(model: nn.Module, updates: dict[str, ParamLowRank], transposed: set[
         scope.append((model.get_submodule(owner), attr, delta, path in transposed))
     saved: dict[tuple[nn.Module, str], nn.Parameter] = {}
 
-    def install(module, args):
+    def install(module, args, kwargs):
         for owner, attr, delta, t in scopes[module]:
             original = owner._parameters[attr]
             saved[(owner, attr)] = original
@@ -141,30 +142,12 @@ def swapped(model: nn.Module, updates: dict[str, ParamLowRank], transposed: set[
             if (owner, attr) in saved:
                 owner._parameters[attr] = saved.pop((owner, attr))
 
-    handles = []
     try:
-        for module in scopes:
-            handles.append(module.register_forward_pre_hook(install))
-            handles.append(module.register_forward_hook(restore))
-        yield
+        with pre_hooked([(m, install) for m in scopes]), hooked([(m, restore) for m in scopes]):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
         for module in scopes:
             restore(module)
-
-
-@contextmanager
-def pre_hooked(hooks: list[tuple[nn.Module, object]]) -> Iterator[None]:
-    """Forward pre-hooks `fn(module, args, kwargs) -> (args, kwargs) or None` for the duration of the block."""
-    handles = []
-    try:
-        for module, fn in hooks:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---- routing -----------------------------------------------------------------------------------------------
@@ -195,14 +178,9 @@ def routing_of(args: tuple, batch: int) -> Route | None:
     return Route(index.to("cpu", torch.int64, copy=True), weight.to("cpu", MATH_DTYPE, copy=True))
 
 
-def routing_hook(store: dict, key: str, batch: int, active=lambda: True):
-    """A forward hook on an experts module storing its last-token Route under store[key] while active()."""
-
-    def hook(module, args, output):
-        if active():
-            store[key] = routing_of(args, batch)
-
-    return hook
+def routing_tap(module: nn.Module, key: Hashable, batch: int) -> Tap:
+    """A "call" tap on an experts module that reads the last-token Route of each of `batch` rows under `key`."""
+    return Tap(module, key, "call", read=lambda call: routing_of(call.args, batch))
 
 
 def route_dict(route: Route | None) -> dict | None:

@@ -1,4 +1,4 @@
-"""The whole-query update (--positions all): one patch exact at every query position, not only the last.
+"""The whole-query update (`positions="all"`): one patch exact at every query position, not only the last.
 
 Each chosen block is solved in turn on the query alone (prefix + query, n positions), with the blocks below
 already patched and applied statically, exactly as replay applies the patch: so the patch solved is the patch
@@ -19,7 +19,7 @@ from . import arch
 from .arch import Block
 from .capture import input_device, right_padded
 from .errors import MathError
-from .hooks import hidden, hooked
+from .hooks import Tap, hidden, recording
 from .lowrank import MATH_DTYPE, LowRank, matvec
 from .patching import Patch, applied
 from .update import LayerRecord
@@ -63,7 +63,7 @@ def position_basis(z: torch.Tensor, rtol: float, where: str) -> PositionBasis:
     """Keep each row z_j of z (n, in) in order unless it lies within rtol·‖z_j‖ of the span of the rows kept."""
     z = z.to(MATH_DTYPE)
     if not torch.isfinite(z).all():
-        raise MathError(f"non-finite activations at {where}; run with --dtype float32 or float64")
+        raise MathError(f"non-finite activations at {where}; run with `dtype` float32 or float64")
     basis, kept = z.new_zeros(z.shape[1], 0), []
     for j, zj in enumerate(z):
         r = zj
@@ -73,7 +73,7 @@ def position_basis(z: torch.Tensor, rtol: float, where: str) -> PositionBasis:
             kept.append(j)
             basis = torch.cat([basis, (r / r.norm())[:, None]], dim=1)
     if not kept:
-        raise MathError(f"the input at {where} is zero at every position; leave this layer out with --layers")
+        raise MathError(f"the input at {where} is zero at every position; leave this layer out with `layers`")
     q, r = torch.linalg.qr(z[kept].T)  # Householder, on the kept columns only
     return PositionBasis(kept, q, r)
 
@@ -97,18 +97,20 @@ class PositionsSolution:
     logits: torch.Tensor  # (k, vocab)
 
 
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass once the block of interest has run."""
+def by_row(batch: int):
+    """A reader giving an activation as a float64 copy of shape (batch, n, d)."""
+    return lambda x: x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE, copy=True)
 
 
-def recorder(seen: dict, key: str, from_input: bool = False, batch: int = 1):
-    """A hook saving its module's input or output as a float64 copy of shape (batch, n, d)."""
+@dataclass
+class Fold:
+    """What folding one block's residual term saw: its branches (n, d), the term δ (n, hidden) and the rows each
+    fitted module or parameter could not separate."""
 
-    def hook(module, args, output):
-        x = args[0] if from_input else hidden(output)
-        seen[key] = x.reshape(batch, -1, x.shape[-1]).to(MATH_DTYPE, copy=True)
-
-    return hook
+    attn: torch.Tensor
+    branch: torch.Tensor
+    delta: torch.Tensor
+    unmatched: dict[str, list[int]]
 
 
 @dataclass
@@ -135,16 +137,16 @@ class PositionsRun:
         self.patch = Patch()
         self.rtol = dependent_rtol(model.dtype)
 
-    def capture(self, hooks: list, stop: nn.Module) -> dict:
-        """Run each sequence with the patch so far, recording `hooks` = [(module, key, from_input)] up to `stop`.
+    def capture(self, taps: list[Tap], stop: nn.Module) -> dict:
+        """Run each sequence with the patch so far, recording `taps` until `stop` has run.
 
         Returns each key's fitted rows of every sequence, concatenated: (n, d) float64. The sequences run as the
         rows of one right-padded pass (capture.right_padded), which leaves each one's real positions as they are.
         """
         ids, _ = right_padded([s.ids for s in self.sequences])
-        seen: dict = {}
-        run_until(self.model, ids, [(m, recorder(seen, k, x, len(ids))) for m, k, x in hooks], stop, self.patch)
-        return {key: torch.cat([x[i, s.rows] for i, s in enumerate(self.sequences)]) for key, x in seen.items()}
+        with applied(self.model, self.patch), recording(taps, by_row(len(ids)), stop=stop) as seen:
+            self.model(input_ids=ids.to(input_device(self.model)), use_cache=False, logits_to_keep=1)
+        return {key: torch.cat([seen[key][i, s.rows] for i, s in enumerate(self.sequences)]) for key in seen.keys()}
 
     def unheld(self, t: torch.Tensor) -> torch.Tensor:
         """t with its held rows zeroed: the prefix holds the same states with and without the context."""
@@ -154,40 +156,40 @@ class PositionsRun:
         """Fit the block's first linears, then fold its residual term; both enter the patch."""
         target = self.targets[b.index]
         first = next(iter(b.first.values()))
-        z0 = self.capture([(first, "z0", True)], stop=first)["z0"]  # (n, in)
+        z0 = self.capture([Tap(first, "z0", "input")], stop=first)["z0"]  # (n, in)
         basis = position_basis(z0, self.rtol, next(iter(b.first)))
         dz = self.unheld(target.z_ctx - z0)  # (n, in)
         for path, module in b.first.items():
             self.patch.low_rank[path] = basis.fit(matvec(arch.weight_out_in(module, b.family), dz.T).T)
         y0 = b.run_mlp(z0[-1:].to(self.model.dtype)[None])  # the unpatched MLP at the last row
         unmatched = {path: dropped(basis, len(z0)) for path in b.first}
-        seen, delta = self.fold(b, target)
-        unmatched.update(seen.pop("unmatched"))
-        last = LayerRecord(z0[-1:], seen["attn"][-1:], seen["branch"][-1:], hidden(y0).reshape(1, -1).to(MATH_DTYPE),
-                           delta[-1:], torch.full((1,), float("nan")))  # fmt: skip
+        fold = self.fold(b, target)
+        unmatched.update(fold.unmatched)
+        last = LayerRecord(z0[-1:], fold.attn[-1:], fold.branch[-1:], hidden(y0).reshape(1, -1).to(MATH_DTYPE),
+                           fold.delta[-1:], torch.full((1,), float("nan")))  # fmt: skip
         return PositionsRecord(last, basis.condition(), {k: v for k, v in unmatched.items() if v})
 
-    def fold(self, b: Block, target) -> tuple[dict, torch.Tensor]:
+    def fold(self, b: Block, target) -> Fold:
         """Fold the residual term δ_j = h_ctx,j − h_j (0 at held rows) into the output projection (and norm)."""
         down = b.full(b.family.down)
-        hooks = [(b.part(b.family.attn), "attn", False), (b.mlp_branch, "branch", False),
-                 (b.down, "p", True), (b.module, "h", False)]  # fmt: skip
+        taps = [Tap(b.part(b.family.attn), "attn"), Tap(b.mlp_branch, "branch"), Tap(b.down, "p", "input"),
+                Tap(b.module, "h")]  # fmt: skip
         norm = b.family.fold == "norm-scale"
         if norm:
-            hooks += [(b.part(b.family.post_mlp_norm), "m", True), (b.part(b.family.post_mlp_norm), "y", False)]
-        seen = self.capture(hooks, stop=b.module)
+            taps += [Tap(b.part(b.family.post_mlp_norm), "m", "input"), Tap(b.part(b.family.post_mlp_norm), "y")]
+        seen = self.capture(taps, stop=b.module)
         delta = self.unheld(target.out - seen["h"])  # (n, hidden)
         basis = position_basis(seen["p"], self.rtol, down)
-        seen["unmatched"] = {down: dropped(basis, len(delta))}
+        fold = Fold(seen["attn"], seen["branch"], delta, {down: dropped(basis, len(delta))})
         if norm:
             path = b.full(f"{b.family.post_mlp_norm}.weight")
             dense, m_new, kept = norm_fold(b.part(b.family.post_mlp_norm), seen["m"], seen["y"] + delta, path)
             self.patch.dense[path] = dense
             self.patch.low_rank[down] = basis.fit(m_new - seen["m"])
-            seen["unmatched"][path] = kept
+            fold.unmatched[path] = kept
         else:
             self.patch.low_rank[down] = basis.fit(delta / b.scale)
-        return seen, delta
+        return fold
 
     def verify(self, chosen: list[Block]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """The whole patch applied: each block's relative error at every row, and the logits at the unheld rows.
@@ -198,32 +200,18 @@ class PositionsRun:
         ids, lasts = right_padded([s.ids for s in self.sequences])
         ks = [len(s.rows) - s.held for s in self.sequences]  # logits kept per sequence: its last k positions
         first = min(int(last) + 1 - k for last, k in zip(lasts, ks))
-        seen: dict[int, dict] = {b.index: {} for b in chosen}
-        hooks = [(b.module, recorder(seen[b.index], "h", batch=len(ids))) for b in chosen]
-        with applied(self.model, self.patch), hooked(hooks):
+        taps = [Tap(b.module, b.index) for b in chosen]
+        with applied(self.model, self.patch), recording(taps, by_row(len(ids))) as seen:
             out = self.model(input_ids=ids.to(input_device(self.model)), logits_to_keep=ids.shape[1] - first,
                              use_cache=False).logits  # fmt: skip
         logits = torch.cat([out[i, int(last) + 1 - k - first : int(last) + 1 - first] for i, (last, k)
                             in enumerate(zip(lasts, ks))])  # fmt: skip
         errors = {}
         for b in chosen:
-            h = torch.cat([seen[b.index]["h"][i, s.rows] for i, s in enumerate(self.sequences)])
+            h = torch.cat([seen[b.index][i, s.rows] for i, s in enumerate(self.sequences)])
             out_ctx = self.targets[b.index].out
             errors[b.index] = (h - out_ctx).norm(dim=-1) / out_ctx.norm(dim=-1)
         return errors, logits
-
-
-def run_until(model: nn.Module, ids: torch.Tensor, hooks: list, stop: nn.Module, patch: Patch) -> None:
-    """Run `ids` (B, T) with `patch` applied and `hooks` registered, ending the forward pass once `stop` has run."""
-
-    def halt(module, args, output):
-        raise StopForward
-
-    try:
-        with applied(model, patch), hooked([*hooks, (stop, halt)]):
-            model(input_ids=ids.to(input_device(model)), use_cache=False, logits_to_keep=1)
-    except StopForward:
-        pass
 
 
 def dropped(basis: PositionBasis, n: int) -> list[int]:
@@ -308,7 +296,7 @@ def positive_solution(a: torch.Tensor, b: torch.Tensor, where: str) -> torch.Ten
         return found
     raise MathError(
         f"cannot fold the residual term into {where}: no positive scale realises it at every position; "
-        "use --positions last, or leave this layer out with --layers"
+        'use `positions="last"`, or leave this layer out with `layers`'
     )
 
 

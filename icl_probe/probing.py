@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .hooks import Call, Tap
 
 LINEARS = (nn.Linear, Conv1D)
 # A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
@@ -21,8 +21,8 @@ class Refusal(Exception):
     """What one block shows that the structural rule cannot accept; becomes one line of a ModelError."""
 
 
-@dataclass
-class Call:
+@dataclass(frozen=True)
+class ProbeCall:
     """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
 
     order: int
@@ -32,27 +32,26 @@ class Call:
     inputs: int = 1  # how many tensors it was called with (positional or keyword)
 
 
-@contextmanager
-def recording(modules: list[nn.Module]) -> Iterator[dict[nn.Module, list[Call]]]:
-    """Record every call of `modules` (input hidden states given by position or as hidden_states=)."""
-    calls: dict[nn.Module, list[Call]] = {m: [] for m in modules}
-    order = itertools.count()
+def observed(call: Call) -> ProbeCall:
+    """A call as the probe keeps it (numbered by `calls_of`): input hidden states given by position or as
+    hidden_states=, the output's hidden states and floating-point dtypes, and how many tensors it took."""
+    outputs = call.output if isinstance(call.output, (tuple, list)) else (call.output,)
+    dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+    n = sum(isinstance(t, torch.Tensor) for t in (*call.args, *call.kwargs.values()))
+    return ProbeCall(-1, copied(call.input), copied(call.output), dtypes, n)
 
-    def hook(module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("hidden_states")
-        outputs = output if isinstance(output, (tuple, list)) else (output,)
-        dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
-        n = sum(isinstance(t, torch.Tensor) for t in (*args, *kwargs.values()))
-        calls[module].append(Call(next(order), copied(x), copied(output), dtypes, n))
 
-    handles = []
-    try:
-        for m in calls:
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
+def call_taps(modules: list[nn.Module]) -> list[Tap]:
+    """A "call" tap on each module, keyed by the module, reading what the probe keeps of every call."""
+    return [Tap(m, m, "call", read=observed) for m in modules]
+
+
+def calls_of(modules: list[nn.Module], log: list[tuple[Hashable, ProbeCall]]) -> dict[nn.Module, list[ProbeCall]]:
+    """Each module's calls from a recording's log of `call_taps`, numbered in call order."""
+    calls: dict[nn.Module, list[ProbeCall]] = {m: [] for m in modules}
+    for order, (module, call) in enumerate(log):
+        calls[module].append(replace(call, order=order))
+    return calls
 
 
 def copied(value: object) -> torch.Tensor | None:

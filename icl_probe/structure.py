@@ -5,7 +5,8 @@ that can be one, with any MLP beside it on the same input), the contextual layer
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
 MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py), and the block carries
 one residual stream. The rest of the block is left to Δb, its remainder. What does not fit is refused in one
-line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py records the run.
+line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe
+run keeps of each call.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from transformers.pytorch_utils import Conv1D
 
 from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
 from .experts_rule import has_experts, read_moe
-from .hooks import hooked
+from .hooks import hooked, recording
 from .probing import (
     LINEARS,
     MOE_CHECK_TOLERANCE,
-    Call,
+    ProbeCall,
     Refusal,
+    call_taps,
+    calls_of,
     copied,
     is_norm,
     linears_in,
-    recording,
     relative_error,
     same,
     tolerance,
@@ -93,7 +95,7 @@ def layer_lists(model: nn.Module) -> list[str]:
     return outer
 
 
-def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[Call]]) -> str:
+def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[ProbeCall]]) -> str:
     """The one candidate list whose every block ran once in the probe run of input ids alone."""
     ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
     if len(ran) != 1:
@@ -102,19 +104,19 @@ def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.M
     return ran[0]
 
 
-def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[Call]]:
+def probe(model: nn.Module, layers: list[nn.Module]) -> dict[nn.Module, list[ProbeCall]]:
     """Run a short input once, recording every block and every module inside it."""
     watched = [m for layer in layers for m in layer.modules()]  # a router may own no parameter itself (JetMoE)
     watched = list(dict.fromkeys(watched))
     embedding = model.get_input_embeddings().weight
     ids = torch.tensor([PROBE_IDS]) % embedding.shape[0]
     device = torch.device("cpu") if embedding.device.type == "meta" else embedding.device
-    with torch.no_grad(), recording(watched) as calls:
+    with torch.no_grad(), recording(call_taps(watched), log=True) as seen:
         model(input_ids=ids.to(device), use_cache=False)
-    return calls
+    return calls_of(watched, seen.log)
 
 
-def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
+def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dict:
     """Family fields for one block: its mixer, MLP(s) and norms, and whether the MLP reads the block input.
 
     Only the MLP is checked for the theorem (it must read its own position through the weights updated); what the
@@ -145,7 +147,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[Call]]) -> dict:
                 parallel=parallel, mixer=mixer_kinds(mixers, after))  # fmt: skip
 
 
-def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, Call]]:
+def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, ProbeCall]]:
     """Norms inside the mixers, by path relative to the block (DBRX's `norm_attn_norm.norm_2` feeds its MLP)."""
     return [(f"{name}.{rel}", c) for name, m, _ in mixers for rel, sub in m.named_modules()
             if rel and is_norm(sub) for c in calls.get(sub, [])]  # fmt: skip
@@ -194,7 +196,7 @@ def is_mlp(m: nn.Module) -> bool:
     return len(linears_in(m)) >= 2 or has_experts(m)
 
 
-def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], tuple, list[tuple]]:
+def split_units(units: list[tuple[str, nn.Module, ProbeCall]]) -> tuple[list[tuple], tuple, list[tuple]]:
     """(mixers, MLP, parts after it) among the block's parametrised children in call order.
 
     The MLP is the last child that can be one; the children before it are the contextual layer (one or several:
@@ -221,7 +223,7 @@ def split_units(units: list[tuple[str, nn.Module, Call]]) -> tuple[list[tuple], 
     return mixers, mlp, units[at + 1 :]
 
 
-def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: Call) -> None:
+def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: ProbeCall) -> None:
     """Δb is one vector at the last token of the residual stream the MLP writes: a block carrying several streams
     (hyper-connections, AltUp) would need one per stream, which the update does not build."""
     if x.shape != mlp_call.x.shape or y.shape != x.shape:
@@ -256,7 +258,9 @@ def mixer_kinds(mixers: list[tuple], after: list[tuple]) -> str:
     return "+".join(named) if named else kinds[-len(after) - 1] if after else kinds[-1]
 
 
-def norm_with(norms: list[tuple[str, Call]], side: str, t: torch.Tensor, after: int) -> tuple[str, Call] | None:
+def norm_with(
+    norms: list[tuple[str, ProbeCall]], side: str, t: torch.Tensor, after: int
+) -> tuple[str, ProbeCall] | None:
     """The norm called after call number `after` whose input (side 'x') or output (side 'y') is `t`."""
     hits = [(name, c) for name, c in norms if c.order > after and same(getattr(c, side), t)]
     if len({name for name, _ in hits}) > 1:
@@ -279,7 +283,7 @@ def check_sums(x, y, a, r, b) -> bool | None:
     return False if relative_error(r, x + a, scale) <= tol else None
 
 
-def check_one_input(name: str, call: Call) -> None:
+def check_one_input(name: str, call: ProbeCall) -> None:
     """The theorem's MLP is a function of its input z alone; one called with more tensors (ZAYA's router reads the
     previous layer's router state too) is a function of two inputs, and ΔW on z does not cover the second."""
     if call.inputs > 1:
@@ -289,7 +293,7 @@ def check_one_input(name: str, call: Call) -> None:
         )
 
 
-def check_one_position(name: str, mlp: nn.Module, call: Call) -> None:
+def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
     """The theorem's premise: the MLP's output at a position reads only that position's input. Changing the first
     position's input must leave the last position's output unchanged (a token shift or convolution would not)."""
     x = call.x.clone()
@@ -309,7 +313,7 @@ def check_one_position(name: str, mlp: nn.Module, call: Call) -> None:
         )
 
 
-def read_mlp(name: str, mlp: nn.Module, call: Call, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
+def read_mlp(name: str, mlp: nn.Module, call: ProbeCall, calls: dict, hidden: int) -> tuple[tuple[str, ...], str, bool]:
     """(first linears, output projection, Conv1D?) of an MLP, checked on the probe run; paths relative to the block."""
     linears = [(rel, m) for rel, m in mlp.named_modules() if isinstance(m, LINEARS) and calls.get(m)]
     first = [(rel, m) for rel, m in linears if all(same(c.x, call.x) for c in calls[m])]
@@ -347,7 +351,7 @@ def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tenso
         raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
 
 
-def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Module, torch.Tensor]) -> None:
+def check_only_through(name: str, mlp: nn.Module, call: ProbeCall, kept: dict[nn.Module, torch.Tensor]) -> None:
     """The theorem needs the MLP input to reach its output only through the first linears: run the MLP on another
     input while they return what they returned in the probe run, and its output must not change."""
 
@@ -364,7 +368,7 @@ def check_only_through(name: str, mlp: nn.Module, call: Call, kept: dict[nn.Modu
         raise Refusal(f"has an MLP '{name}' whose input reaches its output other than through {firsts}")
 
 
-def low_precision(name: str, mlp: nn.Module, call: Call, calls: dict) -> tuple[tuple[str, str], ...]:
+def low_precision(name: str, mlp: nn.Module, call: ProbeCall, calls: dict) -> tuple[tuple[str, str], ...]:
     """(path relative to the block, dtype) of the MLP's parts that compute in a lower precision than its input: a
     parameter kept in float32 in a float64 model, or a module returning float32 (DeepSeek's and ERNIE's routers)."""
     eps = torch.finfo(call.x.dtype).eps if call.x.is_floating_point() else 0.0

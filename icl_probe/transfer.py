@@ -38,7 +38,7 @@ from .capture import (
     select_blocks,
 )
 from .errors import UsageError
-from .hooks import hidden, hooked, with_hidden
+from .hooks import Tap, hidden, hooked, with_hidden
 from .inputs import Prompt, tokenize
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, kl_divergence, matvec
 from .patching import Patch, applied
@@ -322,10 +322,7 @@ def joint_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> tu
     """One update exact at the last token of every calibration query, and its worst KL to icl there (None: no fold)."""
     if chosen[0].family.fold is None:
         return None
-    keys = ("z_ctx", "attn", "branch", "out")
-    stacked = {
-        b.index: Target(*(torch.cat([vars(q.targets[b.index])[k] for q in calib]) for k in keys)) for b in chosen
-    }
+    stacked = {b.index: Target.stacked([q.targets[b.index] for q in calib]) for b in chosen}
     solution = solve_joint(model, chosen, stacked, [q.prompt.query_only for q in calib])
     return solution.patch, max(kl_divergence(q.icl, lg) for q, lg in zip(calib, solution.logits))
 
@@ -341,9 +338,7 @@ def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> 
     for q in calib:
         if q.positions is None:
             q.positions = capture_positions(model, chosen, q.prompt)[0]
-    keys = ("z_ctx", "attn", "branch", "out")
-    targets = {b.index: PositionTargets(*(torch.cat([vars(q.positions[b.index])[k] for q in calib]) for k in keys))
-               for b in chosen}  # fmt: skip
+    targets = {b.index: PositionTargets.stacked([q.positions[b.index] for q in calib]) for b in chosen}
     sequences = [
         Sequence(q.prompt.query_only, list(range(len(q.prompt.query_only))), len(q.prompt.prefix)) for q in calib
     ]
@@ -352,13 +347,13 @@ def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> 
     alphas = {}
     for b in chosen:
         first = next(iter(b.first.values()))
-        z0 = run.capture([(first, "z0", True)], stop=first)["z0"]  # (n, in)
+        z0 = run.capture([Tap(first, "z0", "input")], stop=first)["z0"]  # (n, in)
         dz = run.unheld(targets[b.index].z_ctx - z0)
         t = {path: matvec(arch.weight_out_in(m, b.family), dz.T).T for path, m in b.first.items()}  # (n, out)
         alphas[b.index] = choose_alpha(z0, list(t.values()), groups)
         for path, tp in t.items():
             run.patch.low_rank[path] = ridge(z0, tp, alphas[b.index])
-        h = run.capture([(b.module, "h", False)], stop=b.module)["h"]
+        h = run.capture([Tap(b.module, "h")], stop=b.module)["h"]
         run.patch.residual[b.path] = (targets[b.index].out - h)[~run.held].mean(0)
     return run.patch, alphas, len(calib) > 1
 

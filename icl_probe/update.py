@@ -27,7 +27,7 @@ from .errors import MathError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
-from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_of
+from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
 from .timing import stage
 
@@ -118,7 +118,6 @@ class SequentialRun:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
         (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
         rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
-        route = lambda call: routing_of(call.args, self.batch)  # noqa: E731
         taps = []
         for b in self.chosen:
             taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
@@ -126,7 +125,7 @@ class SequentialRun:
             if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
                 taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
-                taps.append(Tap(b.part(b.moe.experts), (b.index, "route"), "call", read=route))
+                taps.append(routing_tap(b.part(b.moe.experts), (b.index, "route"), self.batch))
         return taps
 
     def live(self) -> bool:
@@ -339,8 +338,7 @@ def solve_moe(
 
 def routing(model: nn.Module, chosen: list[Block], ids: Ids) -> dict[int, Route]:
     """The experts each chosen MoE block picks at the last token of `ids`, unpatched."""
-    route = lambda call: routing_of(call.args, 1)  # noqa: E731
-    taps = [Tap(b.part(b.moe.experts), b.index, "call", read=route) for b in chosen if b.moe]
+    taps = [routing_tap(b.part(b.moe.experts), b.index, 1) for b in chosen if b.moe]
     with torch.no_grad(), recording(taps) as seen:
         forward(model, [ids], use_cache=False)
     return {k: seen[k] for k in seen.keys() if seen[k] is not None}

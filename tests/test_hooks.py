@@ -60,3 +60,14 @@ def test_call_taps_see_keyword_arguments_and_every_call_is_logged_in_order():
     assert [k for k, _ in seen.log] == ["first", "first", "last"]
     assert seen.log[0][1].kwargs["input"].sum() == 4 and seen.log[0][1].input is None
     assert seen["last"].input.shape == (1, 5)
+
+
+def test_a_key_reads_only_the_taps_that_ran_and_each_key_is_listed_once_in_tap_order():
+    model, x = net(), torch.randn(2, 4)
+    spare = nn.Linear(4, 4)  # never called
+    taps = [Tap(spare, "k"), Tap(model[2], "y"), Tap(model[0], "k", scale=2.0), Tap(spare, "none")]
+    with recording(taps) as seen:
+        y = model(x)
+    torch.testing.assert_close(seen["k"], 2 * (x @ model[0].weight.T + model[0].bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen["y"], y, rtol=0, atol=0)
+    assert seen.keys() == ["k", "y"] and "none" not in seen and seen.get("none", 7) == 7
