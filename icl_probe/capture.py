@@ -21,7 +21,7 @@ from . import decoder
 from .arch import Block
 from .errors import InputError
 from .hooks import Recording, Tap, recording
-from .inputs import Ids, Prompt, as_inputs, parse_layers
+from .inputs import Ids, Prompt, Vectors, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
 from .moe import Route, routing_tap
 from .progress import Steps
@@ -147,31 +147,42 @@ def last_logits(model: nn.Module, ids) -> torch.Tensor:
     return forward(model, [ids], use_cache=False)[0]
 
 
-def right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists of any lengths as one (B, T) batch, each padded on the right with its own last token,
-    and each row's last real position (B,). Attention is causal, so a row's real positions run as they do alone:
-    its padding comes after them."""
+def right_padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists (or `Vectors`) of any lengths as one batch, (B, T) ids (or (B, T, d) vectors), each row padded
+    on the right with its own last token, and each row's last real position (B,). Attention is causal, so a row's
+    real positions run as they do alone: its padding comes after them."""
     width = max(len(r) for r in rows)
-    return torch.tensor([r + r[-1:] * (width - len(r)) for r in rows]), torch.tensor([len(r) - 1 for r in rows])
+    lasts = torch.tensor([len(r) - 1 for r in rows])
+    if rows and isinstance(rows[0], Vectors):
+        return torch.stack([torch.cat([r.data, r.data[-1:].expand(width - len(r), -1)]) for r in rows]), lasts
+    return torch.tensor([list(r) + list(r[-1:]) * (width - len(r)) for r in rows]), lasts
 
 
-def last_logits_rows(model: nn.Module, rows: list[list[int]]) -> torch.Tensor:
-    """last_logits of each token id list in `rows`, in one right-padded pass: (B, vocab)."""
-    ids, lasts = right_padded(rows)
-    first = int(lasts.min())
-    out = model(input_ids=ids.to(input_device(model)), logits_to_keep=ids.shape[1] - first, use_cache=False)
+def padded_inputs(model: nn.Module, rows: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`right_padded` rows as the model's input_ids (token ids) or inputs_embeds (Vectors), and the last positions."""
+    padded, lasts = right_padded(rows)
+    key = "inputs_embeds" if padded.ndim == 3 else "input_ids"
+    return {key: padded.to(input_device(model))}, lasts
+
+
+def last_logits_rows(model: nn.Module, rows: list) -> torch.Tensor:
+    """last_logits of each token id list (or `Vectors`) in `rows`, in one right-padded pass: (B, vocab)."""
+    inputs, lasts = padded_inputs(model, rows)
+    first, width = int(lasts.min()), int(lasts.max()) + 1
+    out = model(**inputs, logits_to_keep=width - first, use_cache=False)
     return out.logits[torch.arange(len(rows)), lasts - first]
 
 
-def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list[list[int]]) -> tuple[list, torch.Tensor]:
-    """capture_targets for several prompts in one right-padded pass: a {block: Target} per row, logits (B, vocab).
+def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> tuple[list, torch.Tensor]:
+    """capture_targets for several prompts (token ids or Vectors) in one right-padded pass: a {block: Target} per
+    row, logits (B, vocab).
 
     Mixture-of-experts blocks record their routing per prompt, so they run one prompt at a time.
     """
     if any(b.moe for b in chosen):
         runs = [capture_targets(model, chosen, r) for r in rows]
         return [t for t, _ in runs], torch.stack([lg for _, lg in runs])
-    ids, lasts = right_padded(rows)
+    lasts = torch.tensor([len(r) - 1 for r in rows])
     pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[torch.arange(len(rows)), lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
     with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
         logits = last_logits_rows(model, rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["Dynamics", "track_dynamics", "dynamics_trials"]
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -18,29 +19,39 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import arch
-from .capture import capture_prefixes, capture_targets, check_length, model_name, select_blocks
+from . import arch, decoder
+from .capture import (
+    Target,
+    capture_prefixes,
+    capture_targets,
+    capture_targets_rows,
+    check_length,
+    model_name,
+    select_blocks,
+)
 from .errors import InputError, UsageError
 from .finetune import finetune
 from .inputs import Prompt, tokenize
 from .lowrank import kl_divergence
 from .metrics import (
-    ablation,
     ablation_rows,
+    ablation_scores,
     cross_entropy,
     gradient_alignment,
     layer_series,
     pick_target,
     prob,
+    static_logits_each,
     static_logits_rows,
     weight_norm,
 )
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
-from .update import solve
+from .update import TARGET_FIELDS, Solution, solve, solve_prompts
 from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
+TRIAL_BATCH = 16  # rows (trial, prefix) per pass of `dynamics_trials`; see benchmarks/bench_trials.py
 
 
 @dataclass
@@ -126,8 +137,28 @@ def track_dynamics(
     cuts, prompt = tokenize_prefixes(tokenizer, [e.text for e in examples], query)
     check_length(model, prompt)
     chosen = select_blocks(model, layers)
-    rows, solution, wanted, logits_ctx = sweep_prefixes(model, tokenizer, chosen, prompt, cuts, target)
-    full = solution.patches[-1]
+    sweep = sweep_prefixes(model, tokenizer, chosen, prompt, cuts, target)
+    return finish(model, tokenizer, chosen, examples, query, prompt, sweep, gradient, finetune_steps, lr, template,
+                  progress)  # fmt: skip
+
+
+@dataclass
+class Sweep:
+    """One prompt's prefix sweep: the per-prefix rows, the solution (a row per prefix), the scored target, the
+    with-context logits after each prefix (n, vocab) and the full context's update's ablation."""
+
+    rows: list[dict]
+    solution: Solution
+    wanted: dict
+    logits_ctx: torch.Tensor
+    ablation: dict
+
+
+def finish(model: nn.Module, tokenizer, chosen: list[arch.Block], examples: list[Example], query: str,
+           prompt: Prompt, sweep: Sweep, gradient: bool, finetune_steps: int, lr: float, template: str | None,
+           progress: Progress | None) -> Dynamics:  # fmt: skip
+    """The Dynamics of a swept prompt: the gradient alignment and fine-tuning, which run per prompt, added."""
+    full, wanted = sweep.solution.patches[-1], sweep.wanted
     aligned = gradient_alignment(model, chosen, full, prompt.query_only, wanted["id"]) if gradient else None
     result = Dynamics(
         model=model_name(model),
@@ -137,17 +168,17 @@ def track_dynamics(
         query=query,
         target=wanted,
         prompt=prompt,
-        prefixes=rows,
+        prefixes=sweep.rows,
         gradient_alignment=aligned,
         finetune=None,
-        ablation=ablation(model, chosen, full, prompt.query_only, logits_ctx[-1]),
+        ablation=sweep.ablation,
         num_layers=model.config.get_text_config().num_hidden_layers,
     )
     if finetune_steps:
         result.finetune = finetune(
             model, tokenizer, chosen, examples, template, prompt, wanted["id"], full, finetune_steps, lr, progress
         )
-        result.finetune["implicit_query_loss"] = cross_entropy(solution.logits[-1], wanted["id"])
+        result.finetune["implicit_query_loss"] = cross_entropy(sweep.solution.logits[-1], wanted["id"])
     return result
 
 
@@ -158,21 +189,45 @@ def as_examples(examples: list[str | Example]) -> list[Example]:
     return [e if isinstance(e, Example) else Example(e) for e in examples]
 
 
-def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt: Prompt, cuts: list[int], target):
-    """Every prefix's update, solved in one batch from one KV-cached pass over the context: the per-prefix rows,
-    the solution, the scored target token and the with-context logits after each prefix."""
+def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt: Prompt, cuts: list[int],
+                   target) -> Sweep:  # fmt: skip
+    """Every prefix's update, solved in one batch from one KV-cached pass over the context."""
     with torch.no_grad():
         head = prompt.prefix + prompt.context
         ends = [len(prompt.prefix) + c for c in cuts]
         targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
         start, logits_0 = capture_targets(model, chosen, prompt.query_only)
         solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
-        wanted = pick_target(tokenizer, target, logits_ctx[-1])
-        rows = prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, logits_0, wanted["id"])
         only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
-        for row, logits in zip(rows[1:], static_logits_rows(model, only, prompt.query_only)):
-            row["delta_w_only_top1_id"] = int(logits.argmax())
-    return rows, solution, wanted, logits_ctx
+        static = static_logits_rows(model, only, prompt.query_only)
+        parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
+        return assemble(tokenizer, chosen, cuts, Found(targets, start, solution, logits_ctx, logits_0, static, parts),
+                        target)  # fmt: skip
+
+
+@dataclass
+class Found:
+    """What a prefix sweep's passes found for one prompt: per block the with-context Targets (a row per prefix) and
+    the query alone's (`start`), the solution, the logits with context (n, vocab) and alone (vocab,), the ΔW-only
+    static logits after each prefix (n, vocab) and the full update's ablation rows (ΔW only, Δb only, whole)."""
+
+    targets: dict
+    start: dict
+    solution: Solution
+    logits_ctx: torch.Tensor
+    logits_0: torch.Tensor
+    static: torch.Tensor
+    parts: torch.Tensor
+
+
+def assemble(tokenizer, chosen: list[arch.Block], cuts: list[int], found: Found, target) -> Sweep:
+    """The Sweep of one prompt from what its passes found."""
+    wanted = pick_target(tokenizer, target, found.logits_ctx[-1])
+    rows = prefix_rows(tokenizer, chosen, cuts, found.targets, found.start, found.solution, found.logits_ctx,
+                       found.logits_0, wanted["id"])  # fmt: skip
+    for row, logits in zip(rows[1:], found.static):
+        row["delta_w_only_top1_id"] = int(logits.argmax())
+    return Sweep(rows, found.solution, wanted, found.logits_ctx, ablation_scores(found.logits_ctx[-1], found.parts))
 
 
 def tokenize_prefixes(tokenizer, texts: list[str], query: str) -> tuple[list[int], Prompt]:
@@ -247,24 +302,28 @@ def layer_row(b: arch.Block, series: dict, i: int) -> dict:
 
 
 def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demos: int, trials: int, seed: int = 0,
-                    progress: Progress | None = None, **options) -> tuple[Dynamics, dict]:  # fmt: skip
+                    progress: Progress | None = None, batch_size: int = TRIAL_BATCH,
+                    **options) -> tuple[Dynamics, dict]:  # fmt: skip
     """`track_dynamics` over `trials` draws of `demos` examples and a held-out query from `task` (seeded, one load).
 
-    Returns the first trial's Dynamics and the `trials` part of the document: per prefix and layer the mean and
-    standard error over trials (`mean_se`), and the fraction of trials answered correctly. Each trial is a step
-    of `progress`; `options` go to `track_dynamics`.
+    Every trial's prefix sweep runs as rows (trial, prefix) of the same passes, at most `batch_size` rows a pass
+    (`sweep_trials`). Returns the first trial's Dynamics and the `trials` part of the document: per prefix and
+    layer the mean and standard error over trials (`mean_se`), and the fraction of trials answered correctly.
+    Each trial's gradient alignment and fine-tuning (per trial) is a step of `progress`; `options` go to
+    `track_dynamics`.
     """
     if trials < 2 or not 1 <= demos < len(task.pairs):
         raise UsageError(f"`trials` needs ≥ 2 trials and 1 ≤ `demos` < {len(task.pairs)} (the task's pairs, one "
                          f"held out as the query), not {trials} and {demos}")  # fmt: skip
-    rng = random.Random(seed)
-    results = []
-    for _ in Steps(progress, "trials", trials).each(range(trials)):
+    if batch_size < 1:
+        raise UsageError(f"`batch_size` must be ≥ 1, not {batch_size}")
+    rng, draws = random.Random(seed), []
+    for _ in range(trials):
         pairs = rng.sample(task.pairs, demos + 1)
         examples = [Example(format_example(template, x, y), x, y) for x, y in pairs[:-1]]
         query, spaces = query_for(template, pairs[-1][0])
-        target = spaces + pairs[-1][1]
-        results.append(track_dynamics(model, tokenizer, examples, query, target, template=template, **options))
+        draws.append((examples, query, spaces + pairs[-1][1]))
+    results = run_trials(model, tokenizer, draws, template, batch_size, progress, **options)
     docs = [r.to_dict(text=False) for r in results]
     summary = {"n": trials, "seed": seed, "demos": demos, "task": task.name, "prefixes": trial_prefixes(model, docs)}
     summary["query_loss"] = {
@@ -273,6 +332,61 @@ def dynamics_trials(model: nn.Module, tokenizer, task: Task, template: str, demo
     }
     summary["ablation_kl"] = {k: mean_se([d["ablation"][k]["kl"] for d in docs]) for k in docs[0]["ablation"]}
     return results[0], summary
+
+
+def run_trials(model: nn.Module, tokenizer, draws: list[tuple], template: str, batch_size: int,
+               progress: Progress | None, layers=None, gradient: bool = True, finetune_steps: int = 0,
+               lr: float = 1e-3) -> list[Dynamics]:  # fmt: skip
+    """The Dynamics of every draw (examples, query, target): the sweeps batched (`sweep_trials`), the gradient
+    alignments and fine-tuning one trial at a time. Models with Mamba layers run each trial alone, as
+    batched.analyze_rows does (a padded batch through their scan is not exact)."""
+    per_trial = dict(layers=layers, gradient=gradient, finetune_steps=finetune_steps, lr=lr, template=template)
+    steps = Steps(progress, "trials", len(draws))
+    if any("mamba" in (b.family.mixer or "") for b in decoder.blocks(model)):
+        return [track_dynamics(model, tokenizer, e, q, t, **per_trial) for e, q, t in steps.each(draws)]
+    chosen, prompts = select_blocks(model, layers), []
+    for examples, query, _ in draws:
+        cuts, prompt = tokenize_prefixes(tokenizer, [e.text for e in examples], query)
+        check_length(model, prompt)
+        prompts.append((prompt, cuts))
+    # The first trial, which a report shows in full, runs as `track_dynamics` runs it, so that it is that run bit
+    # for bit; the others as rows of shared passes (equal to their own runs up to rounding).
+    first = sweep_prefixes(model, tokenizer, chosen, *prompts[0], draws[0][2])
+    sweeps = [first, *sweep_trials(model, tokenizer, chosen, prompts[1:], [t for _, _, t in draws[1:]], batch_size)]
+    return [finish(model, tokenizer, chosen, e, q, prompt, sweep, gradient, finetune_steps, lr, template, None)
+            for (e, q, _), (prompt, _), sweep in steps.each(zip(draws, prompts, sweeps))]  # fmt: skip
+
+
+def sweep_trials(model: nn.Module, tokenizer, chosen: list[arch.Block], prompts: list[tuple[Prompt, list[int]]],
+                 targets: list, batch_size: int) -> list[Sweep]:  # fmt: skip
+    """Every (prompt, cuts)'s prefix sweep, the rows (trial, prefix) batched: each prefix's prompt with context
+    and its query alone (`update.solve_prompts`), every query alone unpatched, and every static ablation row, in
+    right-padded passes of at most `batch_size` rows. Equal to `sweep_prefixes` per prompt up to rounding."""
+    fulls = [p.prefix + p.context[:c] + p.query for p, cuts in prompts for c in cuts]
+    queries = [p.query_only for p, cuts in prompts for _ in cuts]
+    alone = [p.query_only for p, _ in prompts]
+    with torch.no_grad():
+        rows, logits_ctx, solution = solve_prompts(model, chosen, fulls, queries, "bias", batch_size)
+        starts = [capture_targets_rows(model, chosen, alone[s : s + batch_size])
+                  for s in range(0, len(alone), batch_size)]  # fmt: skip
+        patches = []
+        for (_, cuts), s in zip(prompts, itertools.accumulate(len(c) for _, c in prompts)):
+            patches += [ablation_rows(chosen, q, both=True)[0] for q in solution.patches[s - len(cuts) : s]]
+            patches += ablation_rows(chosen, solution.patches[s - 1])[1:]  # Δb only, whole (ΔW only: the last row)
+        static = static_logits_each(model, patches, [q for q, (_, c) in zip(alone, prompts) for _ in range(len(c) + 2)],
+                                    batch_size)  # fmt: skip
+    start, logits_0 = [t for part, _ in starts for t in part], torch.cat([lg for _, lg in starts])
+    sweeps, s = [], 0
+    for t, ((_, cuts), target) in enumerate(zip(prompts, targets)):
+        n, o = len(cuts), s + 2 * t  # trial t's rows of the sweep start at s, its static rows at s + 2t
+        part = Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
+        stacked = {b.index: stack_targets([r[b.index] for r in rows[s : s + n]]) for b in chosen}
+        found = Found(stacked, start[t], part, logits_ctx[s : s + n], logits_0[t], static[o : o + n],
+                      static[o + n - 1 : o + n + 2])  # fmt: skip
+        with torch.no_grad():
+            sweeps.append(assemble(tokenizer, chosen, cuts, found, target))
+        s += n
+    return sweeps
 
 
 def trial_prefixes(model: nn.Module, docs: list[dict]) -> list[dict]:
@@ -325,3 +439,8 @@ def mean_se(values: list[float | None]) -> dict:
 def fraction(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags)
+
+
+def stack_targets(targets: list[Target]) -> Target:
+    """Targets of one row each as one Target with a row per target, in order."""
+    return Target(*(torch.cat([getattr(t, k) for t in targets]) for k in TARGET_FIELDS))

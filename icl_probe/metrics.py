@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "compare_logits", "top_tokens", "prob", "cross_entropy", "pick_target", "static_logits", "static_logits_rows",
+    "static_logits_each",
     "ablation_rows", "ablation_scores", "ablation", "layer_ablation", "at_least_float32",
     "gradient_alignment", "weight_norm", "layer_series"
 ]  # fmt: skip
@@ -19,7 +20,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last_logits
+from .capture import Target, forward, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence, matvec
@@ -88,6 +89,18 @@ def static_logits_rows(model: nn.Module, patches: list[Patch], ids: Ids) -> torc
         return torch.stack([static_logits(model, p, ids) for p in patches])
     with torch.no_grad(), applied_rows(model, patches):
         return forward(model, [ids] * len(patches), use_cache=False)
+
+
+def static_logits_each(model: nn.Module, patches: list[Patch], queries: list[Ids], batch_size: int) -> torch.Tensor:
+    """static_logits of queries[i] (token ids or Vectors) with patches[i], (len(patches), vocab): right-padded passes
+    of at most `batch_size` rows, or one row at a time where a patch has dense or MoE updates."""
+    if any(p.dense or p.params for p in patches):
+        return torch.stack([static_logits(model, p, q) for p, q in zip(patches, queries)])
+    out = []
+    for s in range(0, len(patches), batch_size):
+        with torch.no_grad(), applied_rows(model, patches[s : s + batch_size]):
+            out.append(last_logits_rows(model, queries[s : s + batch_size]))
+    return torch.cat(out)
 
 
 def split_patch(patch: Patch, keep) -> Patch:

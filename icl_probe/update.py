@@ -22,7 +22,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, input_device, last, right_padded
+from .capture import Target, capture_targets_rows, forward, last, padded_inputs
 from .errors import MathError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
@@ -294,14 +294,19 @@ def solve(
 def solve_rows(
     model: nn.Module, chosen: list[Block], targets: dict[int, Target], queries: list[Ids], residual: str
 ) -> Solution:
-    """`solve` for rows that are different queries, each reaching its own row of `targets`, in one right-padded
-    pass (no MoE blocks). Causal attention keeps a row's real positions as they run alone: its padding (its own
-    last token repeated) comes after them, and every read is at the row's own last real position."""
-    ids, lasts = right_padded([list(q) for q in queries])
-    batch, first = len(queries), int(lasts.min())
+    """`solve` for rows that are different queries (token ids or Vectors), each reaching its own row of `targets`,
+    in one right-padded pass. Causal attention keeps a row's real positions as they run alone: its padding (its own
+    last token repeated) comes after them, and every read is at the row's own last real position. MoE blocks route
+    per prompt, so with them each row is solved alone (`solve_moe`)."""
+    if any(b.moe for b in chosen):
+        runs = [solve_moe(model, chosen, {k: t.row(i) for k, t in targets.items()}, q, residual, 1)
+                for i, q in enumerate(queries)]  # fmt: skip
+        return Solution([r.patches[0] for r in runs], [r.records[0] for r in runs], torch.cat([r.logits for r in runs]))
+    inputs, lasts = padded_inputs(model, queries)
+    batch, first, width = len(queries), int(lasts.min()), int(lasts.max()) + 1
     run = SequentialRun(chosen, targets, residual, batch, lasts)
     with run.running():
-        out = model(input_ids=ids.to(input_device(model)), logits_to_keep=ids.shape[1] - first, use_cache=False)
+        out = model(**inputs, logits_to_keep=width - first, use_cache=False)
     logits = out.logits[torch.arange(batch), lasts - first]
     records = {b.index: run.record(b) for b in chosen}
     return Solution(
@@ -309,6 +314,30 @@ def solve_rows(
         records=[{k: row_record(r, i) for k, r in records.items()} for i in range(batch)],
         logits=logits,
     )
+
+
+def solve_prompts(model: nn.Module, chosen: list[Block], fulls: list[Ids], queries: list[Ids], residual: str = "bias",
+                  batch_size: int = 16) -> tuple[list[dict[int, Target]], torch.Tensor, Solution]:  # fmt: skip
+    """Row r: the prompt fulls[r] captured with its context (`capture_targets_rows`) and its query alone queries[r]
+    solved to reach it (`solve_rows`), rows batched by length, at most `batch_size` per pass (memory stays bounded).
+
+    Returns per row its {block: Target}, the with-context logits (R, vocab) and one Solution with a row per row.
+    """
+    order = sorted(range(len(fulls)), key=lambda r: (len(fulls[r]), len(queries[r])))
+    targets, ctx, patches, records, logits = ([None] * len(fulls) for _ in range(5))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        rows, logits_ctx = capture_targets_rows(model, chosen, [fulls[r] for r in chunk])
+        stacked = {b.index: Target(*(torch.cat([getattr(t[b.index], k) for t in rows]) for k in TARGET_FIELDS))
+                   for b in chosen}  # fmt: skip
+        solution = solve_rows(model, chosen, stacked, [queries[r] for r in chunk], residual)
+        for j, r in enumerate(chunk):
+            targets[r], ctx[r], logits[r] = rows[j], logits_ctx[j], solution.logits[j]
+            patches[r], records[r] = solution.patches[j], solution.records[j]
+    return targets, torch.stack(ctx), Solution(patches, records, torch.stack(logits))
+
+
+TARGET_FIELDS = ("z_ctx", "attn", "branch", "out")
 
 
 def row_record(r: LayerRecord, i: int) -> LayerRecord:
