@@ -47,7 +47,7 @@ from .metrics import (
 )
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
-from .update import TARGET_FIELDS, Solution, solve, solve_prompts
+from .update import Solution, solve, solve_prompts
 from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
@@ -380,7 +380,7 @@ def sweep_trials(model: nn.Module, tokenizer, chosen: list[arch.Block], prompts:
     for t, ((_, cuts), target) in enumerate(zip(prompts, targets)):
         n, o = len(cuts), s + 2 * t  # trial t's rows of the sweep start at s, its static rows at s + 2t
         part = Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
-        stacked = {b.index: stack_targets([r[b.index] for r in rows[s : s + n]]) for b in chosen}
+        stacked = {b.index: Target.stacked([r[b.index] for r in rows[s : s + n]]) for b in chosen}
         found = Found(stacked, start[t], part, logits_ctx[s : s + n], logits_0[t], static[o : o + n],
                       static[o + n - 1 : o + n + 2])  # fmt: skip
         with torch.no_grad():
@@ -439,8 +439,3 @@ def mean_se(values: list[float | None]) -> dict:
 def fraction(flags) -> float:
     flags = list(flags)
     return sum(flags) / len(flags)
-
-
-def stack_targets(targets: list[Target]) -> Target:
-    """Targets of one row each as one Target with a row per target, in order."""
-    return Target(*(torch.cat([getattr(t, k) for t in targets]) for k in TARGET_FIELDS))

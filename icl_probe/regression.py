@@ -15,7 +15,7 @@ online query loss after N pairs is lowest.
 
 from __future__ import annotations
 
-__all__ = ["trial_prompt", "run_trial", "finetuned", "regression"]
+__all__ = ["trial_prompt", "run_trial", "run_trials", "finetuned", "regression"]
 
 from dataclasses import dataclass
 
@@ -24,18 +24,19 @@ from torch import nn
 
 from . import toy
 from .arch import Block
-from .capture import capture_prefixes, capture_targets, select_blocks
+from .capture import Target, capture_prefixes, capture_targets, capture_targets_rows, select_blocks
 from .errors import InputError, UsageError
 from .finetune import layer_alignments, sgd, trainable
 from .inputs import Prompt, Vectors
 from .lowrank import MATH_DTYPE
-from .metrics import ablation_rows, layer_series, static_logits_rows, weight_norm
+from .metrics import ablation_rows, layer_series, static_logits_each, static_logits_rows, weight_norm
 from .progress import Progress, Steps
-from .update import solve
+from .update import Solution, solve, solve_prompts
 
 SCHEMA = "icl-probe.regression/1"
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 LR_TRIALS = 10
+TRIAL_BATCH = 256  # rows (trial, i) per pass of `run_trials`; see benchmarks/bench_trials.py
 
 
 @dataclass
@@ -77,27 +78,77 @@ def sq_error(out: torch.Tensor, y: float, d: int) -> torch.Tensor:
     return (toy.prediction(out.to(MATH_DTYPE), d) - y) ** 2
 
 
+@dataclass
+class Passes:
+    """What the engine's passes found for one trial over i = 1..N: per block the with-context Targets (a row per
+    prefix) and the query alone's (`start`), the solution, the with-context outputs (N, hidden) and the query
+    alone's outputs under the implicit update then under ΔW only (2N, hidden)."""
+
+    targets: dict
+    start: dict
+    solution: Solution
+    out_ctx: torch.Tensor
+    outs: torch.Tensor
+
+
 def run_trial(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, y: float, lr: float) -> Trial:
-    """The figures of one prompt (tokens (N + 1, d + 1), its query's answer y)."""
+    """The figures of one prompt (tokens (N + 1, d + 1), its query's answer y), its prefixes swept alone."""
     check_prompt(model, tokens)
-    d, n, prompt = model.config.d, tokens.shape[0] - 1, trial_prompt(tokens)
+    n, prompt = tokens.shape[0] - 1, trial_prompt(tokens)
     with torch.no_grad():
         targets, out_ctx = capture_prefixes(model, chosen, prompt.context, list(range(1, n + 1)), prompt.query)
         start, _ = capture_targets(model, chosen, prompt.query_only)
         solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=n)
-        both = implicit_patches(chosen, solution.patches, model.config.mlp_skip)
-        only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
-        outs = static_logits_rows(model, both + only, prompt.query_only)  # (2N, hidden)
-        series = [layer_series(b, targets[b.index], start[b.index], solution) for b in chosen]
-    steps = stack_layers(series, "step_norm")
-    online, full = finetuned(model, chosen, tokens, lr, solution.patches)
+        patches = static_patches(chosen, solution.patches, model.config.mlp_skip)
+        outs = static_logits_rows(model, patches, prompt.query_only)  # (2N, hidden)
+    return trial_of(model, chosen, tokens, y, lr, Passes(targets, start, solution, out_ctx, outs))
+
+
+def run_trials(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, ys: torch.Tensor, lr: float,
+               batch_size: int = TRIAL_BATCH, progress: Progress | None = None) -> list[Trial]:  # fmt: skip
+    """`run_trial` of every prompt in tokens (trials, N + 1, d + 1), the rows (trial, i) of the sweeps batched
+    through the engine (`update.solve_prompts`, `metrics.static_logits_each`), at most `batch_size` rows a pass;
+    fine-tuning (each trial's own weights) runs one trial at a time, each a step of `progress`."""
+    for t in tokens:
+        check_prompt(model, t)
+    n, prompts = tokens.shape[1] - 1, [trial_prompt(t) for t in tokens]
+    fulls = [p.context[:i] + p.query for p in prompts for i in range(1, n + 1)]
+    with torch.no_grad():
+        rows, out_ctx, solution = solve_prompts(model, chosen, fulls, [p.query_only for p in prompts for _ in range(n)],
+                                                "bias", batch_size)  # fmt: skip
+        starts = [capture_targets_rows(model, chosen, [p.query_only for p in prompts[s : s + batch_size]])[0]
+                  for s in range(0, len(prompts), batch_size)]  # fmt: skip
+        parts = [Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
+                 for s in range(0, len(fulls), n)]  # fmt: skip
+        patches = [p for part in parts for p in static_patches(chosen, part.patches, model.config.mlp_skip)]
+        outs = static_logits_each(model, patches, [p.query_only for p in prompts for _ in range(2 * n)], batch_size)
+    start = [s for chunk in starts for s in chunk]
+    trials = []
+    for t, (y, part) in enumerate(Steps(progress, "trials", len(prompts)).each(zip(ys, parts))):
+        targets = {b.index: Target.stacked([r[b.index] for r in rows[t * n : (t + 1) * n]]) for b in chosen}
+        found = Passes(targets, start[t], part, out_ctx[t * n : (t + 1) * n], outs[2 * n * t : 2 * n * (t + 1)])
+        trials.append(trial_of(model, chosen, tokens[t], float(y), lr, found))
+    return trials
+
+
+def static_patches(chosen: list[Block], patches: list, mlp_skip: bool) -> list:
+    """The patches applied statically to the query alone: the implicit update after each prefix, then ΔW only."""
+    return implicit_patches(chosen, patches, mlp_skip) + [ablation_rows(chosen, p, both=True)[0] for p in patches]
+
+
+def trial_of(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, y: float, lr: float, found: Passes) -> Trial:
+    """A trial's figures from its passes, and its fine-tuning (run here, on its own weights)."""
+    d, n = model.config.d, tokens.shape[0] - 1
+    with torch.no_grad():
+        series = [layer_series(b, found.targets[b.index], found.start[b.index], found.solution) for b in chosen]
+    online, full = finetuned(model, chosen, tokens, lr, found.solution.patches)
     return Trial(
-        step_norm=steps,
+        step_norm=stack_layers(series, "step_norm"),
         delta_w_norm=stack_layers(series, "delta_w_norm"),
         prop31_error=stack_layers(series, "prop31_error"),
-        loss_context=sq_error(out_ctx, y, d),
-        loss_implicit=sq_error(outs[:n], y, d),
-        loss_delta_w_only=sq_error(outs[n:], y, d),
+        loss_context=sq_error(found.out_ctx, y, d),
+        loss_implicit=sq_error(found.outs[:n], y, d),
+        loss_delta_w_only=sq_error(found.outs[n:], y, d),
         loss_online=sq_error(online[0], y, d),
         loss_full_batch=sq_error(full[0], y, d),
         align_online=online[1],
@@ -193,19 +244,18 @@ def choose_lr(model: nn.Module, chosen: list[Block], seed: int, n: int) -> float
     return min(scores, key=scores.get)
 
 
-def validation(model: nn.Module, tokens: torch.Tensor, ys: torch.Tensor) -> tuple[float, float]:
-    """Mean query loss with the whole context, and of the query alone with the implicit update (Figure 2)."""
-    chosen, d, n = select_blocks(model, "all"), model.config.d, tokens.shape[1] - 1
-    ctx, implicit = [], []
+def validation(model: nn.Module, tokens: torch.Tensor, ys: torch.Tensor, batch_size: int = TRIAL_BATCH):
+    """Mean query loss with the whole context, and of the query alone with the implicit update (Figure 2): every
+    prompt a row of the same passes, at most `batch_size` a pass."""
+    chosen, d = select_blocks(model, "all"), model.config.d
+    prompts = [trial_prompt(t) for t in tokens]
     with torch.no_grad():
-        for t, y in zip(tokens, ys):
-            prompt = trial_prompt(t)
-            targets, out_ctx = capture_prefixes(model, chosen, prompt.context, [n], prompt.query)
-            solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=1)
-            patches = implicit_patches(chosen, solution.patches, model.config.mlp_skip)
-            out = static_logits_rows(model, patches, prompt.query_only)
-            ctx.append(float(sq_error(out_ctx[-1], float(y), d)))
-            implicit.append(float(sq_error(out[-1], float(y), d)))
+        _, out_ctx, solution = solve_prompts(model, chosen, [p.full for p in prompts],
+                                             [p.query_only for p in prompts], "bias", batch_size)  # fmt: skip
+        patches = implicit_patches(chosen, solution.patches, model.config.mlp_skip)
+        out = static_logits_each(model, patches, [p.query_only for p in prompts], batch_size)
+    ctx = [float(sq_error(o, float(y), d)) for o, y in zip(out_ctx, ys)]
+    implicit = [float(sq_error(o, float(y), d)) for o, y in zip(out, ys)]
     return sum(ctx) / len(ctx), sum(implicit) / len(implicit)
 
 
@@ -226,11 +276,13 @@ def mean_se(x: torch.Tensor) -> tuple[list, list]:
 
 
 def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None = None, val_trials: int = 100,
-               progress: Progress | None = None) -> dict:  # fmt: skip
+               progress: Progress | None = None, batch_size: int = TRIAL_BATCH) -> dict:  # fmt: skip
     """The `icl-probe.regression/1` document for the model `icl-probe regression train` saved in `folder`; each
-    trial is a step of `progress`."""
+    trial is a step of `progress`. The trials' sweeps run as rows of shared passes, `batch_size` rows a pass."""
     if trials < 2 or val_trials < 1:
         raise UsageError(f"`trials` must be ≥ 2 (a standard error needs two) and `val_trials` ≥ 1, not {trials}")
+    if batch_size < 1:
+        raise UsageError(f"`batch_size` must be ≥ 1, not {batch_size}")
     if lr is not None and not lr > 0:
         raise UsageError(f"`lr` must be > 0, not {lr}")
     torch.set_num_threads(1)
@@ -239,8 +291,7 @@ def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None =
     rule = "grid" if lr is None else "given"
     lr = choose_lr(model, chosen, seed, c.n) if lr is None else lr
     tokens, _, ys = toy.sample(torch.Generator().manual_seed(seed), trials, c.n, c.d, dtype=torch.float64)
-    counter = Steps(progress, "trials", trials)
-    rows = [run_trial(model, chosen, t, float(y), lr) for t, y in counter.each(zip(tokens, ys))]
+    rows = run_trials(model, chosen, tokens, ys, lr, batch_size, progress)
     stacked = {k: torch.stack([vars(r)[k] for r in rows]) for k in vars(rows[0])}
     norms = torch.tensor([[weight_norm(m.weight) for m in b.first.values()] for b in chosen]).pow(2).sum(-1).sqrt()
     return {
@@ -252,17 +303,17 @@ def regression(folder: str, trials: int = 100, seed: int = 0, lr: float | None =
         "seed": seed,
         "layers": [b.index for b in chosen],
         "weight_norm": norms.tolist(),
-        "figure2": figure2(folder, c, seed, val_trials),
+        "figure2": figure2(folder, c, seed, val_trials, batch_size),
         "figure3": figure3(stacked, norms),
         "figure4": figure4(stacked, lr, lr_rule=rule),
         "prop31_error": largest(stacked["prop31_error"]),
     }
 
 
-def figure2(folder: str, c, seed: int, val_trials: int) -> dict:
+def figure2(folder: str, c, seed: int, val_trials: int, batch_size: int = TRIAL_BATCH) -> dict:
     tokens, _, ys = toy.sample(torch.Generator().manual_seed(seed + 2), val_trials, c.n, c.d, dtype=torch.float64)
     steps = [e["step"] for e in c.training["log"]]
-    losses = [validation(toy.load(folder, torch.float64, checkpoint=s), tokens, ys) for s in steps]
+    losses = [validation(toy.load(folder, torch.float64, checkpoint=s), tokens, ys, batch_size) for s in steps]
     return {
         "checkpoints": steps,
         "train_loss": [e["train_loss"] for e in c.training["log"]],

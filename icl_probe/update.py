@@ -328,16 +328,12 @@ def solve_prompts(model: nn.Module, chosen: list[Block], fulls: list[Ids], queri
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         rows, logits_ctx = capture_targets_rows(model, chosen, [fulls[r] for r in chunk])
-        stacked = {b.index: Target(*(torch.cat([getattr(t[b.index], k) for t in rows]) for k in TARGET_FIELDS))
-                   for b in chosen}  # fmt: skip
+        stacked = {b.index: Target.stacked([t[b.index] for t in rows]) for b in chosen}
         solution = solve_rows(model, chosen, stacked, [queries[r] for r in chunk], residual)
         for j, r in enumerate(chunk):
             targets[r], ctx[r], logits[r] = rows[j], logits_ctx[j], solution.logits[j]
             patches[r], records[r] = solution.patches[j], solution.records[j]
     return targets, torch.stack(ctx), Solution(patches, records, torch.stack(logits))
-
-
-TARGET_FIELDS = ("z_ctx", "attn", "branch", "out")
 
 
 def row_record(r: LayerRecord, i: int) -> LayerRecord:
