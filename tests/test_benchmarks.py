@@ -81,3 +81,17 @@ def test_bench_batch_quick(tmp_path):
         r["prompts_per_s"] == pytest.approx(r["n"] / r["s"]) and r["over_limit"] == pytest.approx(r["s"] / r["limit_s"])
         for r in rows
     )
+
+
+def test_bench_trials_quick(tmp_path):
+    """Trials batched give the separate runs' step norms (float32 Llama within 1e-5, float64 toy within 1e-10), in
+    fewer forward passes (counted, not timed)."""
+    out = tmp_path / "trials.json"
+    run = run_quick("bench_trials.py", out, OMP_NUM_THREADS="1")
+    assert "load average" in run.stdout and "ratio" in run.stdout
+    rows = {r["experiment"]: r for r in json.loads(out.read_text(encoding="utf-8"))["rows"]}
+    assert rows.keys() == {"dynamics", "regression"}
+    assert rows["dynamics"]["max_rel_diff_step_norm"] < 1e-5 and rows["regression"]["max_rel_diff_step_norm"] < 1e-10
+    for r in rows.values():
+        assert r["batched_passes"] < r["separate_passes"]
+        assert r["ratio"] == pytest.approx(r["separate_s"] / r["batched_s"])
