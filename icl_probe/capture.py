@@ -190,6 +190,19 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> t
     return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
 
 
+def capture_rows(model: nn.Module, chosen: list[Block], rows: list, batch_size: int) -> tuple[list, torch.Tensor]:
+    """`capture_targets_rows` of many prompts, batched by length into passes of at most `batch_size` rows (memory
+    stays bounded): a {block: Target} per row (B = 1 each) and logits (len(rows), vocab), in the order given."""
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    targets, logits = [None] * len(rows), [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        found, out = capture_targets_rows(model, chosen, [rows[r] for r in chunk])
+        for j, r in enumerate(chunk):
+            targets[r], logits[r] = found[j], out[j]
+    return targets, torch.stack(logits)
+
+
 def last(x: torch.Tensor, batch: int) -> torch.Tensor:
     """The last position of a (B, T, d) (or OPT's MLP (B·T, d)) activation, as a float64 copy, (B, d).
 

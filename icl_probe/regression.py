@@ -24,7 +24,7 @@ from torch import nn
 
 from . import toy
 from .arch import Block
-from .capture import Target, capture_prefixes, capture_targets, capture_targets_rows, select_blocks
+from .capture import Target, capture_prefixes, capture_rows, capture_targets, select_blocks
 from .errors import InputError, UsageError
 from .finetune import layer_alignments, sgd, trainable
 from .inputs import Prompt, Vectors
@@ -107,22 +107,22 @@ def run_trial(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, y: fl
 def run_trials(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, ys: torch.Tensor, lr: float,
                batch_size: int = TRIAL_BATCH, progress: Progress | None = None) -> list[Trial]:  # fmt: skip
     """`run_trial` of every prompt in tokens (trials, N + 1, d + 1), the rows (trial, i) of the sweeps batched
-    through the engine (`update.solve_prompts`, `metrics.static_logits_each`), at most `batch_size` rows a pass;
-    fine-tuning (each trial's own weights) runs one trial at a time, each a step of `progress`."""
+    through the engine (`capture.capture_rows`, `update.solve_prompts`, `metrics.static_logits_each`), at most
+    `batch_size` rows a pass; fine-tuning (each trial's own weights) runs one trial at a time, each a step of
+    `progress`."""
     for t in tokens:
         check_prompt(model, t)
     n, prompts = tokens.shape[1] - 1, [trial_prompt(t) for t in tokens]
     fulls = [p.context[:i] + p.query for p in prompts for i in range(1, n + 1)]
     with torch.no_grad():
-        rows, out_ctx, solution = solve_prompts(model, chosen, fulls, [p.query_only for p in prompts for _ in range(n)],
-                                                "bias", batch_size)  # fmt: skip
-        starts = [capture_targets_rows(model, chosen, [p.query_only for p in prompts[s : s + batch_size]])[0]
-                  for s in range(0, len(prompts), batch_size)]  # fmt: skip
+        rows, out_ctx = capture_rows(model, chosen, fulls, batch_size)
+        solution = solve_prompts(model, chosen, rows, [p.query_only for p in prompts for _ in range(n)], "bias",
+                                 batch_size)  # fmt: skip
+        start, _ = capture_rows(model, chosen, [p.query_only for p in prompts], batch_size)
         parts = [Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
                  for s in range(0, len(fulls), n)]  # fmt: skip
         patches = [p for part in parts for p in static_patches(chosen, part.patches, model.config.mlp_skip)]
         outs = static_logits_each(model, patches, [p.query_only for p in prompts for _ in range(2 * n)], batch_size)
-    start = [s for chunk in starts for s in chunk]
     trials = []
     for t, (y, part) in enumerate(Steps(progress, "trials", len(prompts)).each(zip(ys, parts))):
         targets = {b.index: Target.stacked([r[b.index] for r in rows[t * n : (t + 1) * n]]) for b in chosen}
@@ -250,8 +250,8 @@ def validation(model: nn.Module, tokens: torch.Tensor, ys: torch.Tensor, batch_s
     chosen, d = select_blocks(model, "all"), model.config.d
     prompts = [trial_prompt(t) for t in tokens]
     with torch.no_grad():
-        _, out_ctx, solution = solve_prompts(model, chosen, [p.full for p in prompts],
-                                             [p.query_only for p in prompts], "bias", batch_size)  # fmt: skip
+        rows, out_ctx = capture_rows(model, chosen, [p.full for p in prompts], batch_size)
+        solution = solve_prompts(model, chosen, rows, [p.query_only for p in prompts], "bias", batch_size)
         patches = implicit_patches(chosen, solution.patches, model.config.mlp_skip)
         out = static_logits_each(model, patches, [p.query_only for p in prompts], batch_size)
     ctx = [float(sq_error(o, float(y), d)) for o, y in zip(out_ctx, ys)]

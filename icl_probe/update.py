@@ -22,7 +22,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, capture_targets_rows, forward, last, padded_inputs
+from .capture import Target, forward, last, padded_inputs
 from .errors import MathError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
@@ -316,24 +316,19 @@ def solve_rows(
     )
 
 
-def solve_prompts(model: nn.Module, chosen: list[Block], fulls: list[Ids], queries: list[Ids], residual: str = "bias",
-                  batch_size: int = 16) -> tuple[list[dict[int, Target]], torch.Tensor, Solution]:  # fmt: skip
-    """Row r: the prompt fulls[r] captured with its context (`capture_targets_rows`) and its query alone queries[r]
-    solved to reach it (`solve_rows`), rows batched by length, at most `batch_size` per pass (memory stays bounded).
-
-    Returns per row its {block: Target}, the with-context logits (R, vocab) and one Solution with a row per row.
-    """
-    order = sorted(range(len(fulls)), key=lambda r: (len(fulls[r]), len(queries[r])))
-    targets, ctx, patches, records, logits = ([None] * len(fulls) for _ in range(5))
+def solve_prompts(model: nn.Module, chosen: list[Block], targets: list[dict[int, Target]], queries: list[Ids],
+                  residual: str = "bias", batch_size: int = 16) -> Solution:  # fmt: skip
+    """Row r: the query alone queries[r] solved to reach targets[r] (its {block: Target}, one row each), rows
+    batched by length into `solve_rows` passes of at most `batch_size` (memory stays bounded); a row per row."""
+    order = sorted(range(len(queries)), key=lambda r: len(queries[r]))
+    patches, records, logits = ([None] * len(queries) for _ in range(3))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        rows, logits_ctx = capture_targets_rows(model, chosen, [fulls[r] for r in chunk])
-        stacked = {b.index: Target.stacked([t[b.index] for t in rows]) for b in chosen}
+        stacked = {b.index: Target.stacked([targets[r][b.index] for r in chunk]) for b in chosen}
         solution = solve_rows(model, chosen, stacked, [queries[r] for r in chunk], residual)
         for j, r in enumerate(chunk):
-            targets[r], ctx[r], logits[r] = rows[j], logits_ctx[j], solution.logits[j]
-            patches[r], records[r] = solution.patches[j], solution.records[j]
-    return targets, torch.stack(ctx), Solution(patches, records, torch.stack(logits))
+            patches[r], records[r], logits[r] = solution.patches[j], solution.records[j], solution.logits[j]
+    return Solution(patches, records, torch.stack(logits))
 
 
 def row_record(r: LayerRecord, i: int) -> LayerRecord:

@@ -36,4 +36,5 @@ def print_trials(out: Console, trials: dict) -> None:
     out.print(layers)
     loss, kl = trials["query_loss"], trials["ablation_kl"]
     out.print(f"query loss, implicit update {pm(loss['implicit'])}, fine-tuned {pm(loss['finetune'])}")
-    out.print(f"ablation KL: ΔW only {pm(kl['delta_w_only'])}, Δb only {pm(kl['bias_only'])}, both {pm(kl['both'])}")
+    line = f"ablation KL: ΔW only {pm(kl['delta_w_only'])}, Δb only {pm(kl['bias_only'])}, both {pm(kl['both'])}"
+    out.print(line if len(line) <= 80 else line.replace(", both", ",\n  both"))  # 80 columns
