@@ -66,7 +66,7 @@ def assert_same(got, want, where: str = "", worst: list | None = None) -> None:
         assert got == want, (where, got, want)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])  # gemma3: windowed, rows whole
 def test_batched_sweeps_equal_each_trial_alone(family):
     model, tok = tiny_model(family), char_tokenizer()
     chosen, runs = select_blocks(model, None), draws(5, 3, seed=2)
