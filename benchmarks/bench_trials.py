@@ -2,7 +2,8 @@
 
 Two experiments, each timed with its two arms interleaved (warm-up once, median of R repeats):
 - dynamics: `dynamics_trials` (rows (trial, prefix) in right-padded passes of `batch_size`) against one
-  `track_dynamics` per trial (a KV-cached prefix sweep each), on the antonyms task, gradient alignment on;
+  `track_dynamics` per trial (a KV-cached prefix sweep each), on the antonyms task, with the gradient alignment
+  (a backward pass per trial in both arms) and without it (`dyn. -grad`);
 - regression: `run_trials` (rows (trial, i) in passes of `batch_size`) against one `run_trial` per trial, on the
   default toy (d = 2, N = 50, one block, float64, untrained weights: the cost does not depend on them).
 Both arms load the model once. Each arm's forward passes through the model are counted; the batched figures are
@@ -53,7 +54,7 @@ class Passes:
 
     def __init__(self, model):
         self.n = 0
-        model.register_forward_pre_hook(self.count)
+        self.handle = model.register_forward_pre_hook(self.count)
 
     def count(self, module, args) -> None:
         self.n += 1
@@ -87,21 +88,24 @@ def compare(arms: dict, repeat: int, counter: Passes) -> dict:
     return {name: (statistics.median(r[0] for r in rs), rs[-1][1], rs[-1][2]) for name, rs in runs.items()}
 
 
-def bench_dynamics(quick: bool, trials: int, demos: int, repeat: int, batch_size: int) -> dict:
-    model, tok = load(quick)
-    counter, runs = Passes(model), draws(trials, demos)
+def bench_dynamics(loaded, trials: int, demos: int, repeat: int, batch_size: int, gradient: bool) -> dict:
+    (model, tok), runs = loaded, draws(trials, demos)
+    counter = Passes(model)
 
     def separate():
-        return [track_dynamics(model, tok, e, q, t, template=DEFAULT_TEMPLATE).to_dict(text=False) for e, q, t in runs]
+        return [track_dynamics(model, tok, e, q, t, template=DEFAULT_TEMPLATE, gradient=gradient).to_dict(text=False)
+                for e, q, t in runs]  # fmt: skip
 
     def batched():
-        return dynamics_trials(model, tok, TASK, DEFAULT_TEMPLATE, demos, trials, seed=SEED, batch_size=batch_size)[1]
+        return dynamics_trials(model, tok, TASK, DEFAULT_TEMPLATE, demos, trials, seed=SEED, batch_size=batch_size,
+                               gradient=gradient)[1]  # fmt: skip
 
     out = compare({"separate": separate, "batched": batched}, repeat, counter)
     want, got = trial_prefixes(model, out["separate"][2]), out["batched"][2]["prefixes"]
     diff = max(abs(g["step_norm"]["mean"] - w["step_norm"]["mean"]) / w["step_norm"]["mean"]
                for gp, wp in zip(got[1:], want[1:]) for g, w in zip(gp["layers"], wp["layers"]))  # fmt: skip
-    return row("dynamics", model, trials, demos, batch_size, out, diff)
+    counter.handle.remove()
+    return row("dynamics" if gradient else "dyn. -grad", model, trials, demos, batch_size, out, diff)
 
 
 def bench_regression(quick: bool, trials: int, repeat: int, batch_size: int) -> dict:
@@ -139,9 +143,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     repeat = 1 if args.quick else 3
-    rows = []
-    for b in args.batch_size or [16]:
-        rows.append(bench_dynamics(args.quick, 4 if args.quick else 10, 3 if args.quick else 5, repeat, b))
+    rows, loaded = [], load(args.quick)
+    for gradient in (True, False):
+        for b in args.batch_size or [16]:
+            rows.append(bench_dynamics(loaded, 4 if args.quick else 10, 3 if args.quick else 5, repeat, b, gradient))
     for b in args.batch_size or [256]:
         rows.append(bench_regression(args.quick, 5 if args.quick else 20, repeat, b))
     load_average = os.getloadavg()

@@ -90,7 +90,7 @@ def test_bench_trials_quick(tmp_path):
     run = run_quick("bench_trials.py", out, OMP_NUM_THREADS="1")
     assert "load average" in run.stdout and "ratio" in run.stdout
     rows = {r["experiment"]: r for r in json.loads(out.read_text(encoding="utf-8"))["rows"]}
-    assert rows.keys() == {"dynamics", "regression"}
+    assert rows.keys() == {"dynamics", "dyn. -grad", "regression"}
     assert rows["dynamics"]["max_rel_diff_step_norm"] < 1e-5 and rows["regression"]["max_rel_diff_step_norm"] < 1e-10
     for r in rows.values():
         assert r["batched_passes"] < r["separate_passes"]
