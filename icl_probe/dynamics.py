@@ -134,19 +134,11 @@ def track_dynamics(
     with stage("ablation"):
         ablated = ablation(model, chosen, full, prompt.query_only, logits_ctx[-1])
     result = Dynamics(
-        model=model_name(model),
-        model_type=model.config.model_type,
-        dtype=str(model.dtype).removeprefix("torch."),
-        examples=[e.text for e in examples],
-        query=query,
-        target=wanted,
-        prompt=prompt,
-        prefixes=rows,
-        gradient_alignment=aligned,
-        finetune=None,
-        ablation=ablated,
+        model=model_name(model), model_type=model.config.model_type, dtype=str(model.dtype).removeprefix("torch."),
+        examples=[e.text for e in examples], query=query, target=wanted, prompt=prompt, prefixes=rows,
+        gradient_alignment=aligned, finetune=None, ablation=ablated,
         num_layers=model.config.get_text_config().num_hidden_layers,
-    )
+    )  # fmt: skip
     if finetune_steps:
         result.finetune = finetune(
             model, tokenizer, chosen, examples, template, prompt, wanted["id"], full, finetune_steps, lr, progress

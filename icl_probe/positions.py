@@ -10,6 +10,8 @@ every position of one query, `solve_joint` the last position of several queries 
 
 from __future__ import annotations
 
+__all__ = ["PositionsRecord", "PositionsSolution", "Sequence", "PositionsRun", "solve_positions", "solve_joint"]
+
 from dataclasses import dataclass
 
 import torch
