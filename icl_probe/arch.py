@@ -12,6 +12,11 @@ resolved from a row or the rule.
 
 from __future__ import annotations
 
+__all__ = [
+    "Family", "Block", "GENERIC_FOLD_NOTE", "MOE_FOLD_NOTE", "supported_types", "family_of", "unsupported",
+    "table_blocks", "weight_out_in", "oriented", "norm_eps", "rms_normalised"
+]  # fmt: skip
+
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass

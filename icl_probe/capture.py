@@ -8,6 +8,13 @@ Every capture reads a block through `block_taps` and hooks.recording, and builds
 
 from __future__ import annotations
 
+__all__ = [
+    "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
+    "forward", "with_cache", "returned_cache", "right_padded", "last", "last_logits", "last_logits_rows",
+    "recording_targets", "targets_of", "capture_targets", "capture_targets_rows", "capture_prefixes",
+    "capture_positions", "position_logits", "greedy"
+]  # fmt: skip
+
 import copy
 import inspect
 from collections.abc import Iterator

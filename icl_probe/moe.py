@@ -14,6 +14,11 @@ applied as weights (`swapped`): W + ΔW swapped in while the MLP holding it runs
 
 from __future__ import annotations
 
+__all__ = [
+    "FIRST_EXPERT_NAMES", "OUTPUT_EXPERT_NAMES", "MoeParts", "ParamLowRank", "Route", "param_update",
+    "map_factors", "mapped", "swapped", "routing_tap", "layer_routing", "summary"
+]  # fmt: skip
+
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -11,6 +11,8 @@ run keeps of each call.
 
 from __future__ import annotations
 
+__all__ = ["read_structure"]
+
 import re
 import weakref
 

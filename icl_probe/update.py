@@ -13,6 +13,8 @@ a batch with MoE blocks is solved one row at a time.
 
 from __future__ import annotations
 
+__all__ = ["LayerRecord", "Solution", "SequentialRun", "solve", "solve_rows", "moe_report"]
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
