@@ -5,7 +5,7 @@ and timed as the median of R repeats:
 - sweep: track_dynamics(..., gradient=False), every prefix 0..n from one KV-cached context and one batched solve;
 - naive: analyze(context=examples[:i]) for i = 1..n.
 It checks every module's delta_w_norm and every prefix's KL(context ‖ patched) against the naive run, and
-times the engine functions the sweep calls in one extra, instrumented run.
+reads the seconds of the stages the sweep reports to `icl_probe.timing.timings()` in one extra run.
 
     python benchmarks/bench_dynamics.py [--quick] [--json PATH]
 
@@ -17,7 +17,6 @@ the full run uses SmolLM2-135M in float32 on the CPU at n = 8 and 32, R = 3. ben
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -28,13 +27,21 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe import dynamics as dynamics_module
 from icl_probe.dynamics import track_dynamics
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
+from icl_probe.timing import timings
 
 HELD_OUT = "happy"
-# The engine functions the sweep calls through the dynamics module's namespace; the rest is "other".
-COMPONENTS = ("tokenize_prefixes", "capture_prefixes", "capture_targets", "solve", "prefix_rows", "ablation")
+# stage (icl_probe.timing, reported by track_dynamics) → component; the rest of the sweep is "other"
+STAGES = {
+    "tokenize": "tokenize_prefixes",
+    "capture": "capture_prefixes",
+    "query alone": "capture_targets",
+    "solve": "solve",
+    "prefix rows": "prefix_rows",
+    "ablation": "ablation",
+}
+COMPONENTS = tuple(STAGES.values())
 TASK = builtin_task("antonyms")
 assert HELD_OUT not in {x for x, _ in TASK.pairs}, f"{HELD_OUT!r} is in the antonyms task; pick another query"
 QUERY = query_for(DEFAULT_TEMPLATE, HELD_OUT)[0]
@@ -90,37 +97,13 @@ def compare(dyn, analyses: list) -> dict:
     return {"max_rel_diff_delta_w_norm": rel, "max_abs_diff_kl": kl_diff, "max_kl": kl_max}
 
 
-@contextlib.contextmanager
-def timing_components(spent: dict[str, float]):
-    """Wrap each COMPONENTS name in the dynamics module so that its calls add their seconds to `spent`."""
-    originals = {name: getattr(dynamics_module, name) for name in COMPONENTS}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
-
-        return wrapper
-
-    try:
-        for name, fn in originals.items():
-            setattr(dynamics_module, name, timed(name, fn))
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dynamics_module, name, fn)
-
-
 def breakdown(model, tokenizer, texts: list[str]) -> dict[str, float]:
-    """Seconds in each engine function during one sweep, and "other" for the rest of it."""
-    spent = {name: 0.0 for name in COMPONENTS}
-    with timing_components(spent):
+    """Seconds in each component (a stage the sweep reports) during one sweep, and "other" for the rest of it."""
+    with timings() as stages:
         start = time.perf_counter()
         sweep(model, tokenizer, texts)
         total = time.perf_counter() - start
+    spent = {label: stages.get(name, 0.0) for name, label in STAGES.items()}  # stages nested in these are left out
     return {**spent, "other": total - sum(spent.values()), "total": total}
 
 

@@ -2,8 +2,8 @@
 
 The run: SmolLM2-135M in float32, country_capital, 5 demonstrations, K = 10 calibration queries, 25 held out
 (`icl-probe transfer --task country_capital --demos 5 --calibration 10 --heldout 25`). One instrumented run
-times transfer's parts by wrapping its functions from here (the library carries no timing code) and counts
-the model's forward calls (a forward pre-hook: calls, rows, tokens). Then, interleaved (median of R):
+reads the seconds of the stages transfer reports to `icl_probe.timing.timings()` and counts the model's
+forward calls (a forward pre-hook: calls, rows, tokens). Then, interleaved (median of R):
 - transfer: the whole run, uninstrumented;
 - floor: the forward passes it cannot avoid, as plain lean forwards (no_grad, use_cache=False,
   logits_to_keep=1), one prompt per call: every query with the context (35) and alone (35), each query's own
@@ -18,7 +18,6 @@ the model's forward calls (a forward pre-hook: calls, rows, tokens). Then, inter
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -28,53 +27,30 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe import positions, transfer
 from icl_probe.inputs import tokenize
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example, query_for
+from icl_probe.timing import timings
+from icl_probe.transfer import transfer
 
 MODEL, TASK, DEMOS, K, HELDOUT = "smollm2-135m", "country_capital", 5, 10, 25
-PARTS = [  # (owner, attribute, label): timed from outside; nested lines (indented) are counted in their parents too
-    (transfer, "prepare_all", "prepare: queries with and without context, own solves"),
-    (transfer, "capture_targets", "  prompts with context (one pass each)"),
-    (transfer, "capture_targets_rows", "  queries alone (one batched pass)"),
-    (transfer, "solve", "  own sequential solves (one pass each)"),
-    (transfer, "patched", "scoring a patch on the held-out queries"),
-    (transfer, "joint_patch", "joint patch (block-by-block fit, check)"),
-    (transfer, "thought_patch", "thought patch (block-by-block fit, CV)"),
-    (transfer, "capture_positions", "  thought patch: every position with context"),
-    (transfer, "choose_alpha", "  thought patch: α cross-validation"),
-    (positions.PositionsRun, "capture", "joint + thought: partial passes"),
-    (transfer, "task_vector", "task-vector layer search"),
-    (transfer, "vector_score", "task vector on the held-out queries"),
-]
+PARTS = {  # stage (icl_probe.timing, reported by transfer) → label; nested lines (indented) count in their parents too
+    "prepare": "prepare: queries with and without context, own solves",
+    "prompts with context": "  prompts with context (one pass each)",
+    "queries alone": "  queries alone (one batched pass)",
+    "own solves": "  own sequential solves (one pass each)",
+    "patch scoring": "scoring a patch on the held-out queries",
+    "joint patch": "joint patch (block-by-block fit, check)",
+    "thought patch": "thought patch (block-by-block fit, CV)",
+    "thought positions": "  thought patch: every position with context",
+    "α cross-validation": "  thought patch: α cross-validation",
+    "partial passes": "joint + thought: partial passes",
+    "task-vector search": "task-vector layer search",
+    "task-vector scoring": "task vector on the held-out queries",
+}
 
 
 def run(model, tok):
-    return transfer.transfer(model, tok, builtin_task(TASK), demos=DEMOS, calibration=K, heldout=HELDOUT)
-
-
-@contextlib.contextmanager
-def timed(spent: dict):
-    originals = []
-    for owner, attr, label in PARTS:
-        fn = getattr(owner, attr, None)
-        if fn is None:  # a part of another version of transfer
-            continue
-        originals.append((owner, attr, fn))
-
-        def wrapper(*args, _fn=fn, _label=label, **kwargs):
-            t = time.perf_counter()
-            try:
-                return _fn(*args, **kwargs)
-            finally:
-                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t
-
-        setattr(owner, attr, wrapper)
-    try:
-        yield
-    finally:
-        for owner, attr, fn in originals:
-            setattr(owner, attr, fn)
+    return transfer(model, tok, builtin_task(TASK), demos=DEMOS, calibration=K, heldout=HELDOUT)
 
 
 def profile(model, tok) -> dict:
@@ -86,16 +62,16 @@ def profile(model, tok) -> dict:
         counts["rows"] += ids.shape[0]
         counts["tokens"] += ids.numel()
 
-    spent: dict = {}
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        with timed(spent):
+        with timings() as stages:
             t = time.perf_counter()
             run(model, tok)
-            spent["total"] = time.perf_counter() - t
+            total = time.perf_counter() - t
     finally:
         handle.remove()
-    return {"parts_s": spent, "forwards": counts}
+    spent = {label: stages[name] for name, label in PARTS.items() if name in stages}  # stages nested inside left out
+    return {"parts_s": {**spent, "total": total}, "forwards": counts}
 
 
 def floor_prompts(tok) -> list[list[int]]:

@@ -12,6 +12,11 @@ resolved from a row or the rule.
 
 from __future__ import annotations
 
+__all__ = [
+    "Family", "Block", "GENERIC_FOLD_NOTE", "MOE_FOLD_NOTE", "supported_types", "family_of", "unsupported",
+    "table_blocks", "weight_out_in", "oriented", "norm_eps", "rms_normalised"
+]  # fmt: skip
+
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,13 +134,27 @@ def regression_variant(config) -> dict:
 
 
 def gemma4_variant(config) -> dict:
-    if config.enable_moe_block:
-        raise ModelError(
-            f"model type '{config.model_type}' with enable_moe_block=True is a mixture-of-experts model whose "
-            "dense MLP, router and experts read three differently normalised copies of the residual stream: each "
-            "needs its own rank-1 update (v = its own z0), one input map per reader, which is not built yet"
-        )
-    return {}
+    """Gemma 4 with `enable_moe_block=True`: its dense MLP, its router and its experts read three differently
+    normalised functions of the post-attention state r, so each is a reader with its own input (`MoeParts.readers`);
+    the block's z is r itself (the pre-MLP norm's input) and its MLP branch is both parts summed, then normalised."""
+    if not config.enable_moe_block:
+        return {}
+    readers = (("mlp", ("mlp.gate_proj", "mlp.up_proj")), ("router.proj", ("router.proj",)),
+               ("experts", ("experts.gate_up_proj",)))  # fmt: skip
+    moe = MoeParts(experts="experts", params=("experts.gate_up_proj",), router_linears=("router.proj",),
+                   readers=readers)  # fmt: skip
+    low = (("router", "float32"),)  # its softmax computes in float32 whatever the model's dtype
+    return dict(first=("mlp.gate_proj", "mlp.up_proj", "router.proj"), moe=moe, run_mlp=gemma4_moe_mlp,
+                low_precision=low)  # fmt: skip
+
+
+def gemma4_moe_mlp(block: nn.Module, r: torch.Tensor) -> torch.Tensor:
+    """Gemma 4's dense MLP and expert block at the post-attention state r, summed before the post-MLP norm."""
+    dense = block.post_feedforward_layernorm_1(block.mlp(block.pre_feedforward_layernorm(r)))
+    flat = r.reshape(-1, r.shape[-1])
+    _, weights, index = block.router(flat)
+    experts = block.experts(block.pre_feedforward_layernorm_2(flat), index, weights)
+    return dense + block.post_feedforward_layernorm_2(experts.reshape(r.shape))
 
 
 NORM_SCALE_NOTE = (
@@ -396,7 +415,10 @@ class Block:
 
     @property
     def z_reader(self) -> nn.Module:
-        """A module whose first positional input is z: a first linear, or an MoE block's MLP module."""
+        """A module whose first positional input is z: a first linear, an MoE block's MLP module, or, for an MoE
+        block whose readers read different inputs, its pre-MLP norm (z is then the state they are all computed from)."""
+        if self.moe and self.moe.readers:
+            return self.part(self.family.pre_mlp_norm)
         if self.moe or not self.family.first:
             return self.part(self.family.mlp)
         return next(iter(self.first.values()))
@@ -419,6 +441,15 @@ class Block:
     def mlp_modules(self) -> list[str]:
         """Paths (relative to the block) of the MLP modules that read z: the MLP and any beside it."""
         return [self.family.mlp, *self.family.mlp_parts]
+
+    @property
+    def readers(self) -> list[tuple[str, tuple[str, ...]]]:
+        """An MoE block's readers: (module whose first input the map acts on, the ΔW paths it builds), relative to
+        the block. Where all read the one MLP input, the MLP builds every ΔW and the MLPs beside it map alike."""
+        if self.moe.readers:
+            return list(self.moe.readers)
+        every = (*self.family.first, *self.moe.params)
+        return [(rel, every if k == 0 else ()) for k, rel in enumerate(self.mlp_modules)]
 
     @property
     def fold_target(self) -> str | None:

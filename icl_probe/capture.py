@@ -8,6 +8,13 @@ Every capture reads a block through `block_taps` and hooks.recording, and builds
 
 from __future__ import annotations
 
+__all__ = [
+    "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
+    "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
+    "last_logits_rows", "recording_targets", "targets_of", "capture_targets", "capture_targets_rows", "capture_rows",
+    "capture_prefixes", "capture_positions", "position_logits", "greedy"
+]  # fmt: skip
+
 import copy
 import inspect
 from collections.abc import Iterator
@@ -55,28 +62,35 @@ class Target(Activations):
     """With-context activations of one block at the query's last token, float64, shape (B, d)."""
 
     route: Route | None = None  # an MoE block's experts and weights at the last token
+    inputs: dict[str, torch.Tensor] | None = None  # readers of their own inputs (MoeParts.readers): each one's z_ctx
 
     def row(self, i: int) -> Target:
         route = None if self.route is None else self.route.row(i)
-        return Target(*(x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out)), route=route)
+        inputs = None if self.inputs is None else {rel: z[i : i + 1] for rel, z in self.inputs.items()}
+        rows = (x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out))
+        return Target(*rows, route=route, inputs=inputs)
 
     @classmethod
     def recorded(cls, rec: Recording, i: int) -> Target:
-        """Block i's Target from a recording of its `block_taps` and its routing tap, if any."""
+        """Block i's Target from a recording of its `block_taps`, its routing tap and its readers' inputs, if any."""
         target = super().recorded(rec, i)
         target.route = rec.get((i, "route"))
+        readers = [key[2] for key in rec.keys() if isinstance(key, tuple) and key[:2] == (i, "reader")]
+        target.inputs = {rel: rec[i, "reader", rel] for rel in readers} or None
         return target
 
 
 def block_taps(b: Block) -> list[Tap]:
     """Where a block's Target is read, keyed (b.index, field): its z reader's input (z_ctx), its mixer branches
-    summed with their scales (attn), its MLP branches summed (branch) and its output (out)."""
+    summed with their scales (attn), its MLP branches summed (branch), its output (out) and, for MoE readers of
+    their own inputs, each reader's input (b.index, "reader", module)."""
     i = b.index
     return [
         Tap(b.z_reader, (i, "z_ctx"), "input"),
         *(Tap(m, (i, "attn"), scale=scale) for m, scale in b.mixer_branches),
         *(Tap(m, (i, "branch")) for m in b.mlp_branches),
         Tap(b.module, (i, "out")),
+        *(Tap(b.part(rel), (i, "reader", rel), "input") for rel, _ in (b.moe.readers if b.moe else ())),
     ]
 
 

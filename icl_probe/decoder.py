@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .arch import Block, Family, supported_types, table_blocks
-from .structure import read_structure
+from .structure import float64_experts, read_structure
 
 __all__ = ["blocks", "describe", "family_for"]
 
@@ -18,6 +18,7 @@ __all__ = ["blocks", "describe", "family_for"]
 def blocks(model: nn.Module) -> list[Block]:
     """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule."""
     if model.config.model_type in supported_types():
+        float64_experts(model)  # a table row with experts (Gemma 4's expert block) runs them as the rule's do
         return table_blocks(model)
     return read_structure(model)
 

@@ -49,6 +49,7 @@ from .metrics import (
 )
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
+from .timing import stage
 from .update import Solution, solve, solve_prompts
 from .version import __version__
 
@@ -125,7 +126,7 @@ def track_dynamics(
         layers: the blocks to patch: a spec such as "all", "3,7", "-4:", or a list of indices (default: all).
         gradient: add, at the full context, each ΔW's alignment with the gradient of the target's loss.
         finetune_steps, lr, template: also train the first linears by SGD on the examples (a task's, in its template).
-        progress: told each fine-tuning step (see progress.py).
+        progress: told each fine-tuning step (see progress.py). The stages report to icl_probe.timing.
 
     Returns:
         A `Dynamics`; its `.to_dict()` is the `icl-probe.dynamics/1` document (docs/schemas.md).
@@ -136,7 +137,8 @@ def track_dynamics(
         >>> sweep.to_dict()["prefixes"][-1]["layers"][0]  # the full context's first layer, per module
     """
     examples = as_examples(examples)
-    cuts, prompt = tokenize_prefixes(tokenizer, [e.text for e in examples], query)
+    with stage("tokenize"):
+        cuts, prompt = tokenize_prefixes(tokenizer, [e.text for e in examples], query)
     check_length(model, prompt)
     chosen = select_blocks(model, layers)
     sweep = sweep_prefixes(model, tokenizer, chosen, prompt, cuts, target)
@@ -163,19 +165,11 @@ def finish(model: nn.Module, tokenizer, chosen: list[arch.Block], examples: list
     full, wanted = sweep.solution.patches[-1], sweep.wanted
     aligned = gradient_alignment(model, chosen, full, prompt.query_only, wanted["id"]) if gradient else None
     result = Dynamics(
-        model=model_name(model),
-        model_type=model.config.model_type,
-        dtype=str(model.dtype).removeprefix("torch."),
-        examples=[e.text for e in examples],
-        query=query,
-        target=wanted,
-        prompt=prompt,
-        prefixes=sweep.rows,
-        gradient_alignment=aligned,
-        finetune=None,
-        ablation=sweep.ablation,
+        model=model_name(model), model_type=model.config.model_type, dtype=str(model.dtype).removeprefix("torch."),
+        examples=[e.text for e in examples], query=query, target=wanted, prompt=prompt, prefixes=sweep.rows,
+        gradient_alignment=aligned, finetune=None, ablation=sweep.ablation,
         num_layers=model.config.get_text_config().num_hidden_layers,
-    )
+    )  # fmt: skip
     if finetune_steps:
         result.finetune = finetune(
             model, tokenizer, chosen, examples, template, prompt, wanted["id"], full, finetune_steps, lr, progress
@@ -197,12 +191,16 @@ def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt
     with torch.no_grad():
         head = prompt.prefix + prompt.context
         ends = [len(prompt.prefix) + c for c in cuts]
-        targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
-        start, logits_0 = capture_targets(model, chosen, prompt.query_only)
-        solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
+        with stage("capture"):
+            targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
+        with stage("query alone"):
+            start, logits_0 = capture_targets(model, chosen, prompt.query_only)
+        with stage("solve"):
+            solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
         only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
         static = static_logits_rows(model, only, prompt.query_only)
-        parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
+        with stage("ablation"):
+            parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
         return assemble(tokenizer, chosen, cuts, Found(targets, start, solution, logits_ctx, logits_0, static, parts),
                         target)  # fmt: skip
 
@@ -225,8 +223,9 @@ class Found:
 def assemble(tokenizer, chosen: list[arch.Block], cuts: list[int], found: Found, target) -> Sweep:
     """The Sweep of one prompt from what its passes found."""
     wanted = pick_target(tokenizer, target, found.logits_ctx[-1])
-    rows = prefix_rows(tokenizer, chosen, cuts, found.targets, found.start, found.solution, found.logits_ctx,
-                       found.logits_0, wanted["id"])  # fmt: skip
+    with stage("prefix rows"):
+        rows = prefix_rows(tokenizer, chosen, cuts, found.targets, found.start, found.solution, found.logits_ctx,
+                           found.logits_0, wanted["id"])  # fmt: skip
     for row, logits in zip(rows[1:], found.static):
         row["delta_w_only_top1_id"] = int(logits.argmax())
     return Sweep(rows, found.solution, wanted, found.logits_ctx, ablation_scores(found.logits_ctx[-1], found.parts))

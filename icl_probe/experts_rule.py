@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import moe
 from .hooks import hooked
+from .lowrank import MATH_DTYPE
 from .moe import MoeParts
 from .probing import LINEARS, MOE_CHECK_TOLERANCE, ProbeCall, Refusal, copied, is_norm, relative_error, same, tolerance
 
@@ -126,8 +127,8 @@ def check_moe_exact(
 
     def add(module, args, output):
         weight = module.weight.T if isinstance(module, Conv1D) else module.weight
-        u = (weight.detach().to(moe.MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
-        return output + (args[0].to(moe.MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
+        u = (weight.detach().to(MATH_DTYPE) @ a.to(weight.device)).to(output.dtype)
+        return output + (args[0].to(MATH_DTYPE) @ v.to(output.device)).to(output.dtype)[..., None] * u
 
     transposed = {p.removeprefix(prefix) for p in parts.transposed}
     try:

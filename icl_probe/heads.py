@@ -9,6 +9,8 @@ on repeated random sequences, and knocks out sets of heads (headscores.py).
 
 from __future__ import annotations
 
+__all__ = ["SCHEMA", "Heads", "score_heads"]
+
 from dataclasses import asdict, dataclass
 
 import torch

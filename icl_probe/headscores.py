@@ -9,6 +9,11 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "INDUCTION_LENGTH", "INDUCTION_SEQUENCES", "INDUCTION_SEED", "PROTOCOL", "HeadScores", "eager", "weights_tap",
+    "repeated_sequences", "induction_scores", "knocked_out"
+]  # fmt: skip
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -11,6 +11,8 @@ The norms run here as float64 functions of our own, checked against the model's 
 
 from __future__ import annotations
 
+__all__ = ["HeadParts", "HeadCapture", "LayerSplit", "head_parts", "pre_mlp_norm", "split_layer"]
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 

@@ -13,6 +13,8 @@ transformers v5 and a tuple in v4; `hidden` and `with_hidden` hide the differenc
 
 from __future__ import annotations
 
+__all__ = ["Tap", "Call", "Recording", "recording", "hooked", "pre_hooked", "hidden", "with_hidden", "current_weight"]
+
 import functools
 import operator
 from collections.abc import Callable, Hashable, Iterable, Iterator

@@ -6,6 +6,11 @@ inner products all come from the factors u (out, r) and v (in, r).
 
 from __future__ import annotations
 
+__all__ = [
+    "MATH_DTYPE", "LowRank", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
+    "check_norm", "frobenius_inner", "alignment", "add_rounded", "kl_divergence"
+]  # fmt: skip
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar

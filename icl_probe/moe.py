@@ -10,9 +10,17 @@ x → x + a (vᵀ x): W (x + a vᵀx) = (W + u vᵀ) x for every reader W. The s
 that way (`mapped`), whatever the experts implementation and whatever dtype the router computes in, so the
 router sees its with-context input at the last token and picks the with-context experts. A stored patch is
 applied as weights (`swapped`): W + ΔW swapped in while the MLP holding it runs, one layer at a time.
+
+Where the readers read different functions of the block's state (Gemma 4's dense MLP, router and experts each
+read their own normalisation), `MoeParts.readers` lists them: each gets its own a and v = its own z0, and its own map.
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "FIRST_EXPERT_NAMES", "OUTPUT_EXPERT_NAMES", "MoeParts", "ParamLowRank", "Route", "param_update",
+    "map_factors", "mapped", "swapped", "routing_tap", "layer_routing", "summary"
+]  # fmt: skip
 
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -37,6 +45,9 @@ class MoeParts:
     transposed: tuple[str, ...] = ()  # of those, the ones stored (E, in, out)
     routers: tuple[str, ...] = ()  # the router weight(s), a subset of params
     router_linears: tuple[str, ...] = ()  # routers that are plain nn.Linear layers (HunYuan), among the first linears
+    # readers of differently normalised inputs (Gemma 4): (module whose first input is the reader's z, the first
+    # linears and params it updates), each with its own map; () when every reader reads the one MLP input
+    readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass

@@ -8,6 +8,8 @@ while their module runs (moe.swapped).
 
 from __future__ import annotations
 
+__all__ = ["Patch", "Apply", "applied", "applied_rows", "replaced", "dense_added"]
+
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field

@@ -5,6 +5,8 @@ Reads the `trials` part of an `icl-probe.dynamics/1` document (dynamics.dynamics
 
 from __future__ import annotations
 
+__all__ = ["plot_trials"]
+
 from pathlib import Path
 
 from .plots import new_figure, save, setup, style

@@ -10,6 +10,8 @@ every position of one query, `solve_joint` the last position of several queries 
 
 from __future__ import annotations
 
+__all__ = ["PositionsRecord", "PositionsSolution", "Sequence", "PositionsRun", "solve_positions", "solve_joint"]
+
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ from .errors import MathError
 from .hooks import Tap, hidden, recording
 from .lowrank import MATH_DTYPE, LowRank, matvec
 from .patching import Patch, applied
+from .timing import stage
 from .update import LayerRecord
 
 
@@ -143,10 +146,11 @@ class PositionsRun:
         Returns each key's fitted rows of every sequence, concatenated: (n, d) float64. The sequences run as the
         rows of one right-padded pass (capture.right_padded), which leaves each one's real positions as they are.
         """
-        ids, _ = right_padded([s.ids for s in self.sequences])
-        with applied(self.model, self.patch), recording(taps, by_row(len(ids)), stop=stop) as seen:
-            self.model(input_ids=ids.to(input_device(self.model)), use_cache=False, logits_to_keep=1)
-        return {key: torch.cat([seen[key][i, s.rows] for i, s in enumerate(self.sequences)]) for key in seen.keys()}
+        with stage("partial passes"):
+            ids, _ = right_padded([s.ids for s in self.sequences])
+            with applied(self.model, self.patch), recording(taps, by_row(len(ids)), stop=stop) as seen:
+                self.model(input_ids=ids.to(input_device(self.model)), use_cache=False, logits_to_keep=1)
+            return {key: torch.cat([seen[key][i, s.rows] for i, s in enumerate(self.sequences)]) for key in seen.keys()}
 
     def unheld(self, t: torch.Tensor) -> torch.Tensor:
         """t with its held rows zeroed: the prefix holds the same states with and without the context."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "LINEARS", "MOE_CHECK_TOLERANCE", "Refusal", "ProbeCall", "call_taps", "calls_of", "copied", "linears_in",
+    "is_norm", "same", "relative_error", "tolerance"
+]  # fmt: skip
+
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 

@@ -11,6 +11,8 @@ run keeps of each call.
 
 from __future__ import annotations
 
+__all__ = ["read_structure", "float64_experts"]
+
 import re
 import weakref
 

@@ -7,6 +7,13 @@ print comes from here: per-layer figures of `analyze`, the per-layer series of `
 
 from __future__ import annotations
 
+__all__ = [
+    "MODULE_KEYS", "module_names", "module_value", "max_relative", "top_relative", "aligned_names",
+    "mean_alignment", "has_fold_scale", "has_alignment", "update_ranks", "mixer_layers", "dependent_positions",
+    "agreeing_tokens", "compression", "dynamics_layers", "layer_growth", "layer_alignments", "step_alignment",
+    "module_groups", "shown_keys", "top_layer_heads", "top_heads", "knockout_means", "head_split_errors"
+]  # fmt: skip
+
 MODULE_KEYS = ("attention", "pre_mlp_norm", "mlp_first", "mlp_down", "post_mlp_norm")  # `modules`' columns
 
 

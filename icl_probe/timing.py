@@ -9,6 +9,8 @@ Outside `timings()` a `stage` costs one context-variable read. Stages may nest; 
 
 from __future__ import annotations
 
+__all__ = ["timings", "stage"]
+
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -45,6 +45,7 @@ from .patching import Patch, applied
 from .positions import PositionsRun, Sequence, solve_joint
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
+from .timing import stage
 from .update import solve
 from .version import __version__
 
@@ -162,7 +163,8 @@ def transfer(
     The first `demos` pairs are the context, the next max(calibration) the calibration pool (a size K uses its
     first K), and the `heldout` pairs after those (default: all the rest) are scored. The model is left unchanged.
     `progress` (see progress.py) counts the queries prepared, then the methods built and scored (a calibration
-    patch each, then the mean, joint, thought patch and task vector, for every size).
+    patch each, then the mean, joint, thought patch and task vector, for every size). The stages report to
+    icl_probe.timing.
     """
     sizes = sorted(set([calibration] if isinstance(calibration, int) else calibration))
     pool, held = split_pairs(task, demos, sizes, heldout)
@@ -221,21 +223,25 @@ def prepare_all(model: nn.Module, tokenizer, chosen: list[Block], context: str, 
     """prepare for every pair, each a step of `steps`. The queries alone run as the rows of one pass; each prompt
     with context runs alone, and so does each query's own sequential solve (its hooks act at its last token): the
     own patch reproduces the with-context logits bit for bit only when both come from passes of the same shape."""
-    prompts = [tokenize(tokenizer, context, query_for(template, x)[0]) for x, _ in pairs]
-    for prompt in prompts:
-        check_length(model, prompt)
-    targets, icl = zip(*[capture_targets(model, chosen, p.full) for p in prompts])
-    alone, zero = capture_targets_rows(model, chosen, [p.query_only for p in prompts])
-    queries = []
-    for (x, y), prompt, t, a, lg_icl, lg_zero in zip(pairs, prompts, targets, alone, icl, zero):
-        solution = solve(model, chosen, t, prompt.query_only, "bias")
-        queries.append(Query(
-            input=x, output=y, prompt=prompt, target_id=first_target_id(tokenizer, target_text(template, y)),
-            icl=lg_icl, zero=lg_zero, targets=t, out0={i: a[i].out for i in a},
-            patch=solution.patches[0], own=solution.logits[0],
-        ))  # fmt: skip
-        if steps is not None:
-            steps.step()
+    with stage("prepare"):
+        prompts = [tokenize(tokenizer, context, query_for(template, x)[0]) for x, _ in pairs]
+        for prompt in prompts:
+            check_length(model, prompt)
+        with stage("prompts with context"):
+            targets, icl = zip(*[capture_targets(model, chosen, p.full) for p in prompts])
+        with stage("queries alone"):
+            alone, zero = capture_targets_rows(model, chosen, [p.query_only for p in prompts])
+        queries = []
+        for (x, y), prompt, t, a, lg_icl, lg_zero in zip(pairs, prompts, targets, alone, icl, zero):
+            with stage("own solves"):
+                solution = solve(model, chosen, t, prompt.query_only, "bias")
+            queries.append(Query(
+                input=x, output=y, prompt=prompt, target_id=first_target_id(tokenizer, target_text(template, y)),
+                icl=lg_icl, zero=lg_zero, targets=t, out0={i: a[i].out for i in a},
+                patch=solution.patches[0], own=solution.logits[0],
+            ))  # fmt: skip
+            if steps is not None:
+                steps.step()
     return queries
 
 
@@ -255,7 +261,7 @@ def own_patch_check(tests: list[Query]) -> dict:
 
 def patched(model: nn.Module, patch: Patch, tests: list[Query]) -> dict:
     """score() of the queries alone with `patch` applied at every position, as the rows of one pass."""
-    with torch.no_grad(), applied(model, patch):
+    with stage("patch scoring"), torch.no_grad(), applied(model, patch):
         return score(list(last_logits_rows(model, [q.prompt.query_only for q in tests])), tests)
 
 
@@ -270,11 +276,14 @@ def evaluate(model: nn.Module, chosen: list[Block], calib: list[Query], tests: l
     joint = joint_patch(model, chosen, calib)
     results["joint_patch"] = patched(model, joint[0], tests) if joint else {"accuracy": None, "kl": None}
     steps.step()
-    thought, alphas, cross_validated = thought_patch(model, chosen, calib)
+    with stage("thought patch"):
+        thought, alphas, cross_validated = thought_patch(model, chosen, calib)
     results["thought_patch"] = patched(model, thought, tests)
     steps.step()
-    layer, vector, fit = task_vector(model, chosen, calib)
-    results["task_vector"] = vector_score(model, chosen, layer, vector, tests)
+    with stage("task-vector search"):
+        layer, vector, fit = task_vector(model, chosen, calib)
+    with stage("task-vector scoring"):
+        results["task_vector"] = vector_score(model, chosen, layer, vector, tests)
     steps.step()
     return Entry(
         calibration=len(calib),
@@ -322,9 +331,10 @@ def joint_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> tu
     """One update exact at the last token of every calibration query, and its worst KL to icl there (None: no fold)."""
     if chosen[0].family.fold is None:
         return None
-    stacked = {b.index: Target.stacked([q.targets[b.index] for q in calib]) for b in chosen}
-    solution = solve_joint(model, chosen, stacked, [q.prompt.query_only for q in calib])
-    return solution.patch, max(kl_divergence(q.icl, lg) for q, lg in zip(calib, solution.logits))
+    with stage("joint patch"):
+        stacked = {b.index: Target.stacked([q.targets[b.index] for q in calib]) for b in chosen}
+        solution = solve_joint(model, chosen, stacked, [q.prompt.query_only for q in calib])
+        return solution.patch, max(kl_divergence(q.icl, lg) for q, lg in zip(calib, solution.logits))
 
 
 def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> tuple[Patch, dict[int, float], bool]:
@@ -337,7 +347,8 @@ def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> 
     """
     for q in calib:
         if q.positions is None:
-            q.positions = capture_positions(model, chosen, q.prompt)[0]
+            with stage("thought positions"):
+                q.positions = capture_positions(model, chosen, q.prompt)[0]
     targets = {b.index: PositionTargets.stacked([q.positions[b.index] for q in calib]) for b in chosen}
     sequences = [
         Sequence(q.prompt.query_only, list(range(len(q.prompt.query_only))), len(q.prompt.prefix)) for q in calib
@@ -350,7 +361,8 @@ def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> 
         z0 = run.capture([Tap(first, "z0", "input")], stop=first)["z0"]  # (n, in)
         dz = run.unheld(targets[b.index].z_ctx - z0)
         t = {path: matvec(arch.weight_out_in(m, b.family), dz.T).T for path, m in b.first.items()}  # (n, out)
-        alphas[b.index] = choose_alpha(z0, list(t.values()), groups)
+        with stage("α cross-validation"):
+            alphas[b.index] = choose_alpha(z0, list(t.values()), groups)
         for path, tp in t.items():
             run.patch.low_rank[path] = ridge(z0, tp, alphas[b.index])
         h = run.capture([Tap(b.module, "h")], stop=b.module)["h"]

@@ -7,15 +7,18 @@ and carries its own targets and so its own updates (a prefix sweep solves all it
 
 A mixture-of-experts block is updated through its input: every weight that reads it (router, experts, shared
 experts) gets ΔW = W a z0ᵀ with the same a = (z_ctx − z0) / ‖z0‖², which is the one map x → x + a (z0ᵀ x) of
-the block's input (moe.py). Its patch is per-expert factors, which a batch cannot give each row as a weight, so
-a batch with MoE blocks is solved one row at a time.
+the block's input (moe.py). Where the readers read differently normalised inputs (Gemma 4's expert block,
+`MoeParts.readers`), each reader gets its own a and v = its own z0, and its own map. Its patch is per-expert
+factors, which a batch cannot give each row as a weight, so a batch with MoE blocks is solved one row at a time.
 """
 
 from __future__ import annotations
 
+__all__ = ["LayerRecord", "Solution", "SequentialRun", "solve", "solve_rows", "solve_prompts", "moe_report"]
+
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -75,13 +78,13 @@ class BlockCapture:
     delta_b: torch.Tensor | None = None
     block_error: torch.Tensor | None = None  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
     fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
-    input_map: tuple[torch.Tensor, torch.Tensor] | None = None  # an MoE block's (a, v): x → x + a (vᵀ x)
+    input_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # MoE reader → (a, v)
 
 
 class SequentialRun:
     """The sequential run over `chosen` blocks, for `batch` rows of the query (docs/theory.md, "sequential order").
 
-    At each block, in order (`build_hook`, or `map_hook` for an MoE block, then `block_hook`):
+    At each block, in order (`build_hook`, or `map_hook` at each reader of an MoE block, then `block_hook`):
     1. read z0 at the first linears (the blocks below are already patched);
     2. build ΔW with ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (taps record the branches);
     3. at the block output, re-run the MLP without ΔW at z0 (`rerun_mlp`);
@@ -108,7 +111,8 @@ class SequentialRun:
     def running(self) -> Iterator[None]:
         """The run's taps and hooks, for the forward pass of the query rows inside the block."""
         build = [(m, self.build_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()]
-        maps = [(b.part(rel), self.map_hook(b)) for b in self.chosen if b.moe for rel in b.mlp_modules]
+        maps = [(b.part(rel), self.map_hook(b, rel, paths)) for b in self.chosen if b.moe for rel, paths in b.readers]
+        maps += [(b.z_reader, self.z_hook(b)) for b in self.chosen if b.moe and b.moe.readers]
         blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
         with recording(self.taps(), active=self.live) as seen, hooked(build + blocks), pre_hooked(maps):
             self.seen = seen
@@ -157,34 +161,48 @@ class SequentialRun:
 
         return hook
 
-    def map_hook(self, b: Block):
-        """Steps 1 and 2 in an MoE block: every ΔW from its input z0, applied together as the input map (batch 1)."""
+    def map_hook(self, b: Block, rel: str, paths: tuple[str, ...]):
+        """Steps 1 and 2 at one reader of an MoE block: the ΔW of `paths` (relative to the block) from its own input
+        z0 and target z_ctx, applied as the map of its input x → x + a (z0ᵀ x) (batch 1)."""
 
         def hook(module, args, kwargs):
             if self.suspended:
                 return None
             x = args[0] if args else kwargs["hidden_states"]
-            cap = self.captures[b.index]
-            if cap.input_map is None:  # the first MLP module of the block to run builds the updates; all map z alike
-                cap.input_map = self.build_map(b, x)
-            new = mapped(x, *cap.input_map)
+            maps = self.captures[b.index].input_maps
+            if rel not in maps:  # its first call builds its updates
+                maps[rel] = self.build_map(b, rel, paths, x)
+            new = mapped(x, *maps[rel])
             return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
         return hook
 
-    def build_map(self, b: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every ΔW of an MoE block from its input x (z0 at the last token); returns the map's (a, v)."""
-        cap = self.captures[b.index]
-        z0 = cap.z0 = self.last(x)  # (1, in)
-        cap.dtype = x.dtype
-        z_ctx = self.targets[b.index].z_ctx
-        check_norm(z0[0].norm(), b.full(b.family.mlp))
+    def z_hook(self, b: Block):
+        """Step 1 where the readers read different inputs: z0 is the state they are computed from (`z_reader`)."""
+
+        def hook(module, args, kwargs):
+            if not self.suspended:
+                x = args[0] if args else kwargs["hidden_states"]
+                cap = self.captures[b.index]
+                cap.z0, cap.dtype = self.last(x), x.dtype
+
+        return hook
+
+    def build_map(self, b: Block, rel: str, paths: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The ΔW of `paths` from one reader's input x (z0 at the last token); returns the map's (a, v)."""
+        cap, target = self.captures[b.index], self.targets[b.index]
+        z0 = self.last(x)  # (1, in)
+        if b.part(rel) is b.z_reader:
+            cap.z0, cap.dtype = z0, x.dtype
+        z_ctx = target.inputs[rel] if target.inputs else target.z_ctx
+        check_norm(z0[0].norm(), b.full(rel))
         a, v = map_factors(z_ctx[0], z0[0])
-        for path, m in b.first.items():
-            self.low_rank[path] = rank_one_update(arch.weight_out_in(m, b.family), z_ctx, z0, path)
-        for path in b.params:
-            weight = b.module.get_parameter(path.removeprefix(b.path + "."))
-            self.params[path] = param_update(weight, path in b.transposed, a, v)
+        for path in (b.full(p) for p in paths):
+            if path in b.first:
+                self.low_rank[path] = rank_one_update(arch.weight_out_in(b.first[path], b.family), z_ctx, z0, path)
+            else:
+                weight = b.module.get_parameter(path.removeprefix(b.path + "."))
+                self.params[path] = param_update(weight, path in b.transposed, a, v)
         return a, v
 
     def rerun_mlp(self, b: Block) -> torch.Tensor:

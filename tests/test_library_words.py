@@ -20,12 +20,6 @@ PACKAGE = Path(icl_probe.__file__).parent
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 # Other programs' flags the library quotes in commands for the user to run (pip, torchrun): not icl-probe's.
 OTHER_PROGRAMS = {"--no-deps", "--force-reinstall", "--nproc_per_node"}
-# TEMPORARY: modules whose messages their owners (helpers rec, upd and rep) convert on their own branches.
-# Remove each entry when its branch is merged; the list must end empty.
-TEMPORARY_OTHER_HELPERS = {
-    "heads.py": "rec",
-    "positions.py": "rec",
-}
 
 
 def library_modules() -> list[Path]:
@@ -69,8 +63,6 @@ def test_the_scan_finds_flags_in_f_strings_and_docstrings(tmp_path):
 
 @pytest.mark.parametrize("path", library_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_library_strings_name_no_flag(path):
-    if path.name in TEMPORARY_OTHER_HELPERS:
-        pytest.skip(f"converted by helper {TEMPORARY_OTHER_HELPERS[path.name]}")
     assert flags_in(path) == []
 
 

@@ -324,15 +324,17 @@ def test_a_module_list_that_does_not_run_is_not_the_decoder():
     assert [b.path for b in decoder.blocks(model)] == ["model.layers.0", "model.layers.1"]
 
 
-def test_gemma4_with_its_expert_block_is_refused():
+def test_gemma4_with_its_expert_block_has_one_reader_per_input():
+    # Its dense MLP, router and experts read three normalisations of the state: each maps its own input
+    # (exactness is tested in tests/test_moe_readers.py).
     config = dict(vocab_size=103, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, global_head_dim=8, hidden_size_per_layer_input=8,
                   vocab_size_per_layer_input=103, enable_moe_block=True, num_experts=4, top_k_experts=2,
                   moe_intermediate_size=16)  # fmt: skip
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma4_text", **config))
-    refusal = r"^model type 'gemma4_text' with enable_moe_block=True is a mixture-of-experts model .* own rank-1 update"
-    with pytest.raises(ModelError, match=refusal):
-        decoder.blocks(model)
+    b = decoder.blocks(model)[0]
+    assert [rel for rel, _ in b.readers] == ["mlp", "router.proj", "experts"]
+    assert b.z_reader is model.model.layers[0].pre_feedforward_layernorm
 
 
 def test_reading_is_cached_per_model():

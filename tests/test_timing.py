@@ -1,12 +1,17 @@
-"""icl_probe.timing: the stages `analyze` reports to `timings()`, and nothing recorded outside it."""
+"""icl_probe.timing: the stages `analyze`, `track_dynamics` and `transfer` report to `timings()`, and nothing recorded
+outside it."""
 
 import time
 
+import pytest
 import torch
 from tiny import char_tokenizer, tiny_model
 
 from icl_probe import analyze
+from icl_probe.dynamics import track_dynamics
+from icl_probe.tasks import Task
 from icl_probe.timing import stage, timings
+from icl_probe.transfer import transfer
 
 CONTEXT, QUERY = "ab\ncd\n", "jk"
 SOLVE_PARTS = {"ΔW build", "ΔW x", "branch0 MLP re-run"}  # inside "solve", reported by the sequential run
@@ -24,7 +29,31 @@ def test_analyze_reports_its_stages():
     assert set(spent) == LAST_STAGES | {"gradient", "layer ablation", "generation"}
     with timings() as spent:
         analyze(model, tok, CONTEXT, QUERY, positions="all")
-    assert set(spent) == LAST_STAGES | {"generation"}
+    assert set(spent) == LAST_STAGES | {"generation", "partial passes"}  # positions.PositionsRun's passes
+
+
+def test_dynamics_reports_its_stages():
+    model, tok = tiny_model("llama", torch.float32), char_tokenizer()
+    with timings() as spent:
+        track_dynamics(model, tok, ["ab c\n", "de f\n", "gh i\n"], "mn")
+    assert set(spent) == {"tokenize", "capture", "query alone", "solve", "prefix rows", "ablation"} | SOLVE_PARTS
+    assert spent["ΔW build"] <= spent["solve"]  # nested: counted in its parent too
+
+
+PAIRS = tuple((a + b, b + a) for a, b in zip("abcdefgh", "hijklmno"))
+TRANSFER_STAGES = {"prepare", "prompts with context", "queries alone", "own solves", "patch scoring", "thought patch",
+                   "thought positions", "α cross-validation", "partial passes", "task-vector search",
+                   "task-vector scoring"} | SOLVE_PARTS  # fmt: skip
+
+
+@pytest.mark.parametrize("family, joint", [("llama", {"joint patch"}), ("olmo", set())], ids=["llama", "olmo"])
+def test_transfer_reports_its_stages(family, joint):  # olmo: no fold, so no joint patch
+    model, tok = tiny_model(family, torch.float64), char_tokenizer()
+    with timings() as spent:
+        transfer(model, tok, Task("swap", PAIRS), template="{input}={output}\n", demos=2, calibration=2, heldout=2)
+    assert set(spent) == TRANSFER_STAGES | joint
+    parts = ("prompts with context", "queries alone", "own solves")
+    assert sum(spent[name] for name in parts) <= spent["prepare"]  # nested, and disjoint within it
 
 
 def test_stages_sum_within_the_block_and_nest():

@@ -68,6 +68,10 @@ CONFIGS: dict[str, dict] = {
     "xglm": {"ffn_dim": 64},
     "gemma4_text": {"head_dim": 8, "global_head_dim": 8, "sliding_window": 8, "hidden_size_per_layer_input": 8,
                     "vocab_size_per_layer_input": len(VOCAB)},
+    # Gemma 4's expert block: dense MLP, router and experts each read their own normalisation of the state
+    "gemma4-moe": {"model_type": "gemma4_text", "head_dim": 8, "global_head_dim": 8, "sliding_window": 8,
+                   "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": len(VOCAB),
+                   "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16},
     "falcon_h1": {"head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,
                   "mamba_chunk_size": 8},
     # hybrids with mixture-of-experts layers (router, fused experts, shared expert)
