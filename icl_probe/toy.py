@@ -19,7 +19,7 @@ one head, no LayerNorm, no skip around the MLP, d = 2, N = 50. The architecture 
 
 from __future__ import annotations
 
-__all__ = ["ToyConfig", "prediction", "sample", "train", "save", "is_toy", "load"]
+__all__ = ["ToyConfig", "prediction", "sample", "build", "train", "save", "is_toy", "load"]
 
 import json
 import time
