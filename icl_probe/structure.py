@@ -226,12 +226,16 @@ def split_units(units: list[tuple[str, nn.Module, ProbeCall]]) -> tuple[list[tup
 
 
 def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: ProbeCall) -> None:
-    """Δb is one vector at the last token of the residual stream the MLP writes: a block carrying several streams
-    (hyper-connections, AltUp) would need one per stream, which the update does not build."""
+    """A block carrying several residual streams (hyper-connections, AltUp) is refused by a limitation of the tool,
+    not of the theorem: its MLP reads one position, and Δb, a remainder, could be the block's whole state at the last
+    token (streams × hidden); but every reader and writer of Δb (targets, update, patches, patch files) takes it as
+    one hidden-size vector at the last token of a (B, T, hidden) output."""
     if x.shape != mlp_call.x.shape or y.shape != x.shape:
         raise Refusal(
             f"carries several residual streams (block input {tuple(x.shape)}, MLP input {tuple(mlp_call.x.shape)}): "
-            "the MLP is exact, but Δb would have to be one vector per stream, which is not built"
+            "a limitation of icl-probe, not a mathematical obstacle: the MLP reads one position, and Δb could be "
+            "one vector per stream (the block's whole state at the last token), but icl-probe reads, adds and "
+            "stores Δb as one hidden-size vector at the last token of a (batch, tokens, hidden) output"
         )
 
 

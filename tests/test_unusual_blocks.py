@@ -8,10 +8,12 @@ records. A router kept in float32 (its `gate.weight` or its output) sets a floor
 machine epsilon, read here from the parameter's or output's dtype.
 """
 
+import re
+
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
-from helpers import forward_hooks, last_inputs, last_logits, last_outputs
+from helpers import forward_hooks, hidden, last_inputs, last_logits, last_outputs
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
 from icl_probe.cli.report.analysis import legend
@@ -144,6 +146,28 @@ def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
     with pytest.raises(ModelError) as e:
         analyze(coverage.tiny_model(name), coverage.char_tokenizer(), CONTEXT, QUERY)
     assert obstacle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v4", "hy_v4", "gemma3n_text"])  # hyper-connections; AltUp
+def test_several_residual_streams_are_refused_as_the_tools_limitation(name):
+    # the block output's shape, read by a torch hook of this test's own: several hidden-size streams per token
+    model, shapes = coverage.tiny_model(name), []
+    block = model.get_submodule("model.layers.0")
+    ids = coverage.char_tokenizer()(CONTEXT + QUERY, return_tensors="pt").input_ids
+    with forward_hooks([(block, lambda m, a, out: shapes.append(tuple(hidden(out).shape)))]), torch.no_grad():
+        model(ids)
+    streams = [n for n in shapes[0] if n not in (1, ids.shape[1], model.config.hidden_size)]
+    assert len(streams) == 1 and streams[0] > 1
+    with pytest.raises(ModelError) as e:
+        analyze(model, coverage.char_tokenizer(), CONTEXT, QUERY)
+    message = str(e.value)
+    said = re.search(r"block model.layers.0 carries several residual streams \(block input \(([\d, ]+)\),", message)
+    # the structural probe runs a shorter prompt: the shape it names differs from ours on the token axis only
+    tokens = shapes[0].index(ids.shape[1])
+    named = tuple(int(n) for n in said.group(1).split(","))
+    assert named[:tokens] + named[tokens + 1 :] == shapes[0][:tokens] + shapes[0][tokens + 1 :]
+    assert "a limitation of icl-probe, not a mathematical obstacle" in message
+    assert "stores Δb as one hidden-size vector" in message and "\n" not in message
 
 
 def test_a_float32_router_output_sets_the_floor():
