@@ -56,6 +56,7 @@ class Family:
     mixer_parts: tuple[tuple[str, str], ...] = ()  # (module, config multiplier): a mixer branch no module outputs
     mlp_parts: tuple[str, ...] = ()  # other MLPs reading the MLP input, added to its output (a shared MLP beside MoE)
     low_precision: tuple[tuple[str, str], ...] = ()  # (part, dtype): MLP parts computing below the model's dtype
+    streams: tuple[int, int, int] | None = None  # several residual streams: (batch axis, token axis, streams)
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -379,6 +380,20 @@ class Block:
     def part(self, rel: str) -> nn.Module:
         return self.module.get_submodule(rel)
 
+    def state(self, h: torch.Tensor) -> torch.Tensor:
+        """The block output as (B, T, state): its hidden state, or, where it carries several residual streams
+        (hyper-connections, AltUp), every stream's at each token, streams · hidden."""
+        return h if self.family.streams is None else to_state(h, *self.family.streams[:2])
+
+    @property
+    def streams(self) -> int:
+        """How many residual streams the block carries (Δb is streams · hidden long)."""
+        return 1 if self.family.streams is None else self.family.streams[2]
+
+    def unstate(self, state: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A (B, T, state) tensor back in the layout of the block output `like` (the inverse of `state`)."""
+        return state if self.family.streams is None else from_state(state, like.shape, *self.family.streams[:2])
+
     def full(self, rel: str) -> str:
         return f"{self.path}.{rel}"
 
@@ -464,6 +479,24 @@ class Block:
         for rel in f.mlp_parts:  # an MLP beside it, on the same input (the rule allows these without post norm)
             y = hidden(y) + hidden(self.part(rel)(z))
         return y
+
+
+def state_order(ndim: int, batch: int, token: int) -> list[int]:
+    """The axes of a block output in state order: batch, token, the streams' axes, hidden."""
+    return [batch, token, *(i for i in range(ndim - 1) if i not in (batch, token)), ndim - 1]
+
+
+def to_state(h: torch.Tensor, batch: int, token: int) -> torch.Tensor:
+    """A block output of several streams as (B, T, streams · hidden)."""
+    moved = h.permute(state_order(h.dim(), batch, token))
+    return moved.reshape(h.shape[batch], h.shape[token], -1)
+
+
+def from_state(state: torch.Tensor, shape: torch.Size, batch: int, token: int) -> torch.Tensor:
+    """A (B, T, streams · hidden) tensor in the layout `shape` of the block output (the inverse of `to_state`)."""
+    order = state_order(len(shape), batch, token)
+    moved = state.reshape([shape[i] for i in order])
+    return moved.permute([order.index(i) for i in range(len(shape))])
 
 
 def supported_types() -> list[str]:

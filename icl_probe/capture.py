@@ -89,7 +89,7 @@ def block_taps(b: Block) -> list[Tap]:
         Tap(b.z_reader, (i, "z_ctx"), "input"),
         *(Tap(m, (i, "attn"), scale=scale) for m, scale in b.mixer_branches),
         *(Tap(m, (i, "branch")) for m in b.mlp_branches),
-        Tap(b.module, (i, "out")),
+        Tap(b.module, (i, "out"), view=b.state),
         *(Tap(b.part(rel), (i, "reader", rel), "input") for rel, _ in (b.moe.readers if b.moe else ())),
     ]
 

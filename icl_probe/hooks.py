@@ -75,13 +75,14 @@ class Call:
 class Tap:
     """Where the recorder reads: a module's "input" (hidden-state input), "output" (hidden-state output) or
     "call" (the whole `Call`). Taps sharing a key are summed, each times its scale; `read` overrides the
-    recording's reader for this tap."""
+    recording's reader for this tap; `view` reshapes an output before it is read (a block's state, `Block.state`)."""
 
     module: nn.Module
     key: Hashable
     side: str = "output"
     scale: float = 1.0
     read: Callable | None = None
+    view: Callable | None = None
 
 
 class StopForward(Exception):
@@ -124,7 +125,7 @@ class Recording:
 def tapped(tap: Tap, args: tuple, kwargs: dict, output: object) -> object:
     """The value a tap reads from one call, before its reader: a tensor, or the whole Call."""
     if tap.side == "output":  # the common case, without building a Call
-        return hidden(output)
+        return hidden(output) if tap.view is None else tap.view(hidden(output))
     call = Call(args, kwargs, output)
     return call if tap.side == "call" else call.input
 

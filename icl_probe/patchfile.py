@@ -358,11 +358,13 @@ def check_fits(model: nn.Module, patch: Patch, force: bool = False, where: str =
             raise PatchError(f"{where} does not fit this model: {path} is {tuple(shape)} (experts, out, in) but the "
                              f"patch's update is {tuple(delta.shape)}; {made_for}")  # fmt: skip
     hidden_size = model.get_input_embeddings().weight.shape[1]
+    streams = {b.path: b.streams for b in decoder.blocks(model)} if patch.residual else {}
     for path, delta_b in patch.residual.items():
         find(model.get_submodule, path, where, made_for)
-        if delta_b.shape[0] != hidden_size:
+        if delta_b.shape[0] != hidden_size * streams.get(path, 1):
+            size = f"hidden_size is {hidden_size}" + (f" × {streams[path]} streams" if streams.get(path, 1) > 1 else "")
             raise PatchError(f"{where} does not fit this model: {path}.{RESIDUAL} has size {delta_b.shape[0]} "
-                             f"but hidden_size is {hidden_size}; {made_for}")  # fmt: skip
+                             f"but {size}; {made_for}")  # fmt: skip
     for path, delta in patch.dense.items():
         param = find(model.get_parameter, path, where, made_for)
         if delta.shape != param.shape:

@@ -48,14 +48,23 @@ def low_rank_hook(delta: LowRank):
     return hook
 
 
-def residual_hook(delta_b: torch.Tensor):
-    """A forward hook adding Δb to a block's output at every position."""
+def residual_hook(delta_b: torch.Tensor, block: decoder.Block):
+    """A forward hook adding Δb to a block's output at every position (in its state: streams · hidden, where the
+    block carries several residual streams)."""
 
     def hook(module, args, output):
         h = hidden(output)
-        return with_hidden(output, add_rounded(h, delta_b))
+        return with_hidden(output, block.unstate(add_rounded(block.state(h), delta_b), h))
 
     return hook
+
+
+def residual_hooks(model: nn.Module, residual: dict[str, torch.Tensor]) -> list[tuple[nn.Module, Callable]]:
+    """A `residual_hook` at each block path of `residual` (path → Δb, (hidden,) or a batch's (B, 1, hidden))."""
+    if not residual:
+        return []
+    by_path = {b.path: b for b in decoder.blocks(model)}
+    return [(model.get_submodule(p), residual_hook(d, by_path[p])) for p, d in residual.items()]
 
 
 @contextmanager
@@ -100,10 +109,12 @@ def applied_rows(model: nn.Module, patches: list[Patch]) -> Iterator[None]:
         some = next(patch.low_rank[path] for patch in patches if path in patch.low_rank)
         delta = LowRank.stacked([patch.low_rank.get(path) for patch in patches], some.shape)
         hooks.append((model.get_submodule(path), low_rank_hook(delta)))
+    residual = {}
     for path in sorted({p for patch in patches for p in patch.residual}):
         some = next(patch.residual[path] for patch in patches if path in patch.residual)
         rows = torch.stack([patch.residual.get(path, torch.zeros_like(some)).to(MATH_DTYPE) for patch in patches])
-        hooks.append((model.get_submodule(path), residual_hook(rows[:, None])))  # (B, 1, hidden)
+        residual[path] = rows[:, None]  # (B, 1, hidden)
+    hooks += residual_hooks(model, residual)
     with hooked(hooks):
         yield
 
@@ -112,7 +123,7 @@ def applied_rows(model: nn.Module, patches: list[Patch]) -> Iterator[None]:
 def applied(model: nn.Module, patch: Patch) -> Iterator[None]:
     """Run the model with the patch applied; the model is unchanged afterwards."""
     hooks = [(model.get_submodule(p), low_rank_hook(d)) for p, d in patch.low_rank.items()]
-    hooks += [(model.get_submodule(p), residual_hook(b)) for p, b in patch.residual.items()]
+    hooks += residual_hooks(model, patch.residual)
     transposed = {p for b in decoder.blocks(model) for p in b.transposed} if patch.params else set()
     with dense_added(model, patch.dense), hooked(hooks), swapped(model, patch.params, transposed):
         yield

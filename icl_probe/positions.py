@@ -177,7 +177,7 @@ class PositionsRun:
         """Fold the residual term δ_j = h_ctx,j − h_j (0 at held rows) into the output projection (and norm)."""
         down = b.full(b.family.down)
         taps = [Tap(b.part(b.family.attn), "attn"), Tap(b.mlp_branch, "branch"), Tap(b.down, "p", "input"),
-                Tap(b.module, "h")]  # fmt: skip
+                Tap(b.module, "h", view=b.state)]  # fmt: skip
         norm = b.family.fold == "norm-scale"
         if norm:
             taps += [Tap(b.part(b.family.post_mlp_norm), "m", "input"), Tap(b.part(b.family.post_mlp_norm), "y")]
@@ -204,7 +204,7 @@ class PositionsRun:
         ids, lasts = right_padded([s.ids for s in self.sequences])
         ks = [len(s.rows) - s.held for s in self.sequences]  # logits kept per sequence: its last k positions
         first = min(int(last) + 1 - k for last, k in zip(lasts, ks))
-        taps = [Tap(b.module, b.index) for b in chosen]
+        taps = [Tap(b.module, b.index, view=b.state) for b in chosen]
         with applied(self.model, self.patch), recording(taps, by_row(len(ids))) as seen:
             out = self.model(input_ids=ids.to(input_device(self.model)), logits_to_keep=ids.shape[1] - first,
                              use_cache=False).logits  # fmt: skip

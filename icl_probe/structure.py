@@ -135,7 +135,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     mixers = [u for u in mixers if u not in twins]
     after = [u for u in after if u not in twins]
     norms += inner_norms(mixers, calls)
-    check_one_stream(x, y, mlp_call)
+    streams = stream_axes(x, y, mlp_call)
     check_one_input(mlp_name, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
         check_one_position(name, m, c)
@@ -146,7 +146,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     attn, parallel = mixer_branch(mixers, norms, calls, x, y, r, b)
     fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
     return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
-                parallel=parallel, mixer=mixer_kinds(mixers, after))  # fmt: skip
+                parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams)  # fmt: skip
 
 
 def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, ProbeCall]]:
@@ -225,18 +225,23 @@ def split_units(units: list[tuple[str, nn.Module, ProbeCall]]) -> tuple[list[tup
     return mixers, mlp, units[at + 1 :]
 
 
-def check_one_stream(x: torch.Tensor, y: torch.Tensor, mlp_call: ProbeCall) -> None:
-    """A block carrying several residual streams (hyper-connections, AltUp) is refused by a limitation of the tool,
-    not of the theorem: its MLP reads one position, and Δb, a remainder, could be the block's whole state at the last
-    token (streams × hidden); but every reader and writer of Δb (targets, update, patches, patch files) takes it as
-    one hidden-size vector at the last token of a (B, T, hidden) output."""
-    if x.shape != mlp_call.x.shape or y.shape != x.shape:
-        raise Refusal(
-            f"carries several residual streams (block input {tuple(x.shape)}, MLP input {tuple(mlp_call.x.shape)}): "
-            "a limitation of icl-probe, not a mathematical obstacle: the MLP reads one position, and Δb could be "
-            "one vector per stream (the block's whole state at the last token), but icl-probe reads, adds and "
-            "stores Δb as one hidden-size vector at the last token of a (batch, tokens, hidden) output"
-        )
+def stream_axes(x: torch.Tensor, y: torch.Tensor, mlp_call: ProbeCall) -> tuple[int, int, int] | None:
+    """(batch axis, token axis, streams) of a block output carrying several residual streams (hyper-connections, AltUp);
+    None for one stream. Δb is then the block's whole state at the last token, streams · hidden (`Block.state`)."""
+    z = mlp_call.x
+    if x.shape == z.shape and y.shape == x.shape:
+        return None
+    shape = tuple(x.shape)
+    if z.dim() == 3 and y.shape == x.shape and x.dim() > 3 and shape[-1] == z.shape[-1]:
+        tokens = [i for i in range(x.dim() - 1) if shape[i] == z.shape[1]]
+        batch = [i for i in range(x.dim() - 1) if shape[i] == z.shape[0] and i not in tokens]
+        if len(tokens) == 1 and len(batch) == 1:
+            return batch[0], tokens[0], x.numel() // z.numel()
+    raise Refusal(
+        f"carries several residual streams (block input {shape}, MLP input {tuple(z.shape)}, output "
+        f"{tuple(y.shape)}) whose batch and token axes the probe cannot tell apart: a limitation of icl-probe, not "
+        "a mathematical obstacle (Δb could be the block's whole state at the last token)"
+    )
 
 
 def mixer_branch(mixers: list[tuple], norms: list, calls: dict, x, y, r, b) -> tuple[str, bool | None]:

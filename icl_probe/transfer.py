@@ -365,7 +365,7 @@ def thought_patch(model: nn.Module, chosen: list[Block], calib: list[Query]) -> 
             alphas[b.index] = choose_alpha(z0, list(t.values()), groups)
         for path, tp in t.items():
             run.patch.low_rank[path] = ridge(z0, tp, alphas[b.index])
-        h = run.capture([Tap(b.module, "h")], stop=b.module)["h"]
+        h = run.capture([Tap(b.module, "h", view=b.state)], stop=b.module)["h"]
         run.patch.residual[b.path] = (targets[b.index].out - h)[~run.held].mean(0)
     return run.patch, alphas, len(calib) > 1
 
@@ -416,14 +416,16 @@ def cross_validation_error(z: torch.Tensor, ts: list[torch.Tensor], groups: torc
 # ---- the task vector -------------------------------------------------------------------------------------------
 
 
-def shift_hook(rows: torch.Tensor, lasts: torch.Tensor, vector: torch.Tensor):
-    """A block hook adding `vector` (hidden,) to its output at the last real position of the given batch rows."""
+def shift_hook(block: Block, rows: torch.Tensor, lasts: torch.Tensor, vector: torch.Tensor):
+    """A block hook adding `vector` (its state: hidden, or streams · hidden) to its output at the last real
+    position of the given batch rows."""
 
     def hook(module, args, output):
         h = hidden(output)
-        shift = torch.zeros(h.shape, dtype=MATH_DTYPE, device=h.device)
+        state = block.state(h)
+        shift = torch.zeros(state.shape, dtype=MATH_DTYPE, device=h.device)
         shift[rows, lasts[rows]] = vector.to(h.device, MATH_DTYPE)
-        return with_hidden(output, add_rounded(h, shift))
+        return with_hidden(output, block.unstate(add_rounded(state, shift), h))
 
     return hook
 
@@ -456,7 +458,7 @@ def vector_scores(model: nn.Module, chosen: list[Block], vectors: dict, queries:
     k, blocks = len(queries), {b.index: b for b in chosen}
     rows = [q.prompt.query_only for _ in vectors for q in queries]
     _, lasts = right_padded(rows)
-    hooks = [(blocks[layer].module, shift_hook(torch.arange(j * k, (j + 1) * k), lasts, vector))
+    hooks = [(blocks[layer].module, shift_hook(blocks[layer], torch.arange(j * k, (j + 1) * k), lasts, vector))
              for j, (layer, vector) in enumerate(vectors.items())]  # fmt: skip
     with hooked(hooks):
         logits = last_logits_rows(model, rows)

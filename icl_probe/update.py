@@ -223,7 +223,7 @@ class SequentialRun:
         def hook(module, args, output):
             cap, target = self.captures[b.index], self.targets[b.index]
             cap.branch0 = self.rerun_mlp(b)
-            h = hidden(output)  # (B, T, hidden)
+            h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()
             delta_b = target.out.to(work) - self.last(h).to(work)  # (B, hidden)
             cap.delta_b = delta_b.to(target.out.dtype)
@@ -233,7 +233,7 @@ class SequentialRun:
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
             cap.block_error = (self.last(new) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
-            return with_hidden(output, new)
+            return with_hidden(output, b.unstate(new, hidden(output)))
 
         return hook
 

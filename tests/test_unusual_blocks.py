@@ -8,8 +8,6 @@ records. A router kept in float32 (its `gate.weight` or its output) sets a floor
 machine epsilon, read here from the parameter's or output's dtype.
 """
 
-import re
-
 import pytest
 import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
@@ -35,7 +33,10 @@ UNUSUAL = {
     "granitemoeshared": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts"),
     "granitemoehybrid": (SIDE_BY_SIDE, GRANITE_ROUTERS, "a shared MLP beside the experts, Mamba mixers"),
     "dbrx": (("ffn",), {0: "ffn.router", 1: "ffn.router"}, "fused norm-attention-norm; experts stacked in 2-D"),
+    "hy_v4": (("mlp",), {1: "mlp.gate"}, "hyper-connections: 4 residual streams; a float32 router"),
+    "gemma3n_text": (("mlp",), {}, "AltUp: 4 residual streams, streams first; per-layer inputs after the MLP"),
 }
+STREAMS = ("hy_v4", "gemma3n_text")  # block output (B, T, 4, hidden) and (4, B, T, hidden)
 LAYERS = {"dbrx": "transformer.blocks"}  # the others keep their blocks in model.layers
 
 
@@ -139,7 +140,7 @@ def test_a_float64_family_reports_no_precision_limit():
         ("rwkv", "reads other positions"),  # the channel mix's token shift
         ("mamba", "no MLP after a contextual layer"),
         ("falcon_mamba", "no MLP after a contextual layer"),
-        ("deepseek_v4", "several residual streams"),  # hyper-connections
+        ("deepseek_v4", "called with 2 tensors"),  # its MoE also reads the token ids (hash routing)
     ],
 )
 def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
@@ -148,26 +149,36 @@ def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
     assert obstacle in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["deepseek_v4", "hy_v4", "gemma3n_text"])  # hyper-connections; AltUp
-def test_several_residual_streams_are_refused_as_the_tools_limitation(name):
-    # the block output's shape, read by a torch hook of this test's own: several hidden-size streams per token
-    model, shapes = coverage.tiny_model(name), []
-    block = model.get_submodule("model.layers.0")
-    ids = coverage.char_tokenizer()(CONTEXT + QUERY, return_tensors="pt").input_ids
-    with forward_hooks([(block, lambda m, a, out: shapes.append(tuple(hidden(out).shape)))]), torch.no_grad():
-        model(ids)
-    streams = [n for n in shapes[0] if n not in (1, ids.shape[1], model.config.hidden_size)]
-    assert len(streams) == 1 and streams[0] > 1
-    with pytest.raises(ModelError) as e:
-        analyze(model, coverage.char_tokenizer(), CONTEXT, QUERY)
-    message = str(e.value)
-    said = re.search(r"block model.layers.0 carries several residual streams \(block input \(([\d, ]+)\),", message)
-    # the structural probe runs a shorter prompt: the shape it names differs from ours on the token axis only
-    tokens = shapes[0].index(ids.shape[1])
-    named = tuple(int(n) for n in said.group(1).split(","))
-    assert named[:tokens] + named[tokens + 1 :] == shapes[0][:tokens] + shapes[0][tokens + 1 :]
-    assert "a limitation of icl-probe, not a mathematical obstacle" in message
-    assert "stores Δb as one hidden-size vector" in message and "\n" not in message
+def block_states(model, path: str, ids: list[int]) -> torch.Tensor:
+    """A block's whole output at the last token of `ids`, every stream's (streams, hidden), read by a torch hook
+    of this test's own: the token axis is the one as long as `ids` (the streams are 4, the prompts longer)."""
+    seen = []
+    with forward_hooks([(model.get_submodule(path), lambda m, a, out: seen.append(hidden(out)))]), torch.no_grad():
+        last_logits(model, ids)
+    h = seen[0]
+    token = [i for i, n in enumerate(h.shape[:-1]) if n == len(ids)]
+    assert len(token) == 1 and h.numel() == 4 * len(ids) * h.shape[-1]  # four streams of one row
+    return h.select(token[0], -1).reshape(-1, h.shape[-1]).clone()
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_several_streams_reach_their_with_context_states(name):
+    # Δb is the block's whole state at the last token (streams × hidden): with the patch applied as weights and
+    # biases, every block's every stream at the query's last token is its with-context value (to float32 rounding
+    # where a router computes in float32, as in the MLP check above)
+    model, result = model_of(name), analysis_of(name)
+    bound = 1e-9 if float32_floor(model, name) is None else 1e-6
+    prompt = result.prompt
+    sizes = {tuple(d.shape) for d in result.patch.residual.values()}
+    assert sizes == {(4 * model.config.hidden_size,)}
+    for i in range(2):
+        ctx = block_states(model, layer(name, i), prompt.full)
+        with applied(model, result.patch):
+            seen = block_states(model, layer(name, i), prompt.query_only)
+        assert ctx.shape[0] == 4
+        assert float((seen - ctx).norm() / ctx.norm()) < bound
+        alone = block_states(model, layer(name, i), prompt.query_only)
+        assert float((alone - ctx).norm() / ctx.norm()) > 1e-3  # without the patch they differ
 
 
 def test_a_float32_router_output_sets_the_floor():
