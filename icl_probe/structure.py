@@ -3,8 +3,9 @@
 One probe forward pass, with hooks on every module of every block, finds in each block the MLP (the last child
 that can be one, with any MLP beside it on the same input), the contextual layer(s) before it and the norms
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
-MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py), and the block carries
-one residual stream. The rest of the block is left to Δb, its remainder. What does not fit is refused in one
+MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py). The rest of the block
+is left to Δb, its remainder: with several residual streams (hyper-connections, AltUp), the block's whole state
+at the last token, streams · hidden (`stream_axes`). What does not fit is refused in one
 line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe
 run keeps of each call.
 """

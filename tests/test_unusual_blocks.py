@@ -15,8 +15,9 @@ from helpers import forward_hooks, hidden, last_inputs, last_logits, last_output
 
 from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
 from icl_probe.cli.report.analysis import legend
-from icl_probe.errors import ModelError
-from icl_probe.patching import applied
+from icl_probe.errors import ModelError, PatchError
+from icl_probe.patchfile import check_fits
+from icl_probe.patching import Patch, applied
 
 CONTEXT, QUERY = coverage.CONTEXT, coverage.QUERY
 
@@ -179,6 +180,16 @@ def test_several_streams_reach_their_with_context_states(name):
         assert float((seen - ctx).norm() / ctx.norm()) < bound
         alone = block_states(model, layer(name, i), prompt.query_only)
         assert float((alone - ctx).norm() / ctx.norm()) > 1e-3  # without the patch they differ
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_a_residual_of_one_stream_is_refused_by_a_block_of_four(name):
+    model, result = model_of(name), analysis_of(name)
+    patch = Patch(residual={"model.layers.0": torch.zeros(model.config.hidden_size, dtype=torch.float64)})
+    wrong = r"model\.layers\.0\.delta_residual has size 32 but hidden_size is 32 × 4 streams"
+    with pytest.raises(PatchError, match=wrong):
+        check_fits(model, patch, force=True)
+    check_fits(model, result.patch, force=True)  # its own patch, streams · hidden, fits
 
 
 def test_a_float32_router_output_sets_the_floor():
