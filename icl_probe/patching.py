@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import decoder
+from .arch import Block
 from .errors import PatchError
 from .hooks import hidden, hooked, with_hidden
 from .lowrank import MATH_DTYPE, LowRank, add_rounded
@@ -48,7 +49,7 @@ def low_rank_hook(delta: LowRank):
     return hook
 
 
-def residual_hook(delta_b: torch.Tensor, block: decoder.Block):
+def residual_hook(delta_b: torch.Tensor, block: Block):
     """A forward hook adding Δb to a block's output at every position (in its state: streams · hidden, where the
     block carries several residual streams)."""
 

@@ -5,9 +5,8 @@ that can be one, with any MLP beside it on the same input), the contextual layer
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
 MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py). The rest of the block
 is left to Δb, its remainder: with several residual streams (hyper-connections, AltUp), the block's whole state
-at the last token, streams · hidden (`stream_axes`). What does not fit is refused in one
-line naming the block and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe
-run keeps of each call.
+at the last token, streams · hidden (`stream_axes`). What does not fit is refused in one line naming the block
+and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe run keeps of each call.
 """
 
 from __future__ import annotations
