@@ -17,6 +17,8 @@ from .options import (
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
+    GradientOpt,
+    LayerAblationOpt,
     LayersOpt,
     ModelOpt,
     NoTextOpt,
@@ -48,10 +50,8 @@ def batch(
     layers: LayersOpt = "all",
     residual: ResidualOpt = Residual.bias,
     top_k: TopKOpt = 5,
-    gradient: Annotated[bool, typer.Option("--gradient", help="Also align each ΔW with −∇W (see analyze).")] = False,
-    layer_ablation: Annotated[
-        bool, typer.Option("--layer-ablation", help="Also score the patch without each layer (see analyze).")
-    ] = False,
+    gradient: GradientOpt = False,
+    layer_ablation: LayerAblationOpt = False,
     patches: Annotated[
         str | None,
         typer.Option("--patches", metavar="FOLDER", help="Also write each line's patch to FOLDER/ID.safetensors."),

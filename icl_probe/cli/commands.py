@@ -40,7 +40,9 @@ from .options import (
     ForceOpt,
     Format,
     FormatOpt,
+    GradientOpt,
     JsonOpt,
+    LayerAblationOpt,
     LayersOpt,
     MaxMemoryOpt,
     ModelOpt,
@@ -73,15 +75,9 @@ GenerateOpt = Annotated[
         help="Compare N greedy tokens with the with-context run, the update recomputed for each token's text.",
     ),
 ]
-GradientOpt = Annotated[
-    bool, typer.Option("--gradient", help="Also align each ΔW with −∇W of the target's loss (one backward pass).")
-]
 TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="The token whose loss --gradient differentiates (default: the with-context top-1)."),
-]
-LayerAblationOpt = Annotated[
-    bool, typer.Option("--layer-ablation", help="Also score the patch without each layer, and each layer alone.")
 ]
 ResultsOpt = Annotated[
     str | None,

@@ -148,3 +148,9 @@ MaxMemoryOpt = Annotated[
 OffloadOpt = Annotated[
     str | None, typer.Option("--offload-folder", help="With --device-map: where weights that fit nowhere go.")
 ]
+GradientOpt = Annotated[
+    bool, typer.Option("--gradient", help="Also align each ΔW with −∇W of the target's loss (one backward pass).")
+]
+LayerAblationOpt = Annotated[
+    bool, typer.Option("--layer-ablation", help="Also score the patch without each layer, and each layer alone.")
+]
