@@ -3,9 +3,11 @@
 A cell is (model, task, trial). Trial t shuffles the task's pairs with a seed made of (seed, task, t), the same
 for every model, and splits them into the context's demonstrations, transfer's calibration pool and the held-out
 queries. Each cell runs `transfer` on the held-out queries, `analyze` on the first few, and `dynamics` on the
-first. Finished cells are journalled with the batch machinery (`DIR/cells.jsonl`: one fsynced line per cell, a
+first; `generation` (on request) compares greedy tokens on the first in float32 and in bf16 (stable and naive).
+Finished cells are journalled with the batch machinery (`DIR/cells.jsonl`: one fsynced line per cell, a
 torn last line cut away on resume) and also written to `DIR/cells/<id>.json`; `summarise` pools them
-(icl_probe.stats) into `DIR/summary.json`, and `studyreport` writes `DIR/report.md`.
+(icl_probe.stats) into `DIR/summary.json`, and `studyreport` writes `DIR/report.md`. A rerun with more
+experiments runs only the missing ones on the finished cells (the split must be the same).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import tomllib
@@ -37,7 +39,11 @@ from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_
 from .transfer import transfer
 
 EXPERIMENTS = ("transfer", "analyze", "dynamics")
-KNOWN_EXPERIMENTS = (*EXPERIMENTS, "icl")  # icl: zero-shot and in-context hits alone, without transfer's patches
+# icl: zero-shot and in-context hits alone, without transfer's patches; generation: greedy agreement per precision
+KNOWN_EXPERIMENTS = (*EXPERIMENTS, "icl", "generation")
+SPLIT = ("demos", "calibration", "queries", "seed", "layers", "dtype")  # what a cell's split and runs depend on
+PARAMETERS = {"analyze": "analyze_queries", "dynamics": "finetune_steps", "generation": "generate_tokens"}
+GENERATION_ARMS = (("stable", False), ("stable", True), ("naive", True))  # (precision, in bf16)
 CELL_SCHEMA = "icl-probe.study-cell/1"
 JOURNAL = "cells.jsonl"
 
@@ -55,6 +61,7 @@ class StudySpec:
     queries: int = 20  # held-out queries transfer scores per trial
     analyze_queries: int = 5  # of those, how many analyze runs on (exactness, ablation)
     finetune_steps: int = 0  # dynamics' fine-tuning comparison (0: gradient alignment only)
+    generate_tokens: int = 20  # generation: teacher-forced greedy tokens on the first held-out query
     layers: str = "all"
     dtype: str = "float32"
     seed: int = 0
@@ -104,7 +111,7 @@ def check_spec(spec: StudySpec) -> None:
     unknown = [e for e in spec.experiments if e not in KNOWN_EXPERIMENTS]
     if unknown or not spec.experiments:
         raise UsageError(f"unknown experiment {unknown[0] if unknown else None!r}; use {', '.join(KNOWN_EXPERIMENTS)}")
-    for name in ("trials", "demos", "calibration", "queries", "analyze_queries"):
+    for name in ("trials", "demos", "calibration", "queries", "analyze_queries", "generate_tokens"):
         if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
             raise UsageError(f"the study's {name} must be a positive integer, not {getattr(spec, name)!r}")
     if spec.analyze_queries > spec.queries:
@@ -126,33 +133,49 @@ def trial_task(task: Task, seed: int, trial: int) -> Task:
     return Task(task.name, tuple(pairs), task.description)
 
 
-def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int) -> dict:
-    """One cell's document: its split, and what each experiment of the spec found on it."""
+def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int, have: dict | None = None, low=None) -> dict:
+    """One cell's document: its split, and what each experiment of the spec found on it.
+
+    `have`: the cell's document from an earlier run, whose experiments are kept and not run again.
+    `low`: the model in bfloat16, for the generation experiment's bf16 arms.
+    """
     task = trial_task(builtin_task(task_name), spec.seed, trial)
     start = spec.demos + spec.calibration
     held = task.pairs[start : start + spec.queries]
     examples = task_examples(task, DEFAULT_TEMPLATE, spec.demos)
     context = "".join(e.text for e in examples)
-    doc = {"schema": CELL_SCHEMA, "id": cell_id(spec_model(model), task_name, trial), "model": spec_model(model),
-           "task": task_name, "trial": trial, "demos": [e.input for e in examples],
-           "heldout": [x for x, _ in held]}  # fmt: skip
-    seconds = {}
-    if "transfer" in spec.experiments:
+    doc = have or {"schema": CELL_SCHEMA, "id": cell_id(spec_model(model), task_name, trial),
+                   "model": spec_model(model), "task": task_name, "trial": trial,
+                   "demos": [e.input for e in examples], "heldout": [x for x, _ in held]}  # fmt: skip
+    seconds = dict(doc.get("seconds", {}))
+    todo = missing(doc, spec)
+    if "transfer" in todo:
         t0 = time.perf_counter()
         doc["transfer"] = transfer(model, tokenizer, task, demos=spec.demos, calibration=spec.calibration,
                                    heldout=spec.queries, layers=spec.layers).to_dict()  # fmt: skip
         seconds["transfer"] = time.perf_counter() - t0
-    elif "icl" in spec.experiments:
+    elif "icl" in todo:
         doc["icl"] = icl_hits(model, tokenizer, context, held)
-    if "analyze" in spec.experiments:
+    if "analyze" in todo:
         chosen = held[: spec.analyze_queries]
         doc["analyze"] = [analyze_row(model, tokenizer, context, x, spec.layers) for x, _ in chosen]
-    if "dynamics" in spec.experiments:
+    if "dynamics" in todo:
         t0 = time.perf_counter()
         doc["dynamics"] = dynamics_row(model, tokenizer, examples, held[0], spec)
         seconds["dynamics"] = time.perf_counter() - t0
+    if "generation" in todo:
+        t0 = time.perf_counter()
+        doc["generation"] = generation_row(model, low, tokenizer, context, held[0][0], spec)
+        seconds["generation"] = time.perf_counter() - t0
     doc["seconds"] = seconds
     return doc
+
+
+def missing(doc: dict | None, spec: StudySpec) -> list[str]:
+    """The spec's experiments a cell's document lacks (transfer's hits stand in for icl's)."""
+    if doc is None:
+        return list(spec.experiments)
+    return [e for e in spec.experiments if e not in doc and not (e == "icl" and "transfer" in doc)]
 
 
 def spec_model(model) -> str:
@@ -188,6 +211,23 @@ def analyze_row(model, tokenizer, context: str, x: str, layers: str) -> dict:
     }
 
 
+def generation_row(model, low, tokenizer, context: str, x: str, spec: StudySpec) -> dict:
+    """analyze's generation check (`generate`: the update recomputed per token, the with-context token fed on) on
+    one query, in the study's dtype with the stable update and in bf16 with the stable and the naive one."""
+    query = query_for(DEFAULT_TEMPLATE, x)[0]
+    arms = {}
+    for precision, bf16 in GENERATION_ARMS:
+        runner = low if bf16 else model
+        name = f"{'bfloat16' if bf16 else spec.dtype} {precision}"
+        doc = analyze(runner, tokenizer, context, query, layers=spec.layers, precision=precision,
+                      generate=spec.generate_tokens).to_dict()  # fmt: skip
+        tokens = doc["generation"]["tokens"]
+        arms[name] = {"tokens": len(tokens), "agree": sum(t["id"] == t["patched_id"] for t in tokens),
+                      "first_mismatch": doc["generation"]["first_mismatch"], "kl_max": max(t["kl"] for t in tokens),
+                      "kl_patched": doc["logits"]["kl_patched"], "top1_match": doc["logits"]["top1_match"]}  # fmt: skip
+    return {"input": x, "arms": arms}
+
+
 def dynamics_row(model, tokenizer, examples, pair: tuple[str, str], spec: StudySpec) -> dict:
     """dynamics' step norms, Proposition 3.1's error above the first patched layer and the alignments."""
     x, y = pair
@@ -221,6 +261,7 @@ Say = Callable[[str], None]
 def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_model) -> dict:
     """Run every cell of `spec` not yet in OUT/cells.jsonl, one model loaded at a time; returns the summary.
 
+    A finished cell that lacks some of the spec's experiments runs only those (its line is written again, whole).
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
     """
     out = Path(out)
@@ -228,26 +269,24 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the study folder {out}: {e.strerror or e}; give a folder path") from None
-    atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
     journal = out / JOURNAL
     done, failed = written_ids(journal, lambda m: say(f"warning: {m}"))
     if failed:  # a cell that failed before is run again, as batch retries its failed lines
         drop_errors(journal, failed)
-    todo = [c for c in spec.cells() if cell_id(*c) not in done]
+    have = {line["id"]: line["result"] for line in read_journal(journal) if "result" in line}
+    spec = extended(spec, out / "spec.json", have)
+    atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
+    todo = [c for c in spec.cells() if missing(have.get(cell_id(*c)), spec)]
     clock = Clock(len(spec.cells()), len(spec.cells()) - len(todo))
     with line_writer(journal) as write:
         for name in dict.fromkeys(m for m, _, _ in todo):
-            t0 = time.perf_counter()
-            say(f"loading {name} ({spec.dtype})…")
-            model, tokenizer = loader(name, dtype=spec.dtype)
-            model.icl_probe_name = name
-            load_seconds = time.perf_counter() - t0
+            model, tokenizer, low, load_seconds = load_models(spec, name, todo, have, say, loader)
             for _, task, trial in [c for c in todo if c[0] == name]:
-                line = run_logged(model, tokenizer, spec, task, trial, out)
+                line = run_logged(model, tokenizer, spec, task, trial, out, have.get(cell_id(name, task, trial)), low)
                 line["load_seconds"] = load_seconds
                 write(line)
                 say(clock.tick(line["id"], line.get("seconds_total", 0.0), "error" in line))
-            del model, tokenizer
+            del model, tokenizer, low
             gc.collect()
     summary = summarise(spec, read_journal(journal))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -255,25 +294,64 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     return summary
 
 
-def run_logged(model, tokenizer, spec: StudySpec, task: str, trial: int, out: Path) -> dict:
+def load_models(spec: StudySpec, name: str, todo, have: dict, say: Say, loader):
+    """(model, tokenizer, the bf16 model or None, load seconds): the bf16 copy only where generation runs."""
+    t0 = time.perf_counter()
+    say(f"loading {name} ({spec.dtype})…")
+    model, tokenizer = loader(name, dtype=spec.dtype)
+    model.icl_probe_name = name
+    low = None
+    if any("generation" in missing(have.get(cell_id(*c)), spec) for c in todo if c[0] == name):
+        low = model
+        if spec.dtype != "bfloat16":
+            say(f"loading {name} (bfloat16) for the generation experiment…")
+            low, _ = loader(name, dtype="bfloat16")
+    return model, tokenizer, low, time.perf_counter() - t0
+
+
+def extended(spec: StudySpec, stored_path: Path, have: dict) -> StudySpec:
+    """The spec of a folder that already holds cells: the split must be the stored one, and an experiment that
+    ran keeps its parameter; the experiments, models and tasks become the union of both, the trials the larger."""
+    if not have or not stored_path.exists():
+        return spec
+    stored = json.loads(stored_path.read_text(encoding="utf-8"))
+    ran = {e for doc in have.values() for e in KNOWN_EXPERIMENTS if e in doc}
+    for name in (*SPLIT, *(PARAMETERS[e] for e in ran if e in PARAMETERS)):
+        if stored.get(name) != getattr(spec, name):
+            raise UsageError(f"the study folder's cells were made with {name}={stored.get(name)!r}, not "
+                             f"{getattr(spec, name)!r}: use the same value, or another folder")  # fmt: skip
+    union = {key: tuple(dict.fromkeys([*stored[key], *getattr(spec, key)])) for key in ("models", "tasks")}
+    experiments = tuple(e for e in KNOWN_EXPERIMENTS if e in stored["experiments"] or e in spec.experiments)
+    return replace(spec, **union, experiments=experiments, trials=max(spec.trials, stored["trials"]))
+
+
+def run_logged(model, tokenizer, spec: StudySpec, task: str, trial: int, out: Path, have=None, low=None) -> dict:
     """The journal line of one cell: {"id", "result", ...} or {"id", "error"}; the cell's JSON file is written."""
     cid = cell_id(spec_model(model), task, trial)
     t0 = time.perf_counter()
     try:
-        doc = run_cell(model, tokenizer, spec, task, trial)
+        doc = run_cell(model, tokenizer, spec, task, trial, have, low)
     except IclProbeError as e:
         return {"id": cid, "error": str(e), "seconds_total": time.perf_counter() - t0}
-    doc["seconds_total"] = time.perf_counter() - t0
+    doc["seconds_total"] = doc.get("seconds_total", 0.0) + time.perf_counter() - t0
     doc["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_text(out / "cells" / f"{safe_name(cid)}.json", json.dumps(doc, indent=2) + "\n")
     return {"id": cid, "result": doc, "seconds_total": doc["seconds_total"]}
 
 
 def read_journal(path: Path) -> list[dict]:
-    """The journal's complete lines (a torn one is already cut away by `written_ids`)."""
+    """Each cell's last result line, and its last error line if that came later (a torn line is already cut away
+    by `written_ids`)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    results, errors = {}, {}
+    for line in (json.loads(text) for text in path.read_text(encoding="utf-8").splitlines() if text.strip()):
+        if "result" in line:
+            results[line["id"]] = line
+            errors.pop(line["id"], None)
+        else:  # an error after a result: a later run of more experiments failed on that cell
+            errors[line["id"]] = line
+    return [*results.values(), *errors.values()]
 
 
 class Clock:

@@ -80,7 +80,7 @@ def model_cost(cells: list[dict], lines: list[dict]) -> dict:
 def group(model: str, task: str, cells: list[dict]) -> dict:
     """One (model, task) row pooled over its trials; task "all" pools every task of the model."""
     stats = {"icl": icl_stats(cells), "transfer": transfer_stats(cells), "analyze": analyze_stats(cells),
-             "dynamics": dynamics_stats(cells)}  # fmt: skip
+             "dynamics": dynamics_stats(cells), "generation": generation_stats(cells)}  # fmt: skip
     return {"model": model, "task": task, "trials": len(cells), **stats}
 
 
@@ -163,6 +163,22 @@ def dynamics_stats(cells: list[dict]) -> dict | None:
     }
 
 
+def generation_stats(cells: list[dict]) -> dict | None:
+    """Per arm: greedy tokens agreeing over every cell's prompt, prompts agreeing on every token, the worst KL."""
+    rows = [c["generation"] for c in cells if "generation" in c]
+    if not rows:
+        return None
+    arms = {}
+    for arm in rows[0]["arms"]:
+        mine = [r["arms"][arm] for r in rows]
+        arms[arm] = {"prompts": len(mine), "tokens": sum(a["tokens"] for a in mine),
+                     "agree": sum(a["agree"] for a in mine), "prompts_all_agree": sum(a["first_mismatch"] is None
+                     for a in mine), "kl_max": max(a["kl_max"] for a in mine),
+                     "next_token_top1": sum(bool(a["top1_match"]) for a in mine),
+                     "next_token_kl_max": max(a["kl_patched"] for a in mine)}  # fmt: skip
+    return arms
+
+
 # --- the report -----------------------------------------------------------------------------------------------
 
 
@@ -193,7 +209,15 @@ def report_lines(summary: dict, plot: str | None) -> list[str]:
              "Accuracies: the fraction of held-out queries whose top-1 token is the target's first token, pooled "
              "over trials, with a 95% Wilson interval and k/n. Means: ± one standard error. Paired tests: exact "
              "McNemar (hits) or sign test (KLs) on the same queries; * marks p < 0.05.", ""]  # fmt: skip
-    for section in (exactness_table, icl_table, ablation_table, transfer_table, dynamics_table, cost_table):
+    for section in (
+        exactness_table,
+        generation_table,
+        icl_table,
+        ablation_table,
+        transfer_table,
+        dynamics_table,
+        cost_table,
+    ):
         lines += section(summary)
     if plot:
         lines += [f"![accuracy with 95% Wilson intervals]({plot})", ""]
@@ -238,6 +262,23 @@ def exactness_table(summary: dict) -> list[str]:
             for g in summary["groups"] if (a := g["analyze"])]  # fmt: skip
     head = ["model", "task", "queries", "worst KL(context ‖ patched)", "worst mlp_branch_error"]
     return table("Exactness (analyze)", head, rows, NOTE)
+
+
+def generation_table(summary: dict) -> list[str]:
+    groups = [g for g in summary["groups"] if g["generation"]]
+    arms = list(groups[0]["generation"]) if groups else []
+    rows = [[g["model"], g["task"], str(g["generation"][arms[0]]["prompts"])]
+            + [agreement(g["generation"][arm]) for arm in arms] for g in groups]  # fmt: skip
+    note = ("`analyze --generate`: greedy tokens after the first held-out query, the update solved again for each "
+            "token's text and the with-context token fed on; the patched query alone's token against the "
+            "with-context one, both in the arm's dtype. Cell: tokens agreeing (k/n), then the prompts agreeing on "
+            "every token. A prompt's tokens are not independent draws, so no interval is given.")  # fmt: skip
+    return table("Exactness in generation", ["model", "task", "prompts", *arms], rows, note)
+
+
+def agreement(arm: dict) -> str:
+    pct = 100 * arm["agree"] / arm["tokens"] if arm["tokens"] else 0.0
+    return f"{pct:.1f}% ({arm['agree']}/{arm['tokens']}); {arm['prompts_all_agree']}/{arm['prompts']} all"
 
 
 def icl_table(summary: dict) -> list[str]:

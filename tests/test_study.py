@@ -197,3 +197,53 @@ def test_bad_specs_are_one_line(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "cannot create the study folder" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_rerun_with_more_experiments_runs_only_those(tmp_path):
+    """Extending a finished study: the stored experiments are kept as they were, the new ones run on every cell,
+    the generation arms load the model once more in bfloat16, and the exact arms agree on every token."""
+    base = dict(models=["llama"], tasks=["antonyms"], trials=1, queries=3, analyze_queries=1, demos=3, calibration=2)
+    calls = []
+
+    def load(name, dtype):
+        calls.append((name, dtype))
+        return tiny_model(name, getattr(torch, dtype)), char_tokenizer()
+
+    run_study(make_spec({}, experiments=["icl"], **base), tmp_path, say=lambda _: None, loader=load)
+    before = json.loads((tmp_path / JOURNAL).read_text())["result"]
+    spec = make_spec({}, experiments=["analyze", "generation"], generate_tokens=4, **base)
+    summary = run_study(spec, tmp_path, say=lambda _: None, loader=load)
+    assert calls == [("llama", "float32"), ("llama", "float32"), ("llama", "bfloat16")]
+    cell = json.loads(next((tmp_path / "cells").glob("*.json")).read_text())
+    assert cell["icl"] == before["icl"] and cell["heldout"] == before["heldout"]  # kept, not run again
+    assert set(cell["seconds"]) == {"generation"} and len(cell["analyze"]) == 1
+    arms = cell["generation"]["arms"]
+    assert list(arms) == ["float32 stable", "bfloat16 stable", "bfloat16 naive"]
+    for arm in arms.values():
+        assert arm["tokens"] == 4 and 0 <= arm["agree"] <= 4
+    for name in ("float32 stable", "bfloat16 stable"):  # exact by construction: every token, KL ≈ 0
+        assert arms[name]["agree"] == 4 and arms[name]["first_mismatch"] is None and arms[name]["kl_max"] < 1e-6
+    assert summary["spec"]["experiments"] == ["analyze", "icl", "generation"]
+    assert summary["groups"][0]["generation"]["float32 stable"] == {
+        "prompts": 1, "tokens": 4, "agree": 4, "prompts_all_agree": 1, "kl_max": arms["float32 stable"]["kl_max"],
+        "next_token_top1": 1, "next_token_kl_max": arms["float32 stable"]["kl_patched"]}  # fmt: skip
+    assert "## Exactness in generation" in (tmp_path / "report.md").read_text()
+    assert len((tmp_path / JOURNAL).read_text().splitlines()) == 2 and summary["cells"]["done"] == 1
+    calls.clear()
+    run_study(spec, tmp_path, say=lambda _: None, loader=load)
+    assert calls == []  # nothing left to run
+
+
+def test_a_rerun_must_keep_the_split_and_each_run_experiments_parameter(tmp_path):
+    base = dict(models=["llama"], tasks=["antonyms"], trials=1, queries=3, analyze_queries=1, demos=3, calibration=2)
+    run_study(make_spec({}, experiments=["analyze"], **base), tmp_path, say=lambda _: None, loader=tiny_loader([]))
+    with pytest.raises(UsageError, match="made with demos=3, not 4"):
+        run_study(make_spec({}, experiments=["icl"], **{**base, "demos": 4}), tmp_path, say=lambda _: None,
+                  loader=tiny_loader([]))  # fmt: skip
+    with pytest.raises(UsageError, match="made with analyze_queries=1, not 2"):
+        run_study(make_spec({}, experiments=["icl"], **{**base, "analyze_queries": 2}), tmp_path,
+                  say=lambda _: None, loader=tiny_loader([]))  # fmt: skip
+    # finetune_steps belongs to dynamics, which has not run here: a new value is taken
+    run_study(make_spec({}, experiments=["icl"], finetune_steps=2, **base), tmp_path, say=lambda _: None,
+              loader=tiny_loader([]))  # fmt: skip
+    assert json.loads((tmp_path / "spec.json").read_text())["finetune_steps"] == 2

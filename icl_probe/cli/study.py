@@ -25,7 +25,16 @@ def study(
     ] = None,
     spec: Annotated[str | None, typer.Option("--spec", help="A TOML or JSON spec file; flags override it.")] = None,
     experiments: Annotated[
-        str | None, typer.Option("--experiments", help="Any of transfer,analyze,dynamics (default: all).")
+        str | None,
+        typer.Option(
+            "--experiments", help="Any of transfer,analyze,dynamics,icl,generation (default: the first three)."
+        ),
+    ] = None,
+    finetune_steps: Annotated[
+        int | None, typer.Option("--finetune-steps", min=0, help="dynamics' fine-tuning steps (0: none).")
+    ] = None,
+    generate_tokens: Annotated[
+        int | None, typer.Option("--generate-tokens", min=1, help="generation's greedy tokens per cell (20).")
     ] = None,
     queries: Annotated[int | None, typer.Option("--queries", min=1, help="Held-out queries per trial (20).")] = None,
     analyze_queries: Annotated[
@@ -37,7 +46,8 @@ def study(
 ) -> None:
     """Run transfer, analyze and dynamics over a grid of models × tasks × trials.
 
-    Writes DIR/cells/<cell>.json per cell, DIR/cells.jsonl (the journal: a rerun skips finished cells),
+    Writes DIR/cells/<cell>.json per cell, DIR/cells.jsonl (the journal: a rerun skips finished cells and runs
+    only the experiments they lack),
     DIR/summary.json (icl-probe.study/1, docs/schemas.md) and DIR/report.md with the tables, 95% Wilson
     intervals, standard errors and paired tests. Each model is loaded once; progress and an ETA go to stderr.
     """
@@ -46,7 +56,8 @@ def study(
     fields = read_spec(spec) if spec is not None else {}
     chosen = make_spec(fields, models=split(models), tasks=split(tasks), trials=trials,
                        experiments=split(experiments), queries=queries, analyze_queries=analyze_queries,
-                       dtype=dtype, seed=seed)  # fmt: skip
+                       dtype=dtype, seed=seed, finetune_steps=finetune_steps,
+                       generate_tokens=generate_tokens)  # fmt: skip
     summary = run_study(chosen, output, say=lambda line: print(line, file=sys.stderr, flush=True))
     cells = summary["cells"]
     print(f"{cells['done']} of {cells['total']} cells done, {cells['failed']} failed; "
