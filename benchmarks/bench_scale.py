@@ -6,7 +6,7 @@ interleaved `--repeat` times (median seconds), the peak resident memory of each 
 (Linux's clear_refs; bench_analyze.reset_peak). The forwards are plain ones, as a user runs them (no_grad,
 transformers' defaults). Times are printed, never asserted.
 
-    python benchmarks/bench_scale.py [--models M1,M2] [--repeat 3] [--json scale.json]
+    python benchmarks/bench_scale.py [--models M1,M2] [--repeat 3] [--json scale.json] [--quick]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: the four)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per arm and size (median)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 only, one run per arm (for the tests)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,9 +97,10 @@ def main() -> None:
         return
     import torch
 
-    rows = run([m for m in args.models.split(",") if m], args.repeat)
+    models, repeat = (["smollm2-135m"], 1) if args.quick else ([m for m in args.models.split(",") if m], args.repeat)
+    rows = run(models, repeat)
     print(f"\nanalyze against its two forward passes ({torch.get_num_threads()} torch thread(s) here; medians of "
-          f"{args.repeat}; each model in a fresh process)\n")  # fmt: skip
+          f"{repeat}; each model in a fresh process)\n")  # fmt: skip
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -95,3 +95,16 @@ def test_bench_trials_quick(tmp_path):
     for r in rows.values():
         assert r["batched_passes"] < r["separate_passes"]
         assert r["ratio"] == pytest.approx(r["separate_s"] / r["batched_s"])
+
+
+def test_bench_scale_quick(tmp_path):
+    """The cost table's shape: both sizes, the long prompt at 500 tokens or more, every figure positive."""
+    out = tmp_path / "scale.json"
+    run = run_quick("bench_scale.py", out, OMP_NUM_THREADS="1")
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "smollm2-135m" and set(row["sizes"]) == {"demo", "long"}
+    assert row["sizes"]["demo"]["tokens"] == 18 and row["sizes"]["long"]["tokens"] >= 500
+    for size in row["sizes"].values():
+        for arm in ("analyze", "two forwards"):
+            assert size[arm]["seconds"] > 0 and size[arm]["peak_mb"] > 0
+    assert "| smollm2-135m | long | " in run.stdout
