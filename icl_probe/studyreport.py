@@ -7,7 +7,7 @@ same queries (exact McNemar for hits, the exact sign test for KLs).
 
 from __future__ import annotations
 
-__all__ = ["summarise", "write_report"]
+__all__ = ["summarise", "write_report", "report_lines", "overview_lines"]
 
 import os
 import platform
@@ -252,9 +252,46 @@ def paired(test: dict | None) -> str:
 def table(title: str, head: list[str], rows: list[list[str]], note: str = "") -> list[str]:
     if not rows:
         return []
-    out = [f"## {title}", ""] + ([note, ""] if note else [])
-    out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return [f"## {title}", ""] + ([note, ""] if note else []) + table_body(head, rows)
+
+
+def overview_lines(summary: dict) -> list[str]:
+    """One row per model, every task pooled (the groups with task "all"): the tables the README shows."""
+    pooled = [g for g in summary["groups"] if g["task"] == "all"] or summary["groups"]
+    lines = ["## Across models (every task pooled)", "", NOTE, ""]
+    rows = [[g["model"], fmt((g["analyze"] or {}).get("kl_patched_max")),
+             fmt((g["analyze"] or {}).get("mlp_branch_error_max"))]
+            + [agreement(arm) for arm in (g["generation"] or {}).values()] for g in pooled]  # fmt: skip
+    arms = next((list(g["generation"]) for g in pooled if g["generation"]), [])
+    head = ["model", "worst KL(context ‖ patched)", "worst mlp_branch_error", *(f"generation, {a}" for a in arms)]
+    lines += table_body(head, rows)
+    rows = [[g["model"], ci((g["icl"] or {}).get("zero_shot")), ci((g["icl"] or {}).get("icl")),
+             *ablation_cells(g["analyze"])] for g in pooled]  # fmt: skip
+    head = ["model", "zero-shot", "in context", "ΔW-only KL", "ΔW-only top-1 kept", "Δb-only KL", "Δb-only top-1 kept"]
+    lines += table_body(head, rows)
+    methods = ("own_patch", "mean_patch", "joint_patch", "thought_patch", "task_vector")
+    rows = [[g["model"], *(ci(t["accuracy"][m]) for m in methods)] for g in pooled if (t := g["transfer"])]
+    lines += table_body(["model (transfer: held-out accuracy)", *methods], rows)
+    rows = [[g["model"], str(d["n"]), pm(d["step_decay"], 3), pm(d["prop31_error_max"], 2),
+             pm(d["gradient_alignment"], 3), pm(d["finetune_alignment"], 3)]
+            for g in pooled if (d := g["dynamics"])]  # fmt: skip
+    head = ["model (dynamics)", "runs", "last / first step norm", "Prop. 3.1 error above the first layer",
+            "gradient alignment", "fine-tuning alignment"]  # fmt: skip
+    return lines + table_body(head, rows)
+
+
+def table_body(head: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     return out + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def ablation_cells(a: dict | None) -> list[str]:
+    if a is None:
+        return ["–"] * 4
+    dw, db = a["delta_w_only"], a["bias_only"]
+    return [pm(dw["kl"]), ci(dw["top1_kept"]), pm(db["kl"]), ci(db["top1_kept"])]
 
 
 def exactness_table(summary: dict) -> list[str]:
@@ -288,12 +325,8 @@ def icl_table(summary: dict) -> list[str]:
 
 
 def ablation_table(summary: dict) -> list[str]:
-    rows = []
-    for g in summary["groups"]:
-        if a := g["analyze"]:
-            dw, db = a["delta_w_only"], a["bias_only"]
-            rows.append([g["model"], g["task"], pm(a["kl_no_context"]), pm(dw["kl"]), ci(dw["top1_kept"]),
-                         pm(db["kl"]), ci(db["top1_kept"]), paired(a["paired_kl"])])  # fmt: skip
+    rows = [[g["model"], g["task"], pm(a["kl_no_context"]), *ablation_cells(a), paired(a["paired_kl"])]
+            for g in summary["groups"] if (a := g["analyze"])]  # fmt: skip
     head = ["model", "task", "KL query alone", "ΔW-only KL", "ΔW-only top-1 kept", "Δb-only KL", "Δb-only top-1 kept",
             "ΔW vs Δb KL"]  # fmt: skip
     return table("What carries the context (ablation)", head, rows, "KL(context ‖ ·), mean over analyzed queries.")

@@ -137,7 +137,7 @@ def check_summary(summary: dict, folder) -> None:
         twin = next(d for d in cells if d["task"] == c["task"] and d["trial"] == c["trial"] and d is not c)
         assert twin["heldout"] == c["heldout"] and twin["demos"] == c["demos"]
     report = (folder / "report.md").read_text()
-    titles = ("Exactness", "ICL itself", "What carries the context", "Transfer", "Dynamics", "Cost")
+    titles = ("Across models", "Exactness", "ICL itself", "What carries the context", "Transfer", "Dynamics", "Cost")
     assert all(f"## {title}" in report for title in titles)
     assert "seed 0" in report and "transformers" in report and "proves the plumbing" in report
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
