@@ -209,6 +209,8 @@ def report_lines(summary: dict, plot: str | None) -> list[str]:
              "Accuracies: the fraction of held-out queries whose top-1 token is the target's first token, pooled "
              "over trials, with a 95% Wilson interval and k/n. Means: ± one standard error. Paired tests: exact "
              "McNemar (hits) or sign test (KLs) on the same queries; * marks p < 0.05.", ""]  # fmt: skip
+    if len(spec["models"]) > 1:
+        lines += overview_lines(summary)
     for section in (
         exactness_table,
         generation_table,
