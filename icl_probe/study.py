@@ -261,7 +261,8 @@ Say = Callable[[str], None]
 def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_model) -> dict:
     """Run every cell of `spec` not yet in OUT/cells.jsonl, one model loaded at a time; returns the summary.
 
-    A finished cell that lacks some of the spec's experiments runs only those (its line is written again, whole).
+    A finished cell that lacks some of the spec's experiments runs only those (its line is written again, whole);
+    the summary covers every cell of the folder, including those of earlier runs with other models or tasks.
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
     """
     out = Path(out)
@@ -274,9 +275,9 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     if failed:  # a cell that failed before is run again, as batch retries its failed lines
         drop_errors(journal, failed)
     have = {line["id"]: line["result"] for line in read_journal(journal) if "result" in line}
-    spec = extended(spec, out / "spec.json", have)
-    atomic_write_text(out / "spec.json", json.dumps(asdict(spec), indent=2) + "\n")
-    todo = [c for c in spec.cells() if missing(have.get(cell_id(*c)), spec)]
+    whole = extended(spec, out / "spec.json", have)  # the folder's spec: what it holds once this run is done
+    atomic_write_text(out / "spec.json", json.dumps(asdict(whole), indent=2) + "\n")
+    todo = [c for c in spec.cells() if missing(have.get(cell_id(*c)), spec)]  # what this run was asked for
     clock = Clock(len(spec.cells()), len(spec.cells()) - len(todo))
     with line_writer(journal) as write:
         for name in dict.fromkeys(m for m, _, _ in todo):
@@ -288,7 +289,7 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
                 say(clock.tick(line["id"], line.get("seconds_total", 0.0), "error" in line))
             del model, tokenizer, low
             gc.collect()
-    summary = summarise(spec, read_journal(journal))
+    summary = summarise(whole, read_journal(journal))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_report(summary, out)
     return summary

@@ -247,3 +247,16 @@ def test_a_rerun_must_keep_the_split_and_each_run_experiments_parameter(tmp_path
     run_study(make_spec({}, experiments=["icl"], finetune_steps=2, **base), tmp_path, say=lambda _: None,
               loader=tiny_loader([]))  # fmt: skip
     assert json.loads((tmp_path / "spec.json").read_text())["finetune_steps"] == 2
+
+
+def test_a_rerun_for_one_model_runs_its_cells_only_and_reports_all(tmp_path):
+    base = dict(tasks=["antonyms"], trials=1, queries=3, analyze_queries=1, demos=3, calibration=2)
+    run_study(make_spec({}, models=["llama", "qwen2"], experiments=["icl"], **base), tmp_path, say=lambda _: None,
+              loader=tiny_loader([]))  # fmt: skip
+    calls = []
+    summary = run_study(make_spec({}, models=["llama"], experiments=["analyze"], **base), tmp_path,
+                        say=lambda _: None, loader=tiny_loader(calls))  # fmt: skip
+    assert calls == ["llama"]
+    by_model = {g["model"]: g for g in summary["groups"]}
+    assert by_model["llama"]["analyze"]["n"] == 1 and by_model["qwen2"]["analyze"] is None
+    assert by_model["qwen2"]["icl"] is not None and summary["spec"]["models"] == ["llama", "qwen2"]
