@@ -13,7 +13,18 @@ from . import moe
 from .hooks import hooked
 from .lowrank import MATH_DTYPE
 from .moe import MoeParts
-from .probing import LINEARS, MOE_CHECK_TOLERANCE, ProbeCall, Refusal, copied, is_norm, relative_error, same, tolerance
+from .probing import (
+    LINEARS,
+    MOE_CHECK_TOLERANCE,
+    ProbeCall,
+    Refusal,
+    copied,
+    is_norm,
+    relative_error,
+    run_like,
+    same,
+    tolerance,
+)
 
 
 def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -117,8 +128,10 @@ def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -
 def check_moe_exact(
     name: str, mlp: nn.Module, call: ProbeCall, linears: list[str], parts: MoeParts, hidden: int
 ) -> None:
-    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
-    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
+    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take the last probe token's input
+    z0 to the first's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it).
+    Inputs besides z (token ids, a state) are the last token's in both: the output at z is the MLP's on the probe
+    input with its last row set to z."""
     rows = call.x.reshape(-1, hidden)
     a, v = moe.map_factors(rows[0], rows[-1])
     prefix = name + "."
@@ -132,13 +145,22 @@ def check_moe_exact(
 
     transposed = {p.removeprefix(prefix) for p in parts.transposed}
     try:
-        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
-            with moe.swapped(mlp, updates, transposed):
-                out = copied(mlp(call.x))
+        with torch.no_grad():
+            want = call.y.reshape(-1, hidden)[0] if not call.extra else at_first(mlp, call, hidden)
+            with hooked([(mlp.get_submodule(rel), add) for rel in linears]), moe.swapped(mlp, updates, transposed):
+                out = copied(run_like(mlp, call.x, call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
-    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
+    error = relative_error(out.reshape(-1, hidden)[-1], want)
     if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
         readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
         raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
                       f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
+
+
+def at_first(mlp: nn.Module, call: ProbeCall, hidden: int) -> torch.Tensor:
+    """The MLP's output at the last position when its input there is the first position's, other inputs kept."""
+    x = call.x.clone()
+    rows = x.reshape(-1, hidden)
+    rows[-1] = rows[0]
+    return copied(run_like(mlp, x, call)).reshape(-1, hidden)[-1]

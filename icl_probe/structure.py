@@ -5,14 +5,17 @@ that can be one, with any MLP beside it on the same input), the contextual layer
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
 MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py). The rest of the block
 is left to Δb, its remainder: with several residual streams (hyper-connections, AltUp), the block's whole state
-at the last token, streams · hidden (`stream_axes`). What does not fit is refused in one line naming the block
-and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe run keeps of each call.
+at the last token, streams · hidden (`stream_axes`). An MLP may take inputs besides z, a row per position (token
+ids, a previous layer's state): the checks hold them fixed, and the runs compare them at the last token
+(mlp_inputs.py). What does not fit is refused in one line naming the block and the obstacle. docs/architectures.md
+describes the rule; probing.py says what the probe run keeps of each call.
 """
 
 from __future__ import annotations
 
-__all__ = ["read_structure", "float64_experts"]
+__all__ = ["read_structure", "decoder_path", "float64_experts"]
 
+import inspect
 import re
 import weakref
 
@@ -23,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
 from .experts_rule import has_experts, read_moe
 from .hooks import hooked, recording
+from .mlp_inputs import MlpInputs
 from .probing import (
     LINEARS,
     MOE_CHECK_TOLERANCE,
@@ -34,6 +38,7 @@ from .probing import (
     is_norm,
     linears_in,
     relative_error,
+    run_like,
     same,
     tolerance,
 )
@@ -75,6 +80,13 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
     name = f"generic ({model_type})"
     return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
+
+
+def decoder_path(model: nn.Module) -> str:
+    """The path of the model's ModuleList of decoder blocks, found as `read_structure` finds it (one probe run)."""
+    candidates = layer_lists(model)
+    float64_experts(model)
+    return the_decoder_blocks(model, candidates, probe(model, [b for p in candidates for b in model.get_submodule(p)]))
 
 
 def float64_experts(model: nn.Module) -> None:
@@ -136,8 +148,9 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     after = [u for u in after if u not in twins]
     norms += inner_norms(mixers, calls)
     streams = stream_axes(x, y, mlp_call)
-    check_one_input(mlp_name, mlp_call)
+    inputs = check_inputs(mlp_name, mlp, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
+        check_inputs(name, m, c, twin=m is not mlp)
         check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
     post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
@@ -146,7 +159,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     attn, parallel = mixer_branch(mixers, norms, calls, x, y, r, b)
     fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
     return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
-                parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams)  # fmt: skip
+                parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams, mlp_inputs=inputs)  # fmt: skip
 
 
 def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, ProbeCall]]:
@@ -294,14 +307,25 @@ def check_sums(x, y, a, r, b) -> bool | None:
     return False if relative_error(r, x + a, scale) <= tol else None
 
 
-def check_one_input(name: str, call: ProbeCall) -> None:
-    """The theorem's MLP is a function of its input z alone; one called with more tensors (ZAYA's router reads the
-    previous layer's router state too) is a function of two inputs, and ΔW on z does not cover the second."""
-    if call.inputs > 1:
-        raise Refusal(
-            f"has an MLP '{name}' called with {call.inputs} tensors, not its input z alone: its output is a "
-            "function of a second input too, against which no update of z's readers can be checked"
-        )
+def check_inputs(name: str, mlp: nn.Module, call: ProbeCall, twin: bool = False) -> tuple[str, ...]:
+    """The MLP's tensor inputs besides z (DeepSeek-V4's token ids, ZAYA's previous router state): each must hold one
+    row per position, as z does, for the runs to compare them at the last token (`mlp_inputs.check_mlp_inputs`)."""
+    lead = call.x.shape[:-1]
+    try:  # a positional argument by its name in the MLP's forward (ZAYA's prev_router_hidden_states)
+        params = list(inspect.signature(mlp.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    tensors = MlpInputs(call.args, call.kwargs).named(params)
+    if twin and tensors:
+        raise Refusal(f"has an MLP '{name}' beside its mixture of experts that also reads {tensors[0][0]}")
+    for arg, t in tensors:
+        if t.shape[: len(lead)] != lead:
+            raise Refusal(
+                f"has an MLP '{name}' that also reads {arg} of shape {tuple(t.shape)}, not a row per position "
+                f"as its input {tuple(call.x.shape)}: icl-probe compares an MLP's other inputs at the query's last "
+                "token only (a limitation of icl-probe, not a mathematical obstacle)"
+            )
+    return tuple(arg for arg, _ in tensors)
 
 
 def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
@@ -311,7 +335,7 @@ def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
     x.reshape(-1, *x.shape[-2:])[:, 0] *= -2.0
     try:
         with torch.no_grad():
-            out = copied(mlp(x))
+            out = copied(run_like(mlp, x, call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
     if out is None or out.shape != call.y.shape:
@@ -371,7 +395,7 @@ def check_only_through(name: str, mlp: nn.Module, call: ProbeCall, kept: dict[nn
 
     try:
         with torch.no_grad(), hooked([(m, replay) for m in kept]):
-            out = copied(mlp(call.x.roll(1, -1)))
+            out = copied(run_like(mlp, call.x.roll(1, -1), call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
     if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
