@@ -311,11 +311,7 @@ def check_inputs(name: str, mlp: nn.Module, call: ProbeCall, twin: bool = False)
     """The MLP's tensor inputs besides z (DeepSeek-V4's token ids, ZAYA's previous router state): each must hold one
     row per position, as z does, for the runs to compare them at the last token (`mlp_inputs.check_mlp_inputs`)."""
     lead = call.x.shape[:-1]
-    try:  # a positional argument by its name in the MLP's forward (ZAYA's prev_router_hidden_states)
-        params = list(inspect.signature(mlp.forward).parameters)[1:]
-    except (TypeError, ValueError):
-        params = []
-    tensors = MlpInputs(call.args, call.kwargs).named(params)
+    tensors = named_inputs(mlp, call)
     if twin and tensors:
         raise Refusal(f"has an MLP '{name}' beside its mixture of experts that also reads {tensors[0][0]}")
     for arg, t in tensors:
@@ -326,6 +322,16 @@ def check_inputs(name: str, mlp: nn.Module, call: ProbeCall, twin: bool = False)
                 "token only (a limitation of icl-probe, not a mathematical obstacle)"
             )
     return tuple(arg for arg, _ in tensors)
+
+
+def named_inputs(mlp: nn.Module, call: ProbeCall) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a call passed besides z, positional ones named as the MLP's forward names them (ZAYA's
+    prev_router_hidden_states)."""
+    try:
+        params = list(inspect.signature(mlp.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    return MlpInputs(call.args, call.kwargs).named(params)
 
 
 def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
@@ -360,7 +366,7 @@ def read_mlp(name: str, mlp: nn.Module, call: ProbeCall, calls: dict, hidden: in
         found = ", ".join(rel for rel, _ in writes) or "none"
         raise Refusal(f"has an MLP '{name}' with {len(writes)} linear layers writing the hidden size ({found})")
     check_only_through(name, mlp, call, {m: calls[m][0].y for _, m in first})
-    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
+    check_output_projection(name, mlp, call, writes[0][0], calls[writes[0][1]][-1].y)
     kinds = {isinstance(m, Conv1D) for _, m in first + writes}
     if len(kinds) != 1:
         raise Refusal(f"mixes Conv1D and nn.Linear layers in its MLP '{name}'")
@@ -377,13 +383,27 @@ def check_dense(name: str, mlp: nn.Module) -> None:
         )
 
 
-def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
-    """The MLP's output must be its output projection's, up to a constant factor."""
+def check_output_projection(name: str, mlp: nn.Module, call: ProbeCall, rel: str, d: torch.Tensor) -> None:
+    """The MLP's output must be its output projection's, up to a constant factor. One that adds another of its
+    inputs to it (MPT's residual) is refused saying so: its branch is a table row's to name."""
+    if is_scaled(call.y, d):
+        return
+    for arg, t in named_inputs(mlp, call):
+        if t.shape == call.y.shape and t.is_floating_point() and is_scaled(call.y - t, d):
+            raise Refusal(
+                f"has an MLP '{name}' that adds its input `{arg}` to its output: its branch is not its output "
+                "projection's, which the structural rule needs (a limitation of the rule, not a mathematical "
+                "obstacle; a table row names such a branch, as MPT's does)"
+            )
+    raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+
+
+def is_scaled(m: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether m is c · d for a constant c ≠ 0, to the rounding of m's dtype."""
     dtype = m.dtype
     m, d = m.double().reshape(-1), d.double().reshape(-1)
     c = float(m @ d / (d @ d)) if float(d @ d) > 0 else 0.0
-    if c == 0.0 or relative_error(m, c * d) > tolerance(dtype):
-        raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+    return c != 0.0 and relative_error(m, c * d) <= tolerance(dtype)
 
 
 def check_only_through(name: str, mlp: nn.Module, call: ProbeCall, kept: dict[nn.Module, torch.Tensor]) -> None:

@@ -218,7 +218,7 @@ def test_rule_agrees_with_the_table_where_it_can_see(name):
 
 REFUSED = {
     "opt": r"block model\.decoder\.layers\.0 keeps linear layers \(fc1, fc2\) in the block itself",
-    "mpt": r"block transformer\.blocks\.0 has an MLP 'ffn' called with 2 tensors, not its input z alone",
+    "mpt": r"block transformer\.blocks\.0 has an MLP 'ffn' that adds its input `residual` to its output",
 }
 
 
