@@ -70,7 +70,8 @@ def read_moe(
         elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
             routers.append(f"{rel}.weight")
     stacked = e_mod.get_parameter(params[0].removeprefix(e_rel + "."))
-    router_linears = [rel for rel in linears if is_router(mlp.get_submodule(rel).weight.shape[0], stacked)]
+    router_linears = [rel for rel in linears
+                      if is_router(mlp.get_submodule(rel).weight.shape[0], stacked) or in_router(mlp, rel)]  # fmt: skip
     parts = MoeParts(
         experts=f"{name}.{e_rel.split('.')[0]}",  # the MLP's child holding them, called with the routing
         params=tuple(f"{name}.{p}" for p in routers + params),
@@ -80,6 +81,13 @@ def read_moe(
     )
     check_moe_exact(name, mlp, call, linears, parts, hidden)
     return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
+
+
+def in_router(mlp: nn.Module, rel: str) -> bool:
+    """Whether a linear layer sits inside a module whose class says router (ZAYA's down_proj, the first layer of its
+    router's own MLP)."""
+    parts = rel.split(".")
+    return any("router" in type(mlp.get_submodule(".".join(parts[:k]))).__name__.lower() for k in range(1, len(parts)))
 
 
 def is_router(out: int, stacked: torch.Tensor) -> bool:

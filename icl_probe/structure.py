@@ -47,7 +47,8 @@ from .probing import (
 EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
 MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
-               ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
+               ("conv", "convolution"), ("compressor", "compression"), ("attention", "attention"),
+               ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
 
@@ -277,7 +278,7 @@ def mixer_branch(mixers: list[tuple], norms: list, calls: dict, x, y, r, b) -> t
 def mixer_kinds(mixers: list[tuple], after: list[tuple]) -> str:
     """The kinds of contextual layer in the block, '+'-joined in call order ('attention', 'attention+convolution');
     parts whose class names no kind (gates, scales, hyper-connections) are position-wise and not listed."""
-    kinds = [mixer_kind(m) for _, m, _ in mixers + after]
+    kinds = [k for _, m, _ in mixers + after for k in (mixer_kind(m), *inner_kinds(m))]
     named = list(dict.fromkeys(k for k in kinds if not k.startswith("other")))
     return "+".join(named) if named else kinds[-len(after) - 1] if after else kinds[-1]
 
@@ -441,6 +442,16 @@ def low_precision(name: str, mlp: nn.Module, call: ProbeCall, calls: dict) -> tu
 def is_mixer(m: nn.Module) -> bool:
     """A contextual layer by its class name (an attention beside the MLP in a parallel block reads its input too)."""
     return not mixer_kind(m).startswith("other")
+
+
+def inner_kinds(mixer: nn.Module) -> list[str]:
+    """Kinds of state an attention keeps beside its keys and values, from the modules inside it: ZAYA's convolution
+    (an nn.Conv1d), DeepSeek-V4's compressed keys. Their caches cannot be cut back as a KV cache can."""
+    if mixer_kind(mixer) != "attention":
+        return []
+    inner = [m for m in mixer.modules() if m is not mixer]  # GPT-2's Conv1D is a linear layer, not a convolution
+    return [k for k, hit in (("convolution", any(isinstance(m, nn.Conv1d) for m in inner)),
+                             ("compression", any(mixer_kind(m) == "compression" for m in inner))) if hit]  # fmt: skip
 
 
 def mixer_kind(mixer: nn.Module) -> str:

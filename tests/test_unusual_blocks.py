@@ -13,8 +13,9 @@ import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
 from helpers import forward_hooks, hidden, last_inputs, last_logits, last_outputs
 
-from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
+from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch, track_dynamics
 from icl_probe.cli.report.analysis import legend
+from icl_probe.decoder import blocks
 from icl_probe.errors import ModelError, PatchError
 from icl_probe.patchfile import check_fits
 from icl_probe.patching import Patch, applied
@@ -250,3 +251,13 @@ def test_a_carried_router_state_is_the_with_context_one_only_when_the_layer_befo
     assert "no update of z's readers can change" in message
     doc = analyze(model_of("deepseek_v4"), tok, CONTEXT, QUERY, layers=[1]).to_dict()  # token ids: no obstacle
     assert doc["logits"]["kl_patched"] < 1e-10 and doc["layers"][0]["mlp_branch_error"] < 1e-9
+
+
+@pytest.mark.parametrize("name", ["deepseek_v4", "zaya"])
+def test_prefix_sweeps_run_each_prefix_whole_past_an_attention_with_more_state(name):
+    # ZAYA's attention holds a convolution and DeepSeek-V4's compressed keys: caches that cannot be cut back, so the
+    # rule names those kinds and the sweep runs each prefix whole; every prefix is exact
+    model = model_of(name)
+    assert {b.family.mixer for b in blocks(model)} <= {"attention+convolution", "attention+compression"}
+    doc = track_dynamics(model, coverage.char_tokenizer(), ["ab -> ba\n", "cd -> dc\n", "xy -> yx\n"], QUERY).to_dict()
+    assert all(p["kl_patched"] < 1e-10 for p in doc["prefixes"][1:])
