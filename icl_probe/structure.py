@@ -45,7 +45,8 @@ from .probing import (
 
 # class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
 EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
-MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
+MIXER_KINDS = (("deltanet", "linear attention"), ("deltaattention", "linear attention"),
+               ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
                ("conv", "convolution"), ("compressor", "compression"), ("attention", "attention"),
                ("attn", "attention"))  # fmt: skip
@@ -113,6 +114,14 @@ def layer_lists(model: nn.Module) -> list[str]:
 def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[ProbeCall]]) -> str:
     """The one candidate list whose every block ran once in the probe run of input ids alone."""
     ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
+    looped = {p: max(len(calls[block]) for block in model.get_submodule(p)) for p in candidates}
+    if not ran and (p := max(looped, key=looped.get)) and looped[p] > 1:
+        raise unsupported(
+            model.config.model_type,
+            f"the blocks of {p} run up to {looped[p]} times per forward pass (a loop over the same weights): the "
+            "theorem gives a block one rank-1 update for one call, and a block called at several depths would need "
+            "its weights to carry the context at each of them",
+        )
     if len(ran) != 1:
         found = f"{', '.join(ran)} all run" if ran else f"none of {', '.join(candidates)} runs once"
         raise unsupported(model.config.model_type, f"expected one ModuleList of blocks run once per pass; {found}")

@@ -143,7 +143,11 @@ def test_a_float64_family_reports_no_precision_limit():
     [
         ("rwkv", "reads other positions"),  # the channel mix's token shift
         ("mamba", "no MLP after a contextual layer"),
+        ("mamba2", "no MLP after a contextual layer"),
         ("falcon_mamba", "no MLP after a contextual layer"),
+        ("nemotron_h", "no MLP after a contextual layer"),  # its MLP and MoE layers are blocks of their own
+        ("zamba2", "no MLP after a contextual layer"),
+        ("dory", "run up to 2 times per forward pass (a loop over the same weights)"),
     ],
 )
 def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
