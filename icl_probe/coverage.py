@@ -93,6 +93,8 @@ OVERRIDES: dict[str, dict] = {
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # its defaults do not run
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
     "granitemoeshared": {"shared_intermediate_size": 16},  # its default has no shared MLP beside the experts
+    # num_layers layers of two sub-blocks each (num_hidden_layers = 2 · num_layers); rotary part qk_rope_head_dim wide
+    "longcat_flash": {"num_layers": 2, "head_dim": 4, "qk_head_dim": 8},
 }
 # Rows of their own for a type's config variants that change its blocks: name → (model type, overrides, merged into
 # the shrunk config's sub-configs).

@@ -102,9 +102,14 @@ def float64_experts(model: nn.Module) -> None:
 
 
 def layer_lists(model: nn.Module) -> list[str]:
-    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders')."""
+    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders'); without
+    one (num_hidden_layers counting the calls of a loop over fewer blocks, or sub-blocks), every outermost
+    ModuleList of modules with parameters, which the probe run then tells apart."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    found = [name for name, m in lists if len(m) == n]
+    if not found:
+        found = [name for name, m in lists if all(next(b.parameters(), None) is not None for b in m)]
     outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
     if not outer:
         raise unsupported(model.config.model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
@@ -149,6 +154,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     if len(calls[layer]) != 1:
         raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
     x, y = calls[layer][0].x, calls[layer][0].y
+    check_no_sub_blocks(layer, calls)
     seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
     norms = [(name, c) for c, name, m in seen if is_norm(m)]
     units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
@@ -170,6 +176,19 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
     return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
                 parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams, mlp_inputs=inputs)  # fmt: skip
+
+
+def check_no_sub_blocks(layer: nn.Module, calls: dict) -> None:
+    """A block keeping its layers in ModuleLists called one element at a time (LongCat-Flash: two attention and MLP
+    sub-blocks per block) is several blocks in one, which the rule does not split."""
+    lists = [name for name, m in layer.named_children()
+             if isinstance(m, nn.ModuleList) and any(calls.get(e) for e in m)]  # fmt: skip
+    if lists:
+        raise Refusal(
+            f"keeps its layers in ModuleLists ({', '.join(lists)}) called one element at a time: several sub-blocks "
+            "in one block, which the structural rule does not split (a limitation of icl-probe, not a mathematical "
+            "obstacle)"
+        )
 
 
 def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, ProbeCall]]:

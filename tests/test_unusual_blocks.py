@@ -148,6 +148,8 @@ def test_a_float64_family_reports_no_precision_limit():
         ("nemotron_h", "no MLP after a contextual layer"),  # its MLP and MoE layers are blocks of their own
         ("zamba2", "no MLP after a contextual layer"),
         ("dory", "run up to 2 times per forward pass (a loop over the same weights)"),
+        ("hrm_text", "run up to 6 times per forward pass (a loop over the same weights)"),
+        ("longcat_flash", "keeps its layers in ModuleLists (self_attn, mlps, "),  # two sub-blocks per block
     ],
 )
 def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
