@@ -68,7 +68,7 @@ def read_structure(model: nn.Module) -> list[Block]:
 
 def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     model_type = model.config.model_type
-    candidates = layer_lists(model)
+    candidates, exact = layer_lists(model)
     float64_experts(model)
     calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
     path = the_decoder_blocks(model, candidates, calls)
@@ -79,6 +79,9 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
             read.append(read_block(layer, calls))
         except Refusal as e:
             raise unsupported(model_type, f"block {path}.{i} {e}") from None
+    if not exact:  # the blocks read, but not num_hidden_layers of them: which blocks the config means is unclear
+        n = model.config.get_text_config().num_hidden_layers
+        raise unsupported(model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
     note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
     name = f"generic ({model_type})"
     return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
@@ -86,7 +89,7 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
 
 def decoder_path(model: nn.Module) -> str:
     """The path of the model's ModuleList of decoder blocks, found as `read_structure` finds it (one probe run)."""
-    candidates = layer_lists(model)
+    candidates, _ = layer_lists(model)
     float64_experts(model)
     return the_decoder_blocks(model, candidates, probe(model, [b for p in candidates for b in model.get_submodule(p)]))
 
@@ -101,19 +104,20 @@ def float64_experts(model: nn.Module) -> None:
             model.set_experts_implementation("batched_mm")
 
 
-def layer_lists(model: nn.Module) -> list[str]:
-    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders'); without
-    one (num_hidden_layers counting the calls of a loop over fewer blocks, or sub-blocks), every outermost
-    ModuleList of modules with parameters, which the probe run then tells apart."""
+def layer_lists(model: nn.Module) -> tuple[list[str], bool]:
+    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders'), and True;
+    without one, every outermost ModuleList of modules with parameters, and False: num_hidden_layers may count the
+    calls of a loop over fewer blocks, or sub-blocks, which the probe run then names in the refusal."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     found = [name for name, m in lists if len(m) == n]
-    if not found:
+    exact = bool(found)
+    if not exact:
         found = [name for name, m in lists if all(next(b.parameters(), None) is not None for b in m)]
     outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
     if not outer:
         raise unsupported(model.config.model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
-    return outer
+    return outer, exact
 
 
 def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[ProbeCall]]) -> str:
