@@ -1,8 +1,10 @@
 """A model's decoder blocks, from the one entry point above the architecture table and the structural rule.
 
 A model type in the table (arch.py) resolves from its row; any other type is read by the structural rule
-(structure.py), which builds the table's `Block`s and `Family`s. This module sits above both, so that neither
-imports the other. `describe` is the `icl-probe.modules/1` document: the module paths icl-probe hooks.
+(structure.py), which builds the table's `Block`s and `Family`s; a multimodal model whose text model the rule
+refuses but whose text config has a row (Gemma 4 with its MoE block) by that row, at the blocks the probe finds.
+This module sits above both, so that neither imports the other. `describe` is the `icl-probe.modules/1`
+document: the module paths icl-probe hooks.
 """
 
 from __future__ import annotations
