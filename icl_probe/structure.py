@@ -170,7 +170,8 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     streams = stream_axes(x, y, mlp_call)
     inputs = check_inputs(mlp_name, mlp, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
-        check_inputs(name, m, c, twin=m is not mlp)
+        if m is not mlp:
+            check_inputs(name, m, c, twin=True)
         check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
     post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
