@@ -57,6 +57,7 @@ class Family:
     mlp_parts: tuple[str, ...] = ()  # other MLPs reading the MLP input, added to its output (a shared MLP beside MoE)
     low_precision: tuple[tuple[str, str], ...] = ()  # (part, dtype): MLP parts computing below the model's dtype
     streams: tuple[int, int, int] | None = None  # several residual streams: (batch axis, token axis, streams)
+    mlp_inputs: tuple[str, ...] = ()  # the MLP's tensor inputs besides z: token ids, a previous layer's state
     variant: Callable[[object], dict] | None = None  # config → overrides of the fields above
 
     def resolved(self, config) -> Family:
@@ -471,10 +472,12 @@ class Block:
         """The module residual="fold" changes: the output projection, or the post-MLP norm."""
         return {"linear": self.family.down, "norm-scale": self.family.post_mlp_norm}.get(self.family.fold)
 
-    def run_mlp(self, z: torch.Tensor) -> torch.Tensor:
-        """The MLP branch for input z, as `mlp_branch` outputs it (callers suspend their own hooks)."""
+    def run_mlp(self, z: torch.Tensor, inputs=None) -> torch.Tensor:
+        """The MLP branch for input z, as `mlp_branch` outputs it (callers suspend their own hooks); `inputs`, an
+        `mlp_inputs.MlpInputs`, are the MLP's other arguments (token ids, a state), cut to z's positions."""
         f = self.family
-        y = f.run_mlp(self.module, z) if f.run_mlp else self.part(f.mlp)(z)
+        other = ((), {}) if inputs is None else (inputs.args, inputs.kwargs)
+        y = f.run_mlp(self.module, z) if f.run_mlp else self.part(f.mlp)(z, *other[0], **other[1])
         y = self.part(f.post_mlp_norm)(y) if f.post_mlp_norm else y
         for rel in f.mlp_parts:  # an MLP beside it, on the same input (the rule allows these without post norm)
             y = hidden(y) + hidden(self.part(rel)(z))
@@ -518,17 +521,20 @@ def unsupported(model_type: str, reason: str | None = None) -> ModelError:
     )
 
 
-def table_blocks(model: nn.Module) -> list[Block]:
+def table_blocks(model: nn.Module, config=None, layers: str | None = None) -> list[Block]:
     """Every decoder block of a CausalLM whose model type is in the table, in order, from its row resolved for its
-    config (decoder.blocks is the entry point for any model: it sends the other types to the structural rule)."""
-    model_type = model.config.model_type
-    family = family_of(model_type).resolved(model.config)
+    config (decoder.blocks is the entry point for any model: it sends the other types to the structural rule).
+    A multimodal model's text model is read by its text config's row (`config`) at its own `layers` path."""
+    config = model.config if config is None else config
+    model_type = config.model_type
+    family = family_of(model_type).resolved(config)
+    family = family if layers is None else dataclasses.replace(family, layers=layers)
     try:
         layers = model.get_submodule(family.layers)
     except AttributeError as e:
         raise ModelError(f"no '{family.layers}' in this {model_type} model") from e
-    scale = float(getattr(model.config, family.branch_scale)) if family.branch_scale else 1.0
-    mix = tuple(float(getattr(model.config, attr)) for _, attr in family.mixer_parts)
+    scale = float(getattr(config, family.branch_scale)) if family.branch_scale else 1.0
+    mix = tuple(float(getattr(config, attr)) for _, attr in family.mixer_parts)
     return [Block(i, f"{family.layers}.{i}", layer, family, scale, mix) for i, layer in enumerate(layers)]
 
 

@@ -30,6 +30,7 @@ from .errors import InputError
 from .hooks import Recording, Tap, recording
 from .inputs import Ids, Prompt, Vectors, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
+from .mlp_inputs import MlpInputs, mlp_inputs_taps
 from .moe import Route, routing_tap
 from .progress import Steps
 
@@ -63,12 +64,14 @@ class Target(Activations):
 
     route: Route | None = None  # an MoE block's experts and weights at the last token
     inputs: dict[str, torch.Tensor] | None = None  # readers of their own inputs (MoeParts.readers): each one's z_ctx
+    mlp_inputs: MlpInputs | None = None  # the MLP's inputs besides z (token ids, a state), at the last token
 
     def row(self, i: int) -> Target:
         route = None if self.route is None else self.route.row(i)
         inputs = None if self.inputs is None else {rel: z[i : i + 1] for rel, z in self.inputs.items()}
         rows = (x[i : i + 1] for x in (self.z_ctx, self.attn, self.branch, self.out))
-        return Target(*rows, route=route, inputs=inputs)
+        extra = None if self.mlp_inputs is None else self.mlp_inputs.row(i)
+        return Target(*rows, route=route, inputs=inputs, mlp_inputs=extra)
 
     @classmethod
     def recorded(cls, rec: Recording, i: int) -> Target:
@@ -77,6 +80,7 @@ class Target(Activations):
         target.route = rec.get((i, "route"))
         readers = [key[2] for key in rec.keys() if isinstance(key, tuple) and key[:2] == (i, "reader")]
         target.inputs = {rel: rec[i, "reader", rel] for rel in readers} or None
+        target.mlp_inputs = rec.get((i, "mlp_inputs"))
         return target
 
 
@@ -99,6 +103,7 @@ def recording_targets(chosen: list[Block], batch: int) -> Iterator[Recording]:
     """Record every chosen block's Target at the last token of each of `batch` rows, and each MoE block's routing."""
     taps = [t for b in chosen for t in block_taps(b)]
     taps += [routing_tap(b.part(b.moe.experts), (b.index, "route"), batch) for b in chosen if b.moe]
+    taps += mlp_inputs_taps(chosen, batch)  # an MLP's inputs besides z, compared in the sequential run
     with recording(taps, read=lambda x: last(x, batch)) as rec:
         yield rec
 

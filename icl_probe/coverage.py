@@ -4,7 +4,8 @@
 
 For each model type in transformers' causal-LM mapping, the type's default config is shrunk (2 layers, hidden
 size 32, small heads, MLPs, experts and state sizes), a float64 model is built from it with its weights redrawn
-so that the context matters, and `analyze` runs on a short prompt. Each type ends as one of:
+so that the context matters, and `analyze` runs on a short prompt. A config variant that changes a type's blocks
+(`VARIANTS`: the multimodal Gemma 4 with its MoE block) is a row of its own, counted apart. Each type ends as one of:
 
 - exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded (the last
   below 1e-9, or below the precision floor of a part computing in float32), and in mixture-of-experts layers
@@ -20,7 +21,17 @@ The markdown table goes to stdout; `main` also writes the rows as JSON when aske
 
 from __future__ import annotations
 
-__all__ = ["CONTEXT", "QUERY", "OVERRIDES", "tiny_settings", "tiny_model", "spread", "char_tokenizer", "main"]
+__all__ = [
+    "CONTEXT",
+    "QUERY",
+    "OVERRIDES",
+    "VARIANTS",
+    "tiny_settings",
+    "tiny_model",
+    "spread",
+    "char_tokenizer",
+    "main",
+]
 
 import argparse
 import contextlib
@@ -82,6 +93,13 @@ OVERRIDES: dict[str, dict] = {
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},  # its defaults do not run
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "use_mamba_kernels": False},
     "granitemoeshared": {"shared_intermediate_size": 16},  # its default has no shared MLP beside the experts
+    # num_layers layers of two sub-blocks each (num_hidden_layers = 2 · num_layers); rotary part qk_rope_head_dim wide
+    "longcat_flash": {"num_layers": 2, "head_dim": 4, "qk_head_dim": 8},
+}
+# Rows of their own for a type's config variants that change its blocks: name → (model type, overrides, merged into
+# the shrunk config's sub-configs).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "gemma4 (enable_moe_block)": ("gemma4", {"text_config": {"enable_moe_block": True}}),  # the multimodal type's
 }
 
 
@@ -175,15 +193,20 @@ def two_of(per_layer: list) -> list:
     return [per_layer[0], other]
 
 
-def tiny_model(model_type: str) -> nn.Module:
-    """A seeded float64 model of the type from its shrunk default config, weights redrawn, in eval mode."""
+def tiny_model(name: str) -> nn.Module:
+    """A seeded float64 model of the type (or `VARIANTS` entry) from its shrunk default config, weights redrawn, in
+    eval mode."""
     torch.manual_seed(0)
+    model_type, variant = VARIANTS.get(name, (name, {}))
     settings = {**tiny_settings(AutoConfig.for_model(model_type)), **OVERRIDES.get(model_type, {})}
+    for key, value in variant.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
     config = AutoConfig.for_model(model_type, **settings)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float64)
     if model._can_set_experts_implementation():
         model.set_experts_implementation("eager")  # the default grouped_mm takes no float64 on the CPU
     spread(model)
+    hash_routing(model)
     return model.eval()
 
 
@@ -195,6 +218,17 @@ def spread(model: nn.Module) -> None:
             if p.is_floating_point():
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
                 p.copy_(0.2 * noise if p.ndim >= 2 else p + 0.1 * noise)
+
+
+def hash_routing(model: nn.Module) -> None:
+    """Token-id → expert tables (DeepSeek-V4's hash routing, all zeros by default: expert 0 twice) redrawn, k distinct
+    experts per token, so that tokens pick different experts."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        table = getattr(m, "tid2eid", None)
+        if isinstance(table, torch.Tensor) and not table.is_floating_point():
+            rows = [torch.randperm(m.num_experts, generator=gen)[: table.shape[-1]] for _ in range(table.shape[0])]
+            table.copy_(torch.stack(rows))
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -211,11 +245,11 @@ def first_line(e: BaseException) -> str:
 
 
 def measure_type(model_type: str) -> Row:
-    """Build the type's tiny model and run analyze on it, within the time limits; never raises."""
+    """Build the type's (or variant's) tiny model and run analyze on it, within the time limits; never raises."""
     start = time.monotonic()
     try:
         with time_limit(BUILD_SECONDS):
-            scope = out_of_scope(model_type, AutoConfig.for_model(model_type))
+            scope = out_of_scope(model_type, AutoConfig.for_model(VARIANTS.get(model_type, (model_type,))[0]))
             if scope is None:
                 model = tiny_model(model_type)
         row = Row(model_type, "out of scope", reason=scope) if scope else run_analyze(model_type, model)
@@ -272,9 +306,13 @@ def measure(types: list[str]) -> list[Row]:
 
 
 def summary(rows: list[Row]) -> str:
-    decoders = [r for r in rows if r.status != "out of scope"]
+    decoders = [r for r in rows if r.status != "out of scope" and r.model_type not in VARIANTS]
     exact = sum(r.status == "exact" for r in decoders)
-    return f"{exact} of {len(decoders)} families exact (transformers {transformers.__version__})"
+    variants = [r for r in rows if r.model_type in VARIANTS]
+    line = f"{exact} of {len(decoders)} families exact (transformers {transformers.__version__})"
+    if variants:
+        line += f"; config variants: {sum(r.status == 'exact' for r in variants)} of {len(variants)} exact"
+    return line
 
 
 def markdown(rows: list[Row]) -> str:
@@ -306,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample", type=int, metavar="N", help="only N types, a fixed random sample")
     parser.add_argument("--types", help="only these types, comma-separated")
     args = parser.parse_args(argv)
-    types = args.types.split(",") if args.types else causal_types()
+    types = args.types.split(",") if args.types else sorted(causal_types() + list(VARIANTS))
     if args.sample:
         types = sorted(random.Random(0).sample(types, min(args.sample, len(types))))
     verbosity = transformers.logging.get_verbosity()

@@ -1,8 +1,10 @@
 """A model's decoder blocks, from the one entry point above the architecture table and the structural rule.
 
 A model type in the table (arch.py) resolves from its row; any other type is read by the structural rule
-(structure.py), which builds the table's `Block`s and `Family`s. This module sits above both, so that neither
-imports the other. `describe` is the `icl-probe.modules/1` document: the module paths icl-probe hooks.
+(structure.py), which builds the table's `Block`s and `Family`s; a multimodal model whose text model the rule
+refuses but whose text config has a row (Gemma 4 with its MoE block) by that row, at the blocks the probe finds.
+This module sits above both, so that neither imports the other. `describe` is the `icl-probe.modules/1`
+document: the module paths icl-probe hooks.
 """
 
 from __future__ import annotations
@@ -10,17 +12,34 @@ from __future__ import annotations
 from torch import nn
 
 from .arch import Block, Family, supported_types, table_blocks
-from .structure import float64_experts, read_structure
+from .errors import ModelError
+from .structure import decoder_path, float64_experts, read_structure
 
 __all__ = ["blocks", "describe", "family_for"]
 
 
 def blocks(model: nn.Module) -> list[Block]:
-    """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule."""
+    """Every decoder block of a CausalLM, in order: from its table row, or read by the structural rule; a
+    multimodal model whose text model the rule cannot read (Gemma 4's expert block) by its text config's row."""
     if model.config.model_type in supported_types():
         float64_experts(model)  # a table row with experts (Gemma 4's expert block) runs them as the rule's do
         return table_blocks(model)
-    return read_structure(model)
+    try:
+        return read_structure(model)
+    except ModelError:
+        text = text_config(model)
+        if text is None:
+            raise
+        return table_blocks(model, text, decoder_path(model))
+
+
+def text_config(model: nn.Module):
+    """The text config of a multimodal model whose text model has a row in the table (Gemma 4's), else None."""
+    try:
+        text = model.config.get_text_config()
+    except ValueError:  # several text configs (an encoder's and a decoder's)
+        return None
+    return text if text is not model.config and text.model_type in supported_types() else None
 
 
 def family_for(model: nn.Module) -> Family:

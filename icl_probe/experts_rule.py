@@ -13,7 +13,18 @@ from . import moe
 from .hooks import hooked
 from .lowrank import MATH_DTYPE
 from .moe import MoeParts
-from .probing import LINEARS, MOE_CHECK_TOLERANCE, ProbeCall, Refusal, copied, is_norm, relative_error, same, tolerance
+from .probing import (
+    LINEARS,
+    MOE_CHECK_TOLERANCE,
+    ProbeCall,
+    Refusal,
+    copied,
+    is_norm,
+    relative_error,
+    run_like,
+    same,
+    tolerance,
+)
 
 
 def expert_tensors(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -59,7 +70,8 @@ def read_moe(
         elif weight is not None and weight.ndim == 2 and weight.shape[-1] == hidden:
             routers.append(f"{rel}.weight")
     stacked = e_mod.get_parameter(params[0].removeprefix(e_rel + "."))
-    router_linears = [rel for rel in linears if is_router(mlp.get_submodule(rel).weight.shape[0], stacked)]
+    router_linears = [rel for rel in linears
+                      if is_router(mlp.get_submodule(rel).weight.shape[0], stacked) or in_router(mlp, rel)]  # fmt: skip
     parts = MoeParts(
         experts=f"{name}.{e_rel.split('.')[0]}",  # the MLP's child holding them, called with the routing
         params=tuple(f"{name}.{p}" for p in routers + params),
@@ -69,6 +81,13 @@ def read_moe(
     )
     check_moe_exact(name, mlp, call, linears, parts, hidden)
     return tuple(f"{name}.{rel}" for rel in linears), f"{name}.{down}", parts
+
+
+def in_router(mlp: nn.Module, rel: str) -> bool:
+    """Whether a linear layer sits inside a module whose class says router (ZAYA's down_proj, the first layer of its
+    router's own MLP)."""
+    parts = rel.split(".")
+    return any("router" in type(mlp.get_submodule(".".join(parts[:k]))).__name__.lower() for k in range(1, len(parts)))
 
 
 def is_router(out: int, stacked: torch.Tensor) -> bool:
@@ -117,8 +136,10 @@ def reads_hidden(attr: str, p: torch.Tensor, stored: bool | None, hidden: int) -
 def check_moe_exact(
     name: str, mlp: nn.Module, call: ProbeCall, linears: list[str], parts: MoeParts, hidden: int
 ) -> None:
-    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take one probe token's input z0
-    to another's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it)."""
+    """Theorem 2.2 on the probe run: with every reader of the MLP input updated to take the last probe token's input
+    z0 to the first's z, applied as weights, the MLP at z0 must give its output at z (else some other path reads it).
+    Inputs besides z (token ids, a state) are the last token's in both: the output at z is the MLP's on the probe
+    input with its last row set to z."""
     rows = call.x.reshape(-1, hidden)
     a, v = moe.map_factors(rows[0], rows[-1])
     prefix = name + "."
@@ -132,13 +153,22 @@ def check_moe_exact(
 
     transposed = {p.removeprefix(prefix) for p in parts.transposed}
     try:
-        with torch.no_grad(), hooked([(mlp.get_submodule(rel), add) for rel in linears]):
-            with moe.swapped(mlp, updates, transposed):
-                out = copied(mlp(call.x))
+        with torch.no_grad():
+            want = call.y.reshape(-1, hidden)[0] if not call.extra else at_first(mlp, call, hidden)
+            with hooked([(mlp.get_submodule(rel), add) for rel in linears]), moe.swapped(mlp, updates, transposed):
+                out = copied(run_like(mlp, call.x, call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has a mixture-of-experts MLP '{name}' that cannot run on its input alone ({e})") from None
-    error = relative_error(out.reshape(-1, hidden)[-1], call.y.reshape(-1, hidden)[0])
+    error = relative_error(out.reshape(-1, hidden)[-1], want)
     if error > max(tolerance(call.y.dtype), MOE_CHECK_TOLERANCE):
         readers = ", ".join([*linears, *(p.removeprefix(prefix) for p in parts.params)])
         raise Refusal(f"has a mixture-of-experts MLP '{name}' whose input reaches its output other than through "
                       f"{readers} (relative error {error:.2g} with them updated)")  # fmt: skip
+
+
+def at_first(mlp: nn.Module, call: ProbeCall, hidden: int) -> torch.Tensor:
+    """The MLP's output at the last position when its input there is the first position's, other inputs kept."""
+    x = call.x.clone()
+    rows = x.reshape(-1, hidden)
+    rows[-1] = rows[0]
+    return copied(run_like(mlp, x, call)).reshape(-1, hidden)[-1]

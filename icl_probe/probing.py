@@ -4,17 +4,18 @@ from __future__ import annotations
 
 __all__ = [
     "LINEARS", "MOE_CHECK_TOLERANCE", "Refusal", "ProbeCall", "call_taps", "calls_of", "copied", "linears_in",
-    "is_norm", "same", "relative_error", "tolerance"
+    "is_norm", "same", "relative_error", "tolerance", "run_like"
 ]  # fmt: skip
 
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .hooks import Call, Tap
+from .mlp_inputs import MlpInputs
 
 LINEARS = (nn.Linear, Conv1D)
 # A router may compute its logits in float32 whatever the model's dtype (DeepSeek), so W + ΔW applied as a weight
@@ -28,22 +29,35 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class ProbeCall:
-    """One forward call seen by the probe run: its order, and copies of its hidden-state input and output."""
+    """One forward call seen by the probe run: its order, copies of its hidden-state input and output, and the
+    arguments it took besides its hidden-state input (as they were passed, not copied)."""
 
     order: int
     x: torch.Tensor | None
     y: torch.Tensor | None
     dtypes: tuple[torch.dtype, ...] = ()  # of every floating-point tensor it returned (a router's logits and weights)
-    inputs: int = 1  # how many tensors it was called with (positional or keyword)
+    args: tuple = ()  # positional arguments after the hidden-state input
+    kwargs: dict = field(default_factory=dict)  # keyword arguments, hidden_states= excepted
+
+    @property
+    def extra(self) -> list[str]:
+        """The tensors it took besides its hidden-state input, by keyword or position (`argument 1`, after z)."""
+        return [name for name, _ in MlpInputs(self.args, self.kwargs).named()]
 
 
 def observed(call: Call) -> ProbeCall:
     """A call as the probe keeps it (numbered by `calls_of`): input hidden states given by position or as
-    hidden_states=, the output's hidden states and floating-point dtypes, and how many tensors it took."""
+    hidden_states=, the output's hidden states and floating-point dtypes, and its other arguments."""
     outputs = call.output if isinstance(call.output, (tuple, list)) else (call.output,)
     dtypes = tuple(t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
-    n = sum(isinstance(t, torch.Tensor) for t in (*call.args, *call.kwargs.values()))
-    return ProbeCall(-1, copied(call.input), copied(call.output), dtypes, n)
+    args = call.args[1:] if call.args else ()
+    kwargs = {k: v for k, v in call.kwargs.items() if call.args or k != "hidden_states"}
+    return ProbeCall(-1, copied(call.input), copied(call.output), dtypes, args, kwargs)
+
+
+def run_like(module: nn.Module, x: torch.Tensor, call: ProbeCall) -> object:
+    """The module on input x with the other arguments of a call it made in the probe run (token ids, a state)."""
+    return module(x, *call.args, **call.kwargs)
 
 
 def call_taps(modules: list[nn.Module]) -> list[Tap]:

@@ -5,14 +5,17 @@ that can be one, with any MLP beside it on the same input), the contextual layer
 around it, and checks what the theorem needs: the MLP reads one position, through its first linears (a dense
 MLP) or its routers, experts and shared experts (a mixture of experts, experts_rule.py). The rest of the block
 is left to Δb, its remainder: with several residual streams (hyper-connections, AltUp), the block's whole state
-at the last token, streams · hidden (`stream_axes`). What does not fit is refused in one line naming the block
-and the obstacle. docs/architectures.md describes the rule; probing.py says what the probe run keeps of each call.
+at the last token, streams · hidden (`stream_axes`). An MLP may take inputs besides z, a row per position (token
+ids, a previous layer's state): the checks hold them fixed, and the runs compare them at the last token
+(mlp_inputs.py). What does not fit is refused in one line naming the block and the obstacle. docs/architectures.md
+describes the rule; probing.py says what the probe run keeps of each call.
 """
 
 from __future__ import annotations
 
-__all__ = ["read_structure", "float64_experts"]
+__all__ = ["read_structure", "decoder_path", "float64_experts"]
 
+import inspect
 import re
 import weakref
 
@@ -23,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .arch import GENERIC_FOLD_NOTE, MOE_FOLD_NOTE, Block, Family, unsupported
 from .experts_rule import has_experts, read_moe
 from .hooks import hooked, recording
+from .mlp_inputs import MlpInputs
 from .probing import (
     LINEARS,
     MOE_CHECK_TOLERANCE,
@@ -34,15 +38,18 @@ from .probing import (
     is_norm,
     linears_in,
     relative_error,
+    run_like,
     same,
     tolerance,
 )
 
 # class names of mixture-of-experts parts ("Glm4MoeMLP", a dense MLP of an MoE family, is not one)
 EXPERTS = re.compile(r"expert|router|moe$|moeblock|moelayer|sparsemoe", re.IGNORECASE)
-MIXER_KINDS = (("deltanet", "linear attention"), ("linearattention", "linear attention"), ("mamba", "mamba"),
+MIXER_KINDS = (("deltanet", "linear attention"), ("deltaattention", "linear attention"),
+               ("linearattention", "linear attention"), ("mamba", "mamba"),
                ("mixer", "mamba"), ("ssm", "mamba"), ("recurrent", "recurrence"), ("lstm", "recurrence"),
-               ("conv", "convolution"), ("attention", "attention"), ("attn", "attention"))  # fmt: skip
+               ("conv", "convolution"), ("compressor", "compression"), ("attention", "attention"),
+               ("attn", "attention"))  # fmt: skip
 PROBE_IDS = (1, 2, 3, 4, 5, 6)
 READINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (layers path, one Family per block)
 
@@ -61,7 +68,7 @@ def read_structure(model: nn.Module) -> list[Block]:
 
 def read_model(model: nn.Module) -> tuple[str, list[Family]]:
     model_type = model.config.model_type
-    candidates = layer_lists(model)
+    candidates, exact = layer_lists(model)
     float64_experts(model)
     calls = probe(model, [block for p in candidates for block in model.get_submodule(p)])
     path = the_decoder_blocks(model, candidates, calls)
@@ -72,9 +79,19 @@ def read_model(model: nn.Module) -> tuple[str, list[Family]]:
             read.append(read_block(layer, calls))
         except Refusal as e:
             raise unsupported(model_type, f"block {path}.{i} {e}") from None
+    if not exact:  # the blocks read, but not num_hidden_layers of them: which blocks the config means is unclear
+        n = model.config.get_text_config().num_hidden_layers
+        raise unsupported(model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
     note = MOE_FOLD_NOTE if any(fields.get("moe") for fields in read) else GENERIC_FOLD_NOTE
     name = f"generic ({model_type})"
     return path, [Family(name, (model_type,), layers=path, fold=None, fold_note=note, **fields) for fields in read]
+
+
+def decoder_path(model: nn.Module) -> str:
+    """The path of the model's ModuleList of decoder blocks, found as `read_structure` finds it (one probe run)."""
+    candidates, _ = layer_lists(model)
+    float64_experts(model)
+    return the_decoder_blocks(model, candidates, probe(model, [b for p in candidates for b in model.get_submodule(p)]))
 
 
 def float64_experts(model: nn.Module) -> None:
@@ -87,19 +104,33 @@ def float64_experts(model: nn.Module) -> None:
             model.set_experts_implementation("batched_mm")
 
 
-def layer_lists(model: nn.Module) -> list[str]:
-    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders')."""
+def layer_lists(model: nn.Module) -> tuple[list[str], bool]:
+    """The outermost ModuleLists of num_hidden_layers modules (a multimodal model also has its encoders'), and True;
+    without one, every outermost ModuleList of modules with parameters, and False: num_hidden_layers may count the
+    calls of a loop over fewer blocks, or sub-blocks, which the probe run then names in the refusal."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    found = [name for name, m in lists if len(m) == n]
+    exact = bool(found)
+    if not exact:
+        found = [name for name, m in lists if all(next(b.parameters(), None) is not None for b in m)]
     outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
     if not outer:
         raise unsupported(model.config.model_type, f"found no ModuleList of num_hidden_layers={n} blocks")
-    return outer
+    return outer, exact
 
 
 def the_decoder_blocks(model: nn.Module, candidates: list[str], calls: dict[nn.Module, list[ProbeCall]]) -> str:
     """The one candidate list whose every block ran once in the probe run of input ids alone."""
     ran = [p for p in candidates if all(len(calls[block]) == 1 for block in model.get_submodule(p))]
+    looped = {p: max(len(calls[block]) for block in model.get_submodule(p)) for p in candidates}
+    if not ran and (p := max(looped, key=looped.get)) and looped[p] > 1:
+        raise unsupported(
+            model.config.model_type,
+            f"the blocks of {p} run up to {looped[p]} times per forward pass (a loop over the same weights): the "
+            "theorem gives a block one rank-1 update for one call, and a block called at several depths would need "
+            "its weights to carry the context at each of them",
+        )
     if len(ran) != 1:
         found = f"{', '.join(ran)} all run" if ran else f"none of {', '.join(candidates)} runs once"
         raise unsupported(model.config.model_type, f"expected one ModuleList of blocks run once per pass; {found}")
@@ -127,6 +158,7 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     if len(calls[layer]) != 1:
         raise Refusal(f"ran {len(calls[layer])} times in one forward pass")
     x, y = calls[layer][0].x, calls[layer][0].y
+    check_no_sub_blocks(layer, calls)
     seen = sorted(((c, name, m) for name, m in layer.named_children() for c in calls[m]), key=lambda t: t[0].order)
     norms = [(name, c) for c, name, m in seen if is_norm(m)]
     units = [(name, m, c) for c, name, m in seen if not is_norm(m) and next(m.parameters(), None) is not None]
@@ -136,8 +168,10 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     after = [u for u in after if u not in twins]
     norms += inner_norms(mixers, calls)
     streams = stream_axes(x, y, mlp_call)
-    check_one_input(mlp_name, mlp_call)
+    inputs = check_inputs(mlp_name, mlp, mlp_call)
     for name, m, c in [(mlp_name, mlp, mlp_call), *twins]:
+        if m is not mlp:
+            check_inputs(name, m, c, twin=True)
         check_one_position(name, m, c)
     pre = norm_with(norms, "y", mlp_call.x, -1)
     post = None if twins else norm_with(norms, "x", mlp_call.y, mlp_call.order)
@@ -146,7 +180,20 @@ def read_block(layer: nn.Module, calls: dict[nn.Module, list[ProbeCall]]) -> dic
     attn, parallel = mixer_branch(mixers, norms, calls, x, y, r, b)
     fields = read_mlps((mlp_name, mlp, mlp_call), twins, calls)
     return dict(**fields, mlp=mlp_name, pre_mlp_norm=pre and pre[0], post_mlp_norm=post and post[0], attn=attn,
-                parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams)  # fmt: skip
+                parallel=parallel, mixer=mixer_kinds(mixers, after), streams=streams, mlp_inputs=inputs)  # fmt: skip
+
+
+def check_no_sub_blocks(layer: nn.Module, calls: dict) -> None:
+    """A block keeping its layers in ModuleLists called one element at a time (LongCat-Flash: two attention and MLP
+    sub-blocks per block) is several blocks in one, which the rule does not split."""
+    lists = [name for name, m in layer.named_children()
+             if isinstance(m, nn.ModuleList) and any(calls.get(e) for e in m)]  # fmt: skip
+    if lists:
+        raise Refusal(
+            f"keeps its layers in ModuleLists ({', '.join(lists)}) called one element at a time: several sub-blocks "
+            "in one block, which the structural rule does not split (a limitation of icl-probe, not a mathematical "
+            "obstacle)"
+        )
 
 
 def inner_norms(mixers: list[tuple], calls: dict) -> list[tuple[str, ProbeCall]]:
@@ -264,7 +311,7 @@ def mixer_branch(mixers: list[tuple], norms: list, calls: dict, x, y, r, b) -> t
 def mixer_kinds(mixers: list[tuple], after: list[tuple]) -> str:
     """The kinds of contextual layer in the block, '+'-joined in call order ('attention', 'attention+convolution');
     parts whose class names no kind (gates, scales, hyper-connections) are position-wise and not listed."""
-    kinds = [mixer_kind(m) for _, m, _ in mixers + after]
+    kinds = [k for _, m, _ in mixers + after for k in (mixer_kind(m), *inner_kinds(m))]
     named = list(dict.fromkeys(k for k in kinds if not k.startswith("other")))
     return "+".join(named) if named else kinds[-len(after) - 1] if after else kinds[-1]
 
@@ -294,14 +341,31 @@ def check_sums(x, y, a, r, b) -> bool | None:
     return False if relative_error(r, x + a, scale) <= tol else None
 
 
-def check_one_input(name: str, call: ProbeCall) -> None:
-    """The theorem's MLP is a function of its input z alone; one called with more tensors (ZAYA's router reads the
-    previous layer's router state too) is a function of two inputs, and ΔW on z does not cover the second."""
-    if call.inputs > 1:
-        raise Refusal(
-            f"has an MLP '{name}' called with {call.inputs} tensors, not its input z alone: its output is a "
-            "function of a second input too, against which no update of z's readers can be checked"
-        )
+def check_inputs(name: str, mlp: nn.Module, call: ProbeCall, twin: bool = False) -> tuple[str, ...]:
+    """The MLP's tensor inputs besides z (DeepSeek-V4's token ids, ZAYA's previous router state): each must hold one
+    row per position, as z does, for the runs to compare them at the last token (`mlp_inputs.check_mlp_inputs`)."""
+    lead = call.x.shape[:-1]
+    tensors = named_inputs(mlp, call)
+    if twin and tensors:
+        raise Refusal(f"has an MLP '{name}' beside its mixture of experts that also reads {tensors[0][0]}")
+    for arg, t in tensors:
+        if t.shape[: len(lead)] != lead:
+            raise Refusal(
+                f"has an MLP '{name}' that also reads {arg} of shape {tuple(t.shape)}, not a row per position "
+                f"as its input {tuple(call.x.shape)}: icl-probe compares an MLP's other inputs at the query's last "
+                "token only (a limitation of icl-probe, not a mathematical obstacle)"
+            )
+    return tuple(arg for arg, _ in tensors)
+
+
+def named_inputs(mlp: nn.Module, call: ProbeCall) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a call passed besides z, positional ones named as the MLP's forward names them (ZAYA's
+    prev_router_hidden_states)."""
+    try:
+        params = list(inspect.signature(mlp.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        params = []
+    return MlpInputs(call.args, call.kwargs).named(params)
 
 
 def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
@@ -311,7 +375,7 @@ def check_one_position(name: str, mlp: nn.Module, call: ProbeCall) -> None:
     x.reshape(-1, *x.shape[-2:])[:, 0] *= -2.0
     try:
         with torch.no_grad():
-            out = copied(mlp(x))
+            out = copied(run_like(mlp, x, call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
     if out is None or out.shape != call.y.shape:
@@ -336,7 +400,7 @@ def read_mlp(name: str, mlp: nn.Module, call: ProbeCall, calls: dict, hidden: in
         found = ", ".join(rel for rel, _ in writes) or "none"
         raise Refusal(f"has an MLP '{name}' with {len(writes)} linear layers writing the hidden size ({found})")
     check_only_through(name, mlp, call, {m: calls[m][0].y for _, m in first})
-    check_output_projection(name, call.y, writes[0][0], calls[writes[0][1]][-1].y)
+    check_output_projection(name, mlp, call, writes[0][0], calls[writes[0][1]][-1].y)
     kinds = {isinstance(m, Conv1D) for _, m in first + writes}
     if len(kinds) != 1:
         raise Refusal(f"mixes Conv1D and nn.Linear layers in its MLP '{name}'")
@@ -353,13 +417,27 @@ def check_dense(name: str, mlp: nn.Module) -> None:
         )
 
 
-def check_output_projection(name: str, m: torch.Tensor, rel: str, d: torch.Tensor) -> None:
-    """The MLP's output must be its output projection's, up to a constant factor."""
+def check_output_projection(name: str, mlp: nn.Module, call: ProbeCall, rel: str, d: torch.Tensor) -> None:
+    """The MLP's output must be its output projection's, up to a constant factor. One that adds another of its
+    inputs to it (MPT's residual) is refused saying so: its branch is a table row's to name."""
+    if is_scaled(call.y, d):
+        return
+    for arg, t in named_inputs(mlp, call):
+        if t.shape == call.y.shape and t.is_floating_point() and is_scaled(call.y - t, d):
+            raise Refusal(
+                f"has an MLP '{name}' that adds its input `{arg}` to its output: its branch is not its output "
+                "projection's, which the structural rule needs (a limitation of the rule, not a mathematical "
+                "obstacle; a table row names such a branch, as MPT's does)"
+            )
+    raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+
+
+def is_scaled(m: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether m is c · d for a constant c ≠ 0, to the rounding of m's dtype."""
     dtype = m.dtype
     m, d = m.double().reshape(-1), d.double().reshape(-1)
     c = float(m @ d / (d @ d)) if float(d @ d) > 0 else 0.0
-    if c == 0.0 or relative_error(m, c * d) > tolerance(dtype):
-        raise Refusal(f"has an MLP '{name}' whose output is not its output projection '{rel}' times a constant")
+    return c != 0.0 and relative_error(m, c * d) <= tolerance(dtype)
 
 
 def check_only_through(name: str, mlp: nn.Module, call: ProbeCall, kept: dict[nn.Module, torch.Tensor]) -> None:
@@ -371,7 +449,7 @@ def check_only_through(name: str, mlp: nn.Module, call: ProbeCall, kept: dict[nn
 
     try:
         with torch.no_grad(), hooked([(m, replay) for m in kept]):
-            out = copied(mlp(call.x.roll(1, -1)))
+            out = copied(run_like(mlp, call.x.roll(1, -1), call))
     except (TypeError, RuntimeError, ValueError) as e:
         raise Refusal(f"has an MLP '{name}' that cannot run on its input alone ({str(e).splitlines()[0]})") from None
     if out is None or relative_error(out, call.y) > tolerance(call.y.dtype):
@@ -397,6 +475,16 @@ def low_precision(name: str, mlp: nn.Module, call: ProbeCall, calls: dict) -> tu
 def is_mixer(m: nn.Module) -> bool:
     """A contextual layer by its class name (an attention beside the MLP in a parallel block reads its input too)."""
     return not mixer_kind(m).startswith("other")
+
+
+def inner_kinds(mixer: nn.Module) -> list[str]:
+    """Kinds of state an attention keeps beside its keys and values, from the modules inside it: ZAYA's convolution
+    (an nn.Conv1d), DeepSeek-V4's compressed keys. Their caches cannot be cut back as a KV cache can."""
+    if mixer_kind(mixer) != "attention":
+        return []
+    inner = [m for m in mixer.modules() if m is not mixer]  # GPT-2's Conv1D is a linear layer, not a convolution
+    return [k for k, hit in (("convolution", any(isinstance(m, nn.Conv1d) for m in inner)),
+                             ("compression", any(mixer_kind(m) == "compression" for m in inner))) if hit]  # fmt: skip
 
 
 def mixer_kind(mixer: nn.Module) -> str:

@@ -30,6 +30,7 @@ from .errors import MathError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
+from .mlp_inputs import check_mlp_inputs, mlp_inputs_taps
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
 from .timing import stage
@@ -130,7 +131,7 @@ class SequentialRun:
                 taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
                 taps.append(routing_tap(b.part(b.moe.experts), (b.index, "route"), self.batch))
-        return taps
+        return taps + mlp_inputs_taps(self.chosen, self.batch, self.lasts)  # an MLP's inputs besides z
 
     def live(self) -> bool:
         return not self.suspended
@@ -211,7 +212,7 @@ class SequentialRun:
         self.suspended = True
         try:
             with stage("branch0 MLP re-run"):
-                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None])  # (B, 1, in)
+                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.seen.get((b.index, "mlp_inputs")))  # (B, 1, in)
         finally:
             self.suspended = False
         return last(hidden(y), self.batch)
@@ -222,6 +223,7 @@ class SequentialRun:
 
         def hook(module, args, output):
             cap, target = self.captures[b.index], self.targets[b.index]
+            check_mlp_inputs(b, target.mlp_inputs, self.seen.get((b.index, "mlp_inputs")))
             cap.branch0 = self.rerun_mlp(b)
             h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()

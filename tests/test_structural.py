@@ -218,7 +218,7 @@ def test_rule_agrees_with_the_table_where_it_can_see(name):
 
 REFUSED = {
     "opt": r"block model\.decoder\.layers\.0 keeps linear layers \(fc1, fc2\) in the block itself",
-    "mpt": r"block transformer\.blocks\.0 has an MLP 'ffn' called with 2 tensors, not its input z alone",
+    "mpt": r"block transformer\.blocks\.0 has an MLP 'ffn' that adds its input `residual` to its output",
 }
 
 
@@ -349,7 +349,7 @@ def test_reading_is_cached_per_model():
 # ---- the coverage table --------------------------------------------------------------------------------------
 
 SAMPLE = {"llama": "exact", "lfm2": "exact", "nemotron": "exact", "mixtral": "exact", "mamba": "refused",
-          "bart": "out of scope", "bert": "out of scope"}  # fmt: skip
+          "bart": "out of scope", "bert": "out of scope", "gemma4 (enable_moe_block)": "exact"}  # fmt: skip
 
 
 def test_coverage_sample(tmp_path, capsys):
@@ -365,5 +365,8 @@ def test_coverage_sample(tmp_path, capsys):
     assert rows["lfm2"]["mixers"] == "attention, convolution"
     out = capsys.readouterr().out
     assert out.startswith("4 of 5 families exact (transformers ") and "| lfm2 | exact | generic (lfm2) |" in out
+    assert "; config variants: 1 of 1 exact\n" in out  # a variant is its own row, counted apart
+    variant = rows["gemma4 (enable_moe_block)"]  # the multimodal type, read by the gemma4_text row
+    assert variant["family"] == "gemma4" and variant["moe_layers"] == 2 and variant["routing_exact"] is True
     assert "Out of scope (encoder-decoder or encoder-only): bart, bert." in out
     assert torch.get_default_dtype() == torch.float32  # measure restores it

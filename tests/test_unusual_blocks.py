@@ -13,8 +13,9 @@ import torch
 from coverage_models import analysis_of, float64_default, model_of  # noqa: F401 - the fixture is autouse
 from helpers import forward_hooks, hidden, last_inputs, last_logits, last_outputs
 
-from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch
+from icl_probe import analyze, coverage, export_patch, load_patch, replay_patch, track_dynamics
 from icl_probe.cli.report.analysis import legend
+from icl_probe.decoder import blocks
 from icl_probe.errors import ModelError, PatchError
 from icl_probe.patchfile import check_fits
 from icl_probe.patching import Patch, applied
@@ -36,8 +37,10 @@ UNUSUAL = {
     "dbrx": (("ffn",), {0: "ffn.router", 1: "ffn.router"}, "fused norm-attention-norm; experts stacked in 2-D"),
     "hy_v4": (("mlp",), {1: "mlp.gate"}, "hyper-connections: 4 residual streams; a float32 router"),
     "gemma3n_text": (("mlp",), {}, "AltUp: 4 residual streams, streams first; per-layer inputs after the MLP"),
+    "deepseek_v4": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "the MoE also reads the token ids (hash routing)"),
+    "zaya": (("mlp",), {0: "mlp.gate", 1: "mlp.gate"}, "the router also reads the previous layer's router state"),
 }
-STREAMS = ("hy_v4", "gemma3n_text")  # block output (B, T, 4, hidden) and (4, B, T, hidden)
+STREAMS = ("hy_v4", "gemma3n_text", "deepseek_v4")  # block output (B, T, 4, hidden) or (4, B, T, hidden)
 LAYERS = {"dbrx": "transformer.blocks"}  # the others keep their blocks in model.layers
 
 
@@ -140,8 +143,13 @@ def test_a_float64_family_reports_no_precision_limit():
     [
         ("rwkv", "reads other positions"),  # the channel mix's token shift
         ("mamba", "no MLP after a contextual layer"),
+        ("mamba2", "no MLP after a contextual layer"),
         ("falcon_mamba", "no MLP after a contextual layer"),
-        ("deepseek_v4", "called with 2 tensors"),  # its MoE also reads the token ids (hash routing)
+        ("nemotron_h", "no MLP after a contextual layer"),  # its MLP and MoE layers are blocks of their own
+        ("zamba2", "no MLP after a contextual layer"),
+        ("dory", "run up to 2 times per forward pass (a loop over the same weights)"),
+        ("hrm_text", "run up to 6 times per forward pass (a loop over the same weights)"),
+        ("longcat_flash", "keeps its layers in ModuleLists (self_attn, mlps, "),  # two sub-blocks per block
     ],
 )
 def test_what_cannot_be_read_is_refused_naming_the_obstacle(name, obstacle):
@@ -222,3 +230,40 @@ def test_every_reader_beside_the_experts_gets_the_theorems_rank_one_update():
         for e in range(weight.shape[0]):
             expected = torch.outer(weight[e] @ dz, z0[i]) / n2
             torch.testing.assert_close(factors.u[e] @ factors.v.T, expected, rtol=1e-9, atol=1e-14)
+
+
+def test_hash_routing_picks_the_last_tokens_experts_from_its_id():
+    # DeepSeek-V4's layer 0 routes by a token-id table (redrawn by the coverage model: two distinct experts per
+    # token): with the patch applied as weights, the query alone's last token still picks its id's row of the
+    # table, and the MLP's token-id input there is the with-context one, as the rule requires
+    model, result = model_of("deepseek_v4"), analysis_of("deepseek_v4")
+    table = model.get_buffer("model.layers.0.mlp.gate.tid2eid")
+    assert len({tuple(sorted(row.tolist())) for row in table}) > 1  # tokens pick different experts
+    with applied(model, result.patch):
+        chosen = router_outputs(model, "deepseek_v4", {0: "mlp.gate"}, result.prompt.query_only)[0][-1]
+    assert sorted(chosen.tolist()) == sorted(table[result.prompt.full[-1]].tolist())
+    assert result.prompt.full[-1] == result.prompt.query_only[-1]
+
+
+def test_a_carried_router_state_is_the_with_context_one_only_when_the_layer_before_is_patched():
+    # ZAYA's router at layer 1 adds the previous layer's router state: patched together with layer 0, the state it
+    # reads at the last token is the with-context one (the router's own outputs match, above); with layer 0 left
+    # out, the context reaches it and no update of layer 1's readers can change it, so the run is refused
+    model, tok = model_of("zaya"), coverage.char_tokenizer()
+    with pytest.raises(ModelError) as e:
+        analyze(model, tok, CONTEXT, QUERY, layers=[1])
+    message = str(e.value)
+    assert "`prev_router_hidden_states`, which the context changes" in message and "\n" not in message
+    assert "no update of z's readers can change" in message
+    doc = analyze(model_of("deepseek_v4"), tok, CONTEXT, QUERY, layers=[1]).to_dict()  # token ids: no obstacle
+    assert doc["logits"]["kl_patched"] < 1e-10 and doc["layers"][0]["mlp_branch_error"] < 1e-9
+
+
+@pytest.mark.parametrize("name", ["deepseek_v4", "zaya"])
+def test_prefix_sweeps_run_each_prefix_whole_past_an_attention_with_more_state(name):
+    # ZAYA's attention holds a convolution and DeepSeek-V4's compressed keys: caches that cannot be cut back, so the
+    # rule names those kinds and the sweep runs each prefix whole; every prefix is exact
+    model = model_of(name)
+    assert {b.family.mixer for b in blocks(model)} <= {"attention+convolution", "attention+compression"}
+    doc = track_dynamics(model, coverage.char_tokenizer(), ["ab -> ba\n", "cd -> dc\n", "xy -> yx\n"], QUERY).to_dict()
+    assert all(p["kl_patched"] < 1e-10 for p in doc["prefixes"][1:])
