@@ -308,8 +308,8 @@ def generation_table(summary: dict) -> list[str]:
     arms = list(groups[0]["generation"]) if groups else []
     rows = [[g["model"], g["task"], str(g["generation"][arms[0]]["prompts"])]
             + [agreement(g["generation"][arm]) for arm in arms] for g in groups]  # fmt: skip
-    note = ("analyze's generation check: greedy tokens after the first held-out query, the update solved again for each "
-            "token's text and the with-context token fed on; the patched query alone's token against the "
+    note = ("analyze's generation check: greedy tokens after the first held-out query, the update solved again for "
+            "each token's text and the with-context token fed on; the patched query alone's token against the "
             "with-context one, both in the arm's dtype. Cell: tokens agreeing (k/n), then the prompts agreeing on "
             "every token. A prompt's tokens are not independent draws, so no interval is given.")  # fmt: skip
     return table("Exactness in generation", ["model", "task", "prompts", *arms], rows, note)
