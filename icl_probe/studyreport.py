@@ -261,10 +261,10 @@ def overview_lines(summary: dict) -> list[str]:
     """One row per model, every task pooled (the groups with task "all"): the tables the README shows."""
     pooled = [g for g in summary["groups"] if g["task"] == "all"] or summary["groups"]
     lines = ["## Across models (every task pooled)", "", NOTE, ""]
+    arms = next((list(g["generation"]) for g in pooled if g["generation"]), [])
     rows = [[g["model"], fmt((g["analyze"] or {}).get("kl_patched_max")),
              fmt((g["analyze"] or {}).get("mlp_branch_error_max"))]
-            + [agreement(arm) for arm in (g["generation"] or {}).values()] for g in pooled]  # fmt: skip
-    arms = next((list(g["generation"]) for g in pooled if g["generation"]), [])
+            + [agreement(g["generation"][a]) if g["generation"] else "–" for a in arms] for g in pooled]  # fmt: skip
     head = ["model", "worst KL(context ‖ patched)", "worst mlp_branch_error", *(f"generation, {a}" for a in arms)]
     lines += table_body(head, rows)
     rows = [[g["model"], ci((g["icl"] or {}).get("zero_shot")), ci((g["icl"] or {}).get("icl")),

@@ -254,9 +254,15 @@ def test_a_rerun_for_one_model_runs_its_cells_only_and_reports_all(tmp_path):
     run_study(make_spec({}, models=["llama", "qwen2"], experiments=["icl"], **base), tmp_path, say=lambda _: None,
               loader=tiny_loader([]))  # fmt: skip
     calls = []
-    summary = run_study(make_spec({}, models=["llama"], experiments=["analyze"], **base), tmp_path,
-                        say=lambda _: None, loader=tiny_loader(calls))  # fmt: skip
-    assert calls == ["llama"]
+    summary = run_study(make_spec({}, models=["llama"], experiments=["analyze", "generation"], generate_tokens=2,
+                                  **base), tmp_path, say=lambda _: None, loader=tiny_loader(calls))  # fmt: skip
+    assert calls == ["llama", "llama"]  # float32, then bfloat16 for generation
     by_model = {g["model"]: g for g in summary["groups"]}
     assert by_model["llama"]["analyze"]["n"] == 1 and by_model["qwen2"]["analyze"] is None
     assert by_model["qwen2"]["icl"] is not None and summary["spec"]["models"] == ["llama", "qwen2"]
+    assert by_model["llama"]["generation"] is not None and by_model["qwen2"]["generation"] is None
+    report = (tmp_path / "report.md").read_text()
+    overview = report[report.index("## Across models") : report.index("## Exactness")]
+    for block in overview.split("\n\n"):  # every row of each table has its header's number of cells
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({line.count(" | ") for line in rows}) <= 1, block
