@@ -361,9 +361,42 @@ def solve(
     if any(b.moe for b in chosen):
         return solve_moe(model, chosen, targets, query, residual, batch)
     run = SequentialRun(chosen, targets, residual, batch, riders=riders)
-    with run.running():
+    with run.running(), apart(model, run):
         logits = forward(model, [query] * run.batch, use_cache=False)
     return solution_of(run, logits)
+
+
+@contextmanager
+def apart(model: nn.Module, run: SequentialRun) -> Iterator[None]:
+    """With riders, the output layer computes the solved rows' logits apart from the riders', in the shape a pass of
+    the solved rows alone gives them: a matmul of another shape rounds differently, and where the last block's Δb
+    restores the with-context state exactly, the patched logits must then equal the context's bit for bit
+    (kl_patched = 0 in float32)."""
+    head = model.get_output_embeddings() if run.riders else None
+    if head is None:
+        yield
+        return
+    state = {"solved": None, "inner": False}  # the solved rows' input, set aside while the riders' rows run
+
+    def split(module, args, kwargs):
+        if state["inner"]:
+            return None
+        x = args[0] if args else kwargs["input"]
+        state["solved"] = x[: run.solved]
+        return ((x[run.solved :], *args[1:]), kwargs) if args else (args, {**kwargs, "input": x[run.solved :]})
+
+    def join(module, args, output):
+        if state["inner"]:
+            return None
+        state["inner"] = True
+        try:
+            solved = module(state["solved"])
+        finally:
+            state["inner"], state["solved"] = False, None
+        return torch.cat([solved, output])
+
+    with pre_hooked([(head, split)]), hooked([(head, join)]):
+        yield
 
 
 def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
@@ -397,7 +430,7 @@ def solve_rows(
     inputs, lasts = padded_inputs(model, [*queries, *(queries[r.owner] for r in riders)])
     first, width = int(lasts.min()), int(lasts.max()) + 1
     run = SequentialRun(chosen, targets, residual, len(queries), lasts, riders)
-    with run.running():
+    with run.running(), apart(model, run):
         out = model(**inputs, logits_to_keep=width - first, use_cache=False)
     return solution_of(run, out.logits[torch.arange(run.batch), lasts - first])
 
