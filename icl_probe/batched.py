@@ -1,6 +1,7 @@
 """`analyze_rows`: `analyze` for several prompts at once, each prompt a row of the same forward passes.
 
-The prompts with context run as the rows of one right-padded pass (`capture_targets_rows`), the queries alone
+The prompts with context run as the rows of one right-padded pass (`capture_shared_rows`: a token prefix they
+all share, such as one context for many queries, runs once with a KV cache before it), the queries alone
 as the rows of one sequential solve (`solve_rows`), with the ablation's rows of every prompt riding along in
 that pass (update.Rider; with a folded Δb, they are one more pass). A row is padded on the right with its own
 last token and read at its own last real position: attention is causal, so its real positions compute as they
@@ -35,7 +36,7 @@ from .analysis import (
 )
 from .capture import (
     Target,
-    capture_targets_rows,
+    capture_shared_rows,
     check_length,
     last_logits,
     last_logits_rows,
@@ -100,7 +101,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
     with stage("capture"):
-        rows, logits_ctx = capture_targets_rows(model, chosen, [run.prompt.full for run in runs])
+        rows, logits_ctx = capture_shared_rows(model, chosen, [run.prompt.full for run in runs])
         targets = {b.index: stacked([r[b.index] for r in rows]) for b in chosen}
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
