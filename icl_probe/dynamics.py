@@ -9,7 +9,7 @@ step from the previous prefix, and how far that step is from Proposition 3.1's g
 
 from __future__ import annotations
 
-__all__ = ["Dynamics", "track_dynamics", "dynamics_trials", "trial_prefixes"]
+__all__ = ["Dynamics", "track_dynamics", "dynamics_trials", "trial_prefixes", "tokenize_prefixes"]
 
 import itertools
 import math
