@@ -109,6 +109,7 @@ class SequentialRun:
         self.chosen, self.targets, self.residual = chosen, targets, residual
         self.solved, self.riders = batch, list(riders)
         self.batch = batch + len(self.riders)  # rows in the pass: the solved rows, then the riders
+        self.gathers: dict[str, torch.Tensor] = {}  # "delta_w" | "delta_b" → the rows `ridden` gathers
         self.lasts = lasts  # (rows,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
@@ -232,10 +233,11 @@ class SequentialRun:
         zeros (as a missing row of a stacked patch)."""
         if not self.riders:
             return x
-        owners = torch.tensor([r.owner for r in self.riders], device=x.device)
-        keep = torch.tensor([getattr(r, flag) for r in self.riders], device=x.device)
-        rows = torch.where(keep.reshape(-1, *[1] * (x.ndim - 1)), x[owners], torch.zeros((), dtype=x.dtype))
-        return torch.cat([x, rows])
+        if flag not in self.gathers:  # solved rows, then each rider's owner or the zero row appended at `solved`
+            owners = [r.owner if getattr(r, flag) else self.solved for r in self.riders]
+            self.gathers[flag] = torch.tensor([*range(self.solved), *owners])
+        zero = x.new_zeros((1, *x.shape[1:]))
+        return torch.cat([x, zero])[self.gathers[flag].to(x.device)]
 
     def ridden_delta_w(self, delta: LowRank) -> LowRank:
         return LowRank(self.ridden(delta.u, "delta_w"), self.ridden(delta.v, "delta_w")) if self.riders else delta
