@@ -4,7 +4,8 @@ Each arm runs the same N prompts (arms interleaved, median of --repeat) through 
 `analyze --batch` runs: results written as fsync'd JSONL lines) on SmolLM2-135M in float32, with
 --batch-size 1 and with each B. The limit is the forward passes a batch of B runs, without hooks or update
 math: the prompts with context (B rows), then the queries alone (4 rows per prompt: the sequential solve's, and
-the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes. Those
+the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes (at B = 1,
+`analyze`'s: the full prompt, the query alone, and the ablation's 4 rows, as docs/theory.md needs). Those
 passes alone at B against the same passes at B = 1 are the floor of the speed-up: on a CPU that computes rather
 than waits, a batch's passes are barely cheaper per prompt than one prompt's, and no Python work removed can
 gain more. Prompt sets:
@@ -109,7 +110,11 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
         for i in range(0, len(tokenized), size):
             chunk = tokenized[i : i + size]
             last_logits_rows(model, [p.full for p in chunk])
-            last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
+            if len(chunk) == 1:  # one prompt runs as analyze: its solve alone, then the ablation's 4 rows
+                last_logits_rows(model, [chunk[0].query_only])
+                last_logits_rows(model, [chunk[0].query_only] * 4)
+            else:
+                last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
     return time.perf_counter() - start
 
 

@@ -61,7 +61,7 @@ from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
 from .timing import stage
-from .update import LayerRecord, Solution, ablation_riders, moe_report, rides, solve
+from .update import LayerRecord, Solution, moe_report, solve
 from .version import __version__
 
 SCHEMA = "icl-probe.analysis/2"
@@ -256,17 +256,12 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
                 targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         with stage("finiteness checks"):
             check_finite(model, prompt, targets, logits_ctx)
-        riders = ablation_riders(1) if rides(chosen, residual) else []
-        with stage("solve"):
-            solution = solve_checked(model, chosen, targets, prompt, residual, riders)
+        with stage("solve"):  # alone: a pass of other rows (update.Rider) would round its row differently, and the
+            # static patch on one row would no longer reproduce the context bit for bit
+            solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
         with stage("ablation"):
-            if riders:  # the ablation's rows rode along in the solve's pass; the whole patch is the solved row
-                parts = ablation_scores(logits_ctx, solution.riders[:-1], both=solution.logits[0])
-                logits_0 = solution.riders[-1]
-                check_finite_query(model, prompt, logits_0)
-            else:
-                parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
+            parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
         per_layer = layer_ablation_of(model, run, patch, logits_ctx)
         generation = None
         if generate:
@@ -412,12 +407,9 @@ def check_finite_query(model: nn.Module, prompt: Prompt, logits_0: torch.Tensor)
         raise non_finite(model, prompt.query_only, "the query alone", lambda: last_logits(model, prompt.query_only))
 
 
-def solve_checked(
-    model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str, riders=()
-) -> Solution:
-    """The sequential run (with `riders`, see update.Rider); if its logits are not finite, the run is repeated to
-    find where they broke."""
-    solution = solve(model, chosen, targets, prompt.query_only, residual, riders=riders)
+def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str) -> Solution:
+    """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
+    solution = solve(model, chosen, targets, prompt.query_only, residual)
     if not torch.isfinite(solution.logits).all():
         check_finite_query(model, prompt, last_logits(model, prompt.query_only))  # broken before any update?
         run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731
