@@ -4,18 +4,19 @@ Each arm runs the same N prompts (arms interleaved, median of --repeat) through 
 `analyze --batch` runs: results written as fsync'd JSONL lines) on SmolLM2-135M in float32, with
 --batch-size 1 and with each B. The limit is the forward passes a batch of B runs, without hooks or update
 math: the prompts with context (B rows), then the queries alone (4 rows per prompt: the sequential solve's, and
-the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes (at B = 1,
+the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes; a token
+prefix all of a batch's prompts share (the long set's one context) runs once with a KV cache first (at B = 1,
 `analyze`'s: the full prompt, the query alone, and the ablation's 4 rows, as docs/theory.md needs). Those
-passes alone at B against the same passes at B = 1 are the floor of the speed-up: on a CPU that computes rather
-than waits, a batch's passes are barely cheaper per prompt than one prompt's, and no Python work removed can
-gain more. Prompt sets:
+passes alone at B against the same passes at B = 1 bound the speed-up: on a CPU that computes rather than waits,
+a batch's passes of distinct prompts are barely cheaper per prompt than one prompt's, and no Python work removed
+can gain more than they do. Prompt sets:
 - demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
 - long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying;
 - long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset).
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
-tests/test_batched.py). --quick: 4 demo prompts and 2 long ones, B = 1 and 2.
+tests/test_batched.py). --quick: 4 demo prompts, 2 long ones and 2 distinct long ones, B = 1 and 2.
 
     python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--sizes 1,8,32] [--quick] [--json PATH]
 """
@@ -34,7 +35,15 @@ import torch
 
 import icl_probe
 from icl_probe.batch import run_batch
-from icl_probe.capture import last_logits_rows
+from icl_probe.capture import (
+    SHARED_MIN,
+    cache_croppable,
+    last_logits_rows,
+    padded_inputs,
+    returned_cache,
+    shared_length,
+    with_cache,
+)
 from icl_probe.inputs import tokenize
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
 
@@ -103,19 +112,33 @@ RIDING = 4  # query rows per prompt in the solve's pass: its own and the ablatio
 
 
 def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float:
-    """The right-padded passes of analyze_rows alone: the full prompts, then the queries with their riders."""
+    """The passes of analyze_rows alone, unhooked: the full prompts (a token prefix they all share first, once, with a
+    KV cache, as capture_shared_rows runs it), then the queries with their riders."""
     tokenized = [tokenize(tok, c, q) for c, q in prompts]
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(tokenized), size):
             chunk = tokenized[i : i + size]
-            last_logits_rows(model, [p.full for p in chunk])
+            full_passes(model, [p.full for p in chunk])
             if len(chunk) == 1:  # one prompt runs as analyze: its solve alone, then the ablation's 4 rows
                 last_logits_rows(model, [chunk[0].query_only])
                 last_logits_rows(model, [chunk[0].query_only] * 4)
             else:
                 last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
     return time.perf_counter() - start
+
+
+def full_passes(model, rows: list) -> None:
+    """capture_shared_rows' passes without its taps: the shared prefix once with a KV cache, then each row's rest."""
+    n = shared_length(rows) if len(rows) > 1 else 0
+    if n < SHARED_MIN or not cache_croppable(model, max(len(r) for r in rows)):
+        last_logits_rows(model, rows)
+        return
+    cache = returned_cache(model(torch.tensor([rows[0][:n]]), use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(len(rows))
+    inputs, lasts = padded_inputs(model, [r[n:] for r in rows])
+    keep = int(lasts.max() - lasts.min()) + 1
+    model(**inputs, **with_cache(model, cache), use_cache=True, logits_to_keep=keep)
 
 
 def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int) -> list[dict]:

@@ -141,12 +141,12 @@ def measure(model, tokenizer, n: int, repeat: int) -> dict:
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'n':>3} {'sweep s':>8} {'naive s':>8} {'speed-up':>8} {'/limit':>6} {'rel diff':>8} {'|ΔKL|':>8} "
-          f"{'max KL':>8}")  # fmt: skip
+    print(f"{'n':>3} {'sweep s':>8} {'naive s':>8} {'speed-up':>8} {'/limit':>6} {'max rel diff':>12} "
+          f"{'max |ΔKL|':>9} {'max KL':>8}")  # fmt: skip
     for r in rows:
         print(
             f"{r['n']:>3} {r['sweep_s']:>8.3f} {r['naive_s']:>8.3f} {r['speedup']:>7.1f}x {r['over_limit']:>5.2f}x "
-            f"{r['max_rel_diff_delta_w_norm']:>8.1e} {r['max_abs_diff_kl']:>8.1e} {r['max_kl']:>8.1e}"
+            f"{r['max_rel_diff_delta_w_norm']:>12.2e} {r['max_abs_diff_kl']:>9.2e} {r['max_kl']:>8.1e}"
         )
     print("/limit: the sweep / its context pass (KV cache + the prefixes' queries) + one batched solve")
     for r in rows:
