@@ -5,7 +5,9 @@ and timed as the median of R repeats:
 - sweep: track_dynamics(..., gradient=False), every prefix 0..n from one KV-cached context and one batched solve;
 - naive: analyze(context=examples[:i]) for i = 1..n.
 It checks every module's delta_w_norm and every prefix's KL(context ‖ patched) against the naive run, and
-reads the seconds of the stages the sweep reports to `icl_probe.timing.timings()` in one extra run.
+reads the seconds of the stages the sweep reports to `icl_probe.timing.timings()` in one extra run. A third
+arm is the sweep's limit: its own context pass (the context once with a KV cache, every prefix's query as one
+batch over it: capture_prefixes) plus one batched solve of every prefix (update.solve, no riders).
 
     python benchmarks/bench_dynamics.py [--quick] [--json PATH]
 
@@ -27,9 +29,11 @@ from pathlib import Path
 import torch
 
 import icl_probe
-from icl_probe.dynamics import track_dynamics
+from icl_probe.capture import capture_prefixes, select_blocks
+from icl_probe.dynamics import tokenize_prefixes, track_dynamics
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 from icl_probe.timing import timings
+from icl_probe.update import solve
 
 HELD_OUT = "happy"
 # stage (icl_probe.timing, reported by track_dynamics) → component; the rest of the sweep is "other"
@@ -65,6 +69,16 @@ def naive(model, tokenizer, texts: list[str]) -> list:
     return [
         icl_probe.analyze(model, tokenizer, context="".join(texts[:i]), query=QUERY) for i in range(1, len(texts) + 1)
     ]
+
+
+def limit(model, tokenizer, texts: list[str]) -> None:
+    """The sweep's context pass and one batched solve of every prefix, as sweep_prefixes runs them."""
+    cuts, prompt = tokenize_prefixes(tokenizer, texts, QUERY)
+    chosen = select_blocks(model, None)
+    with torch.no_grad():
+        ends = [len(prompt.prefix) + c for c in cuts]
+        targets, _ = capture_prefixes(model, chosen, prompt.prefix + prompt.context, ends, prompt.query)
+        solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
 
 
 def median_times(arms: dict, repeat: int) -> dict[str, float]:
@@ -110,28 +124,31 @@ def breakdown(model, tokenizer, texts: list[str]) -> dict[str, float]:
 def measure(model, tokenizer, n: int, repeat: int) -> dict:
     texts = [e.text for e in task_examples(TASK, DEFAULT_TEMPLATE, n)]
     dyn, analyses = sweep(model, tokenizer, texts), naive(model, tokenizer, texts)  # the warm-ups
-    times = median_times(
-        {"sweep": lambda: sweep(model, tokenizer, texts), "naive": lambda: naive(model, tokenizer, texts)}, repeat
-    )
+    limit(model, tokenizer, texts)
+    arms = {"sweep": lambda: sweep(model, tokenizer, texts), "naive": lambda: naive(model, tokenizer, texts),
+            "limit": lambda: limit(model, tokenizer, texts)}  # fmt: skip
+    times = median_times(arms, repeat)
     return {
         "n": n,
         "sweep_s": times["sweep"],
         "naive_s": times["naive"],
         "speedup": times["naive"] / times["sweep"],
+        "limit_s": times["limit"],
+        "over_limit": times["sweep"] / times["limit"],
         **compare(dyn, analyses),
         "breakdown_s": breakdown(model, tokenizer, texts),
     }
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(
-        f"{'n':>3} {'sweep s':>9} {'naive s':>9} {'speed-up':>9} {'max rel diff':>13} {'max |ΔKL|':>10} {'max KL':>9}"
-    )
+    print(f"{'n':>3} {'sweep s':>8} {'naive s':>8} {'speed-up':>8} {'/limit':>6} {'max rel diff':>12} "
+          f"{'max |ΔKL|':>9} {'max KL':>8}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['n']:>3} {r['sweep_s']:>9.3f} {r['naive_s']:>9.3f} {r['speedup']:>8.1f}x "
-            f"{r['max_rel_diff_delta_w_norm']:>13.2e} {r['max_abs_diff_kl']:>10.2e} {r['max_kl']:>9.2e}"
+            f"{r['n']:>3} {r['sweep_s']:>8.3f} {r['naive_s']:>8.3f} {r['speedup']:>7.1f}x {r['over_limit']:>5.2f}x "
+            f"{r['max_rel_diff_delta_w_norm']:>12.2e} {r['max_abs_diff_kl']:>9.2e} {r['max_kl']:>8.1e}"
         )
+    print("/limit: the sweep / its context pass (KV cache + the prefixes' queries) + one batched solve")
     for r in rows:
         parts = r["breakdown_s"]
         print(f"\nsweep breakdown at n = {r['n']} (one instrumented run, {parts['total']:.3f} s)")

@@ -18,8 +18,9 @@ __all__ = [
     "check_static_fold", "layer_report", "add_gradient_alignment"
 ]  # fmt: skip
 
+import copy
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
@@ -141,18 +142,37 @@ class Analysis:
             "prefix_tokens": self.prompt.prefix,
             "context_tokens": self.prompt.context,
             "query_tokens": self.prompt.query,
-            "layers": [asdict(r) for r in self.layers],
+            "layers": (layers := [plain(r) for r in self.layers]),
             "logits": self.logits,
             "ablation": self.ablation,
             "layer_ablation": self.layer_ablation,
             "target": self.target,
             "solved_at": self.solved_at,
             "positions": self.positions,
-            "moe": moe_summary([asdict(r) for r in self.layers]),
+            "moe": moe_summary(layers),
             "precision": self.precision,
             "precision_limit": self.precision_limit,
             "generation": self.generation.to_dict() if self.generation is not None else None,
         }
+
+
+SCALARS = (int, float, str, bool, type(None))
+
+
+def plain(x):
+    """`dataclasses.asdict`'s deep copy of a report (dataclasses as dicts, containers copied), without its generic
+    per-value recursion: what a batch of many prompts writes as JSON lines."""
+    if isinstance(x, SCALARS):
+        return x
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [plain(v) for v in x]
+    if isinstance(x, tuple):
+        return type(x)(*(plain(v) for v in x)) if hasattr(x, "_fields") else tuple(plain(v) for v in x)
+    if is_dataclass(x) and not isinstance(x, type):
+        return {f.name: plain(getattr(x, f.name)) for f in fields(x)}
+    return copy.deepcopy(x)
 
 
 def analyze(
@@ -236,7 +256,8 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
                 targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         with stage("finiteness checks"):
             check_finite(model, prompt, targets, logits_ctx)
-        with stage("solve"):
+        with stage("solve"):  # alone: a pass of other rows (update.Rider) would round its row differently, and the
+            # static patch on one row would no longer reproduce the context bit for bit
             solution = solve_checked(model, chosen, targets, prompt, residual)
         patch = solution.patches[0]
         with stage("ablation"):

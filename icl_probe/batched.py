@@ -1,10 +1,12 @@
 """`analyze_rows`: `analyze` for several prompts at once, each prompt a row of the same forward passes.
 
-The prompts with context run as the rows of one right-padded pass (`capture_targets_rows`), the queries alone
-as the rows of one sequential solve (`solve_rows`), and the ablation's patches of every prompt as the rows of
-one more pass. A row is padded on the right with its own last token and read at its own last real position:
-attention is causal, so its real positions compute as they do alone (no mask, no position ids needed), and
-every row's result equals its unbatched `analyze` up to the rounding of a differently shaped matmul.
+The prompts with context run as the rows of one right-padded pass (`capture_shared_rows`: a token prefix they
+all share, such as one context for many queries, runs once with a KV cache before it), the queries alone
+as the rows of one sequential solve (`solve_rows`), with the ablation's rows of every prompt riding along in
+that pass (update.Rider; with a folded Δb, they are one more pass). A row is padded on the right with its own
+last token and read at its own last real position: attention is causal, so its real positions compute as they
+do alone (no mask, no position ids needed), and every row's result equals its unbatched `analyze` up to the
+rounding of a differently shaped matmul.
 
 Mixture-of-experts blocks route per prompt, so their prompts run one at a time (`analyze`), as the engine does.
 So do models with Mamba layers: through Falcon-H1's (torch reference chunked scan) a batched row's ΔW differed
@@ -34,7 +36,7 @@ from .analysis import (
 )
 from .capture import (
     Target,
-    capture_targets_rows,
+    capture_shared_rows,
     check_length,
     last_logits,
     last_logits_rows,
@@ -46,7 +48,7 @@ from .inputs import Ids, tokenize
 from .metrics import ablation_rows, ablation_scores
 from .patching import Patch, applied, applied_rows
 from .timing import stage
-from .update import Solution, solve_rows
+from .update import Solution, ablation_riders, rides, solve_rows
 
 
 def analyze_rows(
@@ -83,7 +85,8 @@ def analyze_rows(
 @dataclass
 class Batch:
     """The shared passes of a batch: per prompt its targets, with-context logits, solution row, the whole patch's
-    static logits where a fold was checked, and its rows of the static pass (the ablation's, then unpatched)."""
+    logits (its solved row's, or where a fold was checked its static logits), and its ablation rows (ΔW only, Δb
+    only, then the query alone unpatched; with a fold, the whole patch between them unless checked already)."""
 
     rows: list[dict[int, Target]]
     logits_ctx: torch.Tensor  # (B, vocab)
@@ -93,17 +96,22 @@ class Batch:
 
 
 def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
-    """Capture every prompt with its context, solve every query alone, and score every ablation row: three passes."""
+    """Capture every prompt with its context, then solve every query alone with its ablation rows riding along
+    (update.Rider): two passes; three where Δb is folded (each fold is checked applied as weights first)."""
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
     with stage("capture"):
-        rows, logits_ctx = capture_targets_rows(model, chosen, [run.prompt.full for run in runs])
+        rows, logits_ctx = capture_shared_rows(model, chosen, [run.prompt.full for run in runs])
         targets = {b.index: stacked([r[b.index] for r in rows]) for b in chosen}
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
+    riders = ablation_riders(len(runs)) if rides(chosen, residual) and len(runs) > 1 else []
     with stage("solve"):
-        solution = solve_rows(model, chosen, targets, queries, residual)
+        solution = solve_rows(model, chosen, targets, queries, residual, riders)
         finite(solution.logits)
+    if riders:  # the ablation's rows rode along in the solve's pass, 3 per prompt; the whole patch is the solved row
+        finite(solution.riders)
+        return Batch(rows, logits_ctx, solution, list(solution.logits), list(solution.riders.split(3)))
     with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip

@@ -11,7 +11,8 @@ from __future__ import annotations
 __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
     "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
-    "last_logits_rows", "recording_targets", "targets_of", "capture_targets", "capture_targets_rows", "capture_rows",
+    "last_logits_rows", "recording_targets", "targets_of", "capture_targets", "capture_targets_rows",
+    "capture_shared_rows", "capture_rows",
     "capture_prefixes", "accepts_positions", "cache_croppable", "capture_positions", "position_logits", "greedy"
 ]  # fmt: skip
 
@@ -207,6 +208,39 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> t
         logits = last_logits_rows(model, rows)
     targets = targets_of(rec, chosen)
     return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
+
+
+SHARED_MIN = 32  # tokens of a common prefix worth a pass of its own with a KV cache
+
+
+def shared_length(rows: list) -> int:
+    """The length of the token prefix all `rows` share, leaving each row at least its last token."""
+    shortest = min(len(r) for r in rows)
+    n = 0
+    while n < shortest - 1 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+def capture_shared_rows(model: nn.Module, chosen: list[Block], rows: list) -> tuple[list, torch.Tensor]:
+    """`capture_targets_rows`, with a token prefix that every row shares (e.g. one context, many queries) run once
+    with a KV cache, and each row's rest a right-padded row after it: the same computation as each prompt whole,
+    as causal attention makes it (`capture_prefixes`). Rows without such a prefix, of Vectors, of MoE blocks, or
+    on a model whose cache cannot be shared run as `capture_targets_rows`."""
+    tokens = bool(rows) and not isinstance(rows[0], Vectors)
+    n = shared_length(rows) if tokens and len(rows) > 1 else 0
+    if n < SHARED_MIN or any(b.moe for b in chosen) or not cache_croppable(model, max(len(r) for r in rows)):
+        return capture_targets_rows(model, chosen, rows)
+    cache = returned_cache(model(**model_inputs(model, [rows[0][:n]]), use_cache=True, logits_to_keep=1))
+    cache.batch_repeat_interleave(len(rows))
+    inputs, lasts = padded_inputs(model, [r[n:] for r in rows])
+    first, width = int(lasts.min()), int(lasts.max()) + 1
+    index = torch.arange(len(rows))
+    pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[index, lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
+    with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
+        out = model(**inputs, **with_cache(model, cache), use_cache=True, logits_to_keep=width - first)
+    targets = targets_of(rec, chosen)
+    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], out.logits[index, lasts - first]
 
 
 def capture_rows(model: nn.Module, chosen: list[Block], rows: list, batch_size: int) -> tuple[list, torch.Tensor]:

@@ -9,7 +9,7 @@ step from the previous prefix, and how far that step is from Proposition 3.1's g
 
 from __future__ import annotations
 
-__all__ = ["Dynamics", "track_dynamics", "dynamics_trials", "trial_prefixes"]
+__all__ = ["Dynamics", "track_dynamics", "dynamics_trials", "trial_prefixes", "tokenize_prefixes"]
 
 import itertools
 import math
@@ -33,7 +33,7 @@ from .capture import (
 )
 from .errors import InputError, UsageError
 from .finetune import finetune
-from .inputs import Prompt, tokenize
+from .inputs import Ids, Prompt, tokenize
 from .lowrank import kl_divergence
 from .metrics import (
     ablation_rows,
@@ -50,7 +50,7 @@ from .metrics import (
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
 from .timing import stage
-from .update import Solution, solve, solve_prompts
+from .update import Rider, Solution, rides, solve, solve_prompts
 from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
@@ -196,13 +196,30 @@ def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt
         with stage("query alone"):
             start, logits_0 = capture_targets(model, chosen, prompt.query_only)
         with stage("solve"):
-            solution = solve(model, chosen, targets, prompt.query_only, "bias", batch=len(cuts))
-        only = [ablation_rows(chosen, p, both=True)[0] for p in solution.patches]
-        static = static_logits_rows(model, only, prompt.query_only)
-        with stage("ablation"):
-            parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
+            solution, static, parts = solve_sweep(model, chosen, targets, prompt.query_only, len(cuts))
+        with stage("ablation"):  # without riders (MoE blocks), the last prefix's ablation rows are a pass of their own
+            if parts is None:
+                parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
         return assemble(tokenizer, chosen, cuts, Found(targets, start, solution, logits_ctx, logits_0, static, parts),
                         target)  # fmt: skip
+
+
+def solve_sweep(model: nn.Module, chosen: list[arch.Block], targets: dict, query: Ids, n: int) -> tuple:
+    """(the solution of n prefixes, each one's ΔW-only static logits (n, vocab), the last one's ablation rows (ΔW
+    only, Δb only, whole)): those rows ride along in the solve's pass (update.Rider). The whole patch's static
+    logits are then its solved row's. Where riders cannot (MoE blocks), the ΔW-only rows are a pass of their own
+    and the ablation rows are None."""
+    if not rides(chosen, "bias"):
+        solution = solve(model, chosen, targets, query, "bias", batch=n)
+        return (
+            solution,
+            static_logits_rows(model, [ablation_rows(chosen, p, True)[0] for p in solution.patches], query),
+            None,
+        )
+    riders = [Rider(i, True, False) for i in range(n)] + [Rider(n - 1, False, True)]
+    solution = solve(model, chosen, targets, query, "bias", batch=n, riders=riders)
+    static = solution.riders[:n]
+    return solution, static, torch.stack([static[-1], solution.riders[n], solution.logits[-1]])
 
 
 @dataclass

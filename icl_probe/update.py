@@ -14,7 +14,10 @@ factors, which a batch cannot give each row as a weight, so a batch with MoE blo
 
 from __future__ import annotations
 
-__all__ = ["LayerRecord", "Solution", "SequentialRun", "solve", "solve_rows", "solve_prompts", "moe_report"]
+__all__ = [
+    "LayerRecord", "Solution", "Rider", "ablation_riders", "rides", "SequentialRun", "solve", "solve_rows",
+    "solve_prompts", "moe_report"
+]  # fmt: skip  # Rider, ablation_riders and rides are riders.py's, here beside solve
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,13 +29,14 @@ from torch import nn
 from . import arch
 from .arch import Block
 from .capture import Target, forward, last, padded_inputs
-from .errors import MathError
+from .errors import MathError, UsageError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
 from .mlp_inputs import check_mlp_inputs, mlp_inputs_taps
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
+from .riders import Rider, ablation_riders, apart, rides
 from .timing import stage
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -59,11 +63,13 @@ class LayerRecord:
 
 @dataclass
 class Solution:
-    """The sequential run's result: a Patch and records per row, and the patched next-token logits (B, vocab)."""
+    """The sequential run's result: a Patch and records per row, and the patched next-token logits (B, vocab);
+    with riders, their next-token logits too (R, vocab), in the order given."""
 
     patches: list[Patch]
     records: list[dict[int, LayerRecord]]
     logits: torch.Tensor
+    riders: torch.Tensor | None = None
 
 
 @dataclass
@@ -97,9 +103,15 @@ class SequentialRun:
         run.patch(0), run.record(chosen[0])
     """
 
-    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int, lasts=None):
-        self.chosen, self.targets, self.residual, self.batch = chosen, targets, residual, batch
-        self.lasts = lasts  # (B,) each row's last real position in a right-padded batch; None: the last one
+    def __init__(self, chosen: list[Block], targets: dict[int, Target], residual: str, batch: int, lasts=None,
+                 riders: list[Rider] = ()):  # fmt: skip
+        if riders and not rides(chosen, residual):
+            raise UsageError('riders need `residual="bias"` and no mixture-of-experts block')
+        self.chosen, self.targets, self.residual = chosen, targets, residual
+        self.solved, self.riders = batch, list(riders)
+        self.batch = batch + len(self.riders)  # rows in the pass: the solved rows, then the riders
+        self.gathers: dict[str, torch.Tensor] = {}  # "delta_w" | "delta_b" → the rows `ridden` gathers
+        self.lasts = lasts  # (rows,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
         self.dense_rows: dict[str, torch.Tensor] = {}  # norm weight path → δ (B, hidden)
@@ -153,12 +165,12 @@ class SequentialRun:
             if self.suspended:
                 return None
             z, cap = args[0], self.captures[b.index]
-            cap.z0, cap.dtype = self.last(z), z.dtype
+            cap.z0, cap.dtype = self.last(z)[: self.solved], z.dtype
             with stage("ΔW build"):
                 weight = arch.weight_out_in(module, b.family)
                 delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
             with stage("ΔW x"):
-                return add_rounded(output, delta.apply(z))
+                return add_rounded(output, self.ridden_delta_w(delta).apply(z))
 
         return hook
 
@@ -215,7 +227,21 @@ class SequentialRun:
                 y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.seen.get((b.index, "mlp_inputs")))  # (B, 1, in)
         finally:
             self.suspended = False
-        return last(hidden(y), self.batch)
+        return last(hidden(y), self.solved)
+
+    def ridden(self, x: torch.Tensor, flag: str) -> torch.Tensor:
+        """Rows (solved, ...) of an update followed by each rider's: its owner's row where its `flag` is set, else
+        zeros (as a missing row of a stacked patch)."""
+        if not self.riders:
+            return x
+        if flag not in self.gathers:  # solved rows, then each rider's owner or the zero row appended at `solved`
+            owners = [r.owner if getattr(r, flag) else self.solved for r in self.riders]
+            self.gathers[flag] = torch.tensor([*range(self.solved), *owners])
+        zero = x.new_zeros((1, *x.shape[1:]))
+        return torch.cat([x, zero])[self.gathers[flag].to(x.device)]
+
+    def ridden_delta_w(self, delta: LowRank) -> LowRank:
+        return LowRank(self.ridden(delta.u, "delta_w"), self.ridden(delta.v, "delta_w")) if self.riders else delta
 
     def block_hook(self, b: Block):
         """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
@@ -227,14 +253,15 @@ class SequentialRun:
             cap.branch0 = self.rerun_mlp(b)
             h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()
-            delta_b = target.out.to(work) - self.last(h).to(work)  # (B, hidden)
+            delta_b = target.out.to(work) - self.last(h)[: self.solved].to(work)  # (B, hidden)
             cap.delta_b = delta_b.to(target.out.dtype)
             if self.residual == "bias":
                 self.residual_rows[b.path] = delta_b
-                new = add_rounded(h, delta_b[:, None])
+                new = add_rounded(h, self.ridden(delta_b, "delta_b")[:, None])
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
-            cap.block_error = (self.last(new) - target.out).norm(dim=-1) / target.out.norm(dim=-1)
+            end = self.last(new)[: self.solved]
+            cap.block_error = (end - target.out).norm(dim=-1) / target.out.norm(dim=-1)
             return with_hidden(output, b.unstate(new, hidden(output)))
 
         return hook
@@ -269,9 +296,10 @@ class SequentialRun:
 
     def record(self, b: Block) -> LayerRecord:
         """What the run saw at block b, for every row."""
-        cap, key = self.captures[b.index], b.index
+        cap, key, n = self.captures[b.index], b.index, self.solved
         return LayerRecord(
-            cap.z0, self.seen[(key, "attn")], self.seen[(key, "branch")], cap.branch0, cap.delta_b, cap.block_error,
+            cap.z0, self.seen[(key, "attn")][:n], self.seen[(key, "branch")][:n], cap.branch0, cap.delta_b,
+            cap.block_error,
             fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
         )  # fmt: skip
 
@@ -295,45 +323,58 @@ def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> 
 
 
 def solve(
-    model: nn.Module, chosen: list[Block], targets: dict[int, Target], query: Ids, residual: str, batch: int = 1
+    model: nn.Module,
+    chosen: list[Block],
+    targets: dict[int, Target],
+    query: Ids,
+    residual: str,
+    batch: int = 1,
+    riders: list[Rider] = (),
 ) -> Solution:
-    """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`."""
+    """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`. Each of
+    `riders` (see `Rider`) is one more row of the pass, whose logits come back as `Solution.riders`."""
     if any(b.moe for b in chosen):
         return solve_moe(model, chosen, targets, query, residual, batch)
-    run = SequentialRun(chosen, targets, residual, batch)
-    with run.running():
-        logits = forward(model, [query] * batch, use_cache=False)
-    records = {b.index: run.record(b) for b in chosen}
+    run = SequentialRun(chosen, targets, residual, batch, riders=riders)
+    with run.running(), apart(model, run):
+        logits = forward(model, [query] * run.batch, use_cache=False)
+    return solution_of(run, logits)
+
+
+def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
+    """The Solution of a finished run whose pass gave `logits` (rows, vocab): the solved rows', then the riders'."""
+    n = run.solved
+    records = {b.index: run.record(b) for b in run.chosen}
     return Solution(
-        patches=[run.patch(i) for i in range(batch)],
-        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(batch)],
-        logits=logits,
+        patches=[run.patch(i) for i in range(n)],
+        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(n)],
+        logits=logits[:n],
+        riders=logits[n:] if run.riders else None,
     )
 
 
 def solve_rows(
-    model: nn.Module, chosen: list[Block], targets: dict[int, Target], queries: list[Ids], residual: str
+    model: nn.Module,
+    chosen: list[Block],
+    targets: dict[int, Target],
+    queries: list[Ids],
+    residual: str,
+    riders: list[Rider] = (),
 ) -> Solution:
     """`solve` for rows that are different queries (token ids or Vectors), each reaching its own row of `targets`,
     in one right-padded pass. Causal attention keeps a row's real positions as they run alone: its padding (its own
     last token repeated) comes after them, and every read is at the row's own last real position. MoE blocks route
-    per prompt, so with them each row is solved alone (`solve_moe`)."""
+    per prompt, so with them each row is solved alone (`solve_moe`). `riders` ride along as in `solve`."""
     if any(b.moe for b in chosen):
         runs = [solve_moe(model, chosen, {k: t.row(i) for k, t in targets.items()}, q, residual, 1)
                 for i, q in enumerate(queries)]  # fmt: skip
         return Solution([r.patches[0] for r in runs], [r.records[0] for r in runs], torch.cat([r.logits for r in runs]))
-    inputs, lasts = padded_inputs(model, queries)
-    batch, first, width = len(queries), int(lasts.min()), int(lasts.max()) + 1
-    run = SequentialRun(chosen, targets, residual, batch, lasts)
-    with run.running():
+    inputs, lasts = padded_inputs(model, [*queries, *(queries[r.owner] for r in riders)])
+    first, width = int(lasts.min()), int(lasts.max()) + 1
+    run = SequentialRun(chosen, targets, residual, len(queries), lasts, riders)
+    with run.running(), apart(model, run):
         out = model(**inputs, logits_to_keep=width - first, use_cache=False)
-    logits = out.logits[torch.arange(batch), lasts - first]
-    records = {b.index: run.record(b) for b in chosen}
-    return Solution(
-        patches=[run.patch(i) for i in range(batch)],
-        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(batch)],
-        logits=logits,
-    )
+    return solution_of(run, out.logits[torch.arange(run.batch), lasts - first])
 
 
 def solve_prompts(model: nn.Module, chosen: list[Block], targets: list[dict[int, Target]], queries: list[Ids],

@@ -75,12 +75,14 @@ def test_bench_batch_quick(tmp_path):
     run = run_quick("bench_batch.py", out, OMP_NUM_THREADS="1")
     assert "prompts/s" in run.stdout
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
-    assert {(r["prompts"], r["batch_size"]) for r in rows} == {("demo", 1), ("demo", 2), ("long", 1), ("long", 2)}
+    sets = ("demo", "long", "long-distinct")
+    assert {(r["prompts"], r["batch_size"]) for r in rows} == {(name, b) for name in sets for b in (1, 2)}
     assert all(r["ok"] and r["same_top1"] and r["max_prob_diff"] < 1e-5 for r in rows)
     assert all(
         r["prompts_per_s"] == pytest.approx(r["n"] / r["s"]) and r["over_limit"] == pytest.approx(r["s"] / r["limit_s"])
         for r in rows
     )
+    assert all(r["floor_speedup"] > 0 for r in rows)
 
 
 def test_bench_trials_quick(tmp_path):

@@ -1,0 +1,87 @@
+"""Riders (update.Rider): the ablation's rows, run as extra rows of the sequential solve's pass, equal the same
+patches applied statically in a pass of their own (patching.applied_rows), and the solved rows are unchanged."""
+
+import functools
+
+import pytest
+import torch
+from tiny import tiny_model, tokenizer_for
+
+from icl_probe.capture import capture_targets, capture_targets_rows, last_logits_rows, select_blocks
+from icl_probe.errors import UsageError
+from icl_probe.inputs import tokenize
+from icl_probe.lowrank import kl_divergence
+from icl_probe.metrics import ablation_rows, static_logits_rows
+from icl_probe.patching import Patch, applied_rows
+from icl_probe.update import Rider, SequentialRun, ablation_riders, solve, solve_rows
+
+FAMILIES = ["llama", "gemma3_text", "gpt2", "qwen2", "opt", "falcon", "gpt_neox", "lfm2", "qwen3_next"]
+PROMPTS = [("ab -> ba\ncd -> dc\n", "ef ->"), ("xy -> yx\n", "long query ->"), ("1 -> 2\n3 -> 4\n", "9 ->")]
+
+
+@functools.cache
+def model_of(name: str):
+    return tiny_model(name, torch.float64)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to float64 rounding: the riders run in a pass of another shape."""
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def assert_same_patch(a: Patch, b: Patch) -> None:
+    assert a.low_rank.keys() == b.low_rank.keys() and a.residual.keys() == b.residual.keys()
+    for path in a.low_rank:
+        close(a.low_rank[path].u, b.low_rank[path].u)
+        close(a.low_rank[path].v, b.low_rank[path].v)
+    for path in a.residual:
+        close(a.residual[path], b.residual[path])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_riders_equal_the_static_patches_and_leave_the_solve_unchanged(name):
+    model, tok = model_of(name), tokenizer_for(name)
+    chosen = select_blocks(model, None)
+    prompt = tokenize(tok, *PROMPTS[0])
+    with torch.no_grad():
+        targets, _ = capture_targets(model, chosen, prompt.full)
+        plain = solve(model, chosen, targets, prompt.query_only, "bias")
+        ridden = solve(model, chosen, targets, prompt.query_only, "bias", riders=ablation_riders(1))
+        static = static_logits_rows(model, [*ablation_rows(chosen, plain.patches[0]), Patch()], prompt.query_only)
+    assert ridden.riders.shape == (3, static.shape[-1])
+    assert_same_patch(ridden.patches[0], plain.patches[0])
+    close(ridden.logits, plain.logits)
+    close(ridden.riders[0], static[0])  # ΔW only
+    close(ridden.riders[1], static[1])  # Δb only
+    close(ridden.riders[2], static[3])  # the query alone, unpatched
+    close(plain.logits[0], static[2])  # the whole patch applied statically is the solved row: `both` reads it
+    assert kl_divergence(static[2], ridden.logits[0]) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma3_text"])
+def test_riders_of_rows_of_different_lengths(name):
+    """solve_rows with riders: each rider follows its own owner's padding, ΔW and Δb, in any order."""
+    model, tok = model_of(name), tokenizer_for(name)
+    chosen = select_blocks(model, None)
+    prompts = [tokenize(tok, c, q) for c, q in PROMPTS]
+    queries = [p.query_only for p in prompts]
+    riders = [Rider(2, True, False), Rider(0, False, True), Rider(1, True, True), Rider(2, False, False)]
+    with torch.no_grad():
+        rows, _ = capture_targets_rows(model, chosen, [p.full for p in prompts])
+        targets = {b.index: type(rows[0][b.index]).stacked([r[b.index] for r in rows]) for b in chosen}
+        plain = solve_rows(model, chosen, targets, queries, "bias")
+        ridden = solve_rows(model, chosen, targets, queries, "bias", riders)
+        parts = [ablation_rows(chosen, plain.patches[r.owner]) for r in riders]
+        patches = [parts[0][0], parts[1][1], parts[2][2], Patch()]
+        with applied_rows(model, patches):
+            static = last_logits_rows(model, [queries[r.owner] for r in riders])
+    for a, b in zip(ridden.patches, plain.patches):
+        assert_same_patch(a, b)
+    close(ridden.logits, plain.logits)
+    close(ridden.riders, static)
+
+
+def test_riders_refuse_a_fold():
+    model = model_of("llama")
+    with pytest.raises(UsageError, match="bias"):
+        SequentialRun(select_blocks(model, None), {}, "fold", 1, riders=[Rider(0, True, False)])
