@@ -12,7 +12,7 @@ __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
     "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
     "last_logits_rows", "recording_targets", "targets_of", "capture_targets", "capture_targets_rows",
-    "capture_shared_rows", "capture_rows",
+    "capture_shared_rows", "shared_length", "SHARED_MIN", "capture_rows",
     "capture_prefixes", "accepts_positions", "cache_croppable", "capture_positions", "position_logits", "greedy"
 ]  # fmt: skip
 
