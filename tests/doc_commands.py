@@ -51,7 +51,7 @@ def shell_words(line: str) -> list[str]:
 
 
 def table_after(doc: str, heading_text: str) -> list[list[str]]:
-    """The body rows (cells stripped, `\\|` read as |) of the first Markdown table from the line with `heading_text` on."""
+    """The body rows (cells stripped, `\\|` read as |) of the first Markdown table from the line of `heading_text`."""
     text = markdown(doc)
     start = text.rindex("\n", 0, text.index(heading_text)) + 1  # the line itself may be the table's header
     rows = []

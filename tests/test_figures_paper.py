@@ -20,7 +20,7 @@ LANGUAGE = COMMANDS[4:]  # dynamics --trials
 
 
 def span(printed: str) -> list[str]:
-    """"0.56–12" → ["0.56", "12"]."""
+    """A printed range as its ends: "0.56–12" → ["0.56", "12"]."""
     return [part.strip() for part in printed.split("–")]
 
 

@@ -27,7 +27,7 @@ def model_of(args: list[str]) -> str:
 
 
 def cell_agrees(entry: dict, method: str, printed: str) -> bool:
-    """"0.78 (0.00)": the method's accuracy and mean KL, each to its printed digits (or 0.5%)."""
+    """A cell "0.78 (0.00)": the method's accuracy and mean KL, each to its printed digits (or 0.5%)."""
     accuracy, kl = re.fullmatch(r"(\S+) \((\S+)\)", printed).groups()
     return agrees(entry["accuracy"][method], accuracy) and agrees(entry["kl"][method], kl)
 
@@ -62,7 +62,7 @@ def test_transfer_table_row(runner, row, args):
 @pytest.mark.figures
 @pytest.mark.parametrize("args", SWEEPS, ids=model_of)
 def test_k_sweep(runner, args):
-    """"The K sweep": the line above each table (zero-shot, ICL, own patch) and a row per K."""
+    """docs/transfer.md, "The K sweep": the line above each table (zero-shot, ICL, own patch) and a row per K."""
     model = model_of(args)
     doc = runner.json(args)
     head = re.search(rf"{model}: zero-shot (\S+), ICL (\S+), own patch (\S+)\.", markdown(DOC)).groups()
@@ -91,15 +91,16 @@ def test_readme_paragraph(runner):
     antonyms = docs["gemma3-270m", "antonyms"]["accuracy"]
     text = prose("README.md")
     assert f"(held-out accuracy ≤ {best:.2f} against {icl[0]:.2f}–{icl[-1]:.2f} in context)" in text
-    quoted = (f"(antonyms: one query's patch {antonyms['single_patch']:.2f}, their mean {antonyms['mean_patch']:.2f}, "
-              f"Hendel et al.'s task vector {antonyms['task_vector']:.2f}, in context {antonyms['icl']:.2f})")  # fmt: skip
-    assert quoted in text
+    single, mean, vector, context = (antonyms[m] for m in ("single_patch", "mean_patch", "task_vector", "icl"))
+    quoted = f"(antonyms: one query's patch {single:.2f}, their mean {mean:.2f}, Hendel et al.'s task vector"
+    assert f"{quoted} {vector:.2f}, in context {context:.2f})" in text
 
 
 @pytest.mark.figures
 def test_forward_call_counts(real_models):
-    """"Where the time goes": the benchmark's run makes 226 forward calls (1975 rows, 8716 tokens), against 775
-    passes it cannot avoid (counted as benchmarks/bench_transfer.py counts them; its times are not checked)."""
+    """docs/transfer.md, "Where the time goes": the benchmark's run makes 226 forward calls (1975 rows, 8716
+    tokens), against 775 passes it cannot avoid, counted as benchmarks/bench_transfer.py counts them (its times
+    are not checked)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_transfer
 
