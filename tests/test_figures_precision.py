@@ -8,6 +8,7 @@ where that is looser (doc_commands.agrees), and a KL printed as 0 as exactly 0 (
 construction). The sentence on the fixed patch (`replay --generate`) is the same run's float32 arm.
 """
 
+import json
 import sys
 
 import pytest
@@ -18,13 +19,17 @@ ROWS = table_after("README.md", "| model | update | top-1 kept (20 prompts)")
 
 
 @pytest.fixture(scope="module")
-def measured():
-    """The benchmark's document for the README's command line (not written to disk)."""
+def measured(tmp_path_factory):
+    """The benchmark's document for the README's command line, also written where its --json says (in tmp)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_precision
 
     assert COMMAND[0] == "benchmarks/bench_precision.py"
-    return bench_precision.run(bench_precision.parser().parse_args(COMMAND[1:]))
+    args = bench_precision.parser().parse_args(COMMAND[1:])
+    doc = bench_precision.run(args)
+    path = tmp_path_factory.mktemp("precision") / args.json
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return doc
 
 
 def arm(update: str) -> str:

@@ -59,23 +59,6 @@ def test_transfer_table_row(runner, row, args):
     assert doc["own_patch_check"]["equal"]  # own_patch == icl exactly (the construction)
 
 
-@pytest.mark.figures
-@pytest.mark.parametrize("args", SWEEPS, ids=model_of)
-def test_k_sweep(runner, args):
-    """docs/transfer.md, "The K sweep": the line above each table (zero-shot, ICL, own patch) and a row per K."""
-    model = model_of(args)
-    doc = runner.json(args)
-    head = re.search(rf"{model}: zero-shot (\S+), ICL (\S+), own patch (\S+)\.", markdown(DOC)).groups()
-    rows = table_after(DOC, f"{model}: zero-shot")
-    sizes = [int(k) for k in args[args.index("--calibration") + 1].split(",")]
-    assert [entry["calibration"] for entry in doc["sweep"]] == sizes == [int(row[0]) for row in rows]
-    assert f"`--calibration 1,2,4,8,16`: {doc['n_heldout']} held out" in markdown(DOC)
-    for entry, row in zip(doc["sweep"], rows, strict=True):
-        for method, printed in zip(("zero_shot", "icl", "own_patch"), head, strict=True):
-            assert agrees(entry["accuracy"][method], printed), (entry["calibration"], method)  # the same for every K
-        check_entry(entry, row[1:], TRANSFERABLE)
-
-
 def prose(doc: str) -> str:
     return " ".join(markdown(doc).split())
 
