@@ -29,3 +29,20 @@ def test_k_sweep(runner, args):
         for method, printed in zip(("zero_shot", "icl", "own_patch"), head, strict=True):
             assert agrees(entry["accuracy"][method], printed), (entry["calibration"], method)  # the same for every K
         check_entry(entry, row[1:], TRANSFERABLE)
+
+
+@pytest.mark.figures
+def test_reading_the_sweep(runner):
+    """docs/transfer.md, "Reading it": the joint patch against K on Gemma 3, the thought patch's flat curve, and
+    SmolLM2's mean-patch KL falling with K."""
+    smol, gemma = (runner.json(args)["sweep"] for args in SWEEPS)
+    text = " ".join(markdown(DOC).split())
+    joint = {e["calibration"]: e["accuracy"]["joint_patch"] for e in gemma}
+    assert f"({joint[2]:.2f} at K = 2, {joint[16]:.2f} at K = 16)" in text
+    thought = [e["accuracy"]["thought_patch"] for e in gemma]
+    assert (
+        f"the thought patch is at {thought[0]:.2f} with a single calibration query and stays between "
+        f"{min(thought):.2f} and {max(thought):.2f} up to K = 16"
+    ) in text
+    mean_kl = [e["kl"]["mean_patch"] for e in smol]
+    assert f"(the mean patch from {mean_kl[0]:.1f} to {mean_kl[-1]:.1f})" in text

@@ -94,3 +94,25 @@ def test_forward_call_counts(real_models):
     text = prose(DOC)
     assert f"| **total** | **{floor}** |" in text
     assert f"Now the same run makes **{calls['calls']} calls** ({calls['rows']} rows, {calls['tokens']} tokens)" in text
+
+
+def spread(entries: list[dict], method: str) -> str:
+    """The smallest and largest accuracy of `method` over the runs as "Reading it" prints them: "0.53 to 0.71"."""
+    values = sorted(entry["accuracy"][method] for entry in entries)
+    return " to ".join("0" if v == 0 else f"{v:.2f}" for v in (values[0], values[-1]))
+
+
+@pytest.mark.figures
+def test_reading_it(runner):
+    """docs/transfer.md, "Reading it": the ranges it quotes from the K = 8 table, per model."""
+    runs = [(model_of(args), runner.json(args)["sweep"][0]) for args in COMMANDS]
+    smol, gemma = ([entry for model, entry in runs if model == name] for name in ("smollm2-135m", "gemma3-270m"))
+    best = max(entry["accuracy"][m] for entry in smol for m in TRANSFERABLE)
+    text = prose(DOC)
+    assert f"all stay at zero-shot accuracy (0 to {best:.2f}) on held-out queries" in text
+    assert f"while in context the model gets {spread(smol, 'icl')} right" in text
+    assert (
+        f"already gives {spread(gemma, 'single_patch')} on held-out queries (against {spread(gemma, 'zero_shot')} "
+        f"zero-shot and {spread(gemma, 'icl')} in context), the mean of eight {spread(gemma, 'mean_patch')}, the "
+        f"thought patch {spread(gemma, 'thought_patch')}, and the task vector {spread(gemma, 'task_vector')}"
+    ) in text
