@@ -48,7 +48,7 @@ def test_toy_one_block(runner):
     f3, f4 = doc["figure3"], doc["figure4"]
     assert ROWS[0][0] == f"toy, 1 block, {doc['trials']} trials" and doc["layers"] == [0]
     assert agrees(f3["decay"][0], decay)
-    assert agrees(doc["prop31_error"][0], prop31)
+    assert doc["prop31_error"][0] < 1e-9 and prop31 == "< 1e-9"  # float64 rounding: the README's bound
     mean, se = (part.strip() for part in alignment.split("±"))
     assert agrees(f4["alignment_mean"][0][-1], mean) and agrees(f4["alignment_se"][0][-1], se)
     # "carries the context (Δb ≈ 0)": ΔW alone gives the with-context loss, to rounding
