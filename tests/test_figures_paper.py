@@ -66,7 +66,7 @@ def test_toy_ten_layers(runner):
     assert ROWS[1][0] == f"toy, {len(doc['layers'])} layers pre-LN, {doc['trials']} trials"
     assert agrees(statistics.median(f3["decay"]), decay)
     layer0, others = (part.strip() for part in prop31.split("/"))
-    assert agrees(doc["prop31_error"][0], layer0)
+    assert doc["prop31_error"][0] < 1e-12 and layer0 == "< 1e-12"  # float64 rounding: the README's bound
     assert all(agrees(got, want) for got, want in zip((min(doc["prop31_error"][1:]), max(doc["prop31_error"][1:])),
                                                       span(others), strict=True))  # fmt: skip
     assert agrees(max(abs(row[-1]) for row in f4["alignment_mean"]), alignment.removeprefix("|cos| ≤ "))
