@@ -45,4 +45,4 @@ def test_reading_the_sweep(runner):
         f"{min(thought):.2f} and {max(thought):.2f} up to K = 16"
     ) in text
     mean_kl = [e["kl"]["mean_patch"] for e in smol]
-    assert f"(the mean patch from {mean_kl[0]:.1f} to {mean_kl[-1]:.1f})" in text
+    assert f"(the mean patch from {mean_kl[0]:.2f} to {mean_kl[-1]:.2f})" in text
