@@ -184,21 +184,31 @@ def print_tables(results: dict, tokens: int) -> None:
                       f"{g['prompts_all_agree']:>9} {g['kl_max']:>10.3g}")  # fmt: skip
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also parsed by tests/test_figures_precision.py, which runs the README's command)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="SmolLM2 only, 2 prompts, 5 tokens (for CI)")
     parser.add_argument("--demos", type=int, default=5, help="examples in each context")
     parser.add_argument("--queries", type=int, default=4, help="next-token queries per task")
     parser.add_argument("--tokens", type=int, default=20, help="generated tokens per prompt")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every arm on every model for the parsed command line: the document --json writes."""
     models, tasks, queries, tokens = (MODELS[:1], 2, 1, 5) if args.quick else (MODELS, None, args.queries, args.tokens)
     study = icl_prompts(args.demos, queries, tasks)
     gen_prompts = icl_prompts(args.demos, 1, tasks)
     results = {name: measure_model(name, study, gen_prompts, tokens) for name in models}
-    print_tables(results, tokens)
+    return {"demos": args.demos, "queries_per_task": queries, "tokens": tokens, "models": results}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    doc = run(args)
+    print_tables(doc["models"], doc["tokens"])
     if args.json:
-        doc = {"demos": args.demos, "queries_per_task": queries, "tokens": tokens, "models": results}
         args.json.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -45,11 +45,23 @@ def real_models():
     return get
 
 
+def pytest_addoption(parser):
+    parser.addoption("--figures", action="store_true", help="also run the `figures` tests (./run test-figures)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that loads a real model is `slow`: `./run test-quick` (pytest -m "not slow") leaves them out."""
+    """Every test that loads a real model is `slow`: `./run test-quick` (pytest -m "not slow") leaves them out.
+
+    The `figures` tests re-run the docs' slow commands (tens of minutes): skipped unless --figures is given.
+    """
+    skip = pytest.mark.skip(reason="re-runs the docs' slow commands: ./run test-figures (pytest --figures)")
     for item in items:
         if "real_models" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("figures"):
+            item.add_marker(pytest.mark.slow)
+            if not config.getoption("--figures"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

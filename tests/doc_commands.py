@@ -29,12 +29,15 @@ def reproduce_block(doc: str, name: str) -> str:
     return match.group(1)
 
 
-def commands(doc: str, name: str) -> list[list[str]]:
-    """Each command of the block as its argument list, the program name dropped (comments after # dropped)."""
+def commands(doc: str, name: str, programs: tuple[str, ...] = PROGRAMS) -> list[list[str]]:
+    """Each command of the block as its argument list, the program name dropped (comments after # dropped).
+
+    `programs` are the words a command may start with: icl-probe's names, or e.g. ("python",) for a benchmark.
+    """
     lines = reproduce_block(doc, name).replace("\\\n", " ").splitlines()
     parsed = [shell_words(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     for words in parsed:
-        assert words[0] in PROGRAMS, f"{doc}, {name}: not an icl-probe command: {words}"
+        assert words[0] in programs, f"{doc}, {name}: not a {' or '.join(programs)} command: {words}"
     return [words[1:] for words in parsed]
 
 
@@ -48,13 +51,14 @@ def shell_words(line: str) -> list[str]:
 
 
 def table_after(doc: str, heading_text: str) -> list[list[str]]:
-    """The body rows (cells stripped) of the first Markdown table from the line containing `heading_text` on."""
+    """The body rows (cells stripped, `\\|` read as |) of the first Markdown table from the line of `heading_text`."""
     text = markdown(doc)
     start = text.rindex("\n", 0, text.index(heading_text)) + 1  # the line itself may be the table's header
     rows = []
     for line in text[start:].splitlines():
         if line.startswith("|"):
-            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            cells = re.split(r"(?<!\\)\|", line.strip().removeprefix("|").removesuffix("|"))  # not at an escaped \|
+            rows.append([cell.strip().replace("\\|", "|") for cell in cells])
         elif rows:
             break
     assert len(rows) > 2, f"{doc}: no table after {heading_text!r}"
@@ -105,15 +109,26 @@ class Runner:
         """The JSON document of `icl-probe ARGS --json PATH`, run once per distinct command."""
         key = tuple(args)
         if key not in self.docs:
-            from pytest import MonkeyPatch
-
-            import icl_probe.models as models  # the CLI imports load_model from here when a command loads a model
-            from icl_probe.cli import app
-
             path = self.tmp_path / f"doc{len(self.docs)}.json"
-            with MonkeyPatch.context() as patch:
-                patch.setattr(models, "load_model", self.load)
-                result = CliRunner().invoke(app, [*args, "--json", str(path)])
-            assert result.exit_code == 0, f"icl-probe {' '.join(args)}: {result.output}"
+            self.invoke([*args, "--json", str(path)])
             self.docs[key] = json.loads(path.read_text(encoding="utf-8"))
         return self.docs[key]
+
+    def run(self, args: list[str]) -> None:
+        """Run `icl-probe ARGS` (a command that writes files, such as `regression train -o toy`) once."""
+        if tuple(args) not in self.docs:
+            self.invoke(args)
+            self.docs[tuple(args)] = {}
+
+    def invoke(self, args: list[str]) -> None:
+        """The CLI on `args`, in the runner's folder (the docs' relative paths land there), with the real models."""
+        from pytest import MonkeyPatch
+
+        import icl_probe.models as models  # the CLI imports load_model from here when a command loads a model
+        from icl_probe.cli import app
+
+        with MonkeyPatch.context() as patch:
+            patch.setattr(models, "load_model", self.load)
+            patch.chdir(self.tmp_path)
+            result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"icl-probe {' '.join(args)}: {result.output}"
