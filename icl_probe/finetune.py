@@ -52,8 +52,10 @@ def train_loss(model: nn.Module, data: list[tuple]) -> torch.Tensor:
 
 
 @contextmanager
-def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
-    """Only `weights` take gradients; every parameter's flag and value is restored exactly on exit."""
+def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """Only `weights` take gradients; every parameter's flag and value is restored exactly on exit.
+
+    Yields the saved copies of `weights` (the starting point; read them, do not change them)."""
     flags = {p: p.requires_grad for p in model.parameters()}
     saved = [w.detach().clone() for w in weights]
     try:
@@ -61,7 +63,7 @@ def trainable(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             for w, original in zip(weights, saved):
@@ -100,7 +102,7 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
         raise UsageError(f"`finetune_steps` must be ≥ 0 and `lr` > 0, not {steps} and {lr}")
     data = training_data(tokenizer, examples, template, prompt.prefix)
     weights = {path: m.weight for b in chosen for path, m in b.first.items()}
-    start = {path: w.detach().to(MATH_DTYPE, copy=True) for path, w in weights.items()}
+    start: dict[str, torch.Tensor] = {}  # the weights before the first step: `trainable`'s copies, not a second set
 
     counter = Steps(progress, "fine-tuning steps", steps)
 
@@ -114,7 +116,8 @@ def finetune(model, tokenizer, chosen: list[Block], examples, template, prompt: 
             "alignment": layer_alignments(chosen, weights, start, patch),
         }
 
-    with trainable(model, list(weights.values())):
+    with trainable(model, list(weights.values())) as saved:
+        start.update(zip(weights, saved))
         rows = sgd(weights, [lambda: train_loss(model, data)] * steps, lr, probe)
     return {"steps": rows, "lr": lr}
 
@@ -125,7 +128,7 @@ def layer_alignments(chosen: list[Block], weights: dict, start: dict, patch: Pat
     for b in chosen:
         inner = sq_ft = sq_dw = 0.0
         for path in b.first:
-            moved = arch.oriented(weights[path].detach().to(MATH_DTYPE) - start[path], b.family)
+            moved = arch.oriented(weights[path].detach().to(MATH_DTYPE) - start[path].to(MATH_DTYPE), b.family)
             delta = patch.low_rank[path]
             inner += float(torch.trace(delta.u.T @ moved @ delta.v))
             sq_ft += float(moved.norm()) ** 2
