@@ -283,10 +283,11 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
         for name in dict.fromkeys(m for m, _, _ in todo):
             model, tokenizer, low, load_seconds = load_models(spec, name, todo, have, say, loader)
             for _, task, trial in [c for c in todo if c[0] == name]:
+                t0 = time.perf_counter()
                 line = run_logged(model, tokenizer, spec, task, trial, out, have.get(cell_id(name, task, trial)), low)
                 line["load_seconds"] = load_seconds
                 write(line)
-                say(clock.tick(line["id"], line.get("seconds_total", 0.0), "error" in line))
+                say(clock.tick(line["id"], time.perf_counter() - t0, "error" in line))  # this run's time, for the ETA
             del model, tokenizer, low
             gc.collect()
     summary = summarise(whole, read_journal(journal))
