@@ -43,7 +43,11 @@ class MlpInputs:
 
     def row(self, i: int) -> MlpInputs:
         """Row i of a batch of them (B = 1)."""
-        cut = lambda t: t[i : i + 1] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return self.rows(i, i + 1)
+
+    def rows(self, start: int, stop: int) -> MlpInputs:
+        """Rows start to stop (excluded) of a batch of them."""
+        cut = lambda t: t[start:stop] if isinstance(t, torch.Tensor) else t  # noqa: E731
         return MlpInputs(tuple(cut(a) for a in self.args), {k: cut(v) for k, v in self.kwargs.items()})
 
     def difference(self, other: MlpInputs) -> tuple[int, float] | None:

@@ -33,7 +33,7 @@ from .errors import MathError, UsageError
 from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
-from .mlp_inputs import check_mlp_inputs, mlp_inputs_taps
+from .mlp_inputs import MlpInputs, check_mlp_inputs, mlp_inputs_taps
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
 from .riders import Rider, ablation_riders, apart, rides
@@ -224,10 +224,15 @@ class SequentialRun:
         self.suspended = True
         try:
             with stage("branch0 MLP re-run"):
-                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.seen.get((b.index, "mlp_inputs")))  # (B, 1, in)
+                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.solved_inputs(b))  # (B, 1, in)
         finally:
             self.suspended = False
         return last(hidden(y), self.solved)
+
+    def solved_inputs(self, b: Block) -> MlpInputs | None:
+        """The solved rows' MLP inputs besides z at the last token (the riders' rows left out), if it has any."""
+        seen = self.seen.get((b.index, "mlp_inputs"))
+        return seen.rows(0, self.solved) if seen is not None else None
 
     def ridden(self, x: torch.Tensor, flag: str) -> torch.Tensor:
         """Rows (solved, ...) of an update followed by each rider's: its owner's row where its `flag` is set, else
@@ -249,7 +254,7 @@ class SequentialRun:
 
         def hook(module, args, output):
             cap, target = self.captures[b.index], self.targets[b.index]
-            check_mlp_inputs(b, target.mlp_inputs, self.seen.get((b.index, "mlp_inputs")))
+            check_mlp_inputs(b, target.mlp_inputs, self.solved_inputs(b))
             cap.branch0 = self.rerun_mlp(b)
             h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()

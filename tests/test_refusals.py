@@ -12,6 +12,7 @@ from tiny import char_tokenizer, tiny_model
 from torch import nn
 
 from icl_probe import analyze, decoder
+from icl_probe.batched import analyze_rows
 from icl_probe.errors import ModelError
 from icl_probe.hooks import Call
 from icl_probe.mlp_inputs import MlpInputs, inputs_at_last
@@ -60,6 +61,18 @@ def test_a_second_input_the_context_does_not_change_is_exact():
     assert doc["logits"]["kl_no_context"] > 1e-3 and doc["logits"]["kl_patched"] < 1e-10
     assert max(layer["block_error"] for layer in doc["layers"]) < 1e-9
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-9
+
+
+def test_a_second_input_in_a_batch_is_compared_on_the_solved_rows():
+    # the ablation's rows ride in the solve's pass (update.Rider): only the solved rows' inputs meet the targets
+    model = model_with(lambda h: torch.full_like(h, 0.5))
+    prompts = [(CONTEXT, QUERY), ("ab -> ba\n", "cd ->")]
+    docs = [a.to_dict() for a in analyze_rows(model, char_tokenizer(), prompts)]
+    for doc, (context, query) in zip(docs, prompts):
+        alone = analyze(model, char_tokenizer(), context, query).to_dict()
+        assert doc["logits"]["kl_patched"] < 1e-10 and max(x["mlp_branch_error"] for x in doc["layers"]) < 1e-9
+        ids = lambda d: {k: [t["id"] for t in v] for k, v in d["logits"]["top_k"].items()}  # noqa: E731
+        assert doc["logits"]["top1_match"] and ids(doc) == ids(alone)
 
 
 def test_a_second_input_the_context_reaches_is_refused_naming_the_obstacle():
