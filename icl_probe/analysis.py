@@ -467,15 +467,18 @@ def layer_report(
     """One layer's figures from the sequential run's record (row 0) and the with-context target."""
     z0, z_ctx = rec.z0[0], target.z_ctx[0]
     fold = rec.fold_min_abs_normalised
+    norms = torch.stack([z0, z_ctx - z0, target.attn[0] - rec.attn[0], rec.branch[0] - rec.branch0[0],
+                         rec.branch[0] - target.branch[0], target.branch[0], rec.delta_b[0]]).norm(dim=-1)  # fmt: skip
+    z0_norm, dz_norm, attn, branch_delta, branch_error, branch_ctx, delta_b = norms.tolist()
     return LayerReport(
         layer=b.index,
-        z0_norm=float(z0.norm()),
-        dz_norm=float((z_ctx - z0).norm()),
+        z0_norm=z0_norm,
+        dz_norm=dz_norm,
         z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
-        attention_delta_norm=float((target.attn[0] - rec.attn[0]).norm()),
-        mlp_branch_delta_norm=float((rec.branch[0] - rec.branch0[0]).norm()),
-        mlp_branch_error=float((rec.branch[0] - target.branch[0]).norm() / target.branch[0].norm()),
-        residual_delta_norm=float(rec.delta_b[0].norm()),
+        attention_delta_norm=attn,
+        mlp_branch_delta_norm=branch_delta,
+        mlp_branch_error=branch_error / branch_ctx,
+        residual_delta_norm=delta_b,
         block_error=float(rec.block_error[0]),
         modules={path: module_report(patch, b, path) for path in module_paths(b, residual, solved_at)},
         fold_min_abs_normalised=None if fold is None else float(fold[0]),
@@ -500,7 +503,7 @@ def module_report(patch: Patch, b: Block, path: str) -> dict:
         "delta_w_norm": delta_norm,
         "weight_norm": norm_w,
         "relative_norm": delta_norm / norm_w if norm_w else None,
-        "rank": delta.rank(),
+        "rank": int(delta_norm > 0) if delta.u.shape[-1] == 1 else delta.rank(),  # rank 1 unless 0 (LowRank.rank)
         "gradient_alignment": None,
     }
 

@@ -93,8 +93,9 @@ class LowRank:
     def frobenius_norm(self) -> float:
         """‖u vᵀ‖_F of one (unbatched) update; for r > 1 from the r×r core, so that a difference of nearly equal
         updates keeps its digits."""
-        if self.u.shape[-1] <= 1:
-            return frobenius_inner(self, self) ** 0.5
+        if self.u.shape[-1] <= 1:  # rank ≤ 1: ‖u‖ ‖v‖
+            norm = torch.linalg.vector_norm
+            return float(norm(self.u, dtype=MATH_DTYPE) * norm(self.v, dtype=MATH_DTYPE))
         return float(self.core_norm())
 
     def core(self) -> torch.Tensor:
@@ -106,7 +107,10 @@ class LowRank:
         return torch.linalg.matrix_norm(self.core())
 
     def rank(self, rtol: float = 1e-10) -> int:
-        """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions."""
+        """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions (for r = 1 that
+        core's one singular value is ‖u‖ ‖v‖: the rank is 1 unless it is 0)."""
+        if self.u.shape[-1] == 1:
+            return int(self.frobenius_norm() > 0)
         sigma = torch.linalg.svdvals(self.core())
         if sigma.numel() == 0 or sigma[0] == 0:
             return 0
@@ -130,8 +134,10 @@ def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
     shapes and batching of `rank_one_update`."""
     p = p.to(update_dtype())
     p_sq = (p * p).sum(-1, keepdim=True)  # (..., 1)
-    for norm in p_sq.sqrt().reshape(-1):
-        check_norm(norm, where)
+    norms = p_sq.sqrt().reshape(-1)
+    if not (torch.isfinite(norms).all() and (norms >= MIN_Z0_NORM).all()):  # one check for every row; then which
+        for norm in norms:
+            check_norm(norm, where)
     return LowRank((target.to(update_dtype()) / p_sq)[..., None], p[..., None].clone())
 
 

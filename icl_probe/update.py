@@ -30,7 +30,7 @@ from . import arch
 from .arch import Block
 from .capture import Target, forward, last, padded_inputs
 from .errors import MathError, UsageError
-from .hooks import Recording, Tap, hidden, hooked, pre_hooked, recording, with_hidden
+from .hooks import Recording, Tap, answered, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
 from .mlp_inputs import MlpInputs, check_mlp_inputs, mlp_inputs_taps
@@ -82,6 +82,7 @@ class BlockCapture:
     z0: torch.Tensor | None = None  # the MLP input, read from the patched query-alone run
     dtype: torch.dtype | None = None  # the MLP input's dtype, which the re-run without ΔW is given z0 in
     branch0: torch.Tensor | None = None  # the MLP branch without ΔW, at z0
+    first0: dict[str, torch.Tensor] = field(default_factory=dict)  # first linear → W z0 as the pass computed it
     delta_b: torch.Tensor | None = None
     block_error: torch.Tensor | None = None  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
     fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
@@ -110,7 +111,7 @@ class SequentialRun:
         self.chosen, self.targets, self.residual = chosen, targets, residual
         self.solved, self.riders = batch, list(riders)
         self.batch = batch + len(self.riders)  # rows in the pass: the solved rows, then the riders
-        self.gathers: dict[str, torch.Tensor] = {}  # "delta_w" | "delta_b" → the rows `ridden` gathers
+        self.gathers: dict[str, tuple] = {}  # "delta_w" | "delta_b" → `carriers`: the rows given it, their owners
         self.lasts = lasts  # (rows,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
@@ -166,11 +167,13 @@ class SequentialRun:
                 return None
             z, cap = args[0], self.captures[b.index]
             cap.z0, cap.dtype = self.last(z)[: self.solved], z.dtype
+            rows = output.reshape(self.batch, -1, output.shape[-1])
+            cap.first0[path] = self.at_last(rows)[: self.solved, None].clone()  # (B, 1, out): for `rerun_mlp`
             with stage("ΔW build"):
                 weight = arch.weight_out_in(module, b.family)
                 delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
             with stage("ΔW x"):
-                return add_rounded(output, self.ridden_delta_w(delta).apply(z))
+                return self.added(output, "delta_w", lambda rows, owners: self.delta_w_x(delta, z, rows, owners))
 
         return hook
 
@@ -219,11 +222,12 @@ class SequentialRun:
         return a, v
 
     def rerun_mlp(self, b: Block) -> torch.Tensor:
-        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended)."""
+        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended). The
+        first linears return W z0 as the pass computed it (`answered`), so only the layers after them run again."""
         cap = self.captures[b.index]
         self.suspended = True
         try:
-            with stage("branch0 MLP re-run"):
+            with stage("branch0 MLP re-run"), answered((b.first[path], out) for path, out in cap.first0.items()):
                 y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.solved_inputs(b))  # (B, 1, in)
         finally:
             self.suspended = False
@@ -234,19 +238,34 @@ class SequentialRun:
         seen = self.seen.get((b.index, "mlp_inputs"))
         return seen.rows(0, self.solved) if seen is not None else None
 
-    def ridden(self, x: torch.Tensor, flag: str) -> torch.Tensor:
-        """Rows (solved, ...) of an update followed by each rider's: its owner's row where its `flag` is set, else
-        zeros (as a missing row of a stacked patch)."""
-        if not self.riders:
-            return x
-        if flag not in self.gathers:  # solved rows, then each rider's owner or the zero row appended at `solved`
-            owners = [r.owner if getattr(r, flag) else self.solved for r in self.riders]
-            self.gathers[flag] = torch.tensor([*range(self.solved), *owners])
-        zero = x.new_zeros((1, *x.shape[1:]))
-        return torch.cat([x, zero])[self.gathers[flag].to(x.device)]
+    def carriers(self, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the pass, the solved row whose update each one gets) for a part of the update (`flag`,
+        "delta_w" or "delta_b"): the solved rows, then the riders given that part."""
+        if flag not in self.gathers:
+            given = [(self.solved + k, r.owner) for k, r in enumerate(self.riders) if getattr(r, flag)]
+            rows = [*range(self.solved), *(k for k, _ in given)]
+            owners = [*range(self.solved), *(o for _, o in given)]
+            self.gathers[flag] = (torch.tensor(rows), torch.tensor(owners))
+        return self.gathers[flag]
 
-    def ridden_delta_w(self, delta: LowRank) -> LowRank:
-        return LowRank(self.ridden(delta.u, "delta_w"), self.ridden(delta.v, "delta_w")) if self.riders else delta
+    def delta_w_x(self, delta: LowRank, z: torch.Tensor, rows, owners) -> torch.Tensor:
+        """ΔW x on every row of the pass (rows None), or on `rows`, each with its owner's ΔW: (len(rows), T, out)."""
+        if rows is None:
+            return delta.apply(z)
+        return LowRank(delta.u[owners], delta.v[owners]).apply(z.reshape(self.batch, -1, z.shape[-1])[rows])
+
+    def added(self, y: torch.Tensor, flag: str, part) -> torch.Tensor:
+        """y, a (B, T, d) or (B·T, d) activation of the pass, plus a part of the update, summed in float64 and
+        rounded once. `part(rows, owners)` gives it for those rows of the pass: every row without riders (None,
+        None); with them, the rows that carry it (`carriers`), and the other rows keep y (adding 0 would leave
+        them bit for bit)."""
+        if not self.riders:
+            return add_rounded(y, part(None, None))
+        rows, owners = (t.to(y.device) for t in self.carriers(flag))
+        shaped = y.reshape(self.batch, -1, y.shape[-1])
+        new = shaped.clone()
+        new[rows] = add_rounded(shaped[rows], part(rows, owners))
+        return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
         """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
@@ -262,7 +281,8 @@ class SequentialRun:
             cap.delta_b = delta_b.to(target.out.dtype)
             if self.residual == "bias":
                 self.residual_rows[b.path] = delta_b
-                new = add_rounded(h, self.ridden(delta_b, "delta_b")[:, None])
+                rows_b = lambda rows, owners: (delta_b if owners is None else delta_b[owners])[:, None]  # noqa: E731
+                new = self.added(h, "delta_b", rows_b)
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
             end = self.last(new)[: self.solved]

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from helpers import forward_hooks, last_outputs
+from helpers import forward_hooks, hidden, last_outputs
 from tiny import char_tokenizer, tiny_model, tokenizer_for
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -156,6 +156,31 @@ def test_mlp_branch_matches_the_context_under_the_patch(name):
             patched = last_outputs(model, paths, result.prompt.query_only)
     for path in paths:
         assert float((ctx[path] - patched[path]).norm() / ctx[path].norm()) < 1e-9, path
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in BRANCH and expected_layer(n, 0)[5] is None])
+def test_the_mlp_branch_change_is_the_mlp_with_and_without_its_update(name):
+    # mlp_branch_delta_norm = ‖MLP_ΔW(z0) − MLP(z0)‖ at the last token, computed from outside: the patch applied as
+    # weights records the MLP's input z0 and output on the query alone, then the MLP is called on z0 without it.
+    model, result = model_of(name), analysis_of(name)
+    doc = result.to_dict()
+    mlps = [model.get_submodule(f"{BLOCKS.get(name, 'model.layers')}.{i}.{expected_layer(name, i)[2][0].split('.')[0]}")
+            for i in range(2)]  # fmt: skip
+    seen = {}
+
+    def record(i):
+        def hook(module, args, output):
+            seen[i] = (args[0][:, -1:].clone(), hidden(output)[:, -1].clone())
+
+        return hook
+
+    with torch.no_grad(), default_dtype_for(name):
+        with applied(model, result.patch), forward_hooks([(m, record(i)) for i, m in enumerate(mlps)]):
+            last_outputs(model, [], result.prompt.query_only)
+        for i, mlp in enumerate(mlps):
+            z0, with_update = seen[i]
+            change = float((with_update - hidden(mlp(z0))[:, -1]).norm())
+            assert change == pytest.approx(doc["layers"][i]["mlp_branch_delta_norm"], rel=1e-9, abs=1e-12), i
 
 
 @pytest.mark.parametrize("name", ["lfm2", "jamba", "qwen3_next", "falcon_h1"])
