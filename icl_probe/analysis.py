@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "Analysis", "AnalysisInput", "analyze", "build_analysis", "aligned_target", "layer_ablation_of", "check_residual",
-    "check_static_fold", "layer_report", "add_gradient_alignment"
+    "check_static_fold", "layer_report", "layer_reports", "add_gradient_alignment"
 ]  # fmt: skip
 
 import copy
@@ -43,7 +43,7 @@ from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
 from .hooks import Tap, current_weight, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
-from .lowrank import kl_divergence, naive_precision
+from .lowrank import MATH_DTYPE, kl_divergence, naive_precision
 from .metrics import (
     ablation,
     ablation_rows,
@@ -465,26 +465,46 @@ def layer_report(
     b: Block, rec: LayerRecord, target, patch: Patch, residual: str, solved_at: str = "last"
 ) -> LayerReport:
     """One layer's figures from the sequential run's record (row 0) and the with-context target."""
-    z0, z_ctx = rec.z0[0], target.z_ctx[0]
-    fold = rec.fold_min_abs_normalised
-    norms = torch.stack([z0, z_ctx - z0, target.attn[0] - rec.attn[0], rec.branch[0] - rec.branch0[0],
-                         rec.branch[0] - target.branch[0], target.branch[0], rec.delta_b[0]]).norm(dim=-1)  # fmt: skip
-    z0_norm, dz_norm, attn, branch_delta, branch_error, branch_ctx, delta_b = norms.tolist()
-    return LayerReport(
-        layer=b.index,
-        z0_norm=z0_norm,
-        dz_norm=dz_norm,
-        z_cosine=float(torch.nn.functional.cosine_similarity(z_ctx, z0, dim=0)),
-        attention_delta_norm=attn,
-        mlp_branch_delta_norm=branch_delta,
-        mlp_branch_error=branch_error / branch_ctx,
-        residual_delta_norm=delta_b,
-        block_error=float(rec.block_error[0]),
-        modules={path: module_report(patch, b, path) for path in module_paths(b, residual, solved_at)},
-        fold_min_abs_normalised=None if fold is None else float(fold[0]),
-        mixer=b.family.mixer,
-        moe=moe_report(b, rec, target, patch),
-    )
+    return layer_reports(b, [rec], [target], [patch], residual, solved_at)[0]
+
+
+def layer_reports(
+    b: Block, recs: list[LayerRecord], targets: list, patches: list[Patch], residual: str, solved_at: str = "last"
+) -> list[LayerReport]:
+    """`layer_report` of each row (a record, target and patch per prompt, each of row 0), the norms of every row
+    computed together."""
+
+    def rows(field: str, of: list) -> torch.Tensor:  # (B, d): each prompt's row 0
+        return torch.cat([getattr(x, field)[:1] for x in of])
+
+    z0, z_ctx, branch = rows("z0", recs), rows("z_ctx", targets), rows("branch", recs)
+    differences = [z0, z_ctx - z0, rows("attn", targets) - rows("attn", recs), branch - rows("branch0", recs),
+                   branch - rows("branch", targets), rows("branch", targets), rows("delta_b", recs)]  # fmt: skip
+    norms = torch.stack(differences).norm(dim=-1).T.tolist()  # (B, 7)
+    cosines = torch.nn.functional.cosine_similarity(z_ctx, z0, dim=-1).tolist()
+    errors = [float(r.block_error[0]) for r in recs]
+    paths = module_paths(b, residual, solved_at)
+    modules = {path: module_reports(patches, b, path) for path in paths}
+    reports = []
+    for i, (rec, target, patch) in enumerate(zip(recs, targets, patches)):
+        z0_norm, dz_norm, attn_delta, branch_delta, branch_error, branch_norm, delta_b = norms[i]
+        fold = rec.fold_min_abs_normalised
+        reports.append(LayerReport(
+            layer=b.index,
+            z0_norm=z0_norm,
+            dz_norm=dz_norm,
+            z_cosine=cosines[i],
+            attention_delta_norm=attn_delta,
+            mlp_branch_delta_norm=branch_delta,
+            mlp_branch_error=branch_error / branch_norm,
+            residual_delta_norm=delta_b,
+            block_error=errors[i],
+            modules={path: modules[path][i] for path in paths},
+            fold_min_abs_normalised=None if fold is None else float(fold[0]),
+            mixer=b.family.mixer,
+            moe=moe_report(b, rec, target, patch),
+        ))  # fmt: skip
+    return reports
 
 
 def module_paths(b: Block, residual: str, solved_at: str = "last") -> list[str]:
@@ -495,17 +515,19 @@ def module_paths(b: Block, residual: str, solved_at: str = "last") -> list[str]:
     return paths
 
 
-def module_report(patch: Patch, b: Block, path: str) -> dict:
-    delta = patch.low_rank[path]
-    delta_norm = delta.frobenius_norm()
+def module_reports(patches: list[Patch], b: Block, path: str) -> list[dict]:
+    """Each patch's ΔW at `path`: its norm against the weight's, and its rank (rank-1 updates' norms together)."""
+    deltas = [patch.low_rank[path] for patch in patches]
     norm_w = weight_norm(current_weight(b.module.get_submodule(path.removeprefix(b.path + "."))))
-    return {
-        "delta_w_norm": delta_norm,
-        "weight_norm": norm_w,
-        "relative_norm": delta_norm / norm_w if norm_w else None,
-        "rank": int(delta_norm > 0) if delta.u.shape[-1] == 1 else delta.rank(),  # rank 1 unless 0 (LowRank.rank)
-        "gradient_alignment": None,
-    }
+    if all(d.u.shape[-1] == 1 for d in deltas):  # ‖u vᵀ‖ = ‖u‖ ‖v‖, rank 1 unless 0 (LowRank.rank)
+        norm = torch.linalg.vector_norm
+        us, vs = torch.stack([d.u[:, 0] for d in deltas]), torch.stack([d.v[:, 0] for d in deltas])
+        norms = (norm(us, dim=-1, dtype=MATH_DTYPE) * norm(vs, dim=-1, dtype=MATH_DTYPE)).tolist()
+        ranks = [int(n > 0) for n in norms]
+    else:
+        norms, ranks = [d.frobenius_norm() for d in deltas], [d.rank() for d in deltas]
+    return [{"delta_w_norm": n, "weight_norm": norm_w, "relative_norm": n / norm_w if norm_w else None, "rank": r,
+             "gradient_alignment": None} for n, r in zip(norms, ranks)]  # fmt: skip
 
 
 def add_gradient_alignment(reports: list[LayerReport], alignment: list[dict]) -> None:

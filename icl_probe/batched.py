@@ -32,7 +32,7 @@ from .analysis import (
     check_residual,
     check_static_fold,
     layer_ablation_of,
-    layer_report,
+    layer_reports,
 )
 from .capture import (
     Target,
@@ -79,7 +79,11 @@ def analyze_rows(
             for (c, q), p in zip(prompts, tokenized)]  # fmt: skip
     with torch.no_grad():
         batch = solve_batch(model, runs)
-    return [row_analysis(model, tokenizer, run, batch, i) for i, run in enumerate(runs)]
+    with stage("reports"):  # every row's, a layer at a time
+        by_layer = [layer_reports(b, [r[b.index] for r in batch.solution.records], [r[b.index] for r in batch.rows],
+                                  batch.solution.patches, residual) for b in chosen]  # fmt: skip
+    return [row_analysis(model, tokenizer, run, batch, [layer[i] for layer in by_layer], i)
+            for i, run in enumerate(runs)]  # fmt: skip
 
 
 @dataclass
@@ -121,13 +125,11 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     return Batch(rows, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
 
 
-def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, i: int) -> Analysis:
-    """The Analysis of the batch's row `i`, as `analyze` builds it for that prompt alone."""
+def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, reports: list, i: int) -> Analysis:
+    """The Analysis of the batch's row `i` (its layer `reports` given), as `analyze` builds it for that prompt
+    alone."""
     patch, logits_ctx, static = batch.solution.patches[i], batch.logits_ctx[i], batch.static[i]
     per_layer = layer_ablation_of(model, run, patch, logits_ctx)
-    with stage("reports"):
-        reports = [layer_report(b, batch.solution.records[i][b.index], batch.rows[i][b.index], patch, run.residual)
-                   for b in run.chosen]  # fmt: skip
     wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
     ablation = ablation_scores(logits_ctx, static[:-1], batch.boths[i])
     return build_analysis(model, tokenizer, run, reports, (logits_ctx, static[-1], batch.solution.logits[i]),
