@@ -282,7 +282,7 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
             "layers": [],
         }
     ]
-    series = {b.index: layer_series(b, targets[b.index], start[b.index], solution) for b in chosen}
+    series = {b.index: listed(layer_series(b, targets[b.index], start[b.index], solution)) for b in chosen}
     for i, cut in enumerate(cuts):
         rows.append(
             {
@@ -296,6 +296,12 @@ def prefix_rows(tokenizer, chosen, cuts, targets, start, solution, logits_ctx, l
             }
         )
     return rows
+
+
+def listed(series: dict) -> dict:
+    """A `layer_series` with its tensors as lists of floats, read once rather than an element at a time."""
+    modules = {path: {k: t.tolist() for k, t in s.items()} for path, s in series["modules"].items()}
+    return {"learning_rate": series["learning_rate"].tolist(), "modules": modules}
 
 
 def layer_row(b: arch.Block, series: dict, i: int) -> dict:
