@@ -480,7 +480,7 @@ def layer_reports(
     z0, z_ctx, branch = rows("z0", recs), rows("z_ctx", targets), rows("branch", recs)
     differences = [z0, z_ctx - z0, rows("attn", targets) - rows("attn", recs), branch - rows("branch0", recs),
                    branch - rows("branch", targets), rows("branch", targets), rows("delta_b", recs)]  # fmt: skip
-    norms = torch.stack(differences).norm(dim=-1).T.tolist()  # (B, 7)
+    norms = torch.stack([x.norm(dim=-1) for x in differences]).T.tolist()  # (B, 7); sizes differ (streams)
     cosines = torch.nn.functional.cosine_similarity(z_ctx, z0, dim=-1).tolist()
     errors = [float(r.block_error[0]) for r in recs]
     paths = module_paths(b, residual, solved_at)

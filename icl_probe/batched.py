@@ -39,14 +39,13 @@ from .capture import (
     capture_shared_rows,
     check_length,
     last_logits,
-    last_logits_rows,
     select_blocks,
 )
 from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
-from .metrics import ablation_rows, ablation_scores
-from .patching import Patch, applied, applied_rows
+from .metrics import ablation_rows, ablation_scores, static_logits_each
+from .patching import Patch, applied
 from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
 
@@ -120,7 +119,8 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip
         parts = [[*ablation_rows(chosen, patch, both), Patch()] for patch, both in zip(solution.patches, boths)]
-        static = static_rows(model, [p for ps in parts for p in ps], [q for q, ps in zip(queries, parts) for _ in ps])
+        flat = [p for ps in parts for p in ps]
+        static = static_logits_each(model, flat, [q for q, ps in zip(queries, parts) for _ in ps], len(flat))
         finite(static)
     return Batch(rows, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
 
@@ -154,16 +154,3 @@ def fold_logits(model: nn.Module, patch: Patch, query: Ids, logits_ctx: torch.Te
         both = last_logits(model, query)
     check_static_fold(patch, logits_ctx, both)
     return both
-
-
-def static_rows(model: nn.Module, patches: list[Patch], queries: list[Ids]) -> torch.Tensor:
-    """The next-token logits of queries[i] with patches[i] applied at every position, (B, vocab): one
-    right-padded pass, or one pass each where a patch has dense updates (they cannot differ per row)."""
-    if any(p.dense or p.params for p in patches):
-        rows = []
-        for p, q in zip(patches, queries):
-            with applied(model, p):
-                rows.append(last_logits(model, q))
-        return torch.stack(rows)
-    with applied_rows(model, patches):
-        return last_logits_rows(model, [list(q) for q in queries])
