@@ -36,13 +36,8 @@ import torch
 import icl_probe
 from icl_probe.batch import run_batch
 from icl_probe.capture import (
-    SHARED_MIN,
-    cache_croppable,
+    capture_shared_rows,
     last_logits_rows,
-    padded_inputs,
-    returned_cache,
-    shared_length,
-    with_cache,
 )
 from icl_probe.inputs import tokenize
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
@@ -129,16 +124,9 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
 
 
 def full_passes(model, rows: list) -> None:
-    """capture_shared_rows' passes without its taps: the shared prefix once with a KV cache, then each row's rest."""
-    n = shared_length(rows) if len(rows) > 1 else 0
-    if n < SHARED_MIN or not cache_croppable(model, max(len(r) for r in rows)):
-        last_logits_rows(model, rows)
-        return
-    cache = returned_cache(model(torch.tensor([rows[0][:n]]), use_cache=True, logits_to_keep=1))
-    cache.batch_repeat_interleave(len(rows))
-    inputs, lasts = padded_inputs(model, [r[n:] for r in rows])
-    keep = int(lasts.max() - lasts.min()) + 1
-    model(**inputs, **with_cache(model, cache), use_cache=True, logits_to_keep=keep)
+    """capture_shared_rows' passes without its taps (no block chosen): the shared prefix once with a KV cache, then
+    each row's rest."""
+    capture_shared_rows(model, [], rows)
 
 
 def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int) -> list[dict]:

@@ -43,7 +43,7 @@ from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
 from .hooks import Tap, current_weight, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
-from .lowrank import MATH_DTYPE, kl_divergence, naive_precision
+from .lowrank import LowRank, kl_divergence, naive_precision
 from .metrics import (
     ablation,
     ablation_rows,
@@ -516,18 +516,12 @@ def module_paths(b: Block, residual: str, solved_at: str = "last") -> list[str]:
 
 
 def module_reports(patches: list[Patch], b: Block, path: str) -> list[dict]:
-    """Each patch's ΔW at `path`: its norm against the weight's, and its rank (rank-1 updates' norms together)."""
+    """Each patch's ΔW at `path`: its norm against the weight's, and its rank, every row's together."""
     deltas = [patch.low_rank[path] for patch in patches]
+    rows = LowRank(torch.stack([d.u for d in deltas]), torch.stack([d.v for d in deltas]))  # one batched update
     norm_w = weight_norm(current_weight(b.module.get_submodule(path.removeprefix(b.path + "."))))
-    if all(d.u.shape[-1] == 1 for d in deltas):  # ‖u vᵀ‖ = ‖u‖ ‖v‖, rank 1 unless 0 (LowRank.rank)
-        norm = torch.linalg.vector_norm
-        us, vs = torch.stack([d.u[:, 0] for d in deltas]), torch.stack([d.v[:, 0] for d in deltas])
-        norms = (norm(us, dim=-1, dtype=MATH_DTYPE) * norm(vs, dim=-1, dtype=MATH_DTYPE)).tolist()
-        ranks = [int(n > 0) for n in norms]
-    else:
-        norms, ranks = [d.frobenius_norm() for d in deltas], [d.rank() for d in deltas]
     return [{"delta_w_norm": n, "weight_norm": norm_w, "relative_norm": n / norm_w if norm_w else None, "rank": r,
-             "gradient_alignment": None} for n, r in zip(norms, ranks)]  # fmt: skip
+             "gradient_alignment": None} for n, r in zip(rows.norms().tolist(), rows.ranks().tolist())]  # fmt: skip
 
 
 def add_gradient_alignment(reports: list[LayerReport], alignment: list[dict]) -> None:

@@ -91,12 +91,16 @@ class LowRank:
         return LowRank(u, v)
 
     def frobenius_norm(self) -> float:
-        """‖u vᵀ‖_F of one (unbatched) update; for r > 1 from the r×r core, so that a difference of nearly equal
-        updates keeps its digits."""
-        if self.u.shape[-1] <= 1:  # rank ≤ 1: ‖u‖ ‖v‖
+        """‖u vᵀ‖_F of one (unbatched) update (see `norms`)."""
+        return float(self.norms())
+
+    def norms(self) -> torch.Tensor:
+        """‖u vᵀ‖_F in float64: a 0-d tensor, or (B,) for a batched update. For rank ≤ 1 it is ‖u‖ ‖v‖; for r > 1
+        it comes from the r×r core, so that a difference of nearly equal updates keeps its digits."""
+        if self.u.shape[-1] <= 1:
             norm = torch.linalg.vector_norm
-            return float(norm(self.u, dtype=MATH_DTYPE) * norm(self.v, dtype=MATH_DTYPE))
-        return float(self.core_norm())
+            return norm(self.u, dim=(-2, -1), dtype=MATH_DTYPE) * norm(self.v, dim=(-2, -1), dtype=MATH_DTYPE)
+        return self.core_norm()
 
     def core(self) -> torch.Tensor:
         """R_u R_vᵀ (..., r, r), from the QR decompositions u = Q_u R_u and v = Q_v R_v: u vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ."""
@@ -107,14 +111,18 @@ class LowRank:
         return torch.linalg.matrix_norm(self.core())
 
     def rank(self, rtol: float = 1e-10) -> int:
-        """Numerical rank of u vᵀ, from the r×r core R_u R_vᵀ of the factors' QR decompositions (for r = 1 that
-        core's one singular value is ‖u‖ ‖v‖: the rank is 1 unless it is 0)."""
+        """Numerical rank of one (unbatched) update (see `ranks`)."""
+        return int(self.ranks(rtol))
+
+    def ranks(self, rtol: float = 1e-10) -> torch.Tensor:
+        """Numerical rank of u vᵀ: a 0-d tensor, or (B,) for a batched update. The singular values above rtol times
+        the largest, from the r×r core R_u R_vᵀ of the factors' QR decompositions (for r = 1 that core's one
+        singular value is ‖u‖ ‖v‖: the rank is 1 unless it is 0)."""
         if self.u.shape[-1] == 1:
-            return int(self.frobenius_norm() > 0)
-        sigma = torch.linalg.svdvals(self.core())
-        if sigma.numel() == 0 or sigma[0] == 0:
-            return 0
-        return int((sigma > rtol * sigma[0]).sum())
+            return (self.norms() > 0).long()
+        sigma = torch.linalg.svdvals(self.core())  # (..., r)
+        top = sigma[..., :1]
+        return ((sigma > rtol * top) & (top > 0)).sum(-1)
 
 
 def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> LowRank:
