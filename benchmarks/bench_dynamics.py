@@ -36,14 +36,13 @@ from icl_probe.timing import timings
 from icl_probe.update import solve
 
 HELD_OUT = "happy"
-# stage (icl_probe.timing, reported by track_dynamics) → component; the rest of the sweep is "other"
+# stage (icl_probe.timing, reported by track_dynamics) → component; the rest of the sweep is "other". The solve's
+# pass also runs, as rider rows, every prefix's ΔW-only row, the last prefix's Δb-only row and the query alone.
 STAGES = {
     "tokenize": "tokenize_prefixes",
     "capture": "capture_prefixes",
-    "query alone": "capture_targets",
     "solve": "solve",
     "prefix rows": "prefix_rows",
-    "ablation": "ablation",
 }
 COMPONENTS = tuple(STAGES.values())
 TASK = builtin_task("antonyms")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 __all__ = ["Dynamics", "track_dynamics", "dynamics_trials", "trial_prefixes", "tokenize_prefixes"]
 
-import itertools
 import math
 import random
 from dataclasses import dataclass, field
@@ -43,14 +42,13 @@ from .metrics import (
     layer_series,
     pick_target,
     prob,
-    static_logits_each,
     static_logits_rows,
     weight_norm,
 )
 from .progress import Progress, Steps
 from .tasks import Example, Task, format_example, query_for
 from .timing import stage
-from .update import Rider, Solution, rides, solve, solve_prompts
+from .update import Rider, Solution, rides, solve, solve_rows
 from .version import __version__
 
 SCHEMA = "icl-probe.dynamics/1"
@@ -193,43 +191,67 @@ def sweep_prefixes(model: nn.Module, tokenizer, chosen: list[arch.Block], prompt
         ends = [len(prompt.prefix) + c for c in cuts]
         with stage("capture"):
             targets, logits_ctx = capture_prefixes(model, chosen, head, ends, prompt.query)
-        with stage("query alone"):
-            start, logits_0 = capture_targets(model, chosen, prompt.query_only)
-        with stage("solve"):
-            solution, static, parts = solve_sweep(model, chosen, targets, prompt.query_only, len(cuts))
-        with stage("ablation"):  # without riders (MoE blocks), the last prefix's ablation rows are a pass of their own
-            if parts is None:
-                parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), prompt.query_only)
-        return assemble(tokenizer, chosen, cuts, Found(targets, start, solution, logits_ctx, logits_0, static, parts),
-                        target)  # fmt: skip
+        (found,) = solve_sweeps(model, chosen, [(targets, logits_ctx, prompt.query_only)])
+        return assemble(tokenizer, chosen, cuts, found, target)
 
 
-def solve_sweep(model: nn.Module, chosen: list[arch.Block], targets: dict, query: Ids, n: int) -> tuple:
-    """(the solution of n prefixes, each one's ΔW-only static logits (n, vocab), the last one's ablation rows (ΔW
-    only, Δb only, whole)): those rows ride along in the solve's pass (update.Rider). The whole patch's static
-    logits are then its solved row's. Where riders cannot (MoE blocks), the ΔW-only rows are a pass of their own
-    and the ablation rows are None."""
+def solve_sweeps(model: nn.Module, chosen: list[arch.Block], sweeps: list[tuple[dict, torch.Tensor, Ids]]) -> list:
+    """The Found of each sweep (its n prefixes' with-context targets (a row per prefix), logits (n, vocab) and its
+    query alone), from one pass of the queries alone: every sweep's prefixes are solved as rows.
+
+    The static rows ride along in that pass (update.Rider): per sweep, ΔW only for every prefix, then the last
+    prefix's Δb only, then a row given neither, which is the query alone (its z at every block is zC_0). The whole
+    patch's static logits are its solved row's. Where riders cannot (MoE blocks), each sweep's query alone is
+    captured and its static rows are passes of their own."""
     if not rides(chosen, "bias"):
-        solution = solve(model, chosen, targets, query, "bias", batch=n)
-        return (
-            solution,
-            static_logits_rows(model, [ablation_rows(chosen, p, True)[0] for p in solution.patches], query),
-            None,
-        )
-    riders = [Rider(i, True, False) for i in range(n)] + [Rider(n - 1, False, True)]
-    solution = solve(model, chosen, targets, query, "bias", batch=n, riders=riders)
-    static = solution.riders[:n]
-    return solution, static, torch.stack([static[-1], solution.riders[n], solution.logits[-1]])
+        return [solve_alone(model, chosen, *sweep) for sweep in sweeps]
+    queries, riders, s = [], [], 0
+    for _, logits_ctx, query in sweeps:
+        n = len(logits_ctx)
+        queries += [query] * n
+        riders += [Rider(s + i, True, False) for i in range(n)]
+        riders += [Rider(s + n - 1, False, True), Rider(s + n - 1, False, False)]
+        s += n
+    targets = sweeps[0][0]  # one sweep keeps its targets whole (`stacked` keeps no MLP inputs besides z)
+    if len(sweeps) > 1:
+        targets = {b.index: Target.stacked([t[b.index] for t, _, _ in sweeps]) for b in chosen}
+    with stage("solve"):
+        solution = solve_rows(model, chosen, targets, queries, "bias", riders)
+    found, s, r = [], 0, 0  # the sweep's first solved row and first rider
+    for sweep_targets, logits_ctx, _ in sweeps:
+        n = len(logits_ctx)
+        part = Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
+        static = solution.riders[r : r + n + 2]  # ΔW only × n, Δb only, the query alone
+        parts = torch.stack([static[n - 1], static[n], part.logits[-1]])
+        start = {k: z[r + n + 1 : r + n + 2] for k, z in solution.rider_z.items()}
+        found.append(Found(sweep_targets, start, part, logits_ctx, static[-1], static[:n], parts))
+        s, r = s + n, r + n + 2
+    return found
+
+
+def solve_alone(model: nn.Module, chosen: list[arch.Block], targets: dict, logits_ctx: torch.Tensor,
+                query: Ids) -> Found:  # fmt: skip
+    """One sweep's Found without riders: the query alone captured, the prefixes solved, the static rows a pass."""
+    with stage("query alone"):
+        start, logits_0 = capture_targets(model, chosen, query)
+    with stage("solve"):
+        solution = solve(model, chosen, targets, query, "bias", batch=len(logits_ctx))
+    with stage("ablation"):
+        static = static_logits_rows(model, [ablation_rows(chosen, p, True)[0] for p in solution.patches], query)
+        parts = static_logits_rows(model, ablation_rows(chosen, solution.patches[-1]), query)
+    z_start = {k: t.z_ctx for k, t in start.items()}
+    return Found(targets, z_start, solution, logits_ctx, logits_0, static, parts)
 
 
 @dataclass
 class Found:
     """What a prefix sweep's passes found for one prompt: per block the with-context Targets (a row per prefix) and
-    the query alone's (`start`), the solution, the logits with context (n, vocab) and alone (vocab,), the ΔW-only
-    static logits after each prefix (n, vocab) and the full update's ablation rows (ΔW only, Δb only, whole)."""
+    the query alone's z (`start`, (1, in)), the solution, the logits with context (n, vocab) and alone (vocab,), the
+    ΔW-only static logits after each prefix (n, vocab) and the full update's ablation rows (ΔW only, Δb only,
+    whole)."""
 
     targets: dict
-    start: dict
+    start: dict[int, torch.Tensor]
     solution: Solution
     logits_ctx: torch.Tensor
     logits_0: torch.Tensor
@@ -384,31 +406,34 @@ def run_trials(model: nn.Module, tokenizer, draws: list[tuple], template: str, b
 def sweep_trials(model: nn.Module, tokenizer, chosen: list[arch.Block], prompts: list[tuple[Prompt, list[int]]],
                  targets: list, batch_size: int) -> list[Sweep]:  # fmt: skip
     """Every (prompt, cuts)'s prefix sweep, the rows (trial, prefix) batched: the prefixes captured with context
-    (`capture_trials`), the queries alone solved (`update.solve_prompts`) and captured unpatched, and every static
-    ablation row, in right-padded passes of at most `batch_size` rows. Equal to `sweep_prefixes` up to rounding."""
-    queries = [p.query_only for p, cuts in prompts for _ in cuts]
-    alone = [p.query_only for p, _ in prompts]
+    (`capture_trials`), then the queries alone of whole trials solved together (`solve_sweeps`, their static rows
+    riding along), at most `batch_size` solved rows a pass (a trial with more has a pass of its own). Equal to
+    `sweep_prefixes` up to rounding."""
     with torch.no_grad():
         rows, logits_ctx = capture_trials(model, chosen, prompts, batch_size)
-        solution = solve_prompts(model, chosen, rows, queries, "bias", batch_size)
-        start, logits_0 = capture_rows(model, chosen, alone, batch_size)
-        patches = []
-        for (_, cuts), s in zip(prompts, itertools.accumulate(len(c) for _, c in prompts)):
-            patches += [ablation_rows(chosen, q, both=True)[0] for q in solution.patches[s - len(cuts) : s]]
-            patches += ablation_rows(chosen, solution.patches[s - 1])[1:]  # Δb only, whole (ΔW only: the last row)
-        static = static_logits_each(model, patches, [q for q, (_, c) in zip(alone, prompts) for _ in range(len(c) + 2)],
-                                    batch_size)  # fmt: skip
-    sweeps, s = [], 0
-    for t, ((_, cuts), target) in enumerate(zip(prompts, targets)):
-        n, o = len(cuts), s + 2 * t  # trial t's rows of the sweep start at s, its static rows at s + 2t
-        part = Solution(solution.patches[s : s + n], solution.records[s : s + n], solution.logits[s : s + n])
-        stacked = {b.index: Target.stacked([r[b.index] for r in rows[s : s + n]]) for b in chosen}
-        found = Found(stacked, start[t], part, logits_ctx[s : s + n], logits_0[t], static[o : o + n],
-                      static[o + n - 1 : o + n + 2])  # fmt: skip
-        with torch.no_grad():
-            sweeps.append(assemble(tokenizer, chosen, cuts, found, target))
-        s += n
-    return sweeps
+        sweeps, s = [], 0
+        for (p, cuts), _ in zip(prompts, targets):
+            n = len(cuts)
+            stacked = {b.index: Target.stacked([r[b.index] for r in rows[s : s + n]]) for b in chosen}
+            sweeps.append((stacked, logits_ctx[s : s + n], p.query_only))
+            s += n
+        found = []
+        for group in trial_groups([len(cuts) for _, cuts in prompts], batch_size):
+            found += solve_sweeps(model, chosen, [sweeps[t] for t in group])
+        return [assemble(tokenizer, chosen, cuts, f, target) for (_, cuts), f, target in zip(prompts, found, targets)]
+
+
+def trial_groups(sizes: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group's sizes sum to at most `batch_size` (a larger one alone)."""
+    groups, total = [], 0
+    for i, n in enumerate(sizes):
+        if groups and total + n <= batch_size:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
 
 
 def capture_trials(model: nn.Module, chosen: list[arch.Block], prompts: list[tuple[Prompt, list[int]]],

@@ -219,11 +219,12 @@ def weight_norm(weight: torch.Tensor) -> float:
 # ---- the update as the context grows (dynamics, regression) -------------------------------------------------
 
 
-def layer_series(b: arch.Block, target: Target, start: Target, solution) -> dict:
-    """One layer's figures at every prefix i = 1..n at once: 1/‖z0_i‖², and per first linear `module_series`."""
+def layer_series(b: arch.Block, target: Target, z_start: torch.Tensor, solution) -> dict:
+    """One layer's figures at every prefix i = 1..n at once: 1/‖z0_i‖², and per first linear `module_series`.
+    `z_start` (1, in) is the query alone's z, zC_0."""
     n = len(solution.patches)
     z0 = torch.cat([solution.records[i][b.index].z0 for i in range(n)])  # (n, in) float64
-    z_ctx = torch.cat([start.z_ctx, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
+    z_ctx = torch.cat([z_start, target.z_ctx])  # (n + 1, in): zC_0 (the query alone) .. zC_n
     dz = (z_ctx[1:] - z_ctx[:-1]).T  # (in, n)
     modules = {}
     for path, m in b.first.items():
@@ -231,29 +232,30 @@ def layer_series(b: arch.Block, target: Target, start: Target, solution) -> dict
         u = torch.stack([d.u[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, out): ΔW_i = u_i v_iᵀ
         v = torch.stack([d.v[:, 0] for d in deltas]).to(MATH_DTYPE)  # (n, in)
         moves = matvec(arch.weight_out_in(m, b.family), dz).T  # (n, out): W (zC_i − zC_{i−1})
-        modules[path] = module_series(u, v, moves, z0)
+        modules[path] = module_series(u, v, moves)
     return {"learning_rate": 1.0 / (z0 * z0).sum(-1), "modules": modules}
 
 
-def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor, z0: torch.Tensor) -> dict:
+def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor) -> dict:
     """‖ΔW_i‖, the step S_i = ΔW_i − ΔW_{i−1} (ΔW_0 = 0), its cosine with S_{i−1}, and Proposition 3.1's error.
 
     Every norm comes from the factors, batched over the prefixes: a difference of nearly equal updates takes
     its norm from the QR core R_u R_vᵀ (`lowrank.LowRank.core`), so no digits are lost to cancellation.
-    Proposition 3.1 predicts S_i = W (zC_i − zC_{i−1}) z0_iᵀ / ‖z0_i‖²; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
+    Proposition 3.1 predicts S_i = W (zC_i − zC_{i−1}) z0_iᵀ / ‖z0_i‖² = p_i v_iᵀ, as v_i = z0_i (ΔW_i = u_i v_iᵀ),
+    so S_i − P_i = (u_i − p_i) v_iᵀ − u_{i−1} v_{i−1}ᵀ has the step's v factors; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
     """
-    zero = torch.zeros_like(u[:1])
-    u_prev, v_prev = torch.cat([zero, u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
+    n = len(u)
+    u_prev, v_prev = torch.cat([torch.zeros_like(u[:1]), u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
     step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
-    step_norm = LowRank(step_u, step_v).core_norm()  # (n,)
-    predicted = moves / (z0 * z0).sum(-1, keepdim=True)  # (n, out), with v = z0_i
-    miss_u = torch.cat([step_u, -predicted[..., None]], -1)  # (n, out, 3): S_i − P_i as factors
-    miss_v = torch.cat([step_v, z0[..., None]], -1)
+    predicted = moves / (v * v).sum(-1, keepdim=True)  # (n, out): p_i
+    miss_u = torch.stack([u - predicted, -u_prev], -1)
+    norms = LowRank(torch.cat([step_u, miss_u]), torch.cat([step_v, step_v])).core_norm()  # S_i, then S_i − P_i
+    step_norm = norms[:n]
     # ⟨S_i, S_{i−1}⟩_F = trace((U_iᵀ U_{i−1}) (V_{i−1}ᵀ V_i)), for i ≥ 1
     inner = torch.einsum("nab,nba->n", step_u[1:].mT @ step_u[:-1], step_v[:-1].mT @ step_v[1:])
     return {
         "delta_w_norm": u.norm(dim=-1) * v.norm(dim=-1),
         "step_norm": step_norm,
-        "prop31_error": LowRank(miss_u, miss_v).core_norm() / step_norm,  # inf or nan where the step is 0: None
+        "prop31_error": norms[n:] / step_norm,  # inf or nan where the step is 0: None
         "step_inner": inner,  # [i − 1] is ⟨S_i, S_{i−1}⟩
     }

@@ -140,7 +140,7 @@ def trial_of(model: nn.Module, chosen: list[Block], tokens: torch.Tensor, y: flo
     """A trial's figures from its passes, and its fine-tuning (run here, on its own weights)."""
     d, n = model.config.d, tokens.shape[0] - 1
     with torch.no_grad():
-        series = [layer_series(b, found.targets[b.index], found.start[b.index], found.solution) for b in chosen]
+        series = [layer_series(b, found.targets[b.index], found.start[b.index].z_ctx, found.solution) for b in chosen]
     online, full = finetuned(model, chosen, tokens, lr, found.solution.patches)
     return Trial(
         step_norm=stack_layers(series, "step_norm"),

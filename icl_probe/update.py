@@ -64,12 +64,14 @@ class LayerRecord:
 @dataclass
 class Solution:
     """The sequential run's result: a Patch and records per row, and the patched next-token logits (B, vocab);
-    with riders, their next-token logits too (R, vocab), in the order given."""
+    with riders, their next-token logits too (R, vocab), in the order given, and what their MLPs read (a rider
+    given neither part of the update is the query alone, so its z is the query alone's)."""
 
     patches: list[Patch]
     records: list[dict[int, LayerRecord]]
     logits: torch.Tensor
     riders: torch.Tensor | None = None
+    rider_z: dict[int, torch.Tensor] | None = None  # block → each rider's z at its last token, float64 (R, in)
 
 
 @dataclass
@@ -134,12 +136,15 @@ class SequentialRun:
 
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
-        (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
+        (summed over MLPs side by side), the fold target's input at every position, an MoE block's routing and,
+        with riders, z at every row."""
         rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
         taps = []
         for b in self.chosen:
             taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
             taps += [Tap(m, (b.index, "branch"), read=self.last) for m in b.mlp_branches]
+            if self.riders:
+                taps.append(Tap(b.z_reader, (b.index, "z"), "input", read=self.last))
             if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
                 taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
@@ -375,6 +380,7 @@ def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
         records=[{k: row_record(r, i) for k, r in records.items()} for i in range(n)],
         logits=logits[:n],
         riders=logits[n:] if run.riders else None,
+        rider_z={b.index: run.seen[(b.index, "z")][n:] for b in run.chosen} if run.riders else None,
     )
 
 
