@@ -35,9 +35,9 @@ from icl_probe.transfer import transfer
 MODEL, TASK, DEMOS, K, HELDOUT = "smollm2-135m", "country_capital", 5, 10, 25
 PARTS = {  # stage (icl_probe.timing, reported by transfer) → label; nested lines (indented) count in their parents too
     "prepare": "prepare: queries with and without context, own solves",
-    "prompts with context": "  prompts with context (one pass each)",
+    "prompts with context": "  prompts with context (rows of a pass, 32 a pass)",
     "queries alone": "  queries alone (one batched pass)",
-    "own solves": "  own sequential solves (one pass each)",
+    "own solves": "  own sequential solves (rows of a pass, 32 a pass)",
     "patch scoring": "scoring a patch on the held-out queries",
     "joint patch": "joint patch (block-by-block fit, check)",
     "thought patch": "thought patch (block-by-block fit, CV)",

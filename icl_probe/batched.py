@@ -8,9 +8,9 @@ last token and read at its own last real position: attention is causal, so its r
 do alone (no mask, no position ids needed), and every row's result equals its unbatched `analyze` up to the
 rounding of a differently shaped matmul.
 
-Mixture-of-experts blocks route per prompt, so their prompts run one at a time (`analyze`), as the engine does.
-So do models with Mamba layers: through Falcon-H1's (torch reference chunked scan) a batched row's ΔW differed
-from its own run by up to 1.5e-7 relative in float64 (logits still within KL 1e-9), beyond rounding.
+Where rows cannot share a pass exactly (capture.rows_exact: mixture-of-experts blocks, which route per prompt, and
+Mamba layers), the prompts run one at a time (`analyze`). Through Falcon-H1's Mamba (torch reference chunked scan) a
+batched row's ΔW differed from its own run by up to 1.5e-7 relative in float64 (logits within KL 1e-9).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import decoder
 from .analysis import (
     Analysis,
     AnalysisInput,
@@ -39,6 +38,7 @@ from .capture import (
     capture_shared_rows,
     check_length,
     last_logits,
+    rows_exact,
     select_blocks,
 )
 from .errors import MathError
@@ -66,7 +66,7 @@ def analyze_rows(
     one at a time with `analyze` to learn which failed and where.
     """
     chosen = select_blocks(model, layers)
-    if any(b.moe for b in chosen) or any("mamba" in (b.family.mixer or "") for b in decoder.blocks(model)):
+    if not rows_exact(model, chosen):
         return [analyze(model, tokenizer, c, q, layers=layers, residual=residual, top_k=top_k, gradient=gradient,
                         per_layer_ablation=per_layer_ablation) for c, q in prompts]  # fmt: skip
     residual = residual or "bias"

@@ -11,9 +11,9 @@ from __future__ import annotations
 __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
     "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
-    "last_logits_rows", "recording_targets", "targets_of", "capture_targets", "capture_targets_rows",
-    "capture_shared_rows", "shared_length", "SHARED_MIN", "capture_rows",
-    "capture_prefixes", "accepts_positions", "cache_croppable", "capture_positions", "position_logits", "greedy"
+    "last_logits_rows", "padded_logits", "heads_at", "recording_targets", "targets_of", "capture_targets",
+    "capture_targets_rows", "capture_shared_rows", "shared_length", "SHARED_SAVED", "capture_rows", "capture_prefixes",
+    "accepts_positions", "rows_exact", "cache_croppable", "capture_positions", "position_logits", "greedy"
 ]  # fmt: skip
 
 import copy
@@ -28,7 +28,7 @@ from torch import nn
 from . import decoder
 from .arch import Block
 from .errors import InputError
-from .hooks import Recording, Tap, recording
+from .hooks import Recording, Tap, pre_hooked, recording
 from .inputs import Ids, Prompt, Vectors, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
 from .mlp_inputs import MlpInputs, mlp_inputs_taps
@@ -188,9 +188,35 @@ def padded_inputs(model: nn.Module, rows: list) -> tuple[dict[str, torch.Tensor]
 def last_logits_rows(model: nn.Module, rows: list) -> torch.Tensor:
     """last_logits of each token id list (or `Vectors`) in `rows`, in one right-padded pass: (B, vocab)."""
     inputs, lasts = padded_inputs(model, rows)
+    return padded_logits(model, inputs, lasts, use_cache=False)
+
+
+def padded_logits(model: nn.Module, inputs: dict, lasts: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The next-token logits at each row's last real position, (B, vocab), from a pass of right-padded `inputs`
+    (`kwargs` go to the model) in which the output layer reads those positions only (`heads_at`)."""
     first, width = int(lasts.min()), int(lasts.max()) + 1
-    out = model(**inputs, logits_to_keep=width - first, use_cache=False)
-    return out.logits[torch.arange(len(rows)), lasts - first]
+    with heads_at(model, lasts - first):
+        logits = model(**inputs, logits_to_keep=width - first, **kwargs).logits
+    return logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(len(lasts)), lasts - first]
+
+
+@contextmanager
+def heads_at(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """The output layer reads only position index[b] of row b of its (B, K, d) input, so that a pass's logits are
+    (B, 1, vocab), every row's from one (B, 1, d) product whatever the rows' lengths: two passes of B rows that end
+    in the same states give the same logits bit for bit (a product of another shape rounds differently). Its hook
+    runs before any other on that layer; a call with one position per row is left as it is."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()  # the toy has none: its logits need no gather
+
+    def gather(module, args, kwargs):
+        x = args[0] if args else kwargs["input"]
+        if x.ndim != 3 or x.shape[1] == 1:
+            return None
+        picked = x[torch.arange(x.shape[0], device=x.device), index.to(x.device)][:, None]
+        return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
+
+    with pre_hooked([(head, gather)] if head is not None else [], prepend=True):
+        yield
 
 
 def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> tuple[list, torch.Tensor]:
@@ -210,7 +236,9 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> t
     return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
 
 
-SHARED_MIN = 32  # tokens of a common prefix worth a pass of its own with a KV cache
+# A common prefix runs in a pass of its own (with a KV cache) when it spares the other rows this many tokens: on
+# SmolLM2-135M here a pass of a few tokens costs what about 50 tokens of rows cost.
+SHARED_SAVED = 64
 
 
 def shared_length(rows: list) -> int:
@@ -225,22 +253,22 @@ def shared_length(rows: list) -> int:
 def capture_shared_rows(model: nn.Module, chosen: list[Block], rows: list) -> tuple[list, torch.Tensor]:
     """`capture_targets_rows`, with a token prefix that every row shares (e.g. one context, many queries) run once
     with a KV cache, and each row's rest a right-padded row after it: the same computation as each prompt whole,
-    as causal attention makes it (`capture_prefixes`). Rows without such a prefix, of Vectors, of MoE blocks, or
-    on a model whose cache cannot be shared run as `capture_targets_rows`."""
+    as causal attention makes it (`capture_prefixes`). Rows whose shared prefix spares them fewer than SHARED_SAVED
+    tokens, rows of Vectors or of MoE blocks, and a model whose cache cannot be shared run as `capture_targets_rows`."""
     tokens = bool(rows) and not isinstance(rows[0], Vectors)
     n = shared_length(rows) if tokens and len(rows) > 1 else 0
-    if n < SHARED_MIN or any(b.moe for b in chosen) or not cache_croppable(model, max(len(r) for r in rows)):
+    worth = n > 0 and n * (len(rows) - 1) >= SHARED_SAVED
+    if not worth or any(b.moe for b in chosen) or not cache_croppable(model, max(len(r) for r in rows)):
         return capture_targets_rows(model, chosen, rows)
     cache = returned_cache(model(**model_inputs(model, [rows[0][:n]]), use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(len(rows))
     inputs, lasts = padded_inputs(model, [r[n:] for r in rows])
-    first, width = int(lasts.min()), int(lasts.max()) + 1
     index = torch.arange(len(rows))
     pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[index, lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
     with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
-        out = model(**inputs, **with_cache(model, cache), use_cache=True, logits_to_keep=width - first)
+        logits = padded_logits(model, inputs, lasts, **with_cache(model, cache), use_cache=True)
     targets = targets_of(rec, chosen)
-    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], out.logits[index, lasts - first]
+    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
 
 
 def capture_rows(model: nn.Module, chosen: list[Block], rows: list, batch_size: int) -> tuple[list, torch.Tensor]:
@@ -274,6 +302,13 @@ def capture_targets(model: nn.Module, chosen: list[Block], ids: Ids) -> tuple[di
 def accepts_positions(model: nn.Module) -> bool:
     """Whether the model's forward takes position_ids, which a batch of prompts cut at different lengths needs."""
     return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def rows_exact(model: nn.Module, chosen: list[Block]) -> bool:
+    """Whether prompts can run as the rows of one pass, each row computing what it computes alone up to rounding:
+    no mixture-of-experts block among `chosen` (the engine records routing per prompt) and no Mamba layer (through
+    a padded batch, Falcon-H1's torch chunked scan gave a row's ΔW 1.5e-7 relative off its own run in float64)."""
+    return not any(b.moe for b in chosen) and not any("mamba" in (b.family.mixer or "") for b in decoder.blocks(model))
 
 
 def cache_croppable(model: nn.Module, length: int) -> bool:

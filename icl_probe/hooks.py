@@ -43,12 +43,13 @@ def hooked(hooks: Iterable[tuple[nn.Module, Hook]]) -> Iterator[None]:
 
 
 @contextmanager
-def pre_hooked(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
-    """Register forward pre-hooks `fn(module, args, kwargs)` for the duration of the block, then remove them all."""
+def pre_hooked(hooks: Iterable[tuple[nn.Module, PreHook]], prepend: bool = False) -> Iterator[None]:
+    """Register forward pre-hooks `fn(module, args, kwargs)` for the duration of the block, then remove them all;
+    `prepend`: before the module's other pre-hooks."""
     handles = []
     try:
         for module, fn in hooks:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=prepend))
         yield
     finally:
         for handle in handles:

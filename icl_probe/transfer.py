@@ -29,12 +29,14 @@ from .capture import (
     PositionTargets,
     Target,
     capture_positions,
+    capture_shared_rows,
     capture_targets,
     capture_targets_rows,
     check_length,
     last_logits_rows,
     model_name,
     right_padded,
+    rows_exact,
     select_blocks,
 )
 from .errors import UsageError
@@ -46,7 +48,7 @@ from .positions import PositionsRun, Sequence, solve_joint
 from .progress import Progress, Steps
 from .tasks import DEFAULT_TEMPLATE, Task, first_target_id, format_example, query_for, target_text
 from .timing import stage
-from .update import solve
+from .update import Solution, solve, solve_rows
 from .version import __version__
 
 SCHEMA = "icl-probe.transfer/1"
@@ -65,6 +67,7 @@ LABELS = {  # how the terminal report and the plot name each method
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 DEFAULT_ALPHA = 1e-2  # with one calibration query there is nothing to cross-validate on
 OWN_PATCH_LIMIT = 1e-9  # own_patch must reproduce icl: its KL to it stays below this
+PREPARE_BATCH = 32  # prompts per pass while preparing the queries (memory stays bounded)
 
 
 @dataclass
@@ -220,29 +223,48 @@ def prepare(model: nn.Module, tokenizer, chosen: list[Block], context: str, temp
 
 def prepare_all(model: nn.Module, tokenizer, chosen: list[Block], context: str, template: str, pairs,
                 steps: Steps | None = None) -> list[Query]:  # fmt: skip
-    """prepare for every pair, each a step of `steps`. The queries alone run as the rows of one pass; each prompt
-    with context runs alone, and so does each query's own sequential solve (its hooks act at its last token): the
-    own patch reproduces the with-context logits bit for bit only when both come from passes of the same shape."""
+    """prepare for every pair, each a step of `steps`. The queries alone run as the rows of one pass. The prompts
+    with context run as the rows of a pass (their shared context once, with a KV cache), and their own sequential
+    solves as the rows of another, PREPARE_BATCH at a time: the own patch restores each row's with-context state
+    exactly, and both passes' output layers read those states as one (B, 1, d) product (capture.heads_at), so
+    own_patch reproduces the with-context logits bit for bit. Where rows cannot share a pass exactly
+    (capture.rows_exact), each prompt runs alone."""
     with stage("prepare"):
         prompts = [tokenize(tokenizer, context, query_for(template, x)[0]) for x, _ in pairs]
         for prompt in prompts:
             check_length(model, prompt)
-        with stage("prompts with context"):
-            targets, icl = zip(*[capture_targets(model, chosen, p.full) for p in prompts])
         with stage("queries alone"):
             alone, zero = capture_targets_rows(model, chosen, [p.query_only for p in prompts])
+        size = PREPARE_BATCH if rows_exact(model, chosen) else 1
         queries = []
-        for (x, y), prompt, t, a, lg_icl, lg_zero in zip(pairs, prompts, targets, alone, icl, zero):
-            with stage("own solves"):
-                solution = solve(model, chosen, t, prompt.query_only, "bias")
-            queries.append(Query(
-                input=x, output=y, prompt=prompt, target_id=first_target_id(tokenizer, target_text(template, y)),
-                icl=lg_icl, zero=lg_zero, targets=t, out0={i: a[i].out for i in a},
-                patch=solution.patches[0], own=solution.logits[0],
-            ))  # fmt: skip
-            if steps is not None:
-                steps.step()
+        for start in range(0, len(prompts), size):
+            chunk = range(start, min(start + size, len(prompts)))
+            targets, icl, solution = prepared(model, chosen, [prompts[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                (x, y), prompt, a = pairs[i], prompts[i], alone[i]
+                queries.append(Query(
+                    input=x, output=y, prompt=prompt, target_id=first_target_id(tokenizer, target_text(template, y)),
+                    icl=icl[j], zero=zero[i], targets=targets[j], out0={k: a[k].out for k in a},
+                    patch=solution.patches[j], own=solution.logits[j],
+                ))  # fmt: skip
+                if steps is not None:
+                    steps.step()
     return queries
+
+
+def prepared(model: nn.Module, chosen: list[Block], prompts: list[Prompt]) -> tuple[list, torch.Tensor, Solution]:
+    """The prompts' with-context targets (a {block: Target} each) and logits, and their own sequential solves: a
+    prompt alone, or the rows of two passes."""
+    if len(prompts) == 1:
+        with stage("prompts with context"):
+            targets, icl = capture_targets(model, chosen, prompts[0].full)
+        with stage("own solves"):
+            return [targets], icl[None], solve(model, chosen, targets, prompts[0].query_only, "bias")
+    with stage("prompts with context"):
+        rows, icl = capture_shared_rows(model, chosen, [p.full for p in prompts])
+    with stage("own solves"):
+        stacked = {b.index: Target.stacked([r[b.index] for r in rows]) for b in chosen}
+        return rows, icl, solve_rows(model, chosen, stacked, [p.query_only for p in prompts], "bias")
 
 
 def score(logits: list[torch.Tensor], queries: list[Query]) -> dict:

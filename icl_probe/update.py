@@ -28,7 +28,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last, padded_inputs
+from .capture import Target, forward, last, padded_inputs, padded_logits
 from .errors import MathError, UsageError
 from .hooks import Recording, Tap, answered, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
@@ -401,11 +401,10 @@ def solve_rows(
                 for i, q in enumerate(queries)]  # fmt: skip
         return Solution([r.patches[0] for r in runs], [r.records[0] for r in runs], torch.cat([r.logits for r in runs]))
     inputs, lasts = padded_inputs(model, [*queries, *(queries[r.owner] for r in riders)])
-    first, width = int(lasts.min()), int(lasts.max()) + 1
     run = SequentialRun(chosen, targets, residual, len(queries), lasts, riders)
     with run.running(), apart(model, run):
-        out = model(**inputs, logits_to_keep=width - first, use_cache=False)
-    return solution_of(run, out.logits[torch.arange(run.batch), lasts - first])
+        logits = padded_logits(model, inputs, lasts, use_cache=False)
+    return solution_of(run, logits)
 
 
 def solve_prompts(model: nn.Module, chosen: list[Block], targets: list[dict[int, Target]], queries: list[Ids],

@@ -9,11 +9,11 @@ from tiny import tiny_model, tokenizer_for
 
 from icl_probe.analysis import analyze
 from icl_probe.batched import analyze_rows
-from icl_probe.capture import SHARED_MIN, capture_shared_rows, capture_targets, select_blocks, shared_length
+from icl_probe.capture import SHARED_SAVED, capture_shared_rows, capture_targets, select_blocks, shared_length
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
 
-CONTEXT = "ab -> ba\ncd -> dc\nef -> fe\ngh -> hg\nij -> ji\nkl -> lk\n"  # > SHARED_MIN characters and tokens
+CONTEXT = "ab -> ba\ncd -> dc\nef -> fe\ngh -> hg\nij -> ji\nkl -> lk\n"  # 48 characters and tokens
 QUERIES = ["mn ->", "a much longer query ->", "op->"]
 FAMILIES = ["llama", "gemma3_text", "gpt2", "qwen2", "opt", "falcon", "gpt_neox", "lfm2", "qwen3_next"]
 
@@ -34,7 +34,7 @@ def test_each_row_is_its_prompt_captured_alone(name):
     model, tok = model_of(name), tokenizer_for(name)
     chosen = select_blocks(model, None)
     prompts = [tokenize(tok, CONTEXT, q) for q in QUERIES]
-    assert shared_length([p.full for p in prompts]) >= SHARED_MIN
+    assert shared_length([p.full for p in prompts]) * (len(prompts) - 1) >= SHARED_SAVED  # the shared path runs
     with torch.no_grad():
         rows, logits = capture_shared_rows(model, chosen, [p.full for p in prompts])
         for p, row, lg in zip(prompts, rows, logits):
