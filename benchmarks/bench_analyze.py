@@ -275,10 +275,11 @@ icl_probe.load_model({model!r})
 again = time.perf_counter()
 print(json.dumps({{"import_s": imported - start, "load_s": loaded - imported, "load_again_s": again - loaded}}))
 """
-# The same converted folder loaded with transformers alone, as a user of transformers would.
+# The same converted folder loaded with transformers alone, as a user of transformers would. Its load counts
+# `import transformers`, as icl_probe's load does (the engine imports it on first use), and not `import torch`.
 HF_CHILD = """import json, time
 start = time.perf_counter()
-import torch, transformers
+import torch
 imported = time.perf_counter()
 from transformers import AutoModelForCausalLM, AutoTokenizer
 AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.float32).eval()

@@ -412,7 +412,7 @@ def sweep_trials(model: nn.Module, tokenizer, chosen: list[arch.Block], prompts:
     with torch.no_grad():
         rows, logits_ctx = capture_trials(model, chosen, prompts, batch_size)
         sweeps, s = [], 0
-        for (p, cuts), _ in zip(prompts, targets):
+        for p, cuts in prompts:
             n = len(cuts)
             stacked = {b.index: Target.stacked([r[b.index] for r in rows[s : s + n]]) for b in chosen}
             sweeps.append((stacked, logits_ctx[s : s + n], p.query_only))

@@ -81,7 +81,7 @@ def test_readme_paragraph(runner):
 
 @pytest.mark.figures
 def test_forward_call_counts(real_models):
-    """docs/transfer.md, "Where the time goes": the benchmark's run makes 217 forward calls (1975 rows, 8727
+    """docs/transfer.md, "Where the time goes": the benchmark's run makes 152 forward calls (1976 rows, 8169
     tokens), against 775 passes it cannot avoid, counted as benchmarks/bench_transfer.py counts them (its times
     are not checked)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
