@@ -122,3 +122,17 @@ def test_batch_size_must_be_positive(tmp_path):
 
 def test_cli_default_is_the_library_default():
     assert cli_batch.DEFAULT_BATCH_SIZE == batch.DEFAULT_BATCH_SIZE
+
+
+def test_every_row_reproduces_its_context_bit_for_bit_on_smollm2(real_models):
+    """In float32, each row's patched logits equal its with-context logits exactly (kl_patched 0.0), with distinct
+    contexts and with a shared one: the last block's Δb restores each row's with-context state exactly, and the
+    capture and the solve read those states through one (B, 1, d) product of the output layer (capture.heads_at).
+    Before that, products of other shapes left up to 7e-12 here."""
+    model, tok = real_models("smollm2-135m")
+    distinct = [("hot -> cold\nbig -> small\n", "fast ->"), ("up -> down\nleft -> right\nin -> out\n", "yes ->"),
+                ("a -> b\n", "old ->")]  # fmt: skip
+    shared = [("hot -> cold\nbig -> small\n" * 8, q) for q in ("fast ->", "yes ->", "old ->")]
+    for prompts in (distinct, shared):
+        rows = analyze_rows(model, tok, prompts)
+        assert [r.logits["kl_patched"] for r in rows] == [0.0] * len(prompts)
