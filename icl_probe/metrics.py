@@ -20,7 +20,7 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last_logits, last_logits_rows
+from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
 from .lowrank import MATH_DTYPE, LowRank, kl_divergence, matvec
@@ -84,17 +84,14 @@ def static_logits(model: nn.Module, patch: Patch, ids: Ids) -> torch.Tensor:
 
 
 def static_logits_rows(model: nn.Module, patches: list[Patch], ids: Ids) -> torch.Tensor:
-    """static_logits for several patches, (len(patches), vocab): one batch when none has a dense update."""
-    if any(p.dense or p.params for p in patches):  # MoE weights cannot differ per row: one row at a time
-        return torch.stack([static_logits(model, p, ids) for p in patches])
-    with torch.no_grad(), applied_rows(model, patches):
-        return forward(model, [ids] * len(patches), use_cache=False)
+    """static_logits for several patches of one query, (len(patches), vocab): `static_logits_each` in one pass."""
+    return static_logits_each(model, patches, [ids] * len(patches), max(1, len(patches)))
 
 
 def static_logits_each(model: nn.Module, patches: list[Patch], queries: list[Ids], batch_size: int) -> torch.Tensor:
     """static_logits of queries[i] (token ids or Vectors) with patches[i], (len(patches), vocab): right-padded passes
     of at most `batch_size` rows, or one row at a time where a patch has dense or MoE updates."""
-    if any(p.dense or p.params for p in patches):
+    if any(p.dense or p.params for p in patches):  # dense or MoE weights cannot differ per row: one row at a time
         return torch.stack([static_logits(model, p, q) for p, q in zip(patches, queries)])
     out = []
     for s in range(0, len(patches), batch_size):
