@@ -237,7 +237,7 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> t
 
 
 # A common prefix runs in a pass of its own (with a KV cache) when it spares the other rows this many tokens: on
-# SmolLM2-135M here a pass of a few tokens costs what about 50 tokens of rows cost.
+# SmolLM2-135M here a pass of a few tokens takes 85-110 ms and a token of a long row 1.6-3 ms (30-60 tokens a pass).
 SHARED_SAVED = 64
 
 
