@@ -105,7 +105,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     queries = [run.prompt.query_only for run in runs]
     with stage("capture"):
         rows, logits_ctx = capture_shared_rows(model, chosen, [run.prompt.full for run in runs])
-        targets = {b.index: stacked([r[b.index] for r in rows]) for b in chosen}
+        targets = {b.index: Target.stacked([r[b.index] for r in rows]) for b in chosen}
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
     riders = ablation_riders(len(runs)) if rides(chosen, residual) and len(runs) > 1 else []
@@ -135,12 +135,6 @@ def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, 
     return build_analysis(model, tokenizer, run, reports, (logits_ctx, static[-1], batch.solution.logits[i]),
                           ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted,
                           precision_limit=precision_limit(run.chosen, model.dtype))  # fmt: skip
-
-
-def stacked(targets: list[Target]) -> Target:
-    """Targets of B = 1 each as one Target with a row per prompt."""
-    keys = ("z_ctx", "attn", "branch", "out")
-    return Target(*(torch.cat([getattr(t, k) for t in targets]) for k in keys))
 
 
 def finite(*tensors: torch.Tensor) -> None:
