@@ -27,8 +27,9 @@ import tomllib
 import torch
 
 from .analysis import analyze
-from .batch import drop_errors, line_writer, safe_name, written_ids
-from .capture import check_length, last_logits
+from .batch import DEFAULT_BATCH_SIZE, drop_errors, line_writer, safe_name, written_ids
+from .batched import analyze_rows
+from .capture import check_length, last_logits_rows
 from .dynamics import track_dynamics
 from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
@@ -133,11 +134,13 @@ def trial_task(task: Task, seed: int, trial: int) -> Task:
     return Task(task.name, tuple(pairs), task.description)
 
 
-def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int, have: dict | None = None, low=None) -> dict:
+def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int, have: dict | None = None, low=None,
+             batch_size: int = DEFAULT_BATCH_SIZE) -> dict:  # fmt: skip
     """One cell's document: its split, and what each experiment of the spec found on it.
 
     `have`: the cell's document from an earlier run, whose experiments are kept and not run again.
     `low`: the model in bfloat16, for the generation experiment's bf16 arms.
+    `batch_size`: prompts per forward pass for analyze and icl (each row equal to its own run; 1: one at a time).
     """
     task = trial_task(builtin_task(task_name), spec.seed, trial)
     start = spec.demos + spec.calibration
@@ -155,10 +158,10 @@ def run_cell(model, tokenizer, spec: StudySpec, task_name: str, trial: int, have
                                    heldout=spec.queries, layers=spec.layers).to_dict()  # fmt: skip
         seconds["transfer"] = time.perf_counter() - t0
     elif "icl" in todo:
-        doc["icl"] = icl_hits(model, tokenizer, context, held)
+        doc["icl"] = icl_hits(model, tokenizer, context, held, batch_size)
     if "analyze" in todo:
-        chosen = held[: spec.analyze_queries]
-        doc["analyze"] = [analyze_row(model, tokenizer, context, x, spec.layers) for x, _ in chosen]
+        chosen = [x for x, _ in held[: spec.analyze_queries]]
+        doc["analyze"] = analyze_figures(model, tokenizer, context, chosen, spec.layers, batch_size)
     if "dynamics" in todo:
         t0 = time.perf_counter()
         doc["dynamics"] = dynamics_row(model, tokenizer, examples, held[0], spec)
@@ -182,23 +185,41 @@ def spec_model(model) -> str:
     return getattr(model, "icl_probe_name", None) or model.config.name_or_path
 
 
-def icl_hits(model, tokenizer, context: str, held) -> dict:
-    """Zero-shot and in-context first-token hits on the held-out queries: two forward passes each."""
-    hits = {"zero_shot": [], "icl": []}
+def icl_hits(model, tokenizer, context: str, held, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Zero-shot and in-context first-token hits on the held-out queries: the queries alone, then with the context,
+    `batch_size` prompts per right-padded pass."""
+    prompts = [tokenize(tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0]) for x, _ in held]
+    for prompt in prompts:
+        check_length(model, prompt)
+    targets = [first_target_id(tokenizer, target_text(DEFAULT_TEMPLATE, y)) for _, y in held]
+    hits = {}
     with torch.no_grad():
-        for x, y in held:
-            prompt = tokenize(tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0])
-            check_length(model, prompt)
-            target = first_target_id(tokenizer, target_text(DEFAULT_TEMPLATE, y))
-            hits["zero_shot"].append(int(last_logits(model, prompt.query_only).argmax()) == target)
-            hits["icl"].append(int(last_logits(model, prompt.full).argmax()) == target)
+        for name, rows in (("zero_shot", [p.query_only for p in prompts]), ("icl", [p.full for p in prompts])):
+            top = [int(i) for s in range(0, len(rows), batch_size)
+                   for i in last_logits_rows(model, rows[s : s + batch_size]).argmax(-1)]  # fmt: skip
+            hits[name] = [t == target for t, target in zip(top, targets)]
     return {"hits": hits}
 
 
-def analyze_row(model, tokenizer, context: str, x: str, layers: str) -> dict:
-    """analyze's exactness and ablation figures for one held-out query, and its time."""
-    t0 = time.perf_counter()
-    doc = analyze(model, tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0], layers=layers).to_dict()
+def analyze_figures(model, tokenizer, context: str, inputs: list[str], layers: str, batch_size: int) -> list[dict]:
+    """analyze's exactness and ablation figures for each held-out input, `batch_size` prompts at a time as the rows
+    of shared passes (`analyze_rows`: the context runs once per batch); a row's seconds are its batch's, shared."""
+    rows = []
+    for s in range(0, len(inputs), batch_size):
+        group = inputs[s : s + batch_size]
+        prompts = [(context, query_for(DEFAULT_TEMPLATE, x)[0]) for x in group]
+        t0 = time.perf_counter()
+        if len(prompts) == 1:
+            docs = [analyze(model, tokenizer, *prompts[0], layers=layers).to_dict()]
+        else:
+            docs = [a.to_dict() for a in analyze_rows(model, tokenizer, prompts, layers=layers)]
+        seconds = (time.perf_counter() - t0) / len(group)
+        rows += [analyze_row(x, doc, seconds) for x, doc in zip(group, docs)]
+    return rows
+
+
+def analyze_row(x: str, doc: dict, seconds: float) -> dict:
+    """The study's figures of one analyze document: exactness and ablation."""
     return {
         "input": x,
         "kl_patched": doc["logits"]["kl_patched"],
@@ -207,7 +228,7 @@ def analyze_row(model, tokenizer, context: str, x: str, layers: str) -> dict:
         "mlp_branch_error": max(layer["mlp_branch_error"] for layer in doc["layers"]),
         "delta_w_only": doc["ablation"]["delta_w_only"],
         "bias_only": doc["ablation"]["bias_only"],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
 
 
@@ -258,13 +279,17 @@ def mean_of(values) -> float | None:
 Say = Callable[[str], None]
 
 
-def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_model) -> dict:
+def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_model,
+              batch_size: int = DEFAULT_BATCH_SIZE) -> dict:  # fmt: skip
     """Run every cell of `spec` not yet in OUT/cells.jsonl, one model loaded at a time; returns the summary.
 
     A finished cell that lacks some of the spec's experiments runs only those (its line is written again, whole);
     the summary covers every cell of the folder, including those of earlier runs with other models or tasks.
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
+    `batch_size`: prompts per forward pass in the analyze and icl experiments; it does not change the figures.
     """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"`batch_size` must be 1 or more, not {batch_size!r}")
     out = Path(out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -284,7 +309,8 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
             model, tokenizer, low, load_seconds = load_models(spec, name, todo, have, say, loader)
             for _, task, trial in [c for c in todo if c[0] == name]:
                 t0 = time.perf_counter()
-                line = run_logged(model, tokenizer, spec, task, trial, out, have.get(cell_id(name, task, trial)), low)
+                have_cell = have.get(cell_id(name, task, trial))
+                line = run_logged(model, tokenizer, spec, (task, trial), out, have_cell, low, batch_size)
                 line["load_seconds"] = load_seconds
                 write(line)
                 say(clock.tick(line["id"], time.perf_counter() - t0, "error" in line))  # this run's time, for the ETA
@@ -327,12 +353,15 @@ def extended(spec: StudySpec, stored_path: Path, have: dict) -> StudySpec:
     return replace(spec, **union, experiments=experiments, trials=max(spec.trials, stored["trials"]))
 
 
-def run_logged(model, tokenizer, spec: StudySpec, task: str, trial: int, out: Path, have=None, low=None) -> dict:
-    """The journal line of one cell: {"id", "result", ...} or {"id", "error"}; the cell's JSON file is written."""
+def run_logged(model, tokenizer, spec: StudySpec, cell: tuple[str, int], out: Path, have=None, low=None,
+               batch_size: int = DEFAULT_BATCH_SIZE) -> dict:  # fmt: skip
+    """The journal line of one cell (task, trial): {"id", "result", ...} or {"id", "error"}; the cell's JSON file is
+    written."""
+    task, trial = cell
     cid = cell_id(spec_model(model), task, trial)
     t0 = time.perf_counter()
     try:
-        doc = run_cell(model, tokenizer, spec, task, trial, have, low)
+        doc = run_cell(model, tokenizer, spec, task, trial, have, low, batch_size)
     except IclProbeError as e:
         return {"id": cid, "error": str(e), "seconds_total": time.perf_counter() - t0}
     doc["seconds_total"] = doc.get("seconds_total", 0.0) + time.perf_counter() - t0

@@ -85,6 +85,17 @@ def test_bench_batch_quick(tmp_path):
     assert all(r["floor_speedup"] > 0 for r in rows)
 
 
+def test_bench_study_quick(tmp_path):
+    """A study cell's analyses and icl hits at --batch-size 8 give B = 1's hits, top-1 agreement and figures within
+    float32 rounding (1e-4 relative or 1e-6 absolute)."""
+    out = tmp_path / "study.json"
+    run = run_quick("bench_study.py", out, OMP_NUM_THREADS="1")
+    assert "same figures" in run.stdout
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 8] and all(r["ok"] for r in rows)
+    assert all(r["over_limit"] == pytest.approx(r["analyze_s"] / r["limit_s"]) for r in rows)
+
+
 def test_bench_trials_quick(tmp_path):
     """Trials batched give the separate runs' step norms (float32 Llama within 1e-5, float64 toy within 1e-10), in
     fewer forward passes (counted, not timed)."""

@@ -167,6 +167,36 @@ def test_icl_alone_gives_transfers_hits(tmp_path):
     assert cheap["groups"][0]["icl"] == full["groups"][0]["icl"] and cheap["groups"][0]["transfer"] is None
 
 
+def test_batched_analyses_and_hits_equal_one_at_a_time(tmp_path):
+    """--batch-size 3 against 1, float64: the analyze experiment's 4 queries run as a batch of 3 rows and one alone,
+    the icl hits as rows of padded passes; every figure equals the one-at-a-time run's (the unbatched `analyze`)."""
+    spec = make_spec({}, models=["llama"], tasks=["antonyms"], trials=1, queries=5, analyze_queries=4,
+                     experiments=["icl", "analyze"])  # fmt: skip
+
+    def load(name, dtype):
+        return tiny_model(name, torch.float64), char_tokenizer()
+
+    cells = {}
+    for size in (1, 3):
+        run_study(spec, tmp_path / str(size), say=lambda _: None, loader=load, batch_size=size)
+        cells[size] = json.loads(next((tmp_path / str(size) / "cells").glob("*.json")).read_text())
+    one, batched = cells[1], cells[3]
+    assert batched["icl"] == one["icl"]
+    assert [r["input"] for r in batched["analyze"]] == [r["input"] for r in one["analyze"]] and len(one["analyze"]) == 4
+    for a, b in zip(one["analyze"], batched["analyze"]):
+        assert a["kl_no_context"] > 1e-3  # the context matters, so the figures mean something
+        assert b["top1_match"] == a["top1_match"]
+        for key in ("kl_patched", "kl_no_context", "mlp_branch_error"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), key
+        for part in ("delta_w_only", "bias_only"):
+            assert b[part]["kl"] == pytest.approx(a[part]["kl"], rel=1e-6, abs=1e-12), part
+    with pytest.raises(UsageError, match="`batch_size` must be 1 or more"):
+        run_study(spec, tmp_path / "0", say=lambda _: None, loader=load, batch_size=0)
+    result = CliRunner().invoke(app, ["study", "--models", "llama", "--tasks", "antonyms", "--batch-size", "0",
+                                      "-o", str(tmp_path / "c")])  # fmt: skip
+    assert result.exit_code == 2 and "--batch-size" in result.stderr
+
+
 def test_cli_study_with_a_spec_file(tmp_path):
     folder = save_tiny(tiny_model("llama", torch.float32), char_tokenizer(), tmp_path / "m")
     spec = tmp_path / "study.toml"

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import Command, app
+from .batch import DEFAULT_BATCH_SIZE
 from .options import DebugOpt
 
 
@@ -42,6 +43,15 @@ def study(
     ] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 (default), bfloat16, …")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="The seed of the trials' shuffles (0).")] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size",
+            metavar="B",
+            min=1,
+            help="Prompts per forward pass in analyze and icl, each row equal to its own run (1: one at a time).",
+        ),
+    ] = DEFAULT_BATCH_SIZE,
     debug: DebugOpt = False,
 ) -> None:
     """Run transfer, analyze and dynamics over a grid of models × tasks × trials.
@@ -58,7 +68,8 @@ def study(
                        experiments=split(experiments), queries=queries, analyze_queries=analyze_queries,
                        dtype=dtype, seed=seed, finetune_steps=finetune_steps,
                        generate_tokens=generate_tokens)  # fmt: skip
-    summary = run_study(chosen, output, say=lambda line: print(line, file=sys.stderr, flush=True))
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    summary = run_study(chosen, output, say=say, batch_size=batch_size)
     cells = summary["cells"]
     print(f"{cells['done']} of {cells['total']} cells done, {cells['failed']} failed; "
           f"report: {output}/report.md")  # fmt: skip
