@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from icl_probe.cli import app
 from icl_probe.errors import UsageError
 from icl_probe.lowrank import kl_divergence
+from icl_probe.stats import wilson
 from icl_probe.tasks import Task, builtin_task
 from icl_probe.transfer import ALPHAS, transfer
 
@@ -274,7 +275,11 @@ def test_cli(tiny_llama_dir, tmp_path):
     result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png")])
     assert result.exit_code == 0, result.stderr
     assert "thought patch" in result.stdout and "own patch equals in context" in result.stdout
+    assert "by construction, so this checks the plumbing" in " ".join(result.stdout.split())
     doc = json.loads((tmp_path / "t.json").read_text())
+    k, n = sum(doc["hits"]["icl"]), doc["n_heldout"]
+    w = wilson(k, n)  # tests/test_study.py checks it against the score test it inverts
+    assert f"{k / n:.2f} ({w['low']:.2f}–{w['high']:.2f})" in result.stdout  # in context's accuracy and interval
     assert doc["schema"] == "icl-probe.transfer/1" and len(doc["sweep"]) == 2 and doc["template"] == TEMPLATE
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(app, [*args[:-2], "--calibration", "two"])
