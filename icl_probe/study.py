@@ -27,7 +27,7 @@ import tomllib
 import torch
 
 from .analysis import analyze
-from .batch import DEFAULT_BATCH_SIZE, drop_errors, line_writer, safe_name, written_ids
+from .batch import DEFAULT_BATCH_SIZE, line_writer, safe_name, written_ids
 from .batched import analyze_rows
 from .capture import check_length, last_logits_rows
 from .dynamics import track_dynamics
@@ -296,9 +296,10 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     except OSError as e:
         raise InputError(f"cannot create the study folder {out}: {e.strerror or e}; give a folder path") from None
     journal = out / JOURNAL
-    done, failed = written_ids(journal, lambda m: say(f"warning: {m}"))
-    if failed:  # a cell that failed before is run again, as batch retries its failed lines
-        drop_errors(journal, failed)
+    # a torn last line is cut away; the journal is never rewritten (another study process may be appending to it):
+    # a cell that failed before has no result and runs again, its new line after the error, and a cell's last line
+    # counts (read_journal)
+    written_ids(journal, lambda m: say(f"warning: {m}"))
     have = {line["id"]: line["result"] for line in read_journal(journal) if "result" in line}
     whole = extended(spec, out / "spec.json", have)  # the folder's spec: what it holds once this run is done
     atomic_write_text(out / "spec.json", json.dumps(asdict(whole), indent=2) + "\n")

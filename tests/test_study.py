@@ -116,7 +116,11 @@ def test_a_cell_that_failed_before_is_run_again(tmp_path):
     calls = []
     run_study(spec, tmp_path, say=lambda _: None, loader=tiny_loader(calls))
     docs = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert calls == ["llama"] and [d["id"] for d in docs] == ["llama/antonyms/0"] and "error" not in docs[0]
+    # the journal is only appended to (another process may be writing it): the error stays, the new result follows
+    assert calls == ["llama"] and [d["id"] for d in docs] == ["llama/antonyms/0"] * 2
+    assert docs[0]["error"] == "an earlier failure" and "result" in docs[1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cells"] == {"total": 1, "done": 1, "failed": 0, "errors": []}
 
 
 def check_summary(summary: dict, folder) -> None:
