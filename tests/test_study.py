@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
+from test_study_results import committed
 from tiny import char_tokenizer, save_tiny, tiny_model
 from typer.testing import CliRunner
 
 from icl_probe.cli import app
 from icl_probe.errors import InputError, UsageError
 from icl_probe.stats import binomial_two_sided, mcnemar, mean_se, sign_test, wilson
-from icl_probe.study import JOURNAL, make_spec, read_spec, run_study
+from icl_probe.study import JOURNAL, analyze_figures, make_spec, read_spec, run_study, trial_task
+from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, task_examples
 
 SMALL = dict(tasks=["antonyms", "country_capital"], trials=2, queries=4, analyze_queries=2, demos=3, calibration=2)
 
@@ -300,3 +302,23 @@ def test_a_rerun_for_one_model_runs_its_cells_only_and_reports_all(tmp_path):
     for block in overview.split("\n\n"):  # every row of each table has its header's number of cells
         rows = [line for line in block.splitlines() if line.startswith("|")]
         assert len({line.count(" | ") for line in rows}) <= 1, block
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_batched_analyses_reproduce_the_committed_cells(real_models, name):
+    """The committed study's analyze rows (docs/results/scale, run one query at a time by an earlier version) from
+    today's batched analyses of the same cell: top-1 agreement equal, every figure within the figures tier's 1e-4
+    relative or 1e-6 absolute (float32)."""
+    spec, lines, _ = committed()
+    stored = next(line["result"] for line in lines if line["id"] == f"{name}/antonyms/0")
+    task = trial_task(builtin_task("antonyms"), spec.seed, 0)
+    context = "".join(e.text for e in task_examples(task, DEFAULT_TEMPLATE, spec.demos))
+    inputs = [row["input"] for row in stored["analyze"]]
+    assert len(inputs) == spec.analyze_queries == 5
+    model, tok = real_models(name)
+    fresh = analyze_figures(model, tok, context, inputs, spec.layers, batch_size=5)
+    for a, b in zip(stored["analyze"], fresh, strict=True):
+        assert b["input"] == a["input"] and b["top1_match"] == a["top1_match"]
+        pairs = [(a[k], b[k]) for k in ("kl_patched", "kl_no_context", "mlp_branch_error")]
+        pairs += [(a[p]["kl"], b[p]["kl"]) for p in ("delta_w_only", "bias_only")]
+        assert all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in pairs), (a, b)
