@@ -195,24 +195,26 @@ def padded_logits(model: nn.Module, inputs: dict, lasts: torch.Tensor, **kwargs)
     """The next-token logits at each row's last real position, (B, vocab), from a pass of right-padded `inputs`
     (`kwargs` go to the model) in which the output layer reads those positions only (`heads_at`)."""
     first, width = int(lasts.min()), int(lasts.max()) + 1
-    with heads_at(model, lasts - first):
+    before_end = width - lasts  # (B,): counted from the end, whether the model kept width - first positions or all
+    with heads_at(model, before_end):
         logits = model(**inputs, logits_to_keep=width - first, **kwargs).logits
-    return logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(len(lasts)), lasts - first]
+    return logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(len(lasts)), logits.shape[1] - before_end]
 
 
 @contextmanager
-def heads_at(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
-    """The output layer reads only position index[b] of row b of its (B, K, d) input, so that a pass's logits are
-    (B, 1, vocab), every row's from one (B, 1, d) product whatever the rows' lengths: two passes of B rows that end
-    in the same states give the same logits bit for bit (a product of another shape rounds differently). Its hook
-    runs before any other on that layer; a call with one position per row is left as it is."""
+def heads_at(model: nn.Module, before_end: torch.Tensor) -> Iterator[None]:
+    """The output layer reads only the position before_end[b] from the end of row b of its (B, K, d) input, so that
+    a pass's logits are (B, 1, vocab), every row's from one (B, 1, d) product whatever the rows' lengths: two passes
+    of B rows that end in the same states give the same logits bit for bit (a product of another shape rounds
+    differently). Counted from the end, because some models (TrOCR, xLSTM) ignore logits_to_keep and hand the layer
+    every position. Its hook runs before any other on that layer; a call with one position per row is left as it is."""
     head = getattr(model, "get_output_embeddings", lambda: None)()  # the toy has none: its logits need no gather
 
     def gather(module, args, kwargs):
         x = args[0] if args else kwargs["input"]
         if x.ndim != 3 or x.shape[1] == 1:
             return None
-        picked = x[torch.arange(x.shape[0], device=x.device), index.to(x.device)][:, None]
+        picked = x[torch.arange(x.shape[0], device=x.device), x.shape[1] - before_end.to(x.device)][:, None]
         return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
 
     with pre_hooked([(head, gather)] if head is not None else [], prepend=True):
