@@ -9,7 +9,10 @@ so that the context matters, and `analyze` runs on a short prompt. A config vari
 
 - exact: KL(context ‖ patched), the largest block error and the largest MLP-branch error are recorded (the last
   below 1e-9, or below the precision floor of a part computing in float32), and in mixture-of-experts layers
-  the patched query alone picks the with-context experts at the last token;
+  the patched query alone picks the with-context experts at the last token. An exact type's rows of
+  `analyze_rows` are then checked against each prompt's own `analyze` (`BATCH`, within its own time limit):
+  the worst KL of the with-context logits and of the query alone under each run's patch, and whether every
+  top-1 matched. That check is reported beside "exact" and does not change it;
 - inexact: analyze ran but missed KL < 1e-10, an error < 1e-9 or the routing check;
 - refused: icl-probe's one-line reason;
 - failed: an error that is not icl-probe's own refusal (often transformers' code on a tiny float64 model);
@@ -24,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "CONTEXT",
     "QUERY",
+    "BATCH",
     "OVERRIDES",
     "VARIANTS",
     "tiny_settings",
@@ -51,12 +55,19 @@ from transformers.models.auto import modeling_auto
 
 from . import decoder
 from .analysis import analyze
+from .batched import analyze_rows
+from .capture import rows_exact, select_blocks
 from .errors import IclProbeError
+from .lowrank import kl_divergence
+from .metrics import static_logits
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
+# Prompts of different context and query lengths, so that analyze_rows pads its rows differently.
+BATCH = [(CONTEXT, QUERY), ("ab -> ba\n", "long query ->"), ("1 -> 2\n3 -> 4\n5 -> 6\n7 -> 8\n", "9 ->"),
+         ("hot -> cold\n", "up->")]  # fmt: skip
 VOCAB = {tok: i for i, tok in enumerate(["<unk>", "<bos>", "<eos>", *string.printable])}
-BUILD_SECONDS, ANALYZE_SECONDS = 20, 60
-MAX_KL, MAX_ERROR = 1e-10, 1e-9
+BUILD_SECONDS, ANALYZE_SECONDS, BATCHED_SECONDS = 20, 60, 60
+MAX_KL, MAX_ERROR, MAX_BATCHED_KL = 1e-10, 1e-9, 1e-9
 ROUTING = {True: "exact", False: "missed", None: "not read"}  # None: the experts get no routing tensors
 
 # Config keys set wherever a config has them (also when None, which would mean a default derived from a large one).
@@ -120,7 +131,13 @@ class Row:
     precision_floor: float | None = None  # the mlp_branch_error floor of a part computing below float64
     precision_note: str | None = None  # which part, in which dtype
     reason: str | None = None
+    # exact only: analyze_rows of BATCH against each prompt's own analyze
+    batched_kl: float | None = None  # the worst KL(alone ‖ row), with context and of the query alone patched
+    batched_top1: bool | None = None  # every row's top-1 is its own run's
+    batched_shared: bool | None = None  # the rows shared passes (False: MoE or Mamba, run one at a time)
+    batched_reason: str | None = None  # why the check did not finish
     seconds: float = 0.0
+    batched_seconds: float = 0.0  # the check's share of seconds
 
 
 class TimeLimit(Exception):
@@ -253,6 +270,8 @@ def measure_type(model_type: str) -> Row:
             if scope is None:
                 model = tiny_model(model_type)
         row = Row(model_type, "out of scope", reason=scope) if scope else run_analyze(model_type, model)
+        if row.status == "exact":
+            run_batched(row, model)
     except IclProbeError as e:
         row = refused(model_type, e)
     except (Exception, TimeLimit) as e:
@@ -295,6 +314,32 @@ def analyzed(model_type: str, model: nn.Module) -> Row:
     return row
 
 
+def run_batched(row: Row, model: nn.Module) -> None:
+    """Set the row's batched figures within BATCHED_SECONDS; a failure is recorded as batched_reason, not raised."""
+    start = time.monotonic()
+    try:
+        with time_limit(BATCHED_SECONDS):
+            row.batched_shared = rows_exact(model, select_blocks(model, None))
+            row.batched_kl, row.batched_top1 = compare_rows(model, char_tokenizer())
+    except (Exception, TimeLimit) as e:
+        row.batched_reason = first_line(e)
+    row.batched_seconds = round(time.monotonic() - start, 2)
+
+
+def compare_rows(model: nn.Module, tokenizer) -> tuple[float, bool]:
+    """analyze_rows of BATCH against each prompt's own analyze: the worst KL(alone ‖ row) of the with-context
+    logits and of the query alone under each run's patch, and whether every top-1 matched."""
+    worst, same = 0.0, True
+    for (context, query), row in zip(BATCH, analyze_rows(model, tokenizer, BATCH)):
+        alone = analyze(model, tokenizer, context, query)
+        ids = alone.prompt.query_only
+        pairs = [(alone.context_logits, row.context_logits),
+                 (static_logits(model, alone.patch, ids), static_logits(model, row.patch, ids))]  # fmt: skip
+        for p, q in pairs:
+            worst, same = max(worst, kl_divergence(p, q)), same and int(p.argmax()) == int(q.argmax())
+    return worst, same
+
+
 def measure(types: list[str]) -> list[Row]:
     """One Row per type, in order; runs in float64 as the default dtype (some attention code builds masks in it)."""
     before = torch.get_default_dtype()
@@ -312,26 +357,48 @@ def summary(rows: list[Row]) -> str:
     line = f"{exact} of {len(decoders)} families exact (transformers {transformers.__version__})"
     if variants:
         line += f"; config variants: {sum(r.status == 'exact' for r in variants)} of {len(variants)} exact"
-    return line
+    return line + batched_summary([r for r in rows if r.status == "exact"])
+
+
+def batched_summary(exact: list[Row]) -> str:
+    """How many exact rows (variants included) have batched rows equal to their own runs, and how many shared passes."""
+    equal = sum(batched_equal(r) for r in exact)
+    shared = sum(bool(r.batched_shared) for r in exact)
+    within = f"KL < {MAX_BATCHED_KL:g}, same top-1".replace("e-0", "e-")
+    how = f"{shared} share passes, {len(exact) - shared} run one at a time"
+    return f"; batched rows: {equal} of {len(exact)} exact rows equal their own runs ({within}; {how})"
+
+
+def batched_equal(r: Row) -> bool:
+    return r.batched_kl is not None and r.batched_kl < MAX_BATCHED_KL and bool(r.batched_top1)
 
 
 def markdown(rows: list[Row]) -> str:
     """The coverage table in markdown, decoder-only types first, then the out-of-scope ones in one line."""
     lines = [summary(rows), "", "| model type | outcome | family | mixers | KL no context | KL patched | "
-             "block error | MLP-branch error | MoE layers | precision floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "block error | MLP-branch error | MoE layers | precision floor | batched rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r.status in ("exact", "inexact"):
             figures = [f"{x:.2g}" for x in (r.kl_no_context, r.kl, r.block_error, r.mlp_branch_error)]
             moe = f"{r.moe_layers}, routing {ROUTING[r.routing_exact]}" if r.moe_layers else ""
             floor = f"{r.precision_note}: {r.precision_floor:.2g}" if r.precision_floor else ""
-            cells = f"{' | '.join(figures)} | {moe} | {floor}"
+            cells = f"{' | '.join(figures)} | {moe} | {floor} | {batched_cell(r)}"
             lines.append(f"| {r.model_type} | {r.status} | {r.family} | {r.mixers} | {cells} |")
         elif r.status != "out of scope":
-            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | | |")
+            lines.append(f"| {r.model_type} | {r.status}: {escape(r.reason)} | | | | | | | | | |")
     out = [r.model_type for r in rows if r.status == "out of scope"]
     lines += ["", f"Out of scope (encoder-decoder or encoder-only): {', '.join(out) or 'none'}."]
     return "\n".join(lines)
+
+
+def batched_cell(r: Row) -> str:
+    """The worst batched KL, with 'top-1 differs' and 'one at a time' where they apply; or why it did not run."""
+    if r.batched_kl is None:
+        return escape(r.batched_reason)
+    notes = [] if r.batched_top1 else ["top-1 differs"]
+    notes += [] if r.batched_shared else ["one at a time"]
+    return ", ".join([f"{r.batched_kl:.2g}", *notes])
 
 
 def escape(text: str | None) -> str:

@@ -1,13 +1,15 @@
-"""Batched prompts: every row of `analyze_rows` equals its own unbatched `analyze`, family by family (float64)."""
+"""Batched prompts: every row of `analyze_rows` equals its own unbatched `analyze`, family by family (float64): the
+families of tests/tiny.py in detail, and every exact type of the coverage table by its logits."""
 
 import functools
 import json
 
 import pytest
 import torch
+from coverage_models import model_of as coverage_model
 from tiny import tiny_model, tokenizer_for
 
-from icl_probe import batch
+from icl_probe import batch, coverage
 from icl_probe.analysis import analyze
 from icl_probe.batch import run_batch
 from icl_probe.batched import analyze_rows
@@ -28,6 +30,30 @@ FAMILIES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias"), ("gem
             ("gpt2", "bias"), ("gpt2", "fold"), ("qwen2", "bias"), ("opt", "bias"), ("falcon", "bias"),
             ("gpt_neox", "bias"), ("lfm2", "bias"), ("falcon_h1", "bias"), ("qwen3_next", "bias"),
             ("jamba-moe", "bias")]  # fmt: skip  # convolution, linear attention; Mamba and MoE row by row
+# The coverage table's exact types and config variants (python -m icl_probe.coverage, transformers 5.25), except
+# those whose batched rows differ from their own runs (DIFFER).
+COVERAGE_EXACT = ["afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bailing_hybrid",
+    "bamba", "beam", "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm",
+    "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "diffllama", "doge", "dots1",
+    "dots3_note_text", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "falcon",
+    "falcon_h1", "flex_olmo", "flint", "fuyu", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n_text", "gemma4",
+    "gemma4 (enable_moe_block)", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "glm", "glm4", "glm4_moe",
+    "glm4_moe_lite", "glm_moe_dsa", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+    "gpt_neox_japanese", "gpt_oss", "gptj", "granite", "granite_swa", "granitemoe", "granitemoe_swa",
+    "granitemoehybrid", "granitemoeshared", "helium", "hunyuan_v1_dense", "hunyuan_v1_moe", "hy_v3", "hy_v4",
+    "hyperclovax", "inkling2_loop_text", "inkling2_text", "inkling_text", "internlm3", "iquestcoder", "jais2",
+    "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna", "lara_mini", "lfm2", "lfm2_moe", "lfm3", "llama",
+    "llama4", "llama4_text", "mellum", "mimo_v2_flash", "minicpm3", "minicpm5_moe", "minimax", "minimax_m2",
+    "minimax_m3_vl_text", "ministral", "ministral3", "mistral", "mixtral", "mllama", "modernbert-decoder", "moshi",
+    "mpt", "nanochat", "nemotron", "olmo", "olmo2", "olmo3", "olmo_hybrid", "olmoe", "openai-gpt", "opt",
+    "param2moe", "persimmon", "phi", "phi3", "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_5",
+    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "recurrent_gemma", "sarvam_mla",
+    "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "trocr", "vaultgemma", "xglm",
+    "xlstm", "youtu", "zaya"]  # fmt: skip
+DIFFER = {
+    "bert-generation": "its default config is not a decoder (is_decoder False: bidirectional attention), so a row's "
+    "right padding reaches its real positions",
+}
 
 
 @functools.cache
@@ -41,14 +67,7 @@ def test_each_row_is_its_unbatched_run(name, residual):
     batched = analyze_rows(model, tok, PROMPTS, residual=residual)
     for (context, query), row in zip(PROMPTS, batched):
         alone = analyze(model, tok, context, query, residual=residual)
-        assert row.prompt == alone.prompt
-        # the with-context logits, and the query alone under each patch (applied unbatched, one pass each)
-        assert kl_divergence(alone.context_logits, row.context_logits) < KL_LIMIT
-        assert int(alone.context_logits.argmax()) == int(row.context_logits.argmax())
-        ids = alone.prompt.query_only
-        mine, theirs = static_logits(model, row.patch, ids), static_logits(model, alone.patch, ids)
-        assert kl_divergence(theirs, mine) < KL_LIMIT
-        assert int(theirs.argmax()) == int(mine.argmax())
+        assert_same_logits(model, row, alone)
         # the reported figures: the patch closes the gap (kl_patched ≈ 0 in both) and the no-context run agrees
         for key in ("kl_patched", "kl_no_context"):
             assert row.logits[key] == pytest.approx(alone.logits[key], rel=1e-6, abs=1e-12)
@@ -65,6 +84,57 @@ def test_each_row_is_its_unbatched_run(name, residual):
             assert mine_layer.dz_norm == pytest.approx(their_layer.dz_norm, rel=rel)
         for path, delta in alone.patch.low_rank.items():
             assert torch.allclose(dense(row.patch.low_rank[path]), dense(delta), rtol=rel, atol=1e-12)
+
+
+def assert_same_logits(model, row, alone) -> None:
+    """The row's prompt, with-context logits and the query alone under its patch (applied unbatched, one pass each)
+    are its own run's: KL < KL_LIMIT and the same top-1."""
+    assert row.prompt == alone.prompt
+    assert kl_divergence(alone.context_logits, row.context_logits) < KL_LIMIT
+    assert int(alone.context_logits.argmax()) == int(row.context_logits.argmax())
+    ids = alone.prompt.query_only
+    mine, theirs = static_logits(model, row.patch, ids), static_logits(model, alone.patch, ids)
+    assert kl_divergence(theirs, mine) < KL_LIMIT
+    assert int(theirs.argmax()) == int(mine.argmax())
+
+
+@pytest.fixture
+def float64_default():
+    """As the coverage table runs its models: some families build masks and rotary tables in the default dtype."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+# strict: a fixed type fails here until it moves to COVERAGE_EXACT
+DIFFERING = [pytest.param(name, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=why))
+             for name, why in DIFFER.items()]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", COVERAGE_EXACT + DIFFERING)
+def test_coverage_rows_are_their_unbatched_runs(name, float64_default):
+    """Every exact type of the coverage table, its tiny float64 model given coverage.BATCH: each row of analyze_rows
+    is its prompt's own analyze (MoE and Mamba types run their rows one at a time)."""
+    assert name in coverage.causal_types() + list(coverage.VARIANTS)
+    model, tok = coverage_model(name), coverage.char_tokenizer()
+    for (context, query), row in zip(coverage.BATCH, analyze_rows(model, tok, coverage.BATCH)):
+        assert_same_logits(model, row, analyze(model, tok, context, query))
+
+
+@pytest.mark.parametrize("name", ["trocr", "xlstm"])
+def test_logits_are_read_at_the_last_position_where_logits_to_keep_is_ignored(name, float64_default):
+    """TrOCR and xLSTM hand their output layer every position whatever logits_to_keep says: analyze's no-context
+    figure is still the query's last position's, as one plain forward pass gives it."""
+    model, tok = coverage_model(name), coverage.char_tokenizer()
+    alone = analyze(model, tok, coverage.CONTEXT, coverage.QUERY)
+    with torch.no_grad():
+        full, query = (
+            model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            for ids in (alone.prompt.full, alone.prompt.query_only)
+        )
+    assert kl_divergence(alone.context_logits, full) < KL_LIMIT
+    assert alone.logits["kl_no_context"] == pytest.approx(kl_divergence(full, query), rel=1e-9)
 
 
 def test_options_per_row_match():

@@ -385,12 +385,17 @@ def test_coverage_sample(tmp_path, capsys):
         if r["status"] == "exact":
             assert r["kl"] < 1e-10 and r["block_error"] < 1e-9 and r["mlp_branch_error"] < 1e-9
             assert r["kl_no_context"] > 1e-2
+            # analyze_rows' rows against each prompt's own analyze
+            assert r["batched_kl"] < 1e-9 and r["batched_top1"] is True and r["batched_reason"] is None
+    assert {t for t, r in rows.items() if r["batched_shared"]} == {"llama", "lfm2", "nemotron"}  # MoE: one at a time
     assert rows["mixtral"]["moe_layers"] == 2 and rows["mixtral"]["routing_exact"] is True
     assert "has only 'mixer' (mamba), no MLP after a contextual layer" in rows["mamba"]["reason"]
     assert rows["lfm2"]["mixers"] == "attention, convolution"
     out = capsys.readouterr().out
     assert out.startswith("4 of 5 families exact (transformers ") and "| lfm2 | exact | generic (lfm2) |" in out
-    assert "; config variants: 1 of 1 exact\n" in out  # a variant is its own row, counted apart
+    assert "; config variants: 1 of 1 exact;" in out  # a variant is its own row, counted apart
+    batched = "; batched rows: 5 of 5 exact rows equal their own runs (KL < 1e-9, same top-1; 3 share passes, 2 run"
+    assert batched + " one at a time)\n" in out and "| precision floor | batched rows |" in out
     variant = rows["gemma4 (enable_moe_block)"]  # the multimodal type, read by the gemma4_text row
     assert variant["family"] == "gemma4" and variant["moe_layers"] == 2 and variant["routing_exact"] is True
     assert "Out of scope (encoder-decoder or encoder-only): bart, bert." in out
