@@ -18,6 +18,7 @@ __all__ = [
 
 import copy
 import inspect
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from torch import nn
 
 from . import decoder
 from .arch import Block
-from .errors import InputError
+from .errors import InputError, ModelError
 from .hooks import Recording, Tap, pre_hooked, recording
 from .inputs import Ids, Prompt, Vectors, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
@@ -179,10 +180,31 @@ def right_padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def padded_inputs(model: nn.Module, rows: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """`right_padded` rows as the model's input_ids (token ids) or inputs_embeds (Vectors), and the last positions."""
+    """`right_padded` rows as the model's input_ids (token ids) or inputs_embeds (Vectors), and the last positions;
+    with an attention mask over the padding where a block attends both ways (`causal`), which would read it."""
     padded, lasts = right_padded(rows)
     key = "inputs_embeds" if padded.ndim == 3 else "input_ids"
-    return {key: padded.to(input_device(model))}, lasts
+    inputs = {key: padded.to(input_device(model))}
+    if not causal(model):
+        inputs["attention_mask"] = (torch.arange(padded.shape[1]) <= lasts[:, None]).long().to(input_device(model))
+    return inputs, lasts
+
+
+def causal(model: nn.Module) -> bool:
+    """Whether no attention of the decoder blocks reads later positions: a module with `is_causal` False (a
+    BERT-style block whose config is not a decoder, as bert-generation's by default) does, so that padding on the
+    right needs a mask and a cached prefix is not the prefix of the whole prompt's run. Cached per model (a scan
+    of every module of SmolLM2's blocks takes 0.7 ms, and padded passes ask at every call)."""
+    if model not in CAUSAL:
+        try:
+            modules = [m for b in decoder.blocks(model) for m in b.module.modules()]
+        except ModelError:  # blocks icl-probe cannot read (plain passes only): every module, a vision tower's too
+            modules = model.modules()
+        CAUSAL[model] = not any(getattr(m, "is_causal", None) is False for m in modules)
+    return CAUSAL[model]
+
+
+CAUSAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → causal(model)
 
 
 def last_logits_rows(model: nn.Module, rows: list) -> torch.Tensor:
@@ -315,9 +337,10 @@ def rows_exact(model: nn.Module, chosen: list[Block]) -> bool:
 
 def cache_croppable(model: nn.Module, length: int) -> bool:
     """Whether a KV cache of `length` tokens can be cut back: every mixer is attention (a convolution's or a
-    state-space layer's state cannot be rewound), and no sliding window shorter than it drops states."""
-    if not getattr(model.config, "use_cache", True):  # a model that keeps no KV cache runs each prompt whole
-        return False
+    state-space layer's state cannot be rewound), attending causally (a prefix's states alone are then those of
+    the whole prompt), and no sliding window shorter than it drops states."""
+    if not getattr(model.config, "use_cache", True) or not causal(model):  # a model that keeps no KV cache, or whose
+        return False  # cached prefix later tokens would change, runs each prompt whole
     window = getattr(model.config, "sliding_window", None)
     attention_only = all(getattr(b.family, "mixer", "attention") == "attention" for b in decoder.blocks(model))
     return attention_only and (window is None or length <= window)

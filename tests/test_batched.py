@@ -9,7 +9,7 @@ import torch
 from coverage_models import model_of as coverage_model
 from tiny import tiny_model, tokenizer_for
 
-from icl_probe import batch, coverage
+from icl_probe import batch, capture, coverage
 from icl_probe.analysis import analyze
 from icl_probe.batch import run_batch
 from icl_probe.batched import analyze_rows
@@ -30,11 +30,10 @@ FAMILIES = [("llama", "bias"), ("llama", "fold"), ("gemma3_text", "bias"), ("gem
             ("gpt2", "bias"), ("gpt2", "fold"), ("qwen2", "bias"), ("opt", "bias"), ("falcon", "bias"),
             ("gpt_neox", "bias"), ("lfm2", "bias"), ("falcon_h1", "bias"), ("qwen3_next", "bias"),
             ("jamba-moe", "bias")]  # fmt: skip  # convolution, linear attention; Mamba and MoE row by row
-# The coverage table's exact types and config variants (python -m icl_probe.coverage, transformers 5.25), except
-# those whose batched rows differ from their own runs (DIFFER).
+# The coverage table's exact types and config variants (python -m icl_probe.coverage, transformers 5.25).
 COVERAGE_EXACT = ["afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "axk2", "bailing_hybrid",
-    "bamba", "beam", "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2", "cohere2_moe", "ctrl", "cwm",
-    "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "diffllama", "doge", "dots1",
+    "bamba", "beam", "bert-generation", "biogpt", "bitnet", "bloom", "codegen", "cohere", "cohere2", "cohere2_moe",
+    "ctrl", "cwm", "dbrx", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "diffllama", "doge", "dots1",
     "dots3_note_text", "emu3", "ergo", "ernie4_5", "ernie4_5_moe", "exaone", "exaone4", "exaone_moe", "falcon",
     "falcon_h1", "flex_olmo", "flint", "fuyu", "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n_text", "gemma4",
     "gemma4 (enable_moe_block)", "gemma4_text", "gemma4_unified", "gemma4_unified_text", "glm", "glm4", "glm4_moe",
@@ -50,10 +49,6 @@ COVERAGE_EXACT = ["afmoe", "apertus", "apertus1p5_text", "arcee", "aria_text", "
     "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "recurrent_gemma", "sarvam_mla",
     "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "trocr", "vaultgemma", "xglm",
     "xlstm", "youtu", "zaya"]  # fmt: skip
-DIFFER = {
-    "bert-generation": "its default config is not a decoder (is_decoder False: bidirectional attention), so a row's "
-    "right padding reaches its real positions",
-}
 
 
 @functools.cache
@@ -107,12 +102,7 @@ def float64_default():
     torch.set_default_dtype(before)
 
 
-# strict: a fixed type fails here until it moves to COVERAGE_EXACT
-DIFFERING = [pytest.param(name, marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=why))
-             for name, why in DIFFER.items()]  # fmt: skip
-
-
-@pytest.mark.parametrize("name", COVERAGE_EXACT + DIFFERING)
+@pytest.mark.parametrize("name", COVERAGE_EXACT)
 def test_coverage_rows_are_their_unbatched_runs(name, float64_default):
     """Every exact type of the coverage table, its tiny float64 model given coverage.BATCH: each row of analyze_rows
     is its prompt's own analyze (MoE and Mamba types run their rows one at a time)."""
@@ -135,6 +125,24 @@ def test_logits_are_read_at_the_last_position_where_logits_to_keep_is_ignored(na
         )
     assert kl_divergence(alone.context_logits, full) < KL_LIMIT
     assert alone.logits["kl_no_context"] == pytest.approx(kl_divergence(full, query), rel=1e-9)
+
+
+def test_a_block_that_attends_both_ways_gets_its_padding_masked(float64_default):
+    """bert-generation's default config is not a decoder: its attention reads later positions, so padded rows get an
+    attention mask (each row then its own plain forward pass) and no cached prefix is used; Llama's rows get none."""
+    model = coverage_model("bert-generation")
+    assert not capture.causal(model) and capture.causal(coverage_model("llama"))
+    assert not capture.cache_croppable(model, 4)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    with torch.no_grad():
+        batched = capture.last_logits_rows(model, rows)
+        alone = [model(torch.tensor([r]), use_cache=False).logits[0, -1] for r in rows]
+    assert capture.padded_inputs(model, rows)[0]["attention_mask"].tolist()[1] == [1, 1, 0, 0, 0, 0]
+    assert "attention_mask" not in capture.padded_inputs(coverage_model("llama"), rows)[0]
+    for mine, theirs in zip(batched, alone):
+        assert kl_divergence(theirs, mine) < KL_LIMIT and int(theirs.argmax()) == int(mine.argmax())
+    unmasked = model(capture.right_padded(rows)[0], use_cache=False).logits[1, 1]
+    assert kl_divergence(alone[1], unmasked) > 1e-4  # without the mask the padding would change the row
 
 
 def test_options_per_row_match():
