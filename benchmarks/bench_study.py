@@ -2,8 +2,8 @@
 
 A study cell's analyze experiment runs `analyze` on the first few held-out queries (5 by default), all after the
 same context, and its icl experiment scores every held-out query (20) alone and with that context. With B > 1 the
-analyses run as the rows of `analyze_rows` (the shared context once per batch, with a KV cache) and the hits as
-rows of right-padded passes. Both arms run the same trials' cells on SmolLM2-135M in float32 (the default spec's
+analyses run as the rows of `analyze_rows` and the hits as rows of right-padded passes (in both, the shared
+context once per batch, with a KV cache). Both arms run the same trials' cells on SmolLM2-135M in float32 (the default spec's
 split: 5 demonstrations, 20 held-out queries, 5 analysed; arms interleaved, medians of --repeat). The limit is the
 analyses' forward passes alone at B (bench_batch.timed_passes: no hooks, no update math). Each batched arm's
 figures are checked against B = 1's: the same hits and top-1 agreement, every other figure within 1e-4 relative

@@ -29,7 +29,7 @@ import torch
 from .analysis import analyze
 from .batch import DEFAULT_BATCH_SIZE, line_writer, safe_name, written_ids
 from .batched import analyze_rows
-from .capture import check_length, last_logits_rows
+from .capture import capture_shared_rows, check_length
 from .dynamics import track_dynamics
 from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
@@ -187,7 +187,7 @@ def spec_model(model) -> str:
 
 def icl_hits(model, tokenizer, context: str, held, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
     """Zero-shot and in-context first-token hits on the held-out queries: the queries alone, then with the context,
-    `batch_size` prompts per right-padded pass."""
+    `batch_size` prompts per right-padded pass (the context, which they share, run once per pass with a KV cache)."""
     prompts = [tokenize(tokenizer, context, query_for(DEFAULT_TEMPLATE, x)[0]) for x, _ in held]
     for prompt in prompts:
         check_length(model, prompt)
@@ -196,7 +196,7 @@ def icl_hits(model, tokenizer, context: str, held, batch_size: int = DEFAULT_BAT
     with torch.no_grad():
         for name, rows in (("zero_shot", [p.query_only for p in prompts]), ("icl", [p.full for p in prompts])):
             top = [int(i) for s in range(0, len(rows), batch_size)
-                   for i in last_logits_rows(model, rows[s : s + batch_size]).argmax(-1)]  # fmt: skip
+                   for i in capture_shared_rows(model, [], rows[s : s + batch_size])[1].argmax(-1)]  # fmt: skip
             hits[name] = [t == target for t, target in zip(top, targets)]
     return {"hits": hits}
 
