@@ -3,11 +3,11 @@
 A study cell's analyze experiment runs `analyze` on the first few held-out queries (5 by default), all after the
 same context, and its icl experiment scores every held-out query (20) alone and with that context. With B > 1 the
 analyses run as the rows of `analyze_rows` and the hits as rows of right-padded passes (in both, the shared
-context once per batch, with a KV cache). Both arms run the same trials' cells on SmolLM2-135M in float32 (the default spec's
-split: 5 demonstrations, 20 held-out queries, 5 analysed; arms interleaved, medians of --repeat). The limit is the
-analyses' forward passes alone at B (bench_batch.timed_passes: no hooks, no update math). Each batched arm's
-figures are checked against B = 1's: the same hits and top-1 agreement, every other figure within 1e-4 relative
-or 1e-6 absolute (float32 rounding; the figures tier's tolerance).
+context once per batch, with a KV cache). Both arms run the same trials' cells on SmolLM2-135M in float32 (the
+default spec's split: 5 demonstrations, 20 held-out queries, 5 analysed; arms interleaved, medians of --repeat).
+The limit is the analyses' forward passes alone at B (bench_batch.timed_passes: no hooks, no update math).
+Each batched arm's figures are checked against B = 1's: the same hits and top-1 agreement, every other figure
+within 1e-4 relative or 1e-6 absolute (float32 rounding; the figures tier's tolerance).
 
     python benchmarks/bench_study.py [--trials N] [--sizes 1,8] [--repeat N] [--quick] [--json PATH]
 """
