@@ -12,7 +12,7 @@ experiments runs only the missing ones on the finished cells (the split must be 
 
 from __future__ import annotations
 
-__all__ = ["JOURNAL", "read_spec", "make_spec", "run_study"]
+__all__ = ["JOURNAL", "StudySpec", "read_spec", "make_spec", "run_study", "trial_task", "analyze_figures", "icl_hits"]
 
 import gc
 import json
