@@ -176,8 +176,13 @@ def main() -> None:
         rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes, args.repeat)
     if args.distinct:
         rows += measure(model, tok, "long-distinct", distinct_prompts(tok, args.distinct), sizes, args.repeat)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
+    finish(rows, args.json)
+
+
+def finish(rows: list[dict], json_path: str | None) -> None:
+    """Write the rows as JSON if asked, and exit non-zero if a batched arm's results differ from B = 1's."""
+    if json_path:
+        Path(json_path).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     if not all(r["ok"] for r in rows):
         sys.exit("batched results differ from one-at-a-time beyond rounding")
 

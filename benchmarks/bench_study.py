@@ -15,7 +15,6 @@ within 1e-4 relative or 1e-6 absolute (float32 rounding; the figures tier's tole
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -29,7 +28,7 @@ from icl_probe.study import StudySpec, analyze_figures, icl_hits, trial_task
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batch import timed_passes  # noqa: E402
+from bench_batch import finish, timed_passes  # noqa: E402
 
 MODEL = "smollm2-135m"
 TASK = "antonyms"
@@ -109,10 +108,7 @@ def main() -> None:
         print(f"B={size:2d}: analyze {analyze_s:6.2f} s (×{med[1][0] / analyze_s:4.2f} vs B=1; passes alone "
               f"×{med[1][2] / limit:4.2f}; {analyze_s / limit:4.2f}× its passes), icl {icl_s:5.2f} s "
               f"(×{med[1][1] / icl_s:4.2f}), {'same figures' if ok else 'FIGURES DIFFER'}", flush=True)  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
-    if not all(r["ok"] for r in rows):
-        sys.exit("batched figures differ from one-at-a-time beyond rounding")
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":
