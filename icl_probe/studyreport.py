@@ -359,5 +359,5 @@ def cost_table(summary: dict) -> list[str]:
     rows = [[m, fmt(c["load_seconds"], 1), pm(c["cell_seconds"], 1), pm(c["analyze_seconds"], 2),
              fmt(c["peak_rss_mb"], 0)] for m, c in summary["models"].items()]  # fmt: skip
     head = ["model", "load s", "cell s", "analyze s per query", "peak RSS MB (process, so far)"]
-    note = "A query's analyze seconds are its batch's time shared among the batch's queries (`--batch-size`)."
+    note = "A query's analyze seconds are its batch's time shared among the batch's queries (`batch_size`)."
     return table("Cost", head, rows, note)
