@@ -286,7 +286,7 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     A finished cell that lacks some of the spec's experiments runs only those (its line is written again, whole);
     the summary covers every cell of the folder, including those of earlier runs with other models or tasks.
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
-    `batch_size`: prompts per forward pass in the analyze and icl experiments; it does not change the figures.
+    `batch_size`: prompts per forward pass in the analyze and icl experiments; it changes figures by rounding only.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"`batch_size` must be 1 or more, not {batch_size!r}")
