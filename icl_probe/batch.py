@@ -12,8 +12,8 @@ Processes split the input by line (index % world_size == rank), each into its ow
 from __future__ import annotations
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "BATCH_RESULTS", "part_path", "check_batch_paths", "written_ids", "drop_errors",
-    "line_writer", "safe_name", "run_batch", "merge_parts"
+    "DEFAULT_BATCH_SIZE", "BATCH_RESULTS", "part_path", "check_batch_paths", "check_batch_size", "written_ids",
+    "drop_errors", "line_writer", "safe_name", "run_batch", "merge_parts"
 ]  # fmt: skip
 
 import json
@@ -312,8 +312,7 @@ def run_batch(
     so a bad line fails alone. Returns the counts: done, skipped, failed, retried, bad_lines.
     """
     check_share(rank, world_size, output_path)
-    if batch_size < 1:
-        raise UsageError(f"`batch_size` must be 1 or more, not {batch_size}")
+    check_batch_size(batch_size)
     check_patch_options(patches, top_k, gradient, per_layer_ablation)
     check_batch_paths(input_path, output_path, patches)
     warnings: list[str] = []
@@ -396,6 +395,11 @@ def check_share(rank: int, world_size: int, output_path: str | Path) -> None:
         raise UsageError(f"RANK {rank} and WORLD_SIZE {world_size} do not fit: need 0 <= RANK < WORLD_SIZE")
     if world_size > 1 and str(output_path) == "-":
         raise UsageError("with many processes each writes its own file; give `output=FILE.jsonl`, not '-'")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"`batch_size` must be 1 or more, not {batch_size!r}")
 
 
 def check_patch_options(patches, top_k: int, gradient: bool, per_layer_ablation: bool) -> None:

@@ -66,7 +66,7 @@ def analyze_rows(
     one at a time with `analyze` to learn which failed and where.
     """
     chosen = select_blocks(model, layers)
-    if not rows_exact(model, chosen):
+    if len(prompts) == 1 or not rows_exact(model, chosen):  # one prompt is `analyze` itself
         return [analyze(model, tokenizer, c, q, layers=layers, residual=residual, top_k=top_k, gradient=gradient,
                         per_layer_ablation=per_layer_ablation) for c, q in prompts]  # fmt: skip
     residual = residual or "bias"

@@ -27,7 +27,7 @@ import tomllib
 import torch
 
 from .analysis import analyze
-from .batch import DEFAULT_BATCH_SIZE, line_writer, safe_name, written_ids
+from .batch import DEFAULT_BATCH_SIZE, check_batch_size, line_writer, safe_name, written_ids
 from .batched import analyze_rows
 from .capture import capture_shared_rows, check_length
 from .dynamics import track_dynamics
@@ -209,10 +209,7 @@ def analyze_figures(model, tokenizer, context: str, inputs: list[str], layers: s
         group = inputs[s : s + batch_size]
         prompts = [(context, query_for(DEFAULT_TEMPLATE, x)[0]) for x in group]
         t0 = time.perf_counter()
-        if len(prompts) == 1:
-            docs = [analyze(model, tokenizer, *prompts[0], layers=layers).to_dict()]
-        else:
-            docs = [a.to_dict() for a in analyze_rows(model, tokenizer, prompts, layers=layers)]
+        docs = [a.to_dict() for a in analyze_rows(model, tokenizer, prompts, layers=layers)]
         seconds = (time.perf_counter() - t0) / len(group)
         rows += [analyze_row(x, doc, seconds) for x, doc in zip(group, docs)]
     return rows
@@ -288,8 +285,7 @@ def run_study(spec: StudySpec, out: str | Path, say: Say = print, loader=load_mo
     `say` gets one progress line per cell (with an ETA) and per model load. `loader(name, dtype)` loads a model.
     `batch_size`: prompts per forward pass in the analyze and icl experiments; it changes figures by rounding only.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"`batch_size` must be 1 or more, not {batch_size!r}")
+    check_batch_size(batch_size)
     out = Path(out)
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,10 @@ def fmt_g(x: float | None) -> str:
 
 def fmt_accuracy(accuracy: float | None, n: int | None) -> str:
     """The accuracy over n queries and its 95% Wilson interval: '0.76 (0.57–0.89)' (n None: the accuracy alone)."""
-    if accuracy is None or n is None:
-        return fmt_g(accuracy) if accuracy is None else f"{accuracy:.2f}"
+    if accuracy is None:
+        return "—"
+    if n is None:
+        return f"{accuracy:.2f}"
     w = wilson(round(accuracy * n), n)
     return f"{accuracy:.2f} ({w['low']:.2f}–{w['high']:.2f})"
 
@@ -38,8 +40,8 @@ def print_transfer(console: Console, doc: dict) -> None:
     for method in TRANSFER_METHODS:
         # one calibration patch's accuracy is a mean over the K patches, not a count over n queries: its spread
         # is printed below the table instead of an interval
-        acc = (lambda a: fmt_accuracy(a, None)) if method == "single_patch" else (lambda a: fmt_accuracy(a, n))
-        cells = [c for e in doc["sweep"] for c in (acc(e["accuracy"][method]), fmt_g(e["kl"][method]))]
+        of = None if method == "single_patch" else n
+        cells = [c for e in doc["sweep"] for c in (fmt_accuracy(e["accuracy"][method], of), fmt_g(e["kl"][method]))]
         table.add_row(TRANSFER_LABELS[method], *cells)
     console.print(table)
     for entry in doc["sweep"]:
