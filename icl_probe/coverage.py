@@ -43,6 +43,7 @@ import json
 import random
 import signal
 import string
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -60,6 +61,7 @@ from .capture import rows_exact, select_blocks
 from .errors import IclProbeError
 from .lowrank import kl_divergence
 from .metrics import static_logits
+from .progress import Clock
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 # Prompts of different context and query lengths, so that analyze_rows pads its rows differently.
@@ -340,12 +342,17 @@ def compare_rows(model: nn.Module, tokenizer) -> tuple[float, bool]:
     return worst, same
 
 
-def measure(types: list[str]) -> list[Row]:
-    """One Row per type, in order; runs in float64 as the default dtype (some attention code builds masks in it)."""
+def measure(types: list[str], say=lambda line: print(line, file=sys.stderr, flush=True)) -> list[Row]:
+    """One Row per type, in order, and a progress line with an ETA per type to `say`; runs in float64 as the
+    default dtype (some attention code builds masks in it)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    clock, rows = Clock(len(types), 0), []
     try:
-        return [measure_type(t) for t in types]
+        for t in types:
+            rows.append(measure_type(t))
+            say(clock.tick(t, rows[-1].seconds, False) + f" ({rows[-1].status})")
+        return rows
     finally:
         torch.set_default_dtype(before)
 

@@ -11,7 +11,7 @@ step; `job` names what is counted ("queries", "generated tokens"). No terminal c
 
 from __future__ import annotations
 
-__all__ = ["Progress", "Steps"]
+__all__ = ["Progress", "Steps", "Clock"]
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -41,3 +41,25 @@ class Steps:
         for item in items:
             yield item
             self.step()
+
+
+class Clock:
+    """Progress lines with an ETA, for jobs of many items (a study's cells, the coverage table's types): the mean time
+    of the items run so far in this process times the items left."""
+
+    def __init__(self, total: int, already: int):
+        self.total, self.count, self.ran, self.spent = total, already, 0, 0.0
+
+    def tick(self, cid: str, seconds: float, failed: bool) -> str:
+        self.count += 1
+        self.ran += 1
+        self.spent += seconds
+        eta = self.spent / self.ran * (self.total - self.count)
+        state = "failed" if failed else f"{seconds:.1f} s"
+        return f"[{self.count}/{self.total}] {cid}: {state}; ETA {clock_text(eta)}"
+
+
+def clock_text(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -35,6 +35,7 @@ from .errors import IclProbeError, InputError, UsageError
 from .fileio import atomic_write_text
 from .inputs import tokenize
 from .models import load_model
+from .progress import Clock
 from .studyreport import summarise, write_report
 from .tasks import DEFAULT_TEMPLATE, Task, builtin_task, first_target_id, query_for, target_text, task_examples
 from .transfer import transfer
@@ -380,24 +381,3 @@ def read_journal(path: Path) -> list[dict]:
         else:  # an error after a result: a later run of more experiments failed on that cell
             errors[line["id"]] = line
     return [*results.values(), *errors.values()]
-
-
-class Clock:
-    """Progress lines with an ETA from the mean time of the cells run so far in this process."""
-
-    def __init__(self, total: int, already: int):
-        self.total, self.count, self.ran, self.spent = total, already, 0, 0.0
-
-    def tick(self, cid: str, seconds: float, failed: bool) -> str:
-        self.count += 1
-        self.ran += 1
-        self.spent += seconds
-        eta = self.spent / self.ran * (self.total - self.count)
-        state = "failed" if failed else f"{seconds:.1f} s"
-        return f"[{self.count}/{self.total}] {cid}: {state}; ETA {clock_text(eta)}"
-
-
-def clock_text(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -391,7 +391,8 @@ def test_coverage_sample(tmp_path, capsys):
     assert rows["mixtral"]["moe_layers"] == 2 and rows["mixtral"]["routing_exact"] is True
     assert "has only 'mixer' (mamba), no MLP after a contextual layer" in rows["mamba"]["reason"]
     assert rows["lfm2"]["mixers"] == "attention, convolution"
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err.startswith("[1/") and "ETA" in err and err.count("\n") == len(rows)  # a line per type
     assert out.startswith("4 of 5 families exact (transformers ") and "| lfm2 | exact | generic (lfm2) |" in out
     assert "; config variants: 1 of 1 exact;" in out  # a variant is its own row, counted apart
     batched = "; batched rows: 5 of 5 exact rows equal their own runs (KL < 1e-9, same top-1; 3 share passes, 2 run"
