@@ -117,15 +117,15 @@ STAGES = {
     "select blocks": "select blocks",
     "capture": "with-context run + capture",
     "finiteness checks": "finiteness checks",
-    "solve": "sequential solve (query alone)",
-    "ablation": "ablation batch + query alone unpatched (4 rows)",
+    "solve": "solve, query alone + 3 ablation riders",
+    "ablation": "ablation pass (fold, MoE, Mamba)",
     "reports": "layer reports (norms, ranks)",
     "scores": "logit metrics (KL, top-k)",
     "layer ablation": "per-layer ablation",
     "generation": "generation",
     "gradient": "gradient alignment",
 }
-OPTIONAL = {"layer ablation", "generation", "gradient"}  # stages of options the breakdown does not ask for
+OPTIONAL = {"ablation", "layer ablation", "generation", "gradient"}  # stages shown only where they ran
 
 
 def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[str, float]:
@@ -144,13 +144,11 @@ def breakdown(model, tokenizer, context: str, query: str, repeat: int) -> dict[s
 
 
 def own_passes(model, prompt) -> None:
-    """The passes analyze runs, without hooks or update math, lean as analyze's: the full prompt, the query alone
-    (the sequential solve's pass), and the query alone as 4 rows (ΔW only, Δb only, both, unpatched). The solve's
-    pass stays a pass of its own: shared with the ablation's rows it would round differently, and the static patch
-    on one row would no longer reproduce the context bit for bit."""
+    """The passes analyze runs, without hooks or update math, lean as analyze's: the full prompt, then the query
+    alone as 4 rows: the sequential solve's, with the ablation's ΔW-only, Δb-only and unpatched rows riding along
+    (update.Rider)."""
     with torch.no_grad():
         model(torch.tensor([prompt.full]), **LEAN)
-        model(torch.tensor([prompt.query_only]), **LEAN)
         model(torch.tensor([prompt.query_only] * 4), **LEAN)
 
 
@@ -457,7 +455,7 @@ def print_breakdown(name: str, o: dict) -> None:
     for label in (label for name, label in STAGES.items() if name not in OPTIONAL or parts[label]):
         print(f"  {label:<40} {parts[label] * 1e3:>8.2f} {parts[label] / total:>6.1%}")
     print(f"  {'other (dataclasses, Analysis)':<40} {parts['other'] * 1e3:>8.2f} {parts['other'] / total:>6.1%}")
-    print(f"  floor: its passes unhooked (full, query, query × 4) {o['passes_s'] * 1e3:>8.1f} ms")
+    print(f"  floor: its passes unhooked (full, query × 4) {o['passes_s'] * 1e3:>8.1f} ms")
     print(f"    = {o['floor_lean']:.3f}× the lean forwards; analyze = {o['ratio_passes']:.3f}× its passes")
     inner = [label for label in parts if label not in (*STAGES.values(), "other", "total")]
     if inner:  # stages the engine reports inside the ones above

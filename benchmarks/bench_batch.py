@@ -6,7 +6,7 @@ Each arm runs the same N prompts (arms interleaved, median of --repeat) through 
 math: the prompts with context (B rows), then the queries alone (4 rows per prompt: the sequential solve's, and
 the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes; a token
 prefix all of a batch's prompts share (the long set's one context) runs once with a KV cache first (at B = 1,
-`analyze`'s: the full prompt, the query alone, and the ablation's 4 rows, as docs/theory.md needs). Those
+`analyze`'s: the full prompt, then the query alone as its solve's row and 3 riders). Those
 passes alone at B against the same passes at B = 1 bound the speed-up: on a CPU that computes rather than waits,
 a batch's passes of distinct prompts are barely cheaper per prompt than one prompt's, and no Python work removed
 can gain more than they do. Prompt sets:
@@ -115,11 +115,7 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
         for i in range(0, len(tokenized), size):
             chunk = tokenized[i : i + size]
             full_passes(model, [p.full for p in chunk])
-            if len(chunk) == 1:  # one prompt runs as analyze: its solve alone, then the ablation's 4 rows
-                last_logits_rows(model, [chunk[0].query_only])
-                last_logits_rows(model, [chunk[0].query_only] * 4)
-            else:
-                last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
+            last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
     return time.perf_counter() - start
 
 

@@ -36,6 +36,7 @@ from .capture import (
     last_logits,
     model_name,
     position_logits,
+    rows_exact,
     select_blocks,
 )
 from .errors import InputError, MathError, ModelError, UsageError
@@ -61,7 +62,7 @@ from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
 from .timing import stage
-from .update import LayerRecord, Solution, moe_report, solve
+from .update import LayerRecord, Rider, Solution, ablation_riders, moe_report, rides, solve
 from .version import __version__
 
 SCHEMA = "icl-probe.analysis/2"
@@ -256,12 +257,16 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
                 targets, logits_ctx = capture_targets(model, chosen, prompt.full)
         with stage("finiteness checks"):
             check_finite(model, prompt, targets, logits_ctx)
-        with stage("solve"):  # alone: a pass of other rows (update.Rider) would round its row differently, and the
-            # static patch on one row would no longer reproduce the context bit for bit
-            solution = solve_checked(model, chosen, targets, prompt, residual)
+        riders = ablation_riders(1) if rides(chosen, residual) and rows_exact(model, chosen) else []
+        with stage("solve"):  # the ablation's rows ride along (update.Rider), with no pass of their own
+            solution = solve_checked(model, chosen, targets, prompt, residual, riders)
         patch = solution.patches[0]
-        with stage("ablation"):
-            parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
+        if riders:
+            parts, logits_0 = ablation_scores(logits_ctx, solution.riders, solution.logits[0]), solution.riders[-1]
+            check_finite_query(model, prompt, logits_0)
+        else:
+            with stage("ablation"):
+                parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
         per_layer = layer_ablation_of(model, run, patch, logits_ctx)
         generation = None
         if generate:
@@ -407,9 +412,10 @@ def check_finite_query(model: nn.Module, prompt: Prompt, logits_0: torch.Tensor)
         raise non_finite(model, prompt.query_only, "the query alone", lambda: last_logits(model, prompt.query_only))
 
 
-def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str) -> Solution:
+def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str,
+                  riders: list[Rider] = ()) -> Solution:  # fmt: skip
     """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
-    solution = solve(model, chosen, targets, prompt.query_only, residual)
+    solution = solve(model, chosen, targets, prompt.query_only, residual, riders=riders)
     if not torch.isfinite(solution.logits).all():
         check_finite_query(model, prompt, last_logits(model, prompt.query_only))  # broken before any update?
         run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731

@@ -108,7 +108,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
         targets = {b.index: Target.stacked([r[b.index] for r in rows]) for b in chosen}
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
-    riders = ablation_riders(len(runs)) if rides(chosen, residual) and len(runs) > 1 else []
+    riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
     with stage("solve"):
         solution = solve_rows(model, chosen, targets, queries, residual, riders)
         finite(solution.logits)

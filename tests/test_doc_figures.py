@@ -71,7 +71,7 @@ def test_theory_ablation_table(runner, row, args):
     for part, printed in (("delta_w_only", delta_w_only), ("bias_only", bias_only)):
         assert close(doc["ablation"][part]["kl"], printed), part
         assert doc["ablation"][part]["top1_match"] == printed.endswith("kept"), part
-    assert both == "below 1e-9, kept" and doc["ablation"]["both"]["kl"] < 1e-9 and doc["ablation"]["both"]["top1_match"]
+    assert both == "0, kept" and doc["ablation"]["both"]["kl"] == 0.0 and doc["ablation"]["both"]["top1_match"]
     assert max(layer["mlp_branch_error"] for layer in doc["layers"]) < 1e-5  # "below 1e-5 (tested)"
 
 

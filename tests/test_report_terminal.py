@@ -19,6 +19,7 @@ from icl_probe.cli.report.analysis import print_analysis
 from icl_probe.cli.report.format import fmt
 from icl_probe.cli.report.modules import print_modules
 from icl_probe.decoder import describe
+from icl_probe.lowrank import kl_divergence
 from icl_probe.metrics import static_logits
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
@@ -198,17 +199,20 @@ def test_a_static_row_that_differs_by_rounding_is_explained():
 
 
 def test_real_demo_static_rounding_and_partial_patch(real_models):
-    """docs/theory.md: on the SmolLM2 demo the sequential KL is 0, the static patch on one row equals it bit for
-    bit, the ablation's batched row stays below 1e-9; patching layers 0–2 only gives 9.49 against 8.63."""
+    """docs/theory.md: on the SmolLM2 demo the sequential KL is 0, and so is the ablation's `both`, the solved row
+    itself (the other ablation rows ride along in its pass); the whole patch applied as weights to the query alone in
+    a pass of its own, as replay applies it, rounds differently: within KL 1e-9 of the context, top-1 kept.
+    Patching layers 0–2 only gives 9.49 against 8.63."""
     model, tokenizer = real_models("smollm2-135m")
     result = icl_probe.analyze(model, tokenizer)
     doc = result.to_dict()
-    assert doc["logits"]["kl_patched"] == 0.0
+    assert doc["logits"]["kl_patched"] == 0.0 == doc["ablation"]["both"]["kl"]
     ids = result.prompt.query_only
     with torch.no_grad():
         ctx = last_logits(model, result.prompt.full)  # an unhooked pass on the full prompt, last position's logits
-    assert torch.equal(static_logits(model, result.patch, ids), ctx)  # the static patch on one row: bit for bit
-    assert 0.0 <= doc["ablation"]["both"]["kl"] < 1e-9
+    static = static_logits(model, result.patch, ids)  # the static patch on one row, by patching.applied's hooks
+    assert int(static.argmax()) == int(ctx.argmax())
+    assert 0.0 <= float(kl_divergence(ctx, static)) < 1e-9  # float32 rounding (measured 1.7e-11)
     partial = icl_probe.analyze(model, tokenizer, layers="0:3").to_dict()
     assert partial["logits"]["kl_patched"] == pytest.approx(9.49, abs=0.005)
     assert partial["logits"]["kl_no_context"] == pytest.approx(8.63, abs=0.005)

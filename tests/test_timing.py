@@ -15,8 +15,8 @@ from icl_probe.transfer import transfer
 
 CONTEXT, QUERY = "ab\ncd\n", "jk"
 SOLVE_PARTS = {"ΔW build", "ΔW x", "branch0 MLP re-run"}  # inside "solve", reported by the sequential run
-BASE = {"tokenize", "select blocks", "capture", "finiteness checks", "solve", "ablation", "reports", "scores"}
-LAST_STAGES = BASE | SOLVE_PARTS
+BASE = {"tokenize", "select blocks", "capture", "finiteness checks", "solve", "reports", "scores"}
+LAST_STAGES = BASE | SOLVE_PARTS  # the ablation's rows ride along in the solve's pass (update.Rider)
 
 
 def test_analyze_reports_its_stages():
@@ -29,7 +29,10 @@ def test_analyze_reports_its_stages():
     assert set(spent) == LAST_STAGES | {"gradient", "layer ablation", "generation"}
     with timings() as spent:
         analyze(model, tok, CONTEXT, QUERY, positions="all")
-    assert set(spent) == LAST_STAGES | {"generation", "partial passes"}  # positions.PositionsRun's passes
+    assert set(spent) == LAST_STAGES | {"ablation", "generation", "partial passes"}  # positions.PositionsRun's
+    with timings() as spent:
+        analyze(model, tok, CONTEXT, QUERY, residual="fold")
+    assert set(spent) == LAST_STAGES | {"ablation"}  # a fold's static rows are checked as weights, in a pass
 
 
 def test_dynamics_reports_its_stages():
