@@ -6,10 +6,10 @@ Each arm runs the same N prompts (arms interleaved, median of --repeat) through 
 math: the prompts with context (B rows), then the queries alone (4 rows per prompt: the sequential solve's, and
 the ablation's ΔW-only, Δb-only and unpatched rows riding along, update.Rider), as right-padded passes; a token
 prefix all of a batch's prompts share (the long set's one context) runs once with a KV cache first (at B = 1,
-`analyze`'s: the full prompt, then the query alone as its solve's row and 3 riders). Those
-passes alone at B against the same passes at B = 1 bound the speed-up: on a CPU that computes rather than waits,
-a batch's passes of distinct prompts are barely cheaper per prompt than one prompt's, and no Python work removed
-can gain more than they do. Prompt sets:
+`analyze`'s: the full prompt, then the query alone as its solve's row and 3 riders), in the batches of at most
+batched.PASS_TOKENS tokens a pass that analyze_rows runs. Those passes alone at B against the same passes at
+B = 1 bound the speed-up: on a CPU that computes rather than waits, a batch's passes of distinct prompts are
+barely cheaper per prompt than one prompt's, and no Python work removed can gain more than they do. Prompt sets:
 - demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
 - long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying;
 - long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset).
@@ -35,6 +35,7 @@ import torch
 
 import icl_probe
 from icl_probe.batch import run_batch
+from icl_probe.batched import pass_parts
 from icl_probe.capture import (
     capture_shared_rows,
     last_logits_rows,
@@ -114,8 +115,9 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
     with torch.no_grad():
         for i in range(0, len(tokenized), size):
             chunk = tokenized[i : i + size]
-            full_passes(model, [p.full for p in chunk])
-            last_logits_rows(model, [p.query_only for p in chunk for _ in range(RIDING)])
+            for part in pass_parts([p.full for p in chunk]):  # analyze_rows' batches within its token budget
+                full_passes(model, [p.full for p in chunk[part]])
+                last_logits_rows(model, [p.query_only for p in chunk[part] for _ in range(RIDING)])
     return time.perf_counter() - start
 
 

@@ -1,8 +1,9 @@
 """`analyze`: the per-layer context→weight updates of one prompt, computed layer by layer, and their proof.
 
-It runs the engine once: the full prompt with capture hooks (capture.py), then the query alone with
-the sequential hooks that build and apply each block's ΔW and Δb (update.py), then the query alone
-unpatched. It scores the result (metrics.py), including what ΔW and Δb each carry when the patch is
+It runs the engine once, in two passes: the full prompt with capture hooks (capture.py), then the query alone
+with the sequential hooks that build and apply each block's ΔW and Δb (update.py), the ablation's rows riding
+along in that pass (riders.py: ΔW only, Δb only, and the query alone unpatched; with a folded Δb, MoE or Mamba,
+they are a third pass). It scores the result (metrics.py), including what ΔW and Δb each carry when the patch is
 applied statically, and optionally the alignment of each ΔW with the gradient of the target's loss.
 
 With `positions="all"` the update is solved at every query position at once (positions.solve_positions), and

@@ -3,10 +3,11 @@
 The prompts with context run as the rows of one right-padded pass (`capture_shared_rows`: a token prefix they
 all share, such as one context for many queries, runs once with a KV cache before it), the queries alone
 as the rows of one sequential solve (`solve_rows`), with the ablation's rows of every prompt riding along in
-that pass (update.Rider; with a folded Δb, they are one more pass). A row is padded on the right with its own
-last token and read at its own last real position: attention is causal, so its real positions compute as they
-do alone (no mask, no position ids needed), and every row's result equals its unbatched `analyze` up to the
-rounding of a differently shaped matmul.
+that pass (update.Rider; with a folded Δb, they are one more pass). Prompts whose pass with context would
+compute more than PASS_TOKENS tokens past a prefix they all share run as several such batches, in order. A row
+is padded on the right with its own last token and read at its own last real position: attention is causal, so
+its real positions compute as they do alone (no mask, no position ids needed), and every row's result equals its
+unbatched `analyze` up to the rounding of a differently shaped matmul.
 
 Where rows cannot share a pass exactly (capture.rows_exact: mixture-of-experts blocks, which route per prompt, and
 Mamba layers), the prompts run one at a time (`analyze`). Through Falcon-H1's Mamba (torch reference chunked scan) a
@@ -15,7 +16,7 @@ batched row's ΔW differed from its own run by up to 1.5e-7 relative in float64 
 
 from __future__ import annotations
 
-__all__ = ["analyze_rows"]
+__all__ = ["analyze_rows", "pass_parts", "PASS_TOKENS"]
 
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from .capture import (
     last_logits,
     rows_exact,
     select_blocks,
+    shared_length,
 )
 from .errors import MathError
 from .floors import precision_limit
@@ -76,11 +78,35 @@ def analyze_rows(
         check_length(model, p)
     runs = [AnalysisInput(c, q, p, chosen, residual, top_k, per_layer_ablation, gradient)
             for (c, q), p in zip(prompts, tokenized)]  # fmt: skip
+    return [a for part in pass_parts([p.full for p in tokenized]) for a in analyze_batch(model, tokenizer, runs[part])]
+
+
+# The most tokens a pass with context computes, past the prefix its rows share: rows of distinct ~500-token prompts
+# gained 1.07× at 8 a pass (4000 tokens) and lost at 32 (0.89×, SmolLM2-135M, one thread), as the activations and
+# attention scores outgrow the caches; short rows and rows after one shared context stay in one pass.
+PASS_TOKENS = 4096
+
+
+def pass_parts(rows: list) -> list[slice]:
+    """Consecutive slices of `rows` (token id lists) whose padded pass computes at most PASS_TOKENS tokens past the
+    prefix they all share (at least one row each): the with-context passes of a batch."""
+    shared = shared_length(rows) if len(rows) > 1 else 0
+    parts, start, longest = [], 0, 0
+    for i, row in enumerate(rows):
+        longest = max(longest, len(row) - shared)
+        if i > start and (i - start + 1) * longest > PASS_TOKENS:
+            parts.append(slice(start, i))
+            start, longest = i, len(row) - shared
+    return [*parts, slice(start, len(rows))]
+
+
+def analyze_batch(model: nn.Module, tokenizer, runs: list[AnalysisInput]) -> list[Analysis]:
+    """The Analysis of every run, from one batch's shared passes."""
     with torch.no_grad():
         batch = solve_batch(model, runs)
     with stage("reports"):  # every row's, a layer at a time
         by_layer = [layer_reports(b, [r[b.index] for r in batch.solution.records], [r[b.index] for r in batch.rows],
-                                  batch.solution.patches, residual) for b in chosen]  # fmt: skip
+                                  batch.solution.patches, runs[0].residual) for b in runs[0].chosen]  # fmt: skip
     return [row_analysis(model, tokenizer, run, batch, [layer[i] for layer in by_layer], i)
             for i, run in enumerate(runs)]  # fmt: skip
 

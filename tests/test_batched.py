@@ -9,7 +9,7 @@ import torch
 from coverage_models import model_of as coverage_model
 from tiny import tiny_model, tokenizer_for
 
-from icl_probe import batch, capture, coverage
+from icl_probe import batch, batched, capture, coverage
 from icl_probe.analysis import analyze
 from icl_probe.batch import run_batch
 from icl_probe.batched import analyze_rows
@@ -91,6 +91,32 @@ def assert_same_logits(model, row, alone) -> None:
     mine, theirs = static_logits(model, row.patch, ids), static_logits(model, alone.patch, ids)
     assert kl_divergence(theirs, mine) < KL_LIMIT
     assert int(theirs.argmax()) == int(mine.argmax())
+
+
+def test_pass_parts_keep_each_pass_within_its_token_budget():
+    """Distinct rows split into consecutive parts of at most PASS_TOKENS tokens a pass (a longer row alone); rows
+    after one shared prefix count only their rests, so they stay in one pass."""
+    budget = batched.PASS_TOKENS
+    distinct = [[i] * (budget // 3) for i in range(7)]  # no shared prefix: 3 rows fit a pass, 4 do not
+    assert batched.pass_parts(distinct) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert batched.pass_parts([[1] * (budget + 5), [2] * 3]) == [slice(0, 1), slice(1, 2)]
+    shared = [[9] * budget + [i, i + 1] for i in range(32)]  # one long context, 32 short queries
+    assert batched.pass_parts(shared) == [slice(0, 32)]
+
+
+def test_prompts_over_the_token_budget_run_as_parts_equal_to_their_unbatched_runs(monkeypatch):
+    model, tok = model_of("llama"), tokenizer_for("llama")
+    longest = max(len(tok(c + q)["input_ids"]) for c, q in PROMPTS)
+    monkeypatch.setattr(batched, "PASS_TOKENS", 2 * longest)  # at most 2 of the 4 prompts a pass
+    solved = []
+    real = batched.solve_batch
+    monkeypatch.setattr(batched, "solve_batch", lambda model, runs: solved.append(len(runs)) or real(model, runs))
+    rows = analyze_rows(model, tok, PROMPTS)
+    assert sum(solved) == len(PROMPTS) and max(solved) <= 2 and len(solved) >= 2
+    for (context, query), row in zip(PROMPTS, rows, strict=True):
+        alone = analyze(model, tok, context, query)
+        assert_same_logits(model, row, alone)
+        assert row.ablation["delta_w_only"]["kl"] == pytest.approx(alone.ablation["delta_w_only"]["kl"], rel=1e-6)
 
 
 @pytest.fixture

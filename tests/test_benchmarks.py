@@ -54,7 +54,7 @@ def test_bench_analyze_quick(tmp_path):
         assert o["ratio"] == pytest.approx(o["analyze_s"] / o["plain_s"])
         assert o["ratio_lean"] == pytest.approx(o["analyze_s"] / o["lean_s"])
         parts = o["breakdown_s"]  # each a median over runs in which it is timed inside that run's total
-        for name in ("with-context run + capture", "sequential solve (query alone)"):
+        for name in ("with-context run + capture", "solve, query alone + 3 ablation riders"):
             assert 0 < parts[name] <= parts["total"], name
         m = doc["memory"][size]
         assert m["ratio"] == pytest.approx(m["analyze"]["peak_mb"] / m["plain"]["peak_mb"])

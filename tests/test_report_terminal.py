@@ -14,13 +14,13 @@ from rich.console import Console
 from tiny import char_tokenizer, tiny_model
 
 import icl_probe
-from icl_probe.capture import last_logits
+from icl_probe.capture import last_logits, select_blocks
 from icl_probe.cli.report.analysis import print_analysis
 from icl_probe.cli.report.format import fmt
 from icl_probe.cli.report.modules import print_modules
 from icl_probe.decoder import describe
 from icl_probe.lowrank import kl_divergence
-from icl_probe.metrics import static_logits
+from icl_probe.metrics import ablation_rows, static_logits, static_logits_rows
 
 CONTEXT, QUERY = "ab -> ba\ncd -> dc\nxy -> yx\n", "pq ->"
 WIDTH = 80
@@ -213,6 +213,11 @@ def test_real_demo_static_rounding_and_partial_patch(real_models):
     static = static_logits(model, result.patch, ids)  # the static patch on one row, by patching.applied's hooks
     assert int(static.argmax()) == int(ctx.argmax())
     assert 0.0 <= float(kl_divergence(ctx, static)) < 1e-9  # float32 rounding (measured 1.7e-11)
+    # the ablation's rows rode along in the solve's pass; applied as weights in a pass of their own they agree to
+    # float32 rounding (measured equal on this CPU; another CPU may round them apart)
+    by_hand = static_logits_rows(model, ablation_rows(select_blocks(model, None), result.patch, True), ids)
+    for part, logits in zip(("delta_w_only", "bias_only"), by_hand, strict=True):
+        assert doc["ablation"][part]["kl"] == pytest.approx(kl_divergence(ctx, logits), rel=1e-5), part
     partial = icl_probe.analyze(model, tokenizer, layers="0:3").to_dict()
     assert partial["logits"]["kl_patched"] == pytest.approx(9.49, abs=0.005)
     assert partial["logits"]["kl_no_context"] == pytest.approx(8.63, abs=0.005)
