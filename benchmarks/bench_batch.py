@@ -41,6 +41,7 @@ from icl_probe.capture import (
     last_logits_rows,
 )
 from icl_probe.inputs import tokenize
+from icl_probe.progress import Clock
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,6 +122,11 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
     return time.perf_counter() - start
 
 
+def tick(clock: Clock, arm: str, start: float) -> None:
+    """An arm's progress line with an ETA, on stderr (a full run takes minutes)."""
+    print(clock.tick(arm, time.perf_counter() - start, False), file=sys.stderr, flush=True)
+
+
 def full_passes(model, rows: list) -> None:
     """capture_shared_rows' passes without its taps (no block chosen): the shared prefix once with a KV cache, then
     each row's rest."""
@@ -132,10 +138,13 @@ def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int)
     timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
     runs: dict[int, list] = {size: [] for size in sizes}
     lines: dict[int, list] = {}
+    clock = Clock(repeat * len(sizes), 0)
     for r in range(repeat):
         for size in sizes if r % 2 == 0 else sizes[::-1]:
+            start = time.perf_counter()
             s, lines[size] = timed_batch(model, tok, prompts, size)
             runs[size].append((s, timed_passes(model, tok, prompts, size)))
+            tick(clock, f"{name} B = {size}, repeat {r + 1}", start)
     one = statistics.median(s for s, _ in runs[1])
     one_limit = statistics.median(p for _, p in runs[1])
     rows = []

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 import icl_probe
+from icl_probe.progress import Clock
 from icl_probe.study import StudySpec, analyze_figures, icl_hits, trial_task
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, query_for, task_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_batch import finish, timed_passes  # noqa: E402
+from bench_batch import finish, tick, timed_passes  # noqa: E402
 
 MODEL = "smollm2-135m"
 TASK = "antonyms"
@@ -93,9 +94,12 @@ def main() -> None:
     cells = [cell_inputs(spec, t) for t in range(args.trials)]
     run_arm(model, tok, spec, cells[:1], max(sizes))  # warm-up: allocator, kernels
     runs: dict[int, list] = {size: [] for size in sizes}
+    clock = Clock(args.repeat * len(sizes), 0)
     for r in range(args.repeat):
         for size in sizes if r % 2 == 0 else sizes[::-1]:
+            start = time.perf_counter()
             runs[size].append(run_arm(model, tok, spec, cells, size))
+            tick(clock, f"B = {size}, repeat {r + 1}", start)
     med = {size: [statistics.median(run[k] for run in runs[size]) for k in range(3)] for size in sizes}
     rows = []
     for size in sizes:
