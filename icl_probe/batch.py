@@ -38,7 +38,7 @@ KNOWN_KEYS = ("id", *PROMPT_KEYS, *TASK_KEYS, "layers", "residual")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 120  # characters of a patch file's stem; file systems allow 255 bytes
 
-DEFAULT_BATCH_SIZE = 8  # prompts per forward pass: past ~8 short prompts the passes stop getting cheaper per row
+DEFAULT_BATCH_SIZE = 32  # prompts per forward pass; long distinct prompts split further (batched.PASS_TOKENS)
 BATCH_RESULTS = "results.jsonl"  # export-patch --batch FOLDER: the result lines beside the patches
 
 

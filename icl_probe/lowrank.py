@@ -74,6 +74,19 @@ class LowRank:
         y = (xw.to(work) @ v) @ u.mT  # (..., r), then (..., out)
         return y.reshape(*x.shape[:-1], -1)
 
+    def added_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + ΔW x, for y (..., out) and x (..., in) shaped as `apply` takes them: `add_rounded(y, self.apply(x))`
+        with the product added into the float64 copy of y (one temporary fewer; on this CPU a batch's (64, 3, 1536)
+        rows took 0.9 ms where the two steps took 1.7)."""
+        if _NAIVE.get() is not None:  # the model's own dtype: the two steps, as naive_precision documents them
+            return add_rounded(y, self.apply(x))
+        v, u = self.v.to(x.device, MATH_DTYPE), self.u.to(x.device, MATH_DTYPE)
+        rows = self.u.shape[0] if self.batched else 1
+        xw = x.reshape(rows, -1, x.shape[-1]).to(MATH_DTYPE)  # (B, T, in)
+        total = y.reshape(rows, -1, y.shape[-1]).to(MATH_DTYPE, copy=True)  # (B, T, out)
+        total.baddbmm_(xw @ (v if self.batched else v[None]), (u if self.batched else u[None]).mT)
+        return total.to(y.dtype).reshape(y.shape)
+
     def row(self, i: int) -> LowRank:
         """Row i of a batched update, on the CPU (patches live there; hooks move them to each module's device)."""
         return LowRank(self.u[i].cpu(), self.v[i].cpu().clone())

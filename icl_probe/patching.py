@@ -44,7 +44,7 @@ def low_rank_hook(delta: LowRank):
     batch, for a batched update)."""
 
     def hook(module, args, output):
-        return add_rounded(output, delta.apply(args[0]))
+        return delta.added_to(output, args[0])
 
     return hook
 

@@ -22,6 +22,7 @@ __all__ = [
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -178,7 +179,7 @@ class SequentialRun:
                 weight = arch.weight_out_in(module, b.family)
                 delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
             with stage("ΔW x"):
-                return self.added(output, "delta_w", lambda rows, owners: self.delta_w_x(delta, z, rows, owners))
+                return self.added(output, "delta_w", partial(self.with_delta_w, delta, z))
 
         return hook
 
@@ -253,23 +254,29 @@ class SequentialRun:
             self.gathers[flag] = (torch.tensor(rows), torch.tensor(owners))
         return self.gathers[flag]
 
-    def delta_w_x(self, delta: LowRank, z: torch.Tensor, rows, owners) -> torch.Tensor:
-        """ΔW x on every row of the pass (rows None), or on `rows`, each with its owner's ΔW: (len(rows), T, out)."""
+    def with_delta_w(self, delta: LowRank, z: torch.Tensor, y: torch.Tensor, rows, owners) -> torch.Tensor:
+        """y + ΔW z, rounded once, on every row of the pass (rows None), or on `rows` (y their rows of the output),
+        each with its owner's ΔW."""
         if rows is None:
-            return delta.apply(z)
-        return LowRank(delta.u[owners], delta.v[owners]).apply(z.reshape(self.batch, -1, z.shape[-1])[rows])
+            return delta.added_to(y, z)
+        return LowRank(delta.u[owners], delta.v[owners]).added_to(y, z.reshape(self.batch, -1, z.shape[-1])[rows])
 
-    def added(self, y: torch.Tensor, flag: str, part) -> torch.Tensor:
+    @staticmethod
+    def with_delta_b(delta_b: torch.Tensor, y: torch.Tensor, rows, owners) -> torch.Tensor:
+        """y + Δb at every position, rounded once, on every row (owners None) or each row with its owner's Δb."""
+        return add_rounded(y, (delta_b if owners is None else delta_b[owners])[:, None])
+
+    def added(self, y: torch.Tensor, flag: str, add) -> torch.Tensor:
         """y, a (B, T, d) or (B·T, d) activation of the pass, plus a part of the update, summed in float64 and
-        rounded once. `part(rows, owners)` gives it for those rows of the pass: every row without riders (None,
-        None); with them, the rows that carry it (`carriers`), and the other rows keep y (adding 0 would leave
-        them bit for bit)."""
+        rounded once. `add(y, rows, owners)` gives y plus that part on those rows of the pass: every row without
+        riders (None, None); with them, the rows that carry it (`carriers`), and the other rows keep y (adding 0
+        would leave them bit for bit)."""
         if not self.riders:
-            return add_rounded(y, part(None, None))
+            return add(y, None, None)
         rows, owners = (t.to(y.device) for t in self.carriers(flag))
         shaped = y.reshape(self.batch, -1, y.shape[-1])
         new = shaped.clone()
-        new[rows] = add_rounded(shaped[rows], part(rows, owners))
+        new[rows] = add(shaped[rows], rows, owners)
         return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
@@ -286,8 +293,7 @@ class SequentialRun:
             cap.delta_b = delta_b.to(target.out.dtype)
             if self.residual == "bias":
                 self.residual_rows[b.path] = delta_b
-                rows_b = lambda rows, owners: (delta_b if owners is None else delta_b[owners])[:, None]  # noqa: E731
-                new = self.added(h, "delta_b", rows_b)
+                new = self.added(h, "delta_b", partial(self.with_delta_b, delta_b))
             else:
                 new = add_rounded(h, self.fold(b, delta_b).reshape(h.shape))
             end = self.last(new)[: self.solved]

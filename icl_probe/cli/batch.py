@@ -37,7 +37,7 @@ BatchSizeOpt = Annotated[
         help="With --batch: prompts per forward pass, each row equal to its own run; 1 runs them one at a time.",
     ),
 ]
-DEFAULT_BATCH_SIZE = 8  # = icl_probe.batch.DEFAULT_BATCH_SIZE, written out so that --help needs no torch
+DEFAULT_BATCH_SIZE = 32  # = icl_probe.batch.DEFAULT_BATCH_SIZE, written out so that --help needs no torch
 
 
 @app.command(cls=PlainUsage, short_help="Analyze every prompt of a JSONL file with one model load.")
