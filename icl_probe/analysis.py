@@ -47,6 +47,7 @@ from .hooks import Tap, current_weight, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
 from .lowrank import LowRank, kl_divergence, naive_precision
 from .metrics import (
+    Scorer,
     ablation,
     ablation_rows,
     ablation_scores,
@@ -54,6 +55,7 @@ from .metrics import (
     gradient_alignment,
     layer_ablation,
     pick_target,
+    scorer,
     static_logits,
     static_logits_rows,
     weight_norm,
@@ -262,13 +264,14 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
         with stage("solve"):  # the ablation's rows ride along (update.Rider), with no pass of their own
             solution = solve_checked(model, chosen, targets, prompt, residual, riders)
         patch = solution.patches[0]
+        ref = Scorer(logits_ctx)  # every score against the context reads its log-probabilities
         if riders:
-            parts, logits_0 = ablation_scores(logits_ctx, solution.riders, solution.logits[0]), solution.riders[-1]
+            parts, logits_0 = ablation_scores(ref, solution.riders, solution.logits[0]), solution.riders[-1]
             check_finite_query(model, prompt, logits_0)
         else:
             with stage("ablation"):
-                parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, logits_ctx)
-        per_layer = layer_ablation_of(model, run, patch, logits_ctx)
+                parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, ref)
+        per_layer = layer_ablation_of(model, run, patch, ref)
         generation = None
         if generate:
             with stage("generation"):
@@ -277,26 +280,28 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
     with stage("reports"):
         reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
     wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
-    return build_analysis(model, tokenizer, run, reports, (logits_ctx, logits_0, solution.logits[0]), ablation=parts,
+    return build_analysis(model, tokenizer, run, reports, (ref, logits_0, solution.logits[0]), ablation=parts,
                           patch=patch, layer_ablation=per_layer, target=wanted, precision=precision,
                           generation=generation, precision_limit=precision_limit(chosen, model.dtype))  # fmt: skip
 
 
-def static_scores(model: nn.Module, prompt: Prompt, chosen: list[Block], patch: Patch, residual: str, logits_ctx):
+def static_scores(model: nn.Module, prompt: Prompt, chosen: list[Block], patch: Patch, residual: str, ref: Scorer):
     """(the ablation's scores, the query alone's logits): ΔW only, Δb only and both applied as weights, and the
-    query alone unpatched (an empty patch) as one more row of that batch; a norm-scale fold is checked first."""
+    query alone unpatched (an empty patch) as one more row of that batch; a norm-scale fold is checked first. `ref`
+    scores against the with-context logits."""
     both = None  # the whole patch's static logits: computed first only where a fold must be checked
     if residual == "fold" and patch.dense:
         both = static_logits(model, patch, prompt.query_only)
-        check_static_fold(patch, logits_ctx, both)
+        check_static_fold(patch, ref.logits, both)
     rows = static_logits_rows(model, [*ablation_rows(chosen, patch, both), Patch()], prompt.query_only)
     logits_0 = rows[-1]
     check_finite_query(model, prompt, logits_0)
-    return ablation_scores(logits_ctx, rows[:-1], both), logits_0
+    return ablation_scores(ref, rows[:-1], both), logits_0
 
 
 def layer_ablation_of(model: nn.Module, run: AnalysisInput, patch: Patch, logits_ctx) -> list[dict] | None:
-    """The per-layer ablation (each layer's update left out, and alone) if `run` asks for it."""
+    """The per-layer ablation (each layer's update left out, and alone) if `run` asks for it (`logits_ctx`: the
+    with-context logits, or their Scorer)."""
     if not run.per_layer_ablation:
         return None
     with stage("layer ablation"):
@@ -305,10 +310,13 @@ def layer_ablation_of(model: nn.Module, run: AnalysisInput, patch: Patch, logits
 
 def build_analysis(model: nn.Module, tokenizer, run: AnalysisInput, reports, logits: tuple, **fields) -> Analysis:
     """The Analysis of `run`: the model's facts, the texts, the layer reports, the scores of `logits` (with context,
-    query alone, patched; each (vocab,) at the last position) and the other `fields` of Analysis."""
-    logits_ctx, logits_0, patched = logits
+    query alone, patched; each (vocab,) at the last position; the first may be their metrics.Scorer) and the other
+    `fields` of Analysis."""
+    ref, logits_0, patched = logits
     with stage("scores"):
-        scores = compare_logits(tokenizer, logits_ctx, logits_0, patched, run.top_k)
+        ref = scorer(ref)
+        scores = compare_logits(tokenizer, ref, logits_0, patched, run.top_k)
+    logits_ctx = ref.logits
     return Analysis(
         model=model_name(model),
         model_type=model.config.model_type,

@@ -46,7 +46,7 @@ from .capture import (
 from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
-from .metrics import ablation_rows, ablation_scores, static_logits_each
+from .metrics import Scorer, ablation_rows, ablation_scores, static_logits_each
 from .patching import Patch, applied
 from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
@@ -155,10 +155,11 @@ def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, 
     """The Analysis of the batch's row `i` (its layer `reports` given), as `analyze` builds it for that prompt
     alone."""
     patch, logits_ctx, static = batch.solution.patches[i], batch.logits_ctx[i], batch.static[i]
-    per_layer = layer_ablation_of(model, run, patch, logits_ctx)
+    ref = Scorer(logits_ctx)  # every score against the context reads its log-probabilities
+    per_layer = layer_ablation_of(model, run, patch, ref)
     wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
-    ablation = ablation_scores(logits_ctx, static[:-1], batch.boths[i])
-    return build_analysis(model, tokenizer, run, reports, (logits_ctx, static[-1], batch.solution.logits[i]),
+    ablation = ablation_scores(ref, static[:-1], batch.boths[i])
+    return build_analysis(model, tokenizer, run, reports, (ref, static[-1], batch.solution.logits[i]),
                           ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted,
                           precision_limit=precision_limit(run.chosen, model.dtype))  # fmt: skip
 

@@ -7,8 +7,8 @@ it left out, and score the query alone against the with-context distribution.
 from __future__ import annotations
 
 __all__ = [
-    "compare_logits", "top_tokens", "prob", "cross_entropy", "pick_target", "static_logits", "static_logits_rows",
-    "static_logits_each",
+    "compare_logits", "Scorer", "scorer", "top_tokens", "prob", "cross_entropy", "pick_target", "static_logits",
+    "static_logits_rows", "static_logits_each",
     "ablation_rows", "ablation_scores", "ablation", "layer_ablation", "at_least_float32",
     "gradient_alignment", "weight_norm", "layer_series"
 ]  # fmt: skip
@@ -23,23 +23,51 @@ from .arch import Block
 from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, kl_divergence, matvec
+from .lowrank import MATH_DTYPE, LowRank, matvec
 from .patching import Patch, applied, applied_rows
 
 
-def compare_logits(tokenizer, ctx: torch.Tensor, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
-    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists."""
+def compare_logits(tokenizer, ctx, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
+    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists. `ctx` is the
+    with-context logits, or their Scorer (so that its log-probabilities are computed once for every score)."""
+    ref = scorer(ctx)
     return {
-        "kl_patched": kl_divergence(ctx, patched),
-        "kl_no_context": kl_divergence(ctx, no_ctx),
-        "top1_match": bool(ctx.argmax() == patched.argmax()),
-        "max_logit_error": float((ctx.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
+        "kl_patched": ref.kl(patched),
+        "kl_no_context": ref.kl(no_ctx),
+        "top1_match": bool(ref.top1 == patched.argmax()),
+        "max_logit_error": float((ref.logits.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
         "top_k": {
-            "context": top_tokens(tokenizer, ctx, k),
+            "context": top_tokens(tokenizer, ref.logits, k),
             "no_context": top_tokens(tokenizer, no_ctx, k),
             "patched": top_tokens(tokenizer, patched, k),
         },
     }
+
+
+class Scorer:
+    """Scores against one next-token distribution (the with-context logits): its float64 log-probabilities,
+    probabilities and top-1 are computed once, however many logits are scored against it. Every KL is the
+    arithmetic of `lowrank.kl_divergence`, so the figures are the same to the last bit."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self.log_p = torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)
+        self.p = self.log_p.exp()
+        self.top1 = logits.argmax()
+
+    def kl(self, logits: torch.Tensor) -> float:
+        """KL(reference ‖ logits) in nats, float64."""
+        log_q = torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)
+        return max(0.0, float((self.p * (self.log_p - log_q)).sum()))  # clamp roundoff below 0
+
+    def score(self, logits: torch.Tensor) -> dict:
+        """{kl: KL(reference ‖ logits), top1_match} for one static application."""
+        return {"kl": self.kl(logits), "top1_match": bool(self.top1 == logits.argmax())}
+
+
+def scorer(ctx) -> Scorer:
+    """`ctx` itself if it is a Scorer, else a Scorer of those logits."""
+    return ctx if isinstance(ctx, Scorer) else Scorer(ctx)
 
 
 def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
@@ -60,9 +88,9 @@ def cross_entropy(logits: torch.Tensor, token_id: int) -> float:
     return float(-torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)[token_id])
 
 
-def score(ctx: torch.Tensor, logits: torch.Tensor) -> dict:
-    """{kl: KL(ctx ‖ logits), top1_match} for one static application."""
-    return {"kl": kl_divergence(ctx, logits), "top1_match": bool(ctx.argmax() == logits.argmax())}
+def score(ctx, logits: torch.Tensor) -> dict:
+    """{kl: KL(ctx ‖ logits), top1_match} for one static application (`ctx`: logits or their Scorer)."""
+    return scorer(ctx).score(logits)
 
 
 def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict:
@@ -117,12 +145,14 @@ def ablation_rows(chosen: list[Block], patch: Patch, both=None) -> list[Patch]:
     return parts if both is not None else [*parts, patch]
 
 
-def ablation_scores(ctx: torch.Tensor, logits: torch.Tensor, both=None) -> dict:
-    """KL and top-1 against the context of the ablation_rows' logits (rows in that order)."""
+def ablation_scores(ctx, logits: torch.Tensor, both=None) -> dict:
+    """KL and top-1 against the context (its logits or their Scorer) of the ablation_rows' logits (rows in that
+    order)."""
+    ref = scorer(ctx)
     return {
-        "delta_w_only": score(ctx, logits[0]),
-        "bias_only": score(ctx, logits[1]),
-        "both": score(ctx, both if both is not None else logits[2]),
+        "delta_w_only": ref.score(logits[0]),
+        "bias_only": ref.score(logits[1]),
+        "both": ref.score(both if both is not None else logits[2]),
     }
 
 
@@ -148,8 +178,9 @@ def layer_ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids
             split_patch(patch, lambda p, b=b: in_block(b, p)),
         ]
     logits = static_logits_rows(model, parts, ids)  # rows: without layer 0, layer 0 alone, without layer 1, ...
+    ref = scorer(ctx)
     return [
-        {"layer": b.index, "without": score(ctx, logits[2 * i]), "alone": score(ctx, logits[2 * i + 1])}
+        {"layer": b.index, "without": ref.score(logits[2 * i]), "alone": ref.score(logits[2 * i + 1])}
         for i, b in enumerate(chosen)
     ]
 
