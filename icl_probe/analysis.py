@@ -65,7 +65,7 @@ from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
 from .timing import stage
-from .update import LayerRecord, Rider, Solution, ablation_riders, moe_report, rides, solve
+from .update import LayerRecord, Rider, Solution, ablation_riders, moe_report, rides, row_record, solve
 from .version import __version__
 
 SCHEMA = "icl-probe.analysis/2"
@@ -480,30 +480,31 @@ def layer_report(
     b: Block, rec: LayerRecord, target, patch: Patch, residual: str, solved_at: str = "last"
 ) -> LayerReport:
     """One layer's figures from the sequential run's record (row 0) and the with-context target."""
-    return layer_reports(b, [rec], [target], [patch], residual, solved_at)[0]
+    return layer_reports(b, rec, target, [patch], residual, solved_at)[0]
 
 
 def layer_reports(
-    b: Block, recs: list[LayerRecord], targets: list, patches: list[Patch], residual: str, solved_at: str = "last"
+    b: Block, rec: LayerRecord, target, patches: list[Patch], residual: str, solved_at: str = "last"
 ) -> list[LayerReport]:
-    """`layer_report` of each row (a record, target and patch per prompt, each of row 0), the norms of every row
-    computed together."""
+    """`layer_report` of each row i < len(patches) of a run's record and with-context target (fields (B, d), row i
+    solved as patches[i]), the norms of every row computed together."""
+    n = len(patches)
 
-    def rows(field: str, of: list) -> torch.Tensor:  # (B, d): each prompt's row 0
-        return torch.cat([getattr(x, field)[:1] for x in of])
+    def rows(field: str, of) -> torch.Tensor:  # (n, d)
+        return getattr(of, field)[:n]
 
-    z0, z_ctx, branch = rows("z0", recs), rows("z_ctx", targets), rows("branch", recs)
-    differences = [z0, z_ctx - z0, rows("attn", targets) - rows("attn", recs), branch - rows("branch0", recs),
-                   branch - rows("branch", targets), rows("branch", targets), rows("delta_b", recs)]  # fmt: skip
-    norms = torch.stack([x.norm(dim=-1) for x in differences]).T.tolist()  # (B, 7); sizes differ (streams)
+    z0, z_ctx, branch = rows("z0", rec), rows("z_ctx", target), rows("branch", rec)
+    differences = [z0, z_ctx - z0, rows("attn", target) - rows("attn", rec), branch - rows("branch0", rec),
+                   branch - rows("branch", target), rows("branch", target), rows("delta_b", rec)]  # fmt: skip
+    norms = torch.stack([x.norm(dim=-1) for x in differences]).T.tolist()  # (n, 7); sizes differ (streams)
     cosines = torch.nn.functional.cosine_similarity(z_ctx, z0, dim=-1).tolist()
-    errors = [float(r.block_error[0]) for r in recs]
+    errors = rows("block_error", rec).tolist()
+    folds = [None] * n if rec.fold_min_abs_normalised is None else rows("fold_min_abs_normalised", rec).tolist()
     paths = module_paths(b, residual, solved_at)
     modules = {path: module_reports(patches, b, path) for path in paths}
     reports = []
-    for i, (rec, target, patch) in enumerate(zip(recs, targets, patches)):
+    for i, patch in enumerate(patches):
         z0_norm, dz_norm, attn_delta, branch_delta, branch_error, branch_norm, delta_b = norms[i]
-        fold = rec.fold_min_abs_normalised
         reports.append(LayerReport(
             layer=b.index,
             z0_norm=z0_norm,
@@ -515,9 +516,9 @@ def layer_reports(
             residual_delta_norm=delta_b,
             block_error=errors[i],
             modules={path: modules[path][i] for path in paths},
-            fold_min_abs_normalised=None if fold is None else float(fold[0]),
+            fold_min_abs_normalised=folds[i],
             mixer=b.family.mixer,
-            moe=moe_report(b, rec, target, patch),
+            moe=moe_report(b, row_record(rec, i), target.row(i), patch) if b.moe else None,
         ))  # fmt: skip
     return reports
 

@@ -1,6 +1,6 @@
 """`analyze_rows`: `analyze` for several prompts at once, each prompt a row of the same forward passes.
 
-The prompts with context run as the rows of one right-padded pass (`capture_shared_rows`: a token prefix they
+The prompts with context run as the rows of one right-padded pass (`capture_stacked`: a token prefix they
 all share, such as one context for many queries, runs once with a KV cache before it), the queries alone
 as the rows of one sequential solve (`solve_rows`), with the ablation's rows of every prompt riding along in
 that pass (update.Rider; with a folded Δb, they are one more pass). Prompts whose pass with context would
@@ -36,7 +36,7 @@ from .analysis import (
 )
 from .capture import (
     Target,
-    capture_shared_rows,
+    capture_stacked,
     check_length,
     last_logits,
     rows_exact,
@@ -105,8 +105,8 @@ def analyze_batch(model: nn.Module, tokenizer, runs: list[AnalysisInput]) -> lis
     with torch.no_grad():
         batch = solve_batch(model, runs)
     with stage("reports"):  # every row's, a layer at a time
-        by_layer = [layer_reports(b, [r[b.index] for r in batch.solution.records], [r[b.index] for r in batch.rows],
-                                  batch.solution.patches, runs[0].residual) for b in runs[0].chosen]  # fmt: skip
+        by_layer = [layer_reports(b, batch.solution.by_block[b.index], batch.targets[b.index], batch.solution.patches,
+                                  runs[0].residual) for b in runs[0].chosen]  # fmt: skip
     return [row_analysis(model, tokenizer, run, batch, [layer[i] for layer in by_layer], i)
             for i, run in enumerate(runs)]  # fmt: skip
 
@@ -117,7 +117,7 @@ class Batch:
     logits (its solved row's, or where a fold was checked its static logits), and its ablation rows (ΔW only, Δb
     only, then the query alone unpatched; with a fold, the whole patch between them unless checked already)."""
 
-    rows: list[dict[int, Target]]
+    targets: dict[int, Target]  # every prompt's, (B, d) per block
     logits_ctx: torch.Tensor  # (B, vocab)
     solution: Solution
     boths: list[torch.Tensor | None]
@@ -130,8 +130,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
     with stage("capture"):
-        rows, logits_ctx = capture_shared_rows(model, chosen, [run.prompt.full for run in runs])
-        targets = {b.index: Target.stacked([r[b.index] for r in rows]) for b in chosen}
+        targets, logits_ctx = capture_stacked(model, chosen, [run.prompt.full for run in runs])
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
     riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
@@ -140,7 +139,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
         finite(solution.logits)
     if riders:  # the ablation's rows rode along in the solve's pass, 3 per prompt; the whole patch is the solved row
         finite(solution.riders)
-        return Batch(rows, logits_ctx, solution, list(solution.logits), list(solution.riders.split(3)))
+        return Batch(targets, logits_ctx, solution, list(solution.logits), list(solution.riders.split(3)))
     with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip
@@ -148,7 +147,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
         flat = [p for ps in parts for p in ps]
         static = static_logits_each(model, flat, [q for q, ps in zip(queries, parts) for _ in ps], len(flat))
         finite(static)
-    return Batch(rows, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
+    return Batch(targets, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
 
 
 def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, reports: list, i: int) -> Analysis:

@@ -12,8 +12,9 @@ __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
     "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
     "last_logits_rows", "padded_logits", "heads_at", "recording_targets", "targets_of", "capture_targets",
-    "capture_targets_rows", "capture_shared_rows", "shared_length", "SHARED_SAVED", "capture_rows", "capture_prefixes",
-    "accepts_positions", "rows_exact", "cache_croppable", "capture_positions", "position_logits", "greedy"
+    "capture_targets_rows", "capture_shared_rows", "capture_stacked", "split_rows", "shared_length", "SHARED_SAVED",
+    "capture_rows", "capture_prefixes", "accepts_positions", "rows_exact", "cache_croppable", "capture_positions",
+    "position_logits", "greedy"
 ]  # fmt: skip
 
 import copy
@@ -28,7 +29,7 @@ from torch import nn
 
 from . import decoder
 from .arch import Block
-from .errors import InputError, ModelError
+from .errors import InputError, ModelError, UsageError
 from .hooks import Recording, Tap, pre_hooked, recording
 from .inputs import Ids, Prompt, Vectors, as_inputs, parse_layers
 from .lowrank import MATH_DTYPE
@@ -252,12 +253,13 @@ def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> t
     if any(b.moe for b in chosen):
         runs = [capture_targets(model, chosen, r) for r in rows]
         return [t for t, _ in runs], torch.stack([lg for _, lg in runs])
-    lasts = torch.tensor([len(r) - 1 for r in rows])
-    pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[torch.arange(len(rows)), lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
-    with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
-        logits = last_logits_rows(model, rows)
-    targets = targets_of(rec, chosen)
-    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
+    targets, logits = capture_stacked(model, chosen, rows)
+    return split_rows(targets, len(rows)), logits
+
+
+def split_rows(targets: dict[int, Target], n: int) -> list[dict[int, Target]]:
+    """Stacked targets of n rows ({block: Target (n, d)}) as a {block: Target} per row."""
+    return [{i: t.row(r) for i, t in targets.items()} for r in range(n)]
 
 
 # A common prefix runs in a pass of its own (with a KV cache) when it spares the other rows this many tokens: on
@@ -279,20 +281,33 @@ def capture_shared_rows(model: nn.Module, chosen: list[Block], rows: list) -> tu
     with a KV cache, and each row's rest a right-padded row after it: the same computation as each prompt whole,
     as causal attention makes it (`capture_prefixes`). Rows whose shared prefix spares them fewer than SHARED_SAVED
     tokens, rows of Vectors or of MoE blocks, and a model whose cache cannot be shared run as `capture_targets_rows`."""
+    if any(b.moe for b in chosen):
+        return capture_targets_rows(model, chosen, rows)
+    targets, logits = capture_stacked(model, chosen, rows)
+    return split_rows(targets, len(rows)), logits
+
+
+def capture_stacked(model: nn.Module, chosen: list[Block], rows: list) -> tuple[dict[int, Target], torch.Tensor]:
+    """`capture_shared_rows` with each block's Targets as one of len(rows) rows: {block: Target (B, d)}, logits
+    (B, vocab). No mixture-of-experts block: their routing is recorded per prompt (use `capture_shared_rows`)."""
+    if any(b.moe for b in chosen):
+        raise UsageError("capture_stacked takes no mixture-of-experts block; use capture_shared_rows")
     tokens = bool(rows) and not isinstance(rows[0], Vectors)
     n = shared_length(rows) if tokens and len(rows) > 1 else 0
     worth = n > 0 and n * (len(rows) - 1) >= SHARED_SAVED
-    if not worth or any(b.moe for b in chosen) or not cache_croppable(model, max(len(r) for r in rows)):
-        return capture_targets_rows(model, chosen, rows)
-    cache = returned_cache(model(**model_inputs(model, [rows[0][:n]]), use_cache=True, logits_to_keep=1))
-    cache.batch_repeat_interleave(len(rows))
-    inputs, lasts = padded_inputs(model, [r[n:] for r in rows])
+    cache, kwargs = None, {"use_cache": False}
+    if worth and cache_croppable(model, max(len(r) for r in rows)):
+        cache = returned_cache(model(**model_inputs(model, [rows[0][:n]]), use_cache=True, logits_to_keep=1))
+        cache.batch_repeat_interleave(len(rows))
+        kwargs = {**with_cache(model, cache), "use_cache": True}
+    else:
+        n = 0
+    inputs, lasts = padded_inputs(model, [r[n:] for r in rows] if n else rows)
     index = torch.arange(len(rows))
     pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[index, lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
     with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
-        logits = padded_logits(model, inputs, lasts, **with_cache(model, cache), use_cache=True)
-    targets = targets_of(rec, chosen)
-    return [{i: t.row(r) for i, t in targets.items()} for r in range(len(rows))], logits
+        logits = padded_logits(model, inputs, lasts, **kwargs)
+    return targets_of(rec, chosen), logits
 
 
 def capture_rows(model: nn.Module, chosen: list[Block], rows: list, batch_size: int) -> tuple[list, torch.Tensor]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 __all__ = [
     "LayerRecord", "Solution", "Rider", "ablation_riders", "rides", "SequentialRun", "solve", "solve_rows",
-    "solve_prompts", "moe_report"
+    "solve_prompts", "moe_report", "row_record"
 ]  # fmt: skip  # Rider, ablation_riders and rides are riders.py's, here beside solve
 
 from collections.abc import Iterator
@@ -73,6 +73,7 @@ class Solution:
     logits: torch.Tensor
     riders: torch.Tensor | None = None
     rider_z: dict[int, torch.Tensor] | None = None  # block → each rider's z at its last token, float64 (R, in)
+    by_block: dict[int, LayerRecord] | None = None  # block → every solved row's record at once, (B, d) fields
 
 
 @dataclass
@@ -387,6 +388,7 @@ def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
         logits=logits[:n],
         riders=logits[n:] if run.riders else None,
         rider_z={b.index: run.seen[(b.index, "z")][n:] for b in run.chosen} if run.riders else None,
+        by_block=records,
     )
 
 
