@@ -295,7 +295,7 @@ def capture_stacked(model: nn.Module, chosen: list[Block], rows: list) -> tuple[
     tokens = bool(rows) and not isinstance(rows[0], Vectors)
     n = shared_length(rows) if tokens and len(rows) > 1 else 0
     worth = n > 0 and n * (len(rows) - 1) >= SHARED_SAVED
-    cache, kwargs = None, {"use_cache": False}
+    kwargs = {"use_cache": False}
     if worth and cache_croppable(model, max(len(r) for r in rows)):
         cache = returned_cache(model(**model_inputs(model, [rows[0][:n]]), use_cache=True, logits_to_keep=1))
         cache.batch_repeat_interleave(len(rows))

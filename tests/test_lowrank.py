@@ -5,6 +5,7 @@ import torch
 
 from icl_probe.errors import MathError
 from icl_probe.lowrank import LowRank, alignment, frobenius_inner, kl_divergence, rank_one_map, rank_one_update
+from icl_probe.metrics import Scorer
 
 
 def random_case(out=7, inp=5, seed=0):
@@ -66,3 +67,35 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(50)
     assert kl_divergence(logits, logits) == 0.0
     assert kl_divergence(logits, logits.flip(0)) > 0.0
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_added_to_is_y_plus_delta_w_x_summed_in_float64_and_rounded_once(batched):
+    """`added_to` against a dense ΔW formed here: y + ΔW x in float64, rounded once to float32 (the fused product
+    may round its float64 sum by one float64 ulp differently, which moves the float32 result by at most one ulp)."""
+    gen = torch.Generator().manual_seed(3)
+    rows, out, inp, positions = (3 if batched else 1), 6, 4, 5
+    u = torch.randn(rows, out, 2, generator=gen, dtype=torch.float64)
+    v = torch.randn(rows, inp, 2, generator=gen, dtype=torch.float64)
+    delta = LowRank(u, v) if batched else LowRank(u[0], v[0])
+    x = torch.randn(rows, positions, inp, generator=gen)
+    y = torch.randn(rows, positions, out, generator=gen)
+    dense = u @ v.mT  # (rows, out, in)
+    expected = (y.double() + x.double() @ dense.mT).float()
+    before = y.clone()
+    got = delta.added_to(y, x)
+    assert got.dtype == torch.float32 and got.shape == y.shape
+    torch.testing.assert_close(got, expected, rtol=2**-23, atol=1e-30)
+    assert torch.equal(y, before)  # y itself is left as it was
+
+
+def test_scorer_gives_kl_divergence_and_top1_to_the_last_bit():
+    """metrics.Scorer computes the reference's log-probabilities once; every KL must still be kl_divergence's."""
+    gen = torch.Generator().manual_seed(4)
+    ctx = torch.randn(50, generator=gen)
+    others = [torch.randn(50, generator=gen), ctx.clone(), ctx + 1e-3 * torch.randn(50, generator=gen)]
+    ref = Scorer(ctx)
+    for q in others:
+        assert ref.kl(q) == kl_divergence(ctx, q)
+        assert ref.score(q) == {"kl": kl_divergence(ctx, q), "top1_match": bool(ctx.argmax() == q.argmax())}
+    assert ref.kl(ctx.clone()) == 0.0
