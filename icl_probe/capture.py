@@ -244,16 +244,18 @@ def heads_at(model: nn.Module, before_end: torch.Tensor) -> Iterator[None]:
         yield
 
 
-def capture_targets_rows(model: nn.Module, chosen: list[Block], rows: list) -> tuple[list, torch.Tensor]:
+def capture_targets_rows(
+    model: nn.Module, chosen: list[Block], rows: list, share: bool = False
+) -> tuple[list, torch.Tensor]:
     """capture_targets for several prompts (token ids or Vectors) in one right-padded pass: a {block: Target} per
-    row, logits (B, vocab).
+    row, logits (B, vocab). `share`: a token prefix every row shares runs once with a KV cache (`capture_stacked`).
 
     Mixture-of-experts blocks record their routing per prompt, so they run one prompt at a time.
     """
     if any(b.moe for b in chosen):
         runs = [capture_targets(model, chosen, r) for r in rows]
         return [t for t, _ in runs], torch.stack([lg for _, lg in runs])
-    targets, logits = capture_stacked(model, chosen, rows)
+    targets, logits = capture_stacked(model, chosen, rows, share)
     return split_rows(targets, len(rows)), logits
 
 
@@ -281,18 +283,18 @@ def capture_shared_rows(model: nn.Module, chosen: list[Block], rows: list) -> tu
     with a KV cache, and each row's rest a right-padded row after it: the same computation as each prompt whole,
     as causal attention makes it (`capture_prefixes`). Rows whose shared prefix spares them fewer than SHARED_SAVED
     tokens, rows of Vectors or of MoE blocks, and a model whose cache cannot be shared run as `capture_targets_rows`."""
-    if any(b.moe for b in chosen):
-        return capture_targets_rows(model, chosen, rows)
-    targets, logits = capture_stacked(model, chosen, rows)
-    return split_rows(targets, len(rows)), logits
+    return capture_targets_rows(model, chosen, rows, share=True)
 
 
-def capture_stacked(model: nn.Module, chosen: list[Block], rows: list) -> tuple[dict[int, Target], torch.Tensor]:
-    """`capture_shared_rows` with each block's Targets as one of len(rows) rows: {block: Target (B, d)}, logits
-    (B, vocab). No mixture-of-experts block: their routing is recorded per prompt (use `capture_shared_rows`)."""
+def capture_stacked(
+    model: nn.Module, chosen: list[Block], rows: list, share: bool = True
+) -> tuple[dict[int, Target], torch.Tensor]:
+    """`capture_shared_rows` (with `share`; else `capture_targets_rows`) with each block's Targets as one of len(rows)
+    rows: {block: Target (B, d)}, logits (B, vocab). No mixture-of-experts block: their routing is recorded per
+    prompt (use `capture_shared_rows`)."""
     if any(b.moe for b in chosen):
         raise UsageError("capture_stacked takes no mixture-of-experts block; use capture_shared_rows")
-    tokens = bool(rows) and not isinstance(rows[0], Vectors)
+    tokens = share and bool(rows) and not isinstance(rows[0], Vectors)
     n = shared_length(rows) if tokens and len(rows) > 1 else 0
     worth = n > 0 and n * (len(rows) - 1) >= SHARED_SAVED
     kwargs = {"use_cache": False}

@@ -88,11 +88,6 @@ def cross_entropy(logits: torch.Tensor, token_id: int) -> float:
     return float(-torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)[token_id])
 
 
-def score(ctx, logits: torch.Tensor) -> dict:
-    """{kl: KL(ctx ‖ logits), top1_match} for one static application (`ctx`: logits or their Scorer)."""
-    return scorer(ctx).score(logits)
-
-
 def pick_target(tokenizer, target: str | None, logits_ctx: torch.Tensor) -> dict:
     """{token, id}: the first token of `target`, or the with-context top-1 token."""
     if target is None:
