@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
-    "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "last", "last_logits",
+    "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "at_lasts", "last", "last_logits",
     "last_logits_rows", "padded_logits", "heads_at", "recording_targets", "targets_of", "capture_targets",
     "capture_targets_rows", "capture_shared_rows", "capture_stacked", "split_rows", "shared_length", "SHARED_SAVED",
     "capture_rows", "capture_prefixes", "accepts_positions", "rows_exact", "cache_croppable", "capture_positions",
@@ -305,8 +305,7 @@ def capture_stacked(
     else:
         n = 0
     inputs, lasts = padded_inputs(model, [r[n:] for r in rows] if n else rows)
-    index = torch.arange(len(rows))
-    pick = lambda x: x.reshape(len(rows), -1, x.shape[-1])[index, lasts].to(MATH_DTYPE, copy=True)  # noqa: E731
+    pick = lambda x: at_lasts(x.reshape(len(rows), -1, x.shape[-1]), lasts).to(MATH_DTYPE, copy=True)  # noqa: E731
     with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
         logits = padded_logits(model, inputs, lasts, **kwargs)
     return targets_of(rec, chosen), logits
@@ -323,6 +322,14 @@ def capture_rows(model: nn.Module, chosen: list[Block], rows: list, batch_size: 
         for j, r in enumerate(chunk):
             targets[r], logits[r] = found[j], out[j]
     return targets, torch.stack(logits)
+
+
+def at_lasts(x: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
+    """Row b's position lasts[b] of a (B, T, ...) tensor, (B, ...): one index_select of the rows' positions laid end
+    to end (a third of the time of x[arange(B), lasts] on a (128, 3, 1536) activation here)."""
+    rows, width = x.shape[:2]
+    flat = torch.arange(0, rows * width, width, device=x.device) + lasts.to(x.device)
+    return x.reshape(rows * width, *x.shape[2:]).index_select(0, flat)
 
 
 def last(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ inner products all come from the factors u (out, r) and v (in, r).
 from __future__ import annotations
 
 __all__ = [
-    "MATH_DTYPE", "LowRank", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
+    "MATH_DTYPE", "LowRank", "RankOne", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
     "check_norm", "frobenius_inner", "alignment", "add_rounded", "kl_divergence"
 ]  # fmt: skip
 
@@ -87,9 +87,10 @@ class LowRank:
         total.baddbmm_(xw @ (v if self.batched else v[None]), (u if self.batched else u[None]).mT)
         return total.to(y.dtype).reshape(y.shape)
 
-    def row(self, i: int) -> LowRank:
-        """Row i of a batched update, on the CPU (patches live there; hooks move them to each module's device)."""
-        return LowRank(self.u[i].cpu(), self.v[i].cpu().clone())
+    def rows(self) -> list[LowRank]:
+        """Every row of a batched update, on the CPU (patches live there; hooks move them to each module's device);
+        the rows' v are views of one copy of v, their u views of u."""
+        return [LowRank(u, v) for u, v in zip(self.u.cpu().unbind(0), self.v.cpu().clone().unbind(0))]
 
     @staticmethod
     def stacked(rows: list[LowRank | None], shape: tuple[int, int]) -> LowRank:
@@ -144,22 +145,44 @@ def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor,
     weight is (out, in) in any dtype. z_ctx and z0 are (in,), giving u (out, 1), v (in, 1); or rows (B, in),
     giving a batched update u (B, out, 1), v (B, in, 1) with a ΔW per row. The result is float64.
     """
-    z0 = z0.to(update_dtype())
-    dz = z_ctx.to(update_dtype()) - z0  # (..., in)
-    u = matvec(weight, dz.movedim(-1, 0)).movedim(0, -1)  # W (z_ctx − z0), (..., out)
-    return rank_one_map(u, z0, where)
+    return RankOne.of(z_ctx, z0, where).update(weight)
+
+
+@dataclass
+class RankOne:
+    """What every ΔW built from one z0 and z_ctx shares (a block's first linears read the same z): dz = z_ctx − z0,
+    v = z0 (..., in) and ‖z0‖² (..., 1), checked once. `update(W)` is `rank_one_update(W, z_ctx, z0)`."""
+
+    dz: torch.Tensor
+    v: torch.Tensor
+    v_sq: torch.Tensor
+
+    @staticmethod
+    def of(z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> RankOne:
+        z0 = z0.to(update_dtype())
+        return RankOne(z_ctx.to(update_dtype()) - z0, z0, squared_norms(z0, where))
+
+    def update(self, weight: torch.Tensor) -> LowRank:
+        u = matvec(weight, self.dz.movedim(-1, 0)).movedim(0, -1)  # W (z_ctx − z0), (..., out)
+        return LowRank((u / self.v_sq)[..., None], self.v[..., None].clone())
+
+
+def squared_norms(p: torch.Tensor, where: str) -> torch.Tensor:
+    """‖p‖² of each row of p (..., in), as (..., 1) in p's dtype, refused where a norm is below MIN_Z0_NORM or not
+    finite (one check for every row; then which)."""
+    p_sq = (p * p).sum(-1, keepdim=True)  # (..., 1)
+    norms = p_sq.sqrt().reshape(-1)
+    if not bool((norms >= MIN_Z0_NORM).logical_and_(norms.isfinite()).all()):
+        for norm in norms:
+            check_norm(norm, where)
+    return p_sq
 
 
 def rank_one_map(target: torch.Tensor, p: torch.Tensor, where: str) -> LowRank:
     """The rank-1 ΔW with ΔW p = target: u = target / ‖p‖², v = p, for target (..., out) and p (..., in), with the
     shapes and batching of `rank_one_update`."""
     p = p.to(update_dtype())
-    p_sq = (p * p).sum(-1, keepdim=True)  # (..., 1)
-    norms = p_sq.sqrt().reshape(-1)
-    if not (torch.isfinite(norms).all() and (norms >= MIN_Z0_NORM).all()):  # one check for every row; then which
-        for norm in norms:
-            check_norm(norm, where)
-    return LowRank((target.to(update_dtype()) / p_sq)[..., None], p[..., None].clone())
+    return LowRank((target.to(update_dtype()) / squared_norms(p, where))[..., None], p[..., None].clone())
 
 
 MATVEC_BLOCK = 1 << 22  # weight elements lifted to float32 at a time: a 16 MB copy at most, whatever W's size

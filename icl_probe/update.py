@@ -29,11 +29,20 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, forward, last, padded_inputs, padded_logits
+from .capture import Target, at_lasts, forward, last, padded_inputs, padded_logits
 from .errors import MathError, UsageError
 from .hooks import Recording, Tap, answered, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, add_rounded, check_norm, rank_one_map, rank_one_update, update_dtype
+from .lowrank import (
+    MATH_DTYPE,
+    LowRank,
+    RankOne,
+    add_rounded,
+    check_norm,
+    rank_one_map,
+    rank_one_update,
+    update_dtype,
+)
 from .mlp_inputs import MlpInputs, check_mlp_inputs, mlp_inputs_taps
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
@@ -83,7 +92,9 @@ class BlockCapture:
     The branches it records (attention, MLP with ΔW, an MoE block's routing) are in the run's `Recording`.
     """
 
+    z: torch.Tensor | None = None  # the first linears' input in the pass, (B, T, in), while the block runs
     z0: torch.Tensor | None = None  # the MLP input, read from the patched query-alone run
+    rank_one: RankOne | None = None  # what the first linears' ΔW share: dz, z0 and ‖z0‖²
     dtype: torch.dtype | None = None  # the MLP input's dtype, which the re-run without ΔW is given z0 in
     branch0: torch.Tensor | None = None  # the MLP branch without ΔW, at z0
     first0: dict[str, torch.Tensor] = field(default_factory=dict)  # first linear → W z0 as the pass computed it
@@ -99,8 +110,8 @@ class SequentialRun:
     At each block, in order (`build_hook`, or `map_hook` at each reader of an MoE block, then `block_hook`):
     1. read z0 at the first linears (the blocks below are already patched);
     2. build ΔW with ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (taps record the branches);
-    3. at the block output, re-run the MLP without ΔW at z0 (`rerun_mlp`);
-    4. add Δb = h_ctx − h at the last token, as a bias or a fold.
+    3. at the block output, add Δb = h_ctx − h at the last token, as a bias or a fold;
+    4. once the pass is done and its hooks are gone, re-run each block's MLP without ΔW at z0 (`rerun_mlp`).
 
         run = SequentialRun(chosen, targets, "bias", 1)
         with run.running():
@@ -123,7 +134,6 @@ class SequentialRun:
         self.params: dict[str, ParamLowRank] = {}  # MoE weight path → ΔW factors (B = 1)
         self.captures = {b.index: BlockCapture() for b in chosen}
         self.seen: Recording | None = None  # the taps' values, keyed (block index, "attn" | "branch" | ...)
-        self.suspended = False  # set while re-running the MLP without ΔW
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -132,9 +142,12 @@ class SequentialRun:
         maps = [(b.part(rel), self.map_hook(b, rel, paths)) for b in self.chosen if b.moe for rel, paths in b.readers]
         maps += [(b.z_reader, self.z_hook(b)) for b in self.chosen if b.moe and b.moe.readers]
         blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
-        with recording(self.taps(), active=self.live) as seen, hooked(build + blocks), pre_hooked(maps):
+        with recording(self.taps()) as seen, hooked(build + blocks), pre_hooked(maps):
             self.seen = seen
             yield
+        with torch.no_grad():  # step 4, every block's, with none of the run's hooks left to suspend
+            for b in self.chosen:
+                self.captures[b.index].branch0 = self.rerun_mlp(b)
 
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
@@ -153,9 +166,6 @@ class SequentialRun:
                 taps.append(routing_tap(b.part(b.moe.experts), (b.index, "route"), self.batch))
         return taps + mlp_inputs_taps(self.chosen, self.batch, self.lasts)  # an MLP's inputs besides z
 
-    def live(self) -> bool:
-        return not self.suspended
-
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's last real position of a (B, T, d) (or OPT's (B·T, d)) activation, as a float64 copy, (B, d)."""
         if self.lasts is None:
@@ -170,15 +180,14 @@ class SequentialRun:
         """Steps 1 and 2 at a first linear: read z0, build ΔW (a row per row), add ΔW x at every position."""
 
         def hook(module, args, output):
-            if self.suspended:
-                return None
             z, cap = args[0], self.captures[b.index]
-            cap.z0, cap.dtype = self.last(z)[: self.solved], z.dtype
             rows = output.reshape(self.batch, -1, output.shape[-1])
             cap.first0[path] = self.at_last(rows)[: self.solved, None].clone()  # (B, 1, out): for `rerun_mlp`
             with stage("ΔW build"):
-                weight = arch.weight_out_in(module, b.family)
-                delta = self.low_rank[path] = rank_one_update(weight, self.targets[b.index].z_ctx, cap.z0, path)
+                if cap.z is not z:  # the block's first linears read one z: z0, dz and ‖z0‖² are computed once
+                    cap.z, cap.z0, cap.dtype = z, self.last(z)[: self.solved], z.dtype
+                    cap.rank_one = RankOne.of(self.targets[b.index].z_ctx, cap.z0, path)
+                delta = self.low_rank[path] = cap.rank_one.update(arch.weight_out_in(module, b.family))
             with stage("ΔW x"):
                 return self.added(output, "delta_w", partial(self.with_delta_w, delta, z))
 
@@ -189,8 +198,6 @@ class SequentialRun:
         z0 and target z_ctx, applied as the map of its input x → x + a (z0ᵀ x) (batch 1)."""
 
         def hook(module, args, kwargs):
-            if self.suspended:
-                return None
             x = args[0] if args else kwargs["hidden_states"]
             maps = self.captures[b.index].input_maps
             if rel not in maps:  # its first call builds its updates
@@ -204,10 +211,9 @@ class SequentialRun:
         """Step 1 where the readers read different inputs: z0 is the state they are computed from (`z_reader`)."""
 
         def hook(module, args, kwargs):
-            if not self.suspended:
-                x = args[0] if args else kwargs["hidden_states"]
-                cap = self.captures[b.index]
-                cap.z0, cap.dtype = self.last(x), x.dtype
+            x = args[0] if args else kwargs["hidden_states"]
+            cap = self.captures[b.index]
+            cap.z0, cap.dtype = self.last(x), x.dtype
 
         return hook
 
@@ -229,15 +235,11 @@ class SequentialRun:
         return a, v
 
     def rerun_mlp(self, b: Block) -> torch.Tensor:
-        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64 (the run's hooks suspended). The
-        first linears return W z0 as the pass computed it (`answered`), so only the layers after them run again."""
-        cap = self.captures[b.index]
-        self.suspended = True
-        try:
-            with stage("branch0 MLP re-run"), answered((b.first[path], out) for path, out in cap.first0.items()):
-                y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.solved_inputs(b))  # (B, 1, in)
-        finally:
-            self.suspended = False
+        """Step 4: the MLP branch without ΔW at z0, every row's (B, d) in float64, run after the pass. The first
+        linears return W z0 as the pass computed it (`answered`), so only the layers after them run again."""
+        cap, first = self.captures[b.index], b.first
+        with stage("branch0 MLP re-run"), answered((first[path], out) for path, out in cap.first0.items()):
+            y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.solved_inputs(b))  # (B, 1, in)
         return last(hidden(y), self.solved)
 
     def solved_inputs(self, b: Block) -> MlpInputs | None:
@@ -281,13 +283,12 @@ class SequentialRun:
         return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
-        """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at
-        the last token, as a bias or a fold."""
+        """Step 3 at the block output: add Δb = what remains of h_ctx − h at the last token, as a bias or a fold."""
 
         def hook(module, args, output):
             cap, target = self.captures[b.index], self.targets[b.index]
+            cap.z = None  # the pass's activation, no longer needed
             check_mlp_inputs(b, target.mlp_inputs, self.solved_inputs(b))
-            cap.branch0 = self.rerun_mlp(b)
             h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()
             delta_b = target.out.to(work) - self.last(h)[: self.solved].to(work)  # (B, hidden)
@@ -324,12 +325,16 @@ class SequentialRun:
 
     def patch(self, i: int) -> Patch:
         """Row i's updates as a Patch."""
-        return Patch(
-            low_rank={path: rows.row(i) for path, rows in self.low_rank.items()},
-            residual={path: d[i].cpu() for path, d in self.residual_rows.items()},
-            dense={path: d[i].cpu() for path, d in self.dense_rows.items()},
-            params=dict(self.params),
-        )
+        return self.patches()[i]
+
+    def patches(self) -> list[Patch]:
+        """Every row's updates, a Patch per row (each update taken apart into rows once)."""
+        low_rank = {path: rows.rows() for path, rows in self.low_rank.items()}
+        residual = {path: d.cpu().unbind(0) for path, d in self.residual_rows.items()}
+        dense = {path: d.cpu().unbind(0) for path, d in self.dense_rows.items()}
+        at = lambda rows, i: {path: r[i] for path, r in rows.items()}  # noqa: E731
+        return [Patch(low_rank=at(low_rank, i), residual=at(residual, i), dense=at(dense, i), params=dict(self.params))
+                for i in range(self.solved)]  # fmt: skip
 
     def record(self, b: Block) -> LayerRecord:
         """What the run saw at block b, for every row."""
@@ -339,11 +344,6 @@ class SequentialRun:
             cap.block_error,
             fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
         )  # fmt: skip
-
-
-def at_lasts(x: torch.Tensor, lasts: torch.Tensor) -> torch.Tensor:
-    """Row b's position lasts[b] of a (B, T, d) tensor, (B, d)."""
-    return x[torch.arange(x.shape[0], device=x.device), lasts.to(x.device)]
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
@@ -382,9 +382,10 @@ def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
     """The Solution of a finished run whose pass gave `logits` (rows, vocab): the solved rows', then the riders'."""
     n = run.solved
     records = {b.index: run.record(b) for b in run.chosen}
+    rows = {k: row_records(r) for k, r in records.items()}
     return Solution(
-        patches=[run.patch(i) for i in range(n)],
-        records=[{k: row_record(r, i) for k, r in records.items()} for i in range(n)],
+        patches=run.patches(),
+        records=[{k: r[i] for k, r in rows.items()} for i in range(n)],
         logits=logits[:n],
         riders=logits[n:] if run.riders else None,
         rider_z={b.index: run.seen[(b.index, "z")][n:] for b in run.chosen} if run.riders else None,
@@ -409,7 +410,8 @@ def solve_rows(
                 for i, q in enumerate(queries)]  # fmt: skip
         return Solution([r.patches[0] for r in runs], [r.records[0] for r in runs], torch.cat([r.logits for r in runs]))
     inputs, lasts = padded_inputs(model, [*queries, *(queries[r.owner] for r in riders)])
-    run = SequentialRun(chosen, targets, residual, len(queries), lasts, riders)
+    uniform = int(lasts.min()) == int(lasts.max())  # rows of one length (a row and its riders): read the last position
+    run = SequentialRun(chosen, targets, residual, len(queries), None if uniform else lasts, riders)
     with run.running(), apart(model, run):
         logits = padded_logits(model, inputs, lasts, use_cache=False)
     return solution_of(run, logits)
@@ -432,10 +434,16 @@ def solve_prompts(model: nn.Module, chosen: list[Block], targets: list[dict[int,
 
 def row_record(r: LayerRecord, i: int) -> LayerRecord:
     """Row i of a batched record, keeping the (1, d) shapes."""
+    return row_records(r)[i]
+
+
+def row_records(r: LayerRecord) -> list[LayerRecord]:
+    """Every row of a batched record, keeping the (1, d) shapes (each field split into rows once)."""
     fold = r.fold_min_abs_normalised
-    pick = [x[i : i + 1] for x in (r.z0, r.attn, r.branch, r.branch0, r.delta_b, r.block_error)]
-    return LayerRecord(*pick, fold_min_abs_normalised=None if fold is None else fold[i : i + 1],
-                       route_patched=r.route_patched, route_no_context=r.route_no_context)  # fmt: skip
+    fields = zip(*(x.split(1) for x in (r.z0, r.attn, r.branch, r.branch0, r.delta_b, r.block_error)))
+    folds = fold.split(1) if fold is not None else [None] * len(r.z0)
+    return [LayerRecord(*f, fold_min_abs_normalised=g, route_patched=r.route_patched,
+                        route_no_context=r.route_no_context) for f, g in zip(fields, folds)]  # fmt: skip
 
 
 def solve_moe(
