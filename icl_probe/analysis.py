@@ -45,7 +45,7 @@ from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
 from .hooks import Tap, current_weight, recording
 from .inputs import DEMO_CONTEXT, DEMO_QUERY, Prompt, tokenize
-from .lowrank import LowRank, kl_divergence, naive_precision
+from .lowrank import LowRank, all_finite, kl_divergence, naive_precision
 from .metrics import (
     Scorer,
     ablation,
@@ -410,14 +410,14 @@ def check_residual(chosen: list[Block], residual: str) -> None:
 def check_finite(model: nn.Module, prompt: Prompt, targets: dict, logits_ctx, logits_0=None) -> None:
     """Refuse non-finite activations (e.g. a float16 overflow) in the unpatched runs, naming where they appear."""
     captured = [logits_ctx, *(x for t in targets.values() for x in vars(t).values() if isinstance(x, torch.Tensor))]
-    if not all(torch.isfinite(x).all() for x in captured):
+    if not all(all_finite(x) for x in captured):
         raise non_finite(model, prompt.full, "the full prompt", lambda: last_logits(model, prompt.full))
     if logits_0 is not None:
         check_finite_query(model, prompt, logits_0)
 
 
 def check_finite_query(model: nn.Module, prompt: Prompt, logits_0: torch.Tensor) -> None:
-    if not torch.isfinite(logits_0).all():
+    if not all_finite(logits_0):
         raise non_finite(model, prompt.query_only, "the query alone", lambda: last_logits(model, prompt.query_only))
 
 
@@ -425,7 +425,7 @@ def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: 
                   riders: list[Rider] = ()) -> Solution:  # fmt: skip
     """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
     solution = solve(model, chosen, targets, prompt.query_only, residual, riders=riders)
-    if not torch.isfinite(solution.logits).all():
+    if not all_finite(solution.logits):
         check_finite_query(model, prompt, last_logits(model, prompt.query_only))  # broken before any update?
         run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731
         raise non_finite(model, prompt.query_only, "the query alone with the update applied", run)
@@ -584,7 +584,7 @@ def last_targets(targets: dict[int, PositionTargets]) -> dict:
 
 
 def check_finite_positions(model: nn.Module, prompt: Prompt, solution: PositionsSolution) -> None:
-    if not torch.isfinite(solution.logits).all():
+    if not all_finite(solution.logits):
         run = lambda: last_logits(model, prompt.query_only)  # noqa: E731
         with applied(model, solution.patch):
             raise non_finite(model, prompt.query_only, "the query alone with the update applied", run)

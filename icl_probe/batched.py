@@ -46,6 +46,7 @@ from .capture import (
 from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
+from .lowrank import all_finite
 from .metrics import Scorer, ablation_rows, ablation_scores, static_logits_each
 from .patching import Patch, applied
 from .timing import stage
@@ -164,7 +165,7 @@ def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, 
 
 
 def finite(*tensors: torch.Tensor) -> None:
-    if not all(torch.isfinite(x).all() for x in tensors):
+    if not all(all_finite(x) for x in tensors):
         raise MathError("non-finite activations (inf or NaN) in a batch of prompts; run them one at a time")
 
 

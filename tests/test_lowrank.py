@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from icl_probe.errors import MathError
-from icl_probe.lowrank import LowRank, alignment, frobenius_inner, kl_divergence, rank_one_map, rank_one_update
+from icl_probe.lowrank import (
+    LowRank,
+    alignment,
+    all_finite,
+    frobenius_inner,
+    kl_divergence,
+    rank_one_map,
+    rank_one_update,
+)
 from icl_probe.metrics import Scorer
 
 
@@ -99,3 +107,18 @@ def test_scorer_gives_kl_divergence_and_top1_to_the_last_bit():
         assert ref.kl(q) == kl_divergence(ctx, q)
         assert ref.score(q) == {"kl": kl_divergence(ctx, q), "top1_match": bool(ctx.argmax() == q.argmax())}
     assert ref.kl(ctx.clone()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_isfinite_everywhere(dtype):
+    """all_finite reads a tensor's extremes only; isfinite looks at every value. A NaN, +inf or -inf at any place,
+    alone or together, and huge finite values must give the same answer."""
+    gen = torch.Generator().manual_seed(5)
+    assert all_finite(torch.empty(0, 3, dtype=dtype))
+    for trial in range(60):
+        x = (torch.randn(4, 9, generator=gen) * 10.0 ** int(torch.randint(0, 4, (1,), generator=gen))).to(dtype)
+        if trial % 6 == 5:
+            x[0, 0] = torch.finfo(dtype).max  # finite, however large
+        for bad in [float("nan"), float("inf"), float("-inf")][: trial % 4]:
+            x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=gen))] = bad
+        assert all_finite(x) == bool(torch.isfinite(x).all()), (trial, x)
