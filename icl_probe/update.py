@@ -93,6 +93,7 @@ class BlockCapture:
     """
 
     z: torch.Tensor | None = None  # the first linears' input in the pass, (B, T, in), while the block runs
+    z_rows: torch.Tensor | None = None  # z at every row of the pass (the solved rows', then the riders')
     z0: torch.Tensor | None = None  # the MLP input, read from the patched query-alone run
     rank_one: RankOne | None = None  # what the first linears' ΔW share: dz, z0 and ‖z0‖²
     dtype: torch.dtype | None = None  # the MLP input's dtype, which the re-run without ΔW is given z0 in
@@ -151,15 +152,12 @@ class SequentialRun:
 
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
-        (summed over MLPs side by side), the fold target's input at every position, an MoE block's routing and,
-        with riders, z at every row."""
+        (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
         rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
         taps = []
         for b in self.chosen:
             taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
             taps += [Tap(m, (b.index, "branch"), read=self.last) for m in b.mlp_branches]
-            if self.riders:
-                taps.append(Tap(b.z_reader, (b.index, "z"), "input", read=self.last))
             if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
                 taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
@@ -185,7 +183,8 @@ class SequentialRun:
             cap.first0[path] = self.at_last(rows)[: self.solved, None].clone()  # (B, 1, out): for `rerun_mlp`
             with stage("ΔW build"):
                 if cap.z is not z:  # the block's first linears read one z: z0, dz and ‖z0‖² are computed once
-                    cap.z, cap.z0, cap.dtype = z, self.last(z)[: self.solved], z.dtype
+                    cap.z, cap.z_rows, cap.dtype = z, self.last(z), z.dtype
+                    cap.z0 = cap.z_rows[: self.solved]
                     cap.rank_one = RankOne.of(self.targets[b.index].z_ctx, cap.z0, path)
                 delta = self.low_rank[path] = cap.rank_one.update(arch.weight_out_in(module, b.family))
             with stage("ΔW x"):
@@ -388,7 +387,7 @@ def solution_of(run: SequentialRun, logits: torch.Tensor) -> Solution:
         records=[{k: r[i] for k, r in rows.items()} for i in range(n)],
         logits=logits[:n],
         riders=logits[n:] if run.riders else None,
-        rider_z={b.index: run.seen[(b.index, "z")][n:] for b in run.chosen} if run.riders else None,
+        rider_z={b.index: run.captures[b.index].z_rows[n:] for b in run.chosen} if run.riders else None,
         by_block=records,
     )
 
