@@ -40,6 +40,7 @@ from .capture import (
     rows_exact,
     select_blocks,
 )
+from .collector import frozen_objects
 from .errors import InputError, MathError, ModelError, UsageError
 from .floors import precision_limit
 from .generation import Generation, Start, cached_step, continuation, leading_agreement, recompute_generation
@@ -179,6 +180,7 @@ def plain(x):
     return copy.deepcopy(x)
 
 
+@frozen_objects()
 def analyze(
     model: nn.Module,
     tokenizer,

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .analysis import analyze
 from .batched import analyze_rows
+from .collector import frozen_objects
 from .errors import IclProbeError, InputError, UsageError
 from .export import export_patch
 from .fileio import atomic_write, check_writable
@@ -283,6 +284,7 @@ def safe_name(value: str | int) -> str:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
+@frozen_objects()
 def run_batch(
     model,
     tokenizer,

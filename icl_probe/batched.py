@@ -43,6 +43,7 @@ from .capture import (
     select_blocks,
     shared_length,
 )
+from .collector import frozen_objects
 from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
@@ -53,6 +54,7 @@ from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
 
 
+@frozen_objects()
 def analyze_rows(
     model: nn.Module,
     tokenizer,
