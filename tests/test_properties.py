@@ -150,12 +150,12 @@ def test_batched_update_is_the_theorems_update_of_each_row(data, rows, out, inp,
     assert delta.u.shape == (rows, out, 1) and delta.v.shape == (rows, inp, 1)
     work_u = U64 if weight_dtype == torch.float64 else U32
     c = (inp + 2) * work_u + 4 * (inp + 2) * U64  # as in test_update_maps_z0_to_w_dz_or_refuses
-    for b in range(rows):
+    for b, row in enumerate(delta.rows()):
         dz = z_ctx[b] - z0[b]
         # Dherin et al., Theorem 2.2, formed densely for this row alone
         want = torch.outer(w.double() @ dz, z0[b]) / z0[b].dot(z0[b])
         bound = c * torch.outer(w.double().abs() @ dz.abs(), z0[b].abs()) / z0[b].dot(z0[b])
-        assert ((dense(delta.row(b)) - want).abs() <= bound).all()
+        assert ((dense(row) - want).abs() <= bound).all()
 
 
 @settings(max_examples=80, deadline=None)
