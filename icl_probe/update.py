@@ -261,12 +261,13 @@ class SequentialRun:
         each with its owner's ΔW."""
         if rows is None:
             return delta.added_to(y, z)
-        return LowRank(delta.u[owners], delta.v[owners]).added_to(y, z.reshape(self.batch, -1, z.shape[-1])[rows])
+        rows_z = z.reshape(self.batch, -1, z.shape[-1]).index_select(0, rows)
+        return LowRank(delta.u.index_select(0, owners), delta.v.index_select(0, owners)).added_to(y, rows_z)
 
     @staticmethod
     def with_delta_b(delta_b: torch.Tensor, y: torch.Tensor, rows, owners) -> torch.Tensor:
         """y + Δb at every position, rounded once, on every row (owners None) or each row with its owner's Δb."""
-        return add_rounded(y, (delta_b if owners is None else delta_b[owners])[:, None])
+        return add_rounded(y, (delta_b if owners is None else delta_b.index_select(0, owners))[:, None])
 
     def added(self, y: torch.Tensor, flag: str, add) -> torch.Tensor:
         """y, a (B, T, d) or (B·T, d) activation of the pass, plus a part of the update, summed in float64 and
@@ -277,8 +278,8 @@ class SequentialRun:
             return add(y, None, None)
         rows, owners = (t.to(y.device) for t in self.carriers(flag))
         shaped = y.reshape(self.batch, -1, y.shape[-1])
-        new = shaped.clone()
-        new[rows] = add(shaped[rows], rows, owners)
+        new = shaped.clone()  # index_select and index_copy_: a fifth faster than indexing with `rows` here
+        new.index_copy_(0, rows, add(shaped.index_select(0, rows), rows, owners))
         return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
