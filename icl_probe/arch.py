@@ -473,7 +473,7 @@ class Block:
         return {"linear": self.family.down, "norm-scale": self.family.post_mlp_norm}.get(self.family.fold)
 
     def run_mlp(self, z: torch.Tensor, inputs=None) -> torch.Tensor:
-        """The MLP branch for input z, as `mlp_branch` outputs it (callers suspend their own hooks); `inputs`, an
+        """The MLP branch for input z, as `mlp_branch` outputs it (run where no hook of the caller fires); `inputs`, an
         `mlp_inputs.MlpInputs`, are the MLP's other arguments (token ids, a state), cut to z's positions."""
         f = self.family
         other = ((), {}) if inputs is None else (inputs.args, inputs.kwargs)
