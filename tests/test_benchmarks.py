@@ -83,6 +83,9 @@ def test_bench_batch_quick(tmp_path):
         for r in rows
     )
     assert all(r["floor_speedup"] > 0 for r in rows)
+    for r in rows:  # with one repeat, the paired ratio is that repeat's batch over its passes: the medians' ratio
+        low, high = r["over_limit_paired_range"]
+        assert low == high == pytest.approx(r["over_limit_paired"]) == pytest.approx(r["over_limit"])
 
 
 def test_bench_study_quick(tmp_path):
