@@ -221,7 +221,7 @@ def padded_logits(model: nn.Module, inputs: dict, lasts: torch.Tensor, **kwargs)
     before_end = width - lasts  # (B,): counted from the end, whether the model kept width - first positions or all
     with heads_at(model, before_end):
         logits = model(**inputs, logits_to_keep=width - first, **kwargs).logits
-    return logits[:, 0] if logits.shape[1] == 1 else logits[torch.arange(len(lasts)), logits.shape[1] - before_end]
+    return logits[:, 0] if logits.shape[1] == 1 else at_lasts(logits, logits.shape[1] - before_end)
 
 
 @contextmanager
@@ -237,7 +237,7 @@ def heads_at(model: nn.Module, before_end: torch.Tensor) -> Iterator[None]:
         x = args[0] if args else kwargs["input"]
         if x.ndim != 3 or x.shape[1] == 1:
             return None
-        picked = x[torch.arange(x.shape[0], device=x.device), x.shape[1] - before_end.to(x.device)][:, None]
+        picked = at_lasts(x, x.shape[1] - before_end)[:, None]
         return ((picked, *args[1:]), kwargs) if args else (args, {**kwargs, "input": picked})
 
     with pre_hooked([(head, gather)] if head is not None else [], prepend=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "MATH_DTYPE", "LowRank", "RankOne", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
-    "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence"
+    "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence", "log_probs", "kl_of"
 ]  # fmt: skip
 
 from collections.abc import Iterator
@@ -253,6 +253,15 @@ def add_rounded(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> float:
     """KL(P ‖ Q) in nats between the softmax distributions of two logit vectors, in float64."""
-    log_p = torch.log_softmax(logits_p.to(MATH_DTYPE), dim=-1)
-    log_q = torch.log_softmax(logits_q.to(MATH_DTYPE), dim=-1)
-    return max(0.0, float((log_p.exp() * (log_p - log_q)).sum()))  # clamp roundoff below 0
+    log_p = log_probs(logits_p)
+    return kl_of(log_p.exp(), log_p, log_probs(logits_q))
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities of logits over the last axis, in float64."""
+    return torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)
+
+
+def kl_of(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """KL(P ‖ Q) from P's probabilities and both log-probabilities (`log_probs`), clamped at 0 (roundoff)."""
+    return max(0.0, float((p * (log_p - log_q)).sum()))

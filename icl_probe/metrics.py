@@ -23,7 +23,7 @@ from .arch import Block
 from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, matvec
+from .lowrank import MATH_DTYPE, LowRank, kl_of, log_probs, matvec
 from .patching import Patch, applied, applied_rows
 
 
@@ -46,19 +46,18 @@ def compare_logits(tokenizer, ctx, no_ctx: torch.Tensor, patched: torch.Tensor, 
 
 class Scorer:
     """Scores against one next-token distribution (the with-context logits): its float64 log-probabilities,
-    probabilities and top-1 are computed once, however many logits are scored against it. Every KL is the
-    arithmetic of `lowrank.kl_divergence`, so the figures are the same to the last bit."""
+    probabilities and top-1 are computed once, however many logits are scored against it. Every KL is
+    `lowrank.kl_divergence`'s arithmetic (`log_probs`, `kl_of`), so the figures are the same to the last bit."""
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
-        self.log_p = torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)
+        self.log_p = log_probs(logits)
         self.p = self.log_p.exp()
         self.top1 = logits.argmax()
 
     def kl(self, logits: torch.Tensor) -> float:
         """KL(reference ‖ logits) in nats, float64."""
-        log_q = torch.log_softmax(logits.to(MATH_DTYPE), dim=-1)
-        return max(0.0, float((self.p * (self.log_p - log_q)).sum()))  # clamp roundoff below 0
+        return kl_of(self.p, self.log_p, log_probs(logits))
 
     def score(self, logits: torch.Tensor) -> dict:
         """{kl: KL(reference ‖ logits), top1_match} for one static application."""

@@ -38,9 +38,7 @@ from .lowrank import (
     LowRank,
     RankOne,
     add_rounded,
-    check_norm,
     rank_one_map,
-    rank_one_update,
     update_dtype,
 )
 from .mlp_inputs import MlpInputs, check_mlp_inputs, mlp_inputs_taps
@@ -223,11 +221,11 @@ class SequentialRun:
         if b.part(rel) is b.z_reader:
             cap.z0, cap.dtype = z0, x.dtype
         z_ctx = target.inputs[rel] if target.inputs else target.z_ctx
-        check_norm(z0[0].norm(), b.full(rel))
+        shared = RankOne.of(z_ctx, z0, b.full(rel))  # refuses a vanishing z0 before any division by ‖z0‖²
         a, v = map_factors(z_ctx[0], z0[0])
         for path in (b.full(p) for p in paths):
             if path in b.first:
-                self.low_rank[path] = rank_one_update(arch.weight_out_in(b.first[path], b.family), z_ctx, z0, path)
+                self.low_rank[path] = shared.update(arch.weight_out_in(b.first[path], b.family))
             else:
                 weight = b.module.get_parameter(path.removeprefix(b.path + "."))
                 self.params[path] = param_update(weight, path in b.transposed, a, v)
