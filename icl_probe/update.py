@@ -151,11 +151,14 @@ class SequentialRun:
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
         (summed over MLPs side by side), the fold target's input at every position and an MoE block's routing."""
-        rows = lambda x: x.reshape(self.batch, -1, x.shape[-1])  # noqa: E731
+        # The readers hold what they need, not the run: the run holds its Recording, and a reader bound to the run
+        # would make a cycle that keeps the pass's tensors alive until Python's next full collection.
+        batch, read = self.batch, partial(last_rows, self.batch, self.lasts)
+        rows = lambda x: x.reshape(batch, -1, x.shape[-1])  # noqa: E731
         taps = []
         for b in self.chosen:
-            taps += [Tap(m, (b.index, "attn"), scale=scale, read=self.last) for m, scale in b.mixer_branches]
-            taps += [Tap(m, (b.index, "branch"), read=self.last) for m in b.mlp_branches]
+            taps += [Tap(m, (b.index, "attn"), scale=scale, read=read) for m, scale in b.mixer_branches]
+            taps += [Tap(m, (b.index, "branch"), read=read) for m in b.mlp_branches]
             if self.residual == "fold":  # (B, T, in), as the module reads it (not a copy)
                 taps.append(Tap(b.part(b.fold_target), (b.index, "p"), "input", read=rows))
             if b.moe:
@@ -164,9 +167,7 @@ class SequentialRun:
 
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's last real position of a (B, T, d) (or OPT's (B·T, d)) activation, as a float64 copy, (B, d)."""
-        if self.lasts is None:
-            return last(x, self.batch)
-        return at_lasts(x.reshape(self.batch, -1, x.shape[-1]), self.lasts).to(MATH_DTYPE, copy=True)
+        return last_rows(self.batch, self.lasts, x)
 
     def at_last(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's last real position of a (B, T, d) tensor, (B, d), in its dtype."""
@@ -342,6 +343,14 @@ class SequentialRun:
             cap.block_error,
             fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
         )  # fmt: skip
+
+
+def last_rows(batch: int, lasts: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Each of `batch` rows' last real position (lasts; None: the last position) of a (B, T, d) (or OPT's (B·T, d))
+    activation, as a float64 copy, (B, d)."""
+    if lasts is None:
+        return last(x, batch)
+    return at_lasts(x.reshape(batch, -1, x.shape[-1]), lasts).to(MATH_DTYPE, copy=True)
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
