@@ -58,6 +58,9 @@ def test_bench_analyze_quick(tmp_path):
             assert 0 < parts[name] <= parts["total"], name
         m = doc["memory"][size]
         assert m["ratio"] == pytest.approx(m["analyze"]["peak_mb"] / m["plain"]["peak_mb"])
+    paired = doc["overhead"]["long"]["paired_lean"]  # the rounds' ratios: a median inside their range
+    assert paired["rounds"] == 3 and paired["range"][0] <= paired["median"] <= paired["range"][1]
+    assert 0 <= paired["within_target"] <= paired["rounds"]
     load, export, sweep = doc["load"], doc["export"], doc["sweep"]
     assert load["cold_load_s"] is None  # the conversion takes ~20 s: full mode only
     assert load["warm_vs_transformers"] == pytest.approx(load["warm_load_s"] / load["transformers_load_s"])
