@@ -16,7 +16,8 @@ barely cheaper per prompt than one prompt's, and no Python work removed can gain
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
-tests/test_batched.py). --quick: 4 demo prompts, 2 long ones and 2 distinct long ones, B = 1 and 2.
+tests/test_batched.py). Each size also reports the process's resident set after each of its runs: a run
+that leaves nothing behind keeps it flat. --quick: 4 demo prompts, 2 long ones and 2 distinct long ones, B = 1 and 2.
 
     python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--sizes 1,8,32] [--quick] [--json PATH]
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -122,6 +124,19 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
     return time.perf_counter() - start
 
 
+def rss_mb() -> float | None:
+    """The process's resident set size in MB (Linux), or None where /proc is missing. A run that left its tensors
+    to Python's cyclic collector grew by them at every repeat (about 140 MB per 32 demo prompts, once)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def resident_text(values: list) -> str:
+    return "n/a" if None in values else f"{values[0]:.0f} → {values[-1]:.0f} MB"
+
+
 def tick(clock: Clock, arm: str, start: float) -> None:
     """An arm's progress line with an ETA, on stderr (a full run takes minutes)."""
     print(clock.tick(arm, time.perf_counter() - start, False), file=sys.stderr, flush=True)
@@ -137,12 +152,14 @@ def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int)
     """Each size's seconds (run_batch, and its passes alone), the arms interleaved in each repeat; medians."""
     timed_batch(model, tok, prompts[: max(sizes)], max(sizes))  # warm-up: allocator, kernels
     runs: dict[int, list] = {size: [] for size in sizes}
+    resident: dict[int, list] = {size: [] for size in sizes}  # the process's resident set after each batch run
     lines: dict[int, list] = {}
     clock = Clock(repeat * len(sizes), 0)
     for r in range(repeat):
         for size in sizes if r % 2 == 0 else sizes[::-1]:
             start = time.perf_counter()
             s, lines[size] = timed_batch(model, tok, prompts, size)
+            resident[size].append(rss_mb())
             runs[size].append((s, timed_passes(model, tok, prompts, size)))
             tick(clock, f"{name} B = {size}, repeat {r + 1}", start)
     one = statistics.median(s for s, _ in runs[1])
@@ -157,11 +174,12 @@ def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int)
                      "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s, "limit_s": limit,
                      "over_limit": s / limit, "over_limit_paired": statistics.median(paired),
                      "over_limit_paired_range": [min(paired), max(paired)], "floor_speedup": one_limit / limit,
-                     **check})  # fmt: skip
+                     "rss_mb": resident[size], **check})  # fmt: skip
         print(f"{name:13s} n={len(prompts):3d} B={size:3d}: {len(prompts) / s:6.2f} prompts/s, "
               f"×{one / s:4.2f} vs B=1 (passes alone: ×{one_limit / limit:4.2f}), {s / limit:4.2f}× its passes "
               f"(paired {statistics.median(paired):4.2f}×, {min(paired):4.2f}–{max(paired):4.2f}), "
-              f"Δp ≤ {check['max_prob_diff']:.0e}", flush=True)  # fmt: skip
+              f"Δp ≤ {check['max_prob_diff']:.0e}; resident after each run {resident_text(resident[size])}",
+              flush=True)  # fmt: skip
     return rows
 
 
