@@ -16,8 +16,9 @@ barely cheaper per prompt than one prompt's, and no Python work removed can gain
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
-tests/test_batched.py). Each size also reports the process's resident set after each of its runs: a run
-that leaves nothing behind keeps it flat. --quick: 4 demo prompts, 2 long ones and 2 distinct long ones, B = 1 and 2.
+tests/test_batched.py). Each size also reports the process's resident set after each of its runs, which
+stays flat when a run leaves nothing behind. --quick: 4 demo prompts, 2 long ones and 2 distinct long ones,
+B = 1 and 2.
 
     python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--sizes 1,8,32] [--quick] [--json PATH]
 """
@@ -125,8 +126,8 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
 
 
 def rss_mb() -> float | None:
-    """The process's resident set size in MB (Linux), or None where /proc is missing. A run that left its tensors
-    to Python's cyclic collector grew by them at every repeat (about 140 MB per 32 demo prompts, once)."""
+    """The process's resident set size in MB (Linux), or None where /proc is missing. While the sequential run left
+    its tensors to Python's cyclic collector, it grew at every run (about 140 MB per 32 demo prompts)."""
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except (OSError, ValueError, IndexError):
