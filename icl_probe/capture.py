@@ -10,11 +10,11 @@ from __future__ import annotations
 
 __all__ = [
     "Target", "PositionTargets", "model_name", "select_blocks", "check_length", "input_device", "model_inputs",
-    "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "at_lasts", "last", "last_logits",
-    "last_logits_rows", "padded_logits", "heads_at", "recording_targets", "targets_of", "capture_targets",
-    "capture_targets_rows", "capture_shared_rows", "capture_stacked", "split_rows", "shared_length", "SHARED_SAVED",
-    "capture_rows", "capture_prefixes", "accepts_positions", "rows_exact", "cache_croppable", "capture_positions",
-    "position_logits", "greedy"
+    "forward", "with_cache", "returned_cache", "right_padded", "padded_inputs", "at_lasts", "last", "last_rows",
+    "last_logits", "last_logits_rows", "padded_logits", "heads_at", "recording_targets", "targets_of",
+    "capture_targets", "capture_targets_rows", "capture_shared_rows", "capture_stacked", "split_rows", "shared_length",
+    "SHARED_SAVED", "capture_rows", "capture_prefixes", "accepts_positions", "rows_exact", "cache_croppable",
+    "capture_positions", "position_logits", "greedy"
 ]  # fmt: skip
 
 import copy
@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -305,8 +306,7 @@ def capture_stacked(
     else:
         n = 0
     inputs, lasts = padded_inputs(model, [r[n:] for r in rows] if n else rows)
-    pick = lambda x: at_lasts(x.reshape(len(rows), -1, x.shape[-1]), lasts).to(MATH_DTYPE, copy=True)  # noqa: E731
-    with recording([t for b in chosen for t in block_taps(b)], read=pick) as rec:
+    with recording([t for b in chosen for t in block_taps(b)], read=partial(last_rows, len(rows), lasts)) as rec:
         logits = padded_logits(model, inputs, lasts, **kwargs)
     return targets_of(rec, chosen), logits
 
@@ -338,6 +338,14 @@ def last(x: torch.Tensor, batch: int) -> torch.Tensor:
     A copy, because some blocks (Falcon) add to their MLP output in place after our hook has read it.
     """
     return x.reshape(batch, -1, x.shape[-1])[:, -1].to(MATH_DTYPE, copy=True)
+
+
+def last_rows(batch: int, lasts: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`last` of a right-padded batch: each of `batch` rows' last real position (lasts; None: the last position) of
+    a (B, T, d) (or OPT's (B·T, d)) activation, as a float64 copy, (B, d)."""
+    if lasts is None:
+        return last(x, batch)
+    return at_lasts(x.reshape(batch, -1, x.shape[-1]), lasts).to(MATH_DTYPE, copy=True)
 
 
 def capture_targets(model: nn.Module, chosen: list[Block], ids: Ids) -> tuple[dict[int, Target], torch.Tensor]:

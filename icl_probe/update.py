@@ -29,12 +29,11 @@ from torch import nn
 
 from . import arch
 from .arch import Block
-from .capture import Target, at_lasts, forward, last, padded_inputs, padded_logits
+from .capture import Target, at_lasts, forward, last, last_rows, padded_inputs, padded_logits
 from .errors import MathError, UsageError
 from .hooks import Recording, Tap, answered, hidden, hooked, pre_hooked, recording, with_hidden
 from .inputs import Ids
 from .lowrank import (
-    MATH_DTYPE,
     LowRank,
     RankOne,
     add_rounded,
@@ -343,14 +342,6 @@ class SequentialRun:
             cap.block_error,
             fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
         )  # fmt: skip
-
-
-def last_rows(batch: int, lasts: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Each of `batch` rows' last real position (lasts; None: the last position) of a (B, T, d) (or OPT's (B·T, d))
-    activation, as a float64 copy, (B, d)."""
-    if lasts is None:
-        return last(x, batch)
-    return at_lasts(x.reshape(batch, -1, x.shape[-1]), lasts).to(MATH_DTYPE, copy=True)
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
