@@ -55,6 +55,7 @@ from icl_probe import models
 from icl_probe.export import export_patch, sizes
 from icl_probe.fingerprint import hash_values
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
+from icl_probe.progress import Clock
 from icl_probe.replay import replay_patch
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, format_example
 from icl_probe.timing import timings
@@ -166,7 +167,7 @@ def paired_overhead(model, tokenizer, context: str, query: str, rounds: int) -> 
     arms = (lambda: icl_probe.analyze(model, tokenizer, context, query), lambda: plain_forwards(model, ids, **LEAN))
     for fn in arms:  # warm-up
         fn()
-    ratios = []
+    ratios, clock = [], Clock(rounds, 0)
     for r in range(rounds):
         spent = [0.0, 0.0]
         for i in (0, 1) if r % 2 == 0 else (1, 0):
@@ -174,6 +175,7 @@ def paired_overhead(model, tokenizer, context: str, query: str, rounds: int) -> 
             arms[i]()
             spent[i] = time.perf_counter() - start
         ratios.append(spent[0] / spent[1])
+        print(clock.tick(f"analyze / lean forwards, round {r + 1}", sum(spent), False), file=sys.stderr, flush=True)
     return {"rounds": rounds, "median": statistics.median(ratios), "range": [min(ratios), max(ratios)],
             "within_target": sum(x <= TARGETS["overhead_long"][1] for x in ratios)}  # fmt: skip
 
