@@ -54,6 +54,21 @@ MIN_FOLD_NORMALISED = 1e-4
 
 
 @dataclass
+class Quiet:
+    """A switch the sequential run's hooks read: while it is on, they do nothing."""
+
+    on: bool = False
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+
+@dataclass
 class LayerRecord:
     """What the sequential run saw at one block, for every row: float64 tensors of shape (B, d)."""
 
@@ -108,8 +123,9 @@ class SequentialRun:
     At each block, in order (`build_hook`, or `map_hook` at each reader of an MoE block, then `block_hook`):
     1. read z0 at the first linears (the blocks below are already patched);
     2. build ΔW with ΔW z0 = W (z_ctx − z0) and add ΔW x at every position (taps record the branches);
-    3. at the block output, add Δb = h_ctx − h at the last token, as a bias or a fold;
-    4. once the pass is done and its hooks are gone, re-run each block's MLP without ΔW at z0 (`rerun_mlp`).
+    3. at the block output, re-run the MLP without ΔW at z0 (`rerun_mlp`, with the run's hooks quiet), while its
+       weights are still in the CPU's cache;
+    4. add Δb = h_ctx − h at the last token, as a bias or a fold.
 
         run = SequentialRun(chosen, targets, "bias", 1)
         with run.running():
@@ -132,6 +148,7 @@ class SequentialRun:
         self.params: dict[str, ParamLowRank] = {}  # MoE weight path → ΔW factors (B = 1)
         self.captures = {b.index: BlockCapture() for b in chosen}
         self.seen: Recording | None = None  # the taps' values, keyed (block index, "attn" | "branch" | ...)
+        self.quiet = Quiet()  # on while `rerun_mlp` runs an MLP inside the pass: the run's hooks and taps stand by
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -140,12 +157,10 @@ class SequentialRun:
         maps = [(b.part(rel), self.map_hook(b, rel, paths)) for b in self.chosen if b.moe for rel, paths in b.readers]
         maps += [(b.z_reader, self.z_hook(b)) for b in self.chosen if b.moe and b.moe.readers]
         blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
-        with recording(self.taps()) as seen, hooked(build + blocks), pre_hooked(maps):
+        quiet = self.quiet  # the recording's hooks hold the flag, not the run
+        with recording(self.taps(), active=lambda: not quiet.on) as seen, hooked(build + blocks), pre_hooked(maps):
             self.seen = seen
             yield
-        with torch.no_grad():  # step 4, every block's, with none of the run's hooks left to suspend
-            for b in self.chosen:
-                self.captures[b.index].branch0 = self.rerun_mlp(b)
 
     def taps(self) -> list[Tap]:
         """The attention branch (summed over its parts, for Falcon-H1's Mamba + attention), the MLP branch with ΔW
@@ -176,6 +191,8 @@ class SequentialRun:
         """Steps 1 and 2 at a first linear: read z0, build ΔW (a row per row), add ΔW x at every position."""
 
         def hook(module, args, output):
+            if self.quiet.on:
+                return None
             z, cap = args[0], self.captures[b.index]
             rows = output.reshape(self.batch, -1, output.shape[-1])
             cap.first0[path] = self.at_last(rows)[: self.solved, None].clone()  # (B, 1, out): for `rerun_mlp`
@@ -195,6 +212,8 @@ class SequentialRun:
         z0 and target z_ctx, applied as the map of its input x → x + a (z0ᵀ x) (batch 1)."""
 
         def hook(module, args, kwargs):
+            if self.quiet.on:
+                return None
             x = args[0] if args else kwargs["hidden_states"]
             maps = self.captures[b.index].input_maps
             if rel not in maps:  # its first call builds its updates
@@ -208,6 +227,8 @@ class SequentialRun:
         """Step 1 where the readers read different inputs: z0 is the state they are computed from (`z_reader`)."""
 
         def hook(module, args, kwargs):
+            if self.quiet.on:
+                return None
             x = args[0] if args else kwargs["hidden_states"]
             cap = self.captures[b.index]
             cap.z0, cap.dtype = self.last(x), x.dtype
@@ -232,10 +253,13 @@ class SequentialRun:
         return a, v
 
     def rerun_mlp(self, b: Block) -> torch.Tensor:
-        """Step 4: the MLP branch without ΔW at z0, every row's (B, d) in float64, run after the pass. The first
-        linears return W z0 as the pass computed it (`answered`), so only the layers after them run again."""
-        cap, first = self.captures[b.index], b.first
-        with stage("branch0 MLP re-run"), answered((first[path], out) for path, out in cap.first0.items()):
+        """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64, run at the block output with the
+        run's hooks and taps quiet. The first linears return W z0 as the pass computed it (`answered`), so only the
+        layers after them run again, on weights the pass has just read (after the pass, reading them once more from
+        memory took SmolLM2-135M's analyze 10 ms)."""
+        cap = self.captures[b.index]
+        answers = [(b.first[path], out) for path, out in cap.first0.items()]
+        with stage("branch0 MLP re-run"), self.quiet.held(), torch.no_grad(), answered(answers):
             y = b.run_mlp(cap.z0.to(cap.dtype)[:, None], self.solved_inputs(b))  # (B, 1, in)
         return last(hidden(y), self.solved)
 
@@ -281,12 +305,14 @@ class SequentialRun:
         return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
-        """Step 3 at the block output: add Δb = what remains of h_ctx − h at the last token, as a bias or a fold."""
+        """Steps 3 and 4 at the block output: re-run the MLP without ΔW, then add Δb = what remains of h_ctx − h at the
+        last token, as a bias or a fold."""
 
         def hook(module, args, output):
             cap, target = self.captures[b.index], self.targets[b.index]
             cap.z = None  # the pass's activation, no longer needed
             check_mlp_inputs(b, target.mlp_inputs, self.solved_inputs(b))
+            cap.branch0 = self.rerun_mlp(b)
             h = b.state(hidden(output))  # (B, T, hidden), or (B, T, streams · hidden)
             work = update_dtype()
             delta_b = target.out.to(work) - self.last(h)[: self.solved].to(work)  # (B, hidden)

@@ -85,3 +85,35 @@ def test_riders_refuse_a_fold():
     model = model_of("llama")
     with pytest.raises(UsageError, match="bias"):
         SequentialRun(select_blocks(model, None), {}, "fold", 1, riders=[Rider(0, True, False)])
+
+
+class Head(torch.nn.Linear):
+    """An output layer that is not a plain nn.Linear: `riders.apart` runs it on every row, then on the solved rows."""
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_output_layer_gives_the_riders_the_same_logits_either_way(bias):
+    """A plain nn.Linear output layer runs on the solved rows and the riders' logits are W xᵀ (+ b); any other runs
+    on every row and again on the solved rows. The solved rows' logits are the layer's own product of the solved
+    rows either way (bit for bit); the riders' agree to float64 rounding, and with a bias too."""
+    model, tok = tiny_model("llama", torch.float64), tokenizer_for("llama")
+    old = model.get_output_embeddings()
+    plain = torch.nn.Linear(old.in_features, old.out_features, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        plain.weight.copy_(old.weight)
+        if bias:
+            plain.bias.normal_()
+    other = Head(old.in_features, old.out_features, bias=bias, dtype=torch.float64)
+    other.load_state_dict(plain.state_dict())
+    chosen = select_blocks(model, None)
+    prompt = tokenize(tok, *PROMPTS[0])
+    solutions = []
+    with torch.no_grad():
+        for head in (plain, other):
+            model.set_output_embeddings(head)
+            targets, _ = capture_targets(model, chosen, prompt.full)
+            unpatched = last_logits_rows(model, [prompt.query_only])
+            solutions.append(solve(model, chosen, targets, prompt.query_only, "bias", riders=ablation_riders(1)))
+            close(solutions[-1].riders[2], unpatched[0])  # the query alone, unpatched, as a pass of its own gives it
+    assert torch.equal(solutions[0].logits, solutions[1].logits)
+    close(solutions[0].riders, solutions[1].riders)
