@@ -118,7 +118,7 @@ class LowRank:
 
     def core(self) -> torch.Tensor:
         """R_u R_vᵀ (..., r, r), from the QR decompositions u = Q_u R_u and v = Q_v R_v: u vᵀ = Q_u (R_u R_vᵀ) Q_vᵀ."""
-        return torch.linalg.qr(self.u.to(MATH_DTYPE)).R @ torch.linalg.qr(self.v.to(MATH_DTYPE)).R.mT
+        return qr_r(self.u) @ qr_r(self.v).mT
 
     def core_norm(self) -> torch.Tensor:
         """‖u vᵀ‖_F from the core, float64: a 0-d tensor, or (B,) for a batched update."""
@@ -137,6 +137,11 @@ class LowRank:
         sigma = torch.linalg.svdvals(self.core())  # (..., r)
         top = sigma[..., :1]
         return ((sigma > rtol * top) & (top > 0)).sum(-1)
+
+
+def qr_r(x: torch.Tensor) -> torch.Tensor:
+    """R of the QR decomposition of x (..., m, r) in float64, (..., r, r); Q is not formed."""
+    return torch.linalg.qr(x.to(MATH_DTYPE), mode="r").R
 
 
 def rank_one_update(weight: torch.Tensor, z_ctx: torch.Tensor, z0: torch.Tensor, where: str) -> LowRank:

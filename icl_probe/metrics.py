@@ -23,7 +23,7 @@ from .arch import Block
 from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, kl_of, log_probs, matvec
+from .lowrank import MATH_DTYPE, LowRank, kl_of, log_probs, matvec, qr_r
 from .patching import Patch, applied, applied_rows
 
 
@@ -267,11 +267,15 @@ def module_series(u: torch.Tensor, v: torch.Tensor, moves: torch.Tensor) -> dict
     so S_i − P_i = (u_i − p_i) v_iᵀ − u_{i−1} v_{i−1}ᵀ has the step's v factors; prop31_error = ‖S_i − P_i‖ / ‖S_i‖.
     """
     n = len(u)
-    u_prev, v_prev = torch.cat([torch.zeros_like(u[:1]), u[:-1]]), torch.cat([torch.zeros_like(v[:1]), v[:-1]])
-    step_u, step_v = torch.stack([u, -u_prev], -1), torch.stack([v, v_prev], -1)  # (n, out, 2), (n, in, 2)
-    predicted = moves / (v * v).sum(-1, keepdim=True)  # (n, out): p_i
-    miss_u = torch.stack([u - predicted, -u_prev], -1)
-    norms = LowRank(torch.cat([step_u, miss_u]), torch.cat([step_v, step_v])).core_norm()  # S_i, then S_i − P_i
+    factors = u.new_zeros(2 * n, *u.shape[1:], 2)  # the u factors of S_i (n, out, 2), then of S_i − P_i
+    factors[:n, :, 0] = u
+    factors[n:, :, 0] = u - moves / (v * v).sum(-1, keepdim=True)  # u_i − p_i
+    factors[1:n, :, 1] = factors[n + 1 :, :, 1] = -u[:-1]  # −u_{i−1} (ΔW_0 = 0)
+    step_u, step_v = factors[:n], v.new_zeros(n, *v.shape[1:], 2)  # and S_i's v factors (n, in, 2)
+    step_v[:, :, 0], step_v[1:, :, 1] = v, v[:-1]
+    # ‖S_i‖ and ‖S_i − P_i‖ from their cores R_u R_vᵀ (`LowRank.core`); both share step_v, so its R is computed once
+    r_v = qr_r(step_v)
+    norms = torch.linalg.matrix_norm(qr_r(factors) @ torch.cat([r_v, r_v]).mT)
     step_norm = norms[:n]
     # ⟨S_i, S_{i−1}⟩_F = trace((U_iᵀ U_{i−1}) (V_{i−1}ᵀ V_i)), for i ≥ 1
     inner = torch.einsum("nab,nba->n", step_u[1:].mT @ step_u[:-1], step_v[:-1].mT @ step_v[1:])
