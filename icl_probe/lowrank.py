@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "MATH_DTYPE", "LowRank", "RankOne", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
-    "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence", "log_probs", "kl_of"
+    "qr_r", "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence", "log_probs",
+    "kl_of"
 ]  # fmt: skip
 
 from collections.abc import Iterator
