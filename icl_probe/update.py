@@ -256,7 +256,7 @@ class SequentialRun:
         """Step 3: the MLP branch without ΔW at z0, every row's (B, d) in float64, run at the block output with the
         run's hooks and taps quiet. The first linears return W z0 as the pass computed it (`answered`), so only the
         layers after them run again, on weights the pass has just read (in SmolLM2-135M's analyze, 10–14 ms once the
-        pass was done, 6–7 ms inside it)."""
+        pass was done, 6–8 ms inside it)."""
         cap = self.captures[b.index]
         answers = [(b.first[path], out) for path, out in cap.first0.items()]
         with stage("branch0 MLP re-run"), self.quiet.held(), torch.no_grad(), answered(answers):
