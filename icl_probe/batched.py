@@ -50,6 +50,7 @@ from .inputs import Ids, tokenize
 from .lowrank import all_finite
 from .metrics import Scorer, ablation_rows, ablation_scores, static_logits_each
 from .patching import Patch, applied
+from .riders import ABLATION
 from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
 
@@ -142,7 +143,8 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
         finite(solution.logits)
     if riders:  # the ablation's rows rode along in the solve's pass, 3 per prompt; the whole patch is the solved row
         finite(solution.riders)
-        return Batch(targets, logits_ctx, solution, list(solution.logits), list(solution.riders.split(3)))
+        static = solution.riders.unflatten(0, (len(ABLATION), len(runs))).transpose(0, 1)  # per prompt, kind by kind
+        return Batch(targets, logits_ctx, solution, list(solution.logits), list(static))
     with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip

@@ -7,7 +7,7 @@ computes: the ablation's rows need no pass of their own (update.SequentialRun ta
 
 from __future__ import annotations
 
-__all__ = ["Rider", "ablation_riders", "rides", "apart"]
+__all__ = ["Rider", "ABLATION", "ablation_riders", "rides", "apart"]
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,8 +41,10 @@ ABLATION = ((True, False), (False, True), (False, False))
 
 
 def ablation_riders(batch: int) -> list[Rider]:
-    """Per row, in order, the ablation's ΔW-only and Δb-only rows and the query alone unpatched: 3 per row."""
-    return [Rider(i, w, b) for i in range(batch) for w, b in ABLATION]
+    """The ablation's rows of `batch` solved rows, 3 per row, kind by kind: every row's ΔW only, then every row's Δb
+    only, then every row's query alone unpatched (rider k·batch + i is row i's kind k). The rows given ΔW (or Δb) are
+    then runs of consecutive rows, which the run updates as slices (SequentialRun.carriers)."""
+    return [Rider(i, w, b) for w, b in ABLATION for i in range(batch)]
 
 
 def rides(chosen: list[Block], residual: str) -> bool:

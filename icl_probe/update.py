@@ -140,7 +140,7 @@ class SequentialRun:
         self.chosen, self.targets, self.residual = chosen, targets, residual
         self.solved, self.riders = batch, list(riders)
         self.batch = batch + len(self.riders)  # rows in the pass: the solved rows, then the riders
-        self.gathers: dict[str, tuple] = {}  # "delta_w" | "delta_b" → `carriers`: the rows given it, their owners
+        self.gathers: dict[str, list] = {}  # "delta_w" | "delta_b" → `carriers`: runs of rows given it, owners
         self.lasts = lasts  # (rows,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query
         self.residual_rows: dict[str, torch.Tensor] = {}  # block path → Δb (B, hidden)
@@ -268,40 +268,47 @@ class SequentialRun:
         seen = self.seen.get((b.index, "mlp_inputs"))
         return seen.rows(0, self.solved) if seen is not None else None
 
-    def carriers(self, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows of the pass, the solved row whose update each one gets) for a part of the update (`flag`,
-        "delta_w" or "delta_b"): the solved rows, then the riders given that part."""
+    def carriers(self, flag: str) -> list[tuple[slice, slice]]:
+        """Where a part of the update (`flag`, "delta_w" or "delta_b") goes: the solved rows, each its own, then the
+        riders given that part, each its owner's; as runs of consecutive rows whose owners are consecutive too,
+        (rows of the pass, owners) slice pairs. Riders in `ablation_riders`' order make one run per kind."""
         if flag not in self.gathers:
-            given = [(self.solved + k, r.owner) for k, r in enumerate(self.riders) if getattr(r, flag)]
-            rows = [*range(self.solved), *(k for k, _ in given)]
-            owners = [*range(self.solved), *(o for _, o in given)]
-            self.gathers[flag] = (torch.tensor(rows), torch.tensor(owners))
+            given = [*((k, k) for k in range(self.solved)),
+                     *((self.solved + k, r.owner) for k, r in enumerate(self.riders) if getattr(r, flag))]  # fmt: skip
+            runs: list[list[int]] = []  # [first row, first owner, length]
+            for row, owner in given:
+                if runs and (row, owner) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+                    runs[-1][2] += 1
+                else:
+                    runs.append([row, owner, 1])
+            self.gathers[flag] = [(slice(r, r + n), slice(o, o + n)) for r, o, n in runs]
         return self.gathers[flag]
 
-    def with_delta_w(self, delta: LowRank, z: torch.Tensor, y: torch.Tensor, rows, owners) -> torch.Tensor:
-        """y + ΔW z, rounded once, on every row of the pass (rows None), or on `rows` (y their rows of the output),
-        each with its owner's ΔW."""
-        if rows is None:
-            return delta.added_to(y, z)
-        rows_z = z.reshape(self.batch, -1, z.shape[-1]).index_select(0, rows)
-        return LowRank(delta.u.index_select(0, owners), delta.v.index_select(0, owners)).added_to(y, rows_z)
+    def with_delta_w(self, delta: LowRank, z: torch.Tensor, y: torch.Tensor, rows: slice, owners) -> torch.Tensor:
+        """y + ΔW z, rounded once, for y the `rows` of the output, each row with the ΔW of its owner."""
+        rows_z = z.reshape(self.batch, -1, z.shape[-1])[rows]
+        return LowRank(delta.u[owners], delta.v[owners]).added_to(y, rows_z)
 
     @staticmethod
-    def with_delta_b(delta_b: torch.Tensor, y: torch.Tensor, rows, owners) -> torch.Tensor:
-        """y + Δb at every position, rounded once, on every row (owners None) or each row with its owner's Δb."""
-        return add_rounded(y, (delta_b if owners is None else delta_b.index_select(0, owners))[:, None])
+    def with_delta_b(delta_b: torch.Tensor, y: torch.Tensor, rows: slice, owners: slice) -> torch.Tensor:
+        """y + Δb at every position, rounded once, for y the `rows` of the output, each row with its owner's Δb."""
+        return add_rounded(y, delta_b[owners, None])
 
     def added(self, y: torch.Tensor, flag: str, add) -> torch.Tensor:
         """y, a (B, T, d) or (B·T, d) activation of the pass, plus a part of the update, summed in float64 and
-        rounded once. `add(y, rows, owners)` gives y plus that part on those rows of the pass: every row without
-        riders (None, None); with them, the rows that carry it (`carriers`), and the other rows keep y (adding 0
-        would leave them bit for bit)."""
-        if not self.riders:
-            return add(y, None, None)
-        rows, owners = (t.to(y.device) for t in self.carriers(flag))
+        rounded once. `add(y, rows, owners)` gives y plus that part on `rows` of the pass (y their rows), each with the
+        update of its owner (`carriers`). Without riders every row carries its own, and the sum is a new tensor. With
+        them, each run of carrying rows is written over its rows of y, in place (in a copy where autograd records y),
+        and the other rows keep y (adding 0 would leave them bit for bit). For 32 demo prompts and their 96 riders on
+        SmolLM2, the solve's pass took 886 and 902 ms this way against 937 and 949 ms with index_select, index_copy_
+        and a copy of every row (two threads; the same logits bit for bit)."""
         shaped = y.reshape(self.batch, -1, y.shape[-1])
-        new = shaped.clone()  # index_select and index_copy_: a fifth faster than indexing with `rows` here
-        new.index_copy_(0, rows, add(shaped.index_select(0, rows), rows, owners))
+        runs = self.carriers(flag)
+        if not self.riders:
+            return add(shaped, *runs[0]).reshape(y.shape)
+        new = shaped.clone() if y.requires_grad else shaped
+        for rows, owners in runs:
+            new[rows] = add(shaped[rows], rows, owners)
         return new.reshape(y.shape)
 
     def block_hook(self, b: Block):
