@@ -117,3 +117,24 @@ def test_the_output_layer_gives_the_riders_the_same_logits_either_way(bias):
             close(solutions[-1].riders[2], unpatched[0])  # the query alone, unpatched, as a pass of its own gives it
     assert torch.equal(solutions[0].logits, solutions[1].logits)
     close(solutions[0].riders, solutions[1].riders)
+
+
+def test_riders_under_autograd_equal_the_riders_without_it():
+    """With autograd recording (parameters that require grad), the solve with riders gives the logits of the run
+    without autograd, bit for bit, and a graph that differentiates (SequentialRun.added writes into a copy there)."""
+    model, tok = model_of("llama"), tokenizer_for("llama")
+    chosen = select_blocks(model, None)
+    prompts = [tokenize(tok, c, q) for c, q in PROMPTS]
+    queries = [p.query_only for p in prompts]
+    with torch.no_grad():
+        rows, _ = capture_targets_rows(model, chosen, [p.full for p in prompts])
+        targets = {b.index: type(rows[0][b.index]).stacked([r[b.index] for r in rows]) for b in chosen}
+        plain = solve_rows(model, chosen, targets, queries, "bias", ablation_riders(len(queries)))
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.enable_grad():
+        recorded = solve_rows(model, chosen, targets, queries, "bias", ablation_riders(len(queries)))
+    assert torch.equal(recorded.logits.detach(), plain.logits)
+    assert torch.equal(recorded.riders.detach(), plain.riders)
+    recorded.riders.sum().backward()  # the graph autograd recorded is whole: the riders' logits differentiate
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
