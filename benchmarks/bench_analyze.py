@@ -55,7 +55,7 @@ from icl_probe import models
 from icl_probe.export import export_patch, sizes
 from icl_probe.fingerprint import hash_values
 from icl_probe.inputs import DEMO_CONTEXT, DEMO_QUERY, tokenize
-from icl_probe.progress import Clock
+from icl_probe.progress import Clock, clock_text
 from icl_probe.replay import replay_patch
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_names, builtin_task, format_example
 from icl_probe.timing import timings
@@ -506,13 +506,28 @@ def checks(doc: dict) -> dict[str, bool]:
     }
 
 
+# Seconds each section took in a full run on the 2-core machine (two threads): the ETA's weights. The ETA is the
+# sections left at these weights, scaled by how this run's finished sections compare with theirs (--quick included).
+SECTION_SECONDS = {
+    "analyze overhead": 111, "export, replay, fingerprint": 8, "fingerprint vs load": 6, "prefix sweep": 65,
+    "peak memory (subprocesses)": 69, "model load (subprocesses)": 120,
+}  # fmt: skip
+_RUN = {"spent": 0.0, "expected": 0.0}  # this run's finished sections: seconds taken, and their weights
+
+
 @contextlib.contextmanager
 def section(name: str):
-    """Say on stderr what is being measured and how long it took (the full run takes minutes)."""
-    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    """Say on stderr what is being measured, how long it took, and the ETA of the run (the full run takes minutes)."""
+    done = list(SECTION_SECONDS).index(name)
+    print(f"[{done + 1}/{len(SECTION_SECONDS)}] bench: {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     yield
-    print(f"bench: {name} took {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    took = time.perf_counter() - start
+    _RUN["spent"] += took
+    _RUN["expected"] += SECTION_SECONDS[name]
+    left = sum(list(SECTION_SECONDS.values())[done + 1 :]) * _RUN["spent"] / _RUN["expected"]
+    print(f"[{done + 1}/{len(SECTION_SECONDS)}] bench: {name} took {took:.1f} s; ETA {clock_text(left)}",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ def test_bench_analyze_quick(tmp_path):
     out = tmp_path / "analyze.json"
     run = run_quick("bench_analyze.py", out, OMP_NUM_THREADS="1")
     assert "| figure | measured | target |" in run.stdout and "analyze breakdown, long" in run.stdout
+    took = [line for line in run.stderr.splitlines() if " took " in line]  # each section says its time and the ETA
+    assert [line.split("]")[0] for line in took] == [f"[{k}/6" for k in range(1, 7)]
+    assert all("; ETA " in line for line in took) and took[-1].endswith("; ETA 0m00s")
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert all(doc["checks"].values()), doc["checks"]
     for size in ("demo", "long"):
