@@ -284,7 +284,9 @@ class SequentialRun:
             self.gathers[flag] = [(slice(r, r + n), slice(o, o + n)) for r, o, n in runs]
         return self.gathers[flag]
 
-    def with_delta_w(self, delta: LowRank, z: torch.Tensor, y: torch.Tensor, rows: slice, owners) -> torch.Tensor:
+    def with_delta_w(
+        self, delta: LowRank, z: torch.Tensor, y: torch.Tensor, rows: slice, owners: slice
+    ) -> torch.Tensor:
         """y + ΔW z, rounded once, for y the `rows` of the output, each row with the ΔW of its owner."""
         rows_z = z.reshape(self.batch, -1, z.shape[-1])[rows]
         return LowRank(delta.u[owners], delta.v[owners]).added_to(y, rows_z)
