@@ -11,7 +11,7 @@ step; `job` names what is counted ("queries", "generated tokens"). No terminal c
 
 from __future__ import annotations
 
-__all__ = ["Progress", "Steps", "Clock"]
+__all__ = ["Progress", "Steps", "Clock", "clock_text"]
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -60,6 +60,7 @@ class Clock:
 
 
 def clock_text(seconds: float) -> str:
+    """A duration as an ETA reads it: 4m05s, or 1h02m from an hour on."""
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
