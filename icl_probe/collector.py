@@ -18,7 +18,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_HELD = [0]  # how many frozen_objects blocks are open: inside one, the objects are frozen already
+_open = 0  # how many frozen_objects blocks are open: inside one, the objects are frozen already
 
 
 @contextmanager
@@ -29,13 +29,14 @@ def frozen_objects() -> Iterator[None]:
 
     An outer block is known from a counter, not from `gc.get_freeze_count`, which counts the frozen objects one by
     one: with SmolLM2 loaded, 28 ms a call, which `run_batch` paid once a batch, and one at a time once a prompt."""
-    if _HELD[0] or not gc.isenabled() or gc.get_freeze_count():
+    global _open
+    if _open or not gc.isenabled() or gc.get_freeze_count():
         yield
         return
     gc.freeze()
-    _HELD[0] += 1
+    _open += 1
     try:
         yield
     finally:
-        _HELD[0] -= 1
+        _open -= 1
         gc.unfreeze()

@@ -67,30 +67,29 @@ def apart(model: nn.Module, run) -> Iterator[None]:
         yield
         return
     plain = type(head) is nn.Linear
-    state = {"rest": None, "inner": False}  # the rows the layer's own call leaves out (plain) or every row's input
+    kept = {"x": None, "inner": False}  # plain: the riders' input, which the layer's call leaves out; else the solved
 
     def keep(module, args, kwargs):
-        if state["inner"]:
+        if kept["inner"]:
             return None
         x = args[0] if args else kwargs["input"]
         if not plain:
-            state["rest"] = x[: run.solved]
+            kept["x"] = x[: run.solved]
             return None
-        state["rest"] = x[run.solved :]
-        solved = x[: run.solved]
+        kept["x"], solved = x[run.solved :], x[: run.solved]
         return ((solved, *args[1:]), kwargs) if args else (args, {**kwargs, "input": solved})
 
     def join(module, args, output):
-        if state["inner"]:
+        if kept["inner"]:
             return None
-        rest, state["rest"] = state["rest"], None
-        if plain:
-            return torch.cat([output, riders_logits(module, rest).to(output.device, output.dtype)])
-        state["inner"] = True
+        x, kept["x"] = kept["x"], None
+        if plain:  # the layer ran on the solved rows; the riders' logits follow them
+            return torch.cat([output, riders_logits(module, x).to(output.device, output.dtype)])
+        kept["inner"] = True
         try:
-            solved = module(rest)
+            solved = module(x)  # the solved rows again, in a product of their own
         finally:
-            state["inner"] = False
+            kept["inner"] = False
         output[: run.solved] = solved  # in place: a concatenation would copy every rider's logits too
         return output
 
