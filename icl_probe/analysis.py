@@ -266,10 +266,11 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
         with stage("solve"):  # the ablation's rows ride along (update.Rider), with no pass of their own
             solution = solve_checked(model, chosen, targets, prompt, residual, riders)
         patch = solution.patches[0]
-        ref = Scorer(logits_ctx)  # every score against the context reads its log-probabilities
+        ref, patched = Scorer(logits_ctx), Scorer(solution.logits[0])  # every score reads their log-probabilities
         if riders:
-            parts, logits_0 = ablation_scores(ref, solution.riders, solution.logits[0]), solution.riders[-1]
-            check_finite_query(model, prompt, logits_0)
+            static = Scorer.rows(solution.riders)
+            parts, logits_0 = ablation_scores(ref, static, patched), static[-1]
+            check_finite_query(model, prompt, logits_0.logits)
         else:
             with stage("ablation"):
                 parts, logits_0 = static_scores(model, prompt, chosen, patch, residual, ref)
@@ -282,7 +283,7 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
     with stage("reports"):
         reports = [layer_report(b, solution.records[0][b.index], targets[b.index], patch, residual) for b in chosen]
     wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
-    return build_analysis(model, tokenizer, run, reports, (ref, logits_0, solution.logits[0]), ablation=parts,
+    return build_analysis(model, tokenizer, run, reports, (ref, logits_0, patched), ablation=parts,
                           patch=patch, layer_ablation=per_layer, target=wanted, precision=precision,
                           generation=generation, precision_limit=precision_limit(chosen, model.dtype))  # fmt: skip
 

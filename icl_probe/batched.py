@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["analyze_rows", "pass_parts", "PASS_TOKENS"]
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,9 @@ def analyze_batch(model: nn.Module, tokenizer, runs: list[AnalysisInput]) -> lis
     with stage("reports"):  # every row's, a layer at a time
         by_layer = [layer_reports(b, batch.solution.by_block[b.index], batch.targets[b.index], batch.solution.patches,
                                   runs[0].residual) for b in runs[0].chosen]  # fmt: skip
-    return [row_analysis(model, tokenizer, run, batch, [layer[i] for layer in by_layer], i)
+    with stage("scores"):  # every distribution's log-probabilities, one log-softmax per kind of row
+        scored = Scored.of(batch)
+    return [row_analysis(model, tokenizer, run, batch, scored, [layer[i] for layer in by_layer], i)
             for i, run in enumerate(runs)]  # fmt: skip
 
 
@@ -124,7 +127,7 @@ class Batch:
     targets: dict[int, Target]  # every prompt's, (B, d) per block
     logits_ctx: torch.Tensor  # (B, vocab)
     solution: Solution
-    boths: list[torch.Tensor | None]
+    boths: list[torch.Tensor | None] | None  # None: the solved rows are the whole patch's
     static: list[torch.Tensor]  # per prompt: (its ablation rows + 1, vocab)
 
 
@@ -144,7 +147,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     if riders:  # the ablation's rows rode along in the solve's pass, 3 per prompt; the whole patch is the solved row
         finite(solution.riders)
         static = solution.riders.unflatten(0, (len(ABLATION), len(runs))).transpose(0, 1)  # per prompt, kind by kind
-        return Batch(targets, logits_ctx, solution, list(solution.logits), list(static))
+        return Batch(targets, logits_ctx, solution, None, list(static))
     with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip
@@ -155,15 +158,35 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     return Batch(targets, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
 
 
-def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, reports: list, i: int) -> Analysis:
-    """The Analysis of the batch's row `i` (its layer `reports` given), as `analyze` builds it for that prompt
-    alone."""
-    patch, logits_ctx, static = batch.solution.patches[i], batch.logits_ctx[i], batch.static[i]
-    ref = Scorer(logits_ctx)  # every score against the context reads its log-probabilities
+@dataclass
+class Scored:
+    """A batch's distributions as metrics.Scorers, per prompt: with context, patched, the whole patch's (or None:
+    its static rows have it) and its static rows."""
+
+    ctx: list[Scorer]
+    patched: list[Scorer]
+    boths: list[Scorer | None]
+    static: list[list[Scorer]]
+
+    @staticmethod
+    def of(batch: Batch) -> Scored:
+        patched = Scorer.rows(batch.solution.logits)
+        boths = patched if batch.boths is None else [b if b is None else Scorer(b) for b in batch.boths]
+        static = Scorer.rows(torch.cat(batch.static))
+        starts = [0, *itertools.accumulate(len(rows) for rows in batch.static)]
+        by_prompt = [static[a:b] for a, b in itertools.pairwise(starts)]
+        return Scored(Scorer.rows(batch.logits_ctx), patched, boths, by_prompt)
+
+
+def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, scored: Scored, reports: list,
+                 i: int) -> Analysis:  # fmt: skip
+    """The Analysis of the batch's row `i` (its layer `reports` and Scorers given), as `analyze` builds it for that
+    prompt alone."""
+    patch, ref, static = batch.solution.patches[i], scored.ctx[i], scored.static[i]
     per_layer = layer_ablation_of(model, run, patch, ref)
-    wanted = aligned_target(model, tokenizer, run, patch, reports, logits_ctx)
-    ablation = ablation_scores(ref, static[:-1], batch.boths[i])
-    return build_analysis(model, tokenizer, run, reports, (ref, static[-1], batch.solution.logits[i]),
+    wanted = aligned_target(model, tokenizer, run, patch, reports, ref.logits)
+    ablation = ablation_scores(ref, static[:-1], scored.boths[i])
+    return build_analysis(model, tokenizer, run, reports, (ref, static[-1], scored.patched[i]),
                           ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted,
                           precision_limit=precision_limit(run.chosen, model.dtype))  # fmt: skip
 

@@ -27,17 +27,17 @@ from .lowrank import MATH_DTYPE, LowRank, kl_of, log_probs, matvec, qr_r
 from .patching import Patch, applied, applied_rows
 
 
-def compare_logits(tokenizer, ctx, no_ctx: torch.Tensor, patched: torch.Tensor, k: int) -> dict:
-    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists. `ctx` is the
-    with-context logits, or their Scorer (so that its log-probabilities are computed once for every score)."""
-    ref = scorer(ctx)
+def compare_logits(tokenizer, ctx, no_ctx, patched, k: int) -> dict:
+    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists. Each argument
+    is logits (vocab,) or their Scorer (so that its log-probabilities are computed once for every score)."""
+    ref, no_ctx, patched = scorer(ctx), scorer(no_ctx), scorer(patched)
     return {
         "kl_patched": ref.kl(patched),
         "kl_no_context": ref.kl(no_ctx),
-        "top1_match": bool(ref.top1 == patched.argmax()),
-        "max_logit_error": float((ref.logits.to(MATH_DTYPE) - patched.to(MATH_DTYPE)).abs().max()),
+        "top1_match": bool(ref.top1 == patched.top1),
+        "max_logit_error": float((ref.logits.to(MATH_DTYPE) - patched.logits.to(MATH_DTYPE)).abs().max()),
         "top_k": {
-            "context": top_tokens(tokenizer, ref.logits, k),
+            "context": top_tokens(tokenizer, ref, k),
             "no_context": top_tokens(tokenizer, no_ctx, k),
             "patched": top_tokens(tokenizer, patched, k),
         },
@@ -45,23 +45,45 @@ def compare_logits(tokenizer, ctx, no_ctx: torch.Tensor, patched: torch.Tensor, 
 
 
 class Scorer:
-    """Scores against one next-token distribution (the with-context logits): its float64 log-probabilities,
-    probabilities and top-1 are computed once, however many logits are scored against it. Every KL is
-    `lowrank.kl_divergence`'s arithmetic (`log_probs`, `kl_of`), so the figures are the same to the last bit."""
+    """One next-token distribution, for scores: its logits and their float64 log-probabilities, computed once
+    however often it is scored, and, when first asked for, its probabilities and top-1. Every KL is
+    `lowrank.kl_divergence`'s arithmetic (`log_probs`, `kl_of`), so the figures are the same to the last bit.
+    `Scorer.rows` makes the Scorers of many rows in one pass over their logits."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, log_p: torch.Tensor | None = None):
         self.logits = logits
-        self.log_p = log_probs(logits)
-        self.p = self.log_p.exp()
-        self.top1 = logits.argmax()
+        self.log_p = log_probs(logits) if log_p is None else log_p
+        self._p: torch.Tensor | None = None
+        self._top1: torch.Tensor | None = None
 
-    def kl(self, logits: torch.Tensor) -> float:
-        """KL(reference ‖ logits) in nats, float64."""
-        return kl_of(self.p, self.log_p, log_probs(logits))
+    @staticmethod
+    def rows(logits: torch.Tensor) -> list[Scorer]:
+        """A Scorer per row of logits (n, vocab), the log-probabilities of every row computed together (for a batch of
+        32 prompts' five distributions each, one log-softmax instead of 160)."""
+        return [Scorer(row, log_p) for row, log_p in zip(logits, log_probs(logits))]
 
-    def score(self, logits: torch.Tensor) -> dict:
-        """{kl: KL(reference ‖ logits), top1_match} for one static application."""
-        return {"kl": self.kl(logits), "top1_match": bool(self.top1 == logits.argmax())}
+    @property
+    def p(self) -> torch.Tensor:
+        """The probabilities, float64."""
+        if self._p is None:
+            self._p = self.log_p.exp()
+        return self._p
+
+    @property
+    def top1(self) -> torch.Tensor:
+        """The most likely token's id, a 0-d tensor."""
+        if self._top1 is None:
+            self._top1 = self.logits.argmax()
+        return self._top1
+
+    def kl(self, other) -> float:
+        """KL(self ‖ other) in nats, float64; `other` is logits or their Scorer."""
+        return kl_of(self.p, self.log_p, scorer(other).log_p)
+
+    def score(self, other) -> dict:
+        """{kl: KL(self ‖ other), top1_match} for one static application (`other`: logits or their Scorer)."""
+        other = scorer(other)
+        return {"kl": self.kl(other), "top1_match": bool(self.top1 == other.top1)}
 
 
 def scorer(ctx) -> Scorer:
@@ -69,11 +91,14 @@ def scorer(ctx) -> Scorer:
     return ctx if isinstance(ctx, Scorer) else Scorer(ctx)
 
 
-def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[dict]:
-    probs = torch.softmax(logits.to(MATH_DTYPE), dim=-1)
-    top = torch.topk(probs, min(k, probs.numel()))
+def top_tokens(tokenizer, logits, k: int) -> list[dict]:
+    """The k most likely tokens of logits (vocab,) or their Scorer, with their float64 probabilities (exp of the
+    log-probabilities, which the Scorer has already)."""
+    dist = scorer(logits)
+    top = torch.topk(dist.log_p, min(k, dist.log_p.numel()))
     return [
-        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": float(p)} for p, i in zip(top.values, top.indices)
+        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": p}
+        for p, i in zip(top.values.exp().tolist(), top.indices.tolist())
     ]
 
 

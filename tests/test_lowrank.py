@@ -1,5 +1,7 @@
 """The update math on plain tensors, checked against dense matrices formed here on purpose."""
 
+import types
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from icl_probe.lowrank import (
     rank_one_map,
     rank_one_update,
 )
-from icl_probe.metrics import Scorer
+from icl_probe.metrics import Scorer, top_tokens
 
 
 def random_case(out=7, inp=5, seed=0):
@@ -107,6 +109,26 @@ def test_scorer_gives_kl_divergence_and_top1_to_the_last_bit():
         assert ref.kl(q) == kl_divergence(ctx, q)
         assert ref.score(q) == {"kl": kl_divergence(ctx, q), "top1_match": bool(ctx.argmax() == q.argmax())}
     assert ref.kl(ctx.clone()) == 0.0
+
+
+def test_scorer_rows_score_as_each_row_alone_to_the_last_bit():
+    """Scorer.rows takes the log-softmax of many rows in one call; every KL, top-1 and top-k probability must be the
+    one a Scorer of that row alone gives, and the top-k probabilities must be the softmax's within 1 ulp-scale."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(5, 3000, generator=gen) * 4
+    rows = Scorer.rows(logits)
+    for i in range(5):
+        alone = Scorer(logits[i].clone())
+        for j in range(5):
+            assert rows[i].kl(rows[j]) == alone.kl(logits[j].clone()) == kl_divergence(logits[i], logits[j])
+            assert rows[i].score(rows[j]) == alone.score(logits[j].clone())
+        tok = types.SimpleNamespace(decode=lambda ids: str(ids[0]))
+        top = top_tokens(tok, rows[i], 7)
+        assert top == top_tokens(tok, logits[i].clone(), 7)
+        softmax = torch.softmax(logits[i].double(), -1)
+        assert [t["id"] for t in top] == torch.topk(softmax, 7).indices.tolist()
+        torch.testing.assert_close(torch.tensor([t["prob"] for t in top], dtype=torch.float64),
+                                   torch.topk(softmax, 7).values, rtol=1e-14, atol=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
