@@ -268,8 +268,8 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
         patch = solution.patches[0]
         ref, patched = Scorer(logits_ctx), Scorer(solution.logits[0])  # every score reads their log-probabilities
         if riders:
-            static = Scorer.rows(solution.riders)
-            parts, logits_0 = ablation_scores(ref, static, patched), static[-1]
+            static = Scorer(solution.riders)  # ΔW only, Δb only, the query alone
+            parts, logits_0 = ablation_scores(ref, static, patched), static[2]
             check_finite_query(model, prompt, logits_0.logits)
         else:
             with stage("ablation"):
@@ -311,14 +311,16 @@ def layer_ablation_of(model: nn.Module, run: AnalysisInput, patch: Patch, logits
         return layer_ablation(model, run.chosen, patch, run.prompt.query_only, logits_ctx)
 
 
-def build_analysis(model: nn.Module, tokenizer, run: AnalysisInput, reports, logits: tuple, **fields) -> Analysis:
+def build_analysis(model: nn.Module, tokenizer, run: AnalysisInput, reports, logits: tuple,
+                   scores: dict | None = None, **fields) -> Analysis:  # fmt: skip
     """The Analysis of `run`: the model's facts, the texts, the layer reports, the scores of `logits` (with context,
-    query alone, patched; each (vocab,) at the last position; the first may be their metrics.Scorer) and the other
-    `fields` of Analysis."""
+    query alone, patched; each (vocab,) at the last position, or their metrics.Scorers; `scores`: those scores, if
+    computed already) and the other `fields` of Analysis."""
     ref, logits_0, patched = logits
-    with stage("scores"):
-        ref = scorer(ref)
-        scores = compare_logits(tokenizer, ref, logits_0, patched, run.top_k)
+    ref = scorer(ref)
+    if scores is None:
+        with stage("scores"):
+            scores = compare_logits(tokenizer, ref, logits_0, patched, run.top_k)
     logits_ctx = ref.logits
     return Analysis(
         model=model_name(model),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 __all__ = ["analyze_rows", "pass_parts", "PASS_TOKENS"]
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +48,7 @@ from .errors import MathError
 from .floors import precision_limit
 from .inputs import Ids, tokenize
 from .lowrank import all_finite
-from .metrics import Scorer, ablation_rows, ablation_scores, static_logits_each
+from .metrics import Scorer, ablation_rows, ablation_rows_scores, compare_rows, static_logits_each
 from .patching import Patch, applied
 from .riders import ABLATION
 from .timing import stage
@@ -112,23 +111,26 @@ def analyze_batch(model: nn.Module, tokenizer, runs: list[AnalysisInput]) -> lis
     with stage("reports"):  # every row's, a layer at a time
         by_layer = [layer_reports(b, batch.solution.by_block[b.index], batch.targets[b.index], batch.solution.patches,
                                   runs[0].residual) for b in runs[0].chosen]  # fmt: skip
-    with stage("scores"):  # every distribution's log-probabilities, one log-softmax per kind of row
-        scored = Scored.of(batch)
-    return [row_analysis(model, tokenizer, run, batch, scored, [layer[i] for layer in by_layer], i)
-            for i, run in enumerate(runs)]  # fmt: skip
+    with stage("scores"):  # every row's at once: one log-softmax per kind of distribution, one KL per pair of kinds
+        ref, patched = Scorer(batch.logits_ctx), Scorer(batch.solution.logits)
+        kinds = {kind: patched if logits is batch.solution.logits else Scorer(logits)
+                 for kind, logits in batch.static.items()}  # fmt: skip
+        scores = compare_rows(tokenizer, ref, kinds["query"], patched, runs[0].top_k)
+        ablation = ablation_rows_scores(ref, kinds["delta_w_only"], kinds["bias_only"], kinds["both"])
+    return [row_analysis(model, tokenizer, run, batch, [layer[i] for layer in by_layer], ref[i], scores[i],
+                         ablation[i], i) for i, run in enumerate(runs)]  # fmt: skip
 
 
 @dataclass
 class Batch:
-    """The shared passes of a batch: per prompt its targets, with-context logits, solution row, the whole patch's
-    logits (its solved row's, or where a fold was checked its static logits), and its ablation rows (ΔW only, Δb
-    only, then the query alone unpatched; with a fold, the whole patch between them unless checked already)."""
+    """The shared passes of a batch: every prompt's targets, with-context logits and solution row, and the static
+    logits of its ablation, kind by kind: its ΔW only, its Δb only, the whole patch (its solved row's logits, or
+    where a fold was checked, its static logits) and the query alone unpatched."""
 
     targets: dict[int, Target]  # every prompt's, (B, d) per block
     logits_ctx: torch.Tensor  # (B, vocab)
     solution: Solution
-    boths: list[torch.Tensor | None] | None  # None: the solved rows are the whole patch's
-    static: list[torch.Tensor]  # per prompt: (its ablation rows + 1, vocab)
+    static: dict[str, torch.Tensor]  # "delta_w_only", "bias_only", "both", "query" → (B, vocab)
 
 
 def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
@@ -144,50 +146,34 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     with stage("solve"):
         solution = solve_rows(model, chosen, targets, queries, residual, riders)
         finite(solution.logits)
-    if riders:  # the ablation's rows rode along in the solve's pass, 3 per prompt; the whole patch is the solved row
+    if riders:  # the ablation's rows rode along in the solve's pass, kind by kind; the whole patch is the solved row
         finite(solution.riders)
-        static = solution.riders.unflatten(0, (len(ABLATION), len(runs))).transpose(0, 1)  # per prompt, kind by kind
-        return Batch(targets, logits_ctx, solution, None, list(static))
+        delta_w_only, bias_only, query = solution.riders.unflatten(0, (len(ABLATION), len(runs)))
+        static = {"delta_w_only": delta_w_only, "bias_only": bias_only, "both": solution.logits, "query": query}
+        return Batch(targets, logits_ctx, solution, static)
     with stage("ablation"):
         boths = [fold_logits(model, patch, q, lg) if residual == "fold" and patch.dense else None
                  for patch, q, lg in zip(solution.patches, queries, logits_ctx)]  # fmt: skip
         parts = [[*ablation_rows(chosen, patch, both), Patch()] for patch, both in zip(solution.patches, boths)]
         flat = [p for ps in parts for p in ps]
-        static = static_logits_each(model, flat, [q for q, ps in zip(queries, parts) for _ in ps], len(flat))
-        finite(static)
-    return Batch(targets, logits_ctx, solution, boths, list(static.split([len(ps) for ps in parts])))
+        rows = static_logits_each(model, flat, [q for q, ps in zip(queries, parts) for _ in ps], len(flat))
+        finite(rows)
+    each = rows.split([len(ps) for ps in parts])  # per prompt: ΔW only, Δb only, [the whole patch,] the query alone
+    static = {"delta_w_only": torch.stack([r[0] for r in each]), "bias_only": torch.stack([r[1] for r in each]),
+              "both": torch.stack([r[2] if both is None else both for r, both in zip(each, boths)]),
+              "query": torch.stack([r[-1] for r in each])}  # fmt: skip
+    return Batch(targets, logits_ctx, solution, static)
 
 
-@dataclass
-class Scored:
-    """A batch's distributions as metrics.Scorers, per prompt: with context, patched, the whole patch's (or None:
-    its static rows have it) and its static rows."""
-
-    ctx: list[Scorer]
-    patched: list[Scorer]
-    boths: list[Scorer | None]
-    static: list[list[Scorer]]
-
-    @staticmethod
-    def of(batch: Batch) -> Scored:
-        patched = Scorer.rows(batch.solution.logits)
-        boths = patched if batch.boths is None else [b if b is None else Scorer(b) for b in batch.boths]
-        static = Scorer.rows(torch.cat(batch.static))
-        starts = [0, *itertools.accumulate(len(rows) for rows in batch.static)]
-        by_prompt = [static[a:b] for a, b in itertools.pairwise(starts)]
-        return Scored(Scorer.rows(batch.logits_ctx), patched, boths, by_prompt)
-
-
-def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, scored: Scored, reports: list,
-                 i: int) -> Analysis:  # fmt: skip
-    """The Analysis of the batch's row `i` (its layer `reports` and Scorers given), as `analyze` builds it for that
-    prompt alone."""
-    patch, ref, static = batch.solution.patches[i], scored.ctx[i], scored.static[i]
+def row_analysis(model: nn.Module, tokenizer, run: AnalysisInput, batch: Batch, reports: list, ref: Scorer,
+                 scores: dict, ablation: dict, i: int) -> Analysis:  # fmt: skip
+    """The Analysis of the batch's row `i`, as `analyze` builds it for that prompt alone, from its layer `reports`,
+    the Scorer of its with-context logits, its `scores` (compare_logits') and its `ablation` scores."""
+    patch = batch.solution.patches[i]
     per_layer = layer_ablation_of(model, run, patch, ref)
     wanted = aligned_target(model, tokenizer, run, patch, reports, ref.logits)
-    ablation = ablation_scores(ref, static[:-1], scored.boths[i])
-    return build_analysis(model, tokenizer, run, reports, (ref, static[-1], scored.patched[i]),
-                          ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted,
+    return build_analysis(model, tokenizer, run, reports, (ref, batch.static["query"][i], batch.solution.logits[i]),
+                          ablation=ablation, patch=patch, layer_ablation=per_layer, target=wanted, scores=scores,
                           precision_limit=precision_limit(run.chosen, model.dtype))  # fmt: skip
 
 

@@ -7,9 +7,9 @@ it left out, and score the query alone against the with-context distribution.
 from __future__ import annotations
 
 __all__ = [
-    "compare_logits", "Scorer", "scorer", "top_tokens", "prob", "cross_entropy", "pick_target", "static_logits",
-    "static_logits_rows", "static_logits_each",
-    "ablation_rows", "ablation_scores", "ablation", "layer_ablation", "at_least_float32",
+    "compare_logits", "compare_rows", "Scorer", "scorer", "top_tokens", "top_rows", "prob", "cross_entropy",
+    "pick_target", "static_logits", "static_logits_rows", "static_logits_each",
+    "ablation_rows", "ablation_scores", "ablation_rows_scores", "ablation", "layer_ablation", "at_least_float32",
     "gradient_alignment", "weight_norm", "layer_series"
 ]  # fmt: skip
 
@@ -23,44 +23,39 @@ from .arch import Block
 from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, kl_of, log_probs, matvec, qr_r
+from .lowrank import MATH_DTYPE, LowRank, log_probs, matvec, qr_r
 from .patching import Patch, applied, applied_rows
 
 
 def compare_logits(tokenizer, ctx, no_ctx, patched, k: int) -> dict:
-    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists. Each argument
-    is logits (vocab,) or their Scorer (so that its log-probabilities are computed once for every score)."""
-    ref, no_ctx, patched = scorer(ctx), scorer(no_ctx), scorer(patched)
-    return {
-        "kl_patched": ref.kl(patched),
-        "kl_no_context": ref.kl(no_ctx),
-        "top1_match": bool(ref.top1 == patched.top1),
-        "max_logit_error": float((ref.logits.to(MATH_DTYPE) - patched.logits.to(MATH_DTYPE)).abs().max()),
-        "top_k": {
-            "context": top_tokens(tokenizer, ref, k),
-            "no_context": top_tokens(tokenizer, no_ctx, k),
-            "patched": top_tokens(tokenizer, patched, k),
-        },
-    }
+    """KL(ctx ‖ patched), KL(ctx ‖ no context), top-1 agreement, max |Δlogit| and three top-k lists, for one prompt's
+    logits (vocab,) or their Scorers (so that log-probabilities are computed once for every score)."""
+    return compare_rows(tokenizer, *(scorer(x).as_rows() for x in (ctx, no_ctx, patched)), k)[0]
+
+
+def compare_rows(tokenizer, ref: Scorer, no_ctx: Scorer, patched: Scorer, k: int) -> list[dict]:
+    """`compare_logits` of every row of three Scorers of (n, vocab) logits, each figure computed for every row at
+    once."""
+    errors = (ref.logits.to(MATH_DTYPE) - patched.logits.to(MATH_DTYPE)).abs().amax(-1)
+    columns = [ref.kls(patched).tolist(), ref.kls(no_ctx).tolist(), (ref.top1 == patched.top1).tolist(),
+               errors.tolist(), *(top_rows(tokenizer, s, k) for s in (ref, no_ctx, patched))]  # fmt: skip
+    return [{"kl_patched": kl, "kl_no_context": kl_0, "top1_match": match, "max_logit_error": error,
+             "top_k": {"context": top_ctx, "no_context": top_0, "patched": top_patched}}
+            for kl, kl_0, match, error, top_ctx, top_0, top_patched in zip(*columns)]  # fmt: skip
 
 
 class Scorer:
-    """One next-token distribution, for scores: its logits and their float64 log-probabilities, computed once
-    however often it is scored, and, when first asked for, its probabilities and top-1. Every KL is
-    `lowrank.kl_divergence`'s arithmetic (`log_probs`, `kl_of`), so the figures are the same to the last bit.
-    `Scorer.rows` makes the Scorers of many rows in one pass over their logits."""
+    """Next-token distributions to score: logits (vocab,), or (n, vocab) for n rows scored row by row, with their
+    float64 log-probabilities computed once however often they are scored (for a batch, one log-softmax for all its
+    rows), and, when first asked for, their probabilities and top-1. A KL is `lowrank.kl_divergence`'s arithmetic
+    (`log_probs`, then the sum of p (log p − log q) over the vocabulary, clamped at 0): for one distribution the same
+    to the last bit; rows summed together may round their last bit differently (the sums split differently)."""
 
     def __init__(self, logits: torch.Tensor, log_p: torch.Tensor | None = None):
         self.logits = logits
         self.log_p = log_probs(logits) if log_p is None else log_p
         self._p: torch.Tensor | None = None
         self._top1: torch.Tensor | None = None
-
-    @staticmethod
-    def rows(logits: torch.Tensor) -> list[Scorer]:
-        """A Scorer per row of logits (n, vocab), the log-probabilities of every row computed together (for a batch of
-        32 prompts' five distributions each, one log-softmax instead of 160)."""
-        return [Scorer(row, log_p) for row, log_p in zip(logits, log_probs(logits))]
 
     @property
     def p(self) -> torch.Tensor:
@@ -71,19 +66,38 @@ class Scorer:
 
     @property
     def top1(self) -> torch.Tensor:
-        """The most likely token's id, a 0-d tensor."""
+        """The most likely token's id: a 0-d tensor, or (n,) for rows."""
         if self._top1 is None:
-            self._top1 = self.logits.argmax()
+            self._top1 = self.logits.argmax(-1)
         return self._top1
 
+    def __getitem__(self, rows: slice) -> Scorer:
+        """The Scorer of some rows (views; what is computed already is kept)."""
+        part = Scorer(self.logits[rows], self.log_p[rows])
+        part._p = None if self._p is None else self._p[rows]
+        part._top1 = None if self._top1 is None else self._top1[rows]
+        return part
+
+    def as_rows(self) -> Scorer:
+        """A one-distribution Scorer as one row, (1, vocab); rows as they are."""
+        return self if self.logits.ndim == 2 else self[None]
+
+    def kls(self, other) -> torch.Tensor:
+        """KL(self ‖ other) in nats, float64, row by row: 0-d, or (n,) for rows (`other`: logits or their Scorer)."""
+        return (self.p * (self.log_p - scorer(other).log_p)).sum(-1).clamp_min(0.0)
+
     def kl(self, other) -> float:
-        """KL(self ‖ other) in nats, float64; `other` is logits or their Scorer."""
-        return kl_of(self.p, self.log_p, scorer(other).log_p)
+        """KL(self ‖ other) of one distribution, in nats."""
+        return float(self.kls(other))
 
     def score(self, other) -> dict:
         """{kl: KL(self ‖ other), top1_match} for one static application (`other`: logits or their Scorer)."""
-        other = scorer(other)
-        return {"kl": self.kl(other), "top1_match": bool(self.top1 == other.top1)}
+        return self.as_rows().scores(scorer(other).as_rows())[0]
+
+    def scores(self, other: Scorer) -> list[dict]:
+        """`score` of every row."""
+        return [{"kl": kl, "top1_match": match}
+                for kl, match in zip(self.kls(other).tolist(), (self.top1 == other.top1).tolist())]  # fmt: skip
 
 
 def scorer(ctx) -> Scorer:
@@ -92,14 +106,16 @@ def scorer(ctx) -> Scorer:
 
 
 def top_tokens(tokenizer, logits, k: int) -> list[dict]:
-    """The k most likely tokens of logits (vocab,) or their Scorer, with their float64 probabilities (exp of the
-    log-probabilities, which the Scorer has already)."""
-    dist = scorer(logits)
-    top = torch.topk(dist.log_p, min(k, dist.log_p.numel()))
-    return [
-        {"token": tokenizer.decode([int(i)]), "id": int(i), "prob": p}
-        for p, i in zip(top.values.exp().tolist(), top.indices.tolist())
-    ]
+    """The k most likely tokens of logits (vocab,) or their Scorer, with their float64 probabilities."""
+    return top_rows(tokenizer, scorer(logits).as_rows(), k)[0]
+
+
+def top_rows(tokenizer, rows: Scorer, k: int) -> list[list[dict]]:
+    """`top_tokens` of every row of a Scorer of (n, vocab) logits: the probabilities are the exp of the
+    log-probabilities, which the Scorer has already."""
+    top = torch.topk(rows.log_p, min(k, rows.log_p.shape[-1]))
+    return [[{"token": tokenizer.decode([i]), "id": i, "prob": p} for p, i in zip(ps, ids)]
+            for ps, ids in zip(top.values.exp().tolist(), top.indices.tolist())]  # fmt: skip
 
 
 def prob(logits: torch.Tensor, token_id: int) -> float:
@@ -164,15 +180,19 @@ def ablation_rows(chosen: list[Block], patch: Patch, both=None) -> list[Patch]:
     return parts if both is not None else [*parts, patch]
 
 
-def ablation_scores(ctx, logits: torch.Tensor, both=None) -> dict:
+def ablation_scores(ctx, logits, both=None) -> dict:
     """KL and top-1 against the context (its logits or their Scorer) of the ablation_rows' logits (rows in that
-    order)."""
-    ref = scorer(ctx)
-    return {
-        "delta_w_only": ref.score(logits[0]),
-        "bias_only": ref.score(logits[1]),
-        "both": ref.score(both if both is not None else logits[2]),
-    }
+    order; a tensor (rows, vocab) or their Scorer)."""
+    rows = scorer(logits)
+    whole = rows[2:3] if both is None else scorer(both).as_rows()
+    return ablation_rows_scores(scorer(ctx).as_rows(), rows[0:1], rows[1:2], whole)[0]
+
+
+def ablation_rows_scores(ref: Scorer, delta_w_only: Scorer, bias_only: Scorer, both: Scorer) -> list[dict]:
+    """`ablation_scores` of every row of Scorers of (n, vocab) logits: against ref, the patch applied as its ΔW only,
+    its Δb only, and whole."""
+    kinds = zip(*(ref.scores(x) for x in (delta_w_only, bias_only, both)))
+    return [{"delta_w_only": w, "bias_only": b, "both": whole} for w, b, whole in kinds]
 
 
 def ablation(model: nn.Module, chosen: list[Block], patch: Patch, ids: Ids, ctx, both=None) -> dict:
