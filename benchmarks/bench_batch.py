@@ -18,7 +18,8 @@ Each batched arm's result lines are checked against B = 1's: the same top-1 toke
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
 tests/test_batched.py). Each size also reports the process's resident set after each of its runs, which
 stays flat when a run leaves nothing behind. --quick: 4 demo prompts, 2 long ones and 2 distinct long ones,
-B = 1 and 2.
+B = 1 and 2. Like the command line, the process keeps freed memory for reuse (`allocator.keep_freed`;
+bench_allocator.py measures what that changes).
 
     python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--sizes 1,8,32] [--quick] [--json PATH]
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 import icl_probe
+from icl_probe.allocator import keep_freed
 from icl_probe.batch import run_batch
 from icl_probe.batched import pass_parts
 from icl_probe.capture import (
@@ -197,8 +199,9 @@ def main() -> None:
     if args.quick:
         args.demo, args.long, args.distinct, args.sizes, args.repeat = 4, 2, 2, "1,2", 1
     sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})  # B = 1 is the reference
+    kept = keep_freed()  # as the command line does: freed memory kept for reuse (allocator.py)
     model, tok = icl_probe.load_model(MODEL)
-    print(f"{MODEL} float32, {torch.get_num_threads()} threads", flush=True)
+    print(f"{MODEL} float32, {torch.get_num_threads()} threads, freed memory kept: {kept}", flush=True)
     rows = []
     if args.demo:
         rows += measure(model, tok, "demo", demo_prompts(args.demo), sizes, args.repeat)

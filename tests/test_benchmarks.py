@@ -94,6 +94,21 @@ def test_bench_batch_quick(tmp_path):
         assert low == high == pytest.approx(r["over_limit_paired"]) == pytest.approx(r["over_limit"])
 
 
+def test_bench_allocator_quick(tmp_path):
+    """Both arms run (each a fresh process), the setting is applied in its arm only, and the results agree."""
+    out = tmp_path / "allocator.json"
+    run = run_quick("bench_allocator.py", out, OMP_NUM_THREADS="1")
+    assert "kept applied: True" in run.stdout and "results agree across arms: True" in run.stdout
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["agree"] is True
+    rows = doc["rows"]
+    for key in ("batch B=8", "passes B=8", "batch B=32", "passes B=32", "analyze ×8"):
+        row = rows[key]
+        assert row["default"] > 0 and row["kept"] > 0
+        assert row["default_over_kept"] == pytest.approx(row["default"] / row["kept"])
+    assert rows["resident kept"]["peak_mb"] > 0 and rows["resident default"]["final_mb"] > 0
+
+
 def test_bench_study_quick(tmp_path):
     """A study cell's analyses and icl hits at --batch-size 8 give B = 1's hits, top-1 agreement and figures within
     float32 rounding (1e-4 relative or 1e-6 absolute)."""

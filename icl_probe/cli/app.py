@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
+from ..allocator import keep_freed
 from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..threads import fit_threads
@@ -248,6 +249,7 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     from ..models import load_model  # in the body: --help and --version start without torch
 
     fit_threads(THREADS["requested"])
+    keep_freed()
     with working(status, f"Loading {model} ({dtype}, {where})…", counted) as work:
 
         def converting(folder) -> None:
