@@ -71,8 +71,9 @@ class Scorer:
             self._top1 = self.logits.argmax(-1)
         return self._top1
 
-    def __getitem__(self, rows: slice) -> Scorer:
-        """The Scorer of some rows (views; what is computed already is kept)."""
+    def __getitem__(self, rows: slice | int | None) -> Scorer:
+        """The Scorer of some rows (a slice), of one row's distribution (an index), or of one distribution as a row
+        (None): views, and what is computed already is kept."""
         part = Scorer(self.logits[rows], self.log_p[rows])
         part._p = None if self._p is None else self._p[rows]
         part._top1 = None if self._top1 is None else self._top1[rows]
