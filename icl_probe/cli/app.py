@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
-from ..allocator import keep_freed
 from ..errors import IclProbeError, UsageError
 from ..fileio import atomic_write_text, check_writable
 from ..threads import fit_threads
@@ -246,7 +245,8 @@ def load(status: Console, model: str, dtype: str, device: str, trust_remote_code
     if device_map is None and (max_memory or offload):
         raise UsageError("--max-memory and --offload-folder need --device-map (e.g. --device-map auto)")
     where = f"device map {device_map}" if device_map else device
-    from ..models import load_model  # in the body: --help and --version start without torch
+    from ..allocator import keep_freed  # in the body: --help and --version start without torch (or ctypes)
+    from ..models import load_model
 
     fit_threads(THREADS["requested"])
     keep_freed()
