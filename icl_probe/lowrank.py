@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "MATH_DTYPE", "LowRank", "RankOne", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
     "qr_r", "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence", "log_probs",
-    "kl_of"
+    "kl_of", "kl_rows"
 ]  # fmt: skip
 
 from collections.abc import Iterator
@@ -269,5 +269,10 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def kl_of(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """KL(P ‖ Q) from P's probabilities and both log-probabilities (`log_probs`), clamped at 0 (roundoff)."""
-    return max(0.0, float((p * (log_p - log_q)).sum()))
+    """KL(P ‖ Q) from P's probabilities and both log-probabilities (`log_probs`) of one distribution each."""
+    return float(kl_rows(p, log_p, log_q))
+
+
+def kl_rows(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P ‖ Q) over the last axis, row by row, in float64 (0-d for one distribution), clamped at 0 (roundoff)."""
+    return (p * (log_p - log_q)).sum(-1).clamp_min(0.0)

@@ -23,7 +23,7 @@ from .arch import Block
 from .capture import Target, last_logits, last_logits_rows
 from .errors import InputError
 from .inputs import Ids
-from .lowrank import MATH_DTYPE, LowRank, log_probs, matvec, qr_r
+from .lowrank import MATH_DTYPE, LowRank, kl_rows, log_probs, matvec, qr_r
 from .patching import Patch, applied, applied_rows
 
 
@@ -48,8 +48,8 @@ class Scorer:
     """Next-token distributions to score: logits (vocab,), or (n, vocab) for n rows scored row by row, with their
     float64 log-probabilities computed once however often they are scored (for a batch, one log-softmax for all its
     rows), and, when first asked for, their probabilities and top-1. A KL is `lowrank.kl_divergence`'s arithmetic
-    (`log_probs`, then the sum of p (log p − log q) over the vocabulary, clamped at 0): for one distribution the same
-    to the last bit; rows summed together may round their last bit differently (the sums split differently)."""
+    (`log_probs`, `kl_rows`): for one distribution the same to the last bit; rows summed together may round their
+    last bit differently (torch splits a row's sum differently)."""
 
     def __init__(self, logits: torch.Tensor, log_p: torch.Tensor | None = None):
         self.logits = logits
@@ -85,7 +85,7 @@ class Scorer:
 
     def kls(self, other) -> torch.Tensor:
         """KL(self ‖ other) in nats, float64, row by row: 0-d, or (n,) for rows (`other`: logits or their Scorer)."""
-        return (self.p * (self.log_p - scorer(other).log_p)).sum(-1).clamp_min(0.0)
+        return kl_rows(self.p, self.log_p, scorer(other).log_p)
 
     def kl(self, other) -> float:
         """KL(self ‖ other) of one distribution, in nats."""
