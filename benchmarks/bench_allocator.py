@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from icl_probe.progress import Clock
+
 ARMS = ("default", "kept")
 SIZES = (8, 32)
 
@@ -99,11 +101,13 @@ def main() -> None:
     if args.quick:
         args.rounds, args.repeat, args.n = 1, 1, 16
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    clock = Clock(args.rounds * len(ARMS), 0)
     for r in range(args.rounds):
         for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
             start = time.perf_counter()
             results[arm].append(run_arm(arm, args.repeat, args.n))
-            print(f"[round {r + 1}/{args.rounds}] {arm}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            line = clock.tick(f"round {r + 1}, {arm}", time.perf_counter() - start, False)
+            print(line, file=sys.stderr, flush=True)
     first = results["default"][0]
     print(f"smollm2-135m float32, {first['threads']} threads, {args.n} demo prompts, {args.rounds} rounds × "
           f"{args.repeat} repeats; kept applied: {results['kept'][0]['applied']}")  # fmt: skip

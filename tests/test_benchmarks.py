@@ -99,6 +99,8 @@ def test_bench_allocator_quick(tmp_path):
     out = tmp_path / "allocator.json"
     run = run_quick("bench_allocator.py", out, OMP_NUM_THREADS="1")
     assert "kept applied: True" in run.stdout and "results agree across arms: True" in run.stdout
+    progress = [line for line in run.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in progress] == ["[1/2", "[2/2"] and progress[-1].endswith("ETA 0m00s")
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["agree"] is True
     rows = doc["rows"]
