@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "MATH_DTYPE", "LowRank", "RankOne", "naive_precision", "update_dtype", "rank_one_update", "rank_one_map", "matvec",
-    "qr_r", "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence", "log_probs",
-    "kl_of", "kl_rows"
+    "product_dtype", "qr_r", "check_norm", "frobenius_inner", "alignment", "all_finite", "add_rounded", "kl_divergence",
+    "log_probs", "kl_of", "kl_rows"
 ]  # fmt: skip
 
 from collections.abc import Iterator
@@ -169,7 +169,11 @@ class RankOne:
         return RankOne(z_ctx.to(update_dtype()) - z0, z0, squared_norms(z0, where))
 
     def update(self, weight: torch.Tensor) -> LowRank:
-        u = matvec(weight, self.dz.movedim(-1, 0)).movedim(0, -1)  # W (z_ctx − z0), (..., out)
+        return self.of_product(matvec(weight, self.dz.movedim(-1, 0)).movedim(0, -1))
+
+    def of_product(self, w_dz: torch.Tensor) -> LowRank:
+        """The update from W (z_ctx − z0) (..., out), computed as `matvec` computes it (in `product_dtype`)."""
+        u = w_dz.to(self.dz.device, update_dtype())
         return LowRank((u / self.v_sq)[..., None], self.v[..., None].clone())
 
 
@@ -202,10 +206,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     as accurate as the float32 model's own first linear layer. bf16/fp16 weights are lifted to
     float32 a block of rows at a time, so the copy stays small on any model.
     """
-    if _NAIVE.get() is not None:
-        work = _NAIVE.get()
-    else:
-        work = MATH_DTYPE if weight.dtype == MATH_DTYPE else torch.float32
+    work = product_dtype(weight.dtype)
     xw = x.to(weight.device, work)
     if weight.dtype == work:
         y = weight @ xw
@@ -213,6 +214,13 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, MATVEC_BLOCK // max(1, weight[0].numel()))  # rows of a matrix, or experts of (E, out, in)
         y = torch.cat([block.to(work) @ xw for block in weight.split(rows)])
     return y.to(x.device, update_dtype())
+
+
+def product_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype `matvec` multiplies a weight of `weight_dtype` in."""
+    if _NAIVE.get() is not None:
+        return _NAIVE.get()
+    return MATH_DTYPE if weight_dtype == MATH_DTYPE else torch.float32
 
 
 def check_norm(norm: torch.Tensor, where: str) -> None:

@@ -37,6 +37,7 @@ from .lowrank import (
     LowRank,
     RankOne,
     add_rounded,
+    product_dtype,
     rank_one_map,
     update_dtype,
 )
@@ -115,6 +116,8 @@ class BlockCapture:
     block_error: torch.Tensor | None = None  # (B,) ‖h_patched − h_ctx‖ / ‖h_ctx‖ after Δb
     fold_min_abs_normalised: torch.Tensor | None = None  # (B,), norm-scale fold only
     input_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # MoE reader → (a, v)
+    rode: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # first linear → (z, its rows) while
+    # its input carries dz's rows too (`ride_hook`)
 
 
 class SequentialRun:
@@ -154,11 +157,14 @@ class SequentialRun:
     def running(self) -> Iterator[None]:
         """The run's taps and hooks, for the forward pass of the query rows inside the block."""
         build = [(m, self.build_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()]
+        ride = [(m, self.ride_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()
+                if rides_product(m)]  # fmt: skip
         maps = [(b.part(rel), self.map_hook(b, rel, paths)) for b in self.chosen if b.moe for rel, paths in b.readers]
         maps += [(b.z_reader, self.z_hook(b)) for b in self.chosen if b.moe and b.moe.readers]
         blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
         quiet = self.quiet  # the recording's hooks hold the flag, not the run
-        with recording(self.taps(), active=lambda: not quiet.on) as seen, hooked(build + blocks), pre_hooked(maps):
+        taps = recording(self.taps(), active=lambda: not quiet.on)
+        with taps as seen, hooked(build + blocks), pre_hooked(maps + ride):
             self.seen = seen
             yield
 
@@ -194,18 +200,49 @@ class SequentialRun:
             if self.quiet.on:
                 return None
             z, cap = args[0], self.captures[b.index]
+            rode = cap.rode.pop(path, None)
+            if rode is not None:  # `ride_hook` appended dz's rows to the layer's input: W dz is the output's last rows
+                z, n = rode
+                w_dz, output = output[n:], output[:n].reshape(*z.shape[:-1], -1)
             rows = output.reshape(self.batch, -1, output.shape[-1])
             cap.first0[path] = self.at_last(rows)[: self.solved, None].clone()  # (B, 1, out): for `rerun_mlp`
             with stage("ΔW build"):
-                if cap.z is not z:  # the block's first linears read one z: z0, dz and ‖z0‖² are computed once
-                    cap.z, cap.z_rows, cap.dtype = z, self.last(z), z.dtype
-                    cap.z0 = cap.z_rows[: self.solved]
-                    cap.rank_one = RankOne.of(self.targets[b.index].z_ctx, cap.z0, path)
-                delta = self.low_rank[path] = cap.rank_one.update(arch.weight_out_in(module, b.family))
+                if rode is None:
+                    self.read_z(b, path, z)
+                    delta = cap.rank_one.update(arch.weight_out_in(module, b.family))
+                else:
+                    delta = cap.rank_one.of_product(w_dz)
+                self.low_rank[path] = delta
             with stage("ΔW x"):
                 return self.added(output, "delta_w", partial(self.with_delta_w, delta, z))
 
         return hook
+
+    def ride_hook(self, b: Block, path: str):
+        """Step 1 at a first linear that `rides_product`: read z0, and append dz's rows to the layer's input, so that
+        the layer's own product computes W (z_ctx − z0) as it computes W z (one read of W, not two: 26 ms of a
+        B = 8 batch's 290 ms solve on SmolLM2, two threads); `build_hook` takes them off its output."""
+
+        def hook(module, args, kwargs):
+            z = args[0] if len(args) == 1 and not kwargs else None
+            if self.quiet.on or z is None or z.dtype != module.weight.dtype:
+                return None
+            with stage("ΔW build"):
+                cap = self.read_z(b, path, z)
+                flat = z.reshape(-1, z.shape[-1])  # (B·T, in)
+                cap.rode[path] = (z, flat.shape[0])
+                return (torch.cat([flat, cap.rank_one.dz.to(z.device, z.dtype)]),), kwargs
+
+        return hook
+
+    def read_z(self, b: Block, path: str, z: torch.Tensor) -> BlockCapture:
+        """z0, dz and ‖z0‖² from the first linears' input z (B, T, in); computed once for the block's one z."""
+        cap = self.captures[b.index]
+        if cap.z is not z:
+            cap.z, cap.z_rows, cap.dtype = z, self.last(z), z.dtype
+            cap.z0 = cap.z_rows[: self.solved]
+            cap.rank_one = RankOne.of(self.targets[b.index].z_ctx, cap.z0, path)
+        return cap
 
     def map_hook(self, b: Block, rel: str, paths: tuple[str, ...]):
         """Steps 1 and 2 at one reader of an MoE block: the ΔW of `paths` (relative to the block) from its own input
@@ -377,6 +414,13 @@ class SequentialRun:
             cap.block_error,
             fold_min_abs_normalised=cap.fold_min_abs_normalised, route_patched=self.seen.get((key, "route")),
         )  # fmt: skip
+
+
+def rides_product(module: nn.Module) -> bool:
+    """Whether W (z_ctx − z0) can be rows of the layer's own product: a plain bias-free nn.Linear whose dtype is
+    the one `matvec` multiplies in (float32 or float64 weights, or any under naive_precision of that dtype)."""
+    plain = type(module) is nn.Linear and module.bias is None
+    return plain and product_dtype(module.weight.dtype) == module.weight.dtype
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:
