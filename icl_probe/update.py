@@ -156,9 +156,9 @@ class SequentialRun:
     @contextmanager
     def running(self) -> Iterator[None]:
         """The run's taps and hooks, for the forward pass of the query rows inside the block."""
-        build = [(m, self.build_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()]
         ride = [(m, self.ride_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()
-                if rides_product(m)]  # fmt: skip
+                if rides_product(m)]  # fmt: skip  # before any hook of the run's own is registered
+        build = [(m, self.build_hook(b, path)) for b in self.chosen if not b.moe for path, m in b.first.items()]
         maps = [(b.part(rel), self.map_hook(b, rel, paths)) for b in self.chosen if b.moe for rel, paths in b.readers]
         maps += [(b.z_reader, self.z_hook(b)) for b in self.chosen if b.moe and b.moe.readers]
         blocks = [(b.module, self.block_hook(b)) for b in self.chosen]
@@ -418,9 +418,11 @@ class SequentialRun:
 
 def rides_product(module: nn.Module) -> bool:
     """Whether W (z_ctx − z0) can be rows of the layer's own product: a plain bias-free nn.Linear whose dtype is
-    the one `matvec` multiplies in (float32 or float64 weights, or any under naive_precision of that dtype)."""
+    the one `matvec` multiplies in (float32 or float64 weights, or any under naive_precision of that dtype), with
+    no hook of anyone else's, which would see the extra rows."""
     plain = type(module) is nn.Linear and module.bias is None
-    return plain and product_dtype(module.weight.dtype) == module.weight.dtype
+    alone = not module._forward_hooks and not module._forward_pre_hooks
+    return plain and alone and product_dtype(module.weight.dtype) == module.weight.dtype
 
 
 def norm_scale_fold(delta_b: torch.Tensor, n_last: torch.Tensor, where: str) -> torch.Tensor:

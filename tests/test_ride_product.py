@@ -37,3 +37,29 @@ def test_every_delta_w_maps_z0_to_w_dz_against_a_dense_product(name, dtype):
             delta = solution.patches[0].low_rank[path]
             got = delta.u @ (delta.v.T @ z0)  # ΔW z0, (out,)
             assert torch.linalg.norm(got - expected) <= TOLERANCE[dtype] * torch.linalg.norm(expected), path
+
+
+def test_a_first_linear_with_a_hook_of_its_own_is_left_to_its_usual_shapes():
+    """A hook someone else put on a first linear would see dz's rows: that layer's W dz is a product of its own, the
+    hook sees the layer's usual (rows, T, in) → (rows, T, out), and ΔW z0 = W (z_ctx − z0) still holds."""
+    model, tok = tiny_model("llama", torch.float32), tokenizer_for("llama")
+    chosen = select_blocks(model, None)
+    prompt = tokenize(tok, *PROMPT)
+    path, module = next(iter(chosen[0].first.items()))
+    shapes = []
+    handle = module.register_forward_hook(lambda m, args, out: shapes.append((args[0].shape, out.shape)))
+    try:
+        assert not rides_product(module) and rides_product(chosen[1].first[path.replace(".0.", ".1.")])
+        with torch.no_grad():
+            targets, _ = capture_targets(model, chosen, prompt.full)
+            shapes.clear()
+            solution = solve(model, chosen, targets, prompt.query_only, "bias", riders=ablation_riders(1))
+    finally:
+        handle.remove()
+    rows, width = 4, len(prompt.query_only)  # the pass: the solved row and its 3 riders (then the MLP's re-run at z0)
+    assert shapes[0][0][:-1] == (rows, width) and all(x[:-1] == y[:-1] for x, y in shapes)
+    z0, z_ctx = solution.records[0][0].z0[0], targets[0].z_ctx[0].double()
+    expected = arch.weight_out_in(module, chosen[0].family).double() @ (z_ctx - z0)
+    delta = solution.patches[0].low_rank[path]
+    got = delta.u @ (delta.v.T @ z0)
+    assert torch.linalg.norm(got - expected) <= TOLERANCE[torch.float32] * torch.linalg.norm(expected)
