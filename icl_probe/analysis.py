@@ -255,16 +255,17 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
     """`analyze` with the update solved at the query's last token: rank 1 per module."""
     prompt, chosen, residual = run.prompt, run.chosen, run.residual
     with torch.no_grad(), precision_scope(model, precision):
+        riders = ablation_riders(1) if rides(chosen, residual) and rows_exact(model, chosen) else []
+        matched = bool(riders) and not generate  # the capture's output layer runs as the solve's 1 + 3 rows do
         with stage("capture"):
             if generate:  # the full prompt on a KV cache, which the generated tokens then extend
                 targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None)
             else:
-                targets, logits_ctx = capture_targets(model, chosen, prompt.full)
+                targets, logits_ctx = capture_targets(model, chosen, prompt.full, 1 + len(riders) if matched else None)
         with stage("finiteness checks"):
             check_finite(model, prompt, targets, logits_ctx)
-        riders = ablation_riders(1) if rides(chosen, residual) and rows_exact(model, chosen) else []
         with stage("solve"):  # the ablation's rows ride along (update.Rider), with no pass of their own
-            solution = solve_checked(model, chosen, targets, prompt, residual, riders)
+            solution = solve_checked(model, chosen, targets, prompt, residual, riders, matched)
         patch = solution.patches[0]
         ref, patched = Scorer(logits_ctx), Scorer(solution.logits[0])  # every score reads their log-probabilities
         if riders:
@@ -427,9 +428,9 @@ def check_finite_query(model: nn.Module, prompt: Prompt, logits_0: torch.Tensor)
 
 
 def solve_checked(model: nn.Module, chosen: list[Block], targets: dict, prompt: Prompt, residual: str,
-                  riders: list[Rider] = ()) -> Solution:  # fmt: skip
+                  riders: list[Rider] = (), matched_head: bool = False) -> Solution:  # fmt: skip
     """The sequential run; if its logits are not finite, the run is repeated to find where they broke."""
-    solution = solve(model, chosen, targets, prompt.query_only, residual, riders=riders)
+    solution = solve(model, chosen, targets, prompt.query_only, residual, riders=riders, matched_head=matched_head)
     if not all_finite(solution.logits):
         check_finite_query(model, prompt, last_logits(model, prompt.query_only))  # broken before any update?
         run = lambda: solve(model, chosen, targets, prompt.query_only, residual)  # noqa: E731

@@ -138,13 +138,14 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     (update.Rider): two passes; three where Δb is folded (each fold is checked applied as weights first)."""
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
+    riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
+    head_rows = len(runs) + len(riders) if riders else None  # the solve's rows: one output-layer product for both
     with stage("capture"):
-        targets, logits_ctx = capture_stacked(model, chosen, [run.prompt.full for run in runs])
+        targets, logits_ctx = capture_stacked(model, chosen, [run.prompt.full for run in runs], head_rows=head_rows)
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
-    riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
     with stage("solve"):
-        solution = solve_rows(model, chosen, targets, queries, residual, riders)
+        solution = solve_rows(model, chosen, targets, queries, residual, riders, matched_head=bool(riders))
         finite(solution.logits)
     if riders:  # the ablation's rows rode along in the solve's pass, kind by kind; the whole patch is the solved row
         finite(solution.riders)

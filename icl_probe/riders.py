@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .hooks import current_weight, hooked, pre_hooked
+from .capture import columns_logits, head_columns
+from .hooks import hooked, pre_hooked
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,28 @@ def rides(chosen: list[Block], residual: str) -> bool:
 
 
 @contextmanager
-def apart(model: nn.Module, run) -> Iterator[None]:
-    """With riders, the output layer computes the solved rows' logits apart from the riders', in the shape a pass of
-    the solved rows alone gives them: a matmul of another shape rounds differently, and where the last block's Δb
-    restores the with-context state exactly, the patched logits must then equal the context's bit for bit
-    (kl_patched = 0 in float32). The layer itself runs on the solved rows; the riders' logits are W xᵀ, which on
-    this CPU costs a third of the layer's own x Wᵀ for a few rows: for one solved row and three riders, an output
-    layer of SmolLM2's shape (49152 × 576, float32) took 16 ms this way against 29 ms for the layer on all four rows
-    and once more on the solved row (torch 2.13, 2 threads; 65 against 87 ms for 32 solved rows and 96 riders). A
-    head that is not a plain `nn.Linear` runs on every row, then once more on the solved rows."""
+def apart(model: nn.Module, run, matched: bool = False) -> Iterator[None]:
+    """With riders, the output layer computes the solved rows' logits in a product of the shape the with-context
+    pass used: a matmul of another shape rounds differently, and where the last block's Δb restores the
+    with-context state exactly, the patched logits must then equal the context's bit for bit (kl_patched = 0 in
+    float32).
+    - `matched`: the with-context pass ran under `capture.head_columns(model, run.batch)`, so every row of this pass
+      runs through that same product (for 8 solved rows and 24 riders on SmolLM2, two threads, the solve's pass took
+      15 ms less than the way below; 1 and 3: 10 ms).
+    - Otherwise the layer itself runs on the solved rows, and the riders' logits are W xᵀ, which on this CPU costs
+      a third of the layer's own x Wᵀ for a few rows: for one solved row and three riders, an output layer of
+      SmolLM2's shape (49152 × 576, float32) took 16 ms this way against 29 ms for the layer on all four rows and
+      once more on the solved row (torch 2.13, 2 threads; 65 against 87 ms for 32 solved rows and 96 riders).
+    A head that is not a plain `nn.Linear` runs on every row, then once more on the solved rows."""
     head = model.get_output_embeddings() if run.riders else None
     if head is None:
         yield
         return
     plain = type(head) is nn.Linear
+    if plain and matched:
+        with head_columns(model, run.batch):
+            yield
+        return
     kept = {"x": None, "inner": False}  # plain: the riders' input, which the layer's call leaves out; else the solved
 
     def keep(module, args, kwargs):
@@ -84,7 +93,7 @@ def apart(model: nn.Module, run) -> Iterator[None]:
             return None
         x, kept["x"] = kept["x"], None
         if plain:  # the layer ran on the solved rows; the riders' logits follow them
-            return torch.cat([output, riders_logits(module, x).to(output.device, output.dtype)])
+            return torch.cat([output, columns_logits(module, x).to(output.device, output.dtype)])
         kept["inner"] = True
         try:
             solved = module(x)  # the solved rows again, in a product of their own
@@ -95,13 +104,3 @@ def apart(model: nn.Module, run) -> Iterator[None]:
 
     with pre_hooked([(head, keep)]), hooked([(head, join)]):
         yield
-
-
-def riders_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The output layer at x (..., hidden) as W xᵀ (+ b), (..., vocab)."""
-    weight = current_weight(head)
-    flat = x.reshape(-1, x.shape[-1]).to(weight.device, weight.dtype)
-    y = (weight @ flat.mT).mT
-    if head.bias is not None:
-        y = y + current_weight(head, "bias")
-    return y.reshape(*x.shape[:-1], -1)

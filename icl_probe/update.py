@@ -446,13 +446,15 @@ def solve(
     residual: str,
     batch: int = 1,
     riders: list[Rider] = (),
+    matched_head: bool = False,
 ) -> Solution:
     """Run `batch` rows of the query with the sequential hooks; each row reaches its own row of `targets`. Each of
-    `riders` (see `Rider`) is one more row of the pass, whose logits come back as `Solution.riders`."""
+    `riders` (see `Rider`) is one more row of the pass, whose logits come back as `Solution.riders`.
+    `matched_head`: the targets' pass ran its output layer under `capture.head_columns` for this pass's rows."""
     if any(b.moe for b in chosen):
         return solve_moe(model, chosen, targets, query, residual, batch)
     run = SequentialRun(chosen, targets, residual, batch, riders=riders)
-    with run.running(), apart(model, run):
+    with run.running(), apart(model, run, matched_head):
         logits = forward(model, [query] * run.batch, use_cache=False)
     return solution_of(run, logits)
 
@@ -478,11 +480,12 @@ def solve_rows(
     queries: list[Ids],
     residual: str,
     riders: list[Rider] = (),
+    matched_head: bool = False,
 ) -> Solution:
     """`solve` for rows that are different queries (token ids or Vectors), each reaching its own row of `targets`,
     in one right-padded pass. Causal attention keeps a row's real positions as they run alone: its padding (its own
     last token repeated) comes after them, and every read is at the row's own last real position. MoE blocks route
-    per prompt, so with them each row is solved alone (`solve_moe`). `riders` ride along as in `solve`."""
+    per prompt, so with them each row is solved alone (`solve_moe`). `riders` and `matched_head` as in `solve`."""
     if any(b.moe for b in chosen):
         runs = [solve_moe(model, chosen, {k: t.row(i) for k, t in targets.items()}, q, residual, 1)
                 for i, q in enumerate(queries)]  # fmt: skip
@@ -490,7 +493,7 @@ def solve_rows(
     inputs, lasts = padded_inputs(model, [*queries, *(queries[r.owner] for r in riders)])
     uniform = int(lasts.min()) == int(lasts.max())  # rows of one length (a row and its riders): read the last position
     run = SequentialRun(chosen, targets, residual, len(queries), None if uniform else lasts, riders)
-    with run.running(), apart(model, run):
+    with run.running(), apart(model, run, matched_head):
         logits = padded_logits(model, inputs, lasts, use_cache=False)
     return solution_of(run, logits)
 

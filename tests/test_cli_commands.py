@@ -124,13 +124,13 @@ def test_non_finite_patched_run_is_searched_patched(monkeypatch, tokenizer):
     model = tiny_model("llama")
     real_solve = analysis.solve
 
-    def overflowing_solve(model, chosen, targets, query, residual, batch=1, riders=()):
+    def overflowing_solve(model, chosen, targets, query, residual, batch=1, riders=(), **options):
         def poison(module, args, output):
             return output * float("inf")
 
         handle = model.model.layers[1].mlp.down_proj.register_forward_hook(poison)  # inside the MLP
         try:
-            return real_solve(model, chosen, targets, query, residual, batch, riders)
+            return real_solve(model, chosen, targets, query, residual, batch, riders, **options)
         finally:
             handle.remove()
 

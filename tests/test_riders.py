@@ -7,7 +7,14 @@ import pytest
 import torch
 from tiny import tiny_model, tokenizer_for
 
-from icl_probe.capture import capture_targets, capture_targets_rows, last_logits_rows, select_blocks
+from icl_probe.capture import (
+    capture_targets,
+    capture_targets_rows,
+    columns_logits,
+    head_columns,
+    last_logits_rows,
+    select_blocks,
+)
 from icl_probe.errors import UsageError
 from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
@@ -138,3 +145,31 @@ def test_riders_under_autograd_equal_the_riders_without_it():
     recorded.riders.sum().backward()  # the graph autograd recorded is whole: the riders' logits differentiate
     assert all(p.grad is not None for p in model.parameters())
     model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_columns_logits_are_the_layers_and_a_row_keeps_its_bits_whatever_the_other_rows(bias):
+    """W xᵀ (+ b) in one product of 12 columns equals the layer against a float64 product, and row i's logits are the
+    same bits whether the other columns are zeros (a with-context pass) or other rows (the solve's riders)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    x = torch.randn(3, 1, 16)
+    dense = x.double() @ head.weight.double().T + (head.bias.double() if bias else 0)
+    padded = columns_logits(head, x, rows=12)
+    assert padded.shape == (3, 1, 50)
+    torch.testing.assert_close(padded.double(), dense, rtol=1e-5, atol=1e-6)
+    with_others = columns_logits(head, torch.cat([x, torch.randn(9, 1, 16)]))
+    assert torch.equal(with_others[:3], padded)
+
+
+def test_head_columns_runs_the_output_layer_as_columns_then_gives_it_back():
+    model, tok = model_of("llama"), tokenizer_for("llama")
+    ids = tokenize(tok, *PROMPTS[0]).query_only
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        own = last_logits_rows(model, [ids])
+        with head_columns(model, 4):
+            assert "forward" in head.__dict__
+            columns = last_logits_rows(model, [ids])
+    assert "forward" not in head.__dict__
+    close(columns, own)
