@@ -65,6 +65,7 @@ from .moe import summary as moe_summary
 from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
+from .riders import pass_rows
 from .timing import stage
 from .update import LayerRecord, Rider, Solution, ablation_riders, moe_report, rides, row_record, solve
 from .version import __version__
@@ -256,16 +257,16 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
     prompt, chosen, residual = run.prompt, run.chosen, run.residual
     with torch.no_grad(), precision_scope(model, precision):
         riders = ablation_riders(1) if rides(chosen, residual) and rows_exact(model, chosen) else []
-        matched = bool(riders) and not generate  # the capture's output layer runs as the solve's 1 + 3 rows do
+        head_rows = pass_rows(1, riders) if riders else None  # the capture's output layer runs as the solve's rows do
         with stage("capture"):
             if generate:  # the full prompt on a KV cache, which the generated tokens then extend
-                targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None)
+                targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None, head_rows)
             else:
-                targets, logits_ctx = capture_targets(model, chosen, prompt.full, 1 + len(riders) if matched else None)
+                targets, logits_ctx = capture_targets(model, chosen, prompt.full, head_rows)
         with stage("finiteness checks"):
             check_finite(model, prompt, targets, logits_ctx)
         with stage("solve"):  # the ablation's rows ride along (update.Rider), with no pass of their own
-            solution = solve_checked(model, chosen, targets, prompt, residual, riders, matched)
+            solution = solve_checked(model, chosen, targets, prompt, residual, riders, head_rows is not None)
         patch = solution.patches[0]
         ref, patched = Scorer(logits_ctx), Scorer(solution.logits[0])  # every score reads their log-probabilities
         if riders:

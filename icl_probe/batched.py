@@ -50,7 +50,7 @@ from .inputs import Ids, tokenize
 from .lowrank import all_finite
 from .metrics import Scorer, ablation_rows, ablation_rows_scores, compare_rows, static_logits_each
 from .patching import Patch, applied
-from .riders import ABLATION
+from .riders import ABLATION, pass_rows
 from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
 
@@ -139,7 +139,7 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
     riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
-    head_rows = len(runs) + len(riders) if riders else None  # the solve's rows: one output-layer product for both
+    head_rows = pass_rows(len(runs), riders) if riders else None  # one output-layer product for both passes
     with stage("capture"):
         targets, logits_ctx = capture_stacked(model, chosen, [run.prompt.full for run in runs], head_rows=head_rows)
     with stage("finiteness checks"):

@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from .arch import Block
-from .capture import Target, input_device, last_logits, recording_targets, returned_cache, targets_of, with_cache
+from .capture import (
+    Target,
+    head_columns,
+    input_device,
+    last_logits,
+    recording_targets,
+    returned_cache,
+    targets_of,
+    with_cache,
+)
 from .inputs import Prompt
 from .lowrank import kl_divergence
 from .patching import Apply
@@ -67,9 +76,10 @@ class Generation:
         return {"mode": self.mode, "tokens": tokens, "agreement": self.agreement, "first_mismatch": self.first_mismatch}
 
 
-def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache):
-    """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache."""
-    with recording_targets(chosen, 1) as rec:
+def cached_step(model: nn.Module, chosen: list[Block], ids: list[int], cache, head_rows: int | None = None):
+    """Run `ids` after `cache` (None: from the start): targets and logits (vocab,) at the last token, and the cache;
+    with `head_rows`, the logits are `head_columns`' (for a solve of that many rows)."""
+    with recording_targets(chosen, 1) as rec, head_columns(model, head_rows):
         out = model(input_ids=torch.tensor([ids], device=input_device(model)), **with_cache(model, cache),
                     use_cache=True, logits_to_keep=1)  # fmt: skip
     return targets_of(rec, chosen), out.logits[0, -1], returned_cache(out)

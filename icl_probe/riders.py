@@ -7,7 +7,7 @@ computes: the ablation's rows need no pass of their own (update.SequentialRun ta
 
 from __future__ import annotations
 
-__all__ = ["Rider", "ABLATION", "ablation_riders", "rides", "apart"]
+__all__ = ["Rider", "ABLATION", "ablation_riders", "pass_rows", "rides", "apart"]
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +48,12 @@ def ablation_riders(batch: int) -> list[Rider]:
     return [Rider(i, w, b) for w, b in ABLATION for i in range(batch)]
 
 
+def pass_rows(solved: int, riders: list[Rider]) -> int:
+    """The rows of a solve's pass: its `solved` rows, then its riders. A with-context pass whose output layer must
+    match the solve's runs it under `capture.head_columns` for this many rows (`apart(..., matched=True)`)."""
+    return solved + len(riders)
+
+
 def rides(chosen: list[Block], residual: str) -> bool:
     """Whether riders can share the run's pass: Δb as a bias (a fold is checked as weights first), no MoE block."""
     return residual == "bias" and not any(b.moe for b in chosen)
@@ -63,10 +69,11 @@ def apart(model: nn.Module, run, matched: bool = False) -> Iterator[None]:
       runs through that same product, one read of the layer (SmolLM2, two threads: a pass of 8 solved rows and 24
       riders took 65 ms more than its rows unhooked, against 79 ms the way below; one analyze of a demo prompt took
       0.94× the time, paired median of 9).
-    - Otherwise the layer itself runs on the solved rows, and the riders' logits are W xᵀ, which on this CPU costs
-      a third of the layer's own x Wᵀ for a few rows: for one solved row and three riders, an output layer of
-      SmolLM2's shape (49152 × 576, float32) took 16 ms this way against 29 ms for the layer on all four rows and
-      once more on the solved row (torch 2.13, 2 threads; 65 against 87 ms for 32 solved rows and 96 riders).
+    - Otherwise (the prefix sweeps, whose with-context rows come from passes of other shapes), the layer itself
+      runs on the solved rows, and the riders' logits are W xᵀ, which on this CPU costs a third of the layer's own
+      x Wᵀ for a few rows: for one solved row and three riders, an output layer of SmolLM2's shape (49152 × 576,
+      float32) took 16 ms this way against 29 ms for the layer on all four rows and once more on the solved row
+      (torch 2.13, 2 threads; 65 against 87 ms for 32 solved rows and 96 riders).
     A head that is not a plain `nn.Linear` runs on every row, then once more on the solved rows."""
     head = model.get_output_embeddings() if run.riders else None
     if head is None:

@@ -44,7 +44,7 @@ from .lowrank import (
 from .mlp_inputs import MlpInputs, check_mlp_inputs, mlp_inputs_taps
 from .moe import ParamLowRank, Route, layer_routing, map_factors, mapped, param_update, routing_tap
 from .patching import Patch
-from .riders import Rider, ablation_riders, apart, rides
+from .riders import Rider, ablation_riders, apart, pass_rows, rides
 from .timing import stage
 
 # The norm-scale fold divides by the normalised MLP output n_last (RMS 1). A rounding error ε in n_k
@@ -142,7 +142,7 @@ class SequentialRun:
             raise UsageError('riders need `residual="bias"` and no mixture-of-experts block')
         self.chosen, self.targets, self.residual = chosen, targets, residual
         self.solved, self.riders = batch, list(riders)
-        self.batch = batch + len(self.riders)  # rows in the pass: the solved rows, then the riders
+        self.batch = pass_rows(batch, self.riders)  # rows in the pass: the solved rows, then the riders
         self.gathers: dict[str, list] = {}  # "delta_w" | "delta_b" → `carriers`: runs of rows given it, owners
         self.lasts = lasts  # (rows,) each row's last real position in a right-padded batch; None: the last one
         self.low_rank: dict[str, LowRank] = {}  # module path → ΔW, batched: a row per row of the query

@@ -80,7 +80,9 @@ def test_stable_update_keeps_every_generated_token(real_models, model_name, dtyp
     if dtype != model.dtype:
         model = copy.deepcopy(model).to(dtype)
     context, query = PROMPTS["capitals"]
-    gen = icl_probe.analyze(model, tokenizer, context, query, generate=5).to_dict()["generation"]
+    doc = icl_probe.analyze(model, tokenizer, context, query, generate=5).to_dict()
+    assert doc["logits"]["kl_patched"] == 0.0  # the KV-cached first pass's output layer is the solve's product too
+    gen = doc["generation"]
     assert len(gen["tokens"]) == 5
     assert gen["agreement"] == 1.0 and gen["first_mismatch"] is None
     assert max(t["kl"] for t in gen["tokens"]) < 1e-6
