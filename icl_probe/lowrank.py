@@ -277,8 +277,9 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def kl_of(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> float:
-    """KL(P ‖ Q) from P's probabilities and both log-probabilities (`log_probs`) of one distribution each."""
-    return float(kl_rows(p, log_p, log_q))
+    """KL(P ‖ Q) from P's probabilities and both log-probabilities (`log_probs`) of one distribution each; a number,
+    so logits that autograd records need no `torch.no_grad()` (nor warn)."""
+    return float(kl_rows(p, log_p, log_q).detach())
 
 
 def kl_rows(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,17 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
     assert kl_divergence(logits, logits.flip(0)) > 0.0
 
 
+def test_kl_of_logits_autograd_records_is_the_dense_sum_without_a_warning(recwarn):
+    """Logits from a pass outside torch.no_grad(): the KL is the float64 sum Σ p (log p − log q) formed here."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    p_logits, q_logits = (weight @ torch.randn(8, generator=gen) for _ in range(2))  # both record their graph
+    log_p, log_q = (torch.log_softmax(x.detach().double(), -1) for x in (p_logits, q_logits))
+    expected = float((log_p.exp() * (log_p - log_q)).sum())
+    assert kl_divergence(p_logits, q_logits) == pytest.approx(expected, rel=1e-12)
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)]
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_added_to_is_y_plus_delta_w_x_summed_in_float64_and_rounded_once(batched):
     """`added_to` against a dense ΔW formed here: y + ΔW x in float64, rounded once to float32 (the fused product
