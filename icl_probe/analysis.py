@@ -65,7 +65,7 @@ from .moe import summary as moe_summary
 from .patching import Patch, applied
 from .positions import PositionsRecord, PositionsSolution, solve_positions
 from .progress import Progress
-from .riders import pass_rows
+from .riders import head_rows_for
 from .timing import stage
 from .update import LayerRecord, Rider, Solution, ablation_riders, moe_report, rides, row_record, solve
 from .version import __version__
@@ -257,7 +257,7 @@ def analyze_last(model: nn.Module, tokenizer, run: AnalysisInput, precision: str
     prompt, chosen, residual = run.prompt, run.chosen, run.residual
     with torch.no_grad(), precision_scope(model, precision):
         riders = ablation_riders(1) if rides(chosen, residual) and rows_exact(model, chosen) else []
-        head_rows = pass_rows(1, riders) if riders else None  # the capture's output layer runs as the solve's rows do
+        head_rows = head_rows_for(1, riders)  # the capture's output layer runs as the solve's rows do
         with stage("capture"):
             if generate:  # the full prompt on a KV cache, which the generated tokens then extend
                 targets, logits_ctx, cache = cached_step(model, chosen, prompt.full, None, head_rows)

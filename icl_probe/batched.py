@@ -50,7 +50,7 @@ from .inputs import Ids, tokenize
 from .lowrank import all_finite
 from .metrics import Scorer, ablation_rows, ablation_rows_scores, compare_rows, static_logits_each
 from .patching import Patch, applied
-from .riders import ABLATION, pass_rows
+from .riders import ABLATION, head_rows_for
 from .timing import stage
 from .update import Solution, ablation_riders, rides, solve_rows
 
@@ -139,13 +139,13 @@ def solve_batch(model: nn.Module, runs: list[AnalysisInput]) -> Batch:
     chosen, residual = runs[0].chosen, runs[0].residual
     queries = [run.prompt.query_only for run in runs]
     riders = ablation_riders(len(runs)) if rides(chosen, residual) else []
-    head_rows = pass_rows(len(runs), riders) if riders else None  # one output-layer product for both passes
+    head_rows = head_rows_for(len(runs), riders)  # one output-layer product for both passes
     with stage("capture"):
         targets, logits_ctx = capture_stacked(model, chosen, [run.prompt.full for run in runs], head_rows=head_rows)
     with stage("finiteness checks"):
         finite(logits_ctx, *(x for t in targets.values() for x in (t.z_ctx, t.attn, t.branch, t.out)))
     with stage("solve"):
-        solution = solve_rows(model, chosen, targets, queries, residual, riders, matched_head=bool(riders))
+        solution = solve_rows(model, chosen, targets, queries, residual, riders, matched_head=head_rows is not None)
         finite(solution.logits)
     if riders:  # the ablation's rows rode along in the solve's pass, kind by kind; the whole patch is the solved row
         finite(solution.riders)

@@ -7,7 +7,7 @@ computes: the ablation's rows need no pass of their own (update.SequentialRun ta
 
 from __future__ import annotations
 
-__all__ = ["Rider", "ABLATION", "ablation_riders", "pass_rows", "rides", "apart"]
+__all__ = ["Rider", "ABLATION", "ablation_riders", "pass_rows", "head_rows_for", "rides", "apart"]
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +52,12 @@ def pass_rows(solved: int, riders: list[Rider]) -> int:
     """The rows of a solve's pass: its `solved` rows, then its riders. A with-context pass whose output layer must
     match the solve's runs it under `capture.head_columns` for this many rows (`apart(..., matched=True)`)."""
     return solved + len(riders)
+
+
+def head_rows_for(solved: int, riders: list[Rider]) -> int | None:
+    """The `head_rows` a with-context pass runs its output layer for, so that the solve carrying `riders` takes
+    `apart`'s matched way: its `pass_rows`; None without riders (the output layer runs as it is)."""
+    return pass_rows(solved, riders) if riders else None
 
 
 def rides(chosen: list[Block], residual: str) -> bool:
