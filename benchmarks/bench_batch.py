@@ -12,7 +12,10 @@ B = 1 bound the speed-up: on a CPU that computes rather than waits, a batch's pa
 barely cheaper per prompt than one prompt's, and no Python work removed can gain more than they do. Prompt sets:
 - demo: antonym prompts of 4 demonstrations and a query, ~20 tokens (demonstrations and query vary by prompt);
 - long: ~500 tokens of built-in demonstrations (bench_analyze's long context), the query varying;
-- long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset).
+- long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset);
+- mixed: contexts of 1 to all of the long context's lines (~10 to ~500 tokens), lengths spread over the set. Its
+  batches of B run grouped by length (batched.pass_parts) and, side by side, as consecutive slices of the input
+  within the token budget (the rule before grouping): the padded tokens each computes, and their times.
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
@@ -21,7 +24,8 @@ stays flat when a run leaves nothing behind. --quick: 4 demo prompts, 2 long one
 B = 1 and 2. Like the command line, the process keeps freed memory for reuse (`allocator.keep_freed`;
 bench_allocator.py measures what that changes).
 
-    python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--sizes 1,8,32] [--quick] [--json PATH]
+    python benchmarks/bench_batch.py [--demo N] [--long N] [--distinct N] [--mixed N] [--sizes 1,8,32] [--quick]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from pathlib import Path
 import torch
 
 import icl_probe
+from icl_probe import batched
 from icl_probe.allocator import keep_freed
 from icl_probe.batch import run_batch
-from icl_probe.batched import pass_parts
 from icl_probe.capture import (
     capture_shared_rows,
     last_logits_rows,
+    shared_length,
 )
 from icl_probe.inputs import tokenize
 from icl_probe.progress import Clock
@@ -77,6 +82,39 @@ def distinct_prompts(tokenizer, n: int) -> list[tuple[str, str]]:
     lines = long_context(tokenizer, LONG_TOKENS).splitlines(keepends=True)
     pairs = builtin_task("antonyms").pairs
     return [("".join(lines[i:] + lines[:i]), f"{pairs[i % len(pairs)][0]} ->") for i in range(n)]
+
+
+def mixed_prompts(tokenizer, n: int) -> list[tuple[str, str]]:
+    """Prompts whose contexts are the first 1 to all lines of the long context, the counts spread over the set."""
+    lines = long_context(tokenizer, LONG_TOKENS).splitlines(keepends=True)
+    pairs = builtin_task("antonyms").pairs
+    return [("".join(lines[: 1 + (i * 37) % len(lines)]), f"{pairs[i % len(pairs)][0]} ->") for i in range(n)]
+
+
+def consecutive_parts(rows: list) -> list[list[int]]:
+    """The rule before batches were grouped by length: consecutive slices of the input, each within the token
+    budget past the prefix all rows share."""
+    shared = shared_length(rows) if len(rows) > 1 else 0
+    parts, start, longest = [], 0, 0
+    for i, row in enumerate(rows):
+        longest = max(longest, len(row) - shared)
+        if i > start and (i - start + 1) * longest > batched.PASS_TOKENS:
+            parts.append(list(range(start, i)))
+            start, longest = i, len(row) - shared
+    return [*parts, list(range(start, len(rows)))]
+
+
+def padded_tokens(tokenized: list, size: int, parts) -> tuple[int, int]:
+    """The tokens the passes with context compute past each batch's shared prefix, padding included, and the
+    number of those passes, for batches of `size` cut by `parts`."""
+    total, passes = 0, 0
+    for i in range(0, len(tokenized), size):
+        rows = [p.full for p in tokenized[i : i + size]]
+        shared = shared_length(rows) if len(rows) > 1 else 0
+        cut = parts(rows)
+        total += sum(len(part) * max(len(rows[r]) - shared for r in part) for part in cut)
+        passes += len(cut)
+    return total, passes
 
 
 PROB_TOL = 1e-5  # float32 rounding of differently shaped passes
@@ -121,9 +159,9 @@ def timed_passes(model, tok, prompts: list[tuple[str, str]], size: int) -> float
     with torch.no_grad():
         for i in range(0, len(tokenized), size):
             chunk = tokenized[i : i + size]
-            for part in pass_parts([p.full for p in chunk]):  # analyze_rows' batches within its token budget
-                full_passes(model, [p.full for p in chunk[part]])
-                last_logits_rows(model, [p.query_only for p in chunk[part] for _ in range(RIDING)])
+            for part in batched.pass_parts([p.full for p in chunk]):  # analyze_rows' batches
+                full_passes(model, [chunk[r].full for r in part])
+                last_logits_rows(model, [chunk[r].query_only for r in part for _ in range(RIDING)])
     return time.perf_counter() - start
 
 
@@ -186,18 +224,54 @@ def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int)
     return rows
 
 
+def measure_grouping(model, tok, prompts: list, size: int, repeat: int) -> list[dict]:
+    """B = 1, B = `size` grouped by length, and B = `size` in consecutive slices (the rule before), interleaved."""
+    tokenized = [tokenize(tok, c, q) for c, q in prompts]
+    grouped = batched.pass_parts
+    arms = {"one at a time": (1, grouped), "grouped by length": (size, grouped),
+            "consecutive": (size, consecutive_parts)}  # fmt: skip
+    timed_batch(model, tok, prompts[:size], size)  # warm-up
+    runs: dict[str, list] = {arm: [] for arm in arms}
+    lines: dict[str, list] = {}
+    clock = Clock(repeat * len(arms), 0)
+    for r in range(repeat):
+        for arm in list(arms) if r % 2 == 0 else list(arms)[::-1]:
+            b, parts = arms[arm]
+            start = time.perf_counter()
+            batched.pass_parts = parts
+            try:
+                s, lines[arm] = timed_batch(model, tok, prompts, b)
+            finally:
+                batched.pass_parts = grouped
+            runs[arm].append(s)
+            tick(clock, f"mixed {arm}, repeat {r + 1}", start)
+    one = statistics.median(runs["one at a time"])
+    rows = []
+    for arm, (b, parts) in arms.items():
+        s, check = statistics.median(runs[arm]), agreement(lines["one at a time"], lines[arm])
+        tokens, passes = padded_tokens(tokenized, b, parts)
+        rows.append({"prompts": "mixed", "arm": arm, "n": len(prompts), "batch_size": b, "repeat": repeat, "s": s,
+                     "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s, "padded_tokens": tokens,
+                     "passes": passes, **check})  # fmt: skip
+        print(f"mixed n={len(prompts):3d} B={b:3d} {arm:18s}: {len(prompts) / s:6.2f} prompts/s, ×{one / s:4.2f} vs "
+              f"B=1; {passes} passes with context compute {tokens} tokens; Δp ≤ {check['max_prob_diff']:.0e}",
+              flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
     parser.add_argument("--long", type=int, default=64, help="~500-token prompts, one context (0 to skip)")
     parser.add_argument("--distinct", type=int, default=16, help="~500-token prompts, each its context (0 to skip)")
+    parser.add_argument("--mixed", type=int, default=32, help="prompts of ~10 to ~500 tokens (0 to skip)")
     parser.add_argument("--sizes", default="1,8,32", help="batch sizes, comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="repeats, arms interleaved; medians reported")
     parser.add_argument("--quick", action="store_true", help="4 demo and 2 long prompts, B = 1 and 2")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     if args.quick:
-        args.demo, args.long, args.distinct, args.sizes, args.repeat = 4, 2, 2, "1,2", 1
+        args.demo, args.long, args.distinct, args.mixed, args.sizes, args.repeat = 4, 2, 2, 4, "1,2", 1
     sizes = sorted({1, *(int(s) for s in args.sizes.split(","))})  # B = 1 is the reference
     kept = keep_freed()  # as the command line does: freed memory kept for reuse (allocator.py)
     model, tok = icl_probe.load_model(MODEL)
@@ -209,6 +283,8 @@ def main() -> None:
         rows += measure(model, tok, "long", long_prompts(tok, args.long), sizes, args.repeat)
     if args.distinct:
         rows += measure(model, tok, "long-distinct", distinct_prompts(tok, args.distinct), sizes, args.repeat)
+    if args.mixed:
+        rows += measure_grouping(model, tok, mixed_prompts(tok, args.mixed), max(sizes), args.repeat)
     finish(rows, args.json)
 
 

@@ -39,7 +39,7 @@ KNOWN_KEYS = ("id", *PROMPT_KEYS, *TASK_KEYS, "layers", "residual")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 120  # characters of a patch file's stem; file systems allow 255 bytes
 
-DEFAULT_BATCH_SIZE = 32  # prompts per forward pass; long distinct prompts split further (batched.PASS_TOKENS)
+DEFAULT_BATCH_SIZE = 32  # prompts per forward pass; long or mixed-length prompts split further (batched.pass_parts)
 BATCH_RESULTS = "results.jsonl"  # export-patch --batch FOLDER: the result lines beside the patches
 
 

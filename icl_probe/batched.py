@@ -3,11 +3,12 @@
 The prompts with context run as the rows of one right-padded pass (`capture_stacked`: a token prefix they
 all share, such as one context for many queries, runs once with a KV cache before it), the queries alone
 as the rows of one sequential solve (`solve_rows`), with the ablation's rows of every prompt riding along in
-that pass (update.Rider; with a folded Δb, they are one more pass). Prompts whose pass with context would
-compute more than PASS_TOKENS tokens past a prefix they all share run as several such batches, in order. A row
-is padded on the right with its own last token and read at its own last real position: attention is causal, so
-its real positions compute as they do alone (no mask, no position ids needed), and every row's result equals its
-unbatched `analyze` up to the rounding of a differently shaped matmul.
+that pass (update.Rider; with a folded Δb, they are one more pass). Prompts run as several such batches, grouped
+by length (`pass_parts`), where one pass with context would compute more than PASS_TOKENS tokens past a prefix they
+all share, or where its padding would cost more than another batch. A row is padded on the right with its own
+last token and read at its own last real position: attention is causal, so its real positions compute as they do
+alone (no mask, no position ids needed), and every row's result equals its unbatched `analyze` up to the rounding
+of a differently shaped matmul.
 
 Where rows cannot share a pass exactly (capture.rows_exact: mixture-of-experts blocks, which route per prompt, and
 Mamba layers), the prompts run one at a time (`analyze`). Through Falcon-H1's Mamba (torch reference chunked scan) a
@@ -82,26 +83,48 @@ def analyze_rows(
         check_length(model, p)
     runs = [AnalysisInput(c, q, p, chosen, residual, top_k, per_layer_ablation, gradient)
             for (c, q), p in zip(prompts, tokenized)]  # fmt: skip
-    return [a for part in pass_parts([p.full for p in tokenized]) for a in analyze_batch(model, tokenizer, runs[part])]
+    analyses: list = [None] * len(runs)
+    for part in pass_parts([p.full for p in tokenized]):
+        for i, a in zip(part, analyze_batch(model, tokenizer, [runs[i] for i in part]), strict=True):
+            analyses[i] = a
+    return analyses
 
 
 # The most tokens a pass with context computes, past the prefix its rows share: rows of distinct ~500-token prompts
 # gained 1.07× at 8 a pass (4000 tokens) and lost at 32 (0.89×, SmolLM2-135M, one thread), as the activations and
 # attention scores outgrow the caches; short rows and rows after one shared context stay in one pass.
 PASS_TOKENS = 4096
+# What one more batch costs besides its tokens, in tokens of the pass with context: its hooks, the solve's pass of the
+# queries, the per-row reports (SmolLM2-135M, demo prompts: a prompt alone cost what ~140 more tokens of a batch's
+# pass with context cost, on two threads; ~75 on one). Rows of other lengths split into batches by length where the
+# padding they spare costs more than that.
+PASS_COST = 128
 
 
-def pass_parts(rows: list) -> list[slice]:
-    """Consecutive slices of `rows` (token id lists) whose padded pass computes at most PASS_TOKENS tokens past the
-    prefix they all share (at least one row each): the with-context passes of a batch."""
+def pass_parts(rows: list) -> list[list[int]]:
+    """The batches of `rows` (token id lists) as lists of their indices, ascending: the with-context passes of
+    analyze_rows. Each pass computes at most PASS_TOKENS tokens past the prefix all rows share (a longer row runs
+    alone). Taken in order of length, the rows are cut into the consecutive batches that compute the fewest padded
+    tokens plus PASS_COST a batch, which no other split of the rows beats (tests/test_batched.py enumerates them);
+    rows that fit one pass with little padding stay one batch."""
+    if not rows:
+        return []
     shared = shared_length(rows) if len(rows) > 1 else 0
-    parts, start, longest = [], 0, 0
-    for i, row in enumerate(rows):
-        longest = max(longest, len(row) - shared)
-        if i > start and (i - start + 1) * longest > PASS_TOKENS:
-            parts.append(slice(start, i))
-            start, longest = i, len(row) - shared
-    return [*parts, slice(start, len(rows))]
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    width = [len(rows[r]) - shared for r in order]
+    # best[i]: the least cost of the rows order[i:], cut at ends[i]: the batch order[i:ends[i]] then best[ends[i]]
+    best, ends = [0] * (len(rows) + 1), [len(rows)] * len(rows)
+    for i in range(len(rows) - 1, -1, -1):
+        best[i] = None
+        for end in range(len(rows), i, -1):  # the largest batch first: of equal costs, the fullest batches first
+            cost = (end - i) * width[end - 1] + PASS_COST + best[end]
+            if (end - i == 1 or (end - i) * width[end - 1] <= PASS_TOKENS) and (best[i] is None or cost < best[i]):
+                best[i], ends[i] = cost, end
+    parts, i = [], 0
+    while i < len(rows):
+        parts.append(sorted(order[i : ends[i]]))
+        i = ends[i]
+    return sorted(parts)
 
 
 def analyze_batch(model: nn.Module, tokenizer, runs: list[AnalysisInput]) -> list[Analysis]:

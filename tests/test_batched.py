@@ -15,6 +15,7 @@ from icl_probe.batch import run_batch
 from icl_probe.batched import analyze_rows
 from icl_probe.cli import batch as cli_batch
 from icl_probe.errors import UsageError
+from icl_probe.inputs import tokenize
 from icl_probe.lowrank import kl_divergence
 from icl_probe.metrics import static_logits
 
@@ -94,14 +95,62 @@ def assert_same_logits(model, row, alone) -> None:
 
 
 def test_pass_parts_keep_each_pass_within_its_token_budget():
-    """Distinct rows split into consecutive parts of at most PASS_TOKENS tokens a pass (a longer row alone); rows
-    after one shared prefix count only their rests, so they stay in one pass."""
+    """Distinct rows split into parts of at most PASS_TOKENS tokens a pass (a longer row alone), the fullest parts
+    first; rows after one shared prefix count only their rests, so they stay in one pass."""
     budget = batched.PASS_TOKENS
     distinct = [[i] * (budget // 3) for i in range(7)]  # no shared prefix: 3 rows fit a pass, 4 do not
-    assert batched.pass_parts(distinct) == [slice(0, 3), slice(3, 6), slice(6, 7)]
-    assert batched.pass_parts([[1] * (budget + 5), [2] * 3]) == [slice(0, 1), slice(1, 2)]
+    assert batched.pass_parts(distinct) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert batched.pass_parts([[1] * (budget + 5), [2] * 3]) == [[0], [1]]
     shared = [[9] * budget + [i, i + 1] for i in range(32)]  # one long context, 32 short queries
-    assert batched.pass_parts(shared) == [slice(0, 32)]
+    assert batched.pass_parts(shared) == [list(range(32))]
+    assert batched.pass_parts([]) == []
+
+
+def padded_cost(rows: list, parts: list) -> int:
+    """What pass_parts minimises: each part's rows times its longest row, plus PASS_COST a part."""
+    return sum(len(part) * max(len(rows[r]) for r in part) + batched.PASS_COST for part in parts)
+
+
+def test_pass_parts_group_rows_by_length_where_the_padding_costs_more_than_a_batch():
+    """Rows of close lengths (the demo prompts: 18 to 20 tokens) stay one batch in input order; 16 rows of 30 tokens
+    and 4 of 200 among them split into the short and the long, which computes 1280 padded tokens, not 4000."""
+    close = [[i] * (18 + i % 3) for i in range(32)]
+    assert batched.pass_parts(close) == [list(range(32))]
+    mixed = [[i] * (200 if i % 5 == 0 else 30) for i in range(20)]
+    assert batched.pass_parts(mixed) == [[0, 5, 10, 15], [r for r in range(20) if r % 5]]
+    assert padded_cost(mixed, batched.pass_parts(mixed)) == 4 * 200 + 16 * 30 + 2 * batched.PASS_COST
+
+
+def set_partitions(items: list) -> list[list[list]]:
+    """Every way to split `items` into non-empty groups (Bell(n) of them)."""
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for smaller in set_partitions(rest):
+        out.append([[first], *smaller])
+        out += [[*smaller[:k], [first, *group], *smaller[k + 1 :]] for k, group in enumerate(smaller)]
+    return out
+
+
+def within_budget(rows: list, split: list) -> bool:
+    return all(len(p) == 1 or len(p) * max(len(rows[r]) for r in p) <= batched.PASS_TOKENS for p in split)
+
+
+def test_pass_parts_are_the_cheapest_split_of_the_rows():
+    """Against every split of the rows into groups within the token budget (all set partitions, enumerated, not
+    only cuts in order of length): pass_parts' cost is the least, and its parts hold every row once."""
+    generator = torch.Generator().manual_seed(0)
+    for n in range(1, 8):
+        for _ in range(3):
+            lengths = torch.randint(1, 1400, (n,), generator=generator).tolist()
+            rows = [[r] * length for r, length in enumerate(lengths)]
+            parts = batched.pass_parts(rows)
+            assert sorted(r for part in parts for r in part) == list(range(n))
+            assert within_budget(rows, parts)
+            splits = set_partitions(list(range(n)))
+            least = min(padded_cost(rows, split) for split in splits if within_budget(rows, split))
+            assert padded_cost(rows, parts) == least
 
 
 def test_prompts_over_the_token_budget_run_as_parts_equal_to_their_unbatched_runs(monkeypatch):
@@ -117,6 +166,25 @@ def test_prompts_over_the_token_budget_run_as_parts_equal_to_their_unbatched_run
         alone = analyze(model, tok, context, query)
         assert_same_logits(model, row, alone)
         assert row.ablation["delta_w_only"]["kl"] == pytest.approx(alone.ablation["delta_w_only"]["kl"], rel=1e-6)
+
+
+def test_prompts_grouped_by_length_come_back_in_order_each_its_own_run(monkeypatch):
+    """With no cost for another batch, every length runs as its own batch, out of the input's order; each result
+    is still its own prompt's (the prompt, and logits equal to its unbatched run's), in the input's order."""
+    model, tok = model_of("llama"), tokenizer_for("llama")
+    monkeypatch.setattr(batched, "PASS_COST", 0)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0][:1] + ("gh ->",), PROMPTS[3]]
+    solved = []
+    real = batched.solve_batch
+    monkeypatch.setattr(batched, "solve_batch", lambda model, runs: solved.append([r.prompt.full for r in runs])
+                        or real(model, runs))  # fmt: skip
+    rows = analyze_rows(model, tok, prompts)
+    lengths = [len(tokenize(tok, c, q).full) for c, q in prompts]
+    assert len(solved) == len(set(lengths)) > 2 and len(set(lengths)) < len(prompts)  # a batch per length
+    assert all(len({len(full) for full in batch}) == 1 for batch in solved)
+    for (context, query), row in zip(prompts, rows, strict=True):
+        assert (row.context, row.query) == (context, query)
+        assert_same_logits(model, row, analyze(model, tok, context, query))
 
 
 @pytest.fixture

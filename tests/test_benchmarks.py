@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from icl_probe.batched import PASS_COST
+
 pytestmark = pytest.mark.slow  # real models in subprocesses: left out of ./run test-quick
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +84,18 @@ def test_bench_batch_quick(tmp_path):
     assert "prompts/s" in run.stdout
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     sets = ("demo", "long", "long-distinct")
+    mixed = {r["arm"]: r for r in rows if r["prompts"] == "mixed"}
+    rows = [r for r in rows if r["prompts"] != "mixed"]
     assert {(r["prompts"], r["batch_size"]) for r in rows} == {(name, b) for name in sets for b in (1, 2)}
-    assert all(r["ok"] and r["same_top1"] and r["max_prob_diff"] < 1e-5 for r in rows)
+    assert all(r["ok"] and r["same_top1"] and r["max_prob_diff"] < 1e-5 for r in [*rows, *mixed.values()])
     assert all(
         r["prompts_per_s"] == pytest.approx(r["n"] / r["s"]) and r["over_limit"] == pytest.approx(r["s"] / r["limit_s"])
         for r in rows
     )
     assert all(r["floor_speedup"] > 0 for r in rows)
+    assert set(mixed) == {"one at a time", "grouped by length", "consecutive"}
+    cost = {arm: r["padded_tokens"] + r["passes"] * PASS_COST for arm, r in mixed.items()}
+    assert cost["grouped by length"] <= cost["consecutive"]  # the least cost of any split (tests/test_batched.py)
     for r in rows:  # with one repeat, the paired ratio is that repeat's batch over its passes: the medians' ratio
         low, high = r["over_limit_paired_range"]
         assert low == high == pytest.approx(r["over_limit_paired"]) == pytest.approx(r["over_limit"])
