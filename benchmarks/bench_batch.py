@@ -15,7 +15,9 @@ barely cheaper per prompt than one prompt's, and no Python work removed can gain
 - long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset);
 - mixed: contexts of 1 to all of the long context's lines (~10 to ~500 tokens), lengths spread over the set. Its
   batches of B run grouped by length (batched.pass_parts) and, side by side, as consecutive slices of the input
-  within the token budget (the rule before grouping): the padded tokens each computes, and their times.
+  within the token budget (the rule before grouping): the padded tokens each computes, and their times. Then
+  what another batch costs in tokens of a pass (batched.PASS_COST's basis): 16 prompts of ~10 tokens as two
+  batches against one, over what a token adds (16 prompts of ~100 tokens against ~10).
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
@@ -45,6 +47,7 @@ import icl_probe
 from icl_probe import batched
 from icl_probe.allocator import keep_freed
 from icl_probe.batch import run_batch
+from icl_probe.batched import analyze_rows
 from icl_probe.capture import (
     capture_shared_rows,
     last_logits_rows,
@@ -259,6 +262,43 @@ def measure_grouping(model, tok, prompts: list, size: int, repeat: int) -> list[
     return rows
 
 
+def measure_pass_cost(model, tok, repeat: int, n: int = 16) -> dict:
+    """What another batch costs, in tokens of the pass with context (batched.PASS_COST's basis): n prompts of ~10
+    tokens as two batches against one, over the time a token adds (n prompts of ~100 tokens against ~10), the
+    arms interleaved, medians."""
+    lines = long_context(tok, LONG_TOKENS).splitlines(keepends=True)
+    pairs = builtin_task("antonyms").pairs
+
+    def prompts(count: int, offset: int) -> list[tuple[str, str]]:
+        return [("".join(lines[offset + i : offset + i + count]), f"{pairs[(i + offset) % len(pairs)][0]} ->")
+                for i in range(n)]  # fmt: skip
+
+    short, long = prompts(2, 0), prompts(24, 3)
+    half = n // 2
+    arms = {"one batch": lambda: analyze_rows(model, tok, short),
+            "two batches": lambda: (analyze_rows(model, tok, short[:half]), analyze_rows(model, tok, short[half:])),
+            "longer prompts": lambda: analyze_rows(model, tok, long)}  # fmt: skip
+    for run in arms.values():
+        run()  # warm-up
+    times: dict[str, list] = {arm: [] for arm in arms}
+    for _ in range(repeat):
+        for arm, run in arms.items():
+            start = time.perf_counter()
+            run()
+            times[arm].append(time.perf_counter() - start)
+    t = {arm: statistics.median(v) for arm, v in times.items()}
+    tokens = {name: statistics.mean(len(tokenize(tok, c, q).full) for c, q in ps)
+              for name, ps in (("short", short), ("long", long))}  # fmt: skip
+    per_token = (t["longer prompts"] - t["one batch"]) / (n * (tokens["long"] - tokens["short"]))
+    extra = t["two batches"] - t["one batch"]
+    row = {"prompts": "pass-cost", "n": n, "repeat": repeat, "tokens": tokens, "s": t, "per_token_s": per_token,
+           "another_batch_s": extra, "another_batch_tokens": extra / per_token,
+           "pass_cost": batched.PASS_COST}  # fmt: skip
+    print(f"another batch: {extra * 1000:.0f} ms, a token of the pass with context {per_token * 1000:.2f} ms: "
+          f"{extra / per_token:.0f} tokens (batched.PASS_COST: {batched.PASS_COST})", flush=True)  # fmt: skip
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=int, default=64, help="demo-sized prompts (0 to skip)")
@@ -285,6 +325,7 @@ def main() -> None:
         rows += measure(model, tok, "long-distinct", distinct_prompts(tok, args.distinct), sizes, args.repeat)
     if args.mixed:
         rows += measure_grouping(model, tok, mixed_prompts(tok, args.mixed), max(sizes), args.repeat)
+        rows.append(measure_pass_cost(model, tok, args.repeat, 4 if args.quick else 16))
     finish(rows, args.json)
 
 
@@ -292,7 +333,7 @@ def finish(rows: list[dict], json_path: str | None) -> None:
     """Write the rows as JSON if asked, and exit non-zero if a batched arm's results differ from B = 1's."""
     if json_path:
         Path(json_path).write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
-    if not all(r["ok"] for r in rows):
+    if not all(r.get("ok", True) for r in rows):  # the pass-cost row compares no results
         sys.exit("batched results differ from one-at-a-time beyond rounding")
 
 

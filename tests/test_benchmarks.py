@@ -85,7 +85,8 @@ def test_bench_batch_quick(tmp_path):
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     sets = ("demo", "long", "long-distinct")
     mixed = {r["arm"]: r for r in rows if r["prompts"] == "mixed"}
-    rows = [r for r in rows if r["prompts"] != "mixed"]
+    (cost,) = [r for r in rows if r["prompts"] == "pass-cost"]
+    rows = [r for r in rows if r["prompts"] not in ("mixed", "pass-cost")]
     assert {(r["prompts"], r["batch_size"]) for r in rows} == {(name, b) for name in sets for b in (1, 2)}
     assert all(r["ok"] and r["same_top1"] and r["max_prob_diff"] < 1e-5 for r in [*rows, *mixed.values()])
     assert all(
@@ -94,8 +95,14 @@ def test_bench_batch_quick(tmp_path):
     )
     assert all(r["floor_speedup"] > 0 for r in rows)
     assert set(mixed) == {"one at a time", "grouped by length", "consecutive"}
-    cost = {arm: r["padded_tokens"] + r["passes"] * PASS_COST for arm, r in mixed.items()}
-    assert cost["grouped by length"] <= cost["consecutive"]  # the least cost of any split (tests/test_batched.py)
+    total = {arm: r["padded_tokens"] + r["passes"] * PASS_COST for arm, r in mixed.items()}
+    assert total["grouped by length"] <= total["consecutive"]  # the least cost of any split (tests/test_batched.py)
+    s, tokens = cost["s"], cost["tokens"]
+    assert cost["another_batch_s"] == pytest.approx(s["two batches"] - s["one batch"])
+    assert cost["per_token_s"] == pytest.approx(
+        (s["longer prompts"] - s["one batch"]) / (4 * (tokens["long"] - tokens["short"]))
+    )
+    assert cost["another_batch_tokens"] == pytest.approx(cost["another_batch_s"] / cost["per_token_s"])
     for r in rows:  # with one repeat, the paired ratio is that repeat's batch over its passes: the medians' ratio
         low, high = r["over_limit_paired_range"]
         assert low == high == pytest.approx(r["over_limit_paired"]) == pytest.approx(r["over_limit"])
