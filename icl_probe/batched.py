@@ -17,7 +17,7 @@ batched row's ΔW differed from its own run by up to 1.5e-7 relative in float64 
 
 from __future__ import annotations
 
-__all__ = ["analyze_rows", "pass_parts", "PASS_TOKENS"]
+__all__ = ["analyze_rows", "pass_parts", "PASS_COST", "PASS_TOKENS"]
 
 from dataclasses import dataclass
 
