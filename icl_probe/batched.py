@@ -95,10 +95,11 @@ def analyze_rows(
 # attention scores outgrow the caches; short rows and rows after one shared context stay in one pass.
 PASS_TOKENS = 4096
 # What one more batch costs besides its tokens, in tokens of the pass with context: its passes' own work, its hooks,
-# the per-row reports. SmolLM2-135M, float32: 16 prompts of 10 tokens as two batches of 8 took 251 ms more than as
-# one batch, while 16 prompts of 99 tokens took 1.55 ms a token more than of 10 (two threads): 162 tokens a batch;
-# 293 ms, 2.78 ms, 106 tokens on one thread. Rows of other lengths split into batches by length where the padding
-# they spare costs more than that.
+# the per-row reports. benchmarks/bench_batch.py measures it (16 prompts of ~10 tokens as two batches against one,
+# over what a token adds): SmolLM2-135M, float32, 95 tokens on one thread, 279 on two (162 in an earlier run of the
+# same measurement). The total is flat near its least (the benchmark's mixed prompts: 8 batches, 7818 tokens at 128;
+# 5 batches, 8412 tokens at 279). Rows of other lengths split into batches by length where the padding they spare
+# costs more than that.
 PASS_COST = 128
 
 
