@@ -58,7 +58,7 @@ from icl_probe.progress import Clock
 from icl_probe.tasks import DEFAULT_TEMPLATE, builtin_task, format_example
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_analyze import long_context  # noqa: E402
+from bench_analyze import long_context, median_times  # noqa: E402
 
 MODEL = "smollm2-135m"
 LONG_TOKENS = 500
@@ -278,15 +278,7 @@ def measure_pass_cost(model, tok, repeat: int, n: int = 16) -> dict:
     arms = {"one batch": lambda: analyze_rows(model, tok, short),
             "two batches": lambda: (analyze_rows(model, tok, short[:half]), analyze_rows(model, tok, short[half:])),
             "longer prompts": lambda: analyze_rows(model, tok, long)}  # fmt: skip
-    for run in arms.values():
-        run()  # warm-up
-    times: dict[str, list] = {arm: [] for arm in arms}
-    for _ in range(repeat):
-        for arm, run in arms.items():
-            start = time.perf_counter()
-            run()
-            times[arm].append(time.perf_counter() - start)
-    t = {arm: statistics.median(v) for arm, v in times.items()}
+    t = median_times(arms, repeat)  # a warm-up each, then interleaved medians
     tokens = {name: statistics.mean(len(tokenize(tok, c, q).full) for c, q in ps)
               for name, ps in (("short", short), ("long", long))}  # fmt: skip
     per_token = (t["longer prompts"] - t["one batch"]) / (n * (tokens["long"] - tokens["short"]))
