@@ -275,10 +275,20 @@ def measure_pass_cost(model, tok, repeat: int, n: int = 16) -> dict:
 
     short, long = prompts(2, 0), prompts(24, 3)
     half = n // 2
+    clock = Clock((repeat + 1) * 3, 0)  # the arms' warm-ups and repeats, with an ETA on stderr
+
+    def ticking(name: str, run):
+        def timed() -> None:
+            start = time.perf_counter()
+            run()
+            tick(clock, f"pass cost: {name}", start)
+
+        return timed
+
     arms = {"one batch": lambda: analyze_rows(model, tok, short),
             "two batches": lambda: (analyze_rows(model, tok, short[:half]), analyze_rows(model, tok, short[half:])),
             "longer prompts": lambda: analyze_rows(model, tok, long)}  # fmt: skip
-    t = median_times(arms, repeat)  # a warm-up each, then interleaved medians
+    t = median_times({name: ticking(name, run) for name, run in arms.items()}, repeat)  # warm-ups, interleaved medians
     tokens = {name: statistics.mean(len(tokenize(tok, c, q).full) for c, q in ps)
               for name, ps in (("short", short), ("long", long))}  # fmt: skip
     per_token = (t["longer prompts"] - t["one batch"]) / (n * (tokens["long"] - tokens["short"]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = ["analyze_rows", "pass_parts", "PASS_COST", "PASS_TOKENS"]
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,21 +109,20 @@ def pass_parts(rows: list) -> list[list[int]]:
     alone). Taken in order of length, the rows are cut into the consecutive batches that compute the fewest padded
     tokens plus PASS_COST a batch, which no other split of the rows beats (tests/test_batched.py enumerates them);
     rows that fit one pass with little padding stay one batch."""
-    if not rows:
-        return []
-    shared = shared_length(rows) if len(rows) > 1 else 0
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    n = len(rows)
+    shared = shared_length(rows) if n > 1 else 0
+    order = sorted(range(n), key=lambda r: len(rows[r]))
     width = [len(rows[r]) - shared for r in order]
     # best[i]: the least cost of the rows order[i:], cut at ends[i]: the batch order[i:ends[i]] then best[ends[i]]
-    best, ends = [0] * (len(rows) + 1), [len(rows)] * len(rows)
-    for i in range(len(rows) - 1, -1, -1):
-        best[i] = None
-        for end in range(len(rows), i, -1):  # the largest batch first: of equal costs, the fullest batches first
-            cost = (end - i) * width[end - 1] + PASS_COST + best[end]
-            if (end - i == 1 or (end - i) * width[end - 1] <= PASS_TOKENS) and (best[i] is None or cost < best[i]):
-                best[i], ends[i] = cost, end
+    best, ends = [0.0] * (n + 1), [n] * n
+    for i in reversed(range(n)):
+        best[i] = math.inf
+        for end in range(n, i, -1):  # the largest batch first: of equal costs, the fullest batches first
+            tokens = (end - i) * width[end - 1]
+            if (end - i == 1 or tokens <= PASS_TOKENS) and tokens + PASS_COST + best[end] < best[i]:
+                best[i], ends[i] = tokens + PASS_COST + best[end], end
     parts, i = [], 0
-    while i < len(rows):
+    while i < n:
         parts.append(sorted(order[i : ends[i]]))
         i = ends[i]
     return sorted(parts)
