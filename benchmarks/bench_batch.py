@@ -15,9 +15,10 @@ barely cheaper per prompt than one prompt's, and no Python work removed can gain
 - long-distinct: ~500 tokens each, each prompt's context its own (the demonstrations start at another offset);
 - mixed: contexts of 1 to all of the long context's lines (~10 to ~500 tokens), lengths spread over the set. Its
   batches of B run grouped by length (batched.pass_parts) and, side by side, as consecutive slices of the input
-  within the token budget (the rule before grouping): the padded tokens each computes, and their times. Then
-  what another batch costs in tokens of a pass (batched.PASS_COST's basis): 16 prompts of ~10 tokens as two
-  batches against one, over what a token adds (16 prompts of ~100 tokens against ~10).
+  within the token budget (the rule before grouping): the padded tokens each computes, their times, and each
+  arm's forward passes alone (its limit). Then what another batch costs in tokens of a pass (batched.PASS_COST's
+  basis): 16 prompts of ~10 tokens as two batches against one, over what a token adds (16 prompts of ~100 tokens
+  against ~10).
 
 Each batched arm's result lines are checked against B = 1's: the same top-1 tokens (with context, without,
 patched) and top-k probabilities within 1e-5 (float32; in float64 the rows agree within KL 1e-9, see
@@ -228,7 +229,8 @@ def measure(model, tok, name: str, prompts: list, sizes: list[int], repeat: int)
 
 
 def measure_grouping(model, tok, prompts: list, size: int, repeat: int) -> list[dict]:
-    """B = 1, B = `size` grouped by length, and B = `size` in consecutive slices (the rule before), interleaved."""
+    """B = 1, B = `size` grouped by length, and B = `size` in consecutive slices (the rule before), interleaved, each
+    run then its forward passes alone (the limit, as `measure` times them)."""
     tokenized = [tokenize(tok, c, q) for c, q in prompts]
     grouped = batched.pass_parts
     arms = {"one at a time": (1, grouped), "grouped by length": (size, grouped),
@@ -244,21 +246,22 @@ def measure_grouping(model, tok, prompts: list, size: int, repeat: int) -> list[
             batched.pass_parts = parts
             try:
                 s, lines[arm] = timed_batch(model, tok, prompts, b)
+                runs[arm].append((s, timed_passes(model, tok, prompts, b)))
             finally:
                 batched.pass_parts = grouped
-            runs[arm].append(s)
             tick(clock, f"mixed {arm}, repeat {r + 1}", start)
-    one = statistics.median(runs["one at a time"])
+    one = statistics.median(s for s, _ in runs["one at a time"])
     rows = []
     for arm, (b, parts) in arms.items():
-        s, check = statistics.median(runs[arm]), agreement(lines["one at a time"], lines[arm])
+        s, limit = statistics.median(s for s, _ in runs[arm]), statistics.median(p for _, p in runs[arm])
+        check = agreement(lines["one at a time"], lines[arm])
         tokens, passes = padded_tokens(tokenized, b, parts)
         rows.append({"prompts": "mixed", "arm": arm, "n": len(prompts), "batch_size": b, "repeat": repeat, "s": s,
-                     "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s, "padded_tokens": tokens,
-                     "passes": passes, **check})  # fmt: skip
+                     "prompts_per_s": len(prompts) / s, "speedup_vs_1": one / s, "limit_s": limit,
+                     "over_limit": s / limit, "padded_tokens": tokens, "passes": passes, **check})  # fmt: skip
         print(f"mixed n={len(prompts):3d} B={b:3d} {arm:18s}: {len(prompts) / s:6.2f} prompts/s, ×{one / s:4.2f} vs "
-              f"B=1; {passes} passes with context compute {tokens} tokens; Δp ≤ {check['max_prob_diff']:.0e}",
-              flush=True)  # fmt: skip
+              f"B=1, {s / limit:4.2f}× its passes; {passes} passes with context compute {tokens} tokens; "
+              f"Δp ≤ {check['max_prob_diff']:.0e}", flush=True)  # fmt: skip
     return rows
 
 

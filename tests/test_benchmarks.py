@@ -95,6 +95,7 @@ def test_bench_batch_quick(tmp_path):
     )
     assert all(r["floor_speedup"] > 0 for r in rows)
     assert set(mixed) == {"one at a time", "grouped by length", "consecutive"}
+    assert all(r["over_limit"] == pytest.approx(r["s"] / r["limit_s"]) for r in mixed.values())
     total = {arm: r["padded_tokens"] + r["passes"] * PASS_COST for arm, r in mixed.items()}
     assert total["grouped by length"] <= total["consecutive"]  # the least cost of any split (tests/test_batched.py)
     s, tokens = cost["s"], cost["tokens"]
