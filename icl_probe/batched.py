@@ -97,9 +97,10 @@ def analyze_rows(
 PASS_TOKENS = 4096
 # What one more batch costs besides its tokens, in tokens of the pass with context: its passes' own work, its hooks,
 # the per-row reports. benchmarks/bench_batch.py measures it (16 prompts of ~10 tokens as two batches against one,
-# over what a token adds): SmolLM2-135M, float32, 95 tokens on one thread, 279 and 164 on two in two runs. The total
-# is flat near its least (the benchmark's mixed prompts: 8 batches of 7690 tokens at 128, 7 of 7846 at 164, 5 of
-# 8284 at 279). Rows of other lengths split into batches by length where the padding they spare costs more than that.
+# over what a token adds): SmolLM2-135M, float32, 95 tokens on one thread, 279, 164 and 126 on two in three runs.
+# The total is flat near its least (the benchmark's mixed prompts: 8 batches of 7690 tokens at 128, 7 of 7846 at
+# 164, 5 of 8284 at 279). Rows of other lengths split into batches by length where the padding they spare costs
+# more than that.
 PASS_COST = 128
 
 
